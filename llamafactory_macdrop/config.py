@@ -1,0 +1,241 @@
+"""The ``macdrop_*`` keys: one typed, validated config object.
+
+Keys arrive from a LLaMA-Factory YAML (native YAML types), from ``key=value`` overrides (parsed by
+OmegaConf) or from ``--key value`` command-line pairs (strings). :func:`split_macdrop_args`
+removes them from LLaMA-Factory's argument set (LF would reject them) and
+:func:`MacDropConfig.from_raw` validates them before anything is loaded. Every error is a single
+line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Optional
+
+CURRICULA = ("step", "epoch_before", "epoch_after", "exp", "constant")
+SCOPES = ("massive", "all", "non_massive")
+KEY_PREFIX = "macdrop"
+
+
+class MacDropConfigError(ValueError):
+    """A bad ``macdrop_*`` key or value; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class MacDropConfig:
+    """All MacDrop settings of one training run (field name == YAML key)."""
+
+    macdrop: bool = field(default=False, metadata={"help": "Turn MacDrop on for this run."})
+    macdrop_k: int = field(
+        default=5, metadata={"help": "Number of massive rows (top-k intermediate dimensions) to drop."}
+    )
+    macdrop_p0: float = field(
+        default=0.8, metadata={"help": "Initial dropout probability, in [0, 1]."}
+    )
+    macdrop_curriculum: str = field(
+        default="step", metadata={"help": f"How p decays over training: one of {', '.join(CURRICULA)}."}
+    )
+    macdrop_alpha: float = field(
+        default=0.01, metadata={"help": "Decay rate of the exp curriculum, p = p0*exp(-alpha*t); > 0."}
+    )
+    macdrop_scope: str = field(
+        default="massive",
+        metadata={"help": "Which rows of W_up/W_gate at the massive layer get dropout: " + ", ".join(SCOPES)},
+    )
+    macdrop_layer: Optional[int] = field(
+        default=None, metadata={"help": "0-based layer index; overrides the located layer."}
+    )
+    macdrop_indices: Optional[tuple[int, ...]] = field(
+        default=None, metadata={"help": "Row indices (largest first); override the located top-k."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.macdrop_curriculum not in CURRICULA:
+            _fail("macdrop_curriculum", self.macdrop_curriculum, "one of " + ", ".join(CURRICULA),
+                  suggest_from=CURRICULA)
+        if self.macdrop_scope not in SCOPES:
+            _fail("macdrop_scope", self.macdrop_scope, "one of " + ", ".join(SCOPES), suggest_from=SCOPES)
+        if self.macdrop_k < 1:
+            _fail("macdrop_k", self.macdrop_k, "an integer >= 1")
+        if not 0.0 <= self.macdrop_p0 <= 1.0:
+            _fail("macdrop_p0", self.macdrop_p0, "a float in [0, 1]")
+        if not (self.macdrop_alpha > 0 and math.isfinite(self.macdrop_alpha)):
+            _fail("macdrop_alpha", self.macdrop_alpha, "a finite float > 0")
+        if self.macdrop_layer is not None and self.macdrop_layer < 0:
+            _fail("macdrop_layer", self.macdrop_layer, "null or a 0-based layer index >= 0")
+        if self.macdrop_indices is not None:
+            indices = self.macdrop_indices
+            if len(indices) == 0:
+                _fail("macdrop_indices", list(indices), "null or a non-empty list of row indices")
+            if any(i < 0 for i in indices):
+                _fail("macdrop_indices", list(indices), "row indices >= 0")
+            if len(set(indices)) != len(indices):
+                _fail("macdrop_indices", list(indices), "distinct row indices (found duplicates)")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> "MacDropConfig":
+        """Validate raw ``macdrop_*`` values (YAML types or command-line strings)."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise MacDropConfigError(
+                    f"unknown key '{key}'{hint} Allowed macdrop keys: {', '.join(known)}"
+                )
+            values[key] = _coerce(key, value)
+        if "macdrop_indices" in values and values["macdrop_indices"] is not None:
+            n = len(values["macdrop_indices"])
+            if "macdrop_k" in values and values["macdrop_k"] != n:
+                raise MacDropConfigError(
+                    f"macdrop_k={values['macdrop_k']} disagrees with macdrop_indices (length {n}): "
+                    "give one of them, or make them agree"
+                )
+            values["macdrop_k"] = n
+        return cls(**values)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def enabled(self) -> bool:
+        return self.macdrop
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["macdrop_indices"] is not None:
+            out["macdrop_indices"] = list(out["macdrop_indices"])
+        return out
+
+    @classmethod
+    def key_reference(cls) -> list[tuple[str, str, Any, str]]:
+        """(key, type, default, help) for every key: the single source of the docs table."""
+        rows = []
+        for f in fields(cls):
+            default = None if f.default is MISSING else f.default
+            rows.append((f.name, _TYPES[f.name], default, f.metadata["help"]))
+        return rows
+
+
+_TYPES = {
+    "macdrop": "bool",
+    "macdrop_k": "int",
+    "macdrop_p0": "float",
+    "macdrop_curriculum": "str",
+    "macdrop_alpha": "float",
+    "macdrop_scope": "str",
+    "macdrop_layer": "int | null",
+    "macdrop_indices": "list[int] | null",
+}
+
+
+def _fail(key: str, value: Any, allowed: str, suggest_from: tuple[str, ...] = ()) -> None:
+    hint = ""
+    if suggest_from and isinstance(value, str):
+        close = difflib.get_close_matches(value, suggest_from, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise MacDropConfigError(f"{key}={value!r} is not allowed: expected {allowed}{hint}")
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_NULL = {"null", "none", "~", ""}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a YAML/CLI value into the field's type, or fail with one line."""
+    kind = _TYPES[key]
+    if isinstance(value, str):
+        text = value.strip()
+        if kind.endswith("| null") and text.lower() in _NULL:
+            return None
+    else:
+        text = None
+    if value is None:
+        if kind.endswith("| null"):
+            return None
+        _fail(key, value, f"a value of type {kind}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        _fail(key, value, "true or false")
+    if kind in ("int", "int | null"):
+        return _as_int(key, value)
+    if kind == "float":
+        if isinstance(value, bool):
+            _fail(key, value, "a number")
+        try:
+            return float(text if text is not None else value)
+        except (TypeError, ValueError):
+            _fail(key, value, "a number")
+    if kind == "str":
+        if text is None:
+            _fail(key, value, "a string")
+        return text
+    if kind == "list[int] | null":
+        if text is not None:  # "1,2,3" or "[1, 2, 3]" from the command line
+            items = [s for s in text.strip("[]").split(",") if s.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            _fail(key, value, "a list of integers, e.g. [1229, 1487] or 1229,1487")
+        return tuple(_as_int(key, item) for item in items)
+    raise AssertionError(kind)
+
+
+def _as_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        _fail(key, value, "an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    _fail(key, value, "an integer")
+    raise AssertionError  # unreachable
+
+
+# ---------------------------------------------------------------------- argument splitting
+def is_macdrop_key(key: str) -> bool:
+    return key == KEY_PREFIX or key.startswith(KEY_PREFIX + "_")
+
+
+def split_macdrop_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | list[str], dict[str, Any]]:
+    """Separate ``macdrop*`` keys from LLaMA-Factory's own arguments.
+
+    ``args`` is what ``llamafactory.hparams.read_args`` returns: a dict (YAML/JSON + overrides) or
+    a list of command-line strings (``--key value``, ``--key=value``, or a bare ``--macdrop``
+    flag). Returns (LF's arguments without macdrop keys, raw macdrop values). The input is not
+    modified.
+    """
+    if isinstance(args, dict):
+        rest = {k: v for k, v in args.items() if not is_macdrop_key(str(k))}
+        raw = {str(k): v for k, v in args.items() if is_macdrop_key(str(k))}
+        return rest, raw
+    rest_list: list[str] = []
+    raw = {}
+    i = 0
+    while i < len(args):
+        item = args[i]
+        name = item[2:] if item.startswith("--") else None
+        if name is not None and is_macdrop_key(name.split("=", 1)[0]):
+            if "=" in name:
+                key, value = name.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                key, value = name, args[i + 1]
+                i += 1
+            else:  # bare flag, e.g. --macdrop
+                key, value = name, "true"
+            raw[key] = value
+        else:
+            rest_list.append(item)
+        i += 1
+    return rest_list, raw

@@ -1,0 +1,257 @@
+"""The ONLY module that touches LLaMA-Factory internals (tested against llamafactory 0.9.5).
+
+Lifecycle, as seen from ``llamafactory-cli train x.yaml``:
+
+1. ``llamafactory.launcher`` loads -> :func:`patch_launcher` wraps ``launch`` so that, for the
+   ``train`` command, the ``macdrop_*`` keys are validated in the launching process, before any
+   model is loaded and before torchrun starts children; a bad key ends the command with one line.
+2. ``llamafactory.train.tuner`` loads (in the single process, or in every torchrun child) ->
+   :func:`patch_tuner` wraps ``run_exp``: it removes the ``macdrop_*`` keys (LLaMA-Factory rejects
+   unknown keys), validates them into a :class:`MacDropConfig`, and for the duration of the run
+   swaps the stage's trainer class for a subclass with :class:`MacDropTrainerMixin` in front.
+   ``export_model`` is wrapped to ignore ``macdrop_*`` keys, so a training YAML can be reused.
+
+Both patches are triggered by the ``.pth`` start-up hook (``_autoload``); :func:`activate` applies
+them in-process for notebooks and tests. If LLaMA-Factory's internals are not where this module
+expects them, a MacDrop run fails with the version found and the version supported; runs without
+``macdrop_*`` keys are passed through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+from .config import MacDropConfig, MacDropConfigError, split_macdrop_args
+from .curriculum import can_reach_one
+
+SUPPORTED_LLAMAFACTORY = "0.9.5"
+
+#: stage -> (module, attribute) of the trainer class its workflow instantiates. sft/pt import the
+#: class at module level in workflow.py; dpo imports it from dpo/trainer.py inside run_dpo.
+TRAINER_SLOTS = {
+    "sft": ("llamafactory.train.sft.workflow", "CustomSeq2SeqTrainer"),
+    "pt": ("llamafactory.train.pt.workflow", "CustomTrainer"),
+    "dpo": ("llamafactory.train.dpo.trainer", "CustomDPOTrainer"),
+}
+UNSUPPORTED_STAGE_REASON = {
+    "rm": "the reward model's value head training is not what MacDrop was defined for",
+    "ppo": "PPO's rollouts and value model are outside Algorithm 1",
+    "kto": "not implemented (only sft, pt and dpo are)",
+}
+_PATCHED = "__macdrop_patched__"
+
+
+class IntegrationError(RuntimeError):
+    """LLaMA-Factory is not laid out as this plugin expects."""
+
+
+def _lf_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llamafactory")
+    except Exception:  # pragma: no cover - metadata missing
+        return "unknown"
+
+
+def _internals_error(what: str) -> IntegrationError:
+    return IntegrationError(
+        f"llamafactory-macdrop cannot hook into llamafactory {_lf_version()}: {what} "
+        f"(supported: llamafactory=={SUPPORTED_LLAMAFACTORY})"
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+def _lf_value(lf_args: dict[str, Any] | list[str], key: str, default: Any) -> Any:
+    """A LLaMA-Factory argument's value as the user gave it (dict or CLI list), else default."""
+    if isinstance(lf_args, dict):
+        return lf_args.get(key, default)
+    for i, item in enumerate(lf_args):
+        if item == f"--{key}":
+            nxt = lf_args[i + 1] if i + 1 < len(lf_args) else "true"
+            return "true" if nxt.startswith("--") else nxt
+        if item.startswith(f"--{key}="):
+            return item.split("=", 1)[1]
+    return default
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"))
+
+
+def _finetuning_default(name: str) -> Any:
+    from llamafactory.hparams import FinetuningArguments
+
+    for f in dataclasses.fields(FinetuningArguments):
+        if f.name == name:
+            return f.default
+    raise _internals_error(f"FinetuningArguments has no field '{name}'")
+
+
+def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | list[str], Optional[MacDropConfig]]:
+    """Split and validate; returns (LF's own args, config or None when MacDrop is off).
+
+    Raises :class:`MacDropConfigError` with a one-line message for any bad key or combination.
+    """
+    lf_args, raw = split_macdrop_args(args)
+    if not raw:
+        return args, None
+    config = MacDropConfig.from_raw(raw)
+    if not config.enabled:
+        return lf_args, None
+    stage = str(_lf_value(lf_args, "stage", _finetuning_default("stage")))
+    if stage not in TRAINER_SLOTS:
+        reason = UNSUPPORTED_STAGE_REASON.get(stage, "unknown stage")
+        raise MacDropConfigError(
+            f"macdrop=true with stage={stage!r} is not supported ({reason}); supported stages: "
+            + ", ".join(TRAINER_SLOTS)
+        )
+    finetuning_type = str(_lf_value(lf_args, "finetuning_type", _finetuning_default("finetuning_type")))
+    if finetuning_type != "lora":
+        raise MacDropConfigError(
+            f"macdrop=true with finetuning_type={finetuning_type!r} is not supported: MacDrop drops rows of "
+            "FROZEN pre-trained weights, so it needs finetuning_type=lora (LoRA or DoRA via use_dora)"
+        )
+    for key in ("use_ray", "use_mca", "use_hyper_parallel"):
+        if _truthy(_lf_value(lf_args, key, False)):
+            raise MacDropConfigError(f"macdrop=true with {key}=true is not supported (that path bypasses the HF trainer)")
+    use_dora = _truthy(_lf_value(lf_args, "use_dora", False))
+    if use_dora and can_reach_one(config.macdrop_curriculum, config.macdrop_p0):
+        raise MacDropConfigError(
+            f"macdrop_p0={config.macdrop_p0} with macdrop_curriculum={config.macdrop_curriculum!r} and use_dora=true "
+            "drops whole rows (p = 1), which makes DoRA's row norm 0 and the loss NaN: use macdrop_p0 < 1"
+        )
+    return lf_args, config
+
+
+# ----------------------------------------------------------------------------- trainer swap
+def macdrop_trainer_class(base: type, config: MacDropConfig) -> type:
+    """``base`` with the MacDrop mixin in front, carrying ``config``."""
+    from .trainer import MacDropDPOTrainerMixin, MacDropTrainerMixin
+
+    mixin = MacDropDPOTrainerMixin if hasattr(base, "compute_reference_log_probs") else MacDropTrainerMixin
+    return type(f"MacDrop{base.__name__}", (mixin, base), {"macdrop_config": config, "__module__": __name__})
+
+
+@contextmanager
+def macdrop_trainers(config: MacDropConfig, stage: str) -> Iterator[type]:
+    """Swap the stage's trainer class for the MacDrop one while the run lasts."""
+    module_name, attr = TRAINER_SLOTS[stage]
+    try:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attr)
+    except (ImportError, AttributeError) as err:
+        raise _internals_error(f"{module_name}.{attr} not found ({err})") from err
+    if not hasattr(original, "training_step"):
+        raise _internals_error(f"{module_name}.{attr} is not a transformers Trainer")
+    patched = macdrop_trainer_class(original, config)
+    setattr(module, attr, patched)
+    try:
+        yield patched
+    finally:
+        setattr(module, attr, original)
+
+
+# ----------------------------------------------------------------------------- patches
+def _wrap_run_exp(original, read_args):
+    @functools.wraps(original)
+    def run_exp(args: Optional[dict[str, Any]] = None, callbacks: Optional[list] = None) -> None:
+        args = read_args(args)
+        lf_args, config = validate_args(args)
+        if config is None:
+            return original(lf_args, callbacks)
+        from .trainer import logger
+
+        stage = str(_lf_value(lf_args, "stage", _finetuning_default("stage")))
+        if _lf_version() != SUPPORTED_LLAMAFACTORY:
+            logger.warning("tested with llamafactory==%s, found %s", SUPPORTED_LLAMAFACTORY, _lf_version())
+        logger.info(
+            "MacDrop on: stage=%s k=%d p0=%g curriculum=%s%s scope=%s",
+            stage, config.macdrop_k, config.macdrop_p0, config.macdrop_curriculum,
+            f" alpha={config.macdrop_alpha:g}" if config.macdrop_curriculum == "exp" else "", config.macdrop_scope,
+        )
+        with macdrop_trainers(config, stage):
+            return original(lf_args, callbacks)
+
+    setattr(run_exp, _PATCHED, True)
+    return run_exp
+
+
+def _wrap_export(original, read_args):
+    @functools.wraps(original)
+    def export_model(args: Optional[dict[str, Any]] = None) -> None:
+        lf_args, _ = split_macdrop_args(read_args(args))  # training YAMLs can be reused for export
+        return original(lf_args)
+
+    setattr(export_model, _PATCHED, True)
+    return export_model
+
+
+def patch_tuner(tuner) -> None:
+    """Wrap ``run_exp`` and ``export_model`` of ``llamafactory.train.tuner`` (idempotent)."""
+    read_args = getattr(tuner, "read_args", None)
+    for name, wrap in (("run_exp", _wrap_run_exp), ("export_model", _wrap_export)):
+        fn = getattr(tuner, name, None)
+        if fn is None or read_args is None or getattr(fn, _PATCHED, False):
+            continue  # a missing function surfaces as LF's own 'keys are not used' error
+        setattr(tuner, name, wrap(fn, read_args))
+
+
+def _validate_command_line(argv: list[str]) -> None:
+    """Validate ``llamafactory-cli train ...`` arguments in the launching process."""
+    from llamafactory.hparams.parser import read_args
+
+    saved = sys.argv
+    sys.argv = [argv[0]] + argv[2:]  # what run_exp will see once 'train' is popped
+    try:
+        args = read_args(None)
+    finally:
+        sys.argv = saved
+    validate_args(args)
+
+
+def patch_launcher(launcher) -> None:
+    """Wrap ``launch``: early validation, and one-line errors instead of tracebacks."""
+    original = getattr(launcher, "launch", None)
+    if original is None or getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def launch():
+        try:
+            if len(sys.argv) > 1 and sys.argv[1] == "train":
+                _validate_command_line(list(sys.argv))
+            return original()
+        except (MacDropConfigError, IntegrationError) as err:
+            print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except Exception as err:  # errors raised by the plugin after the model loaded
+            from .architectures import UnsupportedArchitectureError
+            from .locator import LocatorError
+
+            if isinstance(err, (LocatorError, UnsupportedArchitectureError)):
+                print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
+                sys.exit(2)
+            raise
+
+    setattr(launch, _PATCHED, True)
+    launcher.launch = launch
+
+
+def on_module_loaded(module) -> None:
+    """Called by the start-up hook right after a watched LLaMA-Factory module executed."""
+    if module.__name__ == "llamafactory.launcher":
+        patch_launcher(module)
+    elif module.__name__ == "llamafactory.train.tuner":
+        patch_tuner(module)
+
+
+def activate() -> None:
+    """Apply the patches in this process (when the ``.pth`` hook is disabled or bypassed)."""
+    for name in ("llamafactory.launcher", "llamafactory.train.tuner"):
+        on_module_loaded(importlib.import_module(name))

@@ -1,0 +1,269 @@
+"""Find the massive layer and its top-k massive weights with one BOS-token forward pass.
+
+The rule (docs/locator.md): feed the probe token (BOS) alone at position 0 and record, for every
+decoder layer l, the largest |value| of the residual stream entering the layer (``in_max``) and
+leaving it (``out_max``) and the intermediate state act(gate(x)) * up(x) of its FFN.
+
+* The massive layer is the layer where the massive activation ORIGINATES: the layer with the
+  largest jump ``out_max / in_max``. Once created, the massive activation rides the residual
+  stream through all later layers, so no later layer can show a comparable jump; early layers
+  often have intermediate spikes ~1000x their median (SmolLM2-135M: layers 1-2) and late layers
+  can have large intermediate spikes near the output (SmolLM2-135M: layer 28), but neither
+  multiplies the residual stream's maximum the way the origin does (SmolLM2-135M layer 11:
+  29 -> 24,926, a jump of ~850x).
+* The top-k massive weights are the rows of W_up/W_gate at that layer whose intermediate units
+  have the largest |value|, largest first.
+* ``massiveness`` is the jump at the origin; below :data:`CLEAR_JUMP` the model has no clear
+  massive activation (the paper finds none in Gemma-2) and a warning is attached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .architectures import FFNBlock, find_ffn_blocks, unwrap_peft
+
+LOCATOR_FILE = "macdrop_locator.json"
+CLEAR_JUMP = 10.0
+RULE = "origin = argmax_l max|h_out_l| / max|h_in_l| at the probe token; indices = top-k |intermediate| there"
+
+
+class LocatorError(ValueError):
+    """The probe or an override cannot name valid massive weights."""
+
+
+@dataclass
+class LayerStats:
+    """What the probe saw at one layer (all at the probe token)."""
+
+    layer: int
+    in_max: float
+    out_max: float
+    jump: float
+    intermediate_top1: float
+    intermediate_top1_index: int
+    intermediate_median: float
+
+
+@dataclass
+class LocatorResult:
+    """Where the massive weights are; serialised as ``macdrop_locator.json``."""
+
+    model: str
+    layer: int  # 0-based HF module index
+    indices: list[int]  # largest first
+    magnitudes: Optional[list[float]]  # |intermediate| at indices (None when not probed)
+    median: Optional[float]  # median |intermediate| at the layer
+    probe_token_id: Optional[int]
+    modules: list[str]  # checkpoint names of the weights whose rows are targeted
+    massiveness: Optional[float]  # residual jump at the layer
+    source: str  # "probe", "override", or "probe+override"
+    rule: str = RULE
+    layers: list[LayerStats] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def paper_layer(self) -> int:
+        """The layer counted from 1, as the paper's tables do."""
+        return self.layer + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["paper_layer"] = self.paper_layer
+        return out
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LocatorResult":
+        data = {k: v for k, v in data.items() if k != "paper_layer"}
+        data["layers"] = [LayerStats(**s) for s in data.get("layers", [])]
+        return cls(**data)
+
+    def table(self) -> str:
+        """A short human-readable summary."""
+        lines = [
+            f"MacDrop locator: {self.model}",
+            f"  massive layer: {self.layer} (0-based; paper layer {self.paper_layer}), source: {self.source}",
+        ]
+        if self.massiveness is not None:
+            lines.append(f"  residual jump at that layer: {self.massiveness:,.1f}x   probe token id: {self.probe_token_id}")
+        lines.append("  rank  index  |intermediate|  x median")
+        for rank, idx in enumerate(self.indices, 1):
+            mag = self.magnitudes[rank - 1] if self.magnitudes else None
+            ratio = mag / self.median if (mag is not None and self.median) else None
+            mag_s = f"{mag:14,.2f}" if mag is not None else f"{'-':>14}"
+            ratio_s = f"{ratio:9,.0f}" if ratio is not None else f"{'-':>9}"
+            lines.append(f"  {rank:4d}  {idx:5d}  {mag_s}  {ratio_s}")
+        lines.append("  weights: " + ", ".join(self.modules))
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- probing
+def _first_tensor(obj: Any) -> torch.Tensor:
+    return obj[0] if isinstance(obj, (tuple, list)) else obj
+
+
+@torch.no_grad()
+def probe_ffn_states(
+    model: nn.Module, blocks: Sequence[FFNBlock], token_id: int
+) -> tuple[list[LayerStats], list[torch.Tensor]]:
+    """One forward pass of ``token_id`` alone; per-layer stats and |intermediate| vectors.
+
+    Runs with adapters disabled (a PeftModel is probed as its pre-trained base) and in eval
+    mode; the model's training flag is restored afterwards.
+    """
+    records: dict[int, dict[str, torch.Tensor]] = {b.index: {} for b in blocks}
+
+    def pre_layer(i):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            records[i]["in"] = hidden[0, 0].detach().float().abs()
+        return hook
+
+    def post_layer(i):
+        def hook(module, args, output):
+            records[i]["out"] = _first_tensor(output)[0, 0].detach().float().abs()
+        return hook
+
+    def pre_down(i):
+        def hook(module, args):
+            records[i]["inter"] = args[0][0, 0].detach().float().abs()
+        return hook
+
+    handles = []
+    for b in blocks:
+        handles.append(b.layer.register_forward_pre_hook(pre_layer(b.index), with_kwargs=True))
+        handles.append(b.layer.register_forward_hook(post_layer(b.index)))
+        handles.append(b.down.register_forward_pre_hook(pre_down(b.index)))
+    was_training = model.training
+    disable = getattr(model, "disable_adapter", None)
+    try:
+        model.eval()
+        with (disable() if callable(disable) and hasattr(model, "peft_config") else nullcontext()):
+            device = unwrap_peft(model).get_input_embeddings().weight.device
+            ids = torch.tensor([[token_id]], device=device)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    stats, inters = [], []
+    for b in blocks:
+        r = records[b.index]
+        if not {"in", "out", "inter"} <= r.keys():
+            raise LocatorError(f"layer {b.index}: the probe forward did not reach this layer's FFN")
+        in_max, out_max = float(r["in"].max()), float(r["out"].max())
+        top = r["inter"].max(dim=0)
+        stats.append(
+            LayerStats(
+                layer=b.index,
+                in_max=in_max,
+                out_max=out_max,
+                jump=out_max / in_max if in_max > 0 else math.inf,
+                intermediate_top1=float(top.values),
+                intermediate_top1_index=int(top.indices),
+                intermediate_median=float(r["inter"].median()),
+            )
+        )
+        inters.append(r["inter"].cpu())
+    return stats, inters
+
+
+def resolve_probe_token(model: nn.Module, tokenizer: Any = None) -> int:
+    """BOS from the model config, else from the tokenizer."""
+    config = getattr(unwrap_peft(model), "config", None)
+    for source in (config, getattr(config, "get_text_config", lambda: None)(), tokenizer):
+        token = getattr(source, "bos_token_id", None) if source is not None else None
+        if isinstance(token, int):
+            return token
+    raise LocatorError(
+        "the model has no BOS token (config.bos_token_id and tokenizer.bos_token_id are unset): "
+        "give macdrop_layer and macdrop_indices explicitly"
+    )
+
+
+def model_name(model: nn.Module) -> str:
+    config = getattr(unwrap_peft(model), "config", None)
+    return str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or type(model).__name__)
+
+
+def locate_massive_weights(
+    model: nn.Module,
+    k: int = 5,
+    *,
+    probe_token_id: Optional[int] = None,
+    tokenizer: Any = None,
+    layer: Optional[int] = None,
+    indices: Optional[Sequence[int]] = None,
+    blocks: Optional[Sequence[FFNBlock]] = None,
+) -> LocatorResult:
+    """Locate the massive layer and top-k rows; ``layer``/``indices`` override the probe.
+
+    With both overrides given nothing is run (useful when a forward pass is expensive);
+    with one, the probe supplies the other.
+    """
+    blocks = list(blocks) if blocks is not None else find_ffn_blocks(model)
+    by_index = {b.index: b for b in blocks}
+    if layer is not None and layer not in by_index:
+        raise LocatorError(f"macdrop_layer={layer} is out of range: the model has layers 0..{len(blocks) - 1}")
+    if indices is not None:
+        size = by_index[layer if layer is not None else 0].intermediate_size
+        bad = [i for i in indices if not 0 <= i < size]
+        if bad:
+            raise LocatorError(f"macdrop_indices={list(indices)}: {bad} outside 0..{size - 1} (intermediate size {size})")
+
+    warnings: list[str] = []
+    if layer is not None and indices is not None:
+        chosen, idx = layer, [int(i) for i in indices]
+        mags = median = massiveness = None
+        stats: list[LayerStats] = []
+        token = probe_token_id
+        source = "override"
+    else:
+        token = probe_token_id if probe_token_id is not None else resolve_probe_token(model, tokenizer)
+        stats, inters = probe_ffn_states(model, blocks, token)
+        origin = max(range(len(stats)), key=lambda i: stats[i].jump)
+        chosen = layer if layer is not None else stats[origin].layer
+        pos = [s.layer for s in stats].index(chosen)
+        inter = inters[pos]
+        if k > inter.numel():
+            raise LocatorError(f"macdrop_k={k} exceeds the intermediate size {inter.numel()} of layer {chosen}")
+        idx = [int(i) for i in indices] if indices is not None else inter.topk(k).indices.tolist()
+        mags = [float(inter[i]) for i in idx]
+        median = float(inter.median())
+        massiveness = stats[pos].jump
+        source = "probe" if layer is None and indices is None else "probe+override"
+        if stats[origin].jump < CLEAR_JUMP:
+            warnings.append(
+                f"no clear massive activation: the largest residual jump is {stats[origin].jump:.1f}x "
+                f"(layer {stats[origin].layer}); MacDrop may not help this model"
+            )
+    block = by_index[chosen]
+    return LocatorResult(
+        model=model_name(model),
+        layer=chosen,
+        indices=idx,
+        magnitudes=mags,
+        median=median,
+        probe_token_id=token,
+        modules=block.module_names,
+        massiveness=massiveness,
+        source=source,
+        layers=stats,
+        warnings=warnings,
+    )
