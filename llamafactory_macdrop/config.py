@@ -57,8 +57,6 @@ class MacDropConfig:
                   suggest_from=CURRICULA)
         if self.macdrop_scope not in SCOPES:
             _fail("macdrop_scope", self.macdrop_scope, "one of " + ", ".join(SCOPES), suggest_from=SCOPES)
-        if self.macdrop_k < 1:
-            _fail("macdrop_k", self.macdrop_k, "an integer >= 1")
         if not 0.0 <= self.macdrop_p0 <= 1.0:
             _fail("macdrop_p0", self.macdrop_p0, "a float in [0, 1]")
         if not (self.macdrop_alpha > 0 and math.isfinite(self.macdrop_alpha)):
@@ -73,6 +71,8 @@ class MacDropConfig:
                 _fail("macdrop_indices", list(indices), "row indices >= 0")
             if len(set(indices)) != len(indices):
                 _fail("macdrop_indices", list(indices), "distinct row indices (found duplicates)")
+        if self.macdrop_k < 1:
+            _fail("macdrop_k", self.macdrop_k, "an integer >= 1")
 
     # ------------------------------------------------------------------ construction
     @classmethod

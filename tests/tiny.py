@@ -94,16 +94,12 @@ def plant(model, bos: int) -> None:
     layers = model.model.layers
     # decoy in layer 0: huge intermediate unit that writes nothing into the residual stream
     mlp0 = layers[0].mlp
-    mlp0.gate_proj.weight[DECOY_INDEX] = 0.0
-    mlp0.up_proj.weight[DECOY_INDEX] = 0.0
     mlp0.gate_proj.weight[DECOY_INDEX, 0] = 1.0
     mlp0.up_proj.weight[DECOY_INDEX, 0] = 400.0
     mlp0.down_proj.weight[:, DECOY_INDEX] = 0.0
     # the real massive weights in PLANTED_LAYER
     mlp = layers[PLANTED_LAYER].mlp
-    for rank, idx in enumerate(PLANTED_INDICES):
-        mlp.gate_proj.weight[idx] = 0.0
-        mlp.up_proj.weight[idx] = 0.0
+    for rank, idx in enumerate(PLANTED_INDICES):  # rows keep their random entries elsewhere
         mlp.gate_proj.weight[idx, 0] = 1.0
         mlp.up_proj.weight[idx, 0] = 10.0 - 1.5 * rank
         mlp.down_proj.weight[:, idx] = 0.0

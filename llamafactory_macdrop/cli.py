@@ -1,0 +1,131 @@
+"""``macdrop``: the analysis command line (thin: parse, call the core, print)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _load_model(path: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    from .locator import locate_massive_weights
+
+    model, tokenizer = _load_model(args.model, args.dtype)
+    result = locate_massive_weights(
+        model, args.k, tokenizer=tokenizer, layer=args.layer, indices=args.indices,
+        probe_token_id=args.probe_token,
+    )
+    result.model = args.model
+    print(result.table())
+    if args.json:
+        print(f"written to {result.write_json(args.json)}")
+    return 0
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from .convert import convert_gguf
+
+    out = convert_gguf(args.out, args.gguf)
+    print(f"HF folder ready: {out}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .config import MacDropConfig
+
+    rows = MacDropConfig.key_reference()
+    if args.json:
+        print(json.dumps([{"key": k, "type": t, "default": d, "help": h} for k, t, d, h in rows], indent=1))
+        return 0
+    print(f"{'key':<20} {'type':<17} {'default':<8} help")
+    for key, kind, default, help_text in rows:
+        print(f"{key:<20} {kind:<17} {json.dumps(default):<8} {help_text}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """What a MacDrop run did: the located weights and p / loss per logged step."""
+    from .locator import LOCATOR_FILE, LocatorResult
+
+    out = Path(args.output_dir)
+    locator_path, state_path = out / LOCATOR_FILE, out / "trainer_state.json"
+    if not locator_path.is_file():
+        raise FileNotFoundError(f"{locator_path} not found: was this output_dir trained with macdrop: true?")
+    result = LocatorResult.from_dict(json.loads(locator_path.read_text()))
+    print(result.table())
+    history = json.loads(state_path.read_text())["log_history"] if state_path.is_file() else []
+    steps = [h for h in history if "macdrop_p" in h]
+    if steps:
+        print("\n  step  epoch  macdrop_p    loss")
+        for h in steps:
+            print(f"  {h['step']:4d}  {h.get('epoch', 0):5.2f}  {h['macdrop_p']:9.4f}  {h.get('loss', float('nan')):6.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"locator": result.to_dict(), "log": steps}, indent=1) + "\n")
+        print(f"written to {args.json}")
+    return 0
+
+
+def _indices(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="macdrop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("locate", help="find the massive layer and top-k massive weights of a model")
+    p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--layer", type=int, default=None, help="0-based layer override")
+    p.add_argument("--indices", type=_indices, default=None, help="comma-separated row override")
+    p.add_argument("--probe-token", type=int, default=None, help="token id fed alone (default: BOS)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--json", type=Path, default=None, help="write macdrop_locator.json-style output here")
+    p.set_defaults(func=cmd_locate)
+
+    p = sub.add_parser("convert-gguf", help="convert a GGUF file (default: the packaged SmolLM2-135M) to an HF folder")
+    p.add_argument("out", type=Path)
+    p.add_argument("--gguf", type=Path, default=None)
+    p.set_defaults(func=cmd_convert_gguf)
+
+    p = sub.add_parser("summary", help="show the locator result and the p/loss log of a training output_dir")
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--json", type=Path, default=None)
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("keys", help="list the macdrop_* YAML keys")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .architectures import UnsupportedArchitectureError
+    from .config import MacDropConfigError
+    from .locator import LocatorError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (LocatorError, UnsupportedArchitectureError, MacDropConfigError, FileNotFoundError) as err:
+        print(f"macdrop: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

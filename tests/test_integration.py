@@ -1,0 +1,169 @@
+"""LLaMA-Factory's own run_exp, in this process, with MacDrop on: what the weights go through.
+
+A watcher callback hooks the massive layer and records, at every forward pass, what the frozen
+rows looked like; at every step end and at the end it checks the base weights bit for bit
+against the checkpoint on disk.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import tiny
+from llamafactory_macdrop import integration
+from llamafactory_macdrop.config import MacDropConfigError
+from llamafactory_macdrop.masking import bits
+
+K = len(tiny.PLANTED_INDICES)
+
+
+def lf_args(model_dir, data_dir, out, **overrides):
+    args = dict(
+        model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="lora", lora_target="all",
+        lora_rank=4, dataset="tiny_sft", dataset_dir=str(data_dir), template="default", cutoff_len=48,
+        output_dir=str(out), overwrite_output_dir=True, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, num_train_epochs=2, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", report_to="none", seed=0, macdrop=True,
+    )
+    args.update(overrides)
+    return args
+
+
+class Watcher(TrainerCallback):
+    def __init__(self, originals, layer=tiny.PLANTED_LAYER, idx=tiny.PLANTED_INDICES):
+        self.originals, self.layer, self.idx = originals, layer, torch.tensor(idx)
+        self.calls, self.step_end_clean = [], []
+        self.final_clean = None
+
+    def base_weights(self):
+        base = self.model.get_base_model()
+        for i, layer in enumerate(base.model.layers):
+            for kind in ("gate_proj", "up_proj", "down_proj"):
+                yield f"model.layers.{i}.mlp.{kind}.weight", getattr(layer.mlp, kind).base_layer.weight
+
+    def all_clean(self):
+        return all(torch.equal(bits(w), bits(self.originals[n])) for n, w in self.base_weights())
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model, self.state = model, state
+        mlp = model.get_base_model().model.layers[self.layer].mlp
+        self.gate, self.up = mlp.gate_proj.base_layer.weight, mlp.up_proj.base_layer.weight
+        mlp.up_proj.register_forward_pre_hook(self.seen)
+
+    def seen(self, module, args):
+        name = f"model.layers.{self.layer}.mlp"
+        up0, gate0 = self.originals[f"{name}.up_proj.weight"], self.originals[f"{name}.gate_proj.weight"]
+        zeros_up = (self.up[self.idx] == 0) & (up0[self.idx] != 0)
+        zeros_gate = (self.gate[self.idx] == 0) & (gate0[self.idx] != 0)
+        others = torch.ones(self.up.shape[0], dtype=torch.bool)
+        others[self.idx] = False
+        self.calls.append(dict(
+            training=self.model.training,
+            reference=bool(getattr(module, "disable_adapters", False)),
+            step=self.state.global_step + 1,
+            zeros_up=zeros_up, zeros_gate=zeros_gate,
+            rows_original=torch.equal(bits(self.up[self.idx]), bits(up0[self.idx]))
+            and torch.equal(bits(self.gate[self.idx]), bits(gate0[self.idx])),
+            others_original=torch.equal(bits(self.up[others]), bits(up0[others]))
+            and torch.equal(bits(self.gate[others]), bits(gate0[others])),
+        ))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_end_clean.append(self.all_clean())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.final_clean = self.all_clean()
+
+
+def run_in_process(args, callbacks):
+    integration.activate()
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(args, callbacks=callbacks)
+
+
+def test_sft_lora_masks_only_during_training_steps(tiny_llama_dir, tiny_data_dir, tmp_path):
+    originals = load_file(tiny_llama_dir / "model.safetensors")
+    watcher = Watcher(originals)
+    args = lf_args(tiny_llama_dir, tiny_data_dir, tmp_path, val_size=0.125, eval_strategy="steps", eval_steps=3,
+                   per_device_eval_batch_size=4)
+    run_in_process(args, [watcher])
+
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    total = state["max_steps"]
+    assert total == 8  # 28 train examples / (4 x 2) per step, 2 epochs
+    logged = {h["step"]: h["macdrop_p"] for h in state["log_history"] if "macdrop_p" in h}
+    assert logged == pytest.approx({t: 0.8 * (1 - t / total) for t in range(1, total + 1)})
+    assert not any("macdrop_p" in h for h in state["log_history"] if "eval_loss" in h)
+
+    train_calls = [c for c in watcher.calls if c["training"]]
+    eval_calls = [c for c in watcher.calls if not c["training"]]
+    assert train_calls and eval_calls
+    assert all(c["others_original"] for c in watcher.calls)
+    assert all(c["rows_original"] for c in eval_calls)  # evaluation never sees masked weights
+    for c in train_calls:
+        p = 0.8 * (1 - c["step"] / total)
+        assert torch.equal(c["zeros_up"], c["zeros_gate"])  # ONE mask for W_up and W_gate
+        assert abs(c["zeros_up"].float().mean().item() - p) < 0.15, (c["step"], p)
+    assert train_calls[-1]["step"] == total and train_calls[-1]["rows_original"]  # p = 0 at the last step
+    assert watcher.step_end_clean == [True] * total and watcher.final_clean
+
+    located = json.loads((tmp_path / "macdrop_locator.json").read_text())
+    assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES)
+
+
+def test_dpo_reference_forward_sees_the_original_rows(tiny_llama_dir, tiny_data_dir, tmp_path):
+    originals = load_file(tiny_llama_dir / "model.safetensors")
+    watcher = Watcher(originals)
+    args = lf_args(tiny_llama_dir, tiny_data_dir, tmp_path, stage="dpo", dataset="tiny_dpo", num_train_epochs=1,
+                   macdrop_curriculum="constant", macdrop_p0=0.5)
+    run_in_process(args, [watcher])
+    policy = [c for c in watcher.calls if c["training"] and not c["reference"]]
+    reference = [c for c in watcher.calls if c["reference"]]
+    assert policy and reference
+    assert all(c["rows_original"] for c in reference)
+    assert all(not c["rows_original"] and torch.equal(c["zeros_up"], c["zeros_gate"]) for c in policy)
+    assert watcher.final_clean
+
+
+def test_macdrop_off_changes_nothing(tiny_llama_dir, tiny_data_dir, tmp_path):
+    args = lf_args(tiny_llama_dir, tiny_data_dir, tmp_path, macdrop=False, macdrop_k=3, num_train_epochs=1)
+    lf_only, config = integration.validate_args(args)
+    assert config is None and not any(k.startswith("macdrop") for k in lf_only)
+    no_keys = {k: v for k, v in args.items() if not k.startswith("macdrop")}
+    assert integration.validate_args(no_keys) == (no_keys, None)
+    run_in_process(args, [])
+    assert not (tmp_path / "macdrop_locator.json").exists()
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert not any("macdrop_p" in h for h in state["log_history"])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (dict(stage="rm"), "stage='rm' is not supported"),
+        (dict(stage="kto"), "stage='kto' is not supported"),
+        (dict(finetuning_type="full"), "finetuning_type='full' is not supported"),
+        (dict(finetuning_type="freeze"), "finetuning_type='freeze' is not supported"),
+        (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="constant"), "DoRA's row norm 0"),
+        (dict(macdrop_kk=3), "did you mean 'macdrop_k'"),
+    ],
+)
+def test_unsupported_combinations_are_refused_before_loading(tiny_data_dir, tmp_path, overrides, fragment):
+    args = lf_args(tmp_path / "no-such-model", tiny_data_dir, tmp_path, **overrides)
+    with pytest.raises(MacDropConfigError, match=fragment):
+        run_in_process(args, [])
+
+
+def test_trainer_swap_is_undone_after_the_run():
+    import llamafactory.train.sft.workflow as sft
+
+    from llamafactory_macdrop.config import MacDropConfig
+
+    original = sft.CustomSeq2SeqTrainer
+    with integration.macdrop_trainers(MacDropConfig(macdrop=True), "sft") as patched:
+        assert sft.CustomSeq2SeqTrainer is patched and issubclass(patched, original)
+    assert sft.CustomSeq2SeqTrainer is original

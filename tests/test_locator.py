@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+import tiny
+from llamafactory_macdrop.architectures import UnsupportedArchitectureError, find_ffn_blocks
+from llamafactory_macdrop.locator import LocatorError, LocatorResult, locate_massive_weights
+
+
+def test_finds_the_planted_layer_and_indices_in_order(tiny_llama):
+    result = locate_massive_weights(tiny_llama, 5)
+    assert result.layer == tiny.PLANTED_LAYER
+    assert result.indices == tiny.PLANTED_INDICES
+    assert result.magnitudes == sorted(result.magnitudes, reverse=True)
+    assert result.probe_token_id == tiny_llama.config.bos_token_id
+    assert result.modules == ["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    assert result.source == "probe" and not result.warnings
+    assert result.massiveness > 50
+
+
+def test_the_decoy_would_fool_naive_rules(tiny_llama):
+    # The test above is only meaningful if simpler rules pick the wrong layer on this model.
+    layers = locate_massive_weights(tiny_llama, 5).layers
+    largest = max(layers, key=lambda s: s.intermediate_top1)
+    by_ratio = max(layers, key=lambda s: s.intermediate_top1 / s.intermediate_median)
+    assert largest.layer == 0 and largest.intermediate_top1_index == tiny.DECOY_INDEX
+    assert by_ratio.layer == 0
+
+
+def test_overrides(tiny_llama):
+    both = locate_massive_weights(tiny_llama, 5, layer=0, indices=[3, 4])
+    assert (both.layer, both.indices, both.source, both.magnitudes) == (0, [3, 4], "override", None)
+    only_layer = locate_massive_weights(tiny_llama, 2, layer=0)
+    assert only_layer.indices == [tiny.DECOY_INDEX, only_layer.indices[1]] and only_layer.source == "probe+override"
+    only_idx = locate_massive_weights(tiny_llama, 2, indices=[13, 97])
+    assert only_idx.layer == tiny.PLANTED_LAYER and only_idx.indices == [13, 97]
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(layer=2), "macdrop_layer=2 is out of range"),
+        (dict(indices=[5, tiny.INTERMEDIATE]), f"outside 0..{tiny.INTERMEDIATE - 1}"),
+        (dict(k=tiny.INTERMEDIATE + 1), "exceeds the intermediate size"),
+    ],
+)
+def test_bad_overrides_fail_clearly(tiny_llama, kwargs, fragment):
+    k = kwargs.pop("k", 5)
+    with pytest.raises(LocatorError, match=fragment):
+        locate_massive_weights(tiny_llama, k, **kwargs)
+
+
+def test_json_round_trip(tiny_llama, tmp_path):
+    result = locate_massive_weights(tiny_llama, 5)
+    path = result.write_json(tmp_path / "macdrop_locator.json")
+    data = json.loads(path.read_text())
+    for key in ("model", "layer", "indices", "magnitudes", "median", "probe_token_id", "modules", "massiveness"):
+        assert key in data
+    assert data["paper_layer"] == data["layer"] + 1
+    assert LocatorResult.from_dict(data) == result
+    assert "massive layer: 1 (0-based; paper layer 2)" in result.table()
+
+
+def test_probe_sees_the_base_model_through_a_trained_adapter(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["up_proj", "gate_proj"]))
+    with torch.no_grad():  # an adapter that would move the answer if it were active
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 5.0)
+    peft_model.train()
+    result = locate_massive_weights(peft_model, 5)
+    assert result.layer == tiny.PLANTED_LAYER and result.indices == tiny.PLANTED_INDICES
+    assert peft_model.training  # mode restored
+    blocks = find_ffn_blocks(peft_model)
+    assert blocks[1].up_name == "model.layers.1.mlp.up_proj.weight"
+    assert blocks[1].row_targets([1])[1].weight is peft_model.base_model.model.model.layers[1].mlp.up_proj.base_layer.weight
+
+
+def test_no_bos_and_unknown_architecture_fail_clearly(tiny_llama):
+    tiny_llama.config.bos_token_id = None
+    with pytest.raises(LocatorError, match="no BOS token"):
+        locate_massive_weights(tiny_llama, 5)
+    with pytest.raises(UnsupportedArchitectureError, match="found no decoder layers"):
+        find_ffn_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

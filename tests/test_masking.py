@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from llamafactory_macdrop.masking import RowDropout, RowTarget, bits, draw_keep_mask
+
+
+def _weights(seed=0, out=32, inp=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, inp, generator=g), torch.randn(out, inp, generator=g)
+
+
+def test_apply_multiplies_selected_rows_by_one_shared_mask_and_nothing_else():
+    gate, up = _weights()
+    gate0, up0 = gate.clone(), up.clone()
+    rows = [7, 3, 30]
+    drop = RowDropout([RowTarget("gate", gate, rows), RowTarget("up", up, rows)])
+    keep = draw_keep_mask(drop.mask_shape, 0.5, torch.Generator().manual_seed(1), "cpu")
+    assert 0 < keep.sum() < keep.numel()
+    drop.apply(keep)
+    assert torch.equal(gate[rows], gate0[rows] * keep) and torch.equal(up[rows], up0[rows] * keep)
+    others = [i for i in range(32) if i not in rows]
+    assert torch.equal(gate[others], gate0[others]) and torch.equal(up[others], up0[others])
+    drop.restore()
+    assert torch.equal(bits(gate), bits(gate0)) and torch.equal(bits(up), bits(up0))
+    assert drop.is_restored()
+
+
+def test_keep_rate_follows_p():
+    keep = draw_keep_mask((200, 100), 0.3, torch.Generator().manual_seed(0), "cpu")
+    assert keep.float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert draw_keep_mask((10, 10), 1.0, None, "cpu").sum() == 0  # U in [0, 1): never > 1
+
+
+def test_masked_context_restores_bitwise_even_on_error():
+    gate, up = _weights()
+    gate[3, 2] = -0.0  # signed zero must survive too
+    snapshot = [bits(gate).clone(), bits(up).clone()]
+    drop = RowDropout([RowTarget("gate", gate, [3, 4]), RowTarget("up", up, [3, 4])])
+    with pytest.raises(KeyboardInterrupt):
+        with drop.masked(0.9, torch.Generator().manual_seed(0)) as keep:
+            assert keep is not None and not drop.is_restored()
+            raise KeyboardInterrupt
+    assert torch.equal(bits(gate), snapshot[0]) and torch.equal(bits(up), snapshot[1])
+    assert drop.active_mask is None
+
+
+def test_p_zero_draws_nothing_and_writes_nothing():
+    gate, up = _weights()
+    drop = RowDropout([RowTarget("gate", gate, [1]), RowTarget("up", up, [1])])
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state().clone()
+    version = gate._version
+    with drop.masked(0.0, g) as keep:
+        assert keep is None
+    assert torch.equal(g.get_state(), state) and gate._version == version
+
+
+def test_unmasked_shows_originals_then_reapplies_the_same_mask():
+    gate, up = _weights()
+    drop = RowDropout([RowTarget("gate", gate, [0, 5]), RowTarget("up", up, [0, 5])])
+    with drop.masked(0.5, torch.Generator().manual_seed(3)) as keep:
+        masked = gate[[0, 5]].clone()
+        with drop.unmasked():
+            assert drop.is_restored()
+        assert torch.equal(gate[[0, 5]], masked) and torch.equal(drop.active_mask, keep)
+    assert drop.is_restored()
+
+
+def test_writes_do_not_bump_the_autograd_version_counter():
+    # DPO's reference forward restores and re-masks between forward and backward: a version bump
+    # would make autograd refuse the backward pass.
+    w = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
+    x = torch.randn(2, 4, requires_grad=True)
+    drop = RowDropout([RowTarget("w", w, [1, 2])])
+    with drop.masked(0.5, torch.Generator().manual_seed(0)):
+        y = torch.nn.functional.linear(x, w)
+        with drop.unmasked():
+            pass
+        y.sum().backward()  # raises if the saved weight was modified "in place" for autograd
+    assert x.grad is not None
+
+
+def test_conv1d_layout_masks_columns():
+    w = torch.randn(16, 32)  # GPT-2 Conv1D: [in, out]; intermediate units are columns
+    w0 = w.clone()
+    drop = RowDropout([RowTarget("c_fc", w, [4, 9], axis=1)])
+    keep = torch.zeros(drop.mask_shape, dtype=torch.bool)
+    assert drop.mask_shape == (2, 16)
+    drop.apply(keep)
+    assert torch.all(w[:, [4, 9]] == 0) and torch.equal(w[:, :4], w0[:, :4])
+    drop.restore()
+    assert torch.equal(w, w0)
+
+
+def test_targets_must_agree_and_rows_must_be_in_range():
+    gate, up = _weights()
+    with pytest.raises(ValueError, match="one shape"):
+        RowDropout([RowTarget("gate", gate, [1, 2]), RowTarget("up", up, [1])])
+    with pytest.raises(ValueError, match=r"\[0, 32\)"):
+        RowTarget("gate", gate, [32])
