@@ -77,7 +77,37 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"locator": result.to_dict(), "log": steps}, indent=1) + "\n")
         print(f"written to {args.json}")
+    if args.plot:
+        if not steps:
+            raise FileNotFoundError(f"{state_path} has no macdrop_p entries to plot")
+        print(f"plot written to {plot_run(steps, result, args.plot)}")
     return 0
+
+
+def plot_run(steps: list[dict], result, path: Path) -> Path:
+    """p and training loss against the optimizer step, on two axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax_p = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    x = [h["step"] for h in steps]
+    ax_p.plot(x, [h["macdrop_p"] for h in steps], color="tab:red", marker="o", ms=3, label="macdrop_p")
+    ax_p.set_xlabel("optimizer step")
+    ax_p.set_ylabel("dropout probability p", color="tab:red")
+    ax_p.set_ylim(-0.02, 1.02)
+    if any("loss" in h for h in steps):
+        ax_loss = ax_p.twinx()
+        ax_loss.plot(x, [h.get("loss") for h in steps], color="tab:blue", label="training loss")
+        ax_loss.set_ylabel("training loss", color="tab:blue")
+    ax_p.set_title(f"MacDrop on layer {result.layer} rows {result.indices[:5]}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _indices(text: str) -> list[int]:
@@ -106,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="show the locator result and the p/loss log of a training output_dir")
     p.add_argument("output_dir", type=Path)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG of p and loss per step")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("keys", help="list the macdrop_* YAML keys")

@@ -12,4 +12,4 @@ echo "[demo] llamafactory-cli train examples/smollm2_lora_macdrop.yaml"
 .venv/bin/llamafactory-cli train examples/smollm2_lora_macdrop.yaml
 echo
 echo "[demo] what MacDrop did (macdrop summary outputs/smollm2-lora-macdrop):"
-.venv/bin/macdrop summary outputs/smollm2-lora-macdrop
+.venv/bin/macdrop summary outputs/smollm2-lora-macdrop --plot outputs/smollm2-lora-macdrop/macdrop_p.png

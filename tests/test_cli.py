@@ -66,6 +66,13 @@ def test_sft_lora_yaml_with_command_line_overrides(tiny_llama_dir, tiny_data_dir
     assert p == pytest.approx({t: 0.6 * (1 - t / total) for t in range(1, total + 1)})
     check_adapter(out, tiny_llama_dir, dora=False)
 
+    summary = run_cli(["macdrop", "summary", str(out), "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "p.png")],
+                      cwd=tmp_path)
+    assert summary.returncode == 0, summary.stderr
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert {h["step"]: h["macdrop_p"] for h in data["log"]} == p
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
 
 def test_sft_dora_exp_curriculum(tiny_llama_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "out"
@@ -113,7 +120,7 @@ def test_bad_key_fails_in_one_line_before_anything_loads(tiny_data_dir, tmp_path
     assert "Traceback" not in proc.stderr and "Initializing" not in proc.stdout + proc.stderr
 
 
-def test_macdrop_locate_keys_and_summary(tiny_llama_dir, tiny_data_dir, tmp_path):
+def test_macdrop_locate_and_keys(tiny_llama_dir, tiny_data_dir, tmp_path):
     proc = run_cli(["macdrop", "locate", str(tiny_llama_dir), "--k", "5", "--json", str(tmp_path / "loc.json")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "massive layer: 1 (0-based; paper layer 2)" in proc.stdout

