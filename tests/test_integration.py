@@ -85,16 +85,21 @@ def run_in_process(args, callbacks):
     run_exp(args, callbacks=callbacks)
 
 
-def test_sft_lora_masks_only_during_training_steps(tiny_llama_dir, tiny_data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "stage, dataset, dora",
+    [("sft", "tiny_sft", False), ("sft", "tiny_sft", True), ("pt", "tiny_pt", False)],
+    ids=["sft-lora", "sft-dora", "pt-lora"],
+)
+def test_masks_only_during_training_steps_and_restores_bitwise(tiny_llama_dir, tiny_data_dir, tmp_path, stage, dataset, dora):
     originals = load_file(tiny_llama_dir / "model.safetensors")
     watcher = Watcher(originals)
-    args = lf_args(tiny_llama_dir, tiny_data_dir, tmp_path, val_size=0.125, eval_strategy="steps", eval_steps=3,
-                   per_device_eval_batch_size=4)
+    args = lf_args(tiny_llama_dir, tiny_data_dir, tmp_path, stage=stage, dataset=dataset, use_dora=dora,
+                   val_size=0.125, eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4)
     run_in_process(args, [watcher])
 
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     total = state["max_steps"]
-    assert total == 8  # 28 train examples / (4 x 2) per step, 2 epochs
+    assert total >= 4
     logged = {h["step"]: h["macdrop_p"] for h in state["log_history"] if "macdrop_p" in h}
     assert logged == pytest.approx({t: 0.8 * (1 - t / total) for t in range(1, total + 1)})
     assert not any("macdrop_p" in h for h in state["log_history"] if "eval_loss" in h)
@@ -156,6 +161,20 @@ def test_unsupported_combinations_are_refused_before_loading(tiny_data_dir, tmp_
     args = lf_args(tmp_path / "no-such-model", tiny_data_dir, tmp_path, **overrides)
     with pytest.raises(MacDropConfigError, match=fragment):
         run_in_process(args, [])
+
+
+def test_moved_internals_fail_with_versions(monkeypatch):
+    import llamafactory.train.sft.workflow as sft
+
+    from llamafactory_macdrop.config import MacDropConfig
+
+    monkeypatch.delattr(sft, "CustomSeq2SeqTrainer")
+    with pytest.raises(integration.IntegrationError) as info:
+        with integration.macdrop_trainers(MacDropConfig(macdrop=True), "sft"):
+            pass
+    message = str(info.value)
+    assert "llamafactory 0.9.5" in message and "supported: llamafactory==0.9.5" in message
+    assert "CustomSeq2SeqTrainer" in message
 
 
 def test_trainer_swap_is_undone_after_the_run():
