@@ -1,27 +1,41 @@
 """Where the FFN of each decoder layer lives, found by structure rather than by model name.
 
-A decoder stack is the longest ``nn.ModuleList`` whose every element holds an FFN that we
-recognise. An FFN is recognised by its projections: a down projection (whose INPUT is the
-intermediate state) plus an up projection and, for gated FFNs, a gate projection. Adapter
-wrappers (peft's LoRA/DoRA layers) are seen through with ``get_base_layer()``, so the weights
-returned are always the frozen pre-trained ones.
+A decoder stack is the longest ``nn.ModuleList`` whose every element holds an FFN that one of
+the layouts below recognises (layers of different kinds may mix, e.g. Qwen-MoE's dense layers).
+Adapter wrappers (peft's LoRA/DoRA layers) are seen through with ``get_base_layer()``, so the
+weights returned are always the frozen pre-trained ones.
 
-Supported here: the Llama family layout (``mlp.{gate,up,down}_proj``: Llama, Mistral, Qwen2/3,
-OLMo, SmolLM, ...). The other layouts are listed in docs/architectures.md.
+Layouts (``FFN_LAYOUTS``), tried in order:
+
+=================  ========================================  ===============================
+layout             modules                                   models
+=================  ========================================  ===============================
+moe                ``mlp.gate`` (router) + ``mlp.experts``   Mixtral, Qwen2-MoE, Qwen3-MoE
+                   (3-D ``gate_up_proj`` / ``down_proj``)
+gated              ``mlp.{gate,up,down}_proj``               Llama, Mistral, Qwen2/3, OLMo,
+                                                             OLMo2, Gemma-2/3, SmolLM, ...
+fused_gate_up      ``mlp.gate_up_proj`` (gate half, then     Phi-3
+                   up half) + ``mlp.down_proj``
+conv1d             ``mlp.c_fc`` / ``mlp.c_proj`` (Conv1D,    GPT-2
+                   weights stored [in, out])
+fc                 ``fc1`` / ``fc2`` on the layer itself     OPT
+neox               ``mlp.dense_h_to_4h`` / ``dense_4h_to_h``  GPT-NeoX, Pythia
+=================  ========================================  ===============================
+
+For every layout a block knows (1) how to capture the intermediate state act(gate(x)) * up(x)
+(or act(up(x)) without a gate) at the probe token, (2) which rows of which weights produce
+intermediate unit i, and (3) the down-projection weight, with the axis that indexes units.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .masking import RowTarget
-
-#: (ffn attribute, gate, up, down) name patterns, tried in order.
-FFN_LAYOUTS = (("mlp", "gate_proj", "up_proj", "down_proj"),)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -34,44 +48,226 @@ def base_layer(module: nn.Module) -> nn.Module:
     return get() if callable(get) else module
 
 
-@dataclass
-class FFNBlock:
-    """The FFN of one decoder layer: what to probe and which weights hold its rows."""
-
-    index: int  # 0-based layer index (HF module index)
-    layer: nn.Module  # the decoder layer (its input/output is the residual stream)
-    down: nn.Module  # its input is the intermediate state act(gate(x)) * up(x)
-    up: nn.Module
-    gate: Optional[nn.Module]
-    up_name: str  # parameter names as in the checkpoint, e.g. model.layers.11.mlp.up_proj.weight
-    gate_name: Optional[str]
-
-    @property
-    def intermediate_size(self) -> int:
-        return base_layer(self.up).weight.shape[0]
-
-    def row_targets(self, rows: torch.Tensor | list[int]) -> list[RowTarget]:
-        """Rows of W_up and W_gate that produce intermediate units ``rows``."""
-        targets = [RowTarget(self.up_name, base_layer(self.up).weight, torch.as_tensor(rows))]
-        if self.gate is not None:
-            targets.insert(0, RowTarget(self.gate_name, base_layer(self.gate).weight, torch.as_tensor(rows)))
-        return targets
-
-    @property
-    def module_names(self) -> list[str]:
-        return [n for n in (self.gate_name, self.up_name) if n is not None]
-
-
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model under a PeftModel (LoRA layers stay in place inside it)."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
 
 
-def _checkpoint_name(prefix: str, module_name: str) -> str:
-    # peft wraps LoRA targets in place, so the module path is unchanged; the pre-trained
-    # weight is '<path>.weight' in the checkpoint, while in memory it is '<path>.base_layer.weight'.
-    return f"{prefix}{module_name}.weight"
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2): weight [in, out], y = x @ W + b
+    return type(base_layer(module)).__name__ == "Conv1D"
+
+
+def _first_position(t: torch.Tensor) -> torch.Tensor:
+    """The probe token's vector from a [batch, seq, dim] or [seq, dim] activation."""
+    return t[0, 0] if t.dim() == 3 else t[0]
+
+
+@dataclass
+class FFNBlock:
+    """The FFN of one decoder layer: how to probe it and which weights hold its rows.
+
+    Subclasses implement the layouts; everything outside this module uses only this interface.
+    """
+
+    index: int  # 0-based layer index (HF module index)
+    layer: nn.Module  # the decoder layer: its input/output is the residual stream
+    prefix: str  # parameter-name prefix of the FFN, e.g. "model.layers.11.mlp."
+    layout: str = field(default="", init=False)
+
+    @property
+    def intermediate_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def is_moe(self) -> bool:
+        return False
+
+    def probe_hooks(self, record: dict[str, Any]) -> list:
+        """Register hooks that store |intermediate| at the probe token into ``record["inter"]``."""
+        raise NotImplementedError
+
+    def row_targets(self, rows, expert: Optional[int] = None) -> list[RowTarget]:
+        """The weight rows that produce intermediate units ``rows`` (what MacDrop masks)."""
+        raise NotImplementedError
+
+    def down_target(self, rows, expert: Optional[int] = None) -> RowTarget:
+        """The down projection's weight slices that READ intermediate units ``rows``."""
+        raise NotImplementedError
+
+    def module_names(self, expert: Optional[int] = None) -> list[str]:
+        raise NotImplementedError
+
+
+@dataclass
+class DenseFFN(FFNBlock):
+    """A dense FFN: up (optionally fused with gate, optionally Conv1D), optional gate, down."""
+
+    up: nn.Module = None
+    down: nn.Module = None
+    gate: Optional[nn.Module] = None
+    up_attr: str = ""
+    gate_attr: Optional[str] = None
+    fused_gate_up: bool = False
+
+    def __post_init__(self) -> None:
+        self.layout = "fused_gate_up" if self.fused_gate_up else ("conv1d" if _is_conv1d(self.up) else "dense")
+
+    @property
+    def _up_axis(self) -> int:
+        return 1 if _is_conv1d(self.up) else 0
+
+    @property
+    def intermediate_size(self) -> int:
+        n = base_layer(self.up).weight.shape[self._up_axis]
+        return n // 2 if self.fused_gate_up else n
+
+    def probe_hooks(self, record):
+        def hook(module, args):
+            record["inter"] = _first_position(args[0]).detach().float().abs()
+        return [self.down.register_forward_pre_hook(hook)]
+
+    def row_targets(self, rows, expert=None):
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        up_w = base_layer(self.up).weight
+        if self.fused_gate_up:  # Phi-3: gate rows first, then up rows, in one matrix
+            n = self.intermediate_size
+            name = f"{self.prefix}{self.up_attr}.weight"
+            return [RowTarget(f"{name}[gate]", up_w, rows), RowTarget(f"{name}[up]", up_w, rows + n)]
+        targets = [RowTarget(f"{self.prefix}{self.up_attr}.weight", up_w, rows, axis=self._up_axis)]
+        if self.gate is not None:
+            targets.insert(0, RowTarget(f"{self.prefix}{self.gate_attr}.weight", base_layer(self.gate).weight, rows))
+        return targets
+
+    def down_target(self, rows, expert=None):
+        down = base_layer(self.down)
+        axis = 0 if _is_conv1d(self.down) else 1
+        return RowTarget("down", down.weight, torch.as_tensor(rows, dtype=torch.long), axis=axis)
+
+    def module_names(self, expert=None):
+        names = [f"{self.prefix}{self.up_attr}.weight"]
+        if self.gate is not None:
+            names.insert(0, f"{self.prefix}{self.gate_attr}.weight")
+        return names
+
+
+@dataclass
+class MoEFFN(FFNBlock):
+    """A sparse MoE block (transformers 5 layout): router ``gate`` and fused 3-D ``experts``.
+
+    The probe routes the BOS token like the model does (softmax over router logits) and looks at
+    the expert with the highest probability; only that expert's rows are targeted.
+    """
+
+    container: nn.Module = None
+    router: nn.Module = None
+    experts: nn.Module = None
+
+    def __post_init__(self) -> None:
+        self.layout = "moe"
+
+    @property
+    def is_moe(self) -> bool:
+        return True
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.gate_up_proj.shape[0]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.experts.gate_up_proj.shape[1] // 2
+
+    def probe_hooks(self, record):
+        act: Callable = self.experts.act_fn
+
+        def pre(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            record["moe_input"] = _first_position(x).detach()
+
+        def post(module, args, output):
+            x = record.pop("moe_input").float()
+            probs = torch.softmax(x @ self.router.weight.detach().float().t(), dim=-1)
+            expert = int(probs.argmax())
+            gate, up = (x @ self.experts.gate_up_proj[expert].detach().float().t()).chunk(2, dim=-1)
+            record["inter"] = (act(gate) * up).abs()
+            record["expert"], record["router_prob"] = expert, float(probs[expert])
+
+        return [
+            self.container.register_forward_pre_hook(pre, with_kwargs=True),
+            self.container.register_forward_hook(post),
+        ]
+
+    def _check(self, expert):
+        if expert is None or not 0 <= expert < self.num_experts:
+            raise ValueError(f"layer {self.index} is a MoE layer: an expert in 0..{self.num_experts - 1} is needed")
+
+    def row_targets(self, rows, expert=None):
+        self._check(expert)
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        w = self.experts.gate_up_proj.data[expert]  # a view: writes land in the parameter
+        name = f"{self.prefix}experts.gate_up_proj[{expert}]"
+        return [RowTarget(f"{name}[gate]", w, rows), RowTarget(f"{name}[up]", w, rows + self.intermediate_size)]
+
+    def down_target(self, rows, expert=None):
+        self._check(expert)
+        return RowTarget("down", self.experts.down_proj.data[expert], torch.as_tensor(rows, dtype=torch.long), axis=1)
+
+    def module_names(self, expert=None):
+        return [f"{self.prefix}experts.gate_up_proj"]
+
+
+# ----------------------------------------------------------------------------- discovery
+def _weighted(module) -> bool:
+    return module is not None and hasattr(base_layer(module), "weight")
+
+
+def _match_moe(index, layer, prefix):
+    mlp = getattr(layer, "mlp", None)
+    router, experts = getattr(mlp, "gate", None), getattr(mlp, "experts", None)
+    if (
+        router is not None and experts is not None
+        and getattr(getattr(router, "weight", None), "dim", lambda: 0)() == 2
+        and getattr(getattr(experts, "gate_up_proj", None), "dim", lambda: 0)() == 3
+        and hasattr(experts, "act_fn")
+    ):
+        return MoEFFN(index, layer, f"{prefix}mlp.", container=mlp, router=router, experts=experts)
+    return None
+
+
+def _dense_matcher(container: str, up: str, down: str, gate: Optional[str] = None, fused: bool = False):
+    def match(index, layer, prefix):
+        ffn = getattr(layer, container, None) if container else layer
+        if ffn is None:
+            return None
+        up_m, down_m = getattr(ffn, up, None), getattr(ffn, down, None)
+        gate_m = getattr(ffn, gate, None) if gate else None
+        if not (_weighted(up_m) and _weighted(down_m)) or (gate and not _weighted(gate_m)):
+            return None
+        return DenseFFN(
+            index, layer, f"{prefix}{container + '.' if container else ''}", up=up_m, down=down_m, gate=gate_m,
+            up_attr=up, gate_attr=gate, fused_gate_up=fused,
+        )
+    return match
+
+
+FFN_LAYOUTS: tuple[tuple[str, Callable], ...] = (
+    ("mlp.gate (router) + mlp.experts", _match_moe),
+    ("mlp.{gate,up,down}_proj", _dense_matcher("mlp", "up_proj", "down_proj", gate="gate_proj")),
+    ("mlp.{gate_up,down}_proj", _dense_matcher("mlp", "gate_up_proj", "down_proj", fused=True)),
+    ("mlp.{c_fc,c_proj}", _dense_matcher("mlp", "c_fc", "c_proj")),
+    ("{fc1,fc2}", _dense_matcher("", "fc1", "fc2")),
+    ("mlp.{dense_h_to_4h,dense_4h_to_h}", _dense_matcher("mlp", "dense_h_to_4h", "dense_4h_to_h")),
+)
+
+
+def _match_layer(index: int, layer: nn.Module, prefix: str) -> Optional[FFNBlock]:
+    for _, match in FFN_LAYOUTS:
+        block = match(index, layer, prefix)
+        if block is not None:
+            return block
+    return None
 
 
 def find_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
@@ -91,30 +287,8 @@ def find_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
             if blocks:
                 best = blocks
     if not best:
-        kinds = ", ".join(f"{a}.{{{g},{u},{d}}}" for a, g, u, d in FFN_LAYOUTS)
+        kinds = "; ".join(name for name, _ in FFN_LAYOUTS)
         raise UnsupportedArchitectureError(
             f"{type(root).__name__}: found no decoder layers with a recognised FFN (looked for {kinds})"
         )
     return best
-
-
-def _match_layer(index: int, layer: nn.Module, prefix: str) -> Optional[FFNBlock]:
-    for ffn_attr, gate_attr, up_attr, down_attr in FFN_LAYOUTS:
-        ffn = getattr(layer, ffn_attr, None)
-        if ffn is None:
-            continue
-        up, down = getattr(ffn, up_attr, None), getattr(ffn, down_attr, None)
-        gate = getattr(ffn, gate_attr, None)
-        if up is None or down is None or not hasattr(base_layer(up), "weight"):
-            continue
-        base = f"{prefix}{ffn_attr}."
-        return FFNBlock(
-            index=index,
-            layer=layer,
-            down=down,
-            up=up,
-            gate=gate,
-            up_name=_checkpoint_name(base, up_attr),
-            gate_name=_checkpoint_name(base, gate_attr) if gate is not None else None,
-        )
-    return None

@@ -28,7 +28,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args.model, args.dtype)
     result = locate_massive_weights(
         model, args.k, tokenizer=tokenizer, layer=args.layer, indices=args.indices,
-        probe_token_id=args.probe_token,
+        probe_token=args.probe_token,
     )
     result.model = args.model
     print(result.table())
@@ -110,6 +110,10 @@ def plot_run(steps: list[dict], result, path: Path) -> Path:
     return path
 
 
+def _token(text: str) -> int | str:
+    return int(text) if text.strip().isdigit() else text
+
+
 def _indices(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -123,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--layer", type=int, default=None, help="0-based layer override")
     p.add_argument("--indices", type=_indices, default=None, help="comma-separated row override")
-    p.add_argument("--probe-token", type=int, default=None, help="token id fed alone (default: BOS)")
+    p.add_argument("--probe-token", type=_token, default=None,
+                   help="token fed alone: an id, or a text whose first token is used (default: BOS, else EOS)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--json", type=Path, default=None, help="write macdrop_locator.json-style output here")
     p.set_defaults(func=cmd_locate)

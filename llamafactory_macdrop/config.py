@@ -50,6 +50,10 @@ class MacDropConfig:
     macdrop_indices: Optional[tuple[int, ...]] = field(
         default=None, metadata={"help": "Row indices (largest first); override the located top-k."}
     )
+    macdrop_probe_token: Optional[int | str] = field(
+        default=None,
+        metadata={"help": "Token fed alone to locate (id, or text whose first token is used); default BOS, else EOS."},
+    )
 
     def __post_init__(self) -> None:
         if self.macdrop_curriculum not in CURRICULA:
@@ -128,6 +132,7 @@ _TYPES = {
     "macdrop_scope": "str",
     "macdrop_layer": "int | null",
     "macdrop_indices": "list[int] | null",
+    "macdrop_probe_token": "int | str | null",
 }
 
 
@@ -165,6 +170,17 @@ def _coerce(key: str, value: Any) -> Any:
         _fail(key, value, "true or false")
     if kind in ("int", "int | null"):
         return _as_int(key, value)
+    if kind == "int | str | null":  # a token id, or a text ("1" on the command line is the id 1)
+        if isinstance(value, bool):
+            _fail(key, value, "a token id or a text")
+        if isinstance(value, int) or (text is not None and text.lstrip("-").isdigit()):
+            token = _as_int(key, value)
+            if token < 0:
+                _fail(key, value, "a token id >= 0 or a text")
+            return token
+        if text:
+            return value  # keep the text as written (spaces matter to tokenizers)
+        _fail(key, value, "a token id or a non-empty text")
     if kind == "float":
         if isinstance(value, bool):
             _fail(key, value, "a number")

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .architectures import FFNBlock, find_ffn_blocks, unwrap_peft
+from .architectures import FFNBlock, _first_position, find_ffn_blocks, unwrap_peft
 
 LOCATOR_FILE = "macdrop_locator.json"
 CLEAR_JUMP = 10.0
@@ -66,6 +66,9 @@ class LocatorResult:
     modules: list[str]  # checkpoint names of the weights whose rows are targeted
     massiveness: Optional[float]  # residual jump at the layer
     source: str  # "probe", "override", or "probe+override"
+    expert: Optional[int] = None  # MoE: the expert the router sends the probe token to
+    router_prob: Optional[float] = None  # MoE: its routing probability
+    probe_token_source: Optional[str] = None  # where the probe token came from (docs/locator.md)
     rule: str = RULE
     layers: list[LayerStats] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -98,8 +101,14 @@ class LocatorResult:
             f"MacDrop locator: {self.model}",
             f"  massive layer: {self.layer} (0-based; paper layer {self.paper_layer}), source: {self.source}",
         ]
+        if self.expert is not None:
+            prob = f" (router probability {self.router_prob:.3f})" if self.router_prob is not None else ""
+            lines.append(f"  MoE expert: {self.expert}{prob}")
         if self.massiveness is not None:
-            lines.append(f"  residual jump at that layer: {self.massiveness:,.1f}x   probe token id: {self.probe_token_id}")
+            lines.append(
+                f"  residual jump at that layer: {self.massiveness:,.1f}x   probe token id: {self.probe_token_id}"
+                f" ({self.probe_token_source})"
+            )
         lines.append("  rank  index  |intermediate|  x median")
         for rank, idx in enumerate(self.indices, 1):
             mag = self.magnitudes[rank - 1] if self.magnitudes else None
@@ -108,6 +117,11 @@ class LocatorResult:
             ratio_s = f"{ratio:9,.0f}" if ratio is not None else f"{'-':>9}"
             lines.append(f"  {rank:4d}  {idx:5d}  {mag_s}  {ratio_s}")
         lines.append("  weights: " + ", ".join(self.modules))
+        lines.append(
+            f"  paper-style: {self.model} | layer {self.paper_layer} (HF index {self.layer})"
+            + (f" | expert {self.expert}" if self.expert is not None else "")
+            + " | " + ", ".join(map(str, self.indices))
+        )
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -120,7 +134,7 @@ def _first_tensor(obj: Any) -> torch.Tensor:
 @torch.no_grad()
 def probe_ffn_states(
     model: nn.Module, blocks: Sequence[FFNBlock], token_id: int
-) -> tuple[list[LayerStats], list[torch.Tensor]]:
+) -> tuple[list[LayerStats], list[torch.Tensor], dict[int, tuple[int, float]]]:
     """One forward pass of ``token_id`` alone; per-layer stats and |intermediate| vectors.
 
     Runs with adapters disabled (a PeftModel is probed as its pre-trained base) and in eval
@@ -131,24 +145,19 @@ def probe_ffn_states(
     def pre_layer(i):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            records[i]["in"] = hidden[0, 0].detach().float().abs()
+            records[i]["in"] = _first_position(hidden).detach().float().abs()
         return hook
 
     def post_layer(i):
         def hook(module, args, output):
-            records[i]["out"] = _first_tensor(output)[0, 0].detach().float().abs()
-        return hook
-
-    def pre_down(i):
-        def hook(module, args):
-            records[i]["inter"] = args[0][0, 0].detach().float().abs()
+            records[i]["out"] = _first_position(_first_tensor(output)).detach().float().abs()
         return hook
 
     handles = []
     for b in blocks:
         handles.append(b.layer.register_forward_pre_hook(pre_layer(b.index), with_kwargs=True))
         handles.append(b.layer.register_forward_hook(post_layer(b.index)))
-        handles.append(b.down.register_forward_pre_hook(pre_down(b.index)))
+        handles.extend(b.probe_hooks(records[b.index]))
     was_training = model.training
     disable = getattr(model, "disable_adapter", None)
     try:
@@ -162,7 +171,7 @@ def probe_ffn_states(
             h.remove()
         model.train(was_training)
 
-    stats, inters = [], []
+    stats, inters, experts = [], [], {}
     for b in blocks:
         r = records[b.index]
         if not {"in", "out", "inter"} <= r.keys():
@@ -181,19 +190,45 @@ def probe_ffn_states(
             )
         )
         inters.append(r["inter"].cpu())
-    return stats, inters
+        if "expert" in r:
+            experts[b.index] = (r["expert"], r["router_prob"])
+    return stats, inters, experts
 
 
-def resolve_probe_token(model: nn.Module, tokenizer: Any = None) -> int:
-    """BOS from the model config, else from the tokenizer."""
+def resolve_probe_token(model: nn.Module, tokenizer: Any = None, override: int | str | None = None) -> tuple[int, str]:
+    """The probe token id and where it came from.
+
+    Policy (docs/locator.md): an explicit override (an id, or a text whose FIRST token is used);
+    else BOS from the model config, then from the tokenizer; else, for models trained without
+    BOS (GPT-style, documents separated by EOS), the EOS token, which is what starts a document
+    there. Without any of these the caller must give the token or the layer and indices.
+    """
+    if isinstance(override, bool):
+        raise LocatorError(f"probe token {override!r}: give a token id or a text")
+    if isinstance(override, int):
+        vocab = getattr(getattr(unwrap_peft(model), "config", None), "vocab_size", None)
+        if override < 0 or (vocab is not None and override >= vocab):
+            raise LocatorError(f"probe token id {override} is outside the vocabulary (0..{vocab - 1})")
+        return override, "override"
+    if isinstance(override, str):
+        if tokenizer is None:
+            raise LocatorError(f"probe token text {override!r} needs the model's tokenizer")
+        ids = tokenizer(override, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise LocatorError(f"probe token text {override!r} tokenizes to nothing")
+        return int(ids[0]), f"override: first token of {override!r}"
     config = getattr(unwrap_peft(model), "config", None)
-    for source in (config, getattr(config, "get_text_config", lambda: None)(), tokenizer):
-        token = getattr(source, "bos_token_id", None) if source is not None else None
-        if isinstance(token, int):
-            return token
+    text_config = getattr(config, "get_text_config", lambda: None)() if config is not None else None
+    for attr in ("bos_token_id", "eos_token_id"):
+        for name, source in (("config", config), ("config", text_config), ("tokenizer", tokenizer)):
+            token = getattr(source, attr, None) if source is not None else None
+            if isinstance(token, (list, tuple)) and token:
+                token = token[0]
+            if isinstance(token, int):
+                return token, f"{name}.{attr}"
     raise LocatorError(
-        "the model has no BOS token (config.bos_token_id and tokenizer.bos_token_id are unset): "
-        "give macdrop_layer and macdrop_indices explicitly"
+        "the model has neither a BOS nor an EOS token: give macdrop_probe_token (or --probe-token), "
+        "or macdrop_layer and macdrop_indices"
     )
 
 
@@ -206,7 +241,7 @@ def locate_massive_weights(
     model: nn.Module,
     k: int = 5,
     *,
-    probe_token_id: Optional[int] = None,
+    probe_token: int | str | None = None,
     tokenizer: Any = None,
     layer: Optional[int] = None,
     indices: Optional[Sequence[int]] = None,
@@ -214,29 +249,31 @@ def locate_massive_weights(
 ) -> LocatorResult:
     """Locate the massive layer and top-k rows; ``layer``/``indices`` override the probe.
 
-    With both overrides given nothing is run (useful when a forward pass is expensive);
-    with one, the probe supplies the other.
+    With both overrides given nothing is run (useful when a forward pass is expensive), unless
+    the layer is a MoE layer, whose expert only the probe can name; with one override, the probe
+    supplies the other.
     """
     blocks = list(blocks) if blocks is not None else find_ffn_blocks(model)
     by_index = {b.index: b for b in blocks}
     if layer is not None and layer not in by_index:
         raise LocatorError(f"macdrop_layer={layer} is out of range: the model has layers 0..{len(blocks) - 1}")
     if indices is not None:
-        size = by_index[layer if layer is not None else 0].intermediate_size
+        size = by_index[layer if layer is not None else blocks[0].index].intermediate_size
         bad = [i for i in indices if not 0 <= i < size]
         if bad:
             raise LocatorError(f"macdrop_indices={list(indices)}: {bad} outside 0..{size - 1} (intermediate size {size})")
 
     warnings: list[str] = []
-    if layer is not None and indices is not None:
+    expert = router_prob = None
+    if layer is not None and indices is not None and not by_index[layer].is_moe:
         chosen, idx = layer, [int(i) for i in indices]
         mags = median = massiveness = None
         stats: list[LayerStats] = []
-        token = probe_token_id
+        token, token_source = (probe_token, "override") if isinstance(probe_token, int) else (None, None)
         source = "override"
     else:
-        token = probe_token_id if probe_token_id is not None else resolve_probe_token(model, tokenizer)
-        stats, inters = probe_ffn_states(model, blocks, token)
+        token, token_source = resolve_probe_token(model, tokenizer, probe_token)
+        stats, inters, experts = probe_ffn_states(model, blocks, token)
         origin = max(range(len(stats)), key=lambda i: stats[i].jump)
         chosen = layer if layer is not None else stats[origin].layer
         pos = [s.layer for s in stats].index(chosen)
@@ -247,6 +284,7 @@ def locate_massive_weights(
         mags = [float(inter[i]) for i in idx]
         median = float(inter.median())
         massiveness = stats[pos].jump
+        expert, router_prob = experts.get(chosen, (None, None))
         source = "probe" if layer is None and indices is None else "probe+override"
         if stats[origin].jump < CLEAR_JUMP:
             warnings.append(
@@ -261,9 +299,12 @@ def locate_massive_weights(
         magnitudes=mags,
         median=median,
         probe_token_id=token,
-        modules=block.module_names,
+        modules=block.module_names(expert),
         massiveness=massiveness,
         source=source,
+        expert=expert,
+        router_prob=router_prob,
+        probe_token_source=token_source,
         layers=stats,
         warnings=warnings,
     )

@@ -72,7 +72,7 @@ class MacDropRun:
         self.curriculum = build_curriculum(config.macdrop_curriculum, config.macdrop_p0, config.macdrop_alpha)
         block = {b.index: b for b in blocks}[result.layer]
         rows = scope_rows(config.macdrop_scope, result.indices, block.intermediate_size)
-        self.dropout = RowDropout(block.row_targets(rows))
+        self.dropout = RowDropout(block.row_targets(rows, expert=result.expert))
         self.generator = torch.Generator(device=self.dropout.device)
         self.seed, self.rank = seed, rank
         self.last_p: Optional[float] = None
@@ -123,6 +123,7 @@ class MacDropTrainerMixin:
             model,
             cfg.macdrop_k,
             tokenizer=getattr(self, "processing_class", None),
+            probe_token=cfg.macdrop_probe_token,
             layer=cfg.macdrop_layer,
             indices=cfg.macdrop_indices,
             blocks=blocks,

@@ -47,6 +47,16 @@ def test_bad_values_fail_with_one_line_naming_key_and_value(raw, fragment):
     assert "\n" not in message
 
 
+def test_probe_token_is_an_id_or_a_text():
+    assert MacDropConfig.from_raw({"macdrop_probe_token": 5}).macdrop_probe_token == 5
+    assert MacDropConfig.from_raw({"macdrop_probe_token": "5"}).macdrop_probe_token == 5
+    assert MacDropConfig.from_raw({"macdrop_probe_token": "<|endoftext|>"}).macdrop_probe_token == "<|endoftext|>"
+    assert MacDropConfig.from_raw({"macdrop_probe_token": "null"}).macdrop_probe_token is None
+    for bad in (-3, True, [1]):
+        with pytest.raises(MacDropConfigError, match="macdrop_probe_token="):
+            MacDropConfig.from_raw({"macdrop_probe_token": bad})
+
+
 def test_curriculum_typo_gets_a_suggestion():
     with pytest.raises(MacDropConfigError, match="did you mean 'epoch_after'"):
         MacDropConfig.from_raw({"macdrop_curriculum": "epoch_afer"})

@@ -5,7 +5,7 @@ import torch
 
 import tiny
 from llamafactory_macdrop.architectures import UnsupportedArchitectureError, find_ffn_blocks
-from llamafactory_macdrop.locator import LocatorError, LocatorResult, locate_massive_weights
+from llamafactory_macdrop.locator import LocatorError, LocatorResult, locate_massive_weights, resolve_probe_token
 
 
 def test_finds_the_planted_layer_and_indices_in_order(tiny_llama):
@@ -75,13 +75,30 @@ def test_probe_sees_the_base_model_through_a_trained_adapter(tiny_llama):
     assert result.layer == tiny.PLANTED_LAYER and result.indices == tiny.PLANTED_INDICES
     assert peft_model.training  # mode restored
     blocks = find_ffn_blocks(peft_model)
-    assert blocks[1].up_name == "model.layers.1.mlp.up_proj.weight"
+    assert blocks[1].module_names() == ["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"]
     assert blocks[1].row_targets([1])[1].weight is peft_model.base_model.model.model.layers[1].mlp.up_proj.base_layer.weight
 
 
-def test_no_bos_and_unknown_architecture_fail_clearly(tiny_llama):
-    tiny_llama.config.bos_token_id = None
-    with pytest.raises(LocatorError, match="no BOS token"):
+def test_probe_token_policy(tiny_llama, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    bos, eos = tiny_llama.config.bos_token_id, tiny_llama.config.eos_token_id
+    assert resolve_probe_token(tiny_llama) == (bos, "config.bos_token_id")
+    assert resolve_probe_token(tiny_llama, tok, 7) == (7, "override")
+    text_id = tok("quick", add_special_tokens=False)["input_ids"][0]
+    assert resolve_probe_token(tiny_llama, tok, "quick") == (text_id, "override: first token of 'quick'")
+    with pytest.raises(LocatorError, match="outside the vocabulary"):
+        resolve_probe_token(tiny_llama, tok, 10**6)
+    tiny_llama.config.bos_token_id = None  # GPT-style: no BOS -> EOS starts a document
+    assert resolve_probe_token(tiny_llama) == (eos, "config.eos_token_id")
+    result = locate_massive_weights(tiny_llama, 5, probe_token=bos)  # the planted path needs BOS
+    assert result.indices == tiny.PLANTED_INDICES and result.probe_token_source == "override"
+    tiny_llama.config.eos_token_id = None
+    with pytest.raises(LocatorError, match="neither a BOS nor an EOS"):
         locate_massive_weights(tiny_llama, 5)
+
+
+def test_unknown_architecture_fails_clearly():
     with pytest.raises(UnsupportedArchitectureError, match="found no decoder layers"):
         find_ffn_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
