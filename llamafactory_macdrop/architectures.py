@@ -75,6 +75,7 @@ class FFNBlock:
     layer: nn.Module  # the decoder layer: its input/output is the residual stream
     prefix: str  # parameter-name prefix of the FFN, e.g. "model.layers.11.mlp."
     layout: str = field(default="", init=False)
+    layer_prefix: str = field(default="", init=False)  # e.g. "model.layers.11."
 
     @property
     def intermediate_size(self) -> int:
@@ -266,6 +267,7 @@ def _match_layer(index: int, layer: nn.Module, prefix: str) -> Optional[FFNBlock
     for _, match in FFN_LAYOUTS:
         block = match(index, layer, prefix)
         if block is not None:
+            block.layer_prefix = prefix  # parameter-name prefix of the whole decoder layer
             return block
     return None
 

@@ -4,34 +4,71 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 
-def _load_model(path: str, dtype: str):
+def _dtype(name: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _load_model(path: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).eval()
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
+        return None
+
+
+def _use_layer_by_layer(args: argparse.Namespace) -> bool:
+    """Explicit flag, else automatic for local checkpoints larger than half the free memory."""
+    if args.layer_by_layer is not None:
+        return args.layer_by_layer
+    from .streaming import checkpoint_bytes
+
+    size = checkpoint_bytes(args.model) if Path(args.model).is_dir() else 0
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return size > free / 2
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
     from .locator import locate_massive_weights
 
-    model, tokenizer = _load_model(args.model, args.dtype)
-    result = locate_massive_weights(
-        model, args.k, tokenizer=tokenizer, layer=args.layer, indices=args.indices,
-        probe_token=args.probe_token,
-    )
+    tokenizer = _load_tokenizer(args.model)
+    kwargs = dict(tokenizer=tokenizer, layer=args.layer, indices=args.indices, probe_token=args.probe_token)
+    if _use_layer_by_layer(args):
+        from .streaming import locate_layer_by_layer
+
+        result, stats = locate_layer_by_layer(args.model, args.k, dtype=_dtype(args.dtype), **kwargs)
+        print(f"layer by layer: read layers {stats.layers_loaded[0]}..{stats.layers_loaded[-1]}, "
+              f"peak {stats.peak_bytes / 2**20:,.0f} MiB of parameters in memory")
+    else:
+        model = _load_model(args.model, args.dtype)
+        result = locate_massive_weights(model, args.k, **kwargs)
     result.model = args.model
     print(result.table())
+    if args.plot:
+        from .plots import plot_intermediate_bars
+
+        if result.intermediate is None:
+            raise FileNotFoundError("--plot needs a probe run (not both --layer and --indices)")
+        path = plot_intermediate_bars(result.intermediate, result.indices, Path(args.plot) / "locate_intermediate.png",
+                                      result.layer)
+        print(f"plot written to {path}")
     if args.json:
         print(f"written to {result.write_json(args.json)}")
     return 0
@@ -131,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token fed alone: an id, or a text whose first token is used (default: BOS, else EOS)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--json", type=Path, default=None, help="write macdrop_locator.json-style output here")
+    p.add_argument("--plot", type=Path, default=None, help="folder for a bar plot of the intermediate state")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--layer-by-layer", dest="layer_by_layer", action="store_true", default=None,
+                       help="read one layer at a time from safetensors (default: when the checkpoint exceeds half the free memory)")
+    group.add_argument("--full-load", dest="layer_by_layer", action="store_false")
     p.set_defaults(func=cmd_locate)
 
     p = sub.add_parser("convert-gguf", help="convert a GGUF file (default: the packaged SmolLM2-135M) to an HF folder")

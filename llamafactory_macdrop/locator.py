@@ -24,7 +24,7 @@ import math
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -72,6 +72,8 @@ class LocatorResult:
     rule: str = RULE
     layers: list[LayerStats] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: |intermediate| at the chosen layer (for plots); not written to JSON
+    intermediate: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     @property
     def paper_layer(self) -> int:
@@ -80,6 +82,7 @@ class LocatorResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out.pop("intermediate")
         out["paper_layer"] = self.paper_layer
         return out
 
@@ -131,16 +134,34 @@ def _first_tensor(obj: Any) -> torch.Tensor:
     return obj[0] if isinstance(obj, (tuple, list)) else obj
 
 
+class StopProbe(Exception):
+    """Raised inside the forward pass once the probe has seen enough layers."""
+
+
+def origin_passed(in_abs: torch.Tensor, out_abs: torch.Tensor, min_jump: float = 100.0, abs_threshold: float = 100.0) -> bool:
+    """Whether this layer just created a massive activation: its residual max grew >= ``min_jump``
+    times to more than ``abs_threshold``. Later layers cannot out-jump it (the massive value then
+    rides the residual stream), so a layer-by-layer probe may stop here."""
+    top, before = float(out_abs.max()), float(in_abs.max())
+    return top > abs_threshold and top >= min_jump * before
+
+
 @torch.no_grad()
 def probe_ffn_states(
-    model: nn.Module, blocks: Sequence[FFNBlock], token_id: int
+    model: nn.Module,
+    blocks: Sequence[FFNBlock],
+    token_id: int,
+    stop_after: Optional[Callable[[FFNBlock, torch.Tensor, torch.Tensor], bool]] = None,
 ) -> tuple[list[LayerStats], list[torch.Tensor], dict[int, tuple[int, float]]]:
     """One forward pass of ``token_id`` alone; per-layer stats and |intermediate| vectors.
 
     Runs with adapters disabled (a PeftModel is probed as its pre-trained base) and in eval
-    mode; the model's training flag is restored afterwards.
+    mode; the model's training flag is restored afterwards. ``stop_after(block, |in|, |out|)``
+    may end the pass early (layer-by-layer loading stops once the origin is behind it); the
+    result then covers the layers seen so far.
     """
     records: dict[int, dict[str, torch.Tensor]] = {b.index: {} for b in blocks}
+    by_index = {b.index: b for b in blocks}
 
     def pre_layer(i):
         def hook(module, args, kwargs):
@@ -151,6 +172,8 @@ def probe_ffn_states(
     def post_layer(i):
         def hook(module, args, output):
             records[i]["out"] = _first_position(_first_tensor(output)).detach().float().abs()
+            if stop_after is not None and stop_after(by_index[i], records[i]["in"], records[i]["out"]):
+                raise StopProbe
         return hook
 
     handles = []
@@ -165,7 +188,10 @@ def probe_ffn_states(
         with (disable() if callable(disable) and hasattr(model, "peft_config") else nullcontext()):
             device = unwrap_peft(model).get_input_embeddings().weight.device
             ids = torch.tensor([[token_id]], device=device)
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            except StopProbe:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -174,6 +200,8 @@ def probe_ffn_states(
     stats, inters, experts = [], [], {}
     for b in blocks:
         r = records[b.index]
+        if stop_after is not None and not r:
+            break  # stopped early: the layers after this one were not run
         if not {"in", "out", "inter"} <= r.keys():
             raise LocatorError(f"layer {b.index}: the probe forward did not reach this layer's FFN")
         in_max, out_max = float(r["in"].max()), float(r["out"].max())
@@ -246,6 +274,7 @@ def locate_massive_weights(
     layer: Optional[int] = None,
     indices: Optional[Sequence[int]] = None,
     blocks: Optional[Sequence[FFNBlock]] = None,
+    stop_after: Optional[Callable[[FFNBlock, torch.Tensor, torch.Tensor], bool]] = None,
 ) -> LocatorResult:
     """Locate the massive layer and top-k rows; ``layer``/``indices`` override the probe.
 
@@ -273,9 +302,11 @@ def locate_massive_weights(
         source = "override"
     else:
         token, token_source = resolve_probe_token(model, tokenizer, probe_token)
-        stats, inters, experts = probe_ffn_states(model, blocks, token)
+        stats, inters, experts = probe_ffn_states(model, blocks, token, stop_after=stop_after)
         origin = max(range(len(stats)), key=lambda i: stats[i].jump)
         chosen = layer if layer is not None else stats[origin].layer
+        if chosen not in [s.layer for s in stats]:
+            raise LocatorError(f"macdrop_layer={chosen} lies beyond the layers probed (0..{stats[-1].layer})")
         pos = [s.layer for s in stats].index(chosen)
         inter = inters[pos]
         if k > inter.numel():
@@ -307,4 +338,5 @@ def locate_massive_weights(
         probe_token_source=token_source,
         layers=stats,
         warnings=warnings,
+        intermediate=None if source == "override" else inter,
     )

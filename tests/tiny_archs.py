@@ -18,15 +18,16 @@ PLANTED_LAYER = 1
 PLANTED_INDICES = [97, 13, 64, 5, 120]
 DECOY_INDEX = 50
 PLANTED_EXPERT = 2
-COMMON = dict(vocab_size=V, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
-LLAMA_LIKE = dict(hidden_size=H, intermediate_size=I, num_hidden_layers=LAYERS, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, **COMMON)
 MOE = dict(num_experts_per_tok=2, router_jitter_noise=0.0)
 
 
-def configs():
+def configs(layers: int = LAYERS, vocab: int = V):
     import transformers as tf
 
+    COMMON = dict(vocab_size=vocab, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=3, tie_word_embeddings=False)  # noqa: N806
+    LAYERS = layers  # noqa: N806 - the configs below read it
+    LLAMA_LIKE = dict(hidden_size=H, intermediate_size=I, num_hidden_layers=layers, num_attention_heads=4,  # noqa: N806
+                      num_key_value_heads=2, max_position_embeddings=64, **COMMON)
     return {
         "llama": tf.LlamaConfig(**LLAMA_LIKE),
         "mistral": tf.MistralConfig(**LLAMA_LIKE),
@@ -53,13 +54,24 @@ def configs():
 ARCHITECTURES = list(configs())
 
 
-def build(name: str, seed: int = 0):
+def build(name: str, seed: int = 0, vocab: int = V, layers: int = LAYERS):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(configs()[name]).eval()
+    model = AutoModelForCausalLM.from_config(configs(layers, vocab)[name]).eval()
     plant(model)
     return model
+
+
+def save_with_tokenizer(name: str, out_dir):
+    """A planted model of ``name`` plus the tiny BPE tokenizer, ready for LLaMA-Factory."""
+    import tiny
+
+    tok = tiny.build_tokenizer(out_dir)
+    assert (tok.bos_token_id, tok.eos_token_id) == (BOS, EOS)
+    model = build(name, vocab=len(tok))
+    model.save_pretrained(out_dir)
+    return out_dir
 
 
 def _set(target, fn) -> None:
@@ -76,7 +88,7 @@ def plant(model) -> None:
     blocks = find_ffn_blocks(model)
     for layer, rows, gains, writes in (
         (0, [DECOY_INDEX], [400.0], False),  # decoy: huge unit that writes nothing
-        (PLANTED_LAYER, PLANTED_INDICES, [10.0 - 1.5 * r for r in range(5)], True),
+        (PLANTED_LAYER, PLANTED_INDICES, [100.0 - 15.0 * r for r in range(5)], True),
     ):
         block = blocks[layer]
         expert = None

@@ -1,0 +1,95 @@
+"""MacDrop through LLaMA-Factory's run_exp on the non-Llama layouts: the located rows of the
+right matrices (chosen expert, fused halves, Conv1D columns) are masked during training steps,
+and every pre-trained weight is bit-identical afterwards."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import tiny_archs as ta
+from llamafactory_macdrop import integration
+from llamafactory_macdrop.architectures import find_ffn_blocks
+from llamafactory_macdrop.masking import bits
+
+LORA_TARGET = {"gpt2": "c_attn", "opt": "q_proj,v_proj"}
+# transformers 5 fuses MoE experts in memory but saves them per expert, under these names
+LEGACY_EXPERTS = {
+    "mixtral": ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight",
+                "block_sparse_moe.experts.{e}.w2.weight"),
+    "qwen2_moe": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight"),
+}
+
+
+def fuse_legacy_experts(name, originals, num_experts=4):
+    """Checkpoint tensors under the in-memory names of fused experts (gate_up = [gate; up])."""
+    if name not in LEGACY_EXPERTS:
+        return originals
+    gate, up, down = LEGACY_EXPERTS[name]
+    out = {k: v for k, v in originals.items() if ".experts." not in k}
+    for layer in range(ta.LAYERS):
+        pre = f"model.layers.{layer}."
+        experts = range(num_experts)
+        out[pre + "mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([originals[pre + gate.format(e=e)], originals[pre + up.format(e=e)]]) for e in experts])
+        out[pre + "mlp.experts.down_proj"] = torch.stack([originals[pre + down.format(e=e)] for e in experts])
+    return {k.replace("block_sparse_moe.gate.", "mlp.gate."): v for k, v in out.items()}
+
+
+class RowWatcher(TrainerCallback):
+    """Reads the located rows through the block API at every forward of the massive layer."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model, self.seen = model, []
+        block = find_ffn_blocks(model)[ta.PLANTED_LAYER]
+        expert = ta.PLANTED_EXPERT if block.is_moe else None
+        self.targets = block.row_targets(ta.PLANTED_INDICES, expert=expert)
+        self.originals = [t.read().clone() for t in self.targets]
+        block.layer.register_forward_pre_hook(self.hook)
+
+    def hook(self, module, args):
+        if self.model.training:
+            rows = [t.read() for t in self.targets]
+            zeroed = [(r == 0) & (o != 0) for r, o in zip(rows, self.originals)]
+            self.seen.append((zeroed[0].float().mean().item(), all(torch.equal(zeroed[0], z) for z in zeroed)))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "phi3", "gpt2", "opt"])
+def test_training_masks_the_located_rows_and_restores_everything(name, tiny_data_dir, tmp_path):
+    model_dir = ta.save_with_tokenizer(name, tmp_path / "model")
+    originals = {}
+    for f in model_dir.glob("*.safetensors"):
+        originals.update(load_file(f))
+    originals = fuse_legacy_experts(name, originals)
+    out = tmp_path / "out"
+    args = dict(
+        model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="lora",
+        lora_target=LORA_TARGET.get(name, "all"), lora_rank=4, dataset="tiny_sft", dataset_dir=str(tiny_data_dir),
+        template="default", cutoff_len=32, output_dir=str(out), overwrite_output_dir=True,
+        per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=4, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to="none", seed=0,
+        macdrop=True, macdrop_curriculum="constant", macdrop_p0=0.5,
+    )
+    watcher = RowWatcher()
+    integration.activate()
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(args, callbacks=[watcher])
+
+    located = json.loads((out / "macdrop_locator.json").read_text())
+    assert (located["layer"], located["indices"]) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES)
+    assert located["expert"] == (ta.PLANTED_EXPERT if "moe" in name or name == "mixtral" else None)
+    assert watcher.seen and all(same for _, same in watcher.seen)  # one mask for gate and up
+    assert all(0.3 < frac < 0.7 for frac, _ in watcher.seen), watcher.seen  # p = 0.5
+
+    base = watcher.model.get_base_model()
+    compared = set()
+    for key, value in base.state_dict().items():
+        ckpt = key.replace(".base_layer.", ".")
+        if "lora_" not in key and ckpt in originals:
+            assert torch.equal(bits(value), bits(originals[ckpt])), ckpt
+            compared.add(ckpt)
+    assert compared == set(originals) - {"lm_head.weight"} or compared == set(originals)
+    assert all(m in compared or m + ".weight" in compared for m in located["modules"]), located["modules"]

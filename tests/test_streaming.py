@@ -1,0 +1,57 @@
+"""Layer-by-layer locating: same answer as the full load, holding about one layer at a time."""
+
+import pytest
+import torch
+
+import tiny_archs as ta
+from llamafactory_macdrop.locator import LocatorError, locate_massive_weights
+from llamafactory_macdrop.streaming import locate_layer_by_layer
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "opt", "phi3", "gemma2"])
+def sharded(request, tmp_path_factory):
+    """A 6-layer planted model saved in several safetensors shards (origin at layer 1)."""
+    name = request.param
+    cfg = ta.configs(layers=LAYERS)[name]
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ta.plant(model)
+    out = tmp_path_factory.mktemp(f"sharded_{name}")
+    model.save_pretrained(out, max_shard_size="100KB")
+    assert len(list(out.glob("*.safetensors"))) > 3
+    return name, model, out
+
+
+def test_same_answer_as_the_full_load_and_stops_after_the_origin(sharded):
+    name, model, folder = sharded
+    full = locate_massive_weights(model, 5)
+    streamed, stats = locate_layer_by_layer(folder, 5)
+    assert (streamed.layer, streamed.indices) == (full.layer, full.indices) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES)
+    assert streamed.magnitudes == pytest.approx(full.magnitudes, rel=1e-5)
+    assert streamed.massiveness == pytest.approx(full.massiveness, rel=1e-5)
+    # the massive activation appears at the origin's output: nothing after it was read
+    assert stats.layers_loaded == [0, 1]
+    assert [s.layer for s in streamed.layers] == [0, 1]
+    # memory: never more than one decoder layer at a time, plus the non-layer parameters
+    layer_bytes = sum(p.numel() * 4 for p in find_layer(model, 0).parameters())
+    non_layer = sum(p.numel() * 4 for n, p in model.named_parameters() if ".layers." not in n and ".h." not in n)
+    assert stats.max_resident_layers == 1
+    assert stats.peak_bytes <= non_layer + layer_bytes * 1.01
+
+
+def find_layer(model, i):
+    from llamafactory_macdrop.architectures import find_ffn_blocks
+
+    return find_ffn_blocks(model)[i].layer
+
+
+def test_explicit_layer_is_reached_and_missing_files_fail_clearly(sharded, tmp_path):
+    name, model, folder = sharded
+    result, stats = locate_layer_by_layer(folder, 3, layer=4)
+    assert result.layer == 4 and stats.layers_loaded == [0, 1, 2, 3, 4]
+    with pytest.raises(LocatorError, match="no model.safetensors"):
+        locate_layer_by_layer(tmp_path, 5)
