@@ -102,3 +102,15 @@ def test_probe_token_policy(tiny_llama, tiny_llama_dir):
 def test_unknown_architecture_fails_clearly():
     with pytest.raises(UnsupportedArchitectureError, match="found no decoder layers"):
         find_ffn_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_a_model_without_massive_weights_gets_a_warning():
+    import tiny_archs as ta
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(ta.configs()["gemma2"]).eval()  # random, nothing planted
+    result = locate_massive_weights(plain, 5)
+    assert result.massiveness < 10
+    assert result.warnings and "no clear massive activation" in result.warnings[0]
+    assert "warning: no clear massive activation" in result.table()
