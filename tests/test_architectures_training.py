@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+import tiny
 import tiny_archs as ta
 from llamafactory_macdrop import integration
 from llamafactory_macdrop.architectures import find_ffn_blocks
@@ -64,13 +65,9 @@ def test_training_masks_the_located_rows_and_restores_everything(name, tiny_data
         originals.update(load_file(f))
     originals = fuse_legacy_experts(name, originals)
     out = tmp_path / "out"
-    args = dict(
-        model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="lora",
-        lora_target=LORA_TARGET.get(name, "all"), lora_rank=4, dataset="tiny_sft", dataset_dir=str(tiny_data_dir),
-        template="default", cutoff_len=32, output_dir=str(out), overwrite_output_dir=True,
-        per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=4, learning_rate=1e-3,
-        logging_steps=1, save_strategy="no", report_to="none", seed=0,
-        macdrop=True, macdrop_curriculum="constant", macdrop_p0=0.5,
+    args = tiny.lf_train_args(
+        model_dir, tiny_data_dir, out, lora_target=LORA_TARGET.get(name, "all"), cutoff_len=32,
+        gradient_accumulation_steps=1, max_steps=4, macdrop_curriculum="constant", macdrop_p0=0.5,
     )
     watcher = RowWatcher()
     integration.activate()

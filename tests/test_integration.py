@@ -20,16 +20,7 @@ from llamafactory_macdrop.masking import bits
 K = len(tiny.PLANTED_INDICES)
 
 
-def lf_args(model_dir, data_dir, out, **overrides):
-    args = dict(
-        model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="lora", lora_target="all",
-        lora_rank=4, dataset="tiny_sft", dataset_dir=str(data_dir), template="default", cutoff_len=48,
-        output_dir=str(out), overwrite_output_dir=True, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, num_train_epochs=2, learning_rate=1e-3, logging_steps=1,
-        save_strategy="no", report_to="none", seed=0, macdrop=True,
-    )
-    args.update(overrides)
-    return args
+lf_args = tiny.lf_train_args
 
 
 class Watcher(TrainerCallback):

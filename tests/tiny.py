@@ -130,3 +130,16 @@ def write_datasets(data_dir: Path, n: int = 32) -> Path:
     }
     (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=1))
     return data_dir
+
+
+def lf_train_args(model_dir, data_dir, out, **overrides) -> dict:
+    """A small LLaMA-Factory sft + LoRA + MacDrop config over the tiny datasets (8 optimizer steps)."""
+    args = dict(
+        model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="lora", lora_target="all",
+        lora_rank=4, dataset="tiny_sft", dataset_dir=str(data_dir), template="default", cutoff_len=48,
+        output_dir=str(out), overwrite_output_dir=True, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, num_train_epochs=2, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", report_to="none", seed=0, macdrop=True,
+    )
+    args.update(overrides)
+    return args
