@@ -59,7 +59,7 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(base_layer(module)).__name__ == "Conv1D"
 
 
-def _first_position(t: torch.Tensor) -> torch.Tensor:
+def first_position(t: torch.Tensor) -> torch.Tensor:
     """The probe token's vector from a [batch, seq, dim] or [seq, dim] activation."""
     return t[0, 0] if t.dim() == 3 else t[0]
 
@@ -126,7 +126,7 @@ class DenseFFN(FFNBlock):
 
     def probe_hooks(self, record):
         def hook(module, args):
-            record["inter"] = _first_position(args[0]).detach().float().abs()
+            record["inter"] = first_position(args[0]).detach().float().abs()
         return [self.down.register_forward_pre_hook(hook)]
 
     def row_targets(self, rows, expert=None):
@@ -185,7 +185,7 @@ class MoEFFN(FFNBlock):
 
         def pre(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            record["moe_input"] = _first_position(x).detach()
+            record["moe_input"] = first_position(x).detach()
 
         def post(module, args, output):
             x = record.pop("moe_input").float()

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .architectures import FFNBlock, _first_position, find_ffn_blocks, unwrap_peft
+from .architectures import FFNBlock, first_position, find_ffn_blocks, unwrap_peft
 
 LOCATOR_FILE = "macdrop_locator.json"
 CLEAR_JUMP = 10.0
@@ -166,12 +166,12 @@ def probe_ffn_states(
     def pre_layer(i):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            records[i]["in"] = _first_position(hidden).detach().float().abs()
+            records[i]["in"] = first_position(hidden).detach().float().abs()
         return hook
 
     def post_layer(i):
         def hook(module, args, output):
-            records[i]["out"] = _first_position(_first_tensor(output)).detach().float().abs()
+            records[i]["out"] = first_position(_first_tensor(output)).detach().float().abs()
             if stop_after is not None and stop_after(by_index[i], records[i]["in"], records[i]["out"]):
                 raise StopProbe
         return hook

@@ -119,6 +119,11 @@ def test_macdrop_locate_and_keys(tiny_llama_dir, tiny_data_dir, tmp_path):
     assert json.loads((tmp_path / "loc.json").read_text())["indices"] == tiny.PLANTED_INDICES
     proc = run_cli(["macdrop", "locate", str(tiny_llama_dir), "--layer", "9"], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "macdrop: error: macdrop_layer=9 is out of range: the model has layers 0..1"
+    streamed = run_cli(["macdrop", "locate", str(tiny_llama_dir), "--layer-by-layer", "--json", str(tmp_path / "s.json")],
+                       cwd=tmp_path)
+    assert streamed.returncode == 0, streamed.stderr
+    assert "layer by layer: read layers 0..1" in streamed.stdout
+    assert json.loads((tmp_path / "s.json").read_text())["indices"] == tiny.PLANTED_INDICES
     keys = json.loads(run_cli(["macdrop", "keys", "--json"], cwd=tmp_path).stdout)
     assert [k["key"] for k in keys][:3] == ["macdrop", "macdrop_k", "macdrop_p0"]
 
