@@ -340,3 +340,38 @@ def locate_massive_weights(
         warnings=warnings,
         intermediate=None if source == "override" else inter,
     )
+
+
+def reuse_result(
+    path: str | Path,
+    model: nn.Module,
+    blocks: Sequence[FFNBlock],
+    k: int,
+    layer: Optional[int] = None,
+    indices: Optional[Sequence[int]] = None,
+) -> LocatorResult:
+    """Read a resumed run's ``macdrop_locator.json`` and check it belongs to this model and config.
+
+    A resumed run must drop the rows the interrupted run dropped; re-deriving them could differ
+    (other probe token, other dtype), so the file is authoritative, and a file written for another
+    model, or contradicting macdrop_k/macdrop_layer/macdrop_indices, is refused.
+    """
+    result = LocatorResult.from_dict(json.loads(Path(path).read_text()))
+    name = model_name(model)
+    fix = f"delete {path} to locate again"
+    if result.model != name:
+        raise LocatorError(f"{path} was written for model {result.model!r}, this run trains {name!r}: {fix}")
+    by_index = {b.index: b for b in blocks}
+    block = by_index.get(result.layer)
+    if block is None or block.module_names(result.expert) != result.modules:
+        raise LocatorError(f"{path} names weights {result.modules} that this model does not have at layer {result.layer}: {fix}")
+    if max(result.indices) >= block.intermediate_size:
+        raise LocatorError(f"{path}: indices {result.indices} exceed the intermediate size {block.intermediate_size}: {fix}")
+    for key, wanted, found in (
+        ("macdrop_k", k, len(result.indices)),
+        ("macdrop_layer", layer, result.layer),
+        ("macdrop_indices", list(indices) if indices is not None else None, result.indices),
+    ):
+        if wanted is not None and wanted != found:
+            raise LocatorError(f"{key}={wanted} contradicts {path} ({found}) of the run being resumed: {fix}")
+    return result

@@ -25,7 +25,7 @@ import torch
 from .architectures import FFNBlock, find_ffn_blocks
 from .config import MacDropConfig
 from .curriculum import Progress, build_curriculum
-from .locator import LOCATOR_FILE, LocatorResult, locate_massive_weights
+from .locator import LOCATOR_FILE, LocatorResult, locate_massive_weights, reuse_result
 from .masking import RowDropout
 
 logger = logging.getLogger("llamafactory_macdrop")
@@ -117,23 +117,30 @@ class MacDropTrainerMixin:
         cfg = self.macdrop_config
         model = self.model
         blocks = find_ffn_blocks(model)
-        # Every rank runs the probe (a sharded model needs all ranks in the forward pass);
-        # rank 0's answer is then used everywhere.
-        result = locate_massive_weights(
-            model,
-            cfg.macdrop_k,
-            tokenizer=getattr(self, "processing_class", None),
-            probe_token=cfg.macdrop_probe_token,
-            layer=cfg.macdrop_layer,
-            indices=cfg.macdrop_indices,
-            blocks=blocks,
-        )
-        result = _broadcast_result(result)
-        if self.is_world_process_zero():
-            path = result.write_json(os.path.join(self.args.output_dir, LOCATOR_FILE))
-            logger.info("%s\n  written to %s", result.table(), path)
-            for w in result.warnings:
-                logger.warning(w)
+        path = os.path.join(self.args.output_dir, LOCATOR_FILE)
+        if self.state.global_step > 0 and os.path.isfile(path):
+            # resumed from a checkpoint: drop exactly the rows the interrupted run dropped
+            result = reuse_result(path, model, blocks, cfg.macdrop_k, cfg.macdrop_layer, cfg.macdrop_indices)
+            if self.is_world_process_zero():
+                logger.info("%s\n  reused from %s (resuming at step %d)", result.table(), path, self.state.global_step)
+        else:
+            # Every rank runs the probe (a sharded model needs all ranks in the forward pass);
+            # rank 0's answer is then used everywhere.
+            result = locate_massive_weights(
+                model,
+                cfg.macdrop_k,
+                tokenizer=getattr(self, "processing_class", None),
+                probe_token=cfg.macdrop_probe_token,
+                layer=cfg.macdrop_layer,
+                indices=cfg.macdrop_indices,
+                blocks=blocks,
+            )
+            result = _broadcast_result(result)
+            if self.is_world_process_zero():
+                result.write_json(path)
+                logger.info("%s\n  written to %s", result.table(), path)
+                for w in result.warnings:
+                    logger.warning(w)
         self._macdrop_run = MacDropRun(cfg, result, blocks, seed=self.args.seed, rank=self.args.process_index)
         return self._macdrop_run
 
