@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .masking import RowTarget
+from .probing import first_position, unwrap_peft
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -48,20 +49,9 @@ def base_layer(module: nn.Module) -> nn.Module:
     return get() if callable(get) else module
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model under a PeftModel (LoRA layers stay in place inside it)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' Conv1D (GPT-2): weight [in, out], y = x @ W + b
     return type(base_layer(module)).__name__ == "Conv1D"
-
-
-def first_position(t: torch.Tensor) -> torch.Tensor:
-    """The probe token's vector from a [batch, seq, dim] or [seq, dim] activation."""
-    return t[0, 0] if t.dim() == 3 else t[0]
 
 
 @dataclass

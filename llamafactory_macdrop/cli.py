@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
+
 
 def _dtype(name: str):
     import torch
@@ -71,6 +73,43 @@ def cmd_locate(args: argparse.Namespace) -> int:
         print(f"plot written to {path}")
     if args.json:
         print(f"written to {result.write_json(args.json)}")
+    return 0
+
+
+def cmd_activations(args: argparse.Namespace) -> int:
+    from .activations import activation_report, probe_input_ids
+
+    model, tokenizer = _load_model(args.model, args.dtype), _load_tokenizer(args.model)
+    ids = probe_input_ids(model, tokenizer, args.text)
+    report = activation_report(model, ids, abs_threshold=args.abs_threshold, median_ratio=args.median_ratio,
+                               tokenizer=tokenizer)
+    report.model = args.model
+    print(report.table())
+    if args.plot:
+        from .plots import plot_intermediate_bars, plot_layer_profile
+
+        print(f"plot written to {plot_layer_profile(report, Path(args.plot) / 'activations_layers.png')}")
+        if report.origin_intermediate is not None:
+            values = report.origin_intermediate
+            top = values.topk(min(5, values.numel())).indices.tolist()
+            path = plot_intermediate_bars(values, top, Path(args.plot) / "activations_intermediate.png", report.origin_layer)
+            print(f"plot written to {path}")
+    if args.json:
+        print(f"written to {report.write_json(args.json)}")
+    return 0
+
+
+def cmd_superweight(args: argparse.Namespace) -> int:
+    from .activations import probe_input_ids
+    from .superweight import find_super_weights
+
+    model, tokenizer = _load_model(args.model, args.dtype), _load_tokenizer(args.model)
+    report = find_super_weights(model, probe_input_ids(model, tokenizer, args.text), threshold=args.threshold,
+                                top=args.top)
+    report.model = args.model
+    print(report.table())
+    if args.json:
+        print(f"written to {report.write_json(args.json)}")
     return 0
 
 
@@ -174,6 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read one layer at a time from safetensors (default: when the checkpoint exceeds half the free memory)")
     group.add_argument("--full-load", dest="layer_by_layer", action="store_false")
     p.set_defaults(func=cmd_locate)
+
+    for name, func, text in (
+        ("activations", cmd_activations, "per-layer activation magnitudes and massive activations (Sun et al.)"),
+        ("superweight", cmd_superweight, "candidate super weights of the down projections (Yu et al.)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
+        p.add_argument("--text", default=DEFAULT_TEXT, help="probe text; the input is BOS + its tokens")
+        p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
+        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+        p.set_defaults(func=func)
+        if name == "activations":
+            p.add_argument("--plot", type=Path, default=None, help="folder for the layer profile and intermediate bar plots")
+            p.add_argument("--abs-threshold", type=float, default=100.0, help="massive: |a| above this")
+            p.add_argument("--median-ratio", type=float, default=1000.0, help="massive: |a| above this times the layer median")
+        else:
+            p.add_argument("--threshold", type=float, default=None,
+                           help="keep layers whose down output spike exceeds this (default: >= 0.5 x the largest)")
+            p.add_argument("--top", type=int, default=3, help="at most this many candidates")
 
     p = sub.add_parser("convert-gguf", help="convert a GGUF file (default: the packaged SmolLM2-135M) to an HF folder")
     p.add_argument("out", type=Path)

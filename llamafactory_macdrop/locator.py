@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -29,7 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .architectures import FFNBlock, first_position, find_ffn_blocks, unwrap_peft
+from .architectures import FFNBlock, find_ffn_blocks
+from .probing import StopForward, as_batch, first_position, first_tensor, forward_with_hooks, model_name, unwrap_peft
 
 LOCATOR_FILE = "macdrop_locator.json"
 CLEAR_JUMP = 10.0
@@ -130,14 +130,6 @@ class LocatorResult:
 
 
 # ----------------------------------------------------------------------------- probing
-def _first_tensor(obj: Any) -> torch.Tensor:
-    return obj[0] if isinstance(obj, (tuple, list)) else obj
-
-
-class StopProbe(Exception):
-    """Raised inside the forward pass once the probe has seen enough layers."""
-
-
 def origin_passed(in_abs: torch.Tensor, out_abs: torch.Tensor, min_jump: float = 100.0, abs_threshold: float = 100.0) -> bool:
     """Whether this layer just created a massive activation: its residual max grew >= ``min_jump``
     times to more than ``abs_threshold``. Later layers cannot out-jump it (the massive value then
@@ -146,7 +138,6 @@ def origin_passed(in_abs: torch.Tensor, out_abs: torch.Tensor, min_jump: float =
     return top > abs_threshold and top >= min_jump * before
 
 
-@torch.no_grad()
 def probe_ffn_states(
     model: nn.Module,
     blocks: Sequence[FFNBlock],
@@ -171,31 +162,20 @@ def probe_ffn_states(
 
     def post_layer(i):
         def hook(module, args, output):
-            records[i]["out"] = first_position(_first_tensor(output)).detach().float().abs()
+            records[i]["out"] = first_position(first_tensor(output)).detach().float().abs()
             if stop_after is not None and stop_after(by_index[i], records[i]["in"], records[i]["out"]):
-                raise StopProbe
+                raise StopForward
         return hook
 
-    handles = []
-    for b in blocks:
-        handles.append(b.layer.register_forward_pre_hook(pre_layer(b.index), with_kwargs=True))
-        handles.append(b.layer.register_forward_hook(post_layer(b.index)))
-        handles.extend(b.probe_hooks(records[b.index]))
-    was_training = model.training
-    disable = getattr(model, "disable_adapter", None)
-    try:
-        model.eval()
-        with (disable() if callable(disable) and hasattr(model, "peft_config") else nullcontext()):
-            device = unwrap_peft(model).get_input_embeddings().weight.device
-            ids = torch.tensor([[token_id]], device=device)
-            try:
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            except StopProbe:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    def register():
+        handles = []
+        for b in blocks:
+            handles.append(b.layer.register_forward_pre_hook(pre_layer(b.index), with_kwargs=True))
+            handles.append(b.layer.register_forward_hook(post_layer(b.index)))
+            handles.extend(b.probe_hooks(records[b.index]))
+        return handles
+
+    forward_with_hooks(model, as_batch(model, [token_id]), register)
 
     stats, inters, experts = [], [], {}
     for b in blocks:
@@ -258,11 +238,6 @@ def resolve_probe_token(model: nn.Module, tokenizer: Any = None, override: int |
         "the model has neither a BOS nor an EOS token: give macdrop_probe_token (or --probe-token), "
         "or macdrop_layer and macdrop_indices"
     )
-
-
-def model_name(model: nn.Module) -> str:
-    config = getattr(unwrap_peft(model), "config", None)
-    return str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or type(model).__name__)
 
 
 def locate_massive_weights(

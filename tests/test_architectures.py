@@ -27,7 +27,7 @@ def test_locator_finds_the_planted_weights(arch):
     assert blocks[1].layout == EXPECTED_LAYOUT.get(name, "dense")
     if blocks[1].is_moe:
         assert result.expert == ta.PLANTED_EXPERT and result.router_prob > 0.9
-        assert result.modules == [f"model.layers.1.mlp.experts.gate_up_proj"]
+        assert result.modules == ["model.layers.1.mlp.experts.gate_up_proj"]
     else:
         assert result.expert is None
     # "largest intermediate" picks another layer (the decoy in layer 0, or for post-norm models

@@ -3,15 +3,13 @@
 import json
 import math
 import os
-import sys
-import time
 
 import pytest
 import torch
 import yaml
 
 import tiny
-from conftest import BIN, REPO, run_cli
+from conftest import BIN, run_cli
 
 pytestmark = pytest.mark.slow
 
