@@ -25,16 +25,14 @@ seen as its pre-trained base); the training flag is restored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .architectures import FFNBlock, find_ffn_blocks
-from .probing import as_batch, first_tensor, forward_with_hooks, model_name, per_position, unwrap_peft
+from .probing import JsonReport, as_batch, first_tensor, forward_with_hooks, model_name, per_position, unwrap_peft
 
 
 
@@ -86,7 +84,7 @@ class LayerActivations:
 
 
 @dataclass
-class ActivationReport:
+class ActivationReport(JsonReport):
     """Per-layer activation magnitudes and Sun et al.'s massive activations for one input."""
 
     model: str
@@ -125,12 +123,6 @@ class ActivationReport:
             "massive_dims": sorted({m.dim for m in self.massive}),
             "layers": [layer.to_dict() for layer in self.layers],
         }
-
-    def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
 
     def table(self) -> str:
         """One line per layer: hidden top-1/2/3 and median, intermediate top-1 and median, #massive."""

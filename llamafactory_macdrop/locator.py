@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .architectures import FFNBlock, find_ffn_blocks
-from .probing import StopForward, as_batch, first_position, first_tensor, forward_with_hooks, model_name, unwrap_peft
+from .probing import JsonReport, StopForward, as_batch, first_position, first_tensor, forward_with_hooks, model_name, unwrap_peft
 
 LOCATOR_FILE = "macdrop_locator.json"
 CLEAR_JUMP = 10.0
@@ -54,7 +54,7 @@ class LayerStats:
 
 
 @dataclass
-class LocatorResult:
+class LocatorResult(JsonReport):
     """Where the massive weights are; serialised as ``macdrop_locator.json``."""
 
     model: str
@@ -85,12 +85,6 @@ class LocatorResult:
         out.pop("intermediate")
         out["paper_layer"] = self.paper_layer
         return out
-
-    def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LocatorResult":

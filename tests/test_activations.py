@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import tiny
-from conftest import REPO
 from llamafactory_macdrop.activations import activation_report, probe_input_ids
 from llamafactory_macdrop.cli import build_parser
 from llamafactory_macdrop.architectures import find_ffn_blocks
@@ -87,15 +86,8 @@ def test_without_bos_there_is_nothing_massive(tiny_llama, ids):
 
 
 def test_adapters_are_disabled_and_mode_restored(tiny_llama, ids):
-    from peft import LoraConfig, get_peft_model
-
     plain = activation_report(tiny_llama, ids)
-    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["up_proj", "gate_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 5.0)
-    peft_model.train()
+    peft_model = tiny.loud_adapter(tiny_llama, ["up_proj", "gate_proj", "down_proj"])
     report = activation_report(peft_model, ids)
     assert peft_model.training
     assert [(m.layer, m.position, m.dim) for m in report.massive] == [(1, 0, 1)]
@@ -179,15 +171,7 @@ def test_activations_subcommand(tiny_llama_dir, tmp_path, capsys):
     assert json.loads(out.read_text())["massive_layers"] == []
 
 
-# ----------------------------------------------------------------------------- SmolLM2-135M
-@pytest.fixture(scope="module")
-def smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llamafactory_macdrop.convert import convert_gguf
-
-    folder = convert_gguf(REPO / "models" / "SmolLM2-135M-Instruct")  # no-op when already converted
-    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+# ----------------------------------------------------------------------------- SmolLM2-135M (conftest.smollm2)
 
 
 @pytest.mark.slow

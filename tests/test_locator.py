@@ -63,14 +63,7 @@ def test_json_round_trip(tiny_llama, tmp_path):
 
 
 def test_probe_sees_the_base_model_through_a_trained_adapter(tiny_llama):
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["up_proj", "gate_proj"]))
-    with torch.no_grad():  # an adapter that would move the answer if it were active
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 5.0)
-    peft_model.train()
+    peft_model = tiny.loud_adapter(tiny_llama, ["up_proj", "gate_proj"])
     result = locate_massive_weights(peft_model, 5)
     assert result.layer == tiny.PLANTED_LAYER and result.indices == tiny.PLANTED_INDICES
     assert peft_model.training  # mode restored

@@ -2,23 +2,13 @@
 
 import pytest
 
-from conftest import REPO
-from llamafactory_macdrop.convert import convert_gguf
 from llamafactory_macdrop.locator import locate_massive_weights
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from transformers import AutoModelForCausalLM
-
-    folder = convert_gguf(REPO / "models" / "SmolLM2-135M-Instruct")  # no-op when already converted
-    return AutoModelForCausalLM.from_pretrained(folder)
-
-
 def test_origin_layer_is_11_not_the_early_or_late_spikes(smollm2):
-    result = locate_massive_weights(smollm2, 5)
+    result = locate_massive_weights(smollm2[0], 5)
     assert result.layer == 11
     assert result.indices[:2] == [1229, 1487]
     assert result.magnitudes[0] == pytest.approx(3065, rel=0.02)
@@ -30,11 +20,11 @@ def test_origin_layer_is_11_not_the_early_or_late_spikes(smollm2):
     assert stats[11].in_max < 100 and stats[11].out_max > 20000
 
 
-def test_layer_by_layer_reads_only_up_to_the_origin(smollm2):
+def test_layer_by_layer_reads_only_up_to_the_origin(smollm2, smollm2_dir):
     from llamafactory_macdrop.streaming import checkpoint_bytes, locate_layer_by_layer
 
-    folder = REPO / "models" / "SmolLM2-135M-Instruct"
-    full = locate_massive_weights(smollm2, 5)
+    folder = smollm2_dir
+    full = locate_massive_weights(smollm2[0], 5)
     streamed, stats = locate_layer_by_layer(folder, 5)
     assert (streamed.layer, streamed.indices) == (full.layer, full.indices)
     assert stats.layers_loaded == list(range(12))  # layers 12..29 are never read

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import tiny
-from conftest import REPO
 from llamafactory_macdrop.activations import probe_input_ids
 from llamafactory_macdrop.locator import locate_massive_weights
 from llamafactory_macdrop.superweight import RELATIVE, find_super_weights
@@ -78,14 +77,7 @@ def test_a_late_layer_that_cancels_ranks_after_the_one_that_creates(tiny_llama):
 
 
 def test_adapters_are_seen_through(tiny_llama, ids):
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["up_proj", "gate_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 5.0)
-    peft_model.train()
+    peft_model = tiny.loud_adapter(tiny_llama, ["up_proj", "gate_proj", "down_proj"])
     top = find_super_weights(peft_model, ids).candidates[0]
     assert (top.layer, top.row, top.col, top.weight) == (1, 1, tiny.PLANTED_INDICES[0], 1.0)
     assert top.module == "model.layers.1.mlp.down_proj.base_layer.weight"
@@ -118,15 +110,7 @@ def test_superweight_subcommand(tiny_llama_dir, tmp_path, capsys):
     assert args.func(args) == 0 and json.loads(out.read_text())["candidates"] == []
 
 
-# ----------------------------------------------------------------------------- SmolLM2-135M
-@pytest.fixture(scope="module")
-def smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llamafactory_macdrop.convert import convert_gguf
-
-    folder = convert_gguf(REPO / "models" / "SmolLM2-135M-Instruct")  # no-op when already converted
-    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+# ----------------------------------------------------------------------------- SmolLM2-135M (conftest.smollm2)
 
 
 @pytest.mark.slow

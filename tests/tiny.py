@@ -143,3 +143,17 @@ def lf_train_args(model_dir, data_dir, out, **overrides) -> dict:
     )
     args.update(overrides)
     return args
+
+
+def loud_adapter(model, targets=("up_proj", "gate_proj", "down_proj")):
+    """A LoRA-wrapped ``model`` whose adapter would change every measurement if it were active
+    (large lora_B), left in train mode: probes must disable it and restore the mode."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 5.0)
+    peft_model.train()
+    return peft_model
