@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .masking import RowTarget
+from .masking import RowTarget, logical_shape
 from .probing import first_position, unwrap_peft
 
 
@@ -111,7 +111,7 @@ class DenseFFN(FFNBlock):
 
     @property
     def intermediate_size(self) -> int:
-        n = base_layer(self.up).weight.shape[self._up_axis]
+        n = logical_shape(base_layer(self.up).weight)[self._up_axis]
         return n // 2 if self.fused_gate_up else n
 
     def probe_hooks(self, record):
@@ -164,11 +164,11 @@ class MoEFFN(FFNBlock):
 
     @property
     def num_experts(self) -> int:
-        return self.experts.gate_up_proj.shape[0]
+        return logical_shape(self.experts.gate_up_proj)[0]
 
     @property
     def intermediate_size(self) -> int:
-        return self.experts.gate_up_proj.shape[1] // 2
+        return logical_shape(self.experts.gate_up_proj)[1] // 2
 
     def probe_hooks(self, record):
         act: Callable = self.experts.act_fn
@@ -197,13 +197,16 @@ class MoEFFN(FFNBlock):
     def row_targets(self, rows, expert=None):
         self._check(expert)
         rows = torch.as_tensor(rows, dtype=torch.long)
-        w = self.experts.gate_up_proj.data[expert]  # a view: writes land in the parameter
+        w = self.experts.gate_up_proj
         name = f"{self.prefix}experts.gate_up_proj[{expert}]"
-        return [RowTarget(f"{name}[gate]", w, rows), RowTarget(f"{name}[up]", w, rows + self.intermediate_size)]
+        return [
+            RowTarget(f"{name}[gate]", w, rows, expert=expert),
+            RowTarget(f"{name}[up]", w, rows + self.intermediate_size, expert=expert),
+        ]
 
     def down_target(self, rows, expert=None):
         self._check(expert)
-        return RowTarget("down", self.experts.down_proj.data[expert], torch.as_tensor(rows, dtype=torch.long), axis=1)
+        return RowTarget("down", self.experts.down_proj, torch.as_tensor(rows, dtype=torch.long), axis=1, expert=expert)
 
     def module_names(self, expert=None):
         return [f"{self.prefix}experts.gate_up_proj"]

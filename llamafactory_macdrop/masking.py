@@ -24,36 +24,121 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 
+def logical_shape(weight: torch.Tensor) -> torch.Size:
+    """A weight's real shape, also when DeepSpeed ZeRO-3 has partitioned it (``.shape`` is [0])."""
+    return getattr(weight, "ds_shape", None) or weight.shape
+
+
+def is_zero3_partitioned(weight: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 owns this parameter (its values live in per-rank partitions)."""
+    return getattr(weight, "ds_tensor", None) is not None and hasattr(weight, "ds_numel")
+
+
 @dataclass
 class RowTarget:
     """Rows of one weight matrix that take part in the dropout.
 
     ``axis`` is the dimension that indexes the FFN's intermediate units: 0 for ``nn.Linear``
     ([out, in]), 1 for GPT-2's ``Conv1D`` ([in, out]). ``rows`` are those units' indices
-    (already offset for fused matrices such as Phi-3's ``gate_up_proj``).
+    (already offset for fused matrices such as Phi-3's ``gate_up_proj``). ``expert`` picks one
+    matrix of a 3-D weight (fused MoE experts, [E, out, in]).
+
+    Under DeepSpeed ZeRO-3 the parameter is a flat tensor split into one partition per rank and
+    gathered only around each module's forward/backward. Editing rows then means editing, on
+    every rank, only the elements of those rows that its OWN partition holds: no communication,
+    nothing gathered per micro-step, and the gathered weight every rank sees in forward and
+    backward is exactly ``original * mask`` (all ranks apply the same mask). A parameter that is
+    currently gathered (ZeRO-3 keeps small ones gathered: ``stage3_param_persistence_threshold``)
+    is edited in its gathered copy too.
     """
 
     name: str
     weight: torch.Tensor
     rows: torch.Tensor
     axis: int = 0
+    expert: Optional[int] = None
 
     def __post_init__(self) -> None:
-        self.rows = torch.as_tensor(self.rows, dtype=torch.long, device=self.weight.device)
-        if self.axis not in (0, 1) or self.weight.dim() != 2:
-            raise ValueError(f"{self.name}: expected a 2-D weight and axis 0 or 1")
-        n = self.weight.shape[self.axis]
+        full = logical_shape(self.weight)
+        self.zero3 = is_zero3_partitioned(self.weight)
+        device = self.weight.ds_tensor.device if self.zero3 else self.weight.device
+        self.rows = torch.as_tensor(self.rows, dtype=torch.long, device=device)
+        shape = full if self.expert is None else full[1:]
+        if self.axis not in (0, 1) or len(shape) != 2:
+            raise ValueError(f"{self.name}: expected a 2-D weight (or one expert of a 3-D one) and axis 0 or 1")
+        if self.expert is not None and not 0 <= self.expert < full[0]:
+            raise ValueError(f"{self.name}: expert {self.expert} not in [0, {full[0]})")
+        self.shape = torch.Size(shape)
+        n = shape[self.axis]
         if self.rows.numel() == 0 or int(self.rows.min()) < 0 or int(self.rows.max()) >= n:
             raise ValueError(f"{self.name}: row indices must lie in [0, {n}), got {self.rows.tolist()[:8]}")
+        if self.zero3:
+            self._locate_in_partition()
 
+    # -------------------------------------------------------------- dense (replicated) storage
+    def _matrix(self) -> torch.Tensor:
+        data = self.weight.data
+        if self.zero3:
+            data = data.view(logical_shape(self.weight))
+        return data if self.expert is None else data[self.expert]
+
+    def _gathered(self) -> bool:
+        return not self.zero3 or self.weight.data.numel() == self.weight.ds_numel
+
+    # -------------------------------------------------------------- ZeRO-3 partition
+    def _locate_in_partition(self) -> None:
+        """Which elements of the selected rows this rank's partition holds, and where."""
+        import deepspeed.comm as dist
+
+        rows, (n0, n1) = self.rows, self.shape
+        if self.axis == 0:  # element (row, j) of an [n0, n1] matrix
+            flat = rows[:, None] * n1 + torch.arange(n1, device=rows.device)[None, :]
+        else:  # element (j, row): the selected units index the columns
+            flat = torch.arange(n0, device=rows.device)[None, :] * n1 + rows[:, None]
+        if self.expert is not None:
+            flat = flat + self.expert * n0 * n1
+        part = self.weight.ds_tensor
+        size = int(getattr(part, "ds_numel", part.numel()))
+        start = size * dist.get_rank(group=self.weight.ds_process_group)
+        local = flat - start
+        self._own = (local >= 0) & (local < size) & (flat < self.weight.ds_numel)
+        self._local = local[self._own]
+
+    def _partition(self) -> torch.Tensor:
+        return self.weight.ds_tensor.data.view(-1)
+
+    # -------------------------------------------------------------- read / write
     def read(self) -> torch.Tensor:
-        """The selected rows as a (len(rows), d) tensor (a copy)."""
-        out = self.weight.data.index_select(self.axis, self.rows)
+        """The selected rows as a (len(rows), d) tensor (a copy).
+
+        Under ZeRO-3 this gathers the parameter once (a collective: all ranks must call it);
+        it is used at set-up and in checks, never per micro-step.
+        """
+        if self._gathered():
+            return self._select(self._matrix())
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([self.weight], modifier_rank=None):
+            return self._select(self._matrix())
+
+    def _select(self, matrix: torch.Tensor) -> torch.Tensor:
+        out = matrix.index_select(self.axis, self.rows)
         return out if self.axis == 0 else out.t()
 
     def write(self, rows: torch.Tensor) -> None:
         """Write a (len(rows), d) tensor back into the selected rows, in place, untracked."""
-        self.weight.data.index_copy_(self.axis, self.rows, rows if self.axis == 0 else rows.t())
+        if self.zero3:
+            part = self._partition()
+            part[self._local] = rows[self._own].to(part.dtype)
+            if not self._gathered():
+                return
+        self._matrix().index_copy_(self.axis, self.rows, rows if self.axis == 0 else rows.t())
+
+    def matches(self, rows: torch.Tensor) -> bool:
+        """Whether the stored rows equal ``rows`` bit for bit (local check, no communication)."""
+        if self.zero3 and not torch.equal(bits(self._partition()[self._local]), bits(rows[self._own])):
+            return False
+        return not self._gathered() or torch.equal(bits(self._select(self._matrix())), bits(rows))
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -107,7 +192,7 @@ class RowDropout:
 
     def is_restored(self) -> bool:
         """Whether every selected row equals its saved original bit for bit."""
-        return all(torch.equal(bits(t.read()), bits(o)) for t, o in zip(self.targets, self.originals))
+        return all(t.matches(o) for t, o in zip(self.targets, self.originals))
 
     # -------------------------------------------------------------- context managers
     @contextmanager

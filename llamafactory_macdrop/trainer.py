@@ -8,9 +8,15 @@ trainer classes.
 
 Counting: p is computed from the 1-based optimizer step t = ``state.global_step + 1`` and the
 1-based epoch ``int(state.epoch) + 1``; every micro-batch of a gradient-accumulation cycle gets a
-FRESH mask with the same p. Masks come from a private generator re-seeded from (seed, rank, t,
+FRESH mask with the same p. Masks come from a private generator re-seeded from (seed, t,
 micro-batch), so the global RNG stream (data order, LoRA dropout) is the same as without
 MacDrop, and a resumed run draws the masks an uninterrupted run would have drawn.
+
+Across data-parallel ranks (DDP, DeepSpeed ZeRO-2/3, any number of nodes) the seed does not
+depend on the rank: every rank applies the SAME mask to its slice of the global batch, which is
+Algorithm 1 on the global batch exactly (one mask per step for the whole batch). Under ZeRO-3
+this is also what makes the gathered weight consistent: each rank masks only the elements its
+own partition holds.
 """
 
 from __future__ import annotations
@@ -53,10 +59,10 @@ def scope_rows(scope: str, indices: Sequence[int], intermediate_size: int) -> to
     raise ValueError(f"unknown scope {scope!r}")
 
 
-def mask_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """A 63-bit seed for one micro-batch's mask; distinct per (seed, rank, step, micro)."""
+def mask_seed(seed: int, step: int, micro: int) -> int:
+    """A 63-bit seed for one micro-batch's mask; distinct per (seed, step, micro), rank-free."""
     h = seed & _MASK64
-    for part in (rank, step, micro):
+    for part in (step, micro):
         h = ((h ^ (part & _MASK64)) * _MIX + 0x632BE59BD9B4E019) & _MASK64
     return h
 
@@ -65,7 +71,7 @@ class MacDropRun:
     """One training run's MacDrop state: where to drop, how much, and the dropout mechanism."""
 
     def __init__(
-        self, config: MacDropConfig, result: LocatorResult, blocks: Sequence[FFNBlock], seed: int = 0, rank: int = 0
+        self, config: MacDropConfig, result: LocatorResult, blocks: Sequence[FFNBlock], seed: int = 0
     ) -> None:
         self.config = config
         self.result = result
@@ -74,7 +80,7 @@ class MacDropRun:
         rows = scope_rows(config.macdrop_scope, result.indices, block.intermediate_size)
         self.dropout = RowDropout(block.row_targets(rows, expert=result.expert))
         self.generator = torch.Generator(device=self.dropout.device)
-        self.seed, self.rank = seed, rank
+        self.seed = seed
         self.last_p: Optional[float] = None
 
     def probability(self, progress: Progress) -> float:
@@ -86,7 +92,7 @@ class MacDropRun:
         p = self.probability(progress)
         self.last_p = p
         if p > 0:
-            self.generator.manual_seed(mask_seed(self.seed, self.rank, progress.step, micro))
+            self.generator.manual_seed(mask_seed(self.seed, progress.step, micro))
         with self.dropout.masked(p, self.generator) as keep:
             yield keep
 
@@ -141,7 +147,7 @@ class MacDropTrainerMixin:
                 logger.info("%s\n  written to %s", result.table(), path)
                 for w in result.warnings:
                     logger.warning(w)
-        self._macdrop_run = MacDropRun(cfg, result, blocks, seed=self.args.seed, rank=self.args.process_index)
+        self._macdrop_run = MacDropRun(cfg, result, blocks, seed=self.args.seed)
         return self._macdrop_run
 
     def macdrop_progress(self) -> Progress:
