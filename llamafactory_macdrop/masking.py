@@ -25,8 +25,16 @@ import torch
 
 
 def logical_shape(weight: torch.Tensor) -> torch.Size:
-    """A weight's real shape, also when DeepSpeed ZeRO-3 has partitioned it (``.shape`` is [0])."""
+    """A weight's real shape, also when DeepSpeed ZeRO-3 has partitioned it (``.shape`` is [0])
+    or bitsandbytes has packed it into 4-bit codes (``.shape`` is [numel / 2, 1])."""
+    if is_packed_4bit(weight):
+        return torch.Size(weight.quant_state.shape)
     return getattr(weight, "ds_shape", None) or weight.shape
+
+
+def is_packed_4bit(weight: torch.Tensor) -> bool:
+    """A bitsandbytes ``Params4bit`` after quantization (QLoRA's frozen base weight)."""
+    return getattr(weight, "quant_state", None) is not None and weight.dtype == torch.uint8
 
 
 def is_zero3_partitioned(weight: torch.Tensor) -> bool:
@@ -57,6 +65,11 @@ class RowTarget:
     rows: torch.Tensor
     axis: int = 0
     expert: Optional[int] = None
+
+    def __new__(cls, name, weight, *args, **kwargs):
+        if cls is RowTarget and is_packed_4bit(weight):
+            cls = Packed4bitRowTarget
+        return object.__new__(cls)
 
     def __post_init__(self) -> None:
         full = logical_shape(self.weight)
@@ -140,6 +153,85 @@ class RowTarget:
             return False
         return not self._gathered() or torch.equal(bits(self._select(self._matrix())), bits(rows))
 
+    # -------------------------------------------------------------- what RowDropout uses
+    @property
+    def mask_shape(self) -> tuple[int, int]:
+        return (int(self.rows.numel()), int(self.shape[1 - self.axis]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def snapshot(self) -> torch.Tensor:
+        """The state :meth:`restore` puts back (here: the rows' values)."""
+        return self.read().clone()
+
+    def apply_mask(self, snapshot: torch.Tensor, keep: torch.Tensor) -> None:
+        """Rows := original rows * keep (Algorithm 1: no rescaling)."""
+        self.write(snapshot * keep.to(device=snapshot.device, dtype=snapshot.dtype))
+
+    def restore(self, snapshot: torch.Tensor) -> None:
+        self.write(snapshot)
+
+
+class Packed4bitRowTarget(RowTarget):
+    """Rows of a bitsandbytes 4-bit weight (QLoRA), masked by editing the 4-bit codes.
+
+    Re-quantizing ``W * M`` would change the kept elements too. But both NF4 and FP4 have an
+    exact zero code and a dequantized element is ``code_value * block_absmax``: setting the code
+    of every dropped element to the zero code, and leaving the kept elements' codes alone, gives
+    exactly Algorithm 1's effective weight ``dequant(W) * M``, bit for bit. Restoring writes the
+    saved bytes back. Layout (bitsandbytes): element i of the row-major [out, in] weight is the
+    high nibble of byte i // 2 when i is even, the low nibble when odd.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.zero3 or self.expert is not None or self.axis != 0:
+            raise ValueError(f"{self.name}: 4-bit weights are supported for plain nn.Linear rows only")
+        code = self.weight.quant_state.code
+        zeros = (code == 0).nonzero().flatten() if code is not None else torch.empty(0)
+        if zeros.numel() == 0:
+            raise ValueError(f"{self.name}: this 4-bit quantization has no exact zero code; cannot mask rows exactly")
+        self.zero_code = int(zeros[0])
+        n1 = self.shape[1]
+        flat = self.rows[:, None] * n1 + torch.arange(n1, device=self.rows.device)[None, :]
+        self._byte = flat // 2
+        self._high = flat % 2 == 0
+        self._bytes = torch.unique(self._byte)
+
+    def _codes(self) -> torch.Tensor:
+        return self.weight.data.view(-1)
+
+    def read(self) -> torch.Tensor:
+        """The selected rows, dequantized (what the layer computes with)."""
+        import bitsandbytes.functional as bnb_f
+
+        full = bnb_f.dequantize_4bit(self.weight.data, self.weight.quant_state)
+        return full.view(self.shape).index_select(0, self.rows)
+
+    def write(self, rows: torch.Tensor) -> None:
+        raise NotImplementedError(f"{self.name}: 4-bit rows can be masked and restored, not overwritten")
+
+    def snapshot(self) -> torch.Tensor:
+        return self._codes()[self._bytes].clone()
+
+    def apply_mask(self, snapshot: torch.Tensor, keep: torch.Tensor) -> None:
+        codes = self._codes()
+        codes[self._bytes] = snapshot  # start from the original bytes
+        original = codes[self._byte]
+        nibble = torch.where(self._high, original >> 4, original & 0x0F)
+        nibble = torch.where(keep.to(self.device), nibble, torch.full_like(nibble, self.zero_code))
+        hi, lo = self._high, ~self._high
+        codes[self._byte[hi]] = (codes[self._byte[hi]] & 0x0F) | (nibble[hi] << 4)
+        codes[self._byte[lo]] = (codes[self._byte[lo]] & 0xF0) | nibble[lo]
+
+    def restore(self, snapshot: torch.Tensor) -> None:
+        self._codes()[self._bytes] = snapshot
+
+    def matches(self, snapshot: torch.Tensor) -> bool:
+        return torch.equal(self._codes()[self._bytes], snapshot)
+
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
     """Reinterpret a tensor's storage as integers, so equality is bitwise (NaN, -0.0 included)."""
@@ -167,12 +259,12 @@ class RowDropout:
         if not targets:
             raise ValueError("RowDropout needs at least one target")
         self.targets = list(targets)
-        self.originals = [t.read().clone() for t in self.targets]
-        shapes = {tuple(o.shape) for o in self.originals}
+        shapes = {t.mask_shape for t in self.targets}
         if len(shapes) != 1:
             raise ValueError(f"all targets must select rows of one shape, got {sorted(shapes)}")
         (self.mask_shape,) = shapes
-        self.device = self.originals[0].device
+        self.originals = [t.snapshot() for t in self.targets]
+        self.device = self.targets[0].device
         self.active_mask: Optional[torch.Tensor] = None
 
     # -------------------------------------------------------------- primitive operations
@@ -181,13 +273,13 @@ class RowDropout:
         if tuple(keep.shape) != self.mask_shape:
             raise ValueError(f"keep-mask shape {tuple(keep.shape)} != {self.mask_shape}")
         for target, original in zip(self.targets, self.originals):
-            target.write(original * keep.to(device=original.device, dtype=original.dtype))
+            target.apply_mask(original, keep)
         self.active_mask = keep
 
     def restore(self) -> None:
         """Put the saved original rows back (bitwise)."""
         for target, original in zip(self.targets, self.originals):
-            target.write(original)
+            target.restore(original)
         self.active_mask = None
 
     def is_restored(self) -> bool:

@@ -9,7 +9,8 @@ Usage: ``python dist_check.py ARGS.json TRACE_DIR`` (or ``torchrun ... dist_chec
   included) the optimizer step and the rows at the located indices AS THE LAYER SAW THEM (under
   ZeRO-3 that is the gathered weight, i.e. what every rank's partition edits add up to);
 * ``after_step``: the same rows after each optimizer step (gathered under ZeRO-3);
-* ``final``: the full W_up/W_gate of that layer at the end of training (gathered).
+* ``original`` / ``final``: the full W_up/W_gate of that layer when the plugin set up (before
+  any mask) and at the end of training (gathered; dequantized for 4-bit QLoRA weights).
 
 Used by tests/test_distributed.py on CPU and by tests/gpu/check_gpu.py on a GPU.
 """
@@ -33,6 +34,17 @@ def _gathered(params):
     return contextlib.nullcontext()
 
 
+def dense(weight) -> torch.Tensor:
+    """The weight as the layer computes with it (dequantized if 4-bit), float32 on the CPU."""
+    from llamafactory_macdrop.masking import is_packed_4bit
+
+    if is_packed_4bit(weight):
+        import bitsandbytes.functional as bnb_f
+
+        return bnb_f.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+    return weight.data.float().cpu()
+
+
 class Recorder(TrainerCallback):
     def __init__(self, output_dir: str) -> None:
         self.output_dir = output_dir
@@ -48,10 +60,13 @@ class Recorder(TrainerCallback):
         self.rows = torch.tensor(located["indices"])
         self.weights = {"up": base_layer(block.up).weight, "gate": base_layer(block.gate).weight}
         self.trace["located"] = located
+        self.trace["dtype"] = str(self.weights["up"].dtype)
 
         def pre_hook(module, args):
-            w = module.weight.data
-            self.trace["forward"].append((self.step, w.view(-1, w.shape[-1])[self.rows.to(w.device)].float().cpu()))
+            self.trace["forward"].append((self.step, dense(module.weight)[self.rows]))
+
+        with _gathered(list(self.weights.values())):
+            self.trace["original"] = {k: dense(w) for k, w in self.weights.items()}
 
         base_layer(block.up).register_forward_pre_hook(pre_hook)
 
@@ -61,12 +76,63 @@ class Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         with _gathered(list(self.weights.values())):
             self.trace["after_step"].append(
-                (state.global_step, {k: w.data[self.rows.to(w.device)].float().cpu() for k, w in self.weights.items()})
+                (state.global_step, {k: dense(w)[self.rows] for k, w in self.weights.items()})
             )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         with _gathered(list(self.weights.values())):
-            self.trace["final"] = {k: w.data.float().cpu().clone() for k, w in self.weights.items()}
+            self.trace["final"] = {k: dense(w) for k, w in self.weights.items()}
+
+
+def expected_masks(seed: int, steps: int, ga: int, p0: float, shape, device: str = "cpu") -> list:
+    """(step, keep-mask) per micro-batch, as Algorithm 1 with the plugin's seeding draws them.
+
+    ``device``: where the plugin drew them (its generator lives on the weights' device; CUDA's
+    and the CPU's generators give different streams for one seed)."""
+    from llamafactory_macdrop.curriculum import Progress, build_curriculum
+    from llamafactory_macdrop.masking import draw_keep_mask
+    from llamafactory_macdrop.trainer import mask_seed
+
+    curriculum, out = build_curriculum("step", p0, 0.01), []
+    for step in range(1, steps + 1):
+        p = curriculum.probability(Progress(step=step, total_steps=steps, epoch=1, num_epochs=1))
+        for micro in range(ga):
+            gen = torch.Generator(device=device).manual_seed(mask_seed(seed, step, micro))
+            keep = draw_keep_mask(shape, p, gen, device).cpu() if p > 0 else torch.ones(shape, dtype=torch.bool)
+            out.append((step, keep))
+    return out
+
+
+def verify(traces: list, *, layer: int, indices: list, seed: int, steps: int, ga: int, p0: float = 0.8,
+           zero3: bool = False, recompute: bool = True) -> list[str]:
+    """Assert Algorithm 1 on every rank's trace; returns what was checked (for printing)."""
+    from llamafactory_macdrop.masking import bits
+
+    shape = tuple(traces[0]["original"]["up"][indices].shape)
+    expected = expected_masks(seed, steps, ga, p0, shape, traces[0]["mask_device"])
+    per_micro = 2 if recompute else 1
+    for rank, trace in enumerate(traces):
+        assert trace["located"]["layer"] == layer and trace["located"]["indices"] == indices, trace["located"]
+        assert all(trace["zero3_partitioned"]) == zero3, trace["zero3_partitioned"]
+        original = trace["original"]["up"][indices]
+        seen = trace["forward"]
+        assert len(seen) == per_micro * len(expected), (len(seen), len(expected))
+        for i, (step, keep) in enumerate(expected):
+            for step_seen, rows in seen[per_micro * i: per_micro * (i + 1)]:
+                assert step_seen == step and torch.equal(rows, original * keep), f"rank {rank} step {step} micro {i % ga}"
+        assert [s for s, _ in trace["after_step"]] == list(range(1, steps + 1))
+        for _, rows in trace["after_step"]:
+            for key in ("up", "gate"):
+                assert torch.equal(bits(rows[key]), bits(trace["original"][key][indices]))
+        for key in ("up", "gate"):
+            assert torch.equal(bits(trace["final"][key]), bits(trace["original"][key]))
+    return [
+        f"{len(traces)} rank(s) located layer {layer}, indices {indices}",
+        f"{len(expected) * per_micro} forwards of W_up per rank saw original * M, M = Algorithm 1's mask (oracle)",
+        "same mask on every rank" if len(traces) > 1 else "single rank",
+        "W_up/W_gate bitwise restored after each of %d optimizer steps and at the end" % steps,
+        "ZeRO-3 partitioned targets" if zero3 else "replicated targets",
+    ]
 
 
 def main() -> None:
@@ -89,6 +155,7 @@ def main() -> None:
         recorder._setup(self.model, run.result.to_dict())
         recorder.trace["zero3_partitioned"] = [t.zero3 for t in run.dropout.targets]
         recorder.trace["engine"] = type(self.model_wrapped).__name__
+        recorder.trace["mask_device"] = str(run.dropout.device)
         return run
 
     mixin.MacDropTrainerMixin.macdrop_setup = setup

@@ -98,3 +98,82 @@ def test_targets_must_agree_and_rows_must_be_in_range():
         RowDropout([RowTarget("gate", gate, [1, 2]), RowTarget("up", up, [1])])
     with pytest.raises(ValueError, match=r"\[0, 32\)"):
         RowTarget("gate", gate, [32])
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 partitions
+def _partitioned(full: torch.Tensor, world: int, rank: int) -> torch.nn.Parameter:
+    """A parameter laid out like DeepSpeed ZeRO-3 leaves it between forwards on ``rank``."""
+    flat = full.reshape(-1)
+    size = -(-flat.numel() // world)  # ceil: the last partition is padded
+    padded = torch.cat([flat, torch.full((size * world - flat.numel(),), float("nan"))])
+    p = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    p.ds_tensor = padded[rank * size:(rank + 1) * size].clone()
+    p.ds_tensor.ds_numel = size
+    p.ds_numel, p.ds_shape, p.ds_process_group = flat.numel(), full.shape, f"rank{rank}"
+    return p
+
+
+@pytest.mark.parametrize("axis,expert", [(0, None), (1, None), (0, 2)])
+def test_zero3_partition_edits_add_up_to_algorithm1(monkeypatch, axis, expert):
+    """Each rank edits only its own partition; the gathered weight is original * M exactly."""
+    deepspeed_comm = pytest.importorskip("deepspeed.comm")
+    monkeypatch.setattr(deepspeed_comm, "get_rank", lambda group=None: int(group[4:]))
+    torch.manual_seed(0)
+    full = torch.randn(4, 23, 13) if expert is not None else torch.randn(23, 13)
+    world, rows = 3, [7, 0, 12] if axis == 1 else [22, 3, 9]
+    params = [_partitioned(full, world, r) for r in range(world)]
+    drops = []
+    for p in params:  # set-up reads the rows once from the gathered weight (GatheredParameters)
+        p.data = full.clone()
+        drops.append(RowDropout([RowTarget("w", p, rows, axis=axis, expert=expert)]))
+        p.data = torch.empty(0)
+    assert all(t.zero3 for d in drops for t in d.targets)
+    matrix = full if expert is None else full[expert]
+    want_rows = matrix.index_select(axis, torch.tensor(rows))
+    want_rows = want_rows if axis == 0 else want_rows.t()
+    keep = torch.rand(want_rows.shape) > 0.5
+    for d in drops:
+        d.apply(keep)
+
+    gathered = torch.cat([p.ds_tensor for p in params])[: full.numel()].view(full.shape)
+    expected = full.clone()
+    target_matrix = expected if expert is None else expected[expert]
+    masked = want_rows * keep
+    target_matrix.index_copy_(axis, torch.tensor(rows), masked if axis == 0 else masked.t())
+    assert torch.equal(bits(gathered), bits(expected))
+    assert not any(d.is_restored() for d in drops if d.targets[0]._local.numel())
+    for d in drops:
+        d.restore()
+        assert d.is_restored()
+    restored = torch.cat([p.ds_tensor for p in params])[: full.numel()].view(full.shape)
+    assert torch.equal(bits(restored), bits(full))
+
+
+# ----------------------------------------------------------------------------- 4-bit (QLoRA)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_rows_masked_by_codes_equal_dequantized_times_mask(quant_type):
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnb_f
+
+    torch.manual_seed(0)
+    dense = torch.randn(40, 27)  # odd width: bytes shared between neighbouring rows
+    layer = bnb.nn.Linear4bit(27, 40, bias=False, quant_type=quant_type, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(dense.clone(), requires_grad=False, quant_type=quant_type)
+    layer = layer.to("cpu")
+    w = layer.weight
+    before_codes = w.data.clone()
+    before = bnb_f.dequantize_4bit(w.data, w.quant_state)
+    rows = [31, 4, 5, 17]
+    drop = RowDropout([RowTarget("up", w, rows)])
+    assert type(drop.targets[0]).__name__ == "Packed4bitRowTarget" and drop.mask_shape == (4, 27)
+    keep = torch.rand(4, 27) > 0.4
+    drop.apply(keep)
+    after = bnb_f.dequantize_4bit(w.data, w.quant_state)
+    expected = before.clone()
+    expected[rows] = before[rows] * keep
+    assert torch.equal(after, expected)  # equal in value (a dropped element is +0.0, never -0.0)
+    x = torch.randn(3, 27)
+    out = layer(x)
+    assert torch.allclose(out, x @ expected.t(), atol=1e-5)
+    drop.restore()
+    assert drop.is_restored() and torch.equal(w.data, before_codes)
