@@ -97,3 +97,53 @@ def plot_layer_profile(report: ActivationReport, path, origin_layer: Optional[in
 def plot_intermediate_bars(values, topk_indices, path, layer: int) -> Path:
     """Save :func:`intermediate_bars_figure` as a PNG at ``path``."""
     return _save(intermediate_bars_figure(values, topk_indices, layer), path)
+
+
+# ----------------------------------------------------------------------------- attack sweeps
+SWEEP_STYLES = {"zero": ("top-k zeroing", "tab:red", "o"), "retain": ("top-k retaining", "tab:blue", "s")}
+
+
+def attack_sweep_figure(report):
+    """One panel per corpus/task: the metric against k for top-k zeroing and retaining (the
+    paper's Fig. 4 view); the unattacked baseline and the other modes as horizontal lines.
+    Perplexity on a log axis (zeroing moves it by orders of magnitude), accuracy in %."""
+    from matplotlib.figure import Figure
+
+    columns = report.columns()
+    fig = Figure(figsize=(4.0 * max(1, len(columns)), 3.4), dpi=110)
+    axes = fig.subplots(1, max(1, len(columns)), squeeze=False)[0]
+    settings = report.settings()
+    for ax, (dataset, metric) in zip(axes, columns):
+        scale = 1.0 if metric == "ppl" else 100.0
+        base = report.value("none", 0, dataset, metric)
+        for mode, (label, color, marker) in SWEEP_STYLES.items():
+            ks = sorted(k for m, k, _ in settings if m == mode)
+            if not ks:
+                continue
+            xs = ([0] if base is not None else []) + ks
+            ys = ([base] if base is not None else []) + [report.value(mode, k, dataset, metric) for k in ks]
+            ax.plot(xs, [scale * y for y in ys], marker=marker, ms=4, color=color, label=label)
+        if base is not None:
+            ax.axhline(scale * base, color="black", linestyle="--", linewidth=1, label="no attack")
+        for mode, k, label in settings:
+            if mode in ("superweight", "activation"):
+                v = report.value(mode, k, dataset, metric)
+                if v is not None:
+                    ax.axhline(scale * v, linestyle=":", linewidth=1.2, color="tab:green" if mode == "superweight" else "tab:purple",
+                               label=label)
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("k (top-k massive weights)")
+        ax.set_ylabel("perplexity" if metric == "ppl" else "accuracy (%)")
+        ax.set_title(dataset, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report.model}{' + ' + report.adapter if report.adapter else ''}: layer {report.targets['layer']}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attack_sweep(report, path) -> Path:
+    """Save :func:`attack_sweep_figure` as a PNG at ``path``."""
+    return _save(attack_sweep_figure(report), path)
