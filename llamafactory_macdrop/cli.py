@@ -158,6 +158,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise AttackError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
     sources += [load_corpus(d, overrides) for d in args.dataset]
 
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_model(args.model, args.dtype).to(device), _load_tokenizer(args.model)
     if tokenizer is None:
