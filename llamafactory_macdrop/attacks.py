@@ -77,9 +77,9 @@ class AttackSetting:
 
 
 def sweep_settings(
-    modes: Sequence[str], ks: Sequence[int], scale: float = 0.0, fill: str = "zero"
+    modes: Sequence[str], ks: Sequence[int], scales: Sequence[float] = (0.0,), fills: Sequence[str] = ("zero",)
 ) -> list[AttackSetting]:
-    """The baseline, then every mode x k (zero/retain) and one row per other mode.
+    """The baseline, then every mode x k (zero/retain), x scale (superweight), x fill (activation).
 
     k = 0 stands for the baseline only: "retain the top-0" would zero the whole layer, which is
     not what a k = 0 point on the paper's curves means.
@@ -95,9 +95,9 @@ def sweep_settings(
         if mode in ("zero", "retain"):
             settings += [AttackSetting(mode, k) for k in sorted(set(ks)) if k > 0]
         elif mode == "superweight":
-            settings.append(AttackSetting(mode, scale=float(scale)))
+            settings += [AttackSetting(mode, scale=float(s)) for s in dict.fromkeys(scales)]
         else:
-            settings.append(AttackSetting(mode, fill=fill))
+            settings += [AttackSetting(mode, fill=f) for f in dict.fromkeys(fills)]
     return settings
 
 
@@ -108,6 +108,9 @@ class SuperWeightTarget:
     layer: int
     row: int
     col: int
+
+    def __str__(self) -> str:
+        return f"layer {self.layer} W_down[{self.row}, {self.col}]"
 
 
 @dataclass

@@ -144,7 +144,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     # everything that can be checked before the model loads
     ks = args.k_sweep if args.k_sweep is not None else [args.k]
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
-    settings = sweep_settings(modes, ks, scale=args.scale, fill=args.fill)
+    try:
+        scales = [float(x) for x in args.scale.split(",") if x.strip()]
+    except ValueError:
+        raise AttackError(f"--scale {args.scale!r} is not allowed: give comma-separated numbers, e.g. 0,2") from None
+    fills = [f.strip() for f in args.fill.split(",") if f.strip()]
+    settings = sweep_settings(modes, ks, scales=scales, fills=fills)
     overrides = dict(seq_len=args.seq_len, bos=args.bos, max_windows=args.max_windows,
                      drop_partial=None if args.keep_partial is None else not args.keep_partial)
     PerplexityProtocol(**{k: v for k, v in overrides.items() if v is not None})  # validates the knobs
@@ -158,10 +163,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise AttackError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
     sources += [load_corpus(d, overrides) for d in args.dataset]
 
-    if args.no_progress:
+    if args.no_progress:  # transformers', datasets' and lm-eval's bars too (tqdm reads TQDM_DISABLE)
+        os.environ["TQDM_DISABLE"] = "1"
+        import datasets
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_model(args.model, args.dtype).to(device), _load_tokenizer(args.model)
     if tokenizer is None:
@@ -360,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="0-based layer override")
     p.add_argument("--indices", type=_indices, default=None, help="comma-separated row override (ranked)")
     p.add_argument("--probe-token", type=_token, default=None, help="as in macdrop locate")
-    p.add_argument("--scale", type=float, default=0.0, help="superweight: multiply the super weight by this (0 = zero it)")
+    p.add_argument("--scale", default="0", help="superweight: comma-separated factors for the super weight (0 = zero it)")
     p.add_argument("--super-weight", type=_super_weight, default=None, help="LAYER,ROW,COL instead of the probe's")
-    p.add_argument("--fill", choices=("zero", "mean"), default="zero", help="activation: set massive activations to this")
+    p.add_argument("--fill", default="zero", help="activation: zero and/or mean (comma-separated): what the massive activations become")
     p.add_argument("--probe-text", default=DEFAULT_TEXT, help="input for the super-weight/activation probes (BOS + text)")
     p.add_argument("--adapter", type=Path, default=None, help="LoRA/DoRA adapter folder evaluated on top of MODEL")
     p.add_argument("--text-file", type=Path, nargs="+", default=[], help="local text files (one corpus each)")

@@ -115,19 +115,19 @@ def attack_sweep_figure(report):
     settings = report.settings()
     for ax, (dataset, metric) in zip(axes, columns):
         scale = 1.0 if metric == "ppl" else 100.0
-        base = report.value("none", 0, dataset, metric)
+        base = report.value("none", dataset, metric)
         for mode, (label, color, marker) in SWEEP_STYLES.items():
             ks = sorted(k for m, k, _ in settings if m == mode)
             if not ks:
                 continue
             xs = ([0] if base is not None else []) + ks
-            ys = ([base] if base is not None else []) + [report.value(mode, k, dataset, metric) for k in ks]
+            ys = ([base] if base is not None else []) + [report.value(f"{mode} k={k}", dataset, metric) for k in ks]
             ax.plot(xs, [scale * y for y in ys], marker=marker, ms=4, color=color, label=label)
         if base is not None:
             ax.axhline(scale * base, color="black", linestyle="--", linewidth=1, label="no attack")
         for mode, k, label in settings:
             if mode in ("superweight", "activation"):
-                v = report.value(mode, k, dataset, metric)
+                v = report.value(label, dataset, metric)
                 if v is not None:
                     ax.axhline(scale * v, linestyle=":", linewidth=1.2, color="tab:green" if mode == "superweight" else "tab:purple",
                                label=label)

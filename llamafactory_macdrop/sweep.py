@@ -62,11 +62,11 @@ class AttackReport(JsonReport):
 
     # ------------------------------------------------------------------ views
     def settings(self) -> list[tuple[str, int, str]]:
-        """(mode, k, label) in the order they were run."""
+        """(mode, k, label) of every setting, in the order they were run (labels are unique)."""
         seen = {}
         for r in self.rows:
-            seen.setdefault((r["mode"], r["k"]), r["setting"])
-        return [(m, k, label) for (m, k), label in seen.items()]
+            seen.setdefault(r["setting"], (r["mode"], r["k"]))
+        return [(mode, k, label) for label, (mode, k) in seen.items()]
 
     def columns(self) -> list[tuple[str, str]]:
         """(dataset, metric) in first-seen order."""
@@ -75,9 +75,10 @@ class AttackReport(JsonReport):
             seen.setdefault((r["dataset"], "ppl" if "ppl" in r else "acc"), None)
         return list(seen)
 
-    def value(self, mode: str, k: int, dataset: str, metric: str) -> Optional[float]:
+    def value(self, setting: str, dataset: str, metric: str) -> Optional[float]:
+        """The metric of one setting (its label, e.g. ``"zero k=5"``) on one corpus or task."""
         for r in self.rows:
-            if r["mode"] == mode and r["k"] == k and r["dataset"] == dataset and metric in r:
+            if r["setting"] == setting and r["dataset"] == dataset and metric in r:
                 return r[metric]
         return None
 
@@ -87,10 +88,10 @@ class AttackReport(JsonReport):
         tasks = [d for d, m in cols if m == "acc"]
         head = [f"{d} ppl" if m == "ppl" else f"{d} acc" for d, m in cols] + (["mean acc"] if len(tasks) > 1 else [])
         lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
-        for mode, k, label in self.settings():
+        for _, _, label in self.settings():
             cells, accs = [], []
             for d, m in cols:
-                v = self.value(mode, k, d, m)
+                v = self.value(label, d, m)
                 if m == "acc" and v is not None:
                     accs.append(v)
                 cells.append("-" if v is None else (f"{v:.2f}" if m == "ppl" else f"{100 * v:.1f}"))
