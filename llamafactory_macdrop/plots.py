@@ -125,12 +125,12 @@ def attack_sweep_figure(report):
             ax.plot(xs, [scale * y for y in ys], marker=marker, ms=4, color=color, label=label)
         if base is not None:
             ax.axhline(scale * base, color="black", linestyle="--", linewidth=1, label="no attack")
+        others = {"superweight": iter(("tab:green", "tab:olive", "tab:cyan")), "activation": iter(("tab:purple", "tab:pink", "tab:brown"))}
         for mode, k, label in settings:
-            if mode in ("superweight", "activation"):
+            if mode in others:
                 v = report.value(label, dataset, metric)
                 if v is not None:
-                    ax.axhline(scale * v, linestyle=":", linewidth=1.2, color="tab:green" if mode == "superweight" else "tab:purple",
-                               label=label)
+                    ax.axhline(scale * v, linestyle=":", linewidth=1.4, color=next(others[mode], "tab:gray"), label=label)
         if metric == "ppl":
             ax.set_yscale("log")
         ax.set_xlabel("k (top-k massive weights)")
