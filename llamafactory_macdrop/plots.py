@@ -120,9 +120,10 @@ def attack_sweep_figure(report):
             ks = sorted(k for m, k, _ in settings if m == mode)
             if not ks:
                 continue
-            xs = ([0] if base is not None else []) + ks
-            ys = ([base] if base is not None else []) + [report.value(f"{mode} k={k}", dataset, metric) for k in ks]
-            ax.plot(xs, [scale * y for y in ys], marker=marker, ms=4, color=color, label=label)
+            points = [(0, base)] + [(k, report.value(f"{mode} k={k}", dataset, metric)) for k in ks]
+            points = [(x, scale * y) for x, y in points if y is not None]  # a setting may lack this column
+            if points:
+                ax.plot(*zip(*points), marker=marker, ms=4, color=color, label=label)
         if base is not None:
             ax.axhline(scale * base, color="black", linestyle="--", linewidth=1, label="no attack")
         others = {"superweight": iter(("tab:green", "tab:olive", "tab:cyan")), "activation": iter(("tab:purple", "tab:pink", "tab:brown"))}

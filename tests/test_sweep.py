@@ -34,3 +34,20 @@ def test_every_setting_gets_its_rows_and_its_table_line(tiny_llama):
     assert {r["scale"] for r in report.rows if r["mode"] == "superweight"} == {0.0, 2.0}
     assert report.to_dict()["results"] == report.rows and report.to_csv().count("\n") == len(report.rows) + 1
     assert tiny.PLANTED_LAYER == report.targets["layer"]
+
+
+def test_plot_draws_metric_against_k_for_both_attacks():
+    from llamafactory_macdrop.plots import attack_sweep_figure
+
+    report = AttackReport("m", None, {"layer": 3})
+    for mode, k, ppl in (("none", 0, 10.0), ("zero", 1, 20.0), ("zero", 5, 80.0), ("retain", 1, 12.0), ("retain", 5, 11.0)):
+        label = "none" if mode == "none" else f"{mode} k={k}"
+        report.rows.append({"mode": mode, "k": k, "setting": label, "dataset": "wiki", "ppl": ppl, "tokens": 9})
+    report.rows.append({"mode": "none", "k": 0, "setting": "none", "dataset": "piqa", "acc": 0.5, "n": 4})
+    fig = attack_sweep_figure(report)
+    wiki, piqa = fig.axes
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in wiki.get_lines()}
+    assert lines["top-k zeroing"] == ([0, 1, 5], [10.0, 20.0, 80.0])
+    assert lines["top-k retaining"] == ([0, 1, 5], [10.0, 12.0, 11.0])
+    assert wiki.get_yscale() == "log" and piqa.get_ylabel() == "accuracy (%)"
+    assert [list(line.get_ydata()) for line in piqa.get_lines() if line.get_label() == "no attack"] == [[50.0, 50.0]]
