@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -120,6 +121,12 @@ def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | li
     for key in ("use_ray", "use_mca", "use_hyper_parallel"):
         if _truthy(_lf_value(lf_args, key, False)):
             raise MacDropConfigError(f"macdrop=true with {key}=true is not supported (that path bypasses the HF trainer)")
+    fsdp = _lf_value(lf_args, "fsdp", "")
+    if (fsdp and str(fsdp).strip().lower() not in ("[]", "false", "none")) or _truthy(os.environ.get("ACCELERATE_USE_FSDP")):
+        raise MacDropConfigError(
+            "macdrop=true under FSDP is not supported: FSDP flattens and shards W_up/W_gate into its own buffers; "
+            "use DeepSpeed ZeRO-3 instead (deepspeed: yaml_configs/ds_z3_config.json), which MacDrop supports exactly"
+        )
     use_dora = _truthy(_lf_value(lf_args, "use_dora", False))
     if use_dora and can_reach_one(config.macdrop_curriculum, config.macdrop_p0):
         raise MacDropConfigError(

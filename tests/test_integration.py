@@ -142,6 +142,8 @@ def test_macdrop_off_changes_nothing(tiny_llama_dir, tiny_data_dir, tmp_path):
     [
         (dict(stage="rm"), "stage='rm' is not supported"),
         (dict(stage="kto"), "stage='kto' is not supported"),
+        (dict(stage="ppo"), "stage='ppo' is not supported"),
+        (dict(fsdp="full_shard auto_wrap"), "under FSDP is not supported"),
         (dict(finetuning_type="full"), "finetuning_type='full' is not supported"),
         (dict(finetuning_type="freeze"), "finetuning_type='freeze' is not supported"),
         (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="constant"), "DoRA's row norm 0"),
