@@ -113,9 +113,12 @@ class RowTarget:
         part = self.weight.ds_tensor
         size = int(getattr(part, "ds_numel", part.numel()))
         start = size * dist.get_rank(group=self.weight.ds_process_group)
-        local = flat - start
-        self._own = (local >= 0) & (local < size) & (flat < self.weight.ds_numel)
-        self._local = local[self._own]
+        local = (flat - start).flatten()
+        own = (local >= 0) & (local < size) & (flat.flatten() < self.weight.ds_numel)
+        # index tensors, not boolean masks: boolean indexing on a GPU syncs to size its output,
+        # and these are used twice per micro-step
+        self._own = own.nonzero().flatten()  # positions in the flattened (k, d) rows
+        self._local = local.index_select(0, self._own)  # the same elements in this partition
 
     def _partition(self) -> torch.Tensor:
         return self.weight.ds_tensor.data.view(-1)
@@ -142,14 +145,15 @@ class RowTarget:
         """Write a (len(rows), d) tensor back into the selected rows, in place, untracked."""
         if self.zero3:
             part = self._partition()
-            part[self._local] = rows[self._own].to(part.dtype)
+            part.index_copy_(0, self._local, rows.reshape(-1).index_select(0, self._own).to(part.dtype))
             if not self._gathered():
                 return
         self._matrix().index_copy_(self.axis, self.rows, rows if self.axis == 0 else rows.t())
 
     def matches(self, rows: torch.Tensor) -> bool:
         """Whether the stored rows equal ``rows`` bit for bit (local check, no communication)."""
-        if self.zero3 and not torch.equal(bits(self._partition()[self._local]), bits(rows[self._own])):
+        own = rows.reshape(-1).index_select(0, self._own) if self.zero3 else None
+        if self.zero3 and not torch.equal(bits(self._partition().index_select(0, self._local)), bits(own)):
             return False
         return not self._gathered() or torch.equal(bits(self._select(self._matrix())), bits(rows))
 

@@ -102,4 +102,4 @@ def test_macdrop_keys_without_the_plugin_name_the_keys(tiny_data_dir, tmp_path):
                    env_extra={"MACDROP_AUTOLOAD": "0"})
     assert proc.returncode != 0
     assert "Some keys are not used by the HfArgumentParser" in proc.stderr and "'macdrop_k'" in proc.stderr
-    assert "Traceback" in proc.stderr  # LF's own error, not ours: docs/troubleshooting explains it
+    assert "Traceback" in proc.stderr  # LF's own error, not ours: docs/install.md explains it
