@@ -1,17 +1,24 @@
 """MacDrop's training overhead: plain LoRA vs LoRA + MacDrop through LLaMA-Factory's own trainer.
 
-    python benchmarks/train_overhead.py --preset cpu  [--repeats 3] [--json out.json]
-    python benchmarks/train_overhead.py --preset gpu  [--repeats 3] [--deepspeed yaml_configs/ds_z3_config.json]
+    python benchmarks/train_overhead.py --preset cpu  [--repeats 2] [--json out.json]
+    python benchmarks/train_overhead.py --preset gpu  [--deepspeed yaml_configs/ds_z3_config.json]
+    python benchmarks/train_overhead.py --preset cpu --nproc 2 --deepspeed yaml_configs/ds_z3_config.json
+    python benchmarks/train_overhead.py --preset gpu --mode processes --repeats 4
 
 A random-init Llama (``cpu``: 4 layers x hidden 512; ``gpu``: 16 layers x hidden 2048, 1.2 B
-parameters, bf16) is written once; then the SAME LLaMA-Factory pt + LoRA config (rank 16, all
-linear layers, gradient checkpointing as LF defaults) is trained with and without
-``macdrop: true``, alternating A/B ``--repeats`` times in fresh processes. MacDrop uses the
-``constant`` curriculum at p = 0.8, so EVERY step masks and restores (the worst case; with the
-``step`` curriculum p reaches 0 and the cost vanishes). ``macdrop_layer``/``macdrop_indices``
-fix the rows, so the figure is the per-step mechanism; the one-off locator probe is timed
-separately by ``--locate``. Reported: LF's ``train_runtime`` per run, the per-pair ratio
-MacDrop / LoRA and its median, plus an in-process micro-benchmark of one mask + restore.
+parameters, bf16) is written once; then ONE LLaMA-Factory pt + LoRA run (rank 16, all linear
+layers, gradient checkpointing as LF defaults) trains with ``macdrop: true`` and the benchmark
+switches MacDrop on and off between optimizer steps, in blocks of four steps ABBA, BAAB, ...
+(A = on) after a warm-up. "Off" calls the stock LF trainer's ``training_step`` on the same
+trainer object, so both arms share the process, model, allocator, data stream and clocks: the
+figure is the median over blocks of (on-time / off-time). Why not compare fresh processes: on a
+GPU the same config varies ±6–12 % between processes, a hundred times the effect being measured
+(``--mode processes`` still does that, with LF's ``train_runtime``).
+
+MacDrop uses the ``constant`` curriculum at p = 0.8, so EVERY on-step masks and restores (the
+worst case; with the ``step`` curriculum p reaches 0 and the cost vanishes). ``macdrop_layer``/
+``macdrop_indices`` fix the rows. Also reported: an in-process micro-benchmark of one mask +
+restore and, on CUDA, whether it blocks the host behind queued GPU work.
 """
 
 from __future__ import annotations
@@ -33,38 +40,65 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 PRESETS = {
-    "cpu": dict(layers=4, hidden=512, intermediate=1408, heads=8, vocab=8000, batch=4, seq=256, steps=12, bf16=False),
-    "gpu": dict(layers=16, hidden=2048, intermediate=8192, heads=16, vocab=32000, batch=4, seq=1024, steps=40,
+    "cpu": dict(layers=4, hidden=512, intermediate=1408, heads=8, vocab=8000, batch=4, seq=256, steps=38, bf16=False),
+    "gpu": dict(layers=16, hidden=2048, intermediate=8192, heads=16, vocab=32000, batch=4, seq=1024, steps=102,
                 bf16=True),
+    # Llama-3-8B's shapes (the reference measurement's model), random init
+    "gpu8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, batch=4, seq=1024,
+                  steps=54, bf16=True),
 }
-WARMUP = 5  # steps excluded from the steady-state time (CUDA/cuBLAS warm-up, allocator growth)
-RUNNER = """
+WARMUP = 6  # steps excluded from every timing (CUDA/cuBLAS warm-up, allocator growth, the locator)
+RUNNER = r"""
 import json, sys, time
 import torch
 from transformers import TrainerCallback
 from llamafactory_macdrop import integration
+from llamafactory_macdrop.trainer import MacDropTrainerMixin
 from llamafactory.train import tuner
 
+spec = json.load(open(sys.argv[1]))
+args, warmup, interleave = spec["args"], spec["warmup"], spec["interleave"]
+AB = {"on": True}
+
+def macdrop_on(step):
+    # interleaved A/B: after the warm-up, blocks of 4 steps ABBA, BAAB, ABBA, ... (A = MacDrop on),
+    # so a slow drift of the machine cancels inside every block
+    if not interleave or step <= warmup:
+        return True
+    block, pos = divmod(step - warmup - 1, 4)
+    return (pos in (0, 3)) == (block % 2 == 0)
+
+if interleave:
+    # MacDrop off = the stock LF trainer's training_step, called on the very same trainer object
+    masked_step = MacDropTrainerMixin.training_step
+    def training_step(self, model, inputs, *a, **k):
+        if AB["on"]:
+            return masked_step(self, model, inputs, *a, **k)
+        return super(MacDropTrainerMixin, self).training_step(model, inputs, *a, **k)
+    MacDropTrainerMixin.training_step = training_step
+
 class StepClock(TrainerCallback):
-    # wall time of optimizer steps WARMUP+1..end, synchronized at both ends
+    # wall time of each optimizer step (on_step_end to on_step_end, synchronized), tagged on/off
     def __init__(self, out):
-        self.out, self.t0 = out, None
+        self.out, self.last, self.steps = out, None, []
     def _now(self):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter()
+    def on_train_begin(self, args, state, control, **kw):
+        self.last = self._now()
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step == %d:
-            self.t0, self.s0 = self._now(), state.global_step
+        now, step = self._now(), state.global_step
+        self.steps.append({"step": step, "s": now - self.last, "macdrop": AB["on"]})
+        self.last = now
+        AB["on"] = macdrop_on(step + 1)
     def on_train_end(self, args, state, control, **kw):
         if args.process_index == 0:
-            steps = state.global_step - self.s0
-            json.dump({"steady_step_s": (self._now() - self.t0) / steps, "steps": steps}, open(self.out, "w"))
+            json.dump(self.steps, open(self.out, "w"))
 
 integration.activate()
-args = json.load(open(sys.argv[1]))
 tuner.run_exp(args, callbacks=[StepClock(args["output_dir"] + "/step_clock.json")])
-""" % WARMUP
+"""
 
 
 def build_model(out: Path, cfg: dict) -> Path:
@@ -78,13 +112,16 @@ def build_model(out: Path, cfg: dict) -> Path:
     tiny.build_tokenizer(out)
     config = LlamaConfig(
         vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
-        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
+        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg.get("kv_heads", cfg["heads"]),
         max_position_embeddings=max(2048, cfg["seq"]), bos_token_id=1, eos_token_id=2, pad_token_id=0,
         torch_dtype="bfloat16" if cfg["bf16"] else "float32",
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16 if cfg["bf16"] else torch.float32)
+    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 8 B weights: GPU is faster
+        model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(out)
+    del model
     return out
 
 
@@ -123,22 +160,59 @@ def lf_args(model: Path, data: Path, out: Path, cfg: dict, macdrop: bool, deepsp
     return args
 
 
-def train_once(args: dict, work: Path, nproc: int) -> tuple[float, float]:
-    """(LF's train_runtime, steady-state seconds per step after WARMUP steps) of one fresh run."""
-    path = work / "args.json"
-    path.write_text(json.dumps(args))
+def train_once(args: dict, work: Path, nproc: int, interleave: bool) -> tuple[float, list[dict]]:
+    """LF's train_runtime and the per-step clock ({step, s, macdrop}) of one fresh run."""
+    path = work / "spec.json"
+    path.write_text(json.dumps({"args": args, "warmup": WARMUP, "interleave": interleave}))
     runner = work / "runner.py"
     runner.write_text(RUNNER)
     cmd = [sys.executable, str(runner), str(path)]
     if nproc > 1 or args.get("deepspeed"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] + cmd[1:]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29600 + os.getpid() % 1000)] + cmd[1:]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"training failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     out = Path(args["output_dir"])
     runtime = float(json.loads((out / "train_results.json").read_text())["train_runtime"])
-    return runtime, float(json.loads((out / "step_clock.json").read_text())["steady_step_s"])
+    return runtime, json.loads((out / "step_clock.json").read_text())
+
+
+def bootstrap_ci(values: list[float], n: int = 2000) -> list[float]:
+    """95 % bootstrap interval of the median (seeded: the same input gives the same interval)."""
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return [meds[int(0.025 * n)], meds[int(0.975 * n) - 1]]
+
+
+def interleaved_summary(steps: list[dict]) -> dict:
+    """Ratios MacDrop / LoRA from one interleaved run's steps after the warm-up.
+
+    ``block_ratios``: per ABBA block, on-time / off-time (2 steps each); ``median_block_ratio``
+    is the headline figure. ``runtime_ratio`` sums all on and all off steps (what train_runtime
+    would show if each arm had run alone at the same moment)."""
+    timed = [s for s in steps if s["step"] > WARMUP]
+    blocks: dict[int, list[dict]] = {}
+    for s in timed:
+        blocks.setdefault((s["step"] - WARMUP - 1) // 4, []).append(s)
+    ratios = []
+    for members in blocks.values():
+        on = [s["s"] for s in members if s["macdrop"]]
+        off = [s["s"] for s in members if not s["macdrop"]]
+        if len(on) == 2 and len(off) == 2:
+            ratios.append(sum(on) / sum(off))
+    on_all = [s["s"] for s in timed if s["macdrop"]]
+    off_all = [s["s"] for s in timed if not s["macdrop"]]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [float("nan")] * 3
+    return {"steps": steps, "median_ci95": bootstrap_ci(ratios),
+        "block_ratios": ratios, "median_block_ratio": statistics.median(ratios), "block_ratio_iqr": [q[0], q[2]],
+        "runtime_ratio": sum(on_all) / sum(off_all), "median_step_ratio": statistics.median(on_all) / statistics.median(off_all),
+        "macdrop_step_s": statistics.median(on_all), "lora_step_s": statistics.median(off_all),
+        "steps_on": len(on_all), "steps_off": len(off_all),
+    }
 
 
 def mask_cost_us(model_dir: Path, cfg: dict, iters: int = 200) -> tuple[float, float | None]:
@@ -187,11 +261,71 @@ def mask_cost_us(model_dir: Path, cfg: dict, iters: int = 200) -> tuple[float, f
     return per_call, blocked
 
 
+def run_interleaved(opts, cfg, model, data, work) -> dict:
+    runs = []
+    for r in range(opts.repeats):
+        out = work / f"run{r}_interleaved"
+        runtime, steps = train_once(lf_args(model, data, out, cfg, True, opts.deepspeed), work, opts.nproc, True)
+        summary = interleaved_summary(steps)
+        summary["train_runtime"] = runtime
+        runs.append(summary)
+        print(f"[bench] run {r + 1}/{opts.repeats}: {len(summary['block_ratios'])} ABBA blocks, median block ratio "
+              f"{summary['median_block_ratio']:.4f}, LoRA step {summary['lora_step_s'] * 1e3:.1f} ms, "
+              f"+MacDrop {summary['macdrop_step_s'] * 1e3:.1f} ms", flush=True)
+    print()
+    print("| run | ABBA blocks | LoRA step ms (median) | +MacDrop ms | median block ratio | block ratio IQR | sum ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for i, p in enumerate(runs):
+        print(f"| {i + 1} | {len(p['block_ratios'])} | {p['lora_step_s'] * 1e3:.1f} | {p['macdrop_step_s'] * 1e3:.1f} | "
+              f"{p['median_block_ratio']:.4f} | {p['block_ratio_iqr'][0]:.4f}–{p['block_ratio_iqr'][1]:.4f} | "
+              f"{p['runtime_ratio']:.4f} |")
+    all_blocks = [b for p in runs for b in p["block_ratios"]]
+    ratio, ci = statistics.median(all_blocks), bootstrap_ci(all_blocks)
+    print(f"\nmedian block ratio over all {len(all_blocks)} blocks: {ratio:.4f} (95 % bootstrap interval "
+          f"{ci[0]:.4f}–{ci[1]:.4f}; MacDrop on/off interleaved ABBA in ONE process per run, after {WARMUP} "
+          "warm-up steps)")
+    return {"mode": "interleaved", "runs": runs, "median_ratio": ratio, "median_ci95": ci,
+            "lora_step_s": statistics.median(p["lora_step_s"] for p in runs)}
+
+
+def run_processes(opts, cfg, model, data, work) -> dict:
+    runs = []
+    for r in range(opts.repeats):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        pair = {}
+        for macdrop in order:
+            name = "macdrop" if macdrop else "lora"
+            out = work / f"run{r}_{name}"
+            seconds, steps = train_once(lf_args(model, data, out, cfg, macdrop, opts.deepspeed), work, opts.nproc, False)
+            step = statistics.median(s["s"] for s in steps if s["step"] > WARMUP)
+            pair[name], pair[f"{name}_step"] = seconds, step
+            print(f"[bench] repeat {r + 1}/{opts.repeats} {name:7s}: train_runtime {seconds:.2f} s, "
+                  f"median step {step * 1e3:.1f} ms", flush=True)
+        pair["ratio"] = pair["macdrop"] / pair["lora"]
+        pair["step_ratio"] = pair["macdrop_step"] / pair["lora_step"]
+        runs.append(pair)
+    print()
+    print("| repeat | LoRA train_runtime s | +MacDrop s | ratio | LoRA median step ms | +MacDrop ms | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for i, p in enumerate(runs):
+        print(f"| {i + 1} | {p['lora']:.2f} | {p['macdrop']:.2f} | {p['ratio']:.4f} | {p['lora_step'] * 1e3:.1f} | "
+              f"{p['macdrop_step'] * 1e3:.1f} | {p['step_ratio']:.4f} |")
+    ratio = statistics.median(p["ratio"] for p in runs)
+    print(f"\nmedian ratio: train_runtime {ratio:.4f}, median step {statistics.median(p['step_ratio'] for p in runs):.4f} "
+          f"({opts.repeats} A/B pairs of fresh processes)")
+    return {"mode": "processes", "runs": runs, "median_ratio": ratio,
+            "median_step_ratio": statistics.median(p["step_ratio"] for p in runs),
+            "lora_step_s": statistics.median(p["lora_step"] for p in runs)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="MacDrop vs plain LoRA training time through LLaMA-Factory")
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--mode", choices=("interleaved", "processes"), default="interleaved",
+                        help="interleaved: MacDrop on/off in ABBA blocks of steps inside one run (default); "
+                             "processes: alternating fresh runs, LF's train_runtime")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs, or A/B process pairs")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
     parser.add_argument("--deepspeed", help="a DeepSpeed config (e.g. yaml_configs/ds_z3_config.json)")
     parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per run")
     parser.add_argument("--work", help="where the model, data and runs go (default: a temp dir)")
@@ -204,23 +338,8 @@ def main() -> int:
     print(f"[bench] preparing a random {cfg['layers']}-layer Llama (hidden {cfg['hidden']}) in {work}", flush=True)
     model = build_model(work / "model", cfg)
     data = write_data(work / "data", cfg)
-    runs = []
-    for r in range(opts.repeats):
-        order = (False, True) if r % 2 == 0 else (True, False)
-        pair = {}
-        for macdrop in order:
-            out = work / f"run{r}_{'macdrop' if macdrop else 'lora'}"
-            name = "macdrop" if macdrop else "lora"
-            seconds, step = train_once(lf_args(model, data, out, cfg, macdrop, opts.deepspeed), work, opts.nproc)
-            pair[name], pair[f"{name}_step"] = seconds, step
-            print(f"[bench] repeat {r + 1}/{opts.repeats} {name:7s}: train_runtime {seconds:.2f} s, "
-                  f"steady step {step * 1e3:.1f} ms", flush=True)
-        pair["ratio"] = pair["macdrop"] / pair["lora"]
-        pair["step_ratio"] = pair["macdrop_step"] / pair["lora_step"]
-        runs.append(pair)
-    ratio = statistics.median(p["ratio"] for p in runs)
-    step_ratio = statistics.median(p["step_ratio"] for p in runs)
-    lora_step = statistics.median(p["lora_step"] for p in runs)
+    run = run_interleaved if opts.mode == "interleaved" else run_processes
+    result = run(opts, cfg, model, data, work)
     cost, blocked = mask_cost_us(model, cfg) if opts.nproc == 1 and not opts.deepspeed else (None, None)
 
     import torch
@@ -228,18 +347,10 @@ def main() -> int:
 
     import llamafactory
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
     n_params = cfg["layers"] * (4 * cfg["hidden"] ** 2 + 3 * cfg["hidden"] * cfg["intermediate"]) \
         + 2 * cfg["vocab"] * cfg["hidden"]
-    print()
-    print("| repeat | LoRA train_runtime s | +MacDrop s | ratio | LoRA steady step ms | +MacDrop ms | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for i, p in enumerate(runs):
-        print(f"| {i + 1} | {p['lora']:.2f} | {p['macdrop']:.2f} | {p['ratio']:.4f} | {p['lora_step'] * 1e3:.1f} | "
-              f"{p['macdrop_step'] * 1e3:.1f} | {p['step_ratio']:.4f} |")
-    print(f"\nmedian ratio: train_runtime {ratio:.4f}, steady-state step {step_ratio:.4f} "
-          f"({opts.repeats} A/B pairs; {cfg['steps']} steps of {cfg['batch']}x{cfg['seq']} tokens, "
-          f"steady state = steps {WARMUP + 1}..{cfg['steps']}); LoRA step {lora_step * 1e3:.1f} ms")
+    lora_step = result["lora_step_s"]
     if cost is not None:
         print(f"mask + restore (k=5, one micro-batch): {cost:.1f} us = {cost / (lora_step * 1e6) * 100:.4f} % of a LoRA step")
     if blocked is not None:
@@ -247,15 +358,25 @@ def main() -> int:
               f"({'no sync' if blocked < 2000 else 'it WAITS for the GPU'})")
     report = {
         "benchmark": "train_overhead", "preset": opts.preset, "config": cfg, "params": n_params,
-        "deepspeed": opts.deepspeed, "nproc": opts.nproc, "runs": runs, "median_ratio": ratio,
-        "median_step_ratio": step_ratio, "warmup_steps": WARMUP, "lora_step_s": lora_step, "mask_restore_us": cost,
-        "mask_restore_behind_gpu_work_us": blocked, "device": device, "date": date.today().isoformat(),
+        "deepspeed": opts.deepspeed, "nproc": opts.nproc, **result, "warmup_steps": WARMUP,
+        "mask_restore_us": cost, "mask_restore_behind_gpu_work_us": blocked, "device": device,
+        "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "date": date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "llamafactory": llamafactory.__version__, "python": platform.python_version()},
     }
     if opts.json:
         Path(opts.json).write_text(json.dumps(report, indent=1))
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":
