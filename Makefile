@@ -1,5 +1,6 @@
-# The two README commands: `make demo` (set-up + main job) and `make test`.
-.PHONY: setup demo test
+# The two README commands: `make demo` (set-up + main job) and `make test`; `make bench` runs the
+# CPU benchmark set (docs/benchmarks.md) into bench-results/.
+.PHONY: setup demo test bench
 
 setup:
 	bash scripts/setup.sh
@@ -9,3 +10,6 @@ demo:
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+bench: setup
+	bash scripts/bench.sh

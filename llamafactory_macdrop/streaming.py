@@ -3,8 +3,9 @@
 Locating needs a single-token forward pass through the layers up to the origin of the massive
 activation, nothing more. So the model is built with its parameters on the ``meta`` device
 (``accelerate.init_empty_weights``: buffers such as rotary frequencies stay real), the
-embeddings and other non-layer parameters are read from the safetensors shards, and each decoder
-layer's parameters are read right before it runs and dropped right after (``safe_open`` maps the
+embeddings and other non-layer parameters (not the output head, which the probe never reaches)
+are read from the safetensors shards, and each decoder layer's parameters are read right before
+it runs and dropped right after (``safe_open`` maps the
 shards, so only the tensors asked for are read). The pass stops after the first layer that
 multiplies the residual stream's max by >= 100x to more than 100 (:func:`origin_passed`): the
 origin is then behind, and no later layer can out-jump it, because the massive activation rides
@@ -12,14 +13,20 @@ the residual stream from there on. If no layer qualifies, every layer is probed,
 load's answer. The head is never needed.
 
 Peak memory ~ non-layer parameters (embeddings, position embeddings, norms) + one layer + the
-activations of one token. Checkpoints whose tensor names differ from the in-memory names
+activations of one token. That holds only if a dropped layer's memory goes back to the system:
+glibc keeps freed blocks of a layer's size in its heap, fragmented between the next layer's
+allocations, and the process then grew by about half a layer per layer read (a 12-layer
+fp32 model: +350 MiB), so each release ends with ``malloc_trim``. Checkpoints whose tensor names differ from the in-memory names
 (transformers converts some MoE checkpoints on load) are refused with a clear message; use the
 full load for those.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +59,24 @@ class LoadStats:
     def drop(self, nbytes: int) -> None:
         self.resident_bytes -= nbytes
         self._resident_layers -= 1
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (see the module docstring)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _weight_map(model_dir: Path) -> dict[str, Path]:
@@ -136,16 +161,23 @@ class LayerByLayerModel:
         for name, _ in list(module.named_parameters(recurse=True)):
             set_module_tensor_to_device(module, name, "meta")
         self.stats.drop(nbytes)
+        return_freed_memory()
 
     # ------------------------------------------------------------------ lifecycle
     def load_non_layer_parameters(self) -> None:
-        """Everything outside the decoder layers that the checkpoint has (the head may be absent)."""
-        layer_params = {id(p) for b in self.blocks for p in b.layer.parameters()}
+        """Everything outside the decoder layers that the checkpoint has, except an untied output
+        head: the probe stops at the last decoder layer at the latest, so the head never runs
+        (Llama-3-8B's is 2 GiB in float32, half of the non-layer parameters)."""
+        skip = {id(p) for b in self.blocks for p in b.layer.parameters()}
+        head = self.model.get_output_embeddings()
+        if head is not None:
+            tied = {id(p) for p in self.model.get_input_embeddings().parameters()}
+            skip |= {id(p) for p in head.parameters()} - tied
         from accelerate.utils import set_module_tensor_to_device
 
         nbytes = 0
         for name, param in self.model.named_parameters():
-            if id(param) in layer_params or param.device.type != "meta":
+            if id(param) in skip or param.device.type != "meta":
                 continue
             if self._checkpoint_name(name) is None:
                 continue  # e.g. a tied or unused head: the probe stops before it

@@ -55,3 +55,21 @@ def test_explicit_layer_is_reached_and_missing_files_fail_clearly(sharded, tmp_p
     assert result.layer == 4 and stats.layers_loaded == [0, 1, 2, 3, 4]
     with pytest.raises(LocatorError, match="no model.safetensors"):
         locate_layer_by_layer(tmp_path, 5)
+
+
+def test_the_output_head_is_never_read_and_dropped_layers_are_freed(sharded):
+    from llamafactory_macdrop import streaming
+
+    name, model, folder = sharded
+    if model.get_output_embeddings() is None:
+        pytest.skip("no output head")
+    lazy = streaming.LayerByLayerModel(folder)
+    lazy.load_non_layer_parameters()
+    assert lazy.model.get_output_embeddings().weight.device.type == "meta"  # untied head: never runs
+    assert lazy.model.get_input_embeddings().weight.device.type == "cpu"
+    lazy.close()
+    head = sum(p.numel() * 4 for p in model.get_output_embeddings().parameters())
+    non_layer = sum(p.numel() * 4 for n, p in model.named_parameters() if ".layers." not in n and ".h." not in n)
+    _, stats = locate_layer_by_layer(folder, 5)
+    assert stats.peak_bytes <= non_layer - head + sum(p.numel() * 4 for p in find_layer(model, 0).parameters()) * 1.01
+    streaming.return_freed_memory()  # callable everywhere (a no-op without glibc)

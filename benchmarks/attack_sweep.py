@@ -1,0 +1,246 @@
+"""What an attack sweep costs: one load vs a reload per setting; perplexity loop vs bare forwards.
+
+    python benchmarks/attack_sweep.py --preset cpu [--repeats 3] [--json out.json]
+    python benchmarks/attack_sweep.py --model models/SmolLM2-135M-Instruct --text-file tests/data/english.txt
+    python benchmarks/attack_sweep.py --preset gpu --device cuda
+
+(a) **One load vs reload per setting.** The 6-setting k-sweep of ``macdrop attack --mode zero
+--k-sweep 0,1,2,3,5,8`` (the baseline and top-k zeroing at k = 1, 2, 3, 5, 8) on one corpus,
+run through the project's own path (``from_pretrained`` -> ``locate_massive_weights`` ->
+``ModelAttacker`` -> ``sweep.run_sweep``) twice per pair, alternating: ONCE for all six
+settings (what ``macdrop attack`` does), and the obvious naive way, the same path once PER
+setting (load, locate, one setting). The naive arm reloads in the same process, so it does not
+pay the interpreter and imports a separate ``macdrop attack`` per setting would: the ratio is a
+lower bound for that. The perplexities of the two arms must be identical (they are compared).
+With L = load + locate and E = one setting's evaluation, the ratio is
+6(L + E) / (L + 6E): it approaches 6 when loading dominates and 1 when evaluation does, so the
+script prints L and E next to it (>= 5x needs L >= 24 E).
+
+(b) **Perplexity throughput.** ``perplexity.evaluate_perplexity`` (progress bar on, as the CLI
+runs it, written to /dev/null) vs a hand-written loop of bare forward passes over the SAME
+windows (same tensor, same dtype and device, ``inference_mode``, ``use_cache=False``, batch 1),
+alternating, ``--repeats`` pairs: median of the per-pair tokens/s ratio module / bare.
+
+Models: ``cpu``: a random 8-layer Llama, hidden 768, intermediate 2048, vocab 32000 (106 M
+parameters, SmolLM2-135M's size class) saved in bfloat16 and loaded as float32 (the CLI's
+default); ``--model DIR`` takes a real checkpoint (and ``--text-file`` a real text, tokenized
+with its tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import benchlib
+from benchlib import Clock, median
+
+PRESETS = {
+    "cpu": dict(layers=8, hidden=768, intermediate=2048, heads=12, vocab=32000, dtype="bfloat16",
+                sweep_tokens=256, ppl_windows=2, ppl_seq=512),
+    "gpu": dict(layers=16, hidden=4096, intermediate=14336, heads=32, vocab=32000, dtype="bfloat16",
+                sweep_tokens=4096, ppl_windows=16, ppl_seq=4096),
+}
+KS = [0, 1, 2, 3, 5, 8]
+
+
+def load(model_dir: Path, dtype: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+
+
+def sweep(model_dir: Path, dtype: str, device: str, settings, corpus) -> tuple[dict, float, list[float]]:
+    """load -> locate -> sweep ``settings``: {label: ppl}, seconds of load + locate, per-setting seconds."""
+    from llamafactory_macdrop.attacks import AttackTargets, ModelAttacker
+    from llamafactory_macdrop.locator import locate_massive_weights
+    from llamafactory_macdrop.sweep import AttackReport, run_sweep
+
+    with Clock(device == "cuda") as c:
+        model = load(model_dir, dtype, device)
+        located = locate_massive_weights(model, max(KS))
+        targets = AttackTargets(located.layer, located.indices)
+        attacker = ModelAttacker(model, targets)
+    report = run_sweep(model, attacker, settings, [corpus], report=AttackReport(str(model_dir), None, targets.to_dict()),
+                       progress=False)
+    assert report.restored_bitwise
+    return {r["setting"]: r["ppl"] for r in report.rows}, c.seconds, [r["seconds"] for r in report.rows]
+
+
+def one_load_vs_reload(model_dir: Path, dtype: str, device: str, corpus, repeats: int) -> dict:
+    from llamafactory_macdrop.attacks import sweep_settings
+
+    settings = sweep_settings(["zero"], KS)
+    assert len(settings) == 6
+
+    def one_load():
+        with Clock(device == "cuda") as c:
+            ppl, load_s, evals = sweep(model_dir, dtype, device, settings, corpus)
+        return {"seconds": c.seconds, "ppl": ppl, "load_locate_s": [load_s], "eval_s": evals}
+
+    def reload():
+        ppl, loads, evals = {}, [], []
+        with Clock(device == "cuda") as c:
+            for setting in settings:
+                one, load_s, ev = sweep(model_dir, dtype, device, [setting], corpus)
+                ppl.update(one)
+                loads.append(load_s)
+                evals += ev
+        return {"seconds": c.seconds, "ppl": ppl, "load_locate_s": loads, "eval_s": evals}
+
+    one_load()  # warm-up (first load, kernels)
+    pairs = benchlib.alternate({"one_load": one_load, "reload": reload}, repeats)
+    for p in pairs:
+        p["ratio"] = p["reload"]["seconds"] / p["one_load"]["seconds"]
+    identical = all(p["one_load"]["ppl"] == p["reload"]["ppl"] for p in pairs)
+    load_s = median(x for p in pairs for arm in ("one_load", "reload") for x in p[arm]["load_locate_s"])
+    eval_s = median(x for p in pairs for arm in ("one_load", "reload") for x in p[arm]["eval_s"])
+    return {"settings": [s.label for s in settings], "pairs": pairs, "median_ratio": median(p["ratio"] for p in pairs),
+            "one_load_s": median(p["one_load"]["seconds"] for p in pairs),
+            "reload_s": median(p["reload"]["seconds"] for p in pairs),
+            "load_locate_s": load_s, "eval_per_setting_s": eval_s,
+            "model_ratio": 6 * (load_s + eval_s) / (load_s + 6 * eval_s),
+            "identical_ppl": identical, "ppl": pairs[0]["one_load"]["ppl"]}
+
+
+def ppl_throughput(model_dir: Path, dtype: str, device: str, windows, repeats: int) -> dict:
+    import torch
+
+    from llamafactory_macdrop.perplexity import evaluate_perplexity
+
+    model = load(model_dir, dtype, device)
+    cuda = device == "cuda"
+    tokens = windows.full.numel()
+    on_device = windows.full.to(device)
+
+    def bare():
+        with Clock(cuda) as c, torch.inference_mode():
+            for x in on_device.split(1):
+                model(input_ids=x, use_cache=False).logits
+        return {"seconds": c.seconds, "tokens_per_s": tokens / c.seconds}
+
+    def module():
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), Clock(cuda) as c:
+            res = evaluate_perplexity(model, windows, "bench", progress=True)
+        return {"seconds": c.seconds, "tokens_per_s": tokens / c.seconds, "ppl": res.ppl}
+
+    bare(), module()  # warm-up
+    pairs = benchlib.alternate({"module": module, "bare": bare}, repeats)
+    for p in pairs:
+        p["ratio"] = p["module"]["tokens_per_s"] / p["bare"]["tokens_per_s"]
+    return {"pairs": pairs, "median_ratio": median(p["ratio"] for p in pairs), "tokens": tokens,
+            "windows": list(windows.full.shape),
+            "module_tokens_per_s": median(p["module"]["tokens_per_s"] for p in pairs),
+            "bare_tokens_per_s": median(p["bare"]["tokens_per_s"] for p in pairs)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="attack sweep: one load vs reloads; perplexity loop vs bare forwards")
+    parser.add_argument("--preset", choices=PRESETS, default="cpu")
+    parser.add_argument("--model", help="an existing checkpoint folder instead of the random model")
+    parser.add_argument("--text-file", help="with --model: the text to evaluate (tokenized by the model's tokenizer)")
+    parser.add_argument("--repeats", type=int, default=5, help="A/B pairs of (a)")
+    parser.add_argument("--ppl-repeats", type=int, default=11, help="A/B pairs of (b)")
+    parser.add_argument("--sweep-tokens", type=int, help="tokens of the (a) corpus, one window (default: preset's)")
+    parser.add_argument("--ppl-windows", type=int, help="windows of (b) (default: preset's)")
+    parser.add_argument("--seq-len", type=int, help="tokens per window of (b) (default: preset's)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", help="load dtype (default: float32 on CPU, the CLI's default; bfloat16 on CUDA)")
+    parser.add_argument("--skip-sweep", action="store_true", help="only (b)")
+    parser.add_argument("--skip-ppl", action="store_true", help="only (a)")
+    parser.add_argument("--work", help="where the random model goes (default: a temp dir; reused if present)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, one per core)")
+    opts = parser.parse_args()
+    cfg = dict(PRESETS[opts.preset])
+    for key in ("sweep_tokens", "ppl_windows"):
+        if getattr(opts, key):
+            cfg[key] = getattr(opts, key)
+    if opts.seq_len:
+        cfg["ppl_seq"] = opts.seq_len
+    dtype = opts.dtype or ("bfloat16" if opts.device == "cuda" else "float32")
+
+    import torch
+
+    from llamafactory_macdrop.perplexity import (TEXT_FILE_PROTOCOL, PerplexityProtocol, TextSource, make_windows,
+                                                 tokenize)
+    from llamafactory_macdrop.sweep import PreparedCorpus
+
+    benchlib.set_threads(opts.threads)
+    rec = benchlib.machine(opts.device)
+    if opts.model:
+        from transformers import AutoConfig, AutoTokenizer
+
+        model_dir = Path(opts.model)
+        vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+        what = f"checkpoint {opts.model}, loaded as {dtype}"
+    else:
+        work = Path(opts.work or tempfile.mkdtemp(prefix="macdrop-bench-"))
+        model_dir = work / f"sweep-{opts.preset}"
+        print(f"[bench] random {cfg['layers']}-layer Llama (hidden {cfg['hidden']}) in {model_dir}", flush=True)
+        benchlib.build_llama(model_dir, **{k: cfg[k] for k in ("layers", "hidden", "intermediate", "heads", "vocab")},
+                             dtype=cfg["dtype"])
+        vocab = cfg["vocab"]
+        what = (f"random Llama, {cfg['layers']} layers x hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, "
+                f"vocab {vocab}, {benchlib.model_params(cfg) / 1e6:.0f} M parameters, saved in {cfg['dtype']}, "
+                f"loaded as {dtype}")
+    benchlib.warm_page_cache(model_dir)
+    g = torch.Generator().manual_seed(0)
+    if opts.text_file:
+        stream = tokenize(AutoTokenizer.from_pretrained(model_dir), Path(opts.text_file).read_text())
+        text = f"{opts.text_file} ({stream.numel()} tokens)"
+    else:
+        stream = torch.randint(3, vocab, (max(cfg["sweep_tokens"], cfg["ppl_windows"] * cfg["ppl_seq"]),), generator=g)
+        text = "random tokens"
+    print(f"[bench] {what}; text: {text}", flush=True)
+
+    a = b = None
+    if not opts.skip_sweep:
+        if opts.text_file:
+            proto, sweep_stream = TEXT_FILE_PROTOCOL, stream  # what `macdrop attack --text-file` does
+        else:
+            proto, sweep_stream = PerplexityProtocol(seq_len=cfg["sweep_tokens"], bos="stream"), stream[: cfg["sweep_tokens"] - 1]
+        windows = make_windows(sweep_stream, proto, bos=1)
+        corpus = PreparedCorpus(TextSource("bench", "", text, proto), windows)
+        print(f"[bench] (a) 6-setting k-sweep {KS}: one load vs a reload per setting; "
+              f"{windows.count} window(s), {windows.predicted_tokens} predicted tokens", flush=True)
+        a = one_load_vs_reload(model_dir, dtype, opts.device, corpus, opts.repeats)
+        a["corpus"] = {"windows": windows.count, "predicted_tokens": windows.predicted_tokens}
+    if not opts.skip_ppl:
+        proto = PerplexityProtocol(seq_len=cfg["ppl_seq"], bos="none", max_windows=cfg["ppl_windows"])
+        windows = make_windows(stream, proto)
+        print(f"[bench] (b) perplexity module vs bare forward loop: {windows.full.shape[0]} windows of "
+              f"{windows.full.shape[1]} tokens", flush=True)
+        b = ppl_throughput(model_dir, dtype, opts.device, windows, opts.ppl_repeats)
+    benchlib.finish_record(rec)
+
+    print(f"\n{what}; text: {text}")
+    print(f"machine: {benchlib.describe(rec)}")
+    if a:
+        print(f"\n(a) k-sweep {', '.join(a['settings'])} on {a['corpus']['predicted_tokens']} predicted tokens; "
+              f"{opts.repeats} alternating pairs, median; perplexities identical: {'yes' if a['identical_ppl'] else 'NO'}\n")
+        print("| | one load (macdrop attack) | reload per setting | ratio |")
+        print("|---|---|---|---|")
+        print(f"| sweep wall time | {a['one_load_s']:.2f} s | {a['reload_s']:.2f} s | **{a['median_ratio']:.2f}** |")
+        print(f"\nL = load + locate {a['load_locate_s']:.2f} s, E = one setting's evaluation {a['eval_per_setting_s']:.2f} s: "
+              f"6(L+E)/(L+6E) = {a['model_ratio']:.2f}")
+    if b:
+        print(f"\n(b) {b['windows'][0]} windows x {b['windows'][1]} tokens, batch 1; {opts.ppl_repeats} alternating pairs, "
+              f"median\n")
+        print("| | evaluate_perplexity | bare forward loop | ratio |")
+        print("|---|---|---|---|")
+        print(f"| tokens/s | {b['module_tokens_per_s']:,.0f} | {b['bare_tokens_per_s']:,.0f} | **{b['median_ratio']:.3f}** |")
+    report = {"benchmark": "attack_sweep", "preset": opts.preset, "model": what, "text": text,
+              "config": None if opts.model else cfg, "dtype": dtype, "machine": rec,
+              "one_load_vs_reload": a, "perplexity_throughput": b}
+    benchlib.write_json(opts.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
