@@ -16,6 +16,12 @@ With L = load + locate and E = one setting's evaluation, the ratio is
 6(L + E) / (L + 6E): it approaches 6 when loading dominates and 1 when evaluation does, so the
 script prints L and E next to it (>= 5x needs L >= 24 E).
 
+(c) **As a user runs it** (``--cli``): ONE ``macdrop attack MODEL --mode zero --k-sweep
+0,1,2,3,5,8 --text-file F`` process vs the five processes ``macdrop attack MODEL --mode zero
+--k K --text-file F`` (K = 1, 2, 3, 5, 8; each also evaluates the baseline, as every attack
+run does), alternating, median wall ratio. Here the interpreter start and the imports of
+torch/transformers/lm-eval are part of the reload cost, as they are for a user.
+
 (b) **Perplexity throughput.** ``perplexity.evaluate_perplexity`` (progress bar on, as the CLI
 runs it, written to /dev/null) vs a hand-written loop of bare forward passes over the SAME
 windows (same tensor, same dtype and device, ``inference_mode``, ``use_cache=False``, batch 1),
@@ -108,6 +114,38 @@ def one_load_vs_reload(model_dir: Path, dtype: str, device: str, corpus, repeats
             "identical_ppl": identical, "ppl": pairs[0]["one_load"]["ppl"]}
 
 
+def cli_processes(model_dir: Path, text_file: Path, device: str, repeats: int) -> dict:
+    """(c): one ``macdrop attack --k-sweep`` process vs one process per k (wall clock)."""
+    import subprocess
+    import time
+
+    exe = Path(sys.executable).parent / "macdrop"
+    base = [str(exe), "attack", str(model_dir), "--mode", "zero", "--text-file", str(text_file), "--no-progress",
+            "--device", device]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def run(args: list[str]) -> float:
+        t0 = time.perf_counter()
+        proc = subprocess.run(base + args, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"macdrop attack failed:\n{proc.stderr[-3000:]}")
+        return time.perf_counter() - t0
+
+    def sweep_arm():
+        return {"seconds": run(["--k-sweep", ",".join(map(str, KS))])}
+
+    def per_k_arm():
+        times = [run(["--k", str(k)]) for k in KS if k > 0]
+        return {"seconds": sum(times), "per_process_s": times}
+
+    pairs = benchlib.alternate({"one_process": sweep_arm, "per_k": per_k_arm}, repeats)
+    for p in pairs:
+        p["ratio"] = p["per_k"]["seconds"] / p["one_process"]["seconds"]
+    return {"pairs": pairs, "median_ratio": median(p["ratio"] for p in pairs),
+            "one_process_s": median(p["one_process"]["seconds"] for p in pairs),
+            "per_k_s": median(p["per_k"]["seconds"] for p in pairs), "processes": len([k for k in KS if k > 0])}
+
+
 def ppl_throughput(model_dir: Path, dtype: str, device: str, windows, repeats: int) -> dict:
     import torch
 
@@ -151,6 +189,8 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, help="tokens per window of (b) (default: preset's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", help="load dtype (default: float32 on CPU, the CLI's default; bfloat16 on CUDA)")
+    parser.add_argument("--cli", action="store_true", help="also (c): macdrop attack processes, one vs one per k")
+    parser.add_argument("--cli-repeats", type=int, default=2, help="A/B pairs of (c)")
     parser.add_argument("--skip-sweep", action="store_true", help="only (b)")
     parser.add_argument("--skip-ppl", action="store_true", help="only (a)")
     parser.add_argument("--work", help="where the random model goes (default: a temp dir; reused if present)")
@@ -199,7 +239,18 @@ def main() -> int:
         text = "random tokens"
     print(f"[bench] {what}; text: {text}", flush=True)
 
-    a = b = None
+    a = b = c = None
+    if opts.cli:
+        text_file = Path(opts.text_file) if opts.text_file else model_dir / "bench_text.txt"
+        if not opts.text_file:  # random words the model's tokenizer knows, ~sweep_tokens of them
+            import random
+
+            import tiny
+
+            rng = random.Random(0)
+            text_file.write_text(" ".join(rng.choice(tiny._WORDS) for _ in range(cfg["sweep_tokens"])))
+        print(f"[bench] (c) one `macdrop attack --k-sweep` process vs one process per k, on {text_file}", flush=True)
+        c = cli_processes(model_dir, text_file, opts.device, opts.cli_repeats)
     if not opts.skip_sweep:
         if opts.text_file:
             proto, sweep_stream = TEXT_FILE_PROTOCOL, stream  # what `macdrop attack --text-file` does
@@ -229,6 +280,11 @@ def main() -> int:
         print(f"| sweep wall time | {a['one_load_s']:.2f} s | {a['reload_s']:.2f} s | **{a['median_ratio']:.2f}** |")
         print(f"\nL = load + locate {a['load_locate_s']:.2f} s, E = one setting's evaluation {a['eval_per_setting_s']:.2f} s: "
               f"6(L+E)/(L+6E) = {a['model_ratio']:.2f}")
+    if c:
+        print(f"\n(c) `macdrop attack` processes, {opts.cli_repeats} alternating pairs, median\n")
+        print("| | one process, --k-sweep 0,1,2,3,5,8 | one process per k (5) | ratio |")
+        print("|---|---|---|---|")
+        print(f"| wall time | {c['one_process_s']:.1f} s | {c['per_k_s']:.1f} s | **{c['median_ratio']:.2f}** |")
     if b:
         print(f"\n(b) {b['windows'][0]} windows x {b['windows'][1]} tokens, batch 1; {opts.ppl_repeats} alternating pairs, "
               f"median\n")
@@ -237,7 +293,8 @@ def main() -> int:
         print(f"| tokens/s | {b['module_tokens_per_s']:,.0f} | {b['bare_tokens_per_s']:,.0f} | **{b['median_ratio']:.3f}** |")
     report = {"benchmark": "attack_sweep", "preset": opts.preset, "model": what, "text": text,
               "config": None if opts.model else cfg, "dtype": dtype, "machine": rec,
-              "one_load_vs_reload": a, "perplexity_throughput": b}
+              "one_load_vs_reload": a, "perplexity_throughput": b,
+              "cli_processes": c}
     benchlib.write_json(opts.json, report)
     return 0
 

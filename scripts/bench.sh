@@ -12,6 +12,8 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 "$PY" benchmarks/locator_cost.py --preset cpu --work "$WORK" $THREADS --json "$OUT/locator_cost.json"
-"$PY" benchmarks/attack_sweep.py --preset cpu --work "$WORK" $THREADS --json "$OUT/attack_sweep.json"
-"$PY" benchmarks/train_overhead.py --preset cpu --json "$OUT/train_overhead.json"
+"$PY" benchmarks/attack_sweep.py --preset cpu --work "$WORK" $THREADS --cli --json "$OUT/attack_sweep.json"
+"$PY" benchmarks/train_overhead.py --preset cpu --work "$WORK/train" --json "$OUT/train_overhead.json"
+"$PY" benchmarks/train_overhead.py --preset cpu --work "$WORK/train" --steps 30 --nproc 2 \
+    --deepspeed yaml_configs/ds_z3_config.json --json "$OUT/train_overhead_zero3.json"
 echo "bench: results in $OUT/"
