@@ -348,8 +348,9 @@ def main() -> int:
     import llamafactory
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
-    n_params = cfg["layers"] * (4 * cfg["hidden"] ** 2 + 3 * cfg["hidden"] * cfg["intermediate"]) \
-        + 2 * cfg["vocab"] * cfg["hidden"]
+    kv = cfg.get("kv_heads", cfg["heads"]) / cfg["heads"]  # grouped-query attention shrinks k/v projections
+    n_params = int(cfg["layers"] * ((2 + 2 * kv) * cfg["hidden"] ** 2 + 3 * cfg["hidden"] * cfg["intermediate"])
+                   + 2 * cfg["vocab"] * cfg["hidden"])
     lora_step = result["lora_step_s"]
     if cost is not None:
         print(f"mask + restore (k=5, one micro-batch): {cost:.1f} us = {cost / (lora_step * 1e6) * 100:.4f} % of a LoRA step")
