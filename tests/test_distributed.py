@@ -1,4 +1,4 @@
-"""Data-parallel MacDrop on CPU: torchrun DDP (gloo) and DeepSpeed ZeRO-2/ZeRO-3, 2 ranks each.
+"""Data-parallel MacDrop on CPU: torchrun DDP (gloo), DeepSpeed ZeRO-2/ZeRO-3 and FSDP1/FSDP2, 2 ranks each.
 
 Every run trains the planted tiny Llama for 4 optimizer steps (pt stage: packed 32-token blocks,
 so every micro-batch has the same number of tokens and the global-batch loss of 2 ranks x 1 row
@@ -24,6 +24,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import tiny
@@ -36,16 +37,53 @@ STEPS, GA = 4, 2
 deepspeed = pytest.importorskip("deepspeed")
 
 
+#: FSDP mode -> (shipped accelerate config, settings changed from it)
+FSDP_MODES = {
+    "fsdp1": ("fsdp_config.yaml", {}),  # use_orig_params: true, as LLaMA-Factory's example
+    "fsdp1_flat": ("fsdp_config.yaml", {"fsdp_use_orig_params": False}),
+    "fsdp2": ("fsdp2_config.yaml", {}),
+}
+SINGLE_PROCESS = ("single", "single_unclipped", "qlora")
+
+
+#: accelerate/FSDP settings a CPU-only machine cannot use (module docstring); tests/gpu/check_gpu.py
+#: runs the shipped configs unchanged
+CPU_ONLY = {
+    "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+    "fsdp_sync_module_states": False,  # accelerate: "There are currently no available devices found"
+    "fsdp_cpu_ram_efficient_loading": False,  # needs sync_module_states
+}
+
+
+def _unclipped(mode):
+    return mode == "single_unclipped" or mode.startswith("fsdp1")
+
+
+def fsdp_env(config_name: str, **overrides) -> dict:
+    """The environment ``accelerate launch --config_file yaml_configs/<config_name>`` gives each rank."""
+    config = yaml.safe_load((REPO / "yaml_configs" / config_name).read_text())
+    assert config["distributed_type"] == "FSDP"
+    settings = {**config["fsdp_config"], **overrides, **CPU_ONLY}
+    env = {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_MIXED_PRECISION": "no"}
+    for key, value in settings.items():
+        name = "FSDP_TRANSFORMER_CLS_TO_WRAP" if key == "fsdp_transformer_layer_cls_to_wrap" else key.upper()
+        env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
 def _args(model_dir, data_dir, out, mode):
     """LLaMA-Factory arguments; ``mode`` adds DeepSpeed (zero2/zero3) or 4-bit QLoRA (qlora)."""
     args = tiny.lf_train_args(
         model_dir, data_dir, out, stage="pt", dataset="tiny_pt", cutoff_len=32, max_steps=STEPS,
-        per_device_train_batch_size=2 if mode == "single" else 1, gradient_accumulation_steps=GA, seed=7,
+        per_device_train_batch_size=1 if mode in ("ddp", "zero2", "zero3") or mode in FSDP_MODES else 2,
+        gradient_accumulation_steps=GA, seed=7,
     )
     if mode in ("zero2", "zero3"):
         args["deepspeed"] = str(REPO / "yaml_configs" / f"ds_z{mode[-1]}_config.json")
     if mode == "qlora":
         args["quantization_bit"] = 4
+    if _unclipped(mode):
+        args["max_grad_norm"] = 0.0
     return args
 
 
@@ -54,14 +92,18 @@ def _run(tmp_path, model_dir, data_dir, mode):
     work.mkdir()
     args = _args(model_dir, data_dir, work / "out", mode)
     (work / "args.json").write_text(json.dumps(args))
-    cmd = [sys.executable, str(SCRIPT)] if mode in ("single", "qlora") else \
+    cmd = [sys.executable, str(SCRIPT)] if mode in SINGLE_PROCESS else \
         [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT)]
+    # the repository first: a worktree must test its own package, not an editable install elsewhere
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "tests"), "DS_ACCELERATOR": "cpu"}
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu"}
+    if mode in FSDP_MODES:
+        config_name, overrides = FSDP_MODES[mode]
+        env.update(fsdp_env(config_name, **overrides))
     proc = subprocess.run(cmd + [str(work / "args.json"), str(work / "trace")], cwd=work, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = 1 if mode in ("single", "qlora") else 2
+    ranks = 1 if mode in SINGLE_PROCESS else 2
     traces = [torch.load(work / "trace" / f"rank{r}.pt") for r in range(ranks)]
     state = json.loads((work / "out" / "trainer_state.json").read_text())
     return traces, [h for h in state["log_history"] if "loss" in h]
@@ -72,13 +114,20 @@ def single(tiny_llama_dir, tiny_data_dir, tmp_path_factory):
     return _run(tmp_path_factory.mktemp("dist"), tiny_llama_dir, tiny_data_dir, "single")
 
 
-@pytest.mark.parametrize("mode", ["single", "ddp", "zero2", "zero3", "qlora"])
-def test_data_parallel_is_algorithm1_on_the_global_batch(mode, single, tiny_llama_dir, tiny_data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def single_unclipped(tiny_llama_dir, tiny_data_dir, tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("dist"), tiny_llama_dir, tiny_data_dir, "single_unclipped")
+
+
+@pytest.mark.parametrize("mode", ["single", "ddp", "zero2", "zero3", "qlora", *FSDP_MODES])
+def test_data_parallel_is_algorithm1_on_the_global_batch(mode, single, tiny_llama_dir, tiny_data_dir, tmp_path, request):
     if mode.startswith("zero") and not shutil.which("g++"):
         pytest.skip("DeepSpeed's CPU ops need g++")
     if mode == "qlora":
         pytest.importorskip("bitsandbytes")
     traces, log = single if mode == "single" else _run(tmp_path, tiny_llama_dir, tiny_data_dir, mode)
+    if _unclipped(mode):
+        single = request.getfixturevalue("single_unclipped")
     weights = load_file(tiny_llama_dir / "model.safetensors")
     up_name = f"model.layers.{tiny.PLANTED_LAYER}.mlp.up_proj.weight"
     if mode != "qlora":  # QLoRA computes with the dequantized 4-bit weight, the rest with the checkpoint
@@ -87,6 +136,8 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(mode, single, tiny_llam
             assert torch.equal(trace["original"]["gate"], weights[up_name.replace("up_proj", "gate_proj")])
     for trace in traces:
         assert (trace["engine"] == "DeepSpeedEngine") == mode.startswith("zero")
+        expected_shard = {"fsdp1": "FSDP1Shard", "fsdp1_flat": "FSDP1Shard", "fsdp2": "FSDP2Shard"}.get(mode)
+        assert trace["fsdp_sharded"] == [expected_shard] * 2, trace["fsdp_sharded"]
     verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA,
            zero3=mode == "zero3")
 
@@ -96,4 +147,6 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(mode, single, tiny_llam
     single_log = single[1]
     assert [h["macdrop_p"] for h in log] == [h["macdrop_p"] for h in single_log]
     assert [h["loss"] for h in log] == pytest.approx([h["loss"] for h in single_log], abs=2e-3)
+    if mode.startswith("fsdp1"):  # FSDP1's reported norm differs on CPU ranks, with or without MacDrop (above)
+        return
     assert [h["grad_norm"] for h in log] == pytest.approx([h["grad_norm"] for h in single_log], rel=1e-2)
