@@ -122,13 +122,18 @@ def expected_masks(seed: int, steps: int, ga: int, p0: float, shape, device: str
 
 
 def verify(traces: list, *, layer: int, indices: list, seed: int, steps: int, ga: int, p0: float = 0.8,
-           zero3: bool = False, recompute: bool = True) -> list[str]:
-    """Assert Algorithm 1 on every rank's trace; returns what was checked (for printing)."""
+           zero3: bool = False, recompute: bool = True, reference: bool = False) -> list[str]:
+    """Assert Algorithm 1 on every rank's trace; returns what was checked (for printing).
+
+    Per micro-batch the forwards of W_up are: the training forward (masked), with ``reference``
+    (DPO) the reference forward (adapter disabled, no grad: must see the ORIGINAL rows), then
+    with ``recompute`` the gradient-checkpoint recomputation in backward (masked again)."""
     from llamafactory_macdrop.masking import bits
 
     shape = tuple(traces[0]["original"]["up"][indices].shape)
     expected = expected_masks(seed, steps, ga, p0, shape, traces[0]["mask_device"])
-    per_micro = 2 if recompute else 1
+    pattern = ["masked"] + (["original"] if reference else []) + (["masked"] if recompute else [])
+    per_micro = len(pattern)
     for rank, trace in enumerate(traces):
         assert trace["located"]["layer"] == layer and trace["located"]["indices"] == indices, trace["located"]
         assert all(trace["zero3_partitioned"]) == zero3, trace["zero3_partitioned"]
@@ -136,8 +141,9 @@ def verify(traces: list, *, layer: int, indices: list, seed: int, steps: int, ga
         seen = trace["forward"]
         assert len(seen) == per_micro * len(expected), (len(seen), len(expected))
         for i, (step, keep) in enumerate(expected):
-            for step_seen, rows in seen[per_micro * i: per_micro * (i + 1)]:
-                assert step_seen == step and torch.equal(rows, original * keep), f"rank {rank} step {step} micro {i % ga}"
+            for kind, (step_seen, rows) in zip(pattern, seen[per_micro * i: per_micro * (i + 1)]):
+                want = original * keep if kind == "masked" else original
+                assert step_seen == step and torch.equal(rows, want), f"rank {rank} step {step} micro {i % ga} {kind}"
         assert [s for s, _ in trace["after_step"]] == list(range(1, steps + 1))
         for _, rows in trace["after_step"]:
             for key in ("up", "gate"):
@@ -146,7 +152,8 @@ def verify(traces: list, *, layer: int, indices: list, seed: int, steps: int, ga
             assert torch.equal(bits(trace["final"][key]), bits(trace["original"][key]))
     return [
         f"{len(traces)} rank(s) located layer {layer}, indices {indices}",
-        f"{len(expected) * per_micro} forwards of W_up per rank saw original * M, M = Algorithm 1's mask (oracle)",
+        f"{len(expected) * per_micro} forwards of W_up per rank saw original * M, M = Algorithm 1's mask (oracle)"
+        + (", the reference forwards the original rows" if reference else ""),
         "same mask on every rank" if len(traces) > 1 else "single rank",
         "W_up/W_gate bitwise restored after each of %d optimizer steps and at the end" % steps,
         "ZeRO-3 partitioned targets" if zero3 else "replicated targets",

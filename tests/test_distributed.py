@@ -71,10 +71,11 @@ def fsdp_env(config_name: str, **overrides) -> dict:
     return env
 
 
-def _args(model_dir, data_dir, out, mode):
+def _args(model_dir, data_dir, out, mode, stage="pt"):
     """LLaMA-Factory arguments; ``mode`` adds DeepSpeed (zero2/zero3) or 4-bit QLoRA (qlora)."""
+    data = {"pt": dict(dataset="tiny_pt", cutoff_len=32), "dpo": dict(dataset="tiny_dpo", cutoff_len=48)}[stage]
     args = tiny.lf_train_args(
-        model_dir, data_dir, out, stage="pt", dataset="tiny_pt", cutoff_len=32, max_steps=STEPS,
+        model_dir, data_dir, out, stage=stage, **data, max_steps=STEPS,
         per_device_train_batch_size=1 if mode in ("ddp", "zero2", "zero3") or mode in FSDP_MODES else 2,
         gradient_accumulation_steps=GA, seed=7,
     )
@@ -87,10 +88,10 @@ def _args(model_dir, data_dir, out, mode):
     return args
 
 
-def _run(tmp_path, model_dir, data_dir, mode):
+def _run(tmp_path, model_dir, data_dir, mode, stage="pt"):
     work = tmp_path / mode
     work.mkdir()
-    args = _args(model_dir, data_dir, work / "out", mode)
+    args = _args(model_dir, data_dir, work / "out", mode, stage)
     (work / "args.json").write_text(json.dumps(args))
     cmd = [sys.executable, str(SCRIPT)] if mode in SINGLE_PROCESS else \
         [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT)]
@@ -150,3 +151,13 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(mode, single, tiny_llam
     if mode.startswith("fsdp1"):  # FSDP1's reported norm differs on CPU ranks, with or without MacDrop (above)
         return
     assert [h["grad_norm"] for h in log] == pytest.approx([h["grad_norm"] for h in single_log], rel=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["fsdp1", "fsdp2"])
+def test_dpo_reference_forward_sees_original_rows_under_fsdp(mode, tiny_llama_dir, tiny_data_dir, tmp_path):
+    """DPO's reference forward (same model, adapter off) runs between the masked forward and the
+    masked recomputation: MacDrop restores the shards for it and re-applies the same M after."""
+    traces, log = _run(tmp_path, tiny_llama_dir, tiny_data_dir, mode, stage="dpo")
+    verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA,
+           reference=True)
+    assert [h["macdrop_p"] for h in log] == pytest.approx([0.6, 0.4, 0.2, 0.0])
