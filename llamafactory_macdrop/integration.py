@@ -157,16 +157,17 @@ def _validate_fsdp(lf_args: dict[str, Any] | list[str]) -> None:
             f"macdrop=true with FSDP CPU offload (fsdp_offload_params: true / fsdp: offload, in {where}) is not "
             "supported (untested); use fsdp_offload_params: false, or DeepSpeed ZeRO-3"
         )
-    if version == "1" and fsdp["strategy"] != "FULL_SHARD":
+    if version == "1" and fsdp["strategy"] not in ("FULL_SHARD", "NO_SHARD"):
         raise MacDropConfigError(
             f"macdrop=true with FSDP1 fsdp_sharding_strategy={fsdp['strategy']} in {where} is not supported "
-            "(supported: FULL_SHARD, which gathers every forward's weights from the shards MacDrop edits): "
-            "use FULL_SHARD, or fsdp_version: 2"
+            "(supported: FULL_SHARD, which gathers every forward's weights from the shards MacDrop edits, and "
+            "NO_SHARD): use FULL_SHARD, or fsdp_version: 2"
         )
     if version == "2" and not fsdp["reshard_after_forward"]:
         raise MacDropConfigError(
             f"macdrop=true with FSDP2 fsdp_reshard_after_forward=false in {where} is not supported (after the "
-            "locator's no-grad probe forward FSDP2 then trains with zero gradients): use fsdp_reshard_after_forward: true"
+            "locator's no-grad probe forward FSDP2 then trains with zero gradients): "
+            "use fsdp_reshard_after_forward: true"
         )
     if str(_lf_value(lf_args, "quantization_bit", None) or "").strip() not in ("", "None", "none"):
         raise MacDropConfigError(

@@ -154,7 +154,9 @@ class RowTarget:
         if self.zero3:
             raise ValueError(f"{self.name}: a parameter cannot be both ZeRO-3 partitioned and FSDP sharded")
         if tuple(shard.shape) != tuple(logical_shape(self.weight)):
-            raise ValueError(f"{self.name}: FSDP reports shape {tuple(shard.shape)}, the module {tuple(self.weight.shape)}")
+            raise ValueError(
+                f"{self.name}: FSDP reports shape {tuple(shard.shape)}, the module {tuple(self.weight.shape)}"
+            )
         self.shard = shard
         self._index_slice(shard.start, shard.count, shard.base)
 
@@ -379,12 +381,11 @@ class FSDP1Shard(FSDPShard):
     (the concatenation of a wrapped module's flattened weights, padded); each rank holds a
     contiguous slice, ``_local_shard``, that each unshard reads (through ``_mp_shard`` under mixed
     precision, from the CPU under offload). ``_shard_param_infos`` says which part of the weight
-    the slice holds."""
+    the slice holds. Under NO_SHARD (also FULL_SHARD on one rank: FSDP1 switches) the slice is the
+    whole FlatParameter."""
 
     def __init__(self, handle, index: int) -> None:
         flat = handle.flat_param
-        if not handle.uses_sharded_strategy:
-            raise ValueError("FSDP1 NO_SHARD is not supported by MacDrop (use FULL_SHARD, or plain DDP)")
         self.handle = handle
         self.info = flat._param_infos[index]
         self.shape = torch.Size(flat._shapes[index])
@@ -407,6 +408,10 @@ class FSDP1Shard(FSDPShard):
                 raise RuntimeError(f"FSDP1 shows {self.info.module_name}.{self.info.param_name} with shape "
                                    f"{tuple(view.shape)} in summon_full_params; expected {tuple(self.shape)}")
             return view
+        if not self.handle.uses_sharded_strategy:
+            # NO_SHARD (what FSDP1 makes of FULL_SHARD on a single rank): the flat parameter is
+            # the whole weight and the module's views point into it; editing it is enough
+            return None
         if self.handle.needs_unshard():  # the next forward all-gathers from _local_shard
             return None
         # FSDP1 kept a gathered copy that the next forward would reuse without reading the shards

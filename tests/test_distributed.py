@@ -9,11 +9,26 @@ per-rank traces:
 * every forward of W_up (gradient-checkpoint recomputation included) saw exactly
   ``original * M`` on the located rows, with M the mask Algorithm 1 draws for that optimizer
   step and micro-batch (recomputed here from the seed), the same M on every rank; under ZeRO-3
-  that is the GATHERED weight, assembled from each rank's partition edits;
+  and FSDP that is the GATHERED weight, assembled from each rank's partition/shard edits;
 * after every optimizer step, and at the end, the weights are bitwise what they were before;
 * QLoRA (4-bit, bitsandbytes on CPU): the dequantized rows the layer computes with are exactly
   ``dequant(W) * M`` (masking edits the 4-bit codes, see masking.Packed4bitRowTarget);
-* loss, grad norm and macdrop_p per step equal the single-process run's.
+* loss, grad norm and macdrop_p per step equal the single-process run's;
+* DPO under FSDP1/FSDP2: the reference forward (adapter off) sees the original rows between the
+  masked forward and the masked recomputation.
+
+FSDP runs take their settings from the shipped accelerate configs (yaml_configs/fsdp_config.yaml,
+fsdp2_config.yaml), passed as the FSDP_* variables ``accelerate launch`` would set, under
+torchrun: ``accelerate launch`` itself refuses FSDP on a CPU-only machine ("There are currently
+no available devices found"), and accelerate's state stays MULTI_CPU (plain DDP) on CPU ranks,
+which dist_check.allow_fsdp_on_cpu lifts for these tests. CPU-only deviations from the configs
+(CPU_ONLY below), all the same without MacDrop: the final save uses SHARDED_STATE_DICT
+(FULL_STATE_DICT fails on CPU in peft's save_pretrained: "Attempted to access the data pointer on
+an invalid python storage"); sync_module_states and cpu_ram_efficient_loading are off (accelerate
+needs an accelerator device for them); and FSDP1 runs without gradient clipping, compared with an
+unclipped single-process run, because FSDP1's clip_grad_norm_ reports a different norm on these
+CPU ranks (12.25 single vs 9.52 FSDP1 at step 1 without MacDrop; the losses then drift apart
+through the clipping factor, while unclipped they agree to every printed digit).
 """
 
 import json
@@ -41,6 +56,8 @@ deepspeed = pytest.importorskip("deepspeed")
 FSDP_MODES = {
     "fsdp1": ("fsdp_config.yaml", {}),  # use_orig_params: true, as LLaMA-Factory's example
     "fsdp1_flat": ("fsdp_config.yaml", {"fsdp_use_orig_params": False}),
+    # what FSDP1 makes of FULL_SHARD on one rank (one GPU): the FlatParameter is not split
+    "fsdp1_noshard": ("fsdp_config.yaml", {"fsdp_sharding_strategy": "NO_SHARD"}),
     "fsdp2": ("fsdp2_config.yaml", {}),
 }
 SINGLE_PROCESS = ("single", "single_unclipped", "qlora")
@@ -56,7 +73,7 @@ CPU_ONLY = {
 
 
 def _unclipped(mode):
-    return mode == "single_unclipped" or mode.startswith("fsdp1")
+    return mode in ("single_unclipped", "fsdp1", "fsdp1_flat")  # FSDP1 split across ranks: docstring
 
 
 def fsdp_env(config_name: str, **overrides) -> dict:
@@ -121,7 +138,9 @@ def single_unclipped(tiny_llama_dir, tiny_data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["single", "ddp", "zero2", "zero3", "qlora", *FSDP_MODES])
-def test_data_parallel_is_algorithm1_on_the_global_batch(mode, single, tiny_llama_dir, tiny_data_dir, tmp_path, request):
+def test_data_parallel_is_algorithm1_on_the_global_batch(
+    mode, single, tiny_llama_dir, tiny_data_dir, tmp_path, request
+):
     if mode.startswith("zero") and not shutil.which("g++"):
         pytest.skip("DeepSpeed's CPU ops need g++")
     if mode == "qlora":
@@ -137,7 +156,8 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(mode, single, tiny_llam
             assert torch.equal(trace["original"]["gate"], weights[up_name.replace("up_proj", "gate_proj")])
     for trace in traces:
         assert (trace["engine"] == "DeepSpeedEngine") == mode.startswith("zero")
-        expected_shard = {"fsdp1": "FSDP1Shard", "fsdp1_flat": "FSDP1Shard", "fsdp2": "FSDP2Shard"}.get(mode)
+        expected_shard = {"fsdp1": "FSDP1Shard", "fsdp1_flat": "FSDP1Shard", "fsdp1_noshard": "FSDP1Shard",
+                          "fsdp2": "FSDP2Shard"}.get(mode)
         assert trace["fsdp_sharded"] == [expected_shard] * 2, trace["fsdp_sharded"]
     verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA,
            zero3=mode == "zero3")
@@ -148,7 +168,7 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(mode, single, tiny_llam
     single_log = single[1]
     assert [h["macdrop_p"] for h in log] == [h["macdrop_p"] for h in single_log]
     assert [h["loss"] for h in log] == pytest.approx([h["loss"] for h in single_log], abs=2e-3)
-    if mode.startswith("fsdp1"):  # FSDP1's reported norm differs on CPU ranks, with or without MacDrop (above)
+    if mode in ("fsdp1", "fsdp1_flat"):  # FSDP1's reported norm differs on CPU ranks, with or without MacDrop
         return
     assert [h["grad_norm"] for h in log] == pytest.approx([h["grad_norm"] for h in single_log], rel=1e-2)
 

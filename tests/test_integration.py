@@ -165,6 +165,7 @@ def test_unsupported_combinations_are_refused_before_loading(tiny_data_dir, tmp_
     [
         ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}, None),
         ({"FSDP_VERSION": "1"}, None),  # accelerate's default strategy: FULL_SHARD
+        ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, None),
         ({"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}, None),
         ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "2"}, "fsdp_sharding_strategy=SHARD_GRAD_OP"),
         ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "fsdp_sharding_strategy=HYBRID_SHARD"),

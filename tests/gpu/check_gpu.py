@@ -61,7 +61,8 @@ def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
     script = str(TESTS / "dist_check.py")
     if name in FSDP_CONFIGS:
         config = str(REPO / "yaml_configs" / FSDP_CONFIGS[name][0])
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "1", script]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "1",
+               script]
     elif "deepspeed" in args:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", script]
     else:
