@@ -94,6 +94,88 @@ def _finetuning_default(name: str) -> Any:
     raise _internals_error(f"FinetuningArguments has no field '{name}'")
 
 
+def fsdp_settings(lf_args: dict[str, Any] | list[str]) -> Optional[dict[str, Any]]:
+    """The FSDP set-up a run will get, or None without FSDP.
+
+    Two ways in, as in LLaMA-Factory: ``fsdp:`` (+ ``fsdp_config:``) training arguments, which
+    transformers turns into accelerate's FSDP plugin; or ``accelerate launch --config_file
+    fsdp_config.yaml``, which hands the settings to every rank as ``FSDP_*`` environment variables
+    (ACCELERATE_USE_FSDP=true). Returns version (1 or 2), strategy (FSDP1 sharding strategy, upper
+    case), reshard_after_forward (FSDP2), offload and the names the user wrote them under.
+    """
+    fsdp = _lf_value(lf_args, "fsdp", "")
+    if isinstance(fsdp, (list, tuple)):
+        fsdp = " ".join(str(x) for x in fsdp)
+    fsdp = "" if fsdp is None or fsdp is False else str(fsdp).strip().lower()
+    if fsdp in ("", "[]", "false", "none"):
+        fsdp = ""
+    if fsdp:
+        options = ["full_shard"] if fsdp == "true" else fsdp.split()
+        config = _lf_value(lf_args, "fsdp_config", None) or {}
+        if isinstance(config, str):
+            import json
+
+            with open(config, encoding="utf-8") as f:
+                config = json.load(f)
+        config = {k[5:] if k.startswith("fsdp_") else k: v for k, v in dict(config).items()}
+        strategy = next((o for o in options if o not in ("offload", "auto_wrap")), "full_shard")
+        version = config.get("version", 1)
+        reshard = config.get("reshard_after_forward", strategy != "shard_grad_op" if version in (2, "2") else strategy)
+        return {
+            "version": version,
+            "strategy": str(reshard).upper(),
+            "reshard_after_forward": _truthy(str(reshard).lower()),
+            "offload": "offload" in options or _truthy(str(config.get("offload_params", False))),
+            "where": "fsdp / fsdp_config",
+        }
+    if not _truthy(os.environ.get("ACCELERATE_USE_FSDP")):
+        return None
+    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+    names = ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"]  # accelerate's order
+    if strategy.isdigit() and 1 <= int(strategy) <= len(names):
+        strategy = names[int(strategy) - 1]
+    return {
+        "version": os.environ.get("FSDP_VERSION", "1"),
+        "strategy": strategy,
+        "reshard_after_forward": _truthy(os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")),
+        "offload": _truthy(os.environ.get("FSDP_OFFLOAD_PARAMS", "false")),
+        "where": "the accelerate config (fsdp_config:)",
+    }
+
+
+def _validate_fsdp(lf_args: dict[str, Any] | list[str]) -> None:
+    """FSDP variants MacDrop keeps exact (see docs/distributed.md); anything else in one line."""
+    fsdp = fsdp_settings(lf_args)
+    if fsdp is None:
+        return
+    where = fsdp["where"]
+    version = str(fsdp["version"])
+    if version not in ("1", "2"):
+        raise MacDropConfigError(f"macdrop=true with fsdp_version={version} in {where} is not supported: use 1 or 2")
+    if fsdp["offload"]:
+        raise MacDropConfigError(
+            f"macdrop=true with FSDP CPU offload (fsdp_offload_params: true / fsdp: offload, in {where}) is not "
+            "supported (untested); use fsdp_offload_params: false, or DeepSpeed ZeRO-3"
+        )
+    if version == "1" and fsdp["strategy"] not in ("FULL_SHARD", "NO_SHARD"):
+        raise MacDropConfigError(
+            f"macdrop=true with FSDP1 fsdp_sharding_strategy={fsdp['strategy']} in {where} is not supported "
+            "(supported: FULL_SHARD, which gathers every forward's weights from the shards MacDrop edits, and "
+            "NO_SHARD): use FULL_SHARD, or fsdp_version: 2"
+        )
+    if version == "2" and not fsdp["reshard_after_forward"]:
+        raise MacDropConfigError(
+            f"macdrop=true with FSDP2 fsdp_reshard_after_forward=false in {where} is not supported (after the "
+            "locator's no-grad probe forward FSDP2 then trains with zero gradients): "
+            "use fsdp_reshard_after_forward: true"
+        )
+    if str(_lf_value(lf_args, "quantization_bit", None) or "").strip() not in ("", "None", "none"):
+        raise MacDropConfigError(
+            f"macdrop=true with FSDP and quantization_bit={_lf_value(lf_args, 'quantization_bit', None)} is not "
+            "supported (FSDP shards the packed 4-bit codes); use DeepSpeed ZeRO-3 or no quantization"
+        )
+
+
 def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | list[str], Optional[MacDropConfig]]:
     """Split and validate; returns (LF's own args, config or None when MacDrop is off).
 
@@ -121,12 +203,7 @@ def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | li
     for key in ("use_ray", "use_mca", "use_hyper_parallel"):
         if _truthy(_lf_value(lf_args, key, False)):
             raise MacDropConfigError(f"macdrop=true with {key}=true is not supported (that path bypasses the HF trainer)")
-    fsdp = _lf_value(lf_args, "fsdp", "")
-    if (fsdp and str(fsdp).strip().lower() not in ("[]", "false", "none")) or _truthy(os.environ.get("ACCELERATE_USE_FSDP")):
-        raise MacDropConfigError(
-            "macdrop=true under FSDP is not supported: FSDP flattens and shards W_up/W_gate into its own buffers; "
-            "use DeepSpeed ZeRO-3 instead (deepspeed: yaml_configs/ds_z3_config.json), which MacDrop supports exactly"
-        )
+    _validate_fsdp(lf_args)
     use_dora = _truthy(_lf_value(lf_args, "use_dora", False))
     if use_dora and can_reach_one(config.macdrop_curriculum, config.macdrop_p0):
         raise MacDropConfigError(

@@ -58,6 +58,13 @@ class RowTarget:
     backward is exactly ``original * mask`` (all ranks apply the same mask). A parameter that is
     currently gathered (ZeRO-3 keeps small ones gathered: ``stage3_param_persistence_threshold``)
     is edited in its gathered copy too.
+
+    Under FSDP the same idea applies to FSDP's own storage, described by ``shard`` (see
+    :func:`find_fsdp_shard`; :func:`bind_fsdp_shards` attaches it after construction): FSDP2 keeps
+    dim-0 slices of the weight per rank (a DTensor, ``Shard(0)``, padded), FSDP1 a contiguous slice
+    of a FlatParameter that concatenates several flattened weights. Each rank edits the elements
+    of the selected rows that lie in its own slice; every all-gather (forward, gradient-checkpoint
+    recomputation) then assembles exactly ``original * mask``.
     """
 
     name: str
@@ -74,6 +81,7 @@ class RowTarget:
     def __post_init__(self) -> None:
         full = logical_shape(self.weight)
         self.zero3 = is_zero3_partitioned(self.weight)
+        self.shard: Optional[FSDPShard] = None
         device = self.weight.ds_tensor.device if self.zero3 else self.weight.device
         self.rows = torch.as_tensor(self.rows, dtype=torch.long, device=device)
         shape = full if self.expert is None else full[1:]
@@ -90,19 +98,26 @@ class RowTarget:
 
     # -------------------------------------------------------------- dense (replicated) storage
     def _matrix(self) -> torch.Tensor:
-        data = self.weight.data
+        if self.shard is not None:
+            data = self.shard.unsharded()
+        else:
+            data = self.weight.data
         if self.zero3:
             data = data.view(logical_shape(self.weight))
         return data if self.expert is None else data[self.expert]
 
     def _gathered(self) -> bool:
+        if self.shard is not None:
+            return self.shard.unsharded() is not None
         return not self.zero3 or self.weight.data.numel() == self.weight.ds_numel
 
-    # -------------------------------------------------------------- ZeRO-3 partition
-    def _locate_in_partition(self) -> None:
-        """Which elements of the selected rows this rank's partition holds, and where."""
-        import deepspeed.comm as dist
+    @property
+    def sharded(self) -> bool:
+        """Whether this rank holds only part of the weight (ZeRO-3 partition or FSDP shard)."""
+        return self.zero3 or self.shard is not None
 
+    def _flat_rows(self) -> torch.Tensor:
+        """Flat offsets, in the row-major flattened parameter, of the selected rows' elements (k, d)."""
         rows, (n0, n1) = self.rows, self.shape
         if self.axis == 0:  # element (row, j) of an [n0, n1] matrix
             flat = rows[:, None] * n1 + torch.arange(n1, device=rows.device)[None, :]
@@ -110,17 +125,44 @@ class RowTarget:
             flat = torch.arange(n0, device=rows.device)[None, :] * n1 + rows[:, None]
         if self.expert is not None:
             flat = flat + self.expert * n0 * n1
+        return flat
+
+    def _index_slice(self, start: int, count: int, base: int = 0) -> None:
+        """This rank stores flat elements [start, start + count) of the parameter at
+        ``base``, ``base + 1``, ... of its 1-D local storage: precompute which selected elements
+        it owns (``_own``, positions in the flattened (k, d) rows) and where (``_local``)."""
+        flat = self._flat_rows().flatten()
+        local = flat - start
+        own = (local >= 0) & (local < count)
+        # index tensors, not boolean masks: boolean indexing on a GPU syncs to size its output,
+        # and these are used twice per micro-step
+        self._own = own.nonzero().flatten()
+        self._local = (local.index_select(0, self._own) + base).to(self._partition().device)
+
+    # -------------------------------------------------------------- ZeRO-3 partition
+    def _locate_in_partition(self) -> None:
+        """Which elements of the selected rows this rank's partition holds, and where."""
+        import deepspeed.comm as dist
+
         part = self.weight.ds_tensor
         size = int(getattr(part, "ds_numel", part.numel()))
         start = size * dist.get_rank(group=self.weight.ds_process_group)
-        local = (flat - start).flatten()
-        own = (local >= 0) & (local < size) & (flat.flatten() < self.weight.ds_numel)
-        # index tensors, not boolean masks: boolean indexing on a GPU syncs to size its output,
-        # and these are used twice per micro-step
-        self._own = own.nonzero().flatten()  # positions in the flattened (k, d) rows
-        self._local = local.index_select(0, self._own)  # the same elements in this partition
+        self._index_slice(start, max(0, min(size, int(self.weight.ds_numel) - start)))
+
+    def bind_shard(self, shard: "FSDPShard") -> None:
+        """Use FSDP's storage of this weight (call while the rows can still be read: at set-up)."""
+        if self.zero3:
+            raise ValueError(f"{self.name}: a parameter cannot be both ZeRO-3 partitioned and FSDP sharded")
+        if tuple(shard.shape) != tuple(logical_shape(self.weight)):
+            raise ValueError(
+                f"{self.name}: FSDP reports shape {tuple(shard.shape)}, the module {tuple(self.weight.shape)}"
+            )
+        self.shard = shard
+        self._index_slice(shard.start, shard.count, shard.base)
 
     def _partition(self) -> torch.Tensor:
+        if self.shard is not None:
+            return self.shard.local()
         return self.weight.ds_tensor.data.view(-1)
 
     # -------------------------------------------------------------- read / write
@@ -132,10 +174,40 @@ class RowTarget:
         """
         if self._gathered():
             return self._select(self._matrix())
+        if self.shard is not None:
+            return self._gather_rows()
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([self.weight], modifier_rank=None):
             return self._select(self._matrix())
+
+    def _gather_rows(self) -> torch.Tensor:
+        """The selected rows assembled from every rank's shard: each rank contributes the
+        elements it owns, each element is taken from its owner (bitwise, -0.0 included). A
+        collective over k x d numbers, not over the matrix."""
+        import torch.distributed as dist
+
+        local = self._partition()
+        n = self.mask_shape[0] * self.mask_shape[1]
+        values = torch.zeros(n, dtype=local.dtype, device=local.device)
+        owned = torch.zeros(n, dtype=torch.uint8, device=local.device)  # uint8: NCCL has no bool
+        own = self._own.to(local.device)
+        values[own] = local.index_select(0, self._local)
+        owned[own] = 1
+        group = self.shard.group
+        world = dist.get_world_size(group)
+        all_values = [torch.empty_like(values) for _ in range(world)]
+        all_owned = [torch.empty_like(owned) for _ in range(world)]
+        dist.all_gather(all_values, values, group=group)
+        dist.all_gather(all_owned, owned, group=group)
+        out = torch.zeros_like(values)
+        found = torch.zeros(n, dtype=torch.bool, device=local.device)
+        for v, o in zip(all_values, all_owned):
+            out = torch.where(o.bool(), v, out)
+            found |= o.bool()
+        if not bool(found.all()):
+            raise RuntimeError(f"{self.name}: no rank holds some of the selected elements (FSDP layout not understood)")
+        return out.view(self.mask_shape).to(self.device)
 
     def _select(self, matrix: torch.Tensor) -> torch.Tensor:
         out = matrix.index_select(self.axis, self.rows)
@@ -143,19 +215,27 @@ class RowTarget:
 
     def write(self, rows: torch.Tensor) -> None:
         """Write a (len(rows), d) tensor back into the selected rows, in place, untracked."""
-        if self.zero3:
+        if self.sharded:
             part = self._partition()
-            part.index_copy_(0, self._local, rows.reshape(-1).index_select(0, self._own).to(part.dtype))
+            own = rows.reshape(-1).index_select(0, self._own).to(device=part.device, dtype=part.dtype)
+            part.index_copy_(0, self._local, own)
             if not self._gathered():
                 return
-        self._matrix().index_copy_(self.axis, self.rows, rows if self.axis == 0 else rows.t())
+        matrix = self._matrix()
+        rows = rows.to(device=matrix.device, dtype=matrix.dtype)
+        matrix.index_copy_(self.axis, self.rows.to(matrix.device), rows if self.axis == 0 else rows.t())
 
     def matches(self, rows: torch.Tensor) -> bool:
         """Whether the stored rows equal ``rows`` bit for bit (local check, no communication)."""
-        own = rows.reshape(-1).index_select(0, self._own) if self.zero3 else None
-        if self.zero3 and not torch.equal(bits(self._partition().index_select(0, self._local)), bits(own)):
-            return False
-        return not self._gathered() or torch.equal(bits(self._select(self._matrix())), bits(rows))
+        if self.sharded:
+            part = self._partition()
+            own = rows.reshape(-1).index_select(0, self._own).to(device=part.device, dtype=part.dtype)
+            if not torch.equal(bits(part.index_select(0, self._local)), bits(own)):
+                return False
+        if not self._gathered():
+            return True
+        seen = self._select(self._matrix())
+        return torch.equal(bits(seen), bits(rows.to(device=seen.device, dtype=seen.dtype)))
 
     # -------------------------------------------------------------- what RowDropout uses
     @property
@@ -235,6 +315,174 @@ class Packed4bitRowTarget(RowTarget):
 
     def matches(self, snapshot: torch.Tensor) -> bool:
         return torch.equal(self._codes()[self._bytes], snapshot)
+
+
+# ----------------------------------------------------------------------------- FSDP storage
+class FSDPShard:
+    """Where FSDP keeps this rank's part of one weight.
+
+    ``local()`` is a 1-D tensor whose elements ``base + i`` hold elements ``start + i``
+    (i < ``count``) of the row-major flattened full weight of shape ``shape``; it is what the next
+    all-gather reads. ``unsharded()`` is the full weight the module computes with when FSDP has
+    it gathered right now (edits must reach it too), else None.
+    """
+
+    shape: torch.Size
+    start: int
+    count: int
+    base: int
+    group: object
+
+    def local(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unsharded(self) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+
+class FSDP2Shard(FSDPShard):
+    """FSDP2 (``fully_shard``): the weight is a DTensor ``Shard(0)``; rank r holds rows
+    [r*c, (r+1)*c) with c = ceil(n0 / world) (``torch.chunk``), stored zero-padded to c rows in
+    ``FSDPParam._sharded_param_data``, which each all-gather reads (casting to ``param_dtype``
+    and copying from the CPU under offload as it goes)."""
+
+    def __init__(self, fsdp_param) -> None:
+        placement = fsdp_param.fsdp_placement
+        if getattr(placement, "dim", None) != 0:
+            raise ValueError(f"FSDP2 sharding {placement} is not supported (only Shard(0), FSDP's default)")
+        self.param = fsdp_param
+        self.shape = torch.Size(fsdp_param._orig_size)
+        rows_per_rank = int(fsdp_param.padded_sharded_param_size[0])
+        row_numel = self.shape.numel() // self.shape[0] if self.shape[0] else 0
+        rank = fsdp_param.mesh_info.shard_mesh_rank
+        self.start = rank * rows_per_rank * row_numel
+        self.count = int(torch.Size(fsdp_param.sharded_size).numel())
+        self.base = 0
+        self.group = fsdp_param.mesh_info.shard_process_group
+
+    def local(self) -> torch.Tensor:
+        return self.param._sharded_param_data
+
+    def unsharded(self) -> Optional[torch.Tensor]:
+        from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+        state = self.param.sharded_state
+        if state == ShardedState.SHARDED:
+            return None
+        if state == ShardedState.UNSHARDED:
+            return self.param.unsharded_param.data
+        raise RuntimeError(
+            f"FSDP2 parameter in state {state}: reshard_after_forward=<int> is not supported by MacDrop"
+        )
+
+
+class FSDP1Shard(FSDPShard):
+    """FSDP1 (``FullyShardedDataParallel``): the weight is parameter ``index`` of a FlatParameter
+    (the concatenation of a wrapped module's flattened weights, padded); each rank holds a
+    contiguous slice, ``_local_shard``, that each unshard reads (through ``_mp_shard`` under mixed
+    precision, from the CPU under offload). ``_shard_param_infos`` says which part of the weight
+    the slice holds. Under NO_SHARD (also FULL_SHARD on one rank: FSDP1 switches) the slice is the
+    whole FlatParameter."""
+
+    def __init__(self, handle, index: int) -> None:
+        flat = handle.flat_param
+        self.handle = handle
+        self.info = flat._param_infos[index]
+        self.shape = torch.Size(flat._shapes[index])
+        shard = flat._shard_param_infos[index]
+        if shard.in_shard:
+            self.start, self.count, self.base = shard.intra_param_start_idx, shard.numel_in_shard, shard.offset_in_shard
+        else:
+            self.start, self.count, self.base = 0, 0, 0
+        self.group = handle.process_group
+
+    def local(self) -> torch.Tensor:
+        return self.handle.flat_param._local_shard
+
+    def unsharded(self) -> Optional[torch.Tensor]:
+        from torch.distributed.fsdp._flat_param import HandleTrainingState
+
+        if self.handle._training_state == HandleTrainingState.SUMMON_FULL_PARAMS:  # set-up reads the rows
+            view = getattr(self.info.module, self.info.param_name).data
+            if view.shape != self.shape:
+                raise RuntimeError(f"FSDP1 shows {self.info.module_name}.{self.info.param_name} with shape "
+                                   f"{tuple(view.shape)} in summon_full_params; expected {tuple(self.shape)}")
+            return view
+        if not self.handle.uses_sharded_strategy:
+            # NO_SHARD (what FSDP1 makes of FULL_SHARD on a single rank): the flat parameter is
+            # the whole weight and the module's views point into it; editing it is enough
+            return None
+        if self.handle.needs_unshard():  # the next forward all-gathers from _local_shard
+            return None
+        # FSDP1 kept a gathered copy that the next forward would reuse without reading the shards
+        # (SHARD_GRAD_OP, HYBRID_SHARD_ZERO2, or a weight in the root unit)
+        raise RuntimeError(
+            f"FSDP1 keeps {self.info.module_name}.{self.info.param_name} gathered between forward and backward; "
+            "MacDrop needs fsdp_sharding_strategy FULL_SHARD (or HYBRID_SHARD) with the decoder layers wrapped "
+            "(fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP), or FSDP2"
+        )
+
+
+def find_fsdp_shard(model: torch.nn.Module, weight: torch.Tensor) -> Optional[FSDPShard]:
+    """FSDP's storage of ``weight`` (a parameter or, for FSDP1 without ``use_orig_params``, the
+    view the module exposes while its parameters are gathered), or None when FSDP does not own it."""
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)  # FSDP2 (fully_shard) module
+        if callable(get_state):
+            group = get_state()._fsdp_param_group
+            for fsdp_param in getattr(group, "fsdp_params", None) or []:
+                # the module shows the unsharded param while FSDP2 holds it gathered
+                # (reshard_after_forward=false after a forward, e.g. the locator's probe)
+                if fsdp_param.sharded_param is weight or getattr(fsdp_param, "_unsharded_param", None) is weight:
+                    return FSDP2Shard(fsdp_param)
+        handle = getattr(module, "_handle", None)  # FSDP1 FullyShardedDataParallel
+        flat = getattr(handle, "flat_param", None)
+        if flat is not None and hasattr(flat, "_param_infos"):
+            for index, info in enumerate(flat._param_infos):
+                if getattr(info.module, info.param_name, None) is weight:
+                    return FSDP1Shard(handle, index)
+    return None
+
+
+def uses_fsdp(model: torch.nn.Module) -> int:
+    """0 when no module of ``model`` is FSDP-managed, else the FSDP version (1 or 2)."""
+    for module in model.modules():
+        if callable(getattr(module, "_get_fsdp_state", None)):
+            return 2
+        if hasattr(getattr(getattr(module, "_handle", None), "flat_param", None), "_param_infos"):
+            return 1
+    return 0
+
+
+@contextmanager
+def readable_weights(model: torch.nn.Module) -> Iterator[None]:
+    """While set-up builds its targets: FSDP1 weights shown whole (``summon_full_params``, a
+    collective, no writeback), so they have their real shapes and the rows can be read once.
+    FSDP2 DTensors report their real shapes; FSDP2 modules are resharded first, because with
+    ``reshard_after_forward=false`` the locator's no-grad probe leaves them gathered, and training
+    must start from the state it starts from without MacDrop (every param sharded)."""
+    version = uses_fsdp(model)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False):
+            yield
+        return
+    if version == 2:
+        for module in model.modules():
+            if callable(getattr(module, "_get_fsdp_state", None)):
+                module.reshard()
+    yield
+
+
+def bind_fsdp_shards(model: torch.nn.Module, targets: Sequence[RowTarget]) -> None:
+    """Attach FSDP's storage to each target FSDP owns (call inside :func:`readable_weights`)."""
+    for target in targets:
+        shard = find_fsdp_shard(model, target.weight)
+        if shard is not None:
+            target.bind_shard(shard)
+        elif uses_fsdp(model):
+            raise RuntimeError(f"{target.name}: FSDP wraps the model but its storage of this weight was not found")
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:

@@ -15,15 +15,15 @@ MacDrop, and a resumed run draws the masks an uninterrupted run would have drawn
 Across data-parallel ranks (DDP, DeepSpeed ZeRO-2/3, any number of nodes) the seed does not
 depend on the rank: every rank applies the SAME mask to its slice of the global batch, which is
 Algorithm 1 on the global batch exactly (one mask per step for the whole batch). Under ZeRO-3
-this is also what makes the gathered weight consistent: each rank masks only the elements its
-own partition holds.
+and FSDP this is also what makes the gathered weight consistent: each rank masks only the
+elements its own partition (shard) holds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -32,7 +32,7 @@ from .architectures import FFNBlock, find_ffn_blocks
 from .config import MacDropConfig
 from .curriculum import Progress, build_curriculum
 from .locator import LOCATOR_FILE, LocatorResult, locate_massive_weights, reuse_result
-from .masking import RowDropout
+from .masking import RowDropout, bind_fsdp_shards, readable_weights
 
 logger = logging.getLogger("llamafactory_macdrop")
 if not logger.handlers:
@@ -71,14 +71,25 @@ class MacDropRun:
     """One training run's MacDrop state: where to drop, how much, and the dropout mechanism."""
 
     def __init__(
-        self, config: MacDropConfig, result: LocatorResult, blocks: Sequence[FFNBlock], seed: int = 0
+        self,
+        config: MacDropConfig,
+        result: LocatorResult,
+        blocks: Sequence[FFNBlock],
+        seed: int = 0,
+        model: Optional[torch.nn.Module] = None,
     ) -> None:
+        """``model``: the model as the trainer runs it, needed when FSDP shards it (the targets
+        then edit FSDP's per-rank storage, found from the model's FSDP modules)."""
         self.config = config
         self.result = result
         self.curriculum = build_curriculum(config.macdrop_curriculum, config.macdrop_p0, config.macdrop_alpha)
         block = {b.index: b for b in blocks}[result.layer]
         rows = scope_rows(config.macdrop_scope, result.indices, block.intermediate_size)
-        self.dropout = RowDropout(block.row_targets(rows, expert=result.expert))
+        with readable_weights(model) if model is not None else nullcontext():
+            targets = block.row_targets(rows, expert=result.expert)
+            if model is not None:
+                bind_fsdp_shards(model, targets)
+            self.dropout = RowDropout(targets)
         self.generator = torch.Generator(device=self.dropout.device)
         self.seed = seed
         self.last_p: Optional[float] = None
@@ -147,7 +158,7 @@ class MacDropTrainerMixin:
                 logger.info("%s\n  written to %s", result.table(), path)
                 for w in result.warnings:
                     logger.warning(w)
-        self._macdrop_run = MacDropRun(cfg, result, blocks, seed=self.args.seed)
+        self._macdrop_run = MacDropRun(cfg, result, blocks, seed=self.args.seed, model=model)
         return self._macdrop_run
 
     def macdrop_progress(self) -> Progress:

@@ -143,7 +143,11 @@ def test_macdrop_off_changes_nothing(tiny_llama_dir, tiny_data_dir, tmp_path):
         (dict(stage="rm"), "stage='rm' is not supported"),
         (dict(stage="kto"), "stage='kto' is not supported"),
         (dict(stage="ppo"), "stage='ppo' is not supported"),
-        (dict(fsdp="full_shard auto_wrap"), "under FSDP is not supported"),
+        (dict(fsdp="shard_grad_op auto_wrap"), "FSDP1 fsdp_sharding_strategy=SHARD_GRAD_OP .* use FULL_SHARD"),
+        (dict(fsdp="full_shard offload auto_wrap"), "FSDP CPU offload"),
+        (dict(fsdp="full_shard auto_wrap", fsdp_config={"fsdp_version": 2, "reshard_after_forward": False}),
+         "FSDP2 fsdp_reshard_after_forward=false"),
+        (dict(fsdp="full_shard auto_wrap", quantization_bit=4), "FSDP and quantization_bit=4"),
         (dict(finetuning_type="full"), "finetuning_type='full' is not supported"),
         (dict(finetuning_type="freeze"), "finetuning_type='freeze' is not supported"),
         (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="constant"), "DoRA's row norm 0"),
@@ -154,6 +158,38 @@ def test_unsupported_combinations_are_refused_before_loading(tiny_data_dir, tmp_
     args = lf_args(tmp_path / "no-such-model", tiny_data_dir, tmp_path, **overrides)
     with pytest.raises(MacDropConfigError, match=fragment):
         run_in_process(args, [])
+
+
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}, None),
+        ({"FSDP_VERSION": "1"}, None),  # accelerate's default strategy: FULL_SHARD
+        ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, None),
+        ({"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}, None),
+        ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "2"}, "fsdp_sharding_strategy=SHARD_GRAD_OP"),
+        ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "fsdp_sharding_strategy=HYBRID_SHARD"),
+        ({"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "fsdp_reshard_after_forward=false"),
+        ({"FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "FSDP CPU offload"),
+    ],
+)
+def test_fsdp_from_accelerate_config(monkeypatch, tiny_data_dir, tmp_path, env, fragment):
+    """``accelerate launch --config_file ...`` hands the FSDP settings to every rank as env vars."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = lf_args(tmp_path / "no-such-model", tiny_data_dir, tmp_path)
+    if fragment is None:
+        assert integration.validate_args(args)[1] is not None
+    else:
+        with pytest.raises(MacDropConfigError, match=fragment):
+            integration.validate_args(args)
+
+
+def test_fsdp_training_arguments_that_are_supported(tiny_data_dir, tmp_path):
+    for fsdp, config in (("full_shard auto_wrap", None), ("full_shard auto_wrap", {"fsdp_version": 2})):
+        args = lf_args(tmp_path / "no-such-model", tiny_data_dir, tmp_path, fsdp=fsdp, fsdp_config=config)
+        assert integration.validate_args(args)[1] is not None
 
 
 def test_moved_internals_fail_with_versions(monkeypatch):

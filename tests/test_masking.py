@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llamafactory_macdrop.masking import RowDropout, RowTarget, bits, draw_keep_mask
+from llamafactory_macdrop.masking import FSDPShard, RowDropout, RowTarget, bits, draw_keep_mask
 
 
 def _weights(seed=0, out=32, inp=16):
@@ -147,6 +147,83 @@ def test_zero3_partition_edits_add_up_to_algorithm1(monkeypatch, axis, expert):
         assert d.is_restored()
     restored = torch.cat([p.ds_tensor for p in params])[: full.numel()].view(full.shape)
     assert torch.equal(bits(restored), bits(full))
+
+
+# ----------------------------------------------------------------------------- FSDP shards
+class _Shard(FSDPShard):
+    """This rank's FSDP storage, laid out by hand: ``storage[base + i]`` = flat element ``start + i``."""
+
+    def __init__(self, shape, storage, start, count, base):
+        self.shape, self.storage, self.start, self.count, self.base = shape, storage, start, count, base
+        self.gathered = None  # the full weight while FSDP holds it gathered
+
+    def local(self):
+        return self.storage
+
+    def unsharded(self):
+        return self.gathered
+
+
+def _fsdp2_shards(full, world):
+    """dim-0 chunks of c = ceil(n0 / world) rows (torch.chunk), each zero-padded to c rows (NaN here)."""
+    c = -(-full.shape[0] // world)
+    row = full[0].numel()
+    shards = []
+    for r in range(world):
+        rows = full[r * c:(r + 1) * c].reshape(-1)
+        padded = torch.cat([rows, torch.full((c * row - rows.numel(),), float("nan"))])
+        shards.append(_Shard(full.shape, padded, r * c * row, rows.numel(), 0))
+    return shards, lambda: torch.cat([sh.storage[: sh.count] for sh in shards]).view(full.shape)
+
+
+def _fsdp1_shards(full, world, before=10):
+    """One FlatParameter = [another weight (``before`` numbers), W flattened, padding], split in
+    ``world`` contiguous slices; each rank's slice holds part of W at some offset."""
+    flat = torch.cat([torch.randn(before), full.reshape(-1)])
+    size = -(-flat.numel() // world)
+    flat = torch.cat([flat, torch.full((size * world - flat.numel(),), float("nan"))])
+    shards = []
+    for r in range(world):
+        lo, hi = max(r * size, before), min((r + 1) * size, before + full.numel())
+        storage = flat[r * size:(r + 1) * size].clone()
+        shards.append(_Shard(full.shape, storage, lo - before, max(0, hi - lo), max(0, lo - r * size)))
+    return shards, lambda: torch.cat([sh.storage for sh in shards])[before: before + full.numel()].view(full.shape)
+
+
+@pytest.mark.parametrize("layout", ["fsdp2", "fsdp1"])
+@pytest.mark.parametrize("axis,expert", [(0, None), (1, None), (0, 2)])
+def test_fsdp_shard_edits_add_up_to_algorithm1(layout, axis, expert):
+    """Each rank edits only its slice (uneven FSDP2 chunks with padding; FSDP1 slices that start
+    inside another weight); what an all-gather assembles is original * M, bitwise."""
+    torch.manual_seed(0)
+    full = torch.randn(4, 23, 13) if expert is not None else torch.randn(23, 13)
+    full[0, 0] = -0.0
+    world, rows = 3, [7, 0, 12] if axis == 1 else [22, 3, 9]
+    shards, gather = (_fsdp2_shards if layout == "fsdp2" else _fsdp1_shards)(full, world)
+    drops = []
+    for shard in shards:  # set-up reads the rows while FSDP shows the whole weight
+        shard.gathered = full.clone()
+        target = RowTarget("w", full.clone(), rows, axis=axis, expert=expert)
+        target.bind_shard(shard)
+        drops.append(RowDropout([target]))
+        shard.gathered = None
+    assert sum(d.targets[0]._own.numel() for d in drops) == len(rows) * (13 if axis == 0 else 23)
+    matrix = full if expert is None else full[expert]
+    want = matrix.index_select(axis, torch.tensor(rows))
+    want = want if axis == 0 else want.t()
+    keep = torch.rand(want.shape) > 0.5
+    shards[0].gathered = gathered_copy = full.clone()  # one rank holds the weight gathered: edited too
+    for d in drops:
+        d.apply(keep)
+    expected = full.clone()
+    (expected if expert is None else expected[expert]).index_copy_(
+        axis, torch.tensor(rows), want * keep if axis == 0 else (want * keep).t())
+    assert torch.equal(bits(gather()), bits(expected))
+    assert torch.equal(bits(gathered_copy), bits(expected))
+    for d in drops:
+        d.restore()
+        assert d.is_restored()
+    assert torch.equal(bits(gather()), bits(full)) and torch.equal(bits(gathered_copy), bits(full))
 
 
 # ----------------------------------------------------------------------------- 4-bit (QLoRA)

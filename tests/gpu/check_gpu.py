@@ -1,12 +1,16 @@
-"""End-to-end MacDrop checks on ONE CUDA GPU: bf16 LoRA, DeepSpeed ZeRO-3 (bf16), QLoRA (4-bit).
+"""End-to-end MacDrop checks on ONE CUDA GPU: bf16 LoRA, DeepSpeed ZeRO-3 (bf16), QLoRA (4-bit), FSDP1/FSDP2.
 
 Not collected by pytest (CI has no GPU). Run on a machine with a GPU, from the repository root:
 
-    python tests/gpu/check_gpu.py [--out DIR] [--only bf16,zero3,qlora]
+    python tests/gpu/check_gpu.py [--out DIR] [--only bf16,zero3,qlora,fsdp1,fsdp2]
 
 Needs llamafactory 0.9.5 and its training stack, deepspeed (zero3) and bitsandbytes (qlora).
 Each case trains the planted tiny Llama (tests/tiny.py) for a few optimizer steps through
-LLaMA-Factory's own ``run_exp`` (via tests/dist_check.py, under ``torchrun`` for ZeRO-3) and
+LLaMA-Factory's own ``run_exp`` (via tests/dist_check.py, under ``torchrun`` for ZeRO-3, under
+``accelerate launch --config_file yaml_configs/fsdp_config.yaml`` / ``fsdp2_config.yaml``
+unchanged — bf16 mixed precision, FULL_STATE_DICT save, sync_module_states and
+cpu_ram_efficient_loading — for the FSDP cases; with one GPU the shard is the whole weight,
+the CPU tests cover shards split across ranks) and
 asserts, on the GPU, what tests/test_distributed.py asserts on the CPU: the planted layer and
 indices are found; every forward of W_up (recomputation included) sees exactly
 ``original * M`` with M the mask Algorithm 1 draws for that step and micro-batch; the weights
@@ -39,7 +43,11 @@ CASES = {
     "bf16": {"bf16": True},
     "zero3": {"bf16": True, "deepspeed": str(REPO / "yaml_configs" / "ds_z3_config.json")},
     "qlora": {"bf16": True, "quantization_bit": 4},
+    "fsdp1": {"bf16": True},
+    "fsdp2": {"bf16": True},
 }
+#: case -> accelerate config it is launched with, and the FSDP storage MacDrop must have bound
+FSDP_CONFIGS = {"fsdp1": ("fsdp_config.yaml", "FSDP1Shard"), "fsdp2": ("fsdp2_config.yaml", "FSDP2Shard")}
 
 
 def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
@@ -51,8 +59,14 @@ def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
     )
     (case_dir / "args.json").write_text(json.dumps(args))
     script = str(TESTS / "dist_check.py")
-    cmd = [sys.executable, script] if "deepspeed" not in args else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", script]
+    if name in FSDP_CONFIGS:
+        config = str(REPO / "yaml_configs" / FSDP_CONFIGS[name][0])
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "1",
+               script]
+    elif "deepspeed" in args:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", script]
+    else:
+        cmd = [sys.executable, script]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd + [str(case_dir / "args.json"), str(case_dir / "trace")], env=env,
@@ -65,6 +79,10 @@ def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
     try:
         checks = verify([trace], layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=SEED, steps=STEPS,
                         ga=GA, zero3=name == "zero3")
+        if name in FSDP_CONFIGS:
+            shards = trace["fsdp_sharded"]
+            assert shards == [FSDP_CONFIGS[name][1]] * 2, f"targets not bound to FSDP storage: {shards}"
+            checks.append(f"targets edited in FSDP's own storage ({shards[0]}), engine {trace['engine']}")
     except AssertionError as err:
         return {"case": name, "ok": False, "error": f"assertion failed: {err}", "seconds": seconds}
     state = json.loads((case_dir / "out" / "trainer_state.json").read_text())
