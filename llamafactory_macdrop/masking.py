@@ -418,7 +418,7 @@ class FSDP1Shard(FSDPShard):
         # (SHARD_GRAD_OP, HYBRID_SHARD_ZERO2, or a weight in the root unit)
         raise RuntimeError(
             f"FSDP1 keeps {self.info.module_name}.{self.info.param_name} gathered between forward and backward; "
-            "MacDrop needs fsdp_sharding_strategy FULL_SHARD (or HYBRID_SHARD) with the decoder layers wrapped "
+            "MacDrop needs fsdp_sharding_strategy FULL_SHARD with the decoder layers wrapped "
             "(fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP), or FSDP2"
         )
 

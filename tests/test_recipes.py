@@ -4,7 +4,9 @@ removes the macdrop_* keys), then LF's own HfArgumentParser over its argument da
 (hparams.parser._parse_train_args, unknown keys refused) and LF's model-argument checks. The
 dataset name must resolve through the recipe's dataset_dir and the template must exist in LF.
 
-New YAMLs are picked up by the glob. Offline: hub model names are only strings here.
+New YAMLs are picked up by the glob. Offline: hub model names are only strings here. The
+accelerate launch configs beside them (fsdp*_config.yaml) are read by accelerate's own loader
+instead and must pass MacDrop's FSDP rules.
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ import pytest
 
 from conftest import REPO
 
-RECIPES = sorted((REPO / "yaml_configs").glob("*.yaml"))
+def _is_accelerate_config(path: Path) -> bool:
+    """accelerate launch configs (fsdp*_config.yaml) live beside the recipes; they are not LF YAMLs."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return "compute_environment" in data or "distributed_type" in data
+
+
+YAMLS = sorted((REPO / "yaml_configs").glob("*.yaml"))
+RECIPES = [p for p in YAMLS if not _is_accelerate_config(p)]
+ACCELERATE_CONFIGS = [p for p in YAMLS if _is_accelerate_config(p)]
 PAPER_GLOBAL_BATCH = 256  # 8 GPUs x 8 x GA 4 (REFERENCE.md section 2)
 GPUS_OF_DEEPSPEED_RECIPES = 8  # the ds_z* recipes are launched with NPROC_PER_NODE=8
 
@@ -122,3 +134,26 @@ def test_a_misspelt_macdrop_key_fails(tmp_path, monkeypatch):
                      "macdrop_curriculum:", "macdrop_curicculum:")
     with pytest.raises(MacDropConfigError, match="macdrop_curicculum"):
         parse_recipe(bad, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.stem for p in ACCELERATE_CONFIGS])
+def test_accelerate_config_loads_and_macdrop_accepts_it(path, monkeypatch):
+    """accelerate's own loader reads it, and the environment it gives every rank passes MacDrop's
+    FSDP rules (integration._validate_fsdp), so the shipped FSDP configs are ones MacDrop runs."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from llamafactory_macdrop.integration import fsdp_settings, validate_args
+
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type == "FSDP"
+    names = ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in config.fsdp_config.items():
+        monkeypatch.setenv(key.upper(), str(value).lower() if isinstance(value, bool) else str(value))
+    settings = fsdp_settings({})
+    assert settings is not None and str(settings["version"]) == str(config.fsdp_config.get("fsdp_version", 1))
+    assert settings["strategy"] in names[:1] + names[2:3] or str(settings["version"]) == "2"
+    validate_args({"stage": "sft", "finetuning_type": "lora", "macdrop": True})  # must not raise
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")  # and the rules do bite on this environment
+    with pytest.raises(Exception, match="offload"):
+        validate_args({"stage": "sft", "finetuning_type": "lora", "macdrop": True})
