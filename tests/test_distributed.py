@@ -14,6 +14,7 @@ per-rank traces:
 * QLoRA (4-bit, bitsandbytes on CPU): the dequantized rows the layer computes with are exactly
   ``dequant(W) * M`` (masking edits the 4-bit codes, see masking.Packed4bitRowTarget);
 * loss, grad norm and macdrop_p per step equal the single-process run's;
+* ZeRO-3 with DoRA (a shipped recipe): the same, against a single-process DoRA run;
 * DPO under FSDP1/FSDP2: the reference forward (adapter off) sees the original rows between the
   masked forward and the masked recomputation.
 
@@ -60,7 +61,7 @@ FSDP_MODES = {
     "fsdp1_noshard": ("fsdp_config.yaml", {"fsdp_sharding_strategy": "NO_SHARD"}),
     "fsdp2": ("fsdp2_config.yaml", {}),
 }
-SINGLE_PROCESS = ("single", "single_unclipped", "qlora")
+SINGLE_PROCESS = ("single", "single_unclipped", "single_dora", "qlora")
 
 
 #: accelerate/FSDP settings a CPU-only machine cannot use (module docstring); tests/gpu/check_gpu.py
@@ -93,11 +94,13 @@ def _args(model_dir, data_dir, out, mode, stage="pt"):
     data = {"pt": dict(dataset="tiny_pt", cutoff_len=32), "dpo": dict(dataset="tiny_dpo", cutoff_len=48)}[stage]
     args = tiny.lf_train_args(
         model_dir, data_dir, out, stage=stage, **data, max_steps=STEPS,
-        per_device_train_batch_size=1 if mode in ("ddp", "zero2", "zero3") or mode in FSDP_MODES else 2,
+        per_device_train_batch_size=1 if mode in ("ddp", "zero2", "zero3", "zero3_dora") or mode in FSDP_MODES else 2,
         gradient_accumulation_steps=GA, seed=7,
     )
-    if mode in ("zero2", "zero3"):
-        args["deepspeed"] = str(REPO / "yaml_configs" / f"ds_z{mode[-1]}_config.json")
+    if mode.startswith(("zero2", "zero3")):
+        args["deepspeed"] = str(REPO / "yaml_configs" / f"ds_z{mode[4]}_config.json")
+    if mode.endswith("_dora"):  # a shipped recipe combination (llama3_8b_dora_macdrop_ds_z3.yaml)
+        args["use_dora"] = True
     if mode == "qlora":
         args["quantization_bit"] = 4
     if _unclipped(mode):
@@ -137,7 +140,12 @@ def single_unclipped(tiny_llama_dir, tiny_data_dir, tmp_path_factory):
     return _run(tmp_path_factory.mktemp("dist"), tiny_llama_dir, tiny_data_dir, "single_unclipped")
 
 
-@pytest.mark.parametrize("mode", ["single", "ddp", "zero2", "zero3", "qlora", *FSDP_MODES])
+@pytest.fixture(scope="module")
+def single_dora(tiny_llama_dir, tiny_data_dir, tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("dist"), tiny_llama_dir, tiny_data_dir, "single_dora")
+
+
+@pytest.mark.parametrize("mode", ["single", "ddp", "zero2", "zero3", "zero3_dora", "qlora", *FSDP_MODES])
 def test_data_parallel_is_algorithm1_on_the_global_batch(
     mode, single, tiny_llama_dir, tiny_data_dir, tmp_path, request
 ):
@@ -148,6 +156,8 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(
     traces, log = single if mode == "single" else _run(tmp_path, tiny_llama_dir, tiny_data_dir, mode)
     if _unclipped(mode):
         single = request.getfixturevalue("single_unclipped")
+    if mode.endswith("_dora"):  # DoRA reads the (gathered, masked) base weight for its row norm too
+        single = request.getfixturevalue("single_dora")
     weights = load_file(tiny_llama_dir / "model.safetensors")
     up_name = f"model.layers.{tiny.PLANTED_LAYER}.mlp.up_proj.weight"
     if mode != "qlora":  # QLoRA computes with the dequantized 4-bit weight, the rest with the checkpoint
@@ -160,7 +170,7 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(
                           "fsdp2": "FSDP2Shard"}.get(mode)
         assert trace["fsdp_sharded"] == [expected_shard] * 2, trace["fsdp_sharded"]
     verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA,
-           zero3=mode == "zero3")
+           zero3=mode.startswith("zero3"))
 
     if mode == "qlora":  # a different model (4-bit base): only p must match
         assert [h["macdrop_p"] for h in log] == [h["macdrop_p"] for h in single[1]]
