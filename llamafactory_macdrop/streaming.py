@@ -5,8 +5,8 @@ activation, nothing more. So the model is built with its parameters on the ``met
 (``accelerate.init_empty_weights``: buffers such as rotary frequencies stay real), the
 embeddings and other non-layer parameters (not the output head, which the probe never reaches)
 are read from the safetensors shards, and each decoder layer's parameters are read right before
-it runs and dropped right after (``safe_open`` maps the
-shards, so only the tensors asked for are read). The pass stops after the first layer that
+it runs and dropped right after (``safe_open`` maps the shards, so only the tensors asked for
+are read). The pass stops after the first layer that
 multiplies the residual stream's max by >= 100x to more than 100 (:func:`origin_passed`): the
 origin is then behind, and no later layer can out-jump it, because the massive activation rides
 the residual stream from there on. If no layer qualifies, every layer is probed, which is the full
@@ -16,9 +16,9 @@ Peak memory ~ non-layer parameters (embeddings, position embeddings, norms) + on
 activations of one token. That holds only if a dropped layer's memory goes back to the system:
 glibc keeps freed blocks of a layer's size in its heap, fragmented between the next layer's
 allocations, and the process then grew by about half a layer per layer read (a 12-layer
-fp32 model: +350 MiB), so each release ends with ``malloc_trim``. Checkpoints whose tensor names differ from the in-memory names
-(transformers converts some MoE checkpoints on load) are refused with a clear message; use the
-full load for those.
+fp32 model: +350 MiB), so each release ends with ``malloc_trim``. Checkpoints whose tensor
+names differ from the in-memory names (transformers converts some MoE checkpoints on load) are
+refused with a clear message; use the full load for those.
 """
 
 from __future__ import annotations
