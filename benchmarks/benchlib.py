@@ -26,14 +26,16 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 # ----------------------------------------------------------------------------- the model
 def build_llama(out: Path, *, layers: int, hidden: int, intermediate: int, heads: int, vocab: int,
-                dtype: str = "float32", origin_layer: int | None = None) -> Path:
+                dtype: str = "float32", origin_layer: int | None = None, kv_heads: int | None = None,
+                device: str = "cpu") -> Path:
     """A random-init Llama saved as safetensors (once: an existing folder is reused).
 
     ``origin_layer`` plants a massive activation there the way real models have one (the BOS
     embedding carries a large value in hidden dim 0; five rows of W_gate/W_up at that layer read
     it with large gains and W_down writes the result into dim 1), so the layer-by-layer locator
     can stop after it as it does on real checkpoints. Without it no layer qualifies and every
-    layer is read (the streaming loader's worst case).
+    layer is read (the streaming loader's worst case). ``kv_heads``: grouped-query attention;
+    ``device``: where the random init runs (``cuda`` initializes 8 B weights much faster).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,11 +48,11 @@ def build_llama(out: Path, *, layers: int, hidden: int, intermediate: int, heads
     tiny.build_tokenizer(out)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=4096,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    with torch.device("cpu"):
+    with torch.device(device):
         model = LlamaForCausalLM(config)
     if origin_layer is not None:
         with torch.no_grad():

@@ -39,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
+import benchlib  # noqa: E402  (benchmarks/, the script's own folder)
+
 PRESETS = {
     "cpu": dict(layers=4, hidden=512, intermediate=1408, heads=8, vocab=8000, batch=4, seq=256, steps=38, bf16=False),
     "gpu": dict(layers=16, hidden=2048, intermediate=8192, heads=16, vocab=32000, batch=4, seq=1024, steps=102,
@@ -103,26 +105,12 @@ tuner.run_exp(args, callbacks=[StepClock(args["output_dir"] + "/step_clock.json"
 
 def build_model(out: Path, cfg: dict) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    import tiny
-
-    if (out / "config.json").exists():
-        return out
-    tiny.build_tokenizer(out)
-    config = LlamaConfig(
-        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
-        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg.get("kv_heads", cfg["heads"]),
-        max_position_embeddings=max(2048, cfg["seq"]), bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        torch_dtype="bfloat16" if cfg["bf16"] else "float32",
+    return benchlib.build_llama(
+        out, layers=cfg["layers"], hidden=cfg["hidden"], intermediate=cfg["intermediate"], heads=cfg["heads"],
+        vocab=cfg["vocab"], kv_heads=cfg.get("kv_heads"), dtype="bfloat16" if cfg["bf16"] else "float32",
+        device="cuda" if torch.cuda.is_available() else "cpu",
     )
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 8 B weights: GPU is faster
-        model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(out)
-    del model
-    return out
 
 
 def write_data(out: Path, cfg: dict) -> Path:
@@ -347,7 +335,8 @@ def main() -> int:
 
     import llamafactory
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"{benchlib.cpu_model()} ({os.cpu_count()} cores)"
     kv = cfg.get("kv_heads", cfg["heads"]) / cfg["heads"]  # grouped-query attention shrinks k/v projections
     n_params = int(cfg["layers"] * ((2 + 2 * kv) * cfg["hidden"] ** 2 + 3 * cfg["hidden"] * cfg["intermediate"])
                    + 2 * cfg["vocab"] * cfg["hidden"])
@@ -368,16 +357,6 @@ def main() -> int:
     if opts.json:
         Path(opts.json).write_text(json.dumps(report, indent=1))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

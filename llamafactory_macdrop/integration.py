@@ -120,11 +120,13 @@ def fsdp_settings(lf_args: dict[str, Any] | list[str]) -> Optional[dict[str, Any
         config = {k[5:] if k.startswith("fsdp_") else k: v for k, v in dict(config).items()}
         strategy = next((o for o in options if o not in ("offload", "auto_wrap")), "full_shard")
         version = config.get("version", 1)
-        reshard = config.get("reshard_after_forward", strategy != "shard_grad_op" if version in (2, "2") else strategy)
+        reshard = config.get("reshard_after_forward")
+        if str(version) != "2" and reshard is not None:
+            strategy = str(reshard)  # accelerate spells FSDP1's strategy as reshard_after_forward too
         return {
             "version": version,
-            "strategy": str(reshard).upper(),
-            "reshard_after_forward": _truthy(str(reshard).lower()),
+            "strategy": strategy.upper(),
+            "reshard_after_forward": _truthy(str(strategy != "shard_grad_op" if reshard is None else reshard).lower()),
             "offload": "offload" in options or _truthy(str(config.get("offload_params", False))),
             "where": "fsdp / fsdp_config",
         }

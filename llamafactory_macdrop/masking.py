@@ -359,17 +359,18 @@ class FSDP2Shard(FSDPShard):
         self.count = int(torch.Size(fsdp_param.sharded_size).numel())
         self.base = 0
         self.group = fsdp_param.mesh_info.shard_process_group
+        from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+        self._states = ShardedState  # looked up once: unsharded() runs twice per target per micro-step
 
     def local(self) -> torch.Tensor:
         return self.param._sharded_param_data
 
     def unsharded(self) -> Optional[torch.Tensor]:
-        from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
-
         state = self.param.sharded_state
-        if state == ShardedState.SHARDED:
+        if state == self._states.SHARDED:
             return None
-        if state == ShardedState.UNSHARDED:
+        if state == self._states.UNSHARDED:
             return self.param.unsharded_param.data
         raise RuntimeError(
             f"FSDP2 parameter in state {state}: reshard_after_forward=<int> is not supported by MacDrop"
@@ -395,14 +396,15 @@ class FSDP1Shard(FSDPShard):
         else:
             self.start, self.count, self.base = 0, 0, 0
         self.group = handle.process_group
+        from torch.distributed.fsdp._flat_param import HandleTrainingState
+
+        self._summoning = HandleTrainingState.SUMMON_FULL_PARAMS  # looked up once (hot path below)
 
     def local(self) -> torch.Tensor:
         return self.handle.flat_param._local_shard
 
     def unsharded(self) -> Optional[torch.Tensor]:
-        from torch.distributed.fsdp._flat_param import HandleTrainingState
-
-        if self.handle._training_state == HandleTrainingState.SUMMON_FULL_PARAMS:  # set-up reads the rows
+        if self.handle._training_state == self._summoning:  # set-up reads the rows
             view = getattr(self.info.module, self.info.param_name).data
             if view.shape != self.shape:
                 raise RuntimeError(f"FSDP1 shows {self.info.module_name}.{self.info.param_name} with shape "
