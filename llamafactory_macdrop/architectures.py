@@ -171,23 +171,39 @@ class MoEFFN(FFNBlock):
         return logical_shape(self.experts.gate_up_proj)[1] // 2
 
     def probe_hooks(self, record):
+        """Three hooks, each reading weights where they are guaranteed to be materialised.
+
+        Under DeepSpeed ZeRO-3 a module's own parameters are gathered only between its
+        pre-forward and post-forward hooks (ZeRO's hooks were registered first, so they run
+        before ours on the way in and before ours on the way out). So the router's weight is
+        read in the ROUTER's forward pre-hook and the experts' weight in the EXPERTS' forward
+        pre-hook, never in a hook of the enclosing MoE block, where both are released again.
+        """
         act: Callable = self.experts.act_fn
 
-        def pre(module, args, kwargs):
+        def block_pre(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            record["moe_input"] = first_position(x).detach()
+            record["moe_input"] = first_position(x).detach().float()
 
-        def post(module, args, output):
-            x = record.pop("moe_input").float()
+        def router_pre(module, args, kwargs):
+            x = record.get("moe_input")
+            if x is None:
+                return
             probs = torch.softmax(x @ self.router.weight.detach().float().t(), dim=-1)
             expert = int(probs.argmax())
-            gate, up = (x @ self.experts.gate_up_proj[expert].detach().float().t()).chunk(2, dim=-1)
-            record["inter"] = (act(gate) * up).abs()
             record["expert"], record["router_prob"] = expert, float(probs[expert])
 
+        def experts_pre(module, args, kwargs):
+            x, expert = record.pop("moe_input", None), record.get("expert")
+            if x is None or expert is None:
+                return
+            gate, up = (x @ self.experts.gate_up_proj[expert].detach().float().t()).chunk(2, dim=-1)
+            record["inter"] = (act(gate) * up).abs()
+
         return [
-            self.container.register_forward_pre_hook(pre, with_kwargs=True),
-            self.container.register_forward_hook(post),
+            self.container.register_forward_pre_hook(block_pre, with_kwargs=True),
+            self.router.register_forward_pre_hook(router_pre, with_kwargs=True),
+            self.experts.register_forward_pre_hook(experts_pre, with_kwargs=True),
         ]
 
     def _check(self, expert):
@@ -217,13 +233,19 @@ def _weighted(module) -> bool:
     return module is not None and hasattr(base_layer(module), "weight")
 
 
+def _ndim(weight) -> int:
+    """Number of dimensions of a weight's REAL shape: a ZeRO-3 partitioned parameter is 1-D
+    (``.dim()`` is 1, its shape [0]) while ``ds_shape`` holds the real one."""
+    return len(logical_shape(weight)) if isinstance(weight, torch.Tensor) else 0
+
+
 def _match_moe(index, layer, prefix):
     mlp = getattr(layer, "mlp", None)
     router, experts = getattr(mlp, "gate", None), getattr(mlp, "experts", None)
     if (
         router is not None and experts is not None
-        and getattr(getattr(router, "weight", None), "dim", lambda: 0)() == 2
-        and getattr(getattr(experts, "gate_up_proj", None), "dim", lambda: 0)() == 3
+        and _ndim(getattr(router, "weight", None)) == 2
+        and _ndim(getattr(experts, "gate_up_proj", None)) == 3
         and hasattr(experts, "act_fn")
     ):
         return MoEFFN(index, layer, f"{prefix}mlp.", container=mlp, router=router, experts=experts)

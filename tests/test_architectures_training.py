@@ -12,8 +12,6 @@ from transformers import TrainerCallback
 import tiny
 import tiny_archs as ta
 from llamafactory_macdrop import integration
-from llamafactory_macdrop.architectures import find_ffn_blocks
-from llamafactory_macdrop.masking import bits
 
 LORA_TARGET = {"gpt2": "c_attn", "opt": "q_proj,v_proj"}
 # transformers 5 fuses MoE experts in memory but saves them per expert, under these names
@@ -39,22 +37,60 @@ def fuse_legacy_experts(name, originals, num_experts=4):
     return {k.replace("block_sparse_moe.gate.", "mlp.gate."): v for k, v in out.items()}
 
 
+#: layout -> (parameter name under decoder layer 1, [(label, row offset, axis)]): where the planted
+#: units' gate/up rows live, written out by hand from transformers' module definitions (the oracle
+#: does not ask the plugin's architecture code)
+PLANTED_ROWS = {
+    "mixtral": ("mlp.experts.gate_up_proj", [("gate", 0, 0), ("up", ta.I, 0)]),
+    "qwen2_moe": ("mlp.experts.gate_up_proj", [("gate", 0, 0), ("up", ta.I, 0)]),
+    "phi3": ("mlp.gate_up_proj.weight", [("gate", 0, 0), ("up", ta.I, 0)]),
+    "gpt2": ("mlp.c_fc.weight", [("up", 0, 1)]),  # Conv1D stores [in, out]: the units are columns
+    "opt": ("fc1.weight", [("up", 0, 0)]),
+}
+
+
+def _planted_param(model, name):
+    """The frozen weight ``name`` of decoder layer 1 (peft keeps it under ``base_layer``)."""
+    wanted = {f"layers.{ta.PLANTED_LAYER}.{name}", f"h.{ta.PLANTED_LAYER}.{name}"}
+    for full, param in model.named_parameters():
+        short = full.replace(".base_layer.", ".")
+        if any(short.endswith(w) for w in wanted):
+            return param
+    raise AssertionError(f"no parameter *{name} in layer {ta.PLANTED_LAYER}")
+
+
 class RowWatcher(TrainerCallback):
-    """Reads the located rows through the block API at every forward of the massive layer."""
+    """Reads the planted rows straight from the parameters at every training forward of layer 1."""
+
+    def __init__(self, name):
+        self.name = name
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.model, self.seen = model, []
-        block = find_ffn_blocks(model)[ta.PLANTED_LAYER]
-        expert = ta.PLANTED_EXPERT if block.is_moe else None
-        self.targets = block.row_targets(ta.PLANTED_INDICES, expert=expert)
-        self.originals = [t.read().clone() for t in self.targets]
-        block.layer.register_forward_pre_hook(self.hook)
+        param_name, self.parts = PLANTED_ROWS[self.name]
+        self.param = _planted_param(model, param_name)
+        self.originals = self.rows()
+        layer = next(m for n, m in model.named_modules() if n.endswith((f"layers.{ta.PLANTED_LAYER}",
+                                                                        f"h.{ta.PLANTED_LAYER}")))
+        layer.register_forward_pre_hook(self.hook)
+
+    def rows(self):
+        w = self.param.detach()
+        if w.dim() == 3:  # fused experts: the planted expert's matrix
+            w = w[ta.PLANTED_EXPERT]
+        idx = torch.tensor(ta.PLANTED_INDICES)
+        return [(w.index_select(axis, idx + offset) if axis == 0 else w.index_select(1, idx).t()).clone()
+                for _, offset, axis in self.parts]
 
     def hook(self, module, args):
         if self.model.training:
-            rows = [t.read() for t in self.targets]
+            rows = self.rows()
             zeroed = [(r == 0) & (o != 0) for r, o in zip(rows, self.originals)]
             self.seen.append((zeroed[0].float().mean().item(), all(torch.equal(zeroed[0], z) for z in zeroed)))
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32) if t.dtype == torch.float32 else t
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "phi3", "gpt2", "opt"])
@@ -69,7 +105,7 @@ def test_training_masks_the_located_rows_and_restores_everything(name, tiny_data
         model_dir, tiny_data_dir, out, lora_target=LORA_TARGET.get(name, "all"), cutoff_len=32,
         gradient_accumulation_steps=1, max_steps=4, macdrop_curriculum="constant", macdrop_p0=0.5,
     )
-    watcher = RowWatcher()
+    watcher = RowWatcher(name)
     integration.activate()
     from llamafactory.train.tuner import run_exp
 
@@ -86,7 +122,7 @@ def test_training_masks_the_located_rows_and_restores_everything(name, tiny_data
     for key, value in base.state_dict().items():
         ckpt = key.replace(".base_layer.", ".")
         if "lora_" not in key and ckpt in originals:
-            assert torch.equal(bits(value), bits(originals[ckpt])), ckpt
+            assert torch.equal(_bits(value), _bits(originals[ckpt])), ckpt
             compared.add(ckpt)
     assert compared == set(originals) - {"lm_head.weight"} or compared == set(originals)
     assert all(m in compared or m + ".weight" in compared for m in located["modules"]), located["modules"]

@@ -94,11 +94,11 @@ def _args(model_dir, data_dir, out, mode, stage="pt"):
     data = {"pt": dict(dataset="tiny_pt", cutoff_len=32), "dpo": dict(dataset="tiny_dpo", cutoff_len=48)}[stage]
     args = tiny.lf_train_args(
         model_dir, data_dir, out, stage=stage, **data, max_steps=STEPS,
-        per_device_train_batch_size=1 if mode in ("ddp", "zero2", "zero3", "zero3_dora") or mode in FSDP_MODES else 2,
+        per_device_train_batch_size=1 if mode in ("ddp", "zero2", "zero3", "zero3_dora", "moe_zero3") or mode in FSDP_MODES else 2,
         gradient_accumulation_steps=GA, seed=7,
     )
-    if mode.startswith(("zero2", "zero3")):
-        args["deepspeed"] = str(REPO / "yaml_configs" / f"ds_z{mode[4]}_config.json")
+    if mode.startswith(("zero2", "zero3", "moe_zero3")):
+        args["deepspeed"] = str(REPO / "yaml_configs" / f"ds_z{mode.split('zero')[1][0]}_config.json")
     if mode.endswith("_dora"):  # a shipped recipe combination (llama3_8b_dora_macdrop_ds_z3.yaml)
         args["use_dora"] = True
     if mode == "qlora":
@@ -108,11 +108,15 @@ def _args(model_dir, data_dir, out, mode, stage="pt"):
     return args
 
 
-def _run(tmp_path, model_dir, data_dir, mode, stage="pt"):
+def _run(tmp_path, model_dir, data_dir, mode, stage="pt", oracle=None):
     work = tmp_path / mode
     work.mkdir()
     args = _args(model_dir, data_dir, work / "out", mode, stage)
     (work / "args.json").write_text(json.dumps(args))
+    extra = []
+    if oracle is not None:  # where the planted massive weights of this model are (default: tests/tiny.py's)
+        (work / "oracle.json").write_text(json.dumps(oracle))
+        extra = [str(work / "oracle.json")]
     cmd = [sys.executable, str(SCRIPT)] if mode in SINGLE_PROCESS else \
         [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT)]
     # the repository first: a worktree must test its own package, not an editable install elsewhere
@@ -121,11 +125,14 @@ def _run(tmp_path, model_dir, data_dir, mode, stage="pt"):
     if mode in FSDP_MODES:
         config_name, overrides = FSDP_MODES[mode]
         env.update(fsdp_env(config_name, **overrides))
-    proc = subprocess.run(cmd + [str(work / "args.json"), str(work / "trace")], cwd=work, env=env,
+    proc = subprocess.run(cmd + [str(work / "args.json"), str(work / "trace"), *extra], cwd=work, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = 1 if mode in SINGLE_PROCESS else 2
     traces = [torch.load(work / "trace" / f"rank{r}.pt") for r in range(ranks)]
+    located = json.loads((work / "out" / "macdrop_locator.json").read_text())  # written by rank 0
+    for trace in traces:
+        trace["located"] = located
     state = json.loads((work / "out" / "trainer_state.json").read_text())
     return traces, [h for h in state["log_history"] if "loss" in h]
 
@@ -160,17 +167,20 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(
         single = request.getfixturevalue("single_dora")
     weights = load_file(tiny_llama_dir / "model.safetensors")
     up_name = f"model.layers.{tiny.PLANTED_LAYER}.mlp.up_proj.weight"
-    if mode != "qlora":  # QLoRA computes with the dequantized 4-bit weight, the rest with the checkpoint
-        for trace in traces:
-            assert torch.equal(trace["original"]["up"], weights[up_name])
-            assert torch.equal(trace["original"]["gate"], weights[up_name.replace("up_proj", "gate_proj")])
+    # QLoRA computes with the dequantized 4-bit weight (measured before the first step), the rest
+    # with the checkpoint's
+    original = None if mode == "qlora" else {"up": weights[up_name], "gate": weights[up_name.replace("up_", "gate_")]}
+    engine = {"zero2": "DeepSpeedEngine", "zero3": "DeepSpeedEngine", "zero3_dora": "DeepSpeedEngine",
+              "fsdp1": "FullyShardedDataParallel", "fsdp1_flat": "FullyShardedDataParallel",
+              "fsdp1_noshard": "FullyShardedDataParallel"}
     for trace in traces:
-        assert (trace["engine"] == "DeepSpeedEngine") == mode.startswith("zero")
-        expected_shard = {"fsdp1": "FSDP1Shard", "fsdp1_flat": "FSDP1Shard", "fsdp1_noshard": "FSDP1Shard",
-                          "fsdp2": "FSDP2Shard"}.get(mode)
-        assert trace["fsdp_sharded"] == [expected_shard] * 2, trace["fsdp_sharded"]
+        assert trace["engine"] == engine.get(mode, trace["engine"]), trace["engine"]
+        if mode == "fsdp2":
+            assert trace["storage"]["up"]["type"] == "DTensor", trace["storage"]
+        if mode == "qlora":  # LLaMA-Factory stores the 4-bit codes in a float tensor (quant_storage = compute dtype)
+            assert trace["storage"]["up"]["quantized"] and trace["storage"]["up"]["dtype"] != "torch.uint8", trace["storage"]
     verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA,
-           zero3=mode.startswith("zero3"))
+           zero3=mode.startswith("zero3"), original=original)
 
     if mode == "qlora":  # a different model (4-bit base): only p must match
         assert [h["macdrop_p"] for h in log] == [h["macdrop_p"] for h in single[1]]
@@ -190,4 +200,20 @@ def test_dpo_reference_forward_sees_original_rows_under_fsdp(mode, tiny_llama_di
     traces, log = _run(tmp_path, tiny_llama_dir, tiny_data_dir, mode, stage="dpo")
     verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA,
            reference=True)
+    assert [h["macdrop_p"] for h in log] == pytest.approx([0.6, 0.4, 0.2, 0.0])
+
+
+def test_moe_under_zero3_locates_the_routed_expert_and_masks_only_its_rows(tiny_data_dir, tmp_path):
+    """Mixtral-style fused experts under ZeRO-3 (2 ranks): every parameter is a 1-D partition
+    outside its module's forward, so the layout is recognised from ``ds_shape`` and the router and
+    expert weights are read inside their own modules' forward, where ZeRO-3 has gathered them."""
+    import tiny_archs as ta
+
+    model_dir = ta.save_with_tokenizer("mixtral", tmp_path / "mixtral")
+    oracle = {"layer": ta.PLANTED_LAYER, "indices": ta.PLANTED_INDICES, "expert": ta.PLANTED_EXPERT}
+    traces, log = _run(tmp_path, model_dir, tiny_data_dir, "moe_zero3", oracle=oracle)
+    assert traces[0]["located"]["expert"] == ta.PLANTED_EXPERT
+    for trace in traces:
+        assert trace["engine"] == "DeepSpeedEngine" and trace["storage"]["experts"]["zero3_partitioned"]
+    verify(traces, layer=ta.PLANTED_LAYER, indices=ta.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA, zero3=True)
     assert [h["macdrop_p"] for h in log] == pytest.approx([0.6, 0.4, 0.2, 0.0])

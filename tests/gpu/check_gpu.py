@@ -46,8 +46,8 @@ CASES = {
     "fsdp1": {"bf16": True},
     "fsdp2": {"bf16": True},
 }
-#: case -> accelerate config it is launched with, and the FSDP storage MacDrop must have bound
-FSDP_CONFIGS = {"fsdp1": ("fsdp_config.yaml", "FSDP1Shard"), "fsdp2": ("fsdp2_config.yaml", "FSDP2Shard")}
+#: case -> accelerate config it is launched with, and the wrapper the trainer must run
+FSDP_CONFIGS = {"fsdp1": ("fsdp_config.yaml", "FullyShardedDataParallel"), "fsdp2": ("fsdp2_config.yaml", None)}
 
 
 def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
@@ -76,18 +76,22 @@ def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
     if proc.returncode != 0:
         return {"case": name, "ok": False, "error": (proc.stdout + proc.stderr)[-4000:], "seconds": seconds}
     trace = torch.load(case_dir / "trace" / "rank0.pt")
+    trace["located"] = json.loads((case_dir / "out" / "macdrop_locator.json").read_text())
     try:
         checks = verify([trace], layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=SEED, steps=STEPS,
                         ga=GA, zero3=name == "zero3")
-        if name in FSDP_CONFIGS:
-            shards = trace["fsdp_sharded"]
-            assert shards == [FSDP_CONFIGS[name][1]] * 2, f"targets not bound to FSDP storage: {shards}"
-            checks.append(f"targets edited in FSDP's own storage ({shards[0]}), engine {trace['engine']}")
+        storage = trace["storage"]["up"]
+        if name == "fsdp1":
+            assert trace["engine"] == FSDP_CONFIGS[name][1], trace["engine"]
+        if name == "fsdp2":
+            assert storage["type"] == "DTensor", f"W_up is not an FSDP2 DTensor: {storage}"
+        if name == "qlora":
+            assert storage["quantized"], f"W_up is not 4-bit: {storage}"
+        checks.append(f"W_up stored as {storage['type']} {storage['dtype']}, engine {trace['engine']}")
     except AssertionError as err:
         return {"case": name, "ok": False, "error": f"assertion failed: {err}", "seconds": seconds}
     state = json.loads((case_dir / "out" / "trainer_state.json").read_text())
     log = [h for h in state["log_history"] if "loss" in h]
-    checks.append("weights dtype " + str(trace["dtype"]))
     return {"case": name, "ok": True, "checks": checks, "seconds": round(seconds, 1), "engine": trace["engine"],
             "loss": [h["loss"] for h in log], "macdrop_p": [h["macdrop_p"] for h in log]}
 
