@@ -16,8 +16,12 @@ from llamafactory_macdrop.architectures import find_ffn_blocks
 from llamafactory_macdrop.config import MacDropConfig
 from llamafactory_macdrop.curriculum import Progress
 from llamafactory_macdrop.locator import locate_massive_weights
-from llamafactory_macdrop.masking import bits
 from llamafactory_macdrop.trainer import MacDropRun
+
+
+def bits(t):
+    """Bitwise view of a float32 tensor (the oracle's own, not the package's)."""
+    return t.contiguous().view(torch.int32)
 
 
 def _peft(model, dora: bool):
@@ -78,7 +82,9 @@ def _run_both(tiny_llama, dora, checkpointing, scope="massive", steps=4, p0=0.8)
     cfg = MacDropConfig(macdrop=True, macdrop_p0=p0, macdrop_scope=scope)
     result = locate_massive_weights(base, cfg.macdrop_k)
     run = MacDropRun(cfg, result, find_ffn_blocks(base), seed=123)
-    rows = run.dropout.targets[0].rows
+    assert (result.layer, result.indices[:5]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES)
+    rows = {"massive": torch.tensor(tiny.PLANTED_INDICES), "all": torch.arange(tiny.INTERMEDIATE),
+            "non_massive": torch.tensor([i for i in range(tiny.INTERMEDIATE) if i not in tiny.PLANTED_INDICES])}[scope]
     originals = [bits(w).clone() for w in _weights(base, result.layer)]
     for t, batch in enumerate(_batches(base.config.vocab_size, steps), start=1):
         base.zero_grad()
