@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llamafactory_macdrop.masking import FSDPShard, RowDropout, RowTarget, bits, draw_keep_mask
+from llamafactory_macdrop.masking import FSDPShard, RowDropout, bits, draw_keep_mask, row_target
 
 
 def _weights(seed=0, out=32, inp=16):
@@ -13,7 +13,7 @@ def test_apply_multiplies_selected_rows_by_one_shared_mask_and_nothing_else():
     gate, up = _weights()
     gate0, up0 = gate.clone(), up.clone()
     rows = [7, 3, 30]
-    drop = RowDropout([RowTarget("gate", gate, rows), RowTarget("up", up, rows)])
+    drop = RowDropout([row_target("gate", gate, rows), row_target("up", up, rows)])
     keep = draw_keep_mask(drop.mask_shape, 0.5, torch.Generator().manual_seed(1), "cpu")
     assert 0 < keep.sum() < keep.numel()
     drop.apply(keep)
@@ -35,7 +35,7 @@ def test_masked_context_restores_bitwise_even_on_error():
     gate, up = _weights()
     gate[3, 2] = -0.0  # signed zero must survive too
     snapshot = [bits(gate).clone(), bits(up).clone()]
-    drop = RowDropout([RowTarget("gate", gate, [3, 4]), RowTarget("up", up, [3, 4])])
+    drop = RowDropout([row_target("gate", gate, [3, 4]), row_target("up", up, [3, 4])])
     with pytest.raises(KeyboardInterrupt):
         with drop.masked(0.9, torch.Generator().manual_seed(0)) as keep:
             assert keep is not None and not drop.is_restored()
@@ -46,7 +46,7 @@ def test_masked_context_restores_bitwise_even_on_error():
 
 def test_p_zero_draws_nothing_and_writes_nothing():
     gate, up = _weights()
-    drop = RowDropout([RowTarget("gate", gate, [1]), RowTarget("up", up, [1])])
+    drop = RowDropout([row_target("gate", gate, [1]), row_target("up", up, [1])])
     g = torch.Generator().manual_seed(5)
     state = g.get_state().clone()
     version = gate._version
@@ -57,7 +57,7 @@ def test_p_zero_draws_nothing_and_writes_nothing():
 
 def test_unmasked_shows_originals_then_reapplies_the_same_mask():
     gate, up = _weights()
-    drop = RowDropout([RowTarget("gate", gate, [0, 5]), RowTarget("up", up, [0, 5])])
+    drop = RowDropout([row_target("gate", gate, [0, 5]), row_target("up", up, [0, 5])])
     with drop.masked(0.5, torch.Generator().manual_seed(3)) as keep:
         masked = gate[[0, 5]].clone()
         with drop.unmasked():
@@ -71,7 +71,7 @@ def test_writes_do_not_bump_the_autograd_version_counter():
     # would make autograd refuse the backward pass.
     w = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
     x = torch.randn(2, 4, requires_grad=True)
-    drop = RowDropout([RowTarget("w", w, [1, 2])])
+    drop = RowDropout([row_target("w", w, [1, 2])])
     with drop.masked(0.5, torch.Generator().manual_seed(0)):
         y = torch.nn.functional.linear(x, w)
         with drop.unmasked():
@@ -83,7 +83,7 @@ def test_writes_do_not_bump_the_autograd_version_counter():
 def test_conv1d_layout_masks_columns():
     w = torch.randn(16, 32)  # GPT-2 Conv1D: [in, out]; intermediate units are columns
     w0 = w.clone()
-    drop = RowDropout([RowTarget("c_fc", w, [4, 9], axis=1)])
+    drop = RowDropout([row_target("c_fc", w, [4, 9], axis=1)])
     keep = torch.zeros(drop.mask_shape, dtype=torch.bool)
     assert drop.mask_shape == (2, 16)
     drop.apply(keep)
@@ -95,9 +95,9 @@ def test_conv1d_layout_masks_columns():
 def test_targets_must_agree_and_rows_must_be_in_range():
     gate, up = _weights()
     with pytest.raises(ValueError, match="one shape"):
-        RowDropout([RowTarget("gate", gate, [1, 2]), RowTarget("up", up, [1])])
+        RowDropout([row_target("gate", gate, [1, 2]), row_target("up", up, [1])])
     with pytest.raises(ValueError, match=r"\[0, 32\)"):
-        RowTarget("gate", gate, [32])
+        row_target("gate", gate, [32])
 
 
 # ----------------------------------------------------------------------------- ZeRO-3 partitions
@@ -125,9 +125,9 @@ def test_zero3_partition_edits_add_up_to_algorithm1(monkeypatch, axis, expert):
     drops = []
     for p in params:  # set-up reads the rows once from the gathered weight (GatheredParameters)
         p.data = full.clone()
-        drops.append(RowDropout([RowTarget("w", p, rows, axis=axis, expert=expert)]))
+        drops.append(RowDropout([row_target("w", p, rows, axis=axis, expert=expert)]))
         p.data = torch.empty(0)
-    assert all(t.zero3 for d in drops for t in d.targets)
+    assert all(t.backend == "zero3-partition" for d in drops for t in d.targets)
     matrix = full if expert is None else full[expert]
     want_rows = matrix.index_select(axis, torch.tensor(rows))
     want_rows = want_rows if axis == 0 else want_rows.t()
@@ -153,8 +153,9 @@ def test_zero3_partition_edits_add_up_to_algorithm1(monkeypatch, axis, expert):
 class _Shard(FSDPShard):
     """This rank's FSDP storage, laid out by hand: ``storage[base + i]`` = flat element ``start + i``."""
 
-    def __init__(self, shape, storage, start, count, base):
+    def __init__(self, shape, storage, start, count, base, version):
         self.shape, self.storage, self.start, self.count, self.base = shape, storage, start, count, base
+        self.version = version  # 1: FSDP1's FlatParameter slice, 2: FSDP2's dim-0 shard
         self.gathered = None  # the full weight while FSDP holds it gathered
 
     def local(self):
@@ -172,7 +173,7 @@ def _fsdp2_shards(full, world):
     for r in range(world):
         rows = full[r * c:(r + 1) * c].reshape(-1)
         padded = torch.cat([rows, torch.full((c * row - rows.numel(),), float("nan"))])
-        shards.append(_Shard(full.shape, padded, r * c * row, rows.numel(), 0))
+        shards.append(_Shard(full.shape, padded, r * c * row, rows.numel(), 0, version=2))
     return shards, lambda: torch.cat([sh.storage[: sh.count] for sh in shards]).view(full.shape)
 
 
@@ -186,7 +187,7 @@ def _fsdp1_shards(full, world, before=10):
     for r in range(world):
         lo, hi = max(r * size, before), min((r + 1) * size, before + full.numel())
         storage = flat[r * size:(r + 1) * size].clone()
-        shards.append(_Shard(full.shape, storage, lo - before, max(0, hi - lo), max(0, lo - r * size)))
+        shards.append(_Shard(full.shape, storage, lo - before, max(0, hi - lo), max(0, lo - r * size), version=1))
     return shards, lambda: torch.cat([sh.storage for sh in shards])[before: before + full.numel()].view(full.shape)
 
 
@@ -203,8 +204,8 @@ def test_fsdp_shard_edits_add_up_to_algorithm1(layout, axis, expert):
     drops = []
     for shard in shards:  # set-up reads the rows while FSDP shows the whole weight
         shard.gathered = full.clone()
-        target = RowTarget("w", full.clone(), rows, axis=axis, expert=expert)
-        target.bind_shard(shard)
+        target = row_target("w", full.clone(), rows, axis=axis, expert=expert, shard=shard)
+        assert target.backend == f"{layout}-shard"
         drops.append(RowDropout([target]))
         shard.gathered = None
     assert sum(d.targets[0]._own.numel() for d in drops) == len(rows) * (13 if axis == 0 else 23)
@@ -241,8 +242,8 @@ def test_4bit_rows_masked_by_codes_equal_dequantized_times_mask(quant_type):
     before_codes = w.data.clone()
     before = bnb_f.dequantize_4bit(w.data, w.quant_state)
     rows = [31, 4, 5, 17]
-    drop = RowDropout([RowTarget("up", w, rows)])
-    assert type(drop.targets[0]).__name__ == "Packed4bitRowTarget" and drop.mask_shape == (4, 27)
+    drop = RowDropout([row_target("up", w, rows)])
+    assert drop.targets[0].backend == "bnb-4bit" and drop.mask_shape == (4, 27)
     keep = torch.rand(4, 27) > 0.4
     drop.apply(keep)
     after = bnb_f.dequantize_4bit(w.data, w.quant_state)
