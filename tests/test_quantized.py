@@ -13,6 +13,7 @@ p. After every optimizer step the storage bytes and the quant state are bitwise 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import tiny
 
 pytest.importorskip("bitsandbytes")
 
+REPO = Path(__file__).resolve().parents[1]
 P = 0.5
 ROWS = tiny.PLANTED_INDICES
 KINDS = ("gate_proj", "up_proj")
@@ -201,10 +203,12 @@ def test_dora_with_qlora_is_refused_by_llamafactory_before_training(tiny_llama_d
 # ----------------------------------------------------------------------------- an earlier adapter
 @pytest.fixture(scope="module")
 def earlier_adapter(tiny_llama_dir, tiny_data_dir, tmp_path_factory):
-    """A LoRA adapter from a short plain run (no MacDrop), with lora_B clearly non-zero."""
+    """A LoRA adapter on gate/up from a short plain run (no MacDrop), with lora_B clearly non-zero
+    (only gate/up: an adapter on down_proj would let layer 0's decoy unit reach the residual
+    stream, and the probe would then rightly find another layer)."""
     out = tmp_path_factory.mktemp("adapter")
     run_lf(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, macdrop=False, max_steps=3, learning_rate=5e-2,
-                              save_strategy="no"))
+                              lora_target="gate_proj,up_proj", save_strategy="no"))
     assert (out / "adapter_model.safetensors").exists()
     return out
 
@@ -227,3 +231,64 @@ def test_adapter_merged_into_the_base_is_what_the_probe_and_the_masks_see(
     assert_algorithm1(oracle, oracle.summary())
     located = json.loads((tmp_path / "macdrop_locator.json").read_text())
     assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, ROWS)
+
+
+# ----------------------------------------------------------------------------- refused before the model loads
+REFUSED = {
+    "int8": (dict(quantization_bit=8), "quantization_bit=8"),
+    "hqq": (dict(quantization_bit=4, quantization_method="hqq"), "quantization_method=hqq"),
+    "eetq": (dict(quantization_bit=8, quantization_method="eetq"), "quantization_method=eetq"),
+    "zero3": (dict(quantization_bit=4, deepspeed=str(REPO / "yaml_configs" / "ds_z3_config.json")), "ZeRO-3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_quantized_setups_without_an_exact_backend_are_refused_in_one_line(case, tiny_llama_dir, tiny_data_dir, tmp_path):
+    from llamafactory_macdrop import integration
+    from llamafactory_macdrop.config import MacDropConfigError
+
+    overrides, named = REFUSED[case]
+    with pytest.raises(MacDropConfigError, match=named) as err:
+        integration.validate_args(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, **overrides))
+    assert "\n" not in str(err.value)
+    integration.validate_args(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, quantization_bit=4))
+
+
+@pytest.mark.parametrize("quantization, refused", [
+    ({"quant_method": "gptq", "bits": 4}, "quant_method=gptq"),
+    ({"quant_method": "awq", "bits": 4}, "quant_method=awq"),
+    ({"quant_method": "hqq"}, "quant_method=hqq"),
+    ({"quant_method": "eetq"}, "quant_method=eetq"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, None),
+    ({"quant_method": "fp8"}, None),  # LLaMA-Factory dequantizes FP8 / MXFP4 checkpoints at load
+])
+def test_prequantized_checkpoints_are_read_from_config_json(quantization, refused, tiny_llama_dir, tiny_data_dir,
+                                                            tmp_path):
+    from llamafactory_macdrop import integration
+    from llamafactory_macdrop.config import MacDropConfigError
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    args = tiny.lf_train_args(folder, tiny_data_dir, tmp_path / "out", quantization_bit=8)  # ignored by LF here
+    if refused is None:
+        integration.validate_args(args)
+        return
+    with pytest.raises(MacDropConfigError, match=f"model_name_or_path={folder}.*{refused}"):
+        integration.validate_args(args)
+
+
+def test_llamafactory_cli_prints_the_quantization_refusal_before_loading(tiny_llama_dir, tiny_data_dir, tmp_path):
+    import yaml
+    from conftest import run_cli
+
+    config = tmp_path / "int8.yaml"
+    config.write_text(yaml.safe_dump(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "out",
+                                                        quantization_bit=8)))
+    proc = run_cli(["llamafactory-cli", "train", str(config)], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[macdrop] error:")]
+    assert len(lines) == 1 and "quantization_bit=8" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
