@@ -292,3 +292,31 @@ def test_llamafactory_cli_prints_the_quantization_refusal_before_loading(tiny_ll
     lines = [line for line in proc.stderr.splitlines() if line.startswith("[macdrop] error:")]
     assert len(lines) == 1 and "quantization_bit=8" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_qlora_with_an_earlier_adapter_trains_it_further_on_the_masked_4bit_base(
+    dense_rows_llama_dir, tiny_data_dir, earlier_adapter, tmp_path
+):
+    """LLaMA-Factory cannot merge into a 4-bit base: ``create_new_adapter`` is refused when it
+    parses the arguments, and with ``adapter_name_or_path`` alone it loads that adapter and trains
+    it further. MacDrop masks the 4-bit base under it, exactly as without an adapter."""
+    from safetensors.torch import load_file
+
+    with pytest.raises(ValueError, match="^Cannot create new adapter upon a quantized model.$"):
+        run_lf(qlora_args(dense_rows_llama_dir, tiny_data_dir, tmp_path, adapter_name_or_path=str(earlier_adapter),
+                          create_new_adapter=True))
+
+    saved = load_file(earlier_adapter / "adapter_model.safetensors")
+
+    class AdapterAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            params = dict(model.named_parameters())
+            self.loaded = {k: torch.equal(params[k.replace(".weight", ".default.weight")].detach().cpu().float(),
+                                          v.float()) for k, v in saved.items()}
+
+    oracle, start = EffectiveWeightOracle(), AdapterAtStart()
+    run_lf(qlora_args(dense_rows_llama_dir, tiny_data_dir, tmp_path, adapter_name_or_path=str(earlier_adapter)),
+           [oracle, start])
+    assert start.loaded and all(start.loaded.values())  # the earlier adapter, not a fresh one
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())
+    assert_algorithm1(oracle, oracle.summary())
