@@ -56,6 +56,7 @@ class Packed4bitRows(RowTarget):
         self.zero_code = int(zeros[0])
         self.quant_type = getattr(quant_state, "quant_type", "?")
         self._key = None
+        self._warned = False
         self._sync()
 
     # ------------------------------------------------------------------ layout
@@ -100,7 +101,8 @@ class Packed4bitRows(RowTarget):
         ours = torch.zeros(self._unique.numel(), dtype=torch.int32, device=device)
         ours.index_add_(0, self._inverse, 0xF << shift)  # the two nibbles of a byte never overlap
         self._others = (0xFF ^ ours).to(torch.uint8)  # bits of nibbles outside the selected rows
-        if self._key is not None and cpu:
+        if cpu and not self._warned:
+            self._warned = True
             logger.warning(
                 "%s: bitsandbytes repacked this 4-bit weight into its CPU inference layout (an eval/no-grad forward "
                 "on an AVX512-BF16 CPU); MacDrop follows the new layout. Note that bitsandbytes then computes with "
@@ -141,7 +143,10 @@ class Packed4bitRows(RowTarget):
         return torch.equal(self._read_codes(), snapshot.reshape(-1).to(self._byte.device))
 
     def read(self) -> torch.Tensor:
-        """The selected rows, dequantized (``code_value * block_absmax``; set-up and checks only)."""
+        """The selected rows, dequantized (``code_value * block_absmax``; set-up and checks only).
+        Bitwise bitsandbytes' ``dequantize_4bit`` in the canonical layout; in the CPU layout (which
+        bitsandbytes can only compute with, not dequantize) the product of the code value and the
+        bf16 scale rounded to bf16, within one bf16 rounding step of what its kernel uses."""
         self._sync()
         quant_state = self.weight.quant_state
         n_rows, k = self.shape
