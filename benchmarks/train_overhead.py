@@ -4,6 +4,7 @@
     python benchmarks/train_overhead.py --preset gpu  [--deepspeed yaml_configs/ds_z3_config.json]
     python benchmarks/train_overhead.py --preset cpu --nproc 2 --deepspeed yaml_configs/ds_z3_config.json
     python benchmarks/train_overhead.py --preset gpu --mode processes --repeats 4
+    python benchmarks/train_overhead.py --preset cpu --quantization-bit 4   # QLoRA: MacDrop edits 4-bit codes
 
 A random-init Llama (``cpu``: 4 layers x hidden 512; ``gpu``: 16 layers x hidden 2048, 1.2 B
 parameters, bf16) is written once; then ONE LLaMA-Factory pt + LoRA run (rank 16, all linear
@@ -19,6 +20,10 @@ MacDrop uses the ``constant`` curriculum at p = 0.8, so EVERY on-step masks and 
 worst case; with the ``step`` curriculum p reaches 0 and the cost vanishes). ``macdrop_layer``/
 ``macdrop_indices`` fix the rows. Also reported: an in-process micro-benchmark of one mask +
 restore and, on CUDA, whether it blocks the host behind queued GPU work.
+
+``--quantization-bit 4`` trains QLoRA as LLaMA-Factory builds it (bitsandbytes NF4, double
+quantization, codes stored in the compute dtype): MacDrop then edits the 4-bit codes of the rows
+(the ``bnb-4bit`` storage backend) and the micro-benchmark loads the model the same way.
 """
 
 from __future__ import annotations
@@ -131,7 +136,8 @@ def write_data(out: Path, cfg: dict) -> Path:
     return out
 
 
-def lf_args(model: Path, data: Path, out: Path, cfg: dict, macdrop: bool, deepspeed: str | None) -> dict:
+def lf_args(model: Path, data: Path, out: Path, cfg: dict, macdrop: bool, deepspeed: str | None,
+            quantization_bit: int | None = None) -> dict:
     args = dict(
         model_name_or_path=str(model), stage="pt", do_train=True, finetuning_type="lora", lora_target="all",
         lora_rank=16, lora_alpha=16, dataset="bench", dataset_dir=str(data), template="default",
@@ -142,6 +148,8 @@ def lf_args(model: Path, data: Path, out: Path, cfg: dict, macdrop: bool, deepsp
     )
     if deepspeed:
         args["deepspeed"] = deepspeed
+    if quantization_bit:
+        args["quantization_bit"] = quantization_bit
     if macdrop:
         args.update(macdrop=True, macdrop_curriculum="constant", macdrop_p0=0.8, macdrop_k=5,
                     macdrop_layer=1, macdrop_indices=[11, 22, 33, 44, 55])
@@ -203,10 +211,11 @@ def interleaved_summary(steps: list[dict]) -> dict:
     }
 
 
-def mask_cost_us(model_dir: Path, cfg: dict, iters: int = 200) -> tuple[float, float | None]:
+def mask_cost_us(model_dir: Path, cfg: dict, iters: int = 200,
+                 quantization_bit: int | None = None) -> tuple[float, float | None, str]:
     """One mask + restore of k=5 rows (the plugin's per-micro-batch work), in microseconds; and
     the host time of one mask + restore issued behind ~15 ms of queued GPU work (a value near
-    15 ms would mean it synchronizes with the GPU)."""
+    15 ms would mean it synchronizes with the GPU); and the storage backends that did it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -217,8 +226,17 @@ def mask_cost_us(model_dir: Path, cfg: dict, iters: int = 200) -> tuple[float, f
     from llamafactory_macdrop.trainer import MacDropRun
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cfg["bf16"] else torch.float32)
-    model.to(device)
+    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
+    if quantization_bit == 4:  # as LLaMA-Factory's quantization.py builds it
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quant,
+                                                     device_map={"": device})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model.to(device)
     blocks = find_ffn_blocks(model)
     result = LocatorResult(model="bench", layer=1, indices=[11, 22, 33, 44, 55], magnitudes=None, median=None,
                            probe_token_id=None, modules=[], massiveness=None, source="override")
@@ -246,14 +264,15 @@ def mask_cost_us(model_dir: Path, cfg: dict, iters: int = 200) -> tuple[float, f
             pass
         blocked = (time.perf_counter() - t0) * 1e6
         sync()
-    return per_call, blocked
+    return per_call, blocked, "; ".join(t.describe() for t in run.dropout.targets)
 
 
 def run_interleaved(opts, cfg, model, data, work) -> dict:
     runs = []
     for r in range(opts.repeats):
         out = work / f"run{r}_interleaved"
-        runtime, steps = train_once(lf_args(model, data, out, cfg, True, opts.deepspeed), work, opts.nproc, True)
+        runtime, steps = train_once(lf_args(model, data, out, cfg, True, opts.deepspeed, opts.quantization_bit),
+                                     work, opts.nproc, True)
         summary = interleaved_summary(steps)
         summary["train_runtime"] = runtime
         runs.append(summary)
@@ -284,7 +303,8 @@ def run_processes(opts, cfg, model, data, work) -> dict:
         for macdrop in order:
             name = "macdrop" if macdrop else "lora"
             out = work / f"run{r}_{name}"
-            seconds, steps = train_once(lf_args(model, data, out, cfg, macdrop, opts.deepspeed), work, opts.nproc, False)
+            seconds, steps = train_once(lf_args(model, data, out, cfg, macdrop, opts.deepspeed, opts.quantization_bit),
+                                        work, opts.nproc, False)
             step = statistics.median(s["s"] for s in steps if s["step"] > WARMUP)
             pair[name], pair[f"{name}_step"] = seconds, step
             print(f"[bench] repeat {r + 1}/{opts.repeats} {name:7s}: train_runtime {seconds:.2f} s, "
@@ -316,6 +336,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
     parser.add_argument("--deepspeed", help="a DeepSpeed config (e.g. yaml_configs/ds_z3_config.json)")
     parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per run")
+    parser.add_argument("--quantization-bit", type=int, choices=(4,),
+                        help="4: QLoRA (bitsandbytes 4-bit base, as LLaMA-Factory's quantization_bit: 4)")
     parser.add_argument("--work", help="where the model, data and runs go (default: a temp dir)")
     parser.add_argument("--json", help="write the results here")
     opts = parser.parse_args()
@@ -328,7 +350,8 @@ def main() -> int:
     data = write_data(work / "data", cfg)
     run = run_interleaved if opts.mode == "interleaved" else run_processes
     result = run(opts, cfg, model, data, work)
-    cost, blocked = mask_cost_us(model, cfg) if opts.nproc == 1 and not opts.deepspeed else (None, None)
+    cost, blocked, storage = mask_cost_us(model, cfg, quantization_bit=opts.quantization_bit) \
+        if opts.nproc == 1 and not opts.deepspeed else (None, None, None)
 
     import torch
     import transformers
@@ -343,12 +366,14 @@ def main() -> int:
     lora_step = result["lora_step_s"]
     if cost is not None:
         print(f"mask + restore (k=5, one micro-batch): {cost:.1f} us = {cost / (lora_step * 1e6) * 100:.4f} % of a LoRA step")
+        print(f"storage: {storage}")
     if blocked is not None:
         print(f"host time of mask + restore behind ~15 ms of queued GPU work: {blocked:.0f} us "
               f"({'no sync' if blocked < 2000 else 'it WAITS for the GPU'})")
     report = {
         "benchmark": "train_overhead", "preset": opts.preset, "config": cfg, "params": n_params,
-        "deepspeed": opts.deepspeed, "nproc": opts.nproc, **result, "warmup_steps": WARMUP,
+        "deepspeed": opts.deepspeed, "nproc": opts.nproc, "quantization_bit": opts.quantization_bit,
+        "storage": storage, **result, "warmup_steps": WARMUP,
         "mask_restore_us": cost, "mask_restore_behind_gpu_work_us": blocked, "device": device,
         "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "date": date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .masking import RowTarget, logical_shape
+from .masking import RowTarget, logical_shape, row_target
 from .probing import first_position, unwrap_peft
 
 
@@ -79,8 +79,10 @@ class FFNBlock:
         """Register hooks that store |intermediate| at the probe token into ``record["inter"]``."""
         raise NotImplementedError
 
-    def row_targets(self, rows, expert: Optional[int] = None) -> list[RowTarget]:
-        """The weight rows that produce intermediate units ``rows`` (what MacDrop masks)."""
+    def row_targets(self, rows, expert: Optional[int] = None, model: Optional[nn.Module] = None) -> list[RowTarget]:
+        """The weight rows that produce intermediate units ``rows`` (what MacDrop masks), each
+        edited by the storage backend :func:`~.masking.row_target` picks for its weight.
+        ``model``: the model as the trainer runs it (needed under FSDP, see ``row_target``)."""
         raise NotImplementedError
 
     def down_target(self, rows, expert: Optional[int] = None) -> RowTarget:
@@ -119,22 +121,28 @@ class DenseFFN(FFNBlock):
             record["inter"] = first_position(args[0]).detach().float().abs()
         return [self.down.register_forward_pre_hook(hook)]
 
-    def row_targets(self, rows, expert=None):
+    def row_targets(self, rows, expert=None, model=None):
         rows = torch.as_tensor(rows, dtype=torch.long)
-        up_w = base_layer(self.up).weight
+        up = base_layer(self.up)
+        up_w = getattr(up, "weight", None)
         if self.fused_gate_up:  # Phi-3: gate rows first, then up rows, in one matrix
             n = self.intermediate_size
             name = f"{self.prefix}{self.up_attr}.weight"
-            return [RowTarget(f"{name}[gate]", up_w, rows), RowTarget(f"{name}[up]", up_w, rows + n)]
-        targets = [RowTarget(f"{self.prefix}{self.up_attr}.weight", up_w, rows, axis=self._up_axis)]
+            return [row_target(f"{name}[gate]", up_w, rows, module=up, model=model),
+                    row_target(f"{name}[up]", up_w, rows + n, module=up, model=model)]
+        targets = [row_target(f"{self.prefix}{self.up_attr}.weight", up_w, rows, axis=self._up_axis, module=up,
+                              model=model)]
         if self.gate is not None:
-            targets.insert(0, RowTarget(f"{self.prefix}{self.gate_attr}.weight", base_layer(self.gate).weight, rows))
+            gate = base_layer(self.gate)
+            targets.insert(0, row_target(f"{self.prefix}{self.gate_attr}.weight", getattr(gate, "weight", None), rows,
+                                         module=gate, model=model))
         return targets
 
     def down_target(self, rows, expert=None):
         down = base_layer(self.down)
         axis = 0 if _is_conv1d(self.down) else 1
-        return RowTarget("down", down.weight, torch.as_tensor(rows, dtype=torch.long), axis=axis)
+        return row_target("down", getattr(down, "weight", None), torch.as_tensor(rows, dtype=torch.long), axis=axis,
+                          module=down)
 
     def module_names(self, expert=None):
         names = [f"{self.prefix}{self.up_attr}.weight"]
@@ -210,19 +218,20 @@ class MoEFFN(FFNBlock):
         if expert is None or not 0 <= expert < self.num_experts:
             raise ValueError(f"layer {self.index} is a MoE layer: an expert in 0..{self.num_experts - 1} is needed")
 
-    def row_targets(self, rows, expert=None):
+    def row_targets(self, rows, expert=None, model=None):
         self._check(expert)
         rows = torch.as_tensor(rows, dtype=torch.long)
         w = self.experts.gate_up_proj
         name = f"{self.prefix}experts.gate_up_proj[{expert}]"
         return [
-            RowTarget(f"{name}[gate]", w, rows, expert=expert),
-            RowTarget(f"{name}[up]", w, rows + self.intermediate_size, expert=expert),
+            row_target(f"{name}[gate]", w, rows, expert=expert, module=self.experts, model=model),
+            row_target(f"{name}[up]", w, rows + self.intermediate_size, expert=expert, module=self.experts, model=model),
         ]
 
     def down_target(self, rows, expert=None):
         self._check(expert)
-        return RowTarget("down", self.experts.down_proj, torch.as_tensor(rows, dtype=torch.long), axis=1, expert=expert)
+        return row_target("down", self.experts.down_proj, torch.as_tensor(rows, dtype=torch.long), axis=1,
+                          expert=expert, module=self.experts)
 
     def module_names(self, expert=None):
         return [f"{self.prefix}experts.gate_up_proj"]

@@ -178,6 +178,60 @@ def _validate_fsdp(lf_args: dict[str, Any] | list[str]) -> None:
         )
 
 
+def _deepspeed_zero_stage(lf_args: dict[str, Any] | list[str]) -> Optional[int]:
+    """The ZeRO stage of the ``deepspeed`` argument (a JSON file or a dict), or None."""
+    ds = _lf_value(lf_args, "deepspeed", None)
+    if isinstance(ds, str) and ds.strip():
+        import json
+
+        try:
+            with open(ds, encoding="utf-8") as f:
+                ds = json.load(f)
+        except (OSError, ValueError):
+            return None  # LLaMA-Factory / transformers report an unreadable config themselves
+    if not isinstance(ds, dict):
+        return None
+    stage = (ds.get("zero_optimization") or {}).get("stage")
+    return int(stage) if str(stage).isdigit() else None
+
+
+def _validate_quantization(lf_args: dict[str, Any] | list[str]) -> None:
+    """Quantized set-ups MacDrop cannot mask exactly, in one line before the model loads: on-the-fly
+    quantization other than bitsandbytes 4-bit, 4-bit under ZeRO-3, and checkpoints that are
+    already quantized (read from a local model folder's config.json, see :mod:`.prequantized`)."""
+    from .prequantized import checkpoint_quantization, unsupported_checkpoint_reason
+
+    model = _lf_value(lf_args, "model_name_or_path", None)
+    quantization = checkpoint_quantization(model) if model else None
+    if quantization is not None:  # LLaMA-Factory then ignores quantization_bit
+        reason = unsupported_checkpoint_reason(quantization)
+        if reason:
+            raise MacDropConfigError(
+                f"macdrop=true with model_name_or_path={model}, a checkpoint quantized with quant_method="
+                f"{quantization.get('quant_method')} (its config.json), is not supported: {reason}"
+            )
+        return
+    bit = str(_lf_value(lf_args, "quantization_bit", None) or "").strip()
+    if bit in ("", "None", "none"):
+        return
+    method = str(_lf_value(lf_args, "quantization_method", "bnb") or "bnb").strip().lower()
+    if method != "bnb":
+        raise MacDropConfigError(
+            f"macdrop=true with quantization_method={method} (quantization_bit={bit}) is not supported: its layers "
+            "store packed codes MacDrop cannot mask exactly; use quantization_method: bnb with quantization_bit: 4"
+        )
+    if bit != "4":
+        raise MacDropConfigError(
+            f"macdrop=true with quantization_bit={bit} is not supported: MacDrop masks bitsandbytes 4-bit weights "
+            "(quantization_bit: 4, QLoRA) exactly, not 8-bit LLM.int8 ones; use quantization_bit: 4 or none"
+        )
+    if _deepspeed_zero_stage(lf_args) == 3:
+        raise MacDropConfigError(
+            "macdrop=true with quantization_bit=4 and DeepSpeed ZeRO-3 is not supported (ZeRO-3 partitions the "
+            "packed 4-bit codes, which the 4-bit backend does not address); use ZeRO-2, or no quantization"
+        )
+
+
 def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | list[str], Optional[MacDropConfig]]:
     """Split and validate; returns (LF's own args, config or None when MacDrop is off).
 
@@ -206,6 +260,7 @@ def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | li
         if _truthy(_lf_value(lf_args, key, False)):
             raise MacDropConfigError(f"macdrop=true with {key}=true is not supported (that path bypasses the HF trainer)")
     _validate_fsdp(lf_args)
+    _validate_quantization(lf_args)
     use_dora = _truthy(_lf_value(lf_args, "use_dora", False))
     if use_dora and can_reach_one(config.macdrop_curriculum, config.macdrop_p0):
         raise MacDropConfigError(
@@ -319,8 +374,9 @@ def patch_launcher(launcher) -> None:
         except Exception as err:  # errors raised by the plugin after the model loaded
             from .architectures import UnsupportedArchitectureError
             from .locator import LocatorError
+            from .storage import UnsupportedStorageError
 
-            if isinstance(err, (LocatorError, UnsupportedArchitectureError)):
+            if isinstance(err, (LocatorError, UnsupportedArchitectureError, UnsupportedStorageError)):
                 print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
                 sys.exit(2)
             raise

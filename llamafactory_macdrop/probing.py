@@ -1,8 +1,10 @@
 """Small shared pieces of every no-grad probe pass (locator, activation report, super weights).
 
 One place decides how a measurement forward runs: eval mode, no gradients, adapters disabled (a
-PeftModel is measured as its pre-trained base), the training flag restored afterwards, so a probe
-is safe in the middle of training; and how hooks read activations of the various layouts.
+PeftModel is measured as its pre-trained base), bitsandbytes kept from repacking 4-bit weights
+into its CPU layout (which an eval no-grad forward triggers and which changes how the layer trains),
+the training flag restored afterwards, so a probe is safe in the middle of training; and how hooks
+read activations of the various layouts.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+
+from .storage import keep_canonical_4bit_layout
 
 
 class StopForward(Exception):
@@ -68,7 +72,8 @@ def forward_with_hooks(model: nn.Module, input_ids: torch.Tensor, register: Call
     disable = getattr(model, "disable_adapter", None)
     try:
         model.eval()
-        with (disable() if callable(disable) and hasattr(model, "peft_config") else nullcontext()):
+        with (disable() if callable(disable) and hasattr(model, "peft_config") else nullcontext()), \
+                keep_canonical_4bit_layout(model):
             try:
                 model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
             except StopForward:

@@ -32,7 +32,7 @@ from .architectures import FFNBlock, find_ffn_blocks
 from .config import MacDropConfig
 from .curriculum import Progress, build_curriculum
 from .locator import LOCATOR_FILE, LocatorResult, locate_massive_weights, reuse_result
-from .masking import RowDropout, bind_fsdp_shards, readable_weights
+from .masking import RowDropout, readable_weights
 
 logger = logging.getLogger("llamafactory_macdrop")
 if not logger.handlers:
@@ -86,9 +86,7 @@ class MacDropRun:
         block = {b.index: b for b in blocks}[result.layer]
         rows = scope_rows(config.macdrop_scope, result.indices, block.intermediate_size)
         with readable_weights(model) if model is not None else nullcontext():
-            targets = block.row_targets(rows, expert=result.expert)
-            if model is not None:
-                bind_fsdp_shards(model, targets)
+            targets = block.row_targets(rows, expert=result.expert, model=model)
             self.dropout = RowDropout(targets)
         self.generator = torch.Generator(device=self.dropout.device)
         self.seed = seed
@@ -159,6 +157,8 @@ class MacDropTrainerMixin:
                 for w in result.warnings:
                     logger.warning(w)
         self._macdrop_run = MacDropRun(cfg, result, blocks, seed=self.args.seed, model=model)
+        if self.is_world_process_zero():
+            logger.info("MacDrop storage: %s", "; ".join(t.describe() for t in self._macdrop_run.dropout.targets))
         return self._macdrop_run
 
     def macdrop_progress(self) -> Progress:

@@ -42,6 +42,8 @@ STEPS, GA, SEED = 4, 2, 11
 CASES = {
     "bf16": {"bf16": True},
     "zero3": {"bf16": True, "deepspeed": str(REPO / "yaml_configs" / "ds_z3_config.json")},
+    # LLaMA-Factory itself builds the 4-bit config: NF4, codes stored in the compute dtype (bf16 here,
+    # bnb_4bit_quant_storage=compute_dtype), as a user's QLoRA run gets it
     "qlora": {"bf16": True, "quantization_bit": 4},
     "fsdp1": {"bf16": True},
     "fsdp2": {"bf16": True},
@@ -78,6 +80,12 @@ def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
     trace = torch.load(case_dir / "trace" / "rank0.pt")
     trace["located"] = json.loads((case_dir / "out" / "macdrop_locator.json").read_text())
     try:
+        # the recorded weights must be the real [intermediate, hidden] matrices: the first QLoRA check
+        # compared rows of the PACKED bf16 storage ([N*K/4, 1]) with each other and passed while the
+        # masks hit the wrong elements
+        for key in ("up", "gate"):
+            shape = tuple(trace["original"][key].shape)
+            assert shape == (tiny.INTERMEDIATE, tiny.HIDDEN), f"recorded {key} weight has shape {shape}"
         checks = verify([trace], layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=SEED, steps=STEPS,
                         ga=GA, zero3=name == "zero3")
         storage = trace["storage"]["up"]

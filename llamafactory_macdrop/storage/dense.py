@@ -1,0 +1,39 @@
+"""The plain case: a replicated floating-point tensor, edited with two ``index_copy_`` per step."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import RowTarget, bits
+
+
+class DenseRows(RowTarget):
+    """Rows of an ordinary weight tensor (``nn.Linear``, ``Conv1D``, fused experts) that every
+    rank holds whole. Writes go through ``.data`` so autograd's version counter is not bumped."""
+
+    backend = "dense"
+
+    def _matrix(self) -> torch.Tensor:
+        data = self.weight.data
+        return data if self.expert is None else data[self.expert]
+
+    def read(self) -> torch.Tensor:
+        return self._select(self._matrix())
+
+    def write(self, rows: torch.Tensor) -> None:
+        matrix = self._matrix()
+        rows = rows.to(device=matrix.device, dtype=matrix.dtype)
+        matrix.index_copy_(self.axis, self.rows.to(matrix.device), rows if self.axis == 0 else rows.t())
+
+    def matches(self, snapshot: torch.Tensor) -> bool:
+        seen = self.read()
+        return torch.equal(bits(seen), bits(snapshot.to(device=seen.device, dtype=seen.dtype)))
+
+    def snapshot(self) -> torch.Tensor:
+        return self.read().clone()
+
+    def apply_mask(self, snapshot: torch.Tensor, keep: torch.Tensor) -> None:
+        self.write(snapshot * keep.to(device=snapshot.device, dtype=snapshot.dtype))
+
+    def restore(self, snapshot: torch.Tensor) -> None:
+        self.write(snapshot)
