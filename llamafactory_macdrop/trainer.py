@@ -291,6 +291,8 @@ class MacDropTrainerMixin:
         bad_loss, self._macdrop_loss_bad = self._macdrop_loss_bad, None
         scaler_skip = bool(getattr(self.args, "fp16", False)) and bool(self.accelerator.optimizer_step_was_skipped)
         if grad_norm is not None and not scaler_skip:
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (every rank calls this together)
+                grad_norm = grad_norm.full_tensor()
             value = float(grad_norm)
             if math.isfinite(value):
                 return
