@@ -8,6 +8,7 @@ The oracle never asks the plugin: a forward pre-hook on the planted layer's W_up
 input, and the masks are read off as that weight's exact zeros.
 """
 
+import json
 import logging
 import math
 import os
@@ -241,3 +242,29 @@ def test_torchrun_children_report_a_plugin_error_in_one_line(case, overrides, fr
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-4000:]
     if case == "mid-run":
         assert (tmp_path / "out" / "checkpoint-1").is_dir() and not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_resume_on_ranks_without_a_shared_filesystem(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """Only rank 0 has macdrop_locator.json: it alone decides to reuse it, and rank 1 follows
+    (before, rank 1 located afresh while rank 0 did not: the two met in different collectives)."""
+    out = tmp_path / "out"
+    base = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, max_steps=4, per_device_train_batch_size=2,
+                              save_strategy="steps", save_steps=2, macdrop_curriculum="constant", macdrop_p0=0.5)
+    run_in_process(base)
+    located = json.loads((out / "macdrop_locator.json").read_text())
+    for name in ("optimizer.pt", "scheduler.pt"):  # CPU ranks cannot load them (map_location 'cpu:0'),
+        (out / "checkpoint-2" / name).unlink()     # MacDrop or not; the test is about the locator file
+    args = {**base, "overwrite_output_dir": False, "resume_from_checkpoint": str(out / "checkpoint-2")}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu"}
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() + 3) % 1000),
+           str(REPO / "tests" / "resume_no_shared_fs.py"), str(tmp_path / "args.json")]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the resumed 2-rank run hung (ranks disagreed about reusing macdrop_locator.json)")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "reused from" in proc.stdout + proc.stderr
+    assert json.loads((out / "macdrop_locator.json").read_text()) == located
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
