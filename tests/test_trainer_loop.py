@@ -188,6 +188,36 @@ def test_a_non_finite_step_stops_the_run_before_its_checkpoint(grad_norm, monkey
     assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "checkpoint-3").exists()  # ... before saving it
 
 
+def test_fp16_loss_scaler_skips_are_exempt_unless_the_loss_is_non_finite(monkeypatch, tiny_llama_dir, tiny_data_dir, tmp_path):
+    """No fp16 training on a CPU: the loss scaler's verdict is simulated. Step 2 has an inf grad norm
+    and is reported skipped by the scaler (finite loss): the run goes on. Step 3 is skipped too but
+    its loss is NaN (planted): that is divergence, not an overflow of the scaled loss."""
+    from accelerate import Accelerator
+    from transformers import Trainer
+
+    current = {}
+    original_norm = Trainer._get_grad_norm
+
+    def grad_norm(self, model, grad_norm=None):
+        current["step"] = self.state.global_step + 1
+        value = original_norm(self, model, grad_norm)
+        return float("inf") if current["step"] == 2 else value
+
+    monkeypatch.setattr(Trainer, "_get_grad_norm", grad_norm)
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: current.get("step") in (2, 3)))
+
+    class FP16(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            args.fp16 = True  # after TrainingArguments' own checks, which refuse fp16 without a GPU
+
+    plant = PlantNaN(at=3)
+    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, max_steps=5, macdrop_curriculum="constant",
+                              macdrop_p0=0.5)
+    with pytest.raises(RuntimeError, match="non-finite at optimizer step 3 .the training loss is nan/inf"):
+        run_in_process(args, [FP16(), plant])
+    assert plant.steps_ended == [1, 2, 3]  # step 2 (inf grad norm, skipped by the scaler) passed
+
+
 def test_epoch_curriculum_within_one_epoch_is_refused_before_the_first_step(tiny_llama_dir, tiny_data_dir, tmp_path):
     """max_steps=2 lies inside the first epoch (4 steps per epoch): epoch_after would be p = 0 throughout."""
     from llamafactory_macdrop.config import MacDropConfigError
