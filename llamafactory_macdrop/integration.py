@@ -416,13 +416,15 @@ def _wrap_run_exp(original, read_args):
 
 def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[list]) -> None:
     lf_args, config = validate_args(args)
-    from .trainer import logger
-
     if config is None:
         ignored = ignored_macdrop_keys(args)
         if ignored and os.environ.get("RANK", "0") == "0":
+            from .trainer import logger
+
             logger.warning("MacDrop is off (no macdrop: true), so these keys are ignored: %s", ", ".join(ignored))
         return original(lf_args, callbacks)
+    from .trainer import logger
+
     stage = str(_lf_value(lf_args, "stage", _finetuning_default("stage")))
     if _lf_version() != SUPPORTED_LLAMAFACTORY:
         logger.warning("tested with llamafactory==%s, found %s", SUPPORTED_LLAMAFACTORY, _lf_version())

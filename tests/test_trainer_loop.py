@@ -251,6 +251,7 @@ def test_macdrop_off_warns_about_its_ignored_keys(tiny_llama_dir, tiny_data_dir,
     assert lines == ["MacDrop is off (no macdrop: true), so these keys are ignored: macdrop_k, macdrop_p0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, overrides, fragment", [
     ("mid-run", dict(max_steps=4, learning_rate=1e30, save_strategy="steps", save_steps=1),
      "non-finite at optimizer step 2 (grad_norm=nan, macdrop_p=0.4)"),
@@ -274,6 +275,7 @@ def test_torchrun_children_report_a_plugin_error_in_one_line(case, overrides, fr
         assert (tmp_path / "out" / "checkpoint-1").is_dir() and not (tmp_path / "out" / "checkpoint-2").exists()
 
 
+@pytest.mark.slow
 def test_resume_on_ranks_without_a_shared_filesystem(tiny_llama_dir, tiny_data_dir, tmp_path):
     """Only rank 0 has macdrop_locator.json: it alone decides to reuse it, and rank 1 follows
     (before, rank 1 located afresh while rank 0 did not: the two met in different collectives)."""
