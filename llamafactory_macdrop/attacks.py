@@ -206,8 +206,8 @@ class ModelAttacker:
                 yield
             return
         dropout, keep = self._edit(setting)
-        dropout.apply(keep)
         try:
+            dropout.apply(keep)  # inside: if a later target's write fails, the earlier ones are restored
             yield
         finally:
             dropout.restore()

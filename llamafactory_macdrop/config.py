@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 CURRICULA = ("step", "epoch_before", "epoch_after", "exp", "constant")
 SCOPES = ("massive", "all", "non_massive")
+MASK_PER = ("optimizer_step", "micro_batch")
 KEY_PREFIX = "macdrop"
 
 
@@ -50,6 +51,11 @@ class MacDropConfig:
     macdrop_indices: Optional[tuple[int, ...]] = field(
         default=None, metadata={"help": "Row indices (largest first); override the located top-k."}
     )
+    macdrop_mask_per: str = field(
+        default="optimizer_step",
+        metadata={"help": "optimizer_step: one keep-mask per optimizer step for all micro-batches and ranks "
+                          "(split-independent); micro_batch: a fresh mask per micro-batch (depends on the batch split)."},
+    )
     macdrop_probe_token: Optional[int | str] = field(
         default=None,
         metadata={"help": "Token fed alone to locate (id, or text whose first token is used); default BOS, else EOS."},
@@ -61,6 +67,8 @@ class MacDropConfig:
                   suggest_from=CURRICULA)
         if self.macdrop_scope not in SCOPES:
             _fail("macdrop_scope", self.macdrop_scope, "one of " + ", ".join(SCOPES), suggest_from=SCOPES)
+        if self.macdrop_mask_per not in MASK_PER:
+            _fail("macdrop_mask_per", self.macdrop_mask_per, "one of " + ", ".join(MASK_PER), suggest_from=MASK_PER)
         if not 0.0 <= self.macdrop_p0 <= 1.0:
             _fail("macdrop_p0", self.macdrop_p0, "a float in [0, 1]")
         if not (self.macdrop_alpha > 0 and math.isfinite(self.macdrop_alpha)):
@@ -132,6 +140,7 @@ _TYPES = {
     "macdrop_scope": "str",
     "macdrop_layer": "int | null",
     "macdrop_indices": "list[int] | null",
+    "macdrop_mask_per": "str",
     "macdrop_probe_token": "int | str | null",
 }
 

@@ -9,7 +9,9 @@ number of epochs. With these, the step curriculum reaches exactly 0 at the last 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,21 @@ def build_curriculum(name: str, p0: float, alpha: float = 0.01):
     raise ValueError(f"unknown curriculum {name!r}")
 
 
-def can_reach_one(name: str, p0: float) -> bool:
-    """Whether p == 1 occurs at some step (matters for DoRA: an all-zero row gives NaN).
+EPOCH_CURRICULA = ("epoch_before", "epoch_after")
 
-    step and exp stay below p0 from t = 1 on; epoch_after is below p0 in every epoch.
+
+def epoch_curriculum_problem(curriculum: str, num_epochs: int) -> Optional[str]:
+    """Why an epoch curriculum cannot mean what the paper means with ``num_epochs`` epochs (None if it can).
+
+    p is constant within an epoch, so with one epoch ``epoch_after`` is 0 throughout and
+    ``epoch_before`` is the constant p0; an iterable dataset has no epoch count (HF Trainer then
+    sets E = sys.maxsize and p never leaves its first value).
     """
-    return p0 >= 1.0 and name in ("constant", "epoch_before")
+    if curriculum not in EPOCH_CURRICULA:
+        return None
+    if num_epochs >= sys.maxsize:
+        return "the run has no epoch count (an iterable/streaming dataset with max_steps: E = sys.maxsize)"
+    if num_epochs <= 1:
+        constant = "p = 0" if curriculum == "epoch_after" else "p = macdrop_p0"
+        return f"the run trains {num_epochs} epoch (num_train_epochs, or max_steps within one epoch), so {constant} throughout"
+    return None

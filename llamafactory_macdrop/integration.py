@@ -22,13 +22,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import json
+import math
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 from .config import MacDropConfig, MacDropConfigError, split_macdrop_args
-from .curriculum import can_reach_one
 
 SUPPORTED_LLAMAFACTORY = "0.9.5"
 
@@ -45,6 +47,8 @@ UNSUPPORTED_STAGE_REASON = {
     "kto": "not implemented (only sft, pt and dpo are)",
 }
 _PATCHED = "__macdrop_patched__"
+#: set by the patched launcher for its torchrun children: rank 0 writes a plugin error there
+ERROR_FILE_ENV = "MACDROP_ERROR_FILE"
 
 
 class IntegrationError(RuntimeError):
@@ -88,10 +92,27 @@ def _truthy(value: Any) -> bool:
 def _finetuning_default(name: str) -> Any:
     from llamafactory.hparams import FinetuningArguments
 
-    for f in dataclasses.fields(FinetuningArguments):
+    return _default(FinetuningArguments, name)
+
+
+def _training_default(name: str) -> Any:
+    from llamafactory.hparams import TrainingArguments
+
+    return _default(TrainingArguments, name)
+
+
+def _default(cls: type, name: str) -> Any:
+    for f in dataclasses.fields(cls):
         if f.name == name:
             return f.default
-    raise _internals_error(f"FinetuningArguments has no field '{name}'")
+    raise _internals_error(f"{cls.__name__} has no field '{name}'")
+
+
+def _number(value: Any, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def fsdp_settings(lf_args: dict[str, Any] | list[str]) -> Optional[dict[str, Any]]:
@@ -261,13 +282,107 @@ def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | li
             raise MacDropConfigError(f"macdrop=true with {key}=true is not supported (that path bypasses the HF trainer)")
     _validate_fsdp(lf_args)
     _validate_quantization(lf_args)
-    use_dora = _truthy(_lf_value(lf_args, "use_dora", False))
-    if use_dora and can_reach_one(config.macdrop_curriculum, config.macdrop_p0):
-        raise MacDropConfigError(
-            f"macdrop_p0={config.macdrop_p0} with macdrop_curriculum={config.macdrop_curriculum!r} and use_dora=true "
-            "drops whole rows (p = 1), which makes DoRA's row norm 0 and the loss NaN: use macdrop_p0 < 1"
-        )
+    _validate_dora(lf_args, config)
+    _validate_pissa(lf_args)
+    _validate_epoch_curriculum(lf_args, config)
+    _validate_model_ranges(lf_args, config)
     return lf_args, config
+
+
+def _validate_dora(lf_args: dict[str, Any] | list[str], config: MacDropConfig) -> None:
+    """DoRA divides each row by its norm: p0 = 1 can zero a whole row (every curriculum) -> NaN."""
+    if _truthy(_lf_value(lf_args, "use_dora", False)) and config.macdrop_p0 >= 1.0:
+        raise MacDropConfigError(
+            f"macdrop_p0={config.macdrop_p0} with use_dora=true is not supported: near p = 1 (the first steps of every "
+            "curriculum at p0 = 1) whole rows get dropped, DoRA's row norm becomes 0 and every loss NaN; use macdrop_p0 < 1"
+        )
+
+
+def _validate_pissa(lf_args: dict[str, Any] | list[str]) -> None:
+    """PiSSA rewrites the base weights (W - principal part) before training: not the rows the probe should see."""
+    if _truthy(_lf_value(lf_args, "pissa_init", False)):
+        raise MacDropConfigError(
+            "macdrop=true with pissa_init=true is not supported: PiSSA moves the principal part of every base weight "
+            "into the adapter, so the frozen rows MacDrop would locate and drop are no longer the pre-trained ones; "
+            "use pissa_init: false"
+        )
+
+
+def _validate_epoch_curriculum(lf_args: dict[str, Any] | list[str], config: MacDropConfig) -> None:
+    """Epoch curricula need several epochs; refuse where the YAML already decides they cannot have them.
+
+    With ``max_steps`` the epoch count depends on the dataset size: the trainer checks it at set-up.
+    """
+    from .curriculum import epoch_curriculum_problem
+
+    if config.macdrop_curriculum not in ("epoch_before", "epoch_after"):
+        return
+    if _truthy(_lf_value(lf_args, "streaming", False)):
+        epochs = sys.maxsize
+    elif _number(_lf_value(lf_args, "max_steps", -1), -1) > 0:
+        return
+    else:
+        epochs = math.ceil(_number(_lf_value(lf_args, "num_train_epochs", _training_default("num_train_epochs")), 3.0))
+    problem = epoch_curriculum_problem(config.macdrop_curriculum, epochs)
+    if problem is not None:
+        raise MacDropConfigError(
+            f"macdrop_curriculum={config.macdrop_curriculum!r} cannot mean what the paper means here: {problem}; "
+            "use macdrop_curriculum: step, exp or constant, or train several epochs"
+        )
+
+
+def _local_model_config(lf_args: dict[str, Any] | list[str]) -> Optional[tuple[str, dict[str, Any]]]:
+    """(path, dict) of ``config.json`` in a LOCAL model folder (nothing is downloaded), else None."""
+    folder = _lf_value(lf_args, "model_name_or_path", None)
+    path = os.path.join(str(folder), "config.json") if folder else ""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    text = data.get("text_config")
+    return path, (text if isinstance(text, dict) and "num_hidden_layers" in text else data)
+
+
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def _validate_model_ranges(lf_args: dict[str, Any] | list[str], config: MacDropConfig) -> None:
+    """``macdrop_layer`` / ``macdrop_indices`` against the model's config.json, before it loads.
+
+    Layers: ``num_hidden_layers`` (GPT-2: ``n_layer``). Rows: ``intermediate_size`` (the width of
+    W_up; Phi-3's fused gate_up_proj holds two halves of that size), OPT's ``ffn_dim``, GPT-2's
+    ``n_inner``; skipped for MoE configs, whose expert widths have their own keys. Anything not
+    decided here is checked on the loaded model at the first step.
+    """
+    found = _local_model_config(lf_args)
+    if found is None or (config.macdrop_layer is None and config.macdrop_indices is None):
+        return
+    path, cfg = found
+    layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer") if isinstance(cfg.get(k), int)), None)
+    if config.macdrop_layer is not None and layers is not None and config.macdrop_layer >= layers:
+        raise MacDropConfigError(
+            f"macdrop_layer={config.macdrop_layer} is out of range: {path} has {layers} layers (0..{layers - 1})"
+        )
+    if config.macdrop_indices is None or any(k in cfg for k in _MOE_KEYS):
+        return
+    width = next((cfg[k] for k in ("intermediate_size", "ffn_dim", "n_inner") if isinstance(cfg.get(k), int)), None)
+    bad = [i for i in config.macdrop_indices if width is not None and i >= width]
+    if bad:
+        raise MacDropConfigError(
+            f"macdrop_indices={list(config.macdrop_indices)}: {bad} outside 0..{width - 1} "
+            f"(intermediate size {width} in {path})"
+        )
+
+
+def ignored_macdrop_keys(args: dict[str, Any] | list[str]) -> list[str]:
+    """``macdrop_*`` keys a run without ``macdrop: true`` would silently drop."""
+    _, raw = split_macdrop_args(args)
+    if not raw or _truthy(str(raw.get("macdrop", False)).lower()):
+        return []
+    return [k for k in raw if k != "macdrop"]
 
 
 # ----------------------------------------------------------------------------- trainer swap
@@ -299,28 +414,85 @@ def macdrop_trainers(config: MacDropConfig, stage: str) -> Iterator[type]:
 
 
 # ----------------------------------------------------------------------------- patches
+def plugin_errors() -> tuple[type, ...]:
+    """The exceptions that are MacDrop's own verdicts: printed as one line, not a traceback."""
+    from .architectures import UnsupportedArchitectureError
+    from .locator import LocatorError
+    from .storage import UnsupportedStorageError
+    from .trainer import NonFiniteTrainingError
+
+    return (MacDropConfigError, IntegrationError, LocatorError, UnsupportedArchitectureError, UnsupportedStorageError,
+            NonFiniteTrainingError)
+
+
+def _torchrun_child() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _end_child_with(err: BaseException) -> None:
+    """A torchrun child's exit after a plugin error: ONE line for the whole job, not one traceback per rank.
+
+    MacDrop raises these on every rank together (validation, broadcast locator results, the
+    global grad norm), so each child ends here. Launched by ``llamafactory-cli`` (whose patched
+    launcher set :data:`ERROR_FILE_ENV`), rank 0 writes the message for the launcher to print and
+    every child exits 0, so torchrun adds no failure report of its own; launched by torchrun
+    directly, rank 0 prints the line and every child exits 2.
+    """
+    rank0 = os.environ.get("RANK", "0") == "0"
+    target = os.environ.get(ERROR_FILE_ENV)
+    if rank0:
+        if target:
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(str(err))
+        else:
+            print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # pragma: no cover - best effort while exiting
+        pass
+    sys.exit(0 if target else 2)
+
+
 def _wrap_run_exp(original, read_args):
     @functools.wraps(original)
     def run_exp(args: Optional[dict[str, Any]] = None, callbacks: Optional[list] = None) -> None:
-        args = read_args(args)
-        lf_args, config = validate_args(args)
-        if config is None:
-            return original(lf_args, callbacks)
-        from .trainer import logger
-
-        stage = str(_lf_value(lf_args, "stage", _finetuning_default("stage")))
-        if _lf_version() != SUPPORTED_LLAMAFACTORY:
-            logger.warning("tested with llamafactory==%s, found %s", SUPPORTED_LLAMAFACTORY, _lf_version())
-        logger.info(
-            "MacDrop on: stage=%s k=%d p0=%g curriculum=%s%s scope=%s",
-            stage, config.macdrop_k, config.macdrop_p0, config.macdrop_curriculum,
-            f" alpha={config.macdrop_alpha:g}" if config.macdrop_curriculum == "exp" else "", config.macdrop_scope,
-        )
-        with macdrop_trainers(config, stage):
-            return original(lf_args, callbacks)
+        from_command_line = args is None
+        try:
+            return _run_exp(original, read_args(args), callbacks)
+        except Exception as err:
+            if from_command_line and _torchrun_child() and isinstance(err, plugin_errors()):
+                _end_child_with(err)
+            raise
 
     setattr(run_exp, _PATCHED, True)
     return run_exp
+
+
+def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[list]) -> None:
+    lf_args, config = validate_args(args)
+    if config is None:
+        ignored = ignored_macdrop_keys(args)
+        if ignored and os.environ.get("RANK", "0") == "0":
+            from .trainer import logger
+
+            logger.warning("MacDrop is off (no macdrop: true), so these keys are ignored: %s", ", ".join(ignored))
+        return original(lf_args, callbacks)
+    from .trainer import logger
+
+    stage = str(_lf_value(lf_args, "stage", _finetuning_default("stage")))
+    if _lf_version() != SUPPORTED_LLAMAFACTORY:
+        logger.warning("tested with llamafactory==%s, found %s", SUPPORTED_LLAMAFACTORY, _lf_version())
+    logger.info(
+        "MacDrop on: stage=%s k=%d p0=%g curriculum=%s%s scope=%s mask_per=%s",
+        stage, config.macdrop_k, config.macdrop_p0, config.macdrop_curriculum,
+        f" alpha={config.macdrop_alpha:g}" if config.macdrop_curriculum == "exp" else "", config.macdrop_scope,
+        config.macdrop_mask_per,
+    )
+    with macdrop_trainers(config, stage):
+        return original(lf_args, callbacks)
 
 
 def _wrap_export(original, read_args):
@@ -357,32 +529,54 @@ def _validate_command_line(argv: list[str]) -> None:
 
 
 def patch_launcher(launcher) -> None:
-    """Wrap ``launch``: early validation, and one-line errors instead of tracebacks."""
+    """Wrap ``launch``: early validation, and one-line errors instead of tracebacks.
+
+    For ``train`` it also hands torchrun children (``FORCE_TORCHRUN=1``, several devices) a file
+    in :data:`ERROR_FILE_ENV`: a child that stops on a plugin error leaves its message there
+    (see :func:`_end_child_with`) and this process prints it as the same one line.
+    """
     original = getattr(launcher, "launch", None)
     if original is None or getattr(original, _PATCHED, False):
         return
 
     @functools.wraps(original)
     def launch():
+        error_file = None
         try:
             if len(sys.argv) > 1 and sys.argv[1] == "train":
                 _validate_command_line(list(sys.argv))
-            return original()
-        except (MacDropConfigError, IntegrationError) as err:
+                fd, error_file = tempfile.mkstemp(prefix="macdrop-error-", suffix=".txt")
+                os.close(fd)
+                os.environ[ERROR_FILE_ENV] = error_file
+            try:
+                return original()
+            finally:
+                message = _read_and_remove(error_file)
+                if message:
+                    print(f"[macdrop] error: {message}", file=sys.stderr, flush=True)
+                    sys.exit(2)
+        except plugin_errors() as err:
             print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
-        except Exception as err:  # errors raised by the plugin after the model loaded
-            from .architectures import UnsupportedArchitectureError
-            from .locator import LocatorError
-            from .storage import UnsupportedStorageError
-
-            if isinstance(err, (LocatorError, UnsupportedArchitectureError, UnsupportedStorageError)):
-                print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
-                sys.exit(2)
-            raise
 
     setattr(launch, _PATCHED, True)
     launcher.launch = launch
+
+
+def _read_and_remove(path: Optional[str]) -> str:
+    if not path:
+        return ""
+    os.environ.pop(ERROR_FILE_ENV, None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+    finally:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def on_module_loaded(module) -> None:

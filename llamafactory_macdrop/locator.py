@@ -255,11 +255,8 @@ def locate_massive_weights(
     by_index = {b.index: b for b in blocks}
     if layer is not None and layer not in by_index:
         raise LocatorError(f"macdrop_layer={layer} is out of range: the model has layers 0..{len(blocks) - 1}")
-    if indices is not None:
-        size = by_index[layer if layer is not None else blocks[0].index].intermediate_size
-        bad = [i for i in indices if not 0 <= i < size]
-        if bad:
-            raise LocatorError(f"macdrop_indices={list(indices)}: {bad} outside 0..{size - 1} (intermediate size {size})")
+    if indices is not None and layer is not None:
+        _check_indices(indices, by_index[layer])
 
     warnings: list[str] = []
     expert = router_prob = None
@@ -276,6 +273,8 @@ def locate_massive_weights(
         chosen = layer if layer is not None else stats[origin].layer
         if chosen not in [s.layer for s in stats]:
             raise LocatorError(f"macdrop_layer={chosen} lies beyond the layers probed (0..{stats[-1].layer})")
+        if indices is not None:  # checked against the layer actually used (the located one)
+            _check_indices(indices, by_index[chosen])
         pos = [s.layer for s in stats].index(chosen)
         inter = inters[pos]
         if k > inter.numel():
@@ -309,6 +308,15 @@ def locate_massive_weights(
         warnings=warnings,
         intermediate=None if source == "override" else inter,
     )
+
+
+def _check_indices(indices: Sequence[int], block: FFNBlock) -> None:
+    size = block.intermediate_size
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise LocatorError(
+            f"macdrop_indices={list(indices)}: {bad} outside 0..{size - 1} (intermediate size {size} of layer {block.index})"
+        )
 
 
 def reuse_result(

@@ -112,8 +112,8 @@ class RowDropout:
             yield None
             return
         keep = draw_keep_mask(self.mask_shape, p, generator, self.device)
-        self.apply(keep)
         try:
+            self.apply(keep)  # inside: if a later target's write fails, the earlier ones are restored
             yield keep
         finally:
             self.restore()
@@ -125,8 +125,8 @@ class RowDropout:
         if keep is None:
             yield
             return
-        self.restore()
         try:
+            self.restore()  # inside: a partial restore is undone by re-applying the mask
             yield
         finally:
             self.apply(keep)

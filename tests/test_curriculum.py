@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from llamafactory_macdrop.curriculum import Progress, build_curriculum, can_reach_one
+from llamafactory_macdrop.curriculum import Progress, build_curriculum, epoch_curriculum_problem
 
 
 def p(name, t, T, e=1, E=1, p0=0.8, alpha=0.01):
@@ -42,7 +42,10 @@ def test_progress_is_one_based():
         Progress(0, 10)
 
 
-def test_only_constant_and_epoch_before_reach_one():
-    assert can_reach_one("constant", 1.0) and can_reach_one("epoch_before", 1.0)
-    assert not can_reach_one("step", 1.0) and not can_reach_one("exp", 1.0) and not can_reach_one("epoch_after", 1.0)
-    assert not can_reach_one("constant", 0.99)
+def test_epoch_curricula_need_several_known_epochs():
+    import sys
+
+    assert "p = 0 throughout" in epoch_curriculum_problem("epoch_after", 1)
+    assert "p = macdrop_p0 throughout" in epoch_curriculum_problem("epoch_before", 1)
+    assert "no epoch count" in epoch_curriculum_problem("epoch_after", sys.maxsize)
+    assert epoch_curriculum_problem("epoch_after", 2) is None and epoch_curriculum_problem("step", 1) is None

@@ -103,3 +103,57 @@ def test_macdrop_keys_without_the_plugin_name_the_keys(tiny_data_dir, tmp_path):
     assert proc.returncode != 0
     assert "Some keys are not used by the HfArgumentParser" in proc.stderr and "'macdrop_k'" in proc.stderr
     assert "Traceback" in proc.stderr  # LF's own error, not ours: docs/install.md explains it
+
+
+class WriteFailed(Exception):
+    pass
+
+
+def _break_second_target(dropout):
+    """Make the write into the SECOND weight fail, after the first was already written."""
+
+    def broken(snapshot, keep):
+        raise WriteFailed("write into the second weight failed")
+
+    dropout.targets[1].apply_mask = broken
+    return dropout
+
+
+def _raw(model):
+    return {n: p.detach().clone().view(torch.int32) for n, p in model.named_parameters()}
+
+
+def _unchanged(model, before):
+    return [n for n, p in model.named_parameters() if not torch.equal(p.detach().view(torch.int32), before[n])]
+
+
+def test_a_failed_mask_write_leaves_no_weight_masked(tiny_llama):
+    from llamafactory_macdrop.architectures import find_ffn_blocks
+    from llamafactory_macdrop.masking import RowDropout
+
+    block = find_ffn_blocks(tiny_llama)[tiny.PLANTED_LAYER]
+    dropout = _break_second_target(RowDropout(block.row_targets(torch.tensor(tiny.PLANTED_INDICES))))
+    before = _raw(tiny_llama)
+    with pytest.raises(WriteFailed):
+        with dropout.masked(1.0, torch.Generator().manual_seed(0)):
+            pass
+    assert _unchanged(tiny_llama, before) == []  # the first weight, already zeroed, was restored
+
+
+def test_a_failed_attack_write_leaves_no_weight_changed(tiny_llama, monkeypatch):
+    from llamafactory_macdrop import attacks
+
+    class Breaking(attacks.RowDropout):
+        def __init__(self, targets):
+            super().__init__(targets)
+            if len(self.targets) > 1:
+                _break_second_target(self)
+
+    monkeypatch.setattr(attacks, "RowDropout", Breaking)
+    attacker = attacks.ModelAttacker(tiny_llama, attacks.AttackTargets(tiny.PLANTED_LAYER, list(tiny.PLANTED_INDICES)))
+    before = _raw(tiny_llama)
+    with pytest.raises(WriteFailed):
+        with attacker.applied(attacks.AttackSetting("zero", k=5)):
+            pass
+    assert _unchanged(tiny_llama, before) == []
+    attacker.verify_restored()

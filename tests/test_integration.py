@@ -150,12 +150,40 @@ def test_macdrop_off_changes_nothing(tiny_llama_dir, tiny_data_dir, tmp_path):
         (dict(fsdp="full_shard auto_wrap", quantization_bit=4), "FSDP and quantization_bit=4"),
         (dict(finetuning_type="full"), "finetuning_type='full' is not supported"),
         (dict(finetuning_type="freeze"), "finetuning_type='freeze' is not supported"),
-        (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="constant"), "DoRA's row norm 0"),
+        (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="constant"), "macdrop_p0=1.0 with use_dora=true"),
+        (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="step"), "macdrop_p0=1.0 with use_dora=true"),
+        (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="exp"), "macdrop_p0=1.0 with use_dora=true"),
+        (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="epoch_after"), "macdrop_p0=1.0 with use_dora=true"),
+        (dict(macdrop_curriculum="epoch_after", num_train_epochs=1), "macdrop_curriculum='epoch_after'.*p = 0 throughout"),
+        (dict(macdrop_curriculum="epoch_before", num_train_epochs=0.5),
+         "macdrop_curriculum='epoch_before'.*p = macdrop_p0 throughout.*use macdrop_curriculum: step, exp or constant"),
+        (dict(macdrop_curriculum="epoch_after", streaming=True, max_steps=4), "no epoch count"),
+        (dict(pissa_init=True), "pissa_init=true is not supported"),
+        (dict(macdrop_mask_per="per_step"), "macdrop_mask_per='per_step'"),
         (dict(macdrop_kk=3), "did you mean 'macdrop_k'"),
     ],
 )
 def test_unsupported_combinations_are_refused_before_loading(tiny_data_dir, tmp_path, overrides, fragment):
     args = lf_args(tmp_path / "no-such-model", tiny_data_dir, tmp_path, **overrides)
+    with pytest.raises(MacDropConfigError, match=fragment):
+        run_in_process(args, [])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (dict(macdrop_layer=2), r"macdrop_layer=2 is out of range: .*config.json has 2 layers \(0..1\)"),
+        (dict(macdrop_indices=[5, 128]), r"macdrop_indices=\[5, 128\]: \[128\] outside 0..127 \(intermediate size 128"),
+        (dict(macdrop_layer=0, macdrop_indices=[200]), r"\[200\] outside 0..127"),
+    ],
+)
+def test_layer_and_indices_are_checked_against_config_json_before_loading(tiny_data_dir, tmp_path, overrides, fragment):
+    """Only config.json is there: a run that got past the check would fail in LF's loader instead."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128, "hidden_size": 64}))
+    args = lf_args(folder, tiny_data_dir, tmp_path / "out", **overrides)
     with pytest.raises(MacDropConfigError, match=fragment):
         run_in_process(args, [])
 

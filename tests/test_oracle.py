@@ -133,14 +133,21 @@ def test_scope_ablations_target_the_right_rows(tiny_llama, scope):
 
 def test_masks_are_fresh_per_micro_batch_and_reproducible(tiny_llama):
     model = _peft(tiny_llama, False)
-    cfg = MacDropConfig(macdrop=True)
     result = locate_massive_weights(model, 5)
+    default = MacDropRun(MacDropConfig(macdrop=True), result, find_ffn_blocks(model), seed=1)
+    shared = []
+    for micro in range(2):  # default macdrop_mask_per: optimizer_step -> one mask for the whole step
+        with default.step(Progress(3, 10), micro) as keep:
+            shared.append(keep.clone())
+    assert torch.equal(shared[0], shared[1])
+    cfg = MacDropConfig(macdrop=True, macdrop_mask_per="micro_batch")
     run_a = MacDropRun(cfg, result, find_ffn_blocks(model), seed=1)
     masks = []
     for micro in range(2):
         with run_a.step(Progress(3, 10), micro) as keep:
             masks.append(keep.clone())
     assert not torch.equal(masks[0], masks[1])
+    assert torch.equal(masks[0], shared[0])  # micro-batch 0 uses the step's seed in both modes
     with run_a.step(Progress(3, 10), 1) as keep:  # same (seed, rank, step, micro) -> same mask
         assert torch.equal(keep, masks[1])
     assert run_a.last_p == pytest.approx(0.8 * (1 - 3 / 10))

@@ -41,9 +41,12 @@ def test_resumed_run_continues_the_curriculum_and_the_masks(tiny_llama_dir, tiny
     assert any(abs(resumed[t][1] - straight[t][1]) > 1e-6 for t in (4, 5, 6))
 
 
-def test_resumed_run_with_straight_json_reproduces_the_losses(tiny_llama_dir, tiny_data_dir, tmp_path):
-    base = dict(max_steps=6, gradient_accumulation_steps=1, num_train_epochs=1, save_strategy="steps", save_steps=3,
-                macdrop_curriculum="constant", macdrop_p0=0.5, lr_scheduler_type="constant")
+@pytest.mark.parametrize("mask_per", ["optimizer_step", "micro_batch"])
+def test_resumed_run_with_straight_json_reproduces_the_losses(mask_per, tiny_llama_dir, tiny_data_dir, tmp_path):
+    # gradient accumulation 2: both mask_per modes must re-draw every micro-batch's mask after the resume
+    base = dict(max_steps=6, gradient_accumulation_steps=2, per_device_train_batch_size=2, num_train_epochs=1,
+                save_strategy="steps", save_steps=3, macdrop_curriculum="constant", macdrop_p0=0.5,
+                lr_scheduler_type="constant", macdrop_mask_per=mask_per)
     straight = logged(run(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "a", **base)))
     out = tmp_path / "b"
     args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, **base)
