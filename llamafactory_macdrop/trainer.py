@@ -24,13 +24,14 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
 from .architectures import FFNBlock, find_ffn_blocks
 from .config import MacDropConfig
 from .curriculum import Progress, build_curriculum
+from .first_token import batch_first_token
 from .locator import LOCATOR_FILE, LocatorResult, locate_massive_weights, reuse_result
 from .masking import RowDropout, bind_fsdp_shards, readable_weights
 
@@ -108,6 +109,20 @@ class MacDropRun:
             yield keep
 
 
+def _rank0_first_token(inputs: Any, tokenizer: Any):
+    """The first training batch's position-0 token as rank 0 sees it, on every rank (all ranks
+    must probe the same candidates: a sharded model runs each probe on all ranks together)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    first = None
+    if isinstance(inputs, Mapping) and (not distributed or torch.distributed.get_rank() == 0):
+        first = batch_first_token(inputs, tokenizer)
+    if distributed:
+        payload = [first]
+        torch.distributed.broadcast_object_list(payload, src=0)
+        first = payload[0]
+    return first
+
+
 def _broadcast_result(result: LocatorResult) -> LocatorResult:
     """Make every rank use rank 0's locator result (same layer and indices everywhere)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -125,11 +140,12 @@ class MacDropTrainerMixin:
     _macdrop_micro: tuple[int, int] = (0, -1)  # (optimizer step, micro-batch index)
 
     # ------------------------------------------------------------------ set-up
-    def macdrop_setup(self) -> MacDropRun:
+    def macdrop_setup(self, inputs: Any = None) -> MacDropRun:
         """Locate (once per run) and build the dropout; called lazily at the first step.
 
         Lazily, because under ZeRO-3 forward passes only work once the engine exists, and
         because the model must already carry its adapters (the targets are their base layers).
+        ``inputs``: the first micro-batch, whose position-0 token is the first probe candidate.
         """
         cfg = self.macdrop_config
         model = self.model
@@ -143,10 +159,12 @@ class MacDropTrainerMixin:
         else:
             # Every rank runs the probe (a sharded model needs all ranks in the forward pass);
             # rank 0's answer is then used everywhere.
+            tokenizer = getattr(self, "processing_class", None)
             result = locate_massive_weights(
                 model,
                 cfg.macdrop_k,
-                tokenizer=getattr(self, "processing_class", None),
+                tokenizer=tokenizer,
+                first_token=_rank0_first_token(inputs, tokenizer) if cfg.macdrop_probe_token is None else None,
                 probe_token=cfg.macdrop_probe_token,
                 layer=cfg.macdrop_layer,
                 indices=cfg.macdrop_indices,
@@ -171,7 +189,7 @@ class MacDropTrainerMixin:
 
     # ------------------------------------------------------------------ trainer hooks
     def training_step(self, model, inputs, *args, **kwargs):
-        run = self._macdrop_run or self.macdrop_setup()
+        run = self._macdrop_run or self.macdrop_setup(inputs)
         progress = self.macdrop_progress()
         last_step, last_micro = self._macdrop_micro
         micro = last_micro + 1 if last_step == progress.step else 0
