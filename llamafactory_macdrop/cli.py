@@ -24,9 +24,16 @@ def _load_model(path: str, dtype: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _load_tokenizer(path: str):
+    """The model's tokenizer, or None. A local folder without tokenizer files gets None: transformers
+    would build an empty tokenizer of the model type there, whose special-token ids are not the model's."""
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
