@@ -138,19 +138,22 @@ class MacDropTrainerMixin:
     macdrop_config: MacDropConfig
     _macdrop_run: Optional[MacDropRun] = None
     _macdrop_micro: tuple[int, int] = (0, -1)  # (optimizer step, micro-batch index)
+    _macdrop_first_inputs: Any = None  # the first micro-batch, for the probe's first candidate
 
     # ------------------------------------------------------------------ set-up
-    def macdrop_setup(self, inputs: Any = None) -> MacDropRun:
+    def macdrop_setup(self) -> MacDropRun:
         """Locate (once per run) and build the dropout; called lazily at the first step.
 
         Lazily, because under ZeRO-3 forward passes only work once the engine exists, and
         because the model must already carry its adapters (the targets are their base layers).
-        ``inputs``: the first micro-batch, whose position-0 token is the first probe candidate.
+        ``self._macdrop_first_inputs``: the first micro-batch (set by ``training_step``), whose
+        position-0 token is the first probe candidate.
         """
         cfg = self.macdrop_config
         model = self.model
         blocks = find_ffn_blocks(model)
         path = os.path.join(self.args.output_dir, LOCATOR_FILE)
+        first_inputs, self._macdrop_first_inputs = self._macdrop_first_inputs, None  # not kept for the run
         if self.state.global_step > 0 and os.path.isfile(path):
             # resumed from a checkpoint: drop exactly the rows the interrupted run dropped
             result = reuse_result(path, model, blocks, cfg.macdrop_k, cfg.macdrop_layer, cfg.macdrop_indices)
@@ -160,11 +163,12 @@ class MacDropTrainerMixin:
             # Every rank runs the probe (a sharded model needs all ranks in the forward pass);
             # rank 0's answer is then used everywhere.
             tokenizer = getattr(self, "processing_class", None)
+            first = _rank0_first_token(first_inputs, tokenizer) if cfg.macdrop_probe_token is None else None
             result = locate_massive_weights(
                 model,
                 cfg.macdrop_k,
                 tokenizer=tokenizer,
-                first_token=_rank0_first_token(inputs, tokenizer) if cfg.macdrop_probe_token is None else None,
+                first_token=first,
                 probe_token=cfg.macdrop_probe_token,
                 layer=cfg.macdrop_layer,
                 indices=cfg.macdrop_indices,
@@ -189,7 +193,9 @@ class MacDropTrainerMixin:
 
     # ------------------------------------------------------------------ trainer hooks
     def training_step(self, model, inputs, *args, **kwargs):
-        run = self._macdrop_run or self.macdrop_setup(inputs)
+        if self._macdrop_run is None:
+            self._macdrop_first_inputs = inputs
+        run = self._macdrop_run or self.macdrop_setup()
         progress = self.macdrop_progress()
         last_step, last_micro = self._macdrop_micro
         micro = last_micro + 1 if last_step == progress.step else 0
