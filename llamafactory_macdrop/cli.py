@@ -24,9 +24,16 @@ def _load_model(path: str, dtype: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _load_tokenizer(path: str):
+    """The model's tokenizer, or None. A local folder without tokenizer files gets None: transformers
+    would build an empty tokenizer of the model type there, whose special-token ids are not the model's."""
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
@@ -48,16 +55,23 @@ def _use_layer_by_layer(args: argparse.Namespace) -> bool:
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
+    from .first_token import template_first_token
     from .locator import locate_massive_weights
 
     tokenizer = _load_tokenizer(args.model)
-    kwargs = dict(tokenizer=tokenizer, layer=args.layer, indices=args.indices, probe_token=args.probe_token)
+    if args.template is not None and tokenizer is None:
+        raise FileNotFoundError(f"--template {args.template}: {args.model} has no tokenizer to apply it to")
+    first = template_first_token(tokenizer, args.template) if args.probe_token is None else None
+    kwargs = dict(tokenizer=tokenizer, layer=args.layer, indices=args.indices, probe_token=args.probe_token,
+                  first_token=first)
     if _use_layer_by_layer(args):
         from .streaming import locate_layer_by_layer
 
         result, stats = locate_layer_by_layer(args.model, args.k, dtype=_dtype(args.dtype), **kwargs)
-        print(f"layer by layer: read layers {stats.layers_loaded[0]}..{stats.layers_loaded[-1]}, "
-              f"peak {stats.peak_bytes / 2**20:,.0f} MiB of parameters in memory")
+        passes = max(len(result.candidates), 1)
+        print(f"layer by layer: read layers {min(stats.layers_loaded)}..{max(stats.layers_loaded)}"
+              + (f" ({passes} probe passes, {len(stats.layers_loaded)} layer reads)" if passes > 1 else "")
+              + f", peak {stats.peak_bytes / 2**20:,.0f} MiB of parameters in memory")
     else:
         model = _load_model(args.model, args.dtype)
         result = locate_massive_weights(model, args.k, **kwargs)
@@ -329,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="0-based layer override")
     p.add_argument("--indices", type=_indices, default=None, help="comma-separated row override")
     p.add_argument("--probe-token", type=_token, default=None,
-                   help="token fed alone: an id, or a text whose first token is used (default: BOS, else EOS)")
+                   help="token fed alone: an id, or a text whose first token is used (default: the first candidate "
+                        "with a massive activation: what the template/tokenizer puts first, then BOS, then EOS)")
+    p.add_argument("--template", default=None,
+                   help="LLaMA-Factory template NAME (as in the training YAML): its first token is the first "
+                        "candidate (default: the tokenizer's chat template, else a BOS the tokenizer prepends)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--json", type=Path, default=None, help="write macdrop_locator.json-style output here")
     p.add_argument("--plot", type=Path, default=None, help="folder for a bar plot of the intermediate state")

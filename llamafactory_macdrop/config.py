@@ -58,7 +58,7 @@ class MacDropConfig:
     )
     macdrop_probe_token: Optional[int | str] = field(
         default=None,
-        metadata={"help": "Token fed alone to locate (id, or text whose first token is used); default BOS, else EOS."},
+        metadata={"help": "Token fed alone to locate (id, or text whose first token is used); default: the first batch's first token, then BOS, then EOS."},
     )
 
     def __post_init__(self) -> None:

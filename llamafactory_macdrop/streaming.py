@@ -6,11 +6,11 @@ activation, nothing more. So the model is built with its parameters on the ``met
 embeddings and other non-layer parameters (not the output head, which the probe never reaches)
 are read from the safetensors shards, and each decoder layer's parameters are read right before
 it runs and dropped right after (``safe_open`` maps the shards, so only the tensors asked for
-are read). The pass stops after the first layer that
-multiplies the residual stream's max by >= 100x to more than 100 (:func:`origin_passed`): the
-origin is then behind, and no later layer can out-jump it, because the massive activation rides
-the residual stream from there on. If no layer qualifies, every layer is probed, which is the full
-load's answer. The head is never needed.
+are read). The pass uses the locator's one rule (:func:`.locator.find_origin`: the first layer
+whose residual becomes massive and stays so) and stops as soon as that rule has decided, i.e.
+:data:`.locator.PERSIST_LAYERS` layers after the origin; the rule never looks further, so the
+answer is the full load's. Candidate probe tokens are tried in order until one has a massive
+activation (a candidate without one is read to the last layer). The head is never needed.
 
 Peak memory ~ non-layer parameters (embeddings, position embeddings, norms) + one layer + the
 activations of one token. That holds only if a dropped layer's memory goes back to the system:
@@ -35,8 +35,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .architectures import FFNBlock, find_ffn_blocks
-from .locator import LocatorError, LocatorResult, locate_massive_weights, origin_passed
+from .architectures import find_ffn_blocks
+from .locator import LocatorError, LocatorResult, ProbeToken, locate_massive_weights
 
 
 @dataclass
@@ -214,25 +214,17 @@ def locate_layer_by_layer(
     tokenizer: Any = None,
     layer: Optional[int] = None,
     indices: Optional[Sequence[int]] = None,
-    min_jump: float = 100.0,
-    abs_threshold: float = 100.0,
+    first_token: Optional[ProbeToken] = None,
 ) -> tuple[LocatorResult, LoadStats]:
     """The locator's answer for ``model_dir`` holding about one layer in memory at a time."""
     lazy = LayerByLayerModel(model_dir, dtype)
-    last = lazy.blocks[-1].index
-
-    def stop_after(block: FFNBlock, in_abs: torch.Tensor, out_abs: torch.Tensor) -> bool:
-        if layer is not None:
-            return block.index >= layer  # an explicit layer: probe up to it, no further
-        return block.index == last or origin_passed(in_abs, out_abs, min_jump, abs_threshold)
-
     handles = []
     try:
         lazy.load_non_layer_parameters()
         handles = lazy.attach()
         result = locate_massive_weights(
-            lazy.model, k, probe_token=probe_token, tokenizer=tokenizer, layer=layer, indices=indices,
-            blocks=lazy.blocks, stop_after=stop_after,
+            lazy.model, k, probe_token=probe_token, tokenizer=tokenizer, first_token=first_token, layer=layer,
+            indices=indices, blocks=lazy.blocks, stop_early=True,
         )
     finally:
         for h in handles:

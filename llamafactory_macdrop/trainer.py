@@ -34,13 +34,14 @@ import math
 import os
 import re
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
 from .architectures import FFNBlock, find_ffn_blocks
 from .config import MacDropConfig, MacDropConfigError
 from .curriculum import Progress, build_curriculum, epoch_curriculum_problem
+from .first_token import batch_first_token
 from .locator import LOCATOR_FILE, LocatorError, LocatorResult, locate_massive_weights, reuse_result
 from .masking import RowDropout, readable_weights
 
@@ -149,6 +150,20 @@ def last_checkpoint(output_dir: str, before: int) -> Optional[str]:
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
+def _rank0_first_token(inputs: Any, tokenizer: Any):
+    """The first training batch's position-0 token as rank 0 sees it, on every rank (all ranks
+    must probe the same candidates: a sharded model runs each probe on all ranks together)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    first = None
+    if isinstance(inputs, Mapping) and (not distributed or torch.distributed.get_rank() == 0):
+        first = batch_first_token(inputs, tokenizer)
+    if distributed:
+        payload = [first]
+        torch.distributed.broadcast_object_list(payload, src=0)
+        first = payload[0]
+    return first
+
+
 def _broadcast_result(result: LocatorResult) -> LocatorResult:
     """Make every rank use rank 0's locator result (same layer and indices everywhere)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -166,6 +181,7 @@ class MacDropTrainerMixin:
     _macdrop_micro: tuple[int, int] = (0, -1)  # (optimizer step, micro-batch index)
     _macdrop_checked_step: int = -1  # last optimizer step checked for non-finite values
     _macdrop_loss_bad: Optional[torch.Tensor] = None  # any non-finite micro-batch loss since that check
+    _macdrop_first_inputs: Any = None  # the first micro-batch, for the probe's first candidate
 
     # ------------------------------------------------------------------ set-up
     def macdrop_setup(self) -> MacDropRun:
@@ -173,12 +189,15 @@ class MacDropTrainerMixin:
 
         Lazily, because under ZeRO-3 forward passes only work once the engine exists, and
         because the model must already carry its adapters (the targets are their base layers).
+        ``self._macdrop_first_inputs``: the first micro-batch (set by ``training_step``), whose
+        position-0 token is the first probe candidate.
         """
         cfg = self.macdrop_config
         model = self.model
         blocks = find_ffn_blocks(model)
         path = os.path.join(self.args.output_dir, LOCATOR_FILE)
         reused = self._macdrop_reused_result(path, blocks)
+        first_inputs, self._macdrop_first_inputs = self._macdrop_first_inputs, None  # not kept for the run
         if reused is not None:
             # resumed from a checkpoint: drop exactly the rows the interrupted run dropped
             result = reused
@@ -187,10 +206,13 @@ class MacDropTrainerMixin:
         else:
             # Every rank runs the probe (a sharded model needs all ranks in the forward pass);
             # rank 0's answer is then used everywhere.
+            tokenizer = getattr(self, "processing_class", None)
+            first = _rank0_first_token(first_inputs, tokenizer) if cfg.macdrop_probe_token is None else None
             result = locate_massive_weights(
                 model,
                 cfg.macdrop_k,
-                tokenizer=getattr(self, "processing_class", None),
+                tokenizer=tokenizer,
+                first_token=first,
                 probe_token=cfg.macdrop_probe_token,
                 layer=cfg.macdrop_layer,
                 indices=cfg.macdrop_indices,
@@ -255,6 +277,8 @@ class MacDropTrainerMixin:
 
     # ------------------------------------------------------------------ trainer hooks
     def training_step(self, model, inputs, *args, **kwargs):
+        if self._macdrop_run is None:
+            self._macdrop_first_inputs = inputs
         run = self._macdrop_run or self._macdrop_start()
         progress = self.macdrop_progress()
         last_step, last_micro = self._macdrop_micro

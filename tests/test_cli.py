@@ -120,10 +120,40 @@ def test_macdrop_locate_and_keys(tiny_llama_dir, tiny_data_dir, tmp_path):
     streamed = run_cli(["macdrop", "locate", str(tiny_llama_dir), "--layer-by-layer", "--json", str(tmp_path / "s.json")],
                        cwd=tmp_path)
     assert streamed.returncode == 0, streamed.stderr
-    assert "layer by layer: read layers 0..1" in streamed.stdout
+    assert "layer by layer: read layers 0..1," in streamed.stdout
     assert json.loads((tmp_path / "s.json").read_text())["indices"] == tiny.PLANTED_INDICES
     keys = json.loads(run_cli(["macdrop", "keys", "--json"], cwd=tmp_path).stdout)
     assert [k["key"] for k in keys][:3] == ["macdrop", "macdrop_k", "macdrop_p0"]
+
+
+def test_macdrop_locate_probes_what_the_template_puts_first_and_warns_when_nothing_is_massive(tmp_path):
+    import tiny_archs as ta
+
+    chatml = ta.save_chatml_model(tmp_path / "chatml")  # Qwen-style: config BOS <|endoftext|> sets off nothing
+    proc = run_cli(["macdrop", "locate", str(chatml), "--json", str(tmp_path / "c.json")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "probe token: 1 '<|im_start|>' (chat template: first token)" in proc.stdout
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert (data["layer"], data["indices"], data["massive"], data["warnings"]) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES, True, [])
+    assert [(c["token_id"], c["text"], c["origin_layer"]) for c in data["candidates"]] == [
+        (1, "<|im_start|>", ta.PLANTED_LAYER), (2, "<|im_end|>", None), (0, "<|endoftext|>", None)]
+    proc = run_cli(["macdrop", "locate", str(chatml), "--template", "qwen", "--layer-by-layer", "--json",
+                    str(tmp_path / "q.json")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert (data["probe_token_id"], data["probe_token_source"]) == (1, "template qwen: first token")
+    assert (data["layer"], data["indices"]) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES)
+    proc = run_cli(["macdrop", "locate", str(chatml), "--template", "nope"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "macdrop: error: --template nope: not a LLaMA-Factory template; allowed: ")
+
+    ta.build_tiny_embeddings(origin=False).save_pretrained(tmp_path / "flat")  # nothing massive anywhere
+    proc = run_cli(["macdrop", "locate", str(tmp_path / "flat"), "--json", str(tmp_path / "f.json")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # a finding, not an error
+    assert proc.stdout.count("warning: no massive activation") == 1
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert data["massive"] is False and len(data["warnings"]) == 1
+    assert [(c["token_id"], c["origin_layer"]) for c in data["candidates"]] == [(ta.BOS, None), (ta.EOS, None)]
 
 
 def test_startup_hook_is_light_and_can_be_switched_off(tmp_path):

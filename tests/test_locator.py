@@ -5,7 +5,8 @@ import torch
 
 import tiny
 from llamafactory_macdrop.architectures import UnsupportedArchitectureError, find_ffn_blocks
-from llamafactory_macdrop.locator import LocatorError, LocatorResult, locate_massive_weights, resolve_probe_token
+from llamafactory_macdrop.locator import (LayerStats, LocatorError, LocatorResult, ProbeToken, find_origin,
+                                          locate_massive_weights, probe_candidates, resolve_probe_token)
 
 
 def test_finds_the_planted_layer_and_indices_in_order(tiny_llama):
@@ -83,13 +84,92 @@ def test_probe_token_policy(tiny_llama, tiny_llama_dir):
     assert resolve_probe_token(tiny_llama, tok, "quick") == (text_id, "override: first token of 'quick'")
     with pytest.raises(LocatorError, match="outside the vocabulary"):
         resolve_probe_token(tiny_llama, tok, 10**6)
-    tiny_llama.config.bos_token_id = None  # GPT-style: no BOS -> EOS starts a document
+    # what the model sees first, then the tokenizer's BOS/EOS, then the config's (duplicates dropped)
+    first = ProbeToken(42, "first training batch: position 0 of 4/4 sequences (100%)")
+    assert [(c.token_id, c.source) for c in probe_candidates(tiny_llama, tok, first_token=first)] == [
+        (42, first.source), (bos, "tokenizer.bos_token_id"), (eos, "tokenizer.eos_token_id")]
+    assert probe_candidates(tiny_llama, tok, 7, first_token=first)[0].token_id == 7  # an override is the only one
+    # Trainer.train aligns the live config to a tokenizer without BOS; the checkpoint's config.json still has it
+    tiny_llama.config.bos_token_id = None
+    assert resolve_probe_token(tiny_llama) == (bos, "config.bos_token_id")
+    tiny_llama.config._name_or_path = ""  # no checkpoint folder: GPT-style, no BOS -> EOS starts a document
     assert resolve_probe_token(tiny_llama) == (eos, "config.eos_token_id")
     result = locate_massive_weights(tiny_llama, 5, probe_token=bos)  # the planted path needs BOS
     assert result.indices == tiny.PLANTED_INDICES and result.probe_token_source == "override"
     tiny_llama.config.eos_token_id = None
     with pytest.raises(LocatorError, match="neither a BOS nor an EOS"):
         locate_massive_weights(tiny_llama, 5)
+
+
+def test_a_first_token_without_massive_activation_falls_back_to_the_next_candidate(tiny_llama, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from llamafactory_macdrop.first_token import template_first_token
+
+    # the planted Llama's massive weights answer BOS; LLaMA-Factory's `default` template (the tiny
+    # training runs') starts with "Human: ", whose first token sets off nothing massive
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    first = template_first_token(tok, "default")
+    assert first.text == "H"
+    bos, eos = tiny_llama.config.bos_token_id, tiny_llama.config.eos_token_id
+    result = locate_massive_weights(tiny_llama, 5, tokenizer=tok, first_token=first)
+    assert (result.layer, result.indices, result.massive) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES, True)
+    assert (result.probe_token_id, result.probe_token_text, result.probe_token_source) == (bos, "<s>", "tokenizer.bos_token_id")
+    assert [(c.token_id, c.origin_layer) for c in result.candidates] == [
+        (first.token_id, None), (bos, tiny.PLANTED_LAYER), (eos, None)]
+    assert len(result.warnings) == 1 and f"{first.token_id} 'H' (template default" in result.warnings[0]
+
+
+def residual_max_per_layer(model, token):
+    """Outside measurement: max |residual| leaving every decoder layer but the last (whose
+    hidden_states entry is after the final norm), at ``token`` alone."""
+    with torch.no_grad():
+        hs = model(input_ids=torch.tensor([[token]]), output_hidden_states=True).hidden_states
+    return [float(h[0, 0].abs().max()) for h in hs[:-1]]  # [embeddings, out of layer 0, ...]
+
+
+def test_tiny_embeddings_do_not_fool_the_rule():
+    import tiny_archs as ta
+
+    model = ta.build_tiny_embeddings()
+    result = locate_massive_weights(model, 5)
+    assert (result.layer, result.indices) == (ta.TINY_EMB_ORIGIN, ta.TINY_EMB_INDICES)
+    assert result.massive and not result.warnings
+    # the trap, measured from outside: embeddings of max 0.05 make layer 0's growth the largest jump
+    res = residual_max_per_layer(model, 1)
+    jumps = [res[i + 1] / res[i] for i in range(len(res) - 1)]
+    assert res[0] == pytest.approx(ta.TINY_EMB_MAX) and res[1] < 10
+    assert max(range(len(jumps)), key=jumps.__getitem__) == 0 and jumps[0] > jumps[ta.TINY_EMB_ORIGIN] > 50
+    assert res[ta.TINY_EMB_ORIGIN + 1] > 300 and res[-1] == pytest.approx(res[ta.TINY_EMB_ORIGIN + 1])
+
+
+def test_no_massive_activation_warns_instead_of_picking_a_layer_silently():
+    import tiny_archs as ta
+
+    model = ta.build_tiny_embeddings(origin=False)
+    assert max(residual_max_per_layer(model, 1)) < 10  # nothing massive anywhere, yet a ~100x jump at layer 0
+    result = locate_massive_weights(model, 5)
+    assert result.massive is False and result.layer == 0  # the fallback is named, never passed off as massive
+    assert len(result.warnings) == 1
+    warning = result.warnings[0]
+    assert warning.startswith("no massive activation") and "layer 0" in warning and "macdrop_layer" in warning
+    assert [(c.token_id, c.origin_layer) for c in result.candidates] == [(ta.BOS, None), (ta.EOS, None)]
+    assert "warning: no massive activation" in result.table()
+
+
+def stat(layer, before, after, median=0.01):
+    return LayerStats(layer, before, after, after / before, 0.0, 0, 0.0, out_median=median)
+
+
+def test_the_rule_wants_a_massive_value_created_at_the_layer_and_kept():
+    fades = [stat(0, 0.05, 1), stat(1, 1, 300), stat(2, 300, 2), stat(3, 2, 2), stat(4, 2, 2)]
+    assert find_origin(fades, 4) is None  # a spike the next layer takes back
+    flat = [stat(0, 1, 500, median=100), stat(1, 500, 500, median=100), stat(2, 500, 500, median=100)]
+    assert find_origin(flat, 2) is None  # large, but not far above the vector's median
+    grows = [stat(0, 0.05, 1), stat(1, 1, 300), stat(2, 300, 290), stat(3, 290, 280), stat(4, 280, 280)]
+    # layer by layer: undecided until PERSIST_LAYERS (2) layers after the origin have been seen
+    assert [find_origin(grows[:n], 4) for n in range(1, 6)] == [None, None, None, 1, 1]
+    assert find_origin(grows[:2], 1) == 1  # the model's last layer: nothing after it to wait for
 
 
 def test_unknown_architecture_fails_clearly():
@@ -104,6 +184,6 @@ def test_a_model_without_massive_weights_gets_a_warning():
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_config(ta.configs()["gemma2"]).eval()  # random, nothing planted
     result = locate_massive_weights(plain, 5)
-    assert result.massiveness < 10
-    assert result.warnings and "no clear massive activation" in result.warnings[0]
-    assert "warning: no clear massive activation" in result.table()
+    assert result.massiveness < 10 and result.massive is False
+    assert result.warnings and result.warnings[0].startswith("no massive activation")
+    assert "warning: no massive activation" in result.table()

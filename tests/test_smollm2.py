@@ -12,7 +12,8 @@ def test_origin_layer_is_11_not_the_early_or_late_spikes(smollm2):
     assert result.layer == 11
     assert result.indices[:2] == [1229, 1487]
     assert result.magnitudes[0] == pytest.approx(3065, rel=0.02)
-    assert result.probe_token_id == 1 and not result.warnings
+    assert result.probe_token_id == 1 and not result.warnings and result.massive
+    assert [(c.token_id, c.origin_layer) for c in result.candidates] == [(1, 11), (2, 11)]  # BOS, EOS
     stats = {s.layer: s for s in result.layers}
     # the traps the rule must avoid: ~1000x-median spikes early, a larger ratio-to-median at 28
     assert stats[2].intermediate_top1 / stats[2].intermediate_median > 1000
@@ -27,6 +28,20 @@ def test_layer_by_layer_reads_only_up_to_the_origin(smollm2, smollm2_dir):
     full = locate_massive_weights(smollm2[0], 5)
     streamed, stats = locate_layer_by_layer(folder, 5)
     assert (streamed.layer, streamed.indices) == (full.layer, full.indices)
-    assert stats.layers_loaded == list(range(12))  # layers 12..29 are never read
+    assert stats.layers_loaded == list(range(14))  # origin 11 + the 2 layers that confirm it; 14..29 never read
     assert stats.max_resident_layers == 1
     assert stats.peak_bytes < 0.3 * checkpoint_bytes(folder)  # embeddings + one layer
+
+
+def test_the_massive_activation_is_a_position_0_effect(smollm2):
+    """docs/locator.md "Position": on SmolLM2 the first token gets it whatever it is; BOS in the
+    middle of a sequence gets none. Measured from outside on residual dim 507 leaving layer 11."""
+    import torch
+
+    model, tok = smollm2
+    words = tok("Summer is warm. Winter is cold.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hs = model(input_ids=torch.tensor([words[:3] + [1] + words[3:]]), output_hidden_states=True).hidden_states
+    dim507 = hs[12][0, :, 507].abs()  # hidden_states[12] = output of layer 11
+    assert dim507[0] > 20000  # "Summer" at position 0
+    assert dim507[3] < 1000 and dim507[1:].max() < 1000  # BOS at position 3, and every other token

@@ -81,10 +81,11 @@ def _set(target, fn) -> None:
 
 
 @torch.no_grad()
-def plant(model) -> None:
+def plant(model, token: int = BOS) -> None:
+    """Massive weights at PLANTED_LAYER, triggered by ``token`` (BOS unless told)."""
     emb = model.get_input_embeddings().weight
     emb[:, :2] = 0.0
-    emb[BOS, 0] = 5.0
+    emb[token, 0] = 5.0
     blocks = find_ffn_blocks(model)
     for layer, rows, gains, writes in (
         (0, [DECOY_INDEX], [400.0], False),  # decoy: huge unit that writes nothing
@@ -108,3 +109,77 @@ def plant(model) -> None:
         post_norm = getattr(block.layer, "post_feedforward_layernorm", None)
         if writes and post_norm is not None and getattr(post_norm, "weight", None) is not None:
             post_norm.weight[1] = 500.0  # post-FFN norms (OLMo2, Gemma) rescale what the FFN writes
+
+
+# ----------------------------------------------------------------------------- locator traps
+TINY_EMB_MAX = 0.05
+TINY_EMB_LAYER0_GAIN = 0.28  # layer 0 lifts residual dim 3 from ~0 to ~5: an ~100x jump of nothing massive
+TINY_EMB_ORIGIN = 2
+TINY_EMB_INDICES = [7, 70, 33, 101, 12]  # largest first
+TINY_EMB_GAINS = [2.0, 1.5, 1.0, 0.6, 0.4]  # layer 2 writes ~350 into dim 1: a ~70x jump to massive
+
+
+@torch.no_grad()
+def build_tiny_embeddings(origin: bool = True, layers: int = 6, seed: int = 0, vocab: int = V):
+    """A Qwen2-style model whose embeddings are tiny (max |e| = 0.05, every token has 0.05 in dim 0,
+    as on the real 0.5B model of issue 12) and whose attention writes nothing (o_proj = 0), so the
+    residual stream is exactly the planted FFN writes:
+
+    * layer 0: one unit reads dim 0 and writes ~5 into dim 3 (residual max 0.05 -> ~5, jump ~100);
+    * layer ``TINY_EMB_ORIGIN`` (2), when ``origin``: rows ``TINY_EMB_INDICES`` read dim 3 and write
+      ~350 into dim 1 (jump ~70), which every later layer keeps.
+
+    A pure jump rule picks layer 0; the origin is 2. With ``origin=False`` nothing is massive
+    anywhere (residual max ~5), yet the largest jump is still ~100x.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs(layers, vocab)["qwen2"]).eval()
+    emb = model.get_input_embeddings().weight
+    emb.copy_(torch.randn_like(emb).mul_(0.01).clamp_(-0.04, 0.04))
+    emb[:, 0] = TINY_EMB_MAX
+    blocks = find_ffn_blocks(model)
+    for block in blocks:
+        block.layer.self_attn.o_proj.weight.zero_()
+        block.down.weight.zero_()
+    mlp0 = blocks[0].layer.mlp
+    mlp0.gate_proj.weight[10].zero_(), mlp0.up_proj.weight[10].zero_()
+    mlp0.gate_proj.weight[10, 0], mlp0.up_proj.weight[10, 0] = 1.0, TINY_EMB_LAYER0_GAIN
+    mlp0.down_proj.weight[3, 10] = 1.0
+    if origin:
+        mlp = blocks[TINY_EMB_ORIGIN].layer.mlp
+        for idx, gain in zip(TINY_EMB_INDICES, TINY_EMB_GAINS):
+            mlp.gate_proj.weight[idx].zero_(), mlp.up_proj.weight[idx].zero_()
+            mlp.gate_proj.weight[idx, 3], mlp.up_proj.weight[idx, 3] = 1.0, gain
+            mlp.down_proj.weight[1, idx] = 1.0
+    return model
+
+
+def save_chatml_model(out_dir, trigger: str = "<|im_start|>"):
+    """A Qwen-style folder: ChatML tokenizer WITHOUT a BOS (``<|endoftext|>`` 0, ``<|im_start|>`` 1,
+    ``<|im_end|>`` 2), config ``bos_token_id`` = ``<|endoftext|>`` and ``eos_token_id`` = ``<|im_end|>``
+    like Qwen2.5-Instruct, and massive weights at PLANTED_LAYER that only ``trigger`` sets off: the
+    config's BOS, which no chat sequence starts with, triggers nothing."""
+    import tiny
+
+    tok = tiny.build_chatml_tokenizer(out_dir)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+    assert list(ids.values()) == [0, 1, 2] and tok.bos_token_id is None
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    cfg = configs(LAYERS, len(tok))["qwen2"]
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    plant(model, token=ids[trigger])
+    with torch.no_grad():
+        # ordinary tokens get embeddings of a real model's scale (the pad row <|endoftext|> included,
+        # which starts at zero), so that attention's small writes into dim 0 stay small after the norm
+        emb = model.get_input_embeddings().weight
+        emb[:, 2:] = torch.randn(emb.shape[0], emb.shape[1] - 2) * 0.5
+        # the planted rows read dim 0 only, so no other token sets them off even slightly
+        for target in find_ffn_blocks(model)[PLANTED_LAYER].row_targets(PLANTED_INDICES):
+            _set(target, lambda w: w[:, 1:].zero_())
+    model.save_pretrained(out_dir)
+    return out_dir
