@@ -199,8 +199,8 @@ def _validate_fsdp(lf_args: dict[str, Any] | list[str]) -> None:
         )
 
 
-def _deepspeed_zero_stage(lf_args: dict[str, Any] | list[str]) -> Optional[int]:
-    """The ZeRO stage of the ``deepspeed`` argument (a JSON file or a dict), or None."""
+def _deepspeed_config(lf_args: dict[str, Any] | list[str]) -> Optional[dict]:
+    """The ``deepspeed`` argument as a dict (read from its JSON file), or None."""
     ds = _lf_value(lf_args, "deepspeed", None)
     if isinstance(ds, str) and ds.strip():
         import json
@@ -210,10 +210,36 @@ def _deepspeed_zero_stage(lf_args: dict[str, Any] | list[str]) -> Optional[int]:
                 ds = json.load(f)
         except (OSError, ValueError):
             return None  # LLaMA-Factory / transformers report an unreadable config themselves
-    if not isinstance(ds, dict):
-        return None
-    stage = (ds.get("zero_optimization") or {}).get("stage")
+    return ds if isinstance(ds, dict) else None
+
+
+def _deepspeed_zero_stage(lf_args: dict[str, Any] | list[str]) -> Optional[int]:
+    """The ZeRO stage of the ``deepspeed`` argument (a JSON file or a dict), or None."""
+    ds = _deepspeed_config(lf_args)
+    stage = ((ds or {}).get("zero_optimization") or {}).get("stage")
     return int(stage) if str(stage).isdigit() else None
+
+
+def _validate_zero3_variants(lf_args: dict[str, Any] | list[str]) -> None:
+    """ZeRO-3 variants whose parameters live somewhere the partition edits do not reach: ZeRO++
+    hierarchical partitioning (backward gathers from a secondary copy), quantized weight
+    communication (gathers a quantized copy) and NVMe parameter offload (partitions swapped out)."""
+    if _deepspeed_zero_stage(lf_args) != 3:
+        return
+    zero = (_deepspeed_config(lf_args) or {}).get("zero_optimization") or {}
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    reasons = []
+    if str(hpz).isdigit() and int(hpz) > 1:
+        reasons.append(f"zero_hpz_partition_size={hpz} (ZeRO++ hpZ: backward gathers from a secondary partition copy)")
+    if _truthy(str(zero.get("zero_quantized_weights", False)).lower()):
+        reasons.append("zero_quantized_weights=true (ZeRO++ qwZ: forward gathers a quantized copy)")
+    if str((zero.get("offload_param") or {}).get("device", "none")).lower() == "nvme":
+        reasons.append("offload_param.device=nvme (partitions are swapped out to NVMe)")
+    if reasons:
+        raise MacDropConfigError(
+            "macdrop=true with DeepSpeed ZeRO-3 " + "; ".join(reasons) + " is not supported: MacDrop edits each "
+            "rank's own partition, which that copy bypasses; use plain ZeRO-3 (ds_z3_config.json) or ZeRO-2"
+        )
 
 
 def _validate_quantization(lf_args: dict[str, Any] | list[str]) -> None:
@@ -281,6 +307,7 @@ def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | li
         if _truthy(_lf_value(lf_args, key, False)):
             raise MacDropConfigError(f"macdrop=true with {key}=true is not supported (that path bypasses the HF trainer)")
     _validate_fsdp(lf_args)
+    _validate_zero3_variants(lf_args)
     _validate_quantization(lf_args)
     _validate_dora(lf_args, config)
     _validate_pissa(lf_args)
@@ -434,18 +461,22 @@ def _end_child_with(err: BaseException) -> None:
 
     MacDrop raises these on every rank together (validation, broadcast locator results, the
     global grad norm), so each child ends here. Launched by ``llamafactory-cli`` (whose patched
-    launcher set :data:`ERROR_FILE_ENV`), rank 0 writes the message for the launcher to print and
-    every child exits 0, so torchrun adds no failure report of its own; launched by torchrun
-    directly, rank 0 prints the line and every child exits 2.
+    launcher set :data:`ERROR_FILE_ENV`, a file local to each node), the node's local rank 0 writes
+    the message for that node's launcher to print and every child exits 0, so torchrun adds no
+    failure report of its own and every node's ``llamafactory-cli`` exits 2; launched by torchrun
+    directly, global rank 0 prints the line and every child exits 2.
+
+    Known limit: an error raised on SOME ranks only would leave the others waiting in their next
+    collective until the process-group timeout (the plugin raises none of that kind by design).
     """
-    rank0 = os.environ.get("RANK", "0") == "0"
+    message = str(err) or type(err).__name__
     target = os.environ.get(ERROR_FILE_ENV)
-    if rank0:
-        if target:
+    if target:
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one writer per node: the file is that node's
             with open(target, "w", encoding="utf-8") as f:
-                f.write(str(err))
-        else:
-            print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
+                f.write(message)
+    elif os.environ.get("RANK", "0") == "0":
+        print(f"[macdrop] error: {message}", file=sys.stderr, flush=True)
     try:
         import torch.distributed as dist
 

@@ -112,7 +112,10 @@ def test_training_masks_the_located_rows_and_restores_everything(name, tiny_data
     run_exp(args, callbacks=[watcher])
 
     located = json.loads((out / "macdrop_locator.json").read_text())
-    assert (located["layer"], located["indices"]) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES)
+    # the probe token is the training data's first token ("H"), which on some of these random
+    # models (Phi-3) carries a weaker massive activation through the same planted rows: the same
+    # layer and rows, ranked in another order than BOS ranks them
+    assert (located["layer"], sorted(located["indices"])) == (ta.PLANTED_LAYER, sorted(ta.PLANTED_INDICES))
     assert located["expert"] == (ta.PLANTED_EXPERT if "moe" in name or name == "mixtral" else None)
     assert watcher.seen and all(same for _, same in watcher.seen)  # one mask for gate and up
     assert all(0.3 < frac < 0.7 for frac, _ in watcher.seen), watcher.seen  # p = 0.5

@@ -3,7 +3,8 @@
 The oracle edits a deep copy of the model exactly as the paper's pseudo-code reads: save rows,
 multiply rows by M in place, forward + backward, write the saved rows back. The mechanism under
 test is :class:`MacDropRun` (what the trainer mixin calls per micro-batch). With the same masks
-(the oracle reuses the mask the mechanism drew) losses and adapter gradients must be identical.
+(the oracle predicts each mask with its own re-implementation of the seeding rule, and checks
+that the mechanism drew exactly that one) losses and adapter gradients must be identical.
 """
 
 import copy
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import tiny
+from dist_check import expected_keep
 from llamafactory_macdrop.architectures import find_ffn_blocks
 from llamafactory_macdrop.config import MacDropConfig
 from llamafactory_macdrop.curriculum import Progress
@@ -89,10 +91,15 @@ def _run_both(tiny_llama, dora, checkpointing, scope="massive", steps=4, p0=0.8)
     for t, batch in enumerate(_batches(base.config.vocab_size, steps), start=1):
         base.zero_grad()
         oracle.zero_grad()
+        p = p0 * (1 - t / steps)  # the step curriculum, written out
+        want = expected_keep(123, t, 0, p, (len(rows), tiny.HIDDEN)) if p > 0 else None
         with run.step(Progress(t, steps)) as keep:
             loss = base(**batch).loss
             loss.backward()
-        ref = oracle_step(oracle, result.layer, rows, keep, batch)
+        # the mechanism drew the mask the published seeding rule predicts (re-implemented in
+        # dist_check), and the literal Algorithm 1 runs with THAT prediction, not with the mechanism's
+        assert (keep is None) == (want is None) and (want is None or torch.equal(keep.cpu(), want))
+        ref = oracle_step(oracle, result.layer, rows, want, batch)
         yield t, keep, loss.detach(), ref, _grads(base), _grads(oracle)
         assert all(torch.equal(bits(w), o) for w, o in zip(_weights(base, result.layer), originals))
 
@@ -131,7 +138,7 @@ def test_scope_ablations_target_the_right_rows(tiny_llama, scope):
             assert keep.shape == (n, tiny.HIDDEN)
 
 
-def test_masks_are_fresh_per_micro_batch_and_reproducible(tiny_llama):
+def test_one_mask_per_step_by_default_fresh_per_micro_batch_on_request(tiny_llama):
     model = _peft(tiny_llama, False)
     result = locate_massive_weights(model, 5)
     default = MacDropRun(MacDropConfig(macdrop=True), result, find_ffn_blocks(model), seed=1)
@@ -151,3 +158,6 @@ def test_masks_are_fresh_per_micro_batch_and_reproducible(tiny_llama):
     with run_a.step(Progress(3, 10), 1) as keep:  # same (seed, rank, step, micro) -> same mask
         assert torch.equal(keep, masks[1])
     assert run_a.last_p == pytest.approx(0.8 * (1 - 3 / 10))
+    p = 0.8 * (1 - 3 / 10)  # both modes against the independent re-implementation of the rule
+    assert torch.equal(shared[0].cpu(), expected_keep(1, 3, 0, p, tuple(shared[0].shape)))
+    assert torch.equal(masks[1].cpu(), expected_keep(1, 3, 1, p, tuple(masks[1].shape)))
