@@ -122,3 +122,17 @@ class RowTarget:
         if self.expert is not None:
             flat = flat + self.expert * n0 * n1
         return flat
+
+
+class ValueRows(RowTarget):
+    """Backends that store the rows' VALUES (dense, sliced): the snapshot is the original rows,
+    masking writes ``original * keep``, restoring writes the original back."""
+
+    def snapshot(self) -> torch.Tensor:
+        return self.read().clone()
+
+    def apply_mask(self, snapshot: torch.Tensor, keep: torch.Tensor) -> None:
+        self.write(snapshot * keep.to(device=snapshot.device, dtype=snapshot.dtype))
+
+    def restore(self, snapshot: torch.Tensor) -> None:
+        self.write(snapshot)

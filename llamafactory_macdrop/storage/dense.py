@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import RowTarget, bits
+from .base import ValueRows, bits
 
 
-class DenseRows(RowTarget):
+class DenseRows(ValueRows):
     """Rows of an ordinary weight tensor (``nn.Linear``, ``Conv1D``, fused experts) that every
     rank holds whole. Writes go through ``.data`` so autograd's version counter is not bumped."""
 
@@ -28,12 +28,3 @@ class DenseRows(RowTarget):
     def matches(self, snapshot: torch.Tensor) -> bool:
         seen = self.read()
         return torch.equal(bits(seen), bits(snapshot.to(device=seen.device, dtype=seen.dtype)))
-
-    def snapshot(self) -> torch.Tensor:
-        return self.read().clone()
-
-    def apply_mask(self, snapshot: torch.Tensor, keep: torch.Tensor) -> None:
-        self.write(snapshot * keep.to(device=snapshot.device, dtype=snapshot.dtype))
-
-    def restore(self, snapshot: torch.Tensor) -> None:
-        self.write(snapshot)

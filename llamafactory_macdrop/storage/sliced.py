@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 
-from .base import RowTarget, bits
+from .base import ValueRows, bits
 
 
-class SlicedRows(RowTarget):
+class SlicedRows(ValueRows):
     """Base of the sliced backends; subclasses say where the slice and the gathered copy are."""
 
     @property
@@ -82,12 +82,3 @@ class SlicedRows(RowTarget):
             return True
         seen = self._select(self._matrix(full))
         return torch.equal(bits(seen), bits(snapshot.to(device=seen.device, dtype=seen.dtype)))
-
-    def snapshot(self) -> torch.Tensor:
-        return self.read().clone()
-
-    def apply_mask(self, snapshot: torch.Tensor, keep: torch.Tensor) -> None:
-        self.write(snapshot * keep.to(device=snapshot.device, dtype=snapshot.dtype))
-
-    def restore(self, snapshot: torch.Tensor) -> None:
-        self.write(snapshot)
