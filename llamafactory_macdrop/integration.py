@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import json
 import math
 import os
 import sys
@@ -249,7 +248,7 @@ def _validate_quantization(lf_args: dict[str, Any] | list[str]) -> None:
     from .prequantized import checkpoint_quantization, unsupported_checkpoint_reason
 
     model = _lf_value(lf_args, "model_name_or_path", None)
-    quantization = checkpoint_quantization(model) if model else None
+    quantization = checkpoint_quantization(model, *_cache_location(lf_args)) if model else None
     if quantization is not None:  # LLaMA-Factory then ignores quantization_bit
         reason = unsupported_checkpoint_reason(quantization)
         if reason:
@@ -358,17 +357,22 @@ def _validate_epoch_curriculum(lf_args: dict[str, Any] | list[str], config: MacD
         )
 
 
+def _cache_location(lf_args: dict[str, Any] | list[str]) -> tuple[Optional[str], Optional[str]]:
+    """LLaMA-Factory's ``cache_dir`` and ``model_revision`` (where a hub model's files are cached)."""
+    revision = _lf_value(lf_args, "model_revision", None)
+    return _lf_value(lf_args, "cache_dir", None), (None if revision in (None, "main") else str(revision))
+
+
 def _local_model_config(lf_args: dict[str, Any] | list[str]) -> Optional[tuple[str, dict[str, Any]]]:
-    """(path, dict) of ``config.json`` in a LOCAL model folder (nothing is downloaded), else None."""
+    """(path, dict) of the model's ``config.json`` where it is at hand without a download (a local
+    folder, or a hub id already in the Hugging Face cache), else None."""
+    from .prequantized import read_config_json
+
     folder = _lf_value(lf_args, "model_name_or_path", None)
-    path = os.path.join(str(folder), "config.json") if folder else ""
-    if not path or not os.path.isfile(path):
+    found = read_config_json(str(folder), *_cache_location(lf_args)) if folder else None
+    if found is None:
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
+    path, data = found
     text = data.get("text_config")
     return path, (text if isinstance(text, dict) and "num_hidden_layers" in text else data)
 

@@ -192,6 +192,27 @@ def test_layer_and_indices_are_checked_against_config_json_before_loading(tiny_d
         run_in_process(args, [])
 
 
+def test_hub_id_already_in_the_cache_is_checked_before_loading(tiny_data_dir, tmp_path):
+    """A hub id whose config.json sits in the Hugging Face cache (here a cache_dir laid out as the
+    hub client lays it out) is checked like a local folder, with no download."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someorg--tiny" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (cache / "models--someorg--tiny" / "refs").mkdir()
+    (cache / "models--someorg--tiny" / "refs" / "main").write_text("0123abcd")
+    (snapshot / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128, "hidden_size": 64,
+         "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    args = lf_args("someorg/tiny", tiny_data_dir, tmp_path / "out", cache_dir=str(cache))
+    with pytest.raises(MacDropConfigError, match=r"someorg/tiny, a checkpoint quantized with quant_method=gptq"):
+        run_in_process(args, [])
+    (snapshot / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128, "hidden_size": 64}))
+    args = lf_args("someorg/tiny", tiny_data_dir, tmp_path / "out", cache_dir=str(cache), macdrop_layer=5)
+    with pytest.raises(MacDropConfigError, match=r"macdrop_layer=5 is out of range: .*config.json has 2 layers"):
+        run_in_process(args, [])
+
+
 @pytest.mark.parametrize(
     "env, fragment",
     [
