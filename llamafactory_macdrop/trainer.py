@@ -153,24 +153,14 @@ def last_checkpoint(output_dir: str, before: int) -> Optional[str]:
 def _rank0_first_token(inputs: Any, tokenizer: Any):
     """The first training batch's position-0 token as rank 0 sees it, on every rank (all ranks
     must probe the same candidates: a sharded model runs each probe on all ranks together)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    first = None
-    if isinstance(inputs, Mapping) and (not distributed or torch.distributed.get_rank() == 0):
-        first = batch_first_token(inputs, tokenizer)
-    if distributed:
-        payload = [first]
-        torch.distributed.broadcast_object_list(payload, src=0)
-        first = payload[0]
-    return first
+    rank0 = not _distributed() or torch.distributed.get_rank() == 0
+    first = batch_first_token(inputs, tokenizer) if rank0 and isinstance(inputs, Mapping) else None
+    return _broadcast_from_rank0(first)
 
 
 def _broadcast_result(result: LocatorResult) -> LocatorResult:
     """Make every rank use rank 0's locator result (same layer and indices everywhere)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        payload = [result.to_dict()]
-        torch.distributed.broadcast_object_list(payload, src=0)
-        return LocatorResult.from_dict(payload[0])
-    return result
+    return LocatorResult.from_dict(_broadcast_from_rank0(result.to_dict())) if _distributed() else result
 
 
 class MacDropTrainerMixin:
