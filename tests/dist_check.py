@@ -370,10 +370,33 @@ def main() -> None:
         return inner(trainer, *a, **kw)
 
     transformers.Trainer._inner_training_loop = loop
+    _leave_together()
     tuner.run_exp(args, callbacks=[recorder])
     rank = int(os.environ.get("RANK", "0"))
     os.makedirs(trace_dir, exist_ok=True)
     torch.save(recorder.trace, os.path.join(trace_dir, f"rank{rank}.pt"))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the trace is the harness's whole result; skip the C++ teardown of the CPU communicators
+        # (one rank aborted there once on a loaded 2-core CI box, after training and saving were done)
+        os._exit(0)
+
+
+def _leave_together() -> None:
+    """run_exp ends with destroy_process_group on each rank as soon as it is done; under ZeRO-3 a
+    non-zero rank got there while rank 0 was still saving. A barrier first makes the ranks leave
+    together (harness only; the same without MacDrop)."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_after_barrier(*a, **kw):
+        if dist.is_initialized():
+            dist.barrier()
+        return destroy(*a, **kw)
+
+    dist.destroy_process_group = destroy_after_barrier
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ through the clipping factor, while unclipped they agree to every printed digit).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,13 +122,20 @@ def _run(tmp_path, model_dir, data_dir, mode, stage="pt", oracle=None):
         [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT)]
     # the repository first: a worktree must test its own package, not an editable install elsewhere
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu"}
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu",
+           "PYTHONFAULTHANDLER": "1"}  # a rank that aborts prints where
     if mode in FSDP_MODES:
         config_name, overrides = FSDP_MODES[mode]
         env.update(fsdp_env(config_name, **overrides))
     proc = subprocess.run(cmd + [str(work / "args.json"), str(work / "trace"), *extra], cwd=work, env=env,
                           capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if proc.returncode != 0:
+        (work / "stderr.txt").write_text(proc.stderr)
+        # a torchrun child's own error is buried under the other rank's output: lift it out
+        causes = [line for line in proc.stderr.splitlines()
+                  if re.search(r"Error|error:|terminate|Abort|abort|Traceback|what\(\)", line)]
+        pytest.fail(f"{mode} exited {proc.returncode}\n" + "\n".join(causes[-40:]) + "\n--- stdout tail\n"
+                    + proc.stdout[-2000:] + "\n--- stderr tail\n" + proc.stderr[-4000:])
     ranks = 1 if mode in SINGLE_PROCESS else 2
     traces = [torch.load(work / "trace" / f"rank{r}.pt") for r in range(ranks)]
     located = json.loads((work / "out" / "macdrop_locator.json").read_text())  # written by rank 0
