@@ -56,10 +56,10 @@ K = 5
 def worker(mode: str, model_dir: str, dtype: str) -> None:
     """One fresh-process arm of (b); prints one JSON line."""
     import torch
-
-    from llamafactory_macdrop.locator import locate_massive_weights
-    from llamafactory_macdrop.streaming import locate_layer_by_layer
     from transformers import AutoModelForCausalLM
+
+    from llamafactory_macdrop.analysis.streaming import locate_layer_by_layer
+    from llamafactory_macdrop.core.locator import locate_massive_weights
 
     dt = getattr(torch, dtype)
     before, anon_before = benchlib.rss_bytes(), benchlib.rss_anon_bytes()
@@ -95,7 +95,7 @@ def probe_vs_forward(model_dir: Path, dtype: str, device: str, repeats: int) -> 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llamafactory_macdrop.locator import locate_massive_weights
+    from llamafactory_macdrop.core.locator import locate_massive_weights
 
     cuda = device == "cuda"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()

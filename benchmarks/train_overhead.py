@@ -59,8 +59,8 @@ RUNNER = r"""
 import json, sys, time
 import torch
 from transformers import TrainerCallback
-from llamafactory_macdrop import integration
-from llamafactory_macdrop.trainer import MacDropTrainerMixin
+from llamafactory_macdrop.plugin import integration
+from llamafactory_macdrop.plugin.trainer import MacDropTrainerMixin
 from llamafactory.train import tuner
 
 spec = json.load(open(sys.argv[1]))
@@ -219,11 +219,11 @@ def mask_cost_us(model_dir: Path, cfg: dict, iters: int = 200,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llamafactory_macdrop.architectures import find_ffn_blocks
-    from llamafactory_macdrop.config import MacDropConfig
-    from llamafactory_macdrop.curriculum import Progress
-    from llamafactory_macdrop.locator import LocatorResult
-    from llamafactory_macdrop.trainer import MacDropRun
+    from llamafactory_macdrop.core.architectures import find_ffn_blocks
+    from llamafactory_macdrop.core.curriculum import Progress
+    from llamafactory_macdrop.core.locator import LocatorResult
+    from llamafactory_macdrop.plugin.keys import MacDropConfig
+    from llamafactory_macdrop.plugin.trainer import MacDropRun
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
@@ -353,10 +353,9 @@ def main() -> int:
     cost, blocked, storage = mask_cost_us(model, cfg, quantization_bit=opts.quantization_bit) \
         if opts.nproc == 1 and not opts.deepspeed else (None, None, None)
 
+    import llamafactory
     import torch
     import transformers
-
-    import llamafactory
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
         f"{benchlib.cpu_model()} ({os.cpu_count()} cores)"

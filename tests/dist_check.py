@@ -27,7 +27,7 @@ in its own forward pre-hook, where ZeRO-3 has gathered them. The masks the plugi
 drawn come from :func:`expected_keep`, an independent re-implementation of the rule published in
 docs/how-it-works.md.
 
-Used by tests/test_distributed.py on CPU and by tests/gpu/check_gpu.py on a GPU.
+Used by tests/plugin/test_distributed.py on CPU and by tests/gpu/check_gpu.py on a GPU.
 """
 
 from __future__ import annotations
@@ -350,7 +350,9 @@ def main() -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
         allow_fsdp_on_cpu()
     args = json.load(open(args_path))
-    from llamafactory.train import tuner  # the .pth start-up hook activates the plugin here, as for users
+    from llamafactory.train import (
+        tuner,  # the .pth start-up hook activates the plugin here, as for users
+    )
 
     assert getattr(tuner.run_exp, "__macdrop_patched__", False), "the MacDrop start-up hook did not patch run_exp"
     recorder = Recorder(oracle)

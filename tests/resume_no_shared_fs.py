@@ -1,4 +1,4 @@
-"""torchrun helper for tests/test_trainer_loop.py: resume a MacDrop run on 2 ranks where rank 1
+"""torchrun helper for tests/plugin/test_trainer_loop.py: resume a MacDrop run on 2 ranks where rank 1
 cannot see ``output_dir/macdrop_locator.json``, as on a second node without a shared filesystem.
 
 Usage: torchrun --nproc_per_node 2 tests/resume_no_shared_fs.py ARGS.json
@@ -15,7 +15,7 @@ if os.environ.get("RANK") == "1":  # this rank's disk has no copy of rank 0's fi
 for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_key, "1")
 
-from llamafactory_macdrop import integration  # noqa: E402
+from llamafactory_macdrop.plugin import integration  # noqa: E402
 
 integration.activate()
 from llamafactory.train.tuner import run_exp  # noqa: E402

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from llamafactory_macdrop.architectures import find_ffn_blocks
+from llamafactory_macdrop.core.architectures import find_ffn_blocks
 
 H, I, V = 64, 128, 256
 BOS, EOS = 1, 2

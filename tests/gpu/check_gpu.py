@@ -11,7 +11,7 @@ LLaMA-Factory's own ``run_exp`` (via tests/dist_check.py, under ``torchrun`` for
 unchanged — bf16 mixed precision, FULL_STATE_DICT save, sync_module_states and
 cpu_ram_efficient_loading — for the FSDP cases; with one GPU the shard is the whole weight,
 the CPU tests cover shards split across ranks) and
-asserts, on the GPU, what tests/test_distributed.py asserts on the CPU: the planted layer and
+asserts, on the GPU, what tests/plugin/test_distributed.py asserts on the CPU: the planted layer and
 indices are found; every forward of W_up (recomputation included) sees exactly
 ``original * M`` with M the mask Algorithm 1 draws for that step and micro-batch; the weights
 are bitwise restored after every step and at the end. It prints one line per check and
@@ -33,9 +33,8 @@ TESTS = HERE.parent
 REPO = TESTS.parent
 sys.path[:0] = [str(TESTS), str(REPO)]
 
-import torch  # noqa: E402
-
 import tiny  # noqa: E402
+import torch  # noqa: E402
 from dist_check import verify  # noqa: E402
 
 STEPS, GA, SEED = 4, 2, 11

@@ -1,0 +1,288 @@
+"""Attacks on a loaded model, applied in place and undone bit for bit (House of Cards, Table 1).
+
+Why in place: an attack sweep (several k, two modes, a baseline) must cost ONE model load, and
+every evaluator (the perplexity loop, lm-eval's HFLM) must see the attacked weights without
+knowing anything about attacks. So each setting edits the weights the evaluators already hold,
+runs, and puts the saved values back; :meth:`ModelAttacker.verify_restored` compares every weight
+an attack may touch with a snapshot taken before the first edit, bit for bit.
+
+Modes (``AttackSetting.mode``):
+
+``none``         the unattacked baseline (always the first row of a sweep).
+``zero``         top-k zeroing: rows idx[:k] of W_up and W_gate at the massive layer := 0.
+``retain``       top-k retaining: every OTHER row of W_up and W_gate at that layer := 0.
+``superweight``  the super weight W_down[row, col] (Yu et al.) := ``scale`` x itself (0 = zero it).
+``activation``   the massive activations (Sun et al.) leaving their origin layer := 0 or their
+                 mean value (``fill``), through a forward hook that is removed afterwards.
+
+The rows come from the architecture's block API (``FFNBlock.row_targets``/``down_target``) and
+are edited with :class:`~llamafactory_macdrop.core.masking.RowDropout` (an all-zero or scaled keep
+mask), so every layout the locator supports is attacked the same way: Phi-3's fused
+``gate_up_proj`` halves, GPT-2's transposed Conv1D, W_up alone without a gate, and the routed
+expert of a MoE layer. Adapters are seen through: the frozen base weights are edited, a LoRA/DoRA
+adapter on top stays as trained (the paper's robustness comparison).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..core.architectures import FFNBlock, find_ffn_blocks
+from ..core.masking import RowDropout, RowTarget, bits
+from ..core.probing import first_tensor
+
+MODES = ("none", "zero", "retain", "superweight", "activation")
+ATTACK_MODES = MODES[1:]
+ACTIVATION_FILLS = ("zero", "mean")
+
+
+class AttackError(ValueError):
+    """An attack setting or target that cannot be applied to this model."""
+
+
+@dataclass(frozen=True)
+class AttackSetting:
+    """One row of a sweep: what is done to the model before it is evaluated."""
+
+    mode: str
+    k: int = 0  # zero/retain: how many top rows (0 for the other modes)
+    scale: Optional[float] = None  # superweight: factor applied to the super weight (0.0 zeroes it)
+    fill: Optional[str] = None  # activation: "zero" or "mean"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise AttackError(f"--mode {self.mode!r} is not allowed: choose from {', '.join(ATTACK_MODES)}")
+        if self.mode in ("zero", "retain") and self.k < 1:
+            raise AttackError(f"--k {self.k} is not allowed for mode {self.mode}: k must be >= 1")
+        if self.mode == "activation" and self.fill not in ACTIVATION_FILLS:
+            raise AttackError(f"--fill {self.fill!r} is not allowed: choose from {', '.join(ACTIVATION_FILLS)}")
+
+    @property
+    def label(self) -> str:
+        if self.mode in ("zero", "retain"):
+            return f"{self.mode} k={self.k}"
+        if self.mode == "superweight":
+            return f"superweight x{self.scale:g}"
+        if self.mode == "activation":
+            return f"activation := {self.fill}"
+        return "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def sweep_settings(
+    modes: Sequence[str], ks: Sequence[int], scales: Sequence[float] = (0.0,), fills: Sequence[str] = ("zero",)
+) -> list[AttackSetting]:
+    """The baseline, then every mode x k (zero/retain), x scale (superweight), x fill (activation).
+
+    k = 0 stands for the baseline only: "retain the top-0" would zero the whole layer, which is
+    not what a k = 0 point on the paper's curves means.
+    """
+    unknown = [m for m in modes if m not in ATTACK_MODES]
+    if unknown:
+        raise AttackError(f"--mode {','.join(unknown)} is not allowed: choose from {', '.join(ATTACK_MODES)}")
+    bad_k = [k for k in ks if k < 0]
+    if bad_k:
+        raise AttackError(f"--k {bad_k[0]} is not allowed: k must be >= 0")
+    settings = [AttackSetting("none")]
+    for mode in dict.fromkeys(modes):  # keep order, drop repeats
+        if mode in ("zero", "retain"):
+            settings += [AttackSetting(mode, k) for k in sorted(set(ks)) if k > 0]
+        elif mode == "superweight":
+            settings += [AttackSetting(mode, scale=float(s)) for s in dict.fromkeys(scales)]
+        else:
+            settings += [AttackSetting(mode, fill=f) for f in dict.fromkeys(fills)]
+    return settings
+
+
+@dataclass
+class SuperWeightTarget:
+    """``W_down[row, col]`` of ``layer`` (row: hidden dimension, col: intermediate unit)."""
+
+    layer: int
+    row: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"layer {self.layer} W_down[{self.row}, {self.col}]"
+
+
+@dataclass
+class MassiveActivationTarget:
+    """The massive dimensions leaving ``layer`` and the values an attack may write there.
+
+    ``means`` are the signed means of the massive entries per dimension (Sun et al. replace them
+    with their mean over many inputs; here: over the probe input). An entry of the layer's output
+    in a massive dimension counts as massive when its magnitude exceeds ``cutoffs`` (half the
+    mean magnitude): massive values are orders of magnitude above the rest, so any split between
+    them works, and a relative one needs no per-model threshold.
+    """
+
+    layer: int
+    dims: list[int]
+    means: list[float]
+
+    @property
+    def cutoffs(self) -> list[float]:
+        return [0.5 * abs(m) for m in self.means]
+
+
+@dataclass
+class AttackTargets:
+    """Where the attacks act: the located massive layer and its rows, ranked (largest first),
+    and optionally the super weight and the massive activations."""
+
+    layer: int
+    indices: list[int]
+    expert: Optional[int] = None
+    super_weight: Optional[SuperWeightTarget] = None
+    activations: Optional[MassiveActivationTarget] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ModelAttacker:
+    """Applies :class:`AttackSetting` s to one model in place; see the module docstring.
+
+    The snapshot for :meth:`verify_restored` holds W_up/W_gate of the massive layer (or expert)
+    and, when a super weight is targeted, its down-projection column: every value an attack
+    writes. Activation attacks write no weight (a hook), so nothing else needs a copy.
+    """
+
+    def __init__(self, model: nn.Module, targets: AttackTargets, blocks: Optional[Sequence[FFNBlock]] = None) -> None:
+        self.model = model
+        self.targets = targets
+        self.blocks = {b.index: b for b in (blocks if blocks is not None else find_ffn_blocks(model))}
+        if targets.layer not in self.blocks:
+            raise AttackError(f"--layer {targets.layer} is out of range: the model has layers 0..{len(self.blocks) - 1}")
+        self.block = self.blocks[targets.layer]
+        size = self.block.intermediate_size
+        bad = [i for i in targets.indices if not 0 <= i < size]
+        if bad or len(set(targets.indices)) != len(targets.indices):
+            raise AttackError(f"--indices {targets.indices}: need distinct units in 0..{size - 1} (layer {targets.layer})")
+        self._watched = self.block.row_targets(torch.arange(size), expert=targets.expert)
+        sw = targets.super_weight
+        if sw is not None:
+            down_block = self.blocks.get(sw.layer)
+            if down_block is None or getattr(down_block, "down", None) is None:
+                raise AttackError(f"--super-weight layer {sw.layer}: not a dense layer of this model")
+            column = down_block.down_target([sw.col])
+            width = column.read().shape[1]
+            if not (0 <= sw.col < down_block.intermediate_size and 0 <= sw.row < width):
+                raise AttackError(
+                    f"--super-weight {sw.layer},{sw.row},{sw.col}: row must lie in 0..{width - 1}, "
+                    f"col in 0..{down_block.intermediate_size - 1}"
+                )
+            self._watched.append(column)
+        self._snapshot = [bits(t.read()).clone() for t in self._watched]
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def max_k(self) -> int:
+        return len(self.targets.indices)
+
+    def verify_restored(self) -> None:
+        """Raise unless every watched weight equals its snapshot bit for bit."""
+        changed = [t.name for t, snap in zip(self._watched, self._snapshot) if not torch.equal(bits(t.read()), snap)]
+        if changed:
+            raise RuntimeError(f"weights not restored bitwise after the attacks: {changed}")
+
+    # ------------------------------------------------------------------ applying
+    @contextmanager
+    def applied(self, setting: AttackSetting) -> Iterator[None]:
+        """Apply ``setting`` for the duration of the block; always undone on exit (errors too)."""
+        if setting.mode == "none":
+            yield
+            return
+        if setting.mode == "activation":
+            with self._activation_hook(setting.fill):
+                yield
+            return
+        dropout, keep = self._edit(setting)
+        try:
+            dropout.apply(keep)  # inside: if a later target's write fails, the earlier ones are restored
+            yield
+        finally:
+            dropout.restore()
+
+    def _edit(self, setting: AttackSetting) -> tuple[RowDropout, torch.Tensor]:
+        """The rows a weight attack touches and the multiplier (keep mask) it applies to them."""
+        if setting.mode in ("zero", "retain"):
+            if setting.k > self.max_k:
+                raise AttackError(f"--k {setting.k} exceeds the {self.max_k} located rows (layer {self.targets.layer})")
+            top = self.targets.indices[: setting.k]
+            if setting.mode == "zero":
+                rows = top
+            else:
+                chosen = set(top)
+                rows = [i for i in range(self.block.intermediate_size) if i not in chosen]
+            dropout = RowDropout(self.block.row_targets(rows, expert=self.targets.expert))
+            return dropout, torch.zeros(dropout.mask_shape, device=dropout.device)
+        sw = self.targets.super_weight
+        if sw is None:
+            raise AttackError("mode superweight needs a super weight (found by the probe or given as --super-weight L,ROW,COL)")
+        column: RowTarget = self.blocks[sw.layer].down_target([sw.col])
+        dropout = RowDropout([column])
+        keep = torch.ones(dropout.mask_shape, device=dropout.device)
+        keep[0, sw.row] = setting.scale
+        return dropout, keep
+
+    @contextmanager
+    def _activation_hook(self, fill: str) -> Iterator[None]:
+        act = self.targets.activations
+        if act is None or not act.dims:
+            raise AttackError("mode activation needs massive activations; the probe found none in this model")
+        block = self.blocks[act.layer]
+        dims = torch.tensor(act.dims, dtype=torch.long)
+        cutoffs = torch.tensor(act.cutoffs)
+        values = torch.tensor(act.means) if fill == "mean" else torch.zeros(len(act.dims))
+
+        def hook(module, args, output):
+            hidden = first_tensor(output)
+            d = dims.to(hidden.device)
+            current = hidden.index_select(-1, d)
+            massive = current.abs() > cutoffs.to(hidden.device, hidden.dtype)
+            replaced = torch.where(massive, values.to(hidden.device, hidden.dtype), current)
+            hidden.index_copy_(-1, d, replaced)
+            return output
+
+        handle = block.layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+# ----------------------------------------------------------------------------- finding targets
+def super_weight_target(model: nn.Module, input_ids, blocks: Optional[Sequence[FFNBlock]] = None) -> Optional[SuperWeightTarget]:
+    """The first candidate of :func:`~llamafactory_macdrop.analysis.superweight.find_super_weights` that
+    CREATES the massive activation (None if there is none)."""
+    from .superweight import find_super_weights
+
+    report = find_super_weights(model, input_ids, blocks=blocks)
+    for c in report.candidates:
+        if c.creates:
+            return SuperWeightTarget(c.layer, c.row, c.col)
+    return None
+
+
+def massive_activation_target(model: nn.Module, input_ids, blocks: Optional[Sequence[FFNBlock]] = None) -> Optional[MassiveActivationTarget]:
+    """The origin layer of the massive activations and their per-dimension means (None if none)."""
+    from .activations import activation_report
+
+    report = activation_report(model, input_ids, blocks=blocks)
+    origin = report.origin_layer
+    if origin is None:
+        return None
+    found = next(layer for layer in report.layers if layer.layer == origin).massive
+    dims = sorted({m.dim for m in found})
+    means = [sum(m.value for m in found if m.dim == d) / sum(1 for m in found if m.dim == d) for d in dims]
+    return MassiveActivationTarget(origin, dims, means)
+

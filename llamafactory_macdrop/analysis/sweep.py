@@ -1,0 +1,207 @@
+"""An attack sweep: every setting x every corpus and zero-shot task, on one loaded model.
+
+Why one module for the loop: the CLI should only parse and print, and a notebook user should get
+the same rows from Python. The loop applies each :class:`~.attacks.AttackSetting` in place,
+evaluates perplexity on every prepared corpus and, if asked, lm-eval's zero-shot tasks, restores,
+and at the end checks that every touched weight is back bit for bit. The report is one flat list
+of rows (``{"mode", "k", "dataset", "ppl" | "acc", "tokens" | "n", ...}``) plus the protocol
+that produced them, so the JSON and the CSV say how each number was measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+from ..core.probing import JsonReport
+from .attacks import AttackSetting, ModelAttacker
+from .perplexity import TextSource, Windows, evaluate_perplexity
+
+
+@dataclass
+class PreparedCorpus:
+    """A corpus tokenized and cut into windows once, evaluated under every setting."""
+
+    source: TextSource
+    windows: Windows
+
+    def protocol(self) -> dict[str, Any]:
+        return {"dataset": self.source.name, "origin": self.source.origin, **self.source.protocol.to_dict(),
+                "windows": self.windows.count, "predicted_tokens": self.windows.predicted_tokens}
+
+
+@dataclass
+class AttackReport(JsonReport):
+    """Rows of an attack sweep and how they were measured."""
+
+    model: str
+    adapter: Optional[str]
+    targets: dict[str, Any]
+    perplexity_protocol: list[dict[str, Any]] = field(default_factory=list)
+    zeroshot_splits: dict[str, str] = field(default_factory=dict)
+    zeroshot_limit: Optional[int] = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    restored_bitwise: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "adapter": self.adapter,
+            "targets": self.targets,
+            "perplexity_protocol": self.perplexity_protocol,
+            "zeroshot": {"splits": self.zeroshot_splits, "limit": self.zeroshot_limit, "harness": "lm-eval"}
+            if self.zeroshot_splits else None,
+            "restored_bitwise": self.restored_bitwise,
+            "results": self.rows,
+        }
+
+    # ------------------------------------------------------------------ views
+    def settings(self) -> list[tuple[str, int, str]]:
+        """(mode, k, label) of every setting, in the order they were run (labels are unique)."""
+        seen = {}
+        for r in self.rows:
+            seen.setdefault(r["setting"], (r["mode"], r["k"]))
+        return [(mode, k, label) for label, (mode, k) in seen.items()]
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(dataset, metric) in first-seen order."""
+        seen = {}
+        for r in self.rows:
+            seen.setdefault((r["dataset"], "ppl" if "ppl" in r else "acc"), None)
+        return list(seen)
+
+    def value(self, setting: str, dataset: str, metric: str) -> Optional[float]:
+        """The metric of one setting (its label, e.g. ``"zero k=5"``) on one corpus or task."""
+        for r in self.rows:
+            if r["setting"] == setting and r["dataset"] == dataset and metric in r:
+                return r[metric]
+        return None
+
+    def table(self) -> str:
+        """Markdown: one line per setting, perplexity per corpus, accuracy (%) per task and mean."""
+        cols = self.columns()
+        tasks = [d for d, m in cols if m == "acc"]
+        head = [f"{d} ppl" if m == "ppl" else f"{d} acc" for d, m in cols] + (["mean acc"] if len(tasks) > 1 else [])
+        lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+        for _, _, label in self.settings():
+            cells, accs = [], []
+            for d, m in cols:
+                v = self.value(label, d, m)
+                if m == "acc" and v is not None:
+                    accs.append(v)
+                cells.append("-" if v is None else (f"{v:.2f}" if m == "ppl" else f"{100 * v:.1f}"))
+            if len(tasks) > 1:
+                cells.append(f"{100 * sum(accs) / len(accs):.1f}" if len(accs) == len(tasks) else "-")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def to_csv(self) -> str:
+        keys: dict[str, None] = {}
+        for r in self.rows:
+            keys.update(dict.fromkeys(r))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(keys), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return out.getvalue()
+
+    def write_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_csv())
+        return path
+
+
+def _row(setting: AttackSetting, dataset: str, **values: Any) -> dict[str, Any]:
+    row = {"mode": setting.mode, "k": setting.k, "setting": setting.label, "dataset": dataset}
+    if setting.scale is not None:
+        row["scale"] = setting.scale
+    if setting.fill is not None:
+        row["fill"] = setting.fill
+    row.update(values)
+    return row
+
+
+def run_sweep(
+    model: nn.Module,
+    attacker: ModelAttacker,
+    settings: Sequence[AttackSetting],
+    corpora: Sequence[PreparedCorpus] = (),
+    zeroshot=None,
+    *,
+    report: AttackReport,
+    batch_size: int = 1,
+    progress: bool = True,
+    echo=None,
+) -> AttackReport:
+    """Evaluate every setting; rows are appended to ``report`` (returned) as they come in.
+
+    ``zeroshot`` is a :class:`~.zeroshot.ZeroShotEvaluator` or None; ``echo`` (e.g. ``print``)
+    gets one line per finished measurement, so long sweeps show where they are.
+    """
+    report.perplexity_protocol = [c.protocol() for c in corpora]
+    if zeroshot is not None:
+        report.zeroshot_splits, report.zeroshot_limit = zeroshot.splits(), zeroshot.limit
+    for setting in settings:
+        with attacker.applied(setting):
+            for corpus in corpora:
+                res = evaluate_perplexity(model, corpus.windows, f"{setting.label} / {corpus.source.name}",
+                                          batch_size=batch_size, progress=progress)
+                report.rows.append(_row(setting, corpus.source.name, ppl=res.ppl, nll=res.nll, tokens=res.tokens,
+                                        windows=res.windows, seconds=round(res.seconds, 3)))
+                if echo:
+                    echo(f"  {setting.label:<22} {corpus.source.name:<16} ppl {res.ppl:10.3f}  "
+                         f"({res.tokens} tokens, {res.seconds:.1f} s)")
+            if zeroshot is not None:
+                for res in zeroshot.evaluate():
+                    report.rows.append(_row(setting, res.task, acc=res.acc, acc_norm=res.acc_norm, n=res.n,
+                                            split=res.split))
+                    if echo:
+                        echo(f"  {setting.label:<22} {res.task:<16} acc {100 * res.acc:6.1f}  (n={res.n}, {res.split})")
+    attacker.verify_restored()
+    report.restored_bitwise = True
+    return report
+
+
+
+# ----------------------------------------------------------------------------- adapters
+def attach_adapter(model: nn.Module, adapter_dir: str | Path, model_path: str = "") -> nn.Module:
+    """``model`` + the LoRA/DoRA adapter in ``adapter_dir`` (a PeftModel, adapter active).
+
+    The attacks then edit the frozen base weights under the adapter, which is what the paper's
+    robustness comparison does. An adapter trained on another base is refused in one line: by
+    its recorded base model's config when that folder is here, else by peft's shape check.
+    """
+    import json
+
+    from .attacks import AttackError
+
+    folder = Path(adapter_dir)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise AttackError(f"--adapter {folder}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+    recorded = json.loads(config_file.read_text()).get("base_model_name_or_path") or "?"
+    base_config = Path(recorded) / "config.json"
+    mine = getattr(model, "config", None)
+    if base_config.is_file() and mine is not None:
+        theirs = json.loads(base_config.read_text())
+        keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+        diff = [k for k in keys if k in theirs and theirs[k] != getattr(mine, k, None)]
+        if diff:
+            k = diff[0]
+            raise AttackError(
+                f"--adapter {folder} was trained on {recorded} ({k}={theirs[k]}), not on {model_path or 'this model'} "
+                f"({k}={getattr(mine, k, None)})"
+            )
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AttackError(f"--adapter {folder} does not fit {model_path or 'this model'} (trained on {recorded}): {first}") from None

@@ -1,0 +1,44 @@
+"""``macdrop``: the analysis command line (thin: parse, call the core, print).
+
+One module per command group: :mod:`.analyse` (locate, activations, superweight), :mod:`.attack`,
+:mod:`.models` (convert-gguf), :mod:`.runs` (summary, keys); :mod:`.common` holds what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import analyse, attack, models, runs
+
+DESCRIPTION = "``macdrop``: the analysis command line (thin: parse, call the core, print)."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="macdrop", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (analyse, attack, models, runs):  # the order of `macdrop --help`
+        group.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..analysis.attacks import AttackError
+    from ..analysis.perplexity import PerplexityError
+    from ..analysis.zeroshot import ZeroShotError
+    from ..core.architectures import UnsupportedArchitectureError
+    from ..core.locator import LocatorError
+    from ..plugin.keys import MacDropConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (LocatorError, UnsupportedArchitectureError, MacDropConfigError, FileNotFoundError, AttackError,
+            PerplexityError, ZeroShotError) as err:
+        print(f"macdrop: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""``macdrop locate | activations | superweight``: where the massive weights and activations of a model are."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .common import (
+    DEFAULT_TEXT,
+    indices_arg,
+    load_model,
+    load_tokenizer,
+    token_arg,
+    torch_dtype,
+)
+
+
+def _use_layer_by_layer(args: argparse.Namespace) -> bool:
+    """Explicit flag, else automatic for local checkpoints larger than half the free memory."""
+    if args.layer_by_layer is not None:
+        return args.layer_by_layer
+    from ..analysis.streaming import checkpoint_bytes
+
+    size = checkpoint_bytes(args.model) if Path(args.model).is_dir() else 0
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return size > free / 2
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    from ..core.first_token import template_first_token
+    from ..core.locator import locate_massive_weights
+
+    tokenizer = load_tokenizer(args.model)
+    if args.template is not None and tokenizer is None:
+        raise FileNotFoundError(f"--template {args.template}: {args.model} has no tokenizer to apply it to")
+    template = None
+    if args.template is not None and args.probe_token is None:
+        from ..plugin.integration import (
+            lf_template,  # LLaMA-Factory's registry, through the one module that imports it
+        )
+
+        template = lf_template(args.template)
+    first = template_first_token(tokenizer, template, args.template) if args.probe_token is None else None
+    kwargs = dict(tokenizer=tokenizer, layer=args.layer, indices=args.indices, probe_token=args.probe_token,
+                  first_token=first)
+    if _use_layer_by_layer(args):
+        from ..analysis.streaming import locate_layer_by_layer
+
+        result, stats = locate_layer_by_layer(args.model, args.k, dtype=torch_dtype(args.dtype), **kwargs)
+        passes = max(len(result.candidates), 1)
+        print(f"layer by layer: read layers {min(stats.layers_loaded)}..{max(stats.layers_loaded)}"
+              + (f" ({passes} probe passes, {len(stats.layers_loaded)} layer reads)" if passes > 1 else "")
+              + f", peak {stats.peak_bytes / 2**20:,.0f} MiB of parameters in memory")
+    else:
+        model = load_model(args.model, args.dtype)
+        result = locate_massive_weights(model, args.k, **kwargs)
+    result.model = args.model
+    print(result.table())
+    if args.plot:
+        from ..analysis.plots import plot_intermediate_bars
+
+        if result.intermediate is None:
+            raise FileNotFoundError("--plot needs a probe run (not both --layer and --indices)")
+        path = plot_intermediate_bars(result.intermediate, result.indices, Path(args.plot) / "locate_intermediate.png",
+                                      result.layer)
+        print(f"plot written to {path}")
+    if args.json:
+        print(f"written to {result.write_json(args.json)}")
+    return 0
+
+
+def cmd_activations(args: argparse.Namespace) -> int:
+    from ..analysis.activations import activation_report, probe_input_ids
+
+    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    ids = probe_input_ids(model, tokenizer, args.text)
+    report = activation_report(model, ids, abs_threshold=args.abs_threshold, median_ratio=args.median_ratio,
+                               tokenizer=tokenizer)
+    report.model = args.model
+    print(report.table())
+    if args.plot:
+        from ..analysis.plots import plot_intermediate_bars, plot_layer_profile
+
+        print(f"plot written to {plot_layer_profile(report, Path(args.plot) / 'activations_layers.png')}")
+        if report.origin_intermediate is not None:
+            values = report.origin_intermediate
+            top = values.topk(min(5, values.numel())).indices.tolist()
+            path = plot_intermediate_bars(values, top, Path(args.plot) / "activations_intermediate.png", report.origin_layer)
+            print(f"plot written to {path}")
+    if args.json:
+        print(f"written to {report.write_json(args.json)}")
+    return 0
+
+
+def cmd_superweight(args: argparse.Namespace) -> int:
+    from ..analysis.activations import probe_input_ids
+    from ..analysis.superweight import find_super_weights
+
+    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    report = find_super_weights(model, probe_input_ids(model, tokenizer, args.text), threshold=args.threshold,
+                                top=args.top)
+    report.model = args.model
+    print(report.table())
+    if args.json:
+        print(f"written to {report.write_json(args.json)}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add this group's sub-commands to the ``macdrop`` parser."""
+    p = sub.add_parser("locate", help="find the massive layer and top-k massive weights of a model")
+    p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--layer", type=int, default=None, help="0-based layer override")
+    p.add_argument("--indices", type=indices_arg, default=None, help="comma-separated row override")
+    p.add_argument("--probe-token", type=token_arg, default=None,
+                   help="token fed alone: an id, or a text whose first token is used (default: the first candidate "
+                        "with a massive activation: what the template/tokenizer puts first, then BOS, then EOS)")
+    p.add_argument("--template", default=None,
+                   help="LLaMA-Factory template NAME (as in the training YAML): its first token is the first "
+                        "candidate (default: the tokenizer's chat template, else a BOS the tokenizer prepends)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--json", type=Path, default=None, help="write macdrop_locator.json-style output here")
+    p.add_argument("--plot", type=Path, default=None, help="folder for a bar plot of the intermediate state")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--layer-by-layer", dest="layer_by_layer", action="store_true", default=None,
+                       help="read one layer at a time from safetensors (default: when the checkpoint exceeds half the free memory)")
+    group.add_argument("--full-load", dest="layer_by_layer", action="store_false")
+    p.set_defaults(func=cmd_locate)
+
+    for name, func, text in (
+        ("activations", cmd_activations, "per-layer activation magnitudes and massive activations (Sun et al.)"),
+        ("superweight", cmd_superweight, "candidate super weights of the down projections (Yu et al.)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
+        p.add_argument("--text", default=DEFAULT_TEXT, help="probe text; the input is BOS + its tokens")
+        p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
+        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+        p.set_defaults(func=func)
+        if name == "activations":
+            p.add_argument("--plot", type=Path, default=None, help="folder for the layer profile and intermediate bar plots")
+            p.add_argument("--abs-threshold", type=float, default=100.0, help="massive: |a| above this")
+            p.add_argument("--median-ratio", type=float, default=1000.0, help="massive: |a| above this times the layer median")
+        else:
+            p.add_argument("--threshold", type=float, default=None,
+                           help="keep layers whose down output spike exceeds this (default: >= 0.5 x the largest)")
+            p.add_argument("--top", type=int, default=3, help="at most this many candidates")

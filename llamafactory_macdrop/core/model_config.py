@@ -1,0 +1,47 @@
+"""A model's config.json as the checkpoint has it, WITHOUT any download: a local folder's, or a hub
+id's copy already in the Hugging Face cache.
+
+Why the checkpoint's own file and not the live config: transformers' ``Trainer.train`` rewrites
+``bos_token_id``/``eos_token_id`` (the locator's probe candidates), and the plugin's pre-load checks
+(layer/index ranges, quantized checkpoints) run before any model exists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+
+def config_json_path(model_name_or_path: str, cache_dir: Optional[str] = None,
+                     revision: Optional[str] = None) -> Optional[str]:
+    """Where the model's config.json can be read WITHOUT any download: a local model folder's, or
+    for a hub id (``org/name``) the copy already in the Hugging Face cache; None otherwise."""
+    name = str(model_name_or_path)
+    local = Path(name) / "config.json"
+    if local.is_file():
+        return str(local)
+    if Path(name).exists() or name.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return None
+    try:
+        found = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir, revision=revision or None)
+    except Exception:  # an id the cache layout cannot hold, ...: nothing to check before load
+        return None
+    return found if isinstance(found, str) else None
+
+
+def read_config_json(model_name_or_path: str, cache_dir: Optional[str] = None,
+                     revision: Optional[str] = None) -> Optional[tuple[str, dict]]:
+    """(path, contents) of the model's config.json where :func:`config_json_path` finds one."""
+    path = config_json_path(model_name_or_path, cache_dir, revision)
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return (path, data) if isinstance(data, dict) else None

@@ -1,0 +1,350 @@
+"""MacDrop inside a transformers ``Trainer``: a mixin keyed on ``training_step``.
+
+Why ``training_step``: it is the one method HF Trainer calls once per micro-batch that contains
+both forward and backward (and therefore gradient-checkpoint recomputation). Algorithm 1 needs the
+masked rows in place for exactly that span and restored right after; callbacks only fire per
+optimizer step. Nothing here knows LLaMA-Factory: :mod:`.integration` mixes this into its
+trainer classes.
+
+Counting: p is computed from the 1-based optimizer step t = ``state.global_step + 1`` and the
+1-based epoch ``int(state.epoch) + 1``. Masks come from a private generator re-seeded at every
+micro-batch, so the global RNG stream (data order, LoRA dropout) is the same as without MacDrop,
+and a resumed run draws the masks an uninterrupted run would have drawn. The seed never depends
+on the rank.
+
+``macdrop_mask_per: optimizer_step`` (default): the seed is ``mask_seed(seed, t, 0)`` for every
+micro-batch of step t, on every rank, so the whole global batch of one optimizer step sees ONE
+keep-mask, whatever its split into ranks x micro-batches x accumulation steps (batch 2 x GA 1,
+batch 1 x GA 2 and 2 ranks x batch 1 train with identical masks). That is Algorithm 1 on the
+global batch; under ZeRO-3 and FSDP it is also what makes the gathered weight consistent (each
+rank masks only the elements its own partition or shard holds). ``micro_batch``: the seed is
+``mask_seed(seed, t, micro)``, a fresh mask per micro-batch (ranks still agree), so the number
+of masks per step depends on the gradient-accumulation setting.
+
+Divergence: after every optimizer step the global gradient norm the Trainer computed (identical
+on all ranks) is checked before anything of that step is saved; a non-finite step stops the run
+with one line (:class:`NonFiniteTrainingError`) instead of training on NaN weights, which HF's
+``logging_nan_inf_filter`` would log as ``loss 0.0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from ..core.architectures import FFNBlock, find_ffn_blocks
+from ..core.curriculum import Progress, build_curriculum, epoch_curriculum_problem
+from ..core.first_token import batch_first_token
+from ..core.locator import (
+    LOCATOR_FILE,
+    LocatorError,
+    LocatorResult,
+    locate_massive_weights,
+    reuse_result,
+)
+from ..core.masking import RowDropout, readable_weights
+from .keys import MacDropConfig, MacDropConfigError
+
+logger = logging.getLogger("llamafactory_macdrop")
+if not logger.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[%(levelname)s|macdrop] %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for seed mixing
+_MASK64 = (1 << 63) - 1
+
+
+def scope_rows(scope: str, indices: Sequence[int], intermediate_size: int) -> torch.Tensor:
+    """Intermediate units whose W_up/W_gate rows get dropout, for ``macdrop_scope``."""
+    if scope == "massive":
+        return torch.tensor(list(indices), dtype=torch.long)
+    if scope == "all":
+        return torch.arange(intermediate_size)
+    if scope == "non_massive":
+        keep = torch.ones(intermediate_size, dtype=torch.bool)
+        keep[torch.tensor(list(indices), dtype=torch.long)] = False
+        return keep.nonzero().flatten()
+    raise ValueError(f"unknown scope {scope!r}")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """A MacDrop run produced a non-finite gradient norm or loss; the message is one line."""
+
+
+def mask_seed(seed: int, step: int, micro: int) -> int:
+    """A 63-bit seed for one micro-batch's mask; distinct per (seed, step, micro), rank-free."""
+    h = seed & _MASK64
+    for part in (step, micro):
+        h = ((h ^ (part & _MASK64)) * _MIX + 0x632BE59BD9B4E019) & _MASK64
+    return h
+
+
+class MacDropRun:
+    """One training run's MacDrop state: where to drop, how much, and the dropout mechanism."""
+
+    def __init__(
+        self,
+        config: MacDropConfig,
+        result: LocatorResult,
+        blocks: Sequence[FFNBlock],
+        seed: int = 0,
+        model: Optional[torch.nn.Module] = None,
+    ) -> None:
+        """``model``: the model as the trainer runs it, needed when FSDP shards it (the targets
+        then edit FSDP's per-rank storage, found from the model's FSDP modules)."""
+        self.config = config
+        self.result = result
+        self.curriculum = build_curriculum(config.macdrop_curriculum, config.macdrop_p0, config.macdrop_alpha)
+        block = {b.index: b for b in blocks}[result.layer]
+        rows = scope_rows(config.macdrop_scope, result.indices, block.intermediate_size)
+        with readable_weights(model) if model is not None else nullcontext():
+            targets = block.row_targets(rows, expert=result.expert, model=model)
+            self.dropout = RowDropout(targets)
+        self.generator = torch.Generator(device=self.dropout.device)
+        self.seed = seed
+        self.last_p: Optional[float] = None
+
+    def probability(self, progress: Progress) -> float:
+        return self.curriculum.probability(progress)
+
+    @contextmanager
+    def step(self, progress: Progress, micro: int = 0) -> Iterator[Optional[torch.Tensor]]:
+        """Mask for one micro-batch of optimizer step ``progress.step``; restore on exit.
+
+        ``micro`` enters the seed only with ``macdrop_mask_per: micro_batch``; by default every
+        micro-batch of the step re-draws the same mask from ``mask_seed(seed, step, 0)``.
+        """
+        p = self.probability(progress)
+        self.last_p = p
+        if p > 0:
+            part = micro if self.config.macdrop_mask_per == "micro_batch" else 0
+            self.generator.manual_seed(mask_seed(self.seed, progress.step, part))
+        with self.dropout.masked(p, self.generator) as keep:
+            yield keep
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _broadcast_from_rank0(payload: Any) -> Any:
+    """Rank 0's ``payload`` on every rank (itself without a process group)."""
+    if not _distributed():
+        return payload
+    box = [payload]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def last_checkpoint(output_dir: str, before: int) -> Optional[str]:
+    """The newest ``output_dir/checkpoint-N`` with N < ``before`` (None if there is none)."""
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return None
+    steps = [int(m.group(1)) for m in map(re.compile(r"checkpoint-(\d+)$").match, names) if m]
+    steps = [n for n in steps if n < before and os.path.isdir(os.path.join(output_dir, f"checkpoint-{n}"))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def _rank0_first_token(inputs: Any, tokenizer: Any):
+    """The first training batch's position-0 token as rank 0 sees it, on every rank (all ranks
+    must probe the same candidates: a sharded model runs each probe on all ranks together)."""
+    rank0 = not _distributed() or torch.distributed.get_rank() == 0
+    first = batch_first_token(inputs, tokenizer) if rank0 and isinstance(inputs, Mapping) else None
+    return _broadcast_from_rank0(first)
+
+
+def _broadcast_result(result: LocatorResult) -> LocatorResult:
+    """Make every rank use rank 0's locator result (same layer and indices everywhere)."""
+    return LocatorResult.from_dict(_broadcast_from_rank0(result.to_dict())) if _distributed() else result
+
+
+class MacDropTrainerMixin:
+    """Mix in FRONT of a transformers Trainer class; set ``macdrop_config`` on the class."""
+
+    macdrop_config: MacDropConfig
+    _macdrop_run: Optional[MacDropRun] = None
+    _macdrop_micro: tuple[int, int] = (0, -1)  # (optimizer step, micro-batch index)
+    _macdrop_checked_step: int = -1  # last optimizer step checked for non-finite values
+    _macdrop_loss_bad: Optional[torch.Tensor] = None  # any non-finite micro-batch loss since that check
+    _macdrop_first_inputs: Any = None  # the first micro-batch, for the probe's first candidate
+
+    # ------------------------------------------------------------------ set-up
+    def macdrop_setup(self) -> MacDropRun:
+        """Locate (once per run) and build the dropout; called lazily at the first step.
+
+        Lazily, because under ZeRO-3 forward passes only work once the engine exists, and
+        because the model must already carry its adapters (the targets are their base layers).
+        ``self._macdrop_first_inputs``: the first micro-batch (set by ``training_step``), whose
+        position-0 token is the first probe candidate.
+        """
+        cfg = self.macdrop_config
+        model = self.model
+        blocks = find_ffn_blocks(model)
+        path = os.path.join(self.args.output_dir, LOCATOR_FILE)
+        reused = self._macdrop_reused_result(path, blocks)
+        first_inputs, self._macdrop_first_inputs = self._macdrop_first_inputs, None  # not kept for the run
+        if reused is not None:
+            # resumed from a checkpoint: drop exactly the rows the interrupted run dropped
+            result = reused
+            if self.is_world_process_zero():
+                logger.info("%s\n  reused from %s (resuming at step %d)", result.table(), path, self.state.global_step)
+        else:
+            # Every rank runs the probe (a sharded model needs all ranks in the forward pass);
+            # rank 0's answer is then used everywhere.
+            tokenizer = getattr(self, "processing_class", None)
+            first = _rank0_first_token(first_inputs, tokenizer) if cfg.macdrop_probe_token is None else None
+            result = locate_massive_weights(
+                model,
+                cfg.macdrop_k,
+                tokenizer=tokenizer,
+                first_token=first,
+                probe_token=cfg.macdrop_probe_token,
+                layer=cfg.macdrop_layer,
+                indices=cfg.macdrop_indices,
+                blocks=blocks,
+            )
+            result = _broadcast_result(result)
+            if self.is_world_process_zero():
+                result.write_json(path)
+                logger.info("%s\n  written to %s", result.table(), path)
+                for w in result.warnings:
+                    logger.warning(w)
+        self._macdrop_run = MacDropRun(cfg, result, blocks, seed=self.args.seed, model=model)
+        if self.is_world_process_zero():
+            logger.info("MacDrop storage: %s", "; ".join(t.describe() for t in self._macdrop_run.dropout.targets))
+        return self._macdrop_run
+
+    def _macdrop_reused_result(self, path: str, blocks: Sequence[FFNBlock]) -> Optional[LocatorResult]:
+        """On resume, the interrupted run's locator result from ``path`` (None: locate afresh).
+
+        Only rank 0 writes the file, so only rank 0 decides and reads it; the decision, the result
+        or the error reach every rank by one broadcast. Ranks without the file (multi-node without
+        a shared filesystem) thus neither locate alone, while rank 0 waits, nor raise alone.
+        """
+        payload: tuple[Optional[dict], Optional[str]] = (None, None)
+        if self.is_world_process_zero() and self.state.global_step > 0 and os.path.isfile(path):
+            cfg = self.macdrop_config
+            try:
+                found = reuse_result(path, self.model, blocks, cfg.macdrop_k, cfg.macdrop_layer, cfg.macdrop_indices)
+                payload = (found.to_dict(), None)
+            except LocatorError as err:
+                payload = (None, str(err))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                payload = (None, f"{path} cannot be read ({type(err).__name__}: {err}): delete it to locate again")
+        data, error = _broadcast_from_rank0(payload)
+        if error is not None:
+            raise LocatorError(error)
+        return LocatorResult.from_dict(data) if data is not None else None
+
+    def macdrop_check_curriculum(self) -> None:
+        """Refuse an epoch curriculum the run's epoch count makes degenerate (before any step)."""
+        name = self.macdrop_config.macdrop_curriculum
+        problem = epoch_curriculum_problem(name, int(getattr(self.state, "num_train_epochs", 0) or 0))
+        if problem is not None:
+            raise MacDropConfigError(
+                f"macdrop_curriculum={name!r} cannot mean what the paper means here: {problem}; "
+                "use macdrop_curriculum: step, exp or constant, or train several epochs"
+            )
+
+    def _macdrop_start(self) -> MacDropRun:
+        self.macdrop_check_curriculum()
+        run = self.macdrop_setup()
+        self._macdrop_checked_step = int(self.state.global_step)
+        return run
+
+    def macdrop_progress(self) -> Progress:
+        state = self.state
+        total = max(int(state.max_steps), 1)
+        epochs = max(int(getattr(state, "num_train_epochs", 1) or 1), 1)
+        step = min(int(state.global_step) + 1, total)
+        epoch = min(int(state.epoch or 0) + 1, epochs)
+        return Progress(step=step, total_steps=total, epoch=epoch, num_epochs=epochs)
+
+    # ------------------------------------------------------------------ trainer hooks
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self._macdrop_run is None:
+            self._macdrop_first_inputs = inputs
+        run = self._macdrop_run or self._macdrop_start()
+        progress = self.macdrop_progress()
+        last_step, last_micro = self._macdrop_micro
+        micro = last_micro + 1 if last_step == progress.step else 0
+        self._macdrop_micro = (progress.step, micro)
+        with run.step(progress, micro):
+            loss = super().training_step(model, inputs, *args, **kwargs)
+        if isinstance(loss, torch.Tensor):  # remembered on the device: no sync per micro-batch
+            bad = ~torch.isfinite(loss.detach()).all()
+            self._macdrop_loss_bad = bad if self._macdrop_loss_bad is None else self._macdrop_loss_bad | bad
+        return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        # transformers calls this right after every optimizer step (and again at each epoch end),
+        # BEFORE it logs, evaluates or saves that step: the one place to stop a non-finite step
+        # from reaching a checkpoint. Its grad_norm is the global norm (all ranks agree); under
+        # DeepSpeed it is the engine's, from the step that ran inside training_step.
+        self.macdrop_check_finite(grad_norm)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def macdrop_check_finite(self, grad_norm: Any) -> None:
+        """Raise :class:`NonFiniteTrainingError` if the optimizer step just taken was non-finite.
+
+        One scalar read per optimizer step. The global grad norm decides (the same on every rank,
+        so every rank raises together and none waits in a collective). fp16 loss-scaler skip steps
+        (inf gradients of the SCALED loss; the scaler lowers the scale and the step is not applied)
+        are exempt unless the loss itself was non-finite; without a grad norm (DeepSpeed with
+        ``compute_grad_norm: false``) the raw step losses decide, agreed by one all_reduce.
+        """
+        run, step = self._macdrop_run, int(self.state.global_step)
+        if run is None or step <= self._macdrop_checked_step:
+            return
+        self._macdrop_checked_step = step
+        bad_loss, self._macdrop_loss_bad = self._macdrop_loss_bad, None
+        scaler_skip = bool(getattr(self.args, "fp16", False)) and bool(self.accelerator.optimizer_step_was_skipped)
+        if grad_norm is not None and not scaler_skip:
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (every rank calls this together)
+                grad_norm = grad_norm.full_tensor()
+            value = float(grad_norm)
+            if math.isfinite(value):
+                return
+            what = f"grad_norm={value}"
+        else:
+            flag = torch.zeros((), device=self.args.device) if bad_loss is None else bad_loss.float().to(self.args.device)
+            if _distributed():
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if not flag.item():
+                return
+            what = "the training loss is nan/inf"
+        ckpt = last_checkpoint(self.args.output_dir, step)
+        saved = (f"the last checkpoint, {ckpt}, was saved before this step and is intact"
+                 if ckpt else "no checkpoint was saved before this step")
+        p = run.last_p
+        raise NonFiniteTrainingError(
+            f"MacDrop run went non-finite at optimizer step {step} ({what}, macdrop_p={p if p is None else round(p, 6)}): "
+            f"stopped before anything of step {step} was logged or saved; {saved}"
+        )
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._macdrop_run is not None and self._macdrop_run.last_p is not None:
+            logs["macdrop_p"] = self._macdrop_run.last_p
+        return super().log(logs, *args, **kwargs)
+
+
+class MacDropDPOTrainerMixin(MacDropTrainerMixin):
+    """DPO: the reference forward (the same model with its adapter disabled) sees the original rows."""
+
+    def compute_reference_log_probs(self, *args: Any, **kwargs: Any):
+        run = self._macdrop_run
+        if run is None:
+            return super().compute_reference_log_probs(*args, **kwargs)
+        with run.dropout.unmasked():
+            return super().compute_reference_log_probs(*args, **kwargs)

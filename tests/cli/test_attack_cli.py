@@ -1,0 +1,119 @@
+"""`macdrop attack` as a user runs it: one sweep, JSON/CSV/plot, adapters, and one-line errors."""
+
+import csv
+import json
+
+import pytest
+import tiny
+import tiny_archs
+from conftest import run_cli
+from test_zeroshot import tiny_docs, write_arc_folder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text(" ".join(tiny.corpus(30, seed=5)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_llama_dir, tmp_path_factory):
+    """A LoRA adapter of the tiny Llama whose weights change its outputs (saved, as a run would)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("lora")
+    tiny.loud_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)).save_pretrained(out)
+    return out
+
+
+def test_sweep_writes_rows_table_csv_and_plot(tiny_llama_dir, text_file, lora_dir, tmp_path):
+    data = write_arc_folder(tmp_path / "tasks", tiny_docs(12))
+    args = ["macdrop", "attack", str(tiny_llama_dir), "--mode", "zero,retain", "--k-sweep", "0,2,5",
+            "--text-file", str(text_file), "--seq-len", "32", "--zeroshot", "arc_easy", "--zeroshot-data", str(data),
+            "--limit", "6", "--no-progress"]
+    proc = run_cli(args + ["--json", str(tmp_path / "a.json"), "--csv", str(tmp_path / "a.csv"),
+                           "--plot", str(tmp_path / "plots")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "a.json").read_text())
+    rows = report["results"]
+    settings = list(dict.fromkeys((r["mode"], r["k"]) for r in rows))
+    assert settings == [("none", 0), ("zero", 2), ("zero", 5), ("retain", 2), ("retain", 5)]
+    assert report["restored_bitwise"] is True
+    assert report["targets"]["layer"] == tiny.PLANTED_LAYER and report["targets"]["indices"] == tiny.PLANTED_INDICES
+    (protocol,) = report["perplexity_protocol"]
+    assert (protocol["seq_len"], protocol["bos"], protocol["drop_partial"]) == (32, "stream", False)
+    assert report["zeroshot"]["splits"] == {"arc_easy": "validation (stock lm-eval: test)"}
+    ppl = {(r["mode"], r["k"]): r["ppl"] for r in rows if r["dataset"] == "words.txt"}
+    acc = [r for r in rows if r["dataset"] == "arc_easy"]
+    assert len(ppl) == 5 and len(acc) == 5 and all(r["n"] == 6 and r["split"] == "validation" for r in acc)
+    assert ppl[("zero", 5)] != ppl[("none", 0)] and ppl[("retain", 2)] != ppl[("none", 0)]
+    assert all(r["tokens"] == protocol["predicted_tokens"] for r in rows if "ppl" in r)
+    with open(tmp_path / "a.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["mode"], int(r["k"]), r["dataset"]) for r in table] == [(r["mode"], r["k"], r["dataset"]) for r in rows]
+    assert float(table[0]["ppl"]) == pytest.approx(rows[0]["ppl"])
+    assert "| setting | words.txt ppl | arc_easy acc |" in proc.stdout
+    assert f"| zero k=5 | {ppl[('zero', 5)]:.2f} |" in proc.stdout
+    assert (tmp_path / "plots" / "attack_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the same sweep through a LoRA adapter: another baseline, same rows attacked, weights restored
+    proc = run_cli(["macdrop", "attack", str(tiny_llama_dir), "--adapter", str(lora_dir), "--text-file", str(text_file),
+                    "--seq-len", "32", "--no-progress", "--json", str(tmp_path / "b.json")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapted = json.loads((tmp_path / "b.json").read_text())
+    assert adapted["adapter"] == str(lora_dir) and adapted["restored_bitwise"] is True
+    assert adapted["targets"]["indices"] == tiny.PLANTED_INDICES  # located on the base, adapter disabled
+    assert adapted["results"][0]["ppl"] != pytest.approx(ppl[("none", 0)], rel=1e-3)  # the adapter is active
+
+
+@pytest.fixture(scope="module")
+def gpt2_adapter(tmp_path_factory):
+    """A LoRA adapter trained (well, saved) on a tiny GPT-2: the wrong base for the tiny Llama."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_archs.save_with_tokenizer("gpt2", tmp_path_factory.mktemp("gpt2"))
+    adapter = tmp_path_factory.mktemp("gpt2_lora")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(adapter)
+    return base, adapter
+
+
+def one_error_line(proc):
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("macdrop: error: "), proc.stderr[-2000:]
+    return lines[0][len("macdrop: error: "):]
+
+
+def test_bad_input_gives_one_clear_line(tiny_llama_dir, text_file, gpt2_adapter, tmp_path):
+    model = str(tiny_llama_dir)
+    attack = ["macdrop", "attack", model, "--no-progress"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    cases = [
+        (["--zeroshot", "arc_easy,hellaswag"],
+         "--zeroshot 'arc_easy,hellaswag': unknown task hellaswag; allowed: arc_easy, arc_challenge, boolq, piqa, winogrande"),
+        (["--dataset", "wikitext103"],
+         "--dataset 'wikitext103' is not allowed: choose from wikitext, c4, pg19, NAME=DIR for a local copy, or a dataset folder"),
+        (["--text-file", str(empty)], f"--text-file {empty} is empty: give a file with text to evaluate"),
+        (["--text-file", str(text_file), "--k", "999"], "--k 999 is larger than the intermediate size 128: allowed 1..128"),
+        (["--text-file", str(text_file), "--mode", "zero,shuffle"],
+         "--mode shuffle is not allowed: choose from zero, retain, superweight, activation"),
+        ([], "nothing to evaluate: give --text-file, --dataset or --zeroshot"),
+    ]
+    for extra, message in cases:
+        assert one_error_line(run_cli(attack + extra, cwd=tmp_path)) == message
+
+    base, adapter = gpt2_adapter
+    msg = one_error_line(run_cli(attack + ["--text-file", str(text_file), "--adapter", str(adapter)], cwd=tmp_path))
+    assert msg == f"--adapter {adapter} was trained on {base} (model_type=gpt2), not on {model} (model_type=llama)"
+    # without the recorded base folder, peft's own check is turned into one line too
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    msg = one_error_line(run_cli(attack + ["--text-file", str(text_file), "--adapter", str(adapter)], cwd=tmp_path))
+    assert msg.startswith(f"--adapter {adapter} does not fit {model} (trained on {tmp_path / 'gone'}): ")

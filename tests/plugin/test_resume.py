@@ -1,0 +1,68 @@
+"""Resuming from a checkpoint: same p, same masks, same rows (from the run's JSON) as an
+uninterrupted run; a JSON from another model is refused."""
+
+import json
+
+import pytest
+import tiny
+
+from llamafactory_macdrop.core.locator import LocatorError
+from llamafactory_macdrop.plugin import integration
+
+
+def run(args):
+    integration.activate()
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(args)
+    return json.loads((__import__("pathlib").Path(args["output_dir"]) / "trainer_state.json").read_text())
+
+
+def logged(state):
+    return {h["step"]: (h["macdrop_p"], h["loss"]) for h in state["log_history"] if "macdrop_p" in h}
+
+
+def test_resumed_run_continues_the_curriculum_and_the_masks(tiny_llama_dir, tiny_data_dir, tmp_path):
+    base = dict(max_steps=6, gradient_accumulation_steps=1, num_train_epochs=1, save_strategy="steps", save_steps=3,
+                macdrop_curriculum="constant", macdrop_p0=0.5, lr_scheduler_type="constant")
+    straight = logged(run(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "a", **base)))
+
+    out = tmp_path / "b"
+    first = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, **{**base, "max_steps": 6})
+    run(first)
+    # make the saved JSON name other rows: a resumed run must use the file, not re-locate
+    locator = json.loads((out / "macdrop_locator.json").read_text())
+    locator["indices"] = [3, 4, 5, 6, 7]
+    (out / "macdrop_locator.json").write_text(json.dumps(locator))
+    resumed = logged(run({**first, "overwrite_output_dir": False, "resume_from_checkpoint": str(out / "checkpoint-3")}))
+    assert json.loads((out / "macdrop_locator.json").read_text())["indices"] == [3, 4, 5, 6, 7]
+    assert {t: p for t, (p, _) in resumed.items() if t > 3} == {t: p for t, (p, _) in straight.items() if t > 3}
+    # other rows were dropped after the resume, so the losses of steps 4-6 differ from the straight run
+    assert any(abs(resumed[t][1] - straight[t][1]) > 1e-6 for t in (4, 5, 6))
+
+
+@pytest.mark.parametrize("mask_per", ["optimizer_step", "micro_batch"])
+def test_resumed_run_with_straight_json_reproduces_the_losses(mask_per, tiny_llama_dir, tiny_data_dir, tmp_path):
+    # gradient accumulation 2: both mask_per modes must re-draw every micro-batch's mask after the resume
+    base = dict(max_steps=6, gradient_accumulation_steps=2, per_device_train_batch_size=2, num_train_epochs=1,
+                save_strategy="steps", save_steps=3, macdrop_curriculum="constant", macdrop_p0=0.5,
+                lr_scheduler_type="constant", macdrop_mask_per=mask_per)
+    straight = logged(run(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "a", **base)))
+    out = tmp_path / "b"
+    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, **base)
+    run(args)
+    resumed = logged(run({**args, "overwrite_output_dir": False, "resume_from_checkpoint": str(out / "checkpoint-3")}))
+    for t in (4, 5, 6):  # same data order, same per-step masks: the same losses
+        assert resumed[t][0] == straight[t][0]
+        assert resumed[t][1] == pytest.approx(straight[t][1], rel=1e-4)
+
+
+def test_a_json_from_another_model_is_refused(tiny_llama_dir, tiny_data_dir, tmp_path):
+    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, max_steps=2, gradient_accumulation_steps=1,
+                              save_strategy="steps", save_steps=1)
+    run(args)
+    locator = json.loads((tmp_path / "macdrop_locator.json").read_text())
+    locator["model"] = "some/other-model"
+    (tmp_path / "macdrop_locator.json").write_text(json.dumps(locator))
+    with pytest.raises(LocatorError, match="was written for model 'some/other-model'"):
+        run({**args, "max_steps": 3, "overwrite_output_dir": False, "resume_from_checkpoint": str(tmp_path / "checkpoint-1")})
