@@ -1,6 +1,9 @@
-# The two README commands: `make demo` (set-up + main job) and `make test`; `make bench` runs the
-# CPU benchmark set (docs/benchmarks.md) into bench-results/.
-.PHONY: setup demo test bench
+# The two README commands: `make demo` (set-up + main job) and `make test`. Also:
+#   make compat      the wheel into a fresh LLaMA-Factory venv at the OLDEST declared versions (.venv-compat/)
+#   make webui       LlamaBoard's extras (gradio) into .venv
+#   make webui-test  LlamaBoard in headless Chromium (needs Debian's chromium + chromium-driver)
+#   make bench       the CPU benchmark set (docs/benchmarks.md) into bench-results/
+.PHONY: setup demo test compat webui webui-test bench
 
 setup:
 	bash scripts/setup.sh
@@ -10,6 +13,17 @@ demo:
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+compat:
+	bash scripts/compat.sh
+
+webui: setup
+	.venv/bin/python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt -r requirements/webui.txt
+
+webui-test: webui
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		echo "webui-test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver" >&2; exit 2; }
+	cd tests/webui && ../../.venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . .
 
 bench: setup
 	bash scripts/bench.sh

@@ -19,6 +19,9 @@ import tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+#: tests/compat runs inside .venv-compat/ against the installed wheel (`make compat`), and
+#: tests/webui in a headless browser (`make webui-test`), not here
+collect_ignore = ["compat", "webui"]
 
 
 @pytest.fixture(scope="session")

@@ -555,7 +555,16 @@ def _wrap_export(original, read_args):
 
 
 def patch_tuner(tuner) -> None:
-    """Wrap ``run_exp`` and ``export_model`` of ``llamafactory.train.tuner`` (idempotent)."""
+    """Wrap ``run_exp`` and ``export_model`` of ``llamafactory.train.tuner``, and what LlamaBoard
+    reads of a run (``LogCallback``: :mod:`.llamaboard`) (idempotent)."""
+    from . import llamaboard
+
+    try:
+        from llamafactory.train.callbacks import LogCallback
+    except ImportError:
+        LogCallback = None  # noqa: N806 - a moved class costs LlamaBoard's macdrop_p only
+    if LogCallback is not None:
+        llamaboard.patch_log_callback(LogCallback)
     read_args = getattr(tuner, "read_args", None)
     for name, wrap in (("run_exp", _wrap_run_exp), ("export_model", _wrap_export)):
         fn = getattr(tuner, name, None)
@@ -634,9 +643,13 @@ def on_module_loaded(module) -> None:
         patch_launcher(module)
     elif module.__name__ == "llamafactory.train.tuner":
         patch_tuner(module)
+    elif module.__name__ == "llamafactory.extras.ploting":
+        from .llamaboard import patch_loss_plot
+
+        patch_loss_plot(module)
 
 
 def activate() -> None:
     """Apply the patches in this process (when the ``.pth`` hook is disabled or bypassed)."""
-    for name in ("llamafactory.launcher", "llamafactory.train.tuner"):
+    for name in ("llamafactory.launcher", "llamafactory.train.tuner", "llamafactory.extras.ploting"):
         on_module_loaded(importlib.import_module(name))

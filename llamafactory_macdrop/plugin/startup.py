@@ -19,8 +19,8 @@ import importlib.abc
 import os
 import sys
 
-#: Modules whose loading triggers the integration, in the order LLaMA-Factory imports them.
-WATCHED_MODULES = ("llamafactory.launcher", "llamafactory.train.tuner")
+#: Modules whose loading triggers the integration (the last one: LlamaBoard's loss plot).
+WATCHED_MODULES = ("llamafactory.launcher", "llamafactory.train.tuner", "llamafactory.extras.ploting")
 
 
 class _PatchingLoader(importlib.abc.Loader):

@@ -1,0 +1,34 @@
+"""tests/compat runs only through `make compat` (scripts/compat.sh), inside .venv-compat/ where the
+plugin is installed from its WHEEL: this checkout must not be importable here (tests/conftest.py
+ignores this folder in the normal run)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(HERE.parent))  # tests/tiny.py: planted models, no import of the package
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+import tiny  # noqa: E402
+
+
+def run(cmd, cwd, **env):
+    full = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **env}
+    full.pop("PYTHONPATH", None)
+    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return tiny.build_planted_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    return tiny.write_datasets(tmp_path_factory.mktemp("tiny_data"))

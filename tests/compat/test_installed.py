@@ -1,0 +1,70 @@
+"""The plugin installed from its wheel into an existing LLaMA-Factory environment (at the oldest
+versions it declares): the .pth hook reaches llamafactory-cli and its torchrun children, the
+`macdrop` command works, and uninstalling leaves LLaMA-Factory as it was."""
+
+import json
+import sysconfig
+from pathlib import Path
+
+import tiny
+import yaml
+from conftest import BIN, REPO, run
+
+
+def write_yaml(path, model_dir, data_dir, out, **overrides):
+    path.write_text(yaml.safe_dump(tiny.lf_train_args(model_dir, data_dir, out, **overrides)))
+    return path
+
+
+def test_the_installed_wheel_is_what_imports_and_its_pth_is_in_site_packages():
+    import llamafactory_macdrop
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    assert Path(llamafactory_macdrop.__file__).resolve().is_relative_to(site.resolve()), llamafactory_macdrop.__file__
+    assert not Path(llamafactory_macdrop.__file__).resolve().is_relative_to(REPO / "llamafactory_macdrop")  # not the checkout
+    assert (site / "llamafactory_macdrop.pth").read_text().strip() == "import llamafactory_macdrop.plugin.startup"
+    proc = run([str(BIN / "python"), "-c", "import sys; print(any(type(f).__name__ == '_LlamaFactoryFinder' "
+                                           "for f in sys.meta_path))"], cwd=site)
+    assert proc.stdout.strip() == "True", proc.stderr
+
+
+def test_llamafactory_cli_train_and_its_torchrun_children_run_macdrop(tiny_llama_dir, tiny_data_dir, tmp_path):
+    for name, env in (("single", {}), ("torchrun", {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})):
+        out = tmp_path / name
+        cfg = write_yaml(tmp_path / f"{name}.yaml", tiny_llama_dir, tiny_data_dir, out, macdrop_k=3)
+        proc = run([str(BIN / "llamafactory-cli"), "train", str(cfg)], cwd=tmp_path, **env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        located = json.loads((out / "macdrop_locator.json").read_text())
+        assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES[:3]), name
+        state = json.loads((out / "trainer_state.json").read_text())
+        total = state["max_steps"]
+        p = {h["step"]: h["macdrop_p"] for h in state["log_history"] if "macdrop_p" in h}
+        assert p and all(abs(v - 0.8 * (1 - t / total)) < 1e-6 for t, v in p.items()), (name, p)
+
+
+def test_macdrop_locate(tiny_llama_dir, tmp_path):
+    proc = run([str(BIN / "macdrop"), "locate", str(tiny_llama_dir), "--k", "5", "--json", str(tmp_path / "loc.json")],
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    located = json.loads((tmp_path / "loc.json").read_text())
+    assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES)
+
+
+def test_zz_uninstalling_removes_the_hook_and_leaves_llamafactory_as_it_was(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """Runs last (name): it uninstalls the plugin from this venv (scripts/compat.sh reinstalls it)."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    proc = run([str(BIN / "python"), "-m", "pip", "uninstall", "-y", "-q", "llamafactory-macdrop"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (site / "llamafactory_macdrop.pth").exists() and not (site / "llamafactory_macdrop").exists()
+    # with macdrop_* keys, LLaMA-Factory alone refuses them as unknown, as it does any unknown key
+    cfg = write_yaml(tmp_path / "keys.yaml", tiny_llama_dir, tiny_data_dir, tmp_path / "keys")
+    proc = run([str(BIN / "llamafactory-cli"), "train", str(cfg)], cwd=tmp_path)
+    assert proc.returncode != 0 and "macdrop" in proc.stderr and "[macdrop]" not in proc.stderr
+    # without them it trains as before
+    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "plain")
+    args.pop("macdrop")
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(args))
+    proc = run([str(BIN / "llamafactory-cli"), "train", str(tmp_path / "plain.yaml")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "plain" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "plain" / "macdrop_locator.json").exists()

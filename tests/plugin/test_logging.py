@@ -1,0 +1,54 @@
+"""Where a run's macdrop_p can be read besides trainer_state.json: TensorBoard's event file
+(``report_to: tensorboard``), LLaMA-Factory's ``trainer_log.jsonl`` and LlamaBoard's running log
+and loss plot. One run of LLaMA-Factory's own run_exp in LlamaBoard mode (the environment the web
+UI gives ``llamafactory-cli train``); the reference is the per-step macdrop_p HF's Trainer wrote
+into trainer_state.json."""
+
+import json
+
+import pytest
+import tiny
+
+pytest.importorskip("tensorboard")
+
+
+def test_macdrop_p_reaches_tensorboard_trainer_log_and_llamaboard(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llamafactory_macdrop.plugin import integration
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("LLAMABOARD_ENABLED", "1")
+    monkeypatch.setenv("LLAMABOARD_WORKDIR", str(out))
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5: no logging_dir argument
+    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, report_to="tensorboard", num_train_epochs=1)
+    integration.activate()
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(args)
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    expected = {h["step"]: h["macdrop_p"] for h in state["log_history"] if "macdrop_p" in h}
+    assert len(expected) == state["max_steps"] >= 2 and len(set(expected.values())) > 1
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert "train/macdrop_p" in events.Tags()["scalars"]
+    board = {e.step: e.value for e in events.Scalars("train/macdrop_p")}
+    assert board == pytest.approx(expected, abs=1e-6)  # float32 in the event file
+
+    entries = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    logged = {e["current_steps"]: e["macdrop_p"] for e in entries if "macdrop_p" in e}
+    assert logged == expected
+
+    running = (out / "running_log.txt").read_text()
+    for step, p in expected.items():
+        assert f"step {step}: macdrop_p {p:.4f}" in running
+    assert "massive layer: 1" in running  # the plugin's own lines reach LlamaBoard too
+
+    from llamafactory.extras.ploting import gen_loss_plot
+
+    fig = gen_loss_plot(entries)
+    lines = [line for ax in fig.axes for line in ax.get_lines() if line.get_label() == "macdrop_p"]
+    assert len(lines) == 1
+    assert dict(zip(lines[0].get_xdata(), lines[0].get_ydata())) == pytest.approx(expected)
