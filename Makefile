@@ -23,7 +23,7 @@ webui: setup
 webui-test: webui
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 		echo "webui-test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver" >&2; exit 2; }
-	cd tests/webui && ../../.venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . .
+	cd tests/webui && MACDROP_WEBUI_TEST=1 ../../.venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . --confcutdir . .
 
 bench: setup
 	bash scripts/bench.sh

@@ -298,7 +298,7 @@ def _config_token_ids(model: nn.Module) -> list[ProbeToken]:
     config = getattr(unwrap_peft(model), "config", None)
     views: list[Any] = []
     folder = str(getattr(config, "_name_or_path", "") or "")
-    found = read_config_json(folder) if folder else None
+    found = read_config_json(folder) if folder and Path(folder).is_dir() else None  # the loaded folder's, not a cache copy
     if found is not None:
         saved = found[1]
         views += [saved, saved.get("text_config") or {}]

@@ -561,9 +561,12 @@ def patch_tuner(tuner) -> None:
 
     try:
         from llamafactory.train.callbacks import LogCallback
-    except ImportError:
-        LogCallback = None  # noqa: N806 - a moved class costs LlamaBoard's macdrop_p only
-    if LogCallback is not None:
+    except ImportError as err:  # a moved class costs LlamaBoard's macdrop_p only: say so, go on
+        from .trainer import logger
+
+        logger.warning(f"LLaMA-Factory's LogCallback not found ({err}): macdrop_p will be missing from "
+                       "trainer_log.jsonl and LlamaBoard; it is still in trainer_state.json")
+    else:
         llamaboard.patch_log_callback(LogCallback)
     read_args = getattr(tuner, "read_args", None)
     for name, wrap in (("run_exp", _wrap_run_exp), ("export_model", _wrap_export)):

@@ -37,6 +37,8 @@ def patch_log_callback(cls: type) -> None:
         handler = getattr(self, "logger_handler", None)  # set in LlamaBoard mode only
         logger = logging.getLogger(LOGGER)
         if handler is not None and handler not in logger.handlers:
+            for old in [h for h in logger.handlers if type(h) is type(handler)]:
+                logger.removeHandler(old)  # an earlier run's (a notebook): its running_log is not this run's
             logger.addHandler(handler)
 
     @functools.wraps(on_log)
@@ -44,19 +46,25 @@ def patch_log_callback(cls: type) -> None:
         p = state.log_history[-1].get(KEY) if state.log_history else None
         pool = getattr(self, "thread_pool", None)
         if p is None or pool is None:
+            if p is not None and getattr(args, "should_save", False):
+                _warn_once(self, "its thread_pool")  # LogCallback writes through it on the saving rank
             return on_log(self, args, state, control, **kwargs)
-        submit = pool.submit
+        submit, written = pool.submit, []
 
-        def submit_with_p(fn, *fn_args):  # LogCallback submits _write_log(output_dir, logs)
-            if fn_args and isinstance(fn_args[-1], dict):
-                fn_args[-1].setdefault(KEY, p)
-            return submit(fn, *fn_args)
+        def submit_with_p(fn, *fn_args, **fn_kwargs):  # LogCallback submits _write_log(output_dir, logs)
+            logs = fn_args[-1] if fn_args else fn_kwargs.get("logs")
+            if isinstance(logs, dict):
+                logs.setdefault(KEY, p)
+                written.append(True)
+            return submit(fn, *fn_args, **fn_kwargs)
 
         pool.submit = submit_with_p
         try:
             result = on_log(self, args, state, control, **kwargs)
         finally:
             del pool.submit
+        if not written and getattr(args, "should_save", False):
+            _warn_once(self, "a logs dict submitted to its thread pool")
         if getattr(self, "webui_mode", False):
             logging.getLogger(LOGGER).info(f"step {state.global_step}: macdrop_p {p:.4f}")
         return result
@@ -64,6 +72,16 @@ def patch_log_callback(cls: type) -> None:
     setattr(on_log_with_p, _PATCHED, True)
     cls.__init__ = __init__
     cls.on_log = on_log_with_p
+
+
+def _warn_once(callback, missing: str) -> None:
+    """LLaMA-Factory's LogCallback changed: trainer_log.jsonl (and LlamaBoard's plot) lose macdrop_p."""
+    if getattr(callback, "_macdrop_warned", False):
+        return
+    callback._macdrop_warned = True
+    logging.getLogger(LOGGER).warning(
+        f"LLaMA-Factory's LogCallback has no {missing} (it changed since 0.9.5): macdrop_p is missing from "
+        "trainer_log.jsonl and LlamaBoard's plot; it is still in trainer_state.json and every report_to backend")
 
 
 def patch_loss_plot(ploting) -> None:

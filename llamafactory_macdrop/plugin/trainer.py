@@ -52,12 +52,13 @@ from ..core.masking import RowDropout, readable_weights
 from .keys import MacDropConfig, MacDropConfigError
 
 logger = logging.getLogger("llamafactory_macdrop")
-if not logger.handlers:
+if not any(getattr(h, "_macdrop_console", False) for h in logger.handlers):  # LlamaBoard may have added its own
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("[%(levelname)s|macdrop] %(message)s"))
+    _handler._macdrop_console = True
     logger.addHandler(_handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+logger.setLevel(logging.INFO)
+logger.propagate = False
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for seed mixing
 _MASK64 = (1 << 63) - 1

@@ -1,6 +1,6 @@
 """The plugin installed from its wheel into an existing LLaMA-Factory environment (at the oldest
-versions it declares): the .pth hook reaches llamafactory-cli and its torchrun children, the
-`macdrop` command works, and uninstalling leaves LLaMA-Factory as it was."""
+versions it declares): the .pth hook reaches llamafactory-cli and its torchrun children, sft and
+DPO train, and the `macdrop` command works. test_uninstall.py runs after this file, on its own."""
 
 import json
 import sysconfig
@@ -28,10 +28,12 @@ def test_the_installed_wheel_is_what_imports_and_its_pth_is_in_site_packages():
     assert proc.stdout.strip() == "True", proc.stderr
 
 
-def test_llamafactory_cli_train_and_its_torchrun_children_run_macdrop(tiny_llama_dir, tiny_data_dir, tmp_path):
-    for name, env in (("single", {}), ("torchrun", {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})):
+def test_llamafactory_cli_train_its_torchrun_children_and_dpo_run_macdrop(tiny_llama_dir, tiny_data_dir, tmp_path):
+    runs = (("single", {}, {}), ("torchrun", {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, {}),
+            ("dpo", {}, dict(stage="dpo", dataset="tiny_dpo", num_train_epochs=1)))  # trl's DPO trainer imports
+    for name, env, overrides in runs:
         out = tmp_path / name
-        cfg = write_yaml(tmp_path / f"{name}.yaml", tiny_llama_dir, tiny_data_dir, out, macdrop_k=3)
+        cfg = write_yaml(tmp_path / f"{name}.yaml", tiny_llama_dir, tiny_data_dir, out, macdrop_k=3, **overrides)
         proc = run([str(BIN / "llamafactory-cli"), "train", str(cfg)], cwd=tmp_path, **env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         located = json.loads((out / "macdrop_locator.json").read_text())
@@ -48,23 +50,3 @@ def test_macdrop_locate(tiny_llama_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     located = json.loads((tmp_path / "loc.json").read_text())
     assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES)
-
-
-def test_zz_uninstalling_removes_the_hook_and_leaves_llamafactory_as_it_was(tiny_llama_dir, tiny_data_dir, tmp_path):
-    """Runs last (name): it uninstalls the plugin from this venv (scripts/compat.sh reinstalls it)."""
-    site = Path(sysconfig.get_paths()["purelib"])
-    proc = run([str(BIN / "python"), "-m", "pip", "uninstall", "-y", "-q", "llamafactory-macdrop"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert not (site / "llamafactory_macdrop.pth").exists() and not (site / "llamafactory_macdrop").exists()
-    # with macdrop_* keys, LLaMA-Factory alone refuses them as unknown, as it does any unknown key
-    cfg = write_yaml(tmp_path / "keys.yaml", tiny_llama_dir, tiny_data_dir, tmp_path / "keys")
-    proc = run([str(BIN / "llamafactory-cli"), "train", str(cfg)], cwd=tmp_path)
-    assert proc.returncode != 0 and "macdrop" in proc.stderr and "[macdrop]" not in proc.stderr
-    # without them it trains as before
-    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "plain")
-    args.pop("macdrop")
-    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(args))
-    proc = run([str(BIN / "llamafactory-cli"), "train", str(tmp_path / "plain.yaml")], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "plain" / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / "plain" / "macdrop_locator.json").exists()

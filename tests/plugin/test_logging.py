@@ -5,21 +5,45 @@ UI gives ``llamafactory-cli train``); the reference is the per-step macdrop_p HF
 into trainer_state.json."""
 
 import json
+import logging
+import signal
 
 import pytest
 import tiny
 
 pytest.importorskip("tensorboard")
 
+LOGGERS = ("llamafactory", "transformers", "llamafactory_macdrop")  # where LlamaBoard mode attaches its handler
 
-def test_macdrop_p_reaches_tensorboard_trainer_log_and_llamaboard(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch):
+
+@pytest.fixture
+def llamaboard_mode(monkeypatch, tmp_path):
+    """LlamaBoard's environment for one run, and afterwards the handlers and SIGABRT handler its
+    LogCallback installs in this process taken away again (the rest of the session must not log
+    into this run's running_log.txt)."""
+    before = {name: list(logging.getLogger(name).handlers) for name in LOGGERS}
+    abort = signal.getsignal(signal.SIGABRT)
+    monkeypatch.setenv("LLAMABOARD_ENABLED", "1")
+    monkeypatch.setenv("LLAMABOARD_WORKDIR", str(tmp_path / "out"))
+    yield tmp_path / "out"
+    added = set()
+    for name in LOGGERS:
+        log = logging.getLogger(name)
+        for handler in [h for h in log.handlers if h not in before[name]]:
+            log.removeHandler(handler)
+            added.add(handler)
+    for handler in added:
+        handler.close()
+    signal.signal(signal.SIGABRT, abort)
+
+
+def test_macdrop_p_reaches_tensorboard_trainer_log_and_llamaboard(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch,
+                                                                   llamaboard_mode):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from llamafactory_macdrop.plugin import integration
 
-    out = tmp_path / "out"
-    monkeypatch.setenv("LLAMABOARD_ENABLED", "1")
-    monkeypatch.setenv("LLAMABOARD_WORKDIR", str(out))
+    out = llamaboard_mode
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5: no logging_dir argument
     args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, report_to="tensorboard", num_train_epochs=1)
     integration.activate()
