@@ -4,23 +4,11 @@ independently attacked copy, weights come back bit for bit, and the settings fil
 import pytest
 import tiny
 import torch
+from lm_oracle import argmax_loop
 from test_attacks import assert_same_bits, attacker_for, state_bits
 
 from llamafactory_macdrop.analysis.attacks import AttackError, sweep_settings
 from llamafactory_macdrop.analysis.generation import generate_under_attack, select_settings
-
-
-@torch.no_grad()
-def argmax_loop(model, ids, n, eos):
-    """Greedy decoding the slow way: the whole sequence again at every step, no cache."""
-    ids, new = list(ids), []
-    for _ in range(n):
-        token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-        new.append(token)
-        if token == eos:
-            break
-        ids.append(token)
-    return new
 
 
 @torch.no_grad()

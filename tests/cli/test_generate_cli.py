@@ -6,7 +6,7 @@ import json
 import pytest
 import tiny
 import torch
-from test_generation import argmax_loop
+from lm_oracle import argmax_loop
 
 from llamafactory_macdrop.cli import main
 
