@@ -8,7 +8,7 @@ from lm_oracle import argmax_loop
 from test_attacks import assert_same_bits, attacker_for, state_bits
 
 from llamafactory_macdrop.analysis.attacks import AttackError, sweep_settings
-from llamafactory_macdrop.analysis.generation import generate_under_attack, select_settings
+from llamafactory_macdrop.analysis.generation import generate_under_attack, prompt_ids, select_settings
 
 
 @torch.no_grad()
@@ -16,6 +16,14 @@ def zero_planted_rows(model):
     mlp = model.model.layers[tiny.PLANTED_LAYER].mlp
     for proj in (mlp.gate_proj, mlp.up_proj):
         proj.weight[tiny.PLANTED_INDICES] = 0.0
+
+
+@torch.no_grad()
+def keep_only_planted_rows(model):
+    mlp = model.model.layers[tiny.PLANTED_LAYER].mlp
+    others = [i for i in range(mlp.up_proj.weight.shape[0]) if i not in tiny.PLANTED_INDICES]
+    for proj in (mlp.gate_proj, mlp.up_proj):
+        proj.weight[others] = 0.0
 
 
 def test_greedy_under_attack_matches_an_independent_loop(tiny_llama_dir):
@@ -35,7 +43,10 @@ def test_greedy_under_attack_matches_an_independent_loop(tiny_llama_dir):
     expected = {"none": argmax_loop(fresh, ids, 12, tok.eos_token_id)}
     zero_planted_rows(fresh)
     expected["zero k=5"] = argmax_loop(fresh, ids, 12, tok.eos_token_id)
-    for g in gens[:2]:
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    keep_only_planted_rows(fresh)
+    expected["retain k=5"] = argmax_loop(fresh, ids, 12, tok.eos_token_id)  # on this model: the original text
+    for g in gens:
         want = expected[g.setting]
         assert g.new_tokens == len(want)
         assert g.text == tok.decode([t for t in want if t != tok.eos_token_id], skip_special_tokens=True)
@@ -53,3 +64,14 @@ def test_select_settings_by_label_or_mode_filter():
         select_settings(settings, "zero:7")
     with pytest.raises(AttackError, match=r"--generate-settings 'shuffle' is not allowed: give a setting label"):
         select_settings(settings, "shuffle")
+
+
+def test_prompt_ids_apply_the_chat_template(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt = "What is the capital of France?"
+    chatml = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")  # SmolLM2's ChatML, written out
+    assert prompt_ids(tok, prompt) == (tok(chatml, add_special_tokens=False)["input_ids"], True)
+    assert prompt_ids(tok, prompt, chat_template=False) == (tok(prompt)["input_ids"], False)
