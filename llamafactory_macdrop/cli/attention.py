@@ -47,7 +47,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     _check_layers(args, _layer_count(args.model))
     if args.text is not None and not args.text.strip():
-        raise AttentionError("--text '' is not allowed: give a text of at least one token")
+        raise AttentionError(f"--text {args.text!r} is not allowed: give a text of at least one token")
     model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer found next to the model (the probe text needs one)")
