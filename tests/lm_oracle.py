@@ -1,4 +1,5 @@
-"""An independent log-likelihood scorer, the oracle for the lm-eval bridge's accuracies.
+"""Independent language-model oracles: a log-likelihood scorer (the lm-eval bridge's accuracies)
+and a greedy decoder without a cache (generation under attack).
 
 It scores a multiple-choice document the way lm-eval documents its ``acc`` metric: the sum of
 log-probabilities of the continuation ``target_delimiter + choice`` given the context, the
@@ -29,3 +30,17 @@ def arc_context(doc) -> str:
 def preferred(model, tokenizer, doc) -> int:
     scores = choice_logliks(model, tokenizer, arc_context(doc), doc["choices"]["text"])
     return max(range(len(scores)), key=scores.__getitem__)
+
+
+@torch.no_grad()
+def argmax_loop(model, ids, n: int, eos: int) -> list[int]:
+    """Greedy decoding the slow way: the whole sequence again at every step, no cache; the new
+    tokens, the end token included when it comes."""
+    ids, new = list(ids), []
+    for _ in range(n):
+        token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        new.append(token)
+        if token == eos:
+            break
+        ids.append(token)
+    return new

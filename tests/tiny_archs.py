@@ -183,3 +183,66 @@ def save_chatml_model(out_dir, trigger: str = "<|im_start|>"):
             _set(target, lambda w: w[:, 1:].zero_())
     model.save_pretrained(out_dir)
     return out_dir
+
+
+# ----------------------------------------------------------------------------- attention sink, MoE routing
+SINK_LAYERS = 4  # layers 0..1 attend uniformly (q = 0), layers 2..3 hold a planted sink on BOS
+SINK_FROM = PLANTED_LAYER + 1
+
+
+@torch.no_grad()
+def build_planted_sink(layers: int = SINK_LAYERS, seed: int = 0, vocab: int = V):
+    """A planted Qwen2 (q/k/v have biases) whose attention is known by construction:
+
+    * up to the massive layer (PLANTED_LAYER), q_proj's weight and bias are zero: every score is
+      0, so each query spreads its attention uniformly over the keys it may see (1/(q+1) each);
+    * from the next layer on, q is a constant (bias only, in the lowest-frequency RoPE pair,
+      which barely rotates over a few positions) and k reads residual dim 1, where only the BOS
+      carries the massive activation that PLANTED_LAYER writes: every query puts almost all of its
+      attention on position 0 (a sink, caused by the massive activation, starting right after it).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs(layers, vocab)["qwen2"]).eval()
+    plant(model)
+    # as in save_chatml_model: ordinary tokens get embeddings of a real model's scale and the planted
+    # rows read dim 0 only, so the massive activation (and what the norms make of it) is BOS's alone
+    emb = model.get_input_embeddings().weight
+    emb[:, 2:] = torch.randn(emb.shape[0], emb.shape[1] - 2) * 0.5
+    for target in find_ffn_blocks(model)[PLANTED_LAYER].row_targets(PLANTED_INDICES):
+        _set(target, lambda w: w[:, 1:].zero_())
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    slow = d // 2 - 1  # rotate_half pairs i with i + d/2; the last pair has the lowest frequency
+    for i, block in enumerate(find_ffn_blocks(model)):
+        attn = block.layer.self_attn
+        attn.q_proj.weight.zero_()
+        attn.q_proj.bias.zero_()
+        if i < SINK_FROM:
+            continue
+        for h in range(cfg.num_attention_heads):
+            attn.q_proj.bias[h * d + slow] = 4.0
+        for h in range(cfg.num_key_value_heads):
+            for row in (h * d + slow, h * d + slow + d // 2):
+                attn.k_proj.weight[row].zero_()
+                attn.k_proj.bias[row] = 0.0
+            attn.k_proj.weight[h * d + slow, 1] = 4.0
+    return model
+
+
+ROUTED_EXPERT = PLANTED_EXPERT  # the expert that holds the massive rows wins the probe at the massive layer
+
+
+@torch.no_grad()
+def build_routed_moe(name: str = "mixtral", layers: int = 4, seed: int = 0, vocab: int = V):
+    """A planted MoE model whose router probabilities for BOS are known: every router weight is
+    zero (logits 0, so each expert gets exactly 1/num_experts), except at PLANTED_LAYER, where
+    the router reads BOS's dim 0 with a large gain for ROUTED_EXPERT (probability ~1)."""
+    model = build(name, seed=seed, vocab=vocab, layers=layers)
+    for block in find_ffn_blocks(model):
+        if block.is_moe:
+            block.router.weight.zero_()
+            if block.index == PLANTED_LAYER:
+                block.router.weight[ROUTED_EXPERT, 0] = 20.0
+    return model

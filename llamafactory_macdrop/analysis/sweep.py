@@ -47,9 +47,12 @@ class AttackReport(JsonReport):
     zeroshot_limit: Optional[int] = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     restored_bitwise: bool = False
+    generations: list[dict[str, Any]] = field(default_factory=list)  # --generate: analysis/generation.py
+    generation: Optional[dict[str, Any]] = None  # how they were generated
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {"generation": self.generation, "generations": self.generations} if self.generation else {}
+        return {**{
             "model": self.model,
             "adapter": self.adapter,
             "targets": self.targets,
@@ -58,7 +61,7 @@ class AttackReport(JsonReport):
             if self.zeroshot_splits else None,
             "restored_bitwise": self.restored_bitwise,
             "results": self.rows,
-        }
+        }, **extra}
 
     # ------------------------------------------------------------------ views
     def settings(self) -> list[tuple[str, int, str]]:

@@ -1,6 +1,6 @@
 """``macdrop``: the analysis command line (thin: parse, call the core, print).
 
-One module per command group: :mod:`.analyse` (locate, activations, superweight), :mod:`.attack`,
+One module per command group: :mod:`.analyse` (locate, activations, superweight), :mod:`.attention`, :mod:`.attack`,
 :mod:`.models` (convert-gguf), :mod:`.runs` (summary, keys); :mod:`.common` holds what they share.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import analyse, attack, models, runs
+from . import analyse, attack, attention, models, runs
 
 DESCRIPTION = "``macdrop``: the analysis command line (thin: parse, call the core, print)."
 
@@ -18,13 +18,14 @@ DESCRIPTION = "``macdrop``: the analysis command line (thin: parse, call the cor
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="macdrop", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (analyse, attack, models, runs):  # the order of `macdrop --help`
+    for group in (analyse, attention, attack, models, runs):  # the order of `macdrop --help`
         group.register(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..analysis.attacks import AttackError
+    from ..analysis.attention import AttentionError
     from ..analysis.perplexity import PerplexityError
     from ..analysis.zeroshot import ZeroShotError
     from ..core.architectures import UnsupportedArchitectureError
@@ -35,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (LocatorError, UnsupportedArchitectureError, MacDropConfigError, FileNotFoundError, AttackError,
-            PerplexityError, ZeroShotError) as err:
+            PerplexityError, ZeroShotError, AttentionError) as err:
         print(f"macdrop: error: {err}", file=sys.stderr)
         return 2
 

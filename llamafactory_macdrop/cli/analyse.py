@@ -68,6 +68,10 @@ def cmd_locate(args: argparse.Namespace) -> int:
         path = plot_intermediate_bars(result.intermediate, result.indices, Path(args.plot) / "locate_intermediate.png",
                                       result.layer)
         print(f"plot written to {path}")
+        if result.routing:  # MoE: router probability of the probe token per layer and expert
+            from ..analysis.attention_plots import plot_routing
+
+            print(f"plot written to {plot_routing(result, Path(args.plot) / 'locate_routing.png')}")
     if args.json:
         print(f"written to {result.write_json(args.json)}")
     return 0
@@ -125,7 +129,7 @@ def register(sub) -> None:
                         "candidate (default: the tokenizer's chat template, else a BOS the tokenizer prepends)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--json", type=Path, default=None, help="write macdrop_locator.json-style output here")
-    p.add_argument("--plot", type=Path, default=None, help="folder for a bar plot of the intermediate state")
+    p.add_argument("--plot", type=Path, default=None, help="folder for a bar plot of the intermediate state (and, for MoE models, the routing heatmap)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layer-by-layer", dest="layer_by_layer", action="store_true", default=None,
                        help="read one layer at a time from safetensors (default: when the checkpoint exceeds half the free memory)")

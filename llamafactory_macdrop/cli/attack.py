@@ -65,9 +65,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.zeroshot) if args.zeroshot else []
     if args.limit is not None and args.limit < 1:
         raise AttackError(f"--limit {args.limit} is not allowed: give a number >= 1")
+    generating = _generation_plan(args, settings)
     sources = [load_text_file(f, overrides) for f in args.text_file]
-    if not (sources or args.dataset or tasks):
-        raise AttackError("nothing to evaluate: give --text-file, --dataset or --zeroshot")
+    if not (sources or args.dataset or tasks or generating):
+        raise AttackError("nothing to evaluate: give --text-file, --dataset, --zeroshot or --generate")
     if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
         raise AttackError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
     sources += [load_corpus(d, overrides) for d in args.dataset]
@@ -133,18 +134,65 @@ def cmd_attack(args: argparse.Namespace) -> int:
                           targets=targets.to_dict())
     run_sweep(model, attacker, settings, corpora, zeroshot, report=report, batch_size=args.batch_size,
               progress=not args.no_progress, echo=print)
+    gens = _generate(args, model, tokenizer, attacker, generating, report) if generating else []
     print()
-    print(report.table())
+    if report.rows:
+        print(report.table())
+    if generating:
+        from ..analysis.generation import generations_table
+
+        print(generations_table(gens))
     print("weights restored bitwise after the sweep: yes")
     if args.json:
         print(f"written to {report.write_json(args.json)}")
     if args.csv:
         print(f"written to {report.write_csv(args.csv)}")
-    if args.plot:
+    if generating and args.generate_report:
+        from ..analysis.generation import write_generation_report
+
+        title = f"{args.model}{' + adapter ' + str(args.adapter) if args.adapter else ''}: greedy generation under attack"
+        print(f"written to {write_generation_report(args.generate_report, gens, args.generate, title)}")
+    if args.plot and report.rows:
         from ..analysis.plots import plot_attack_sweep
 
         print(f"plot written to {plot_attack_sweep(report, Path(args.plot) / 'attack_sweep.png')}")
     return 0
+
+
+def _generation_plan(args: argparse.Namespace, settings):
+    """The settings that generate (None without --generate); every generation option checked before the model loads."""
+    from ..analysis.attacks import AttackError
+    from ..analysis.generation import select_settings
+
+    given = [o for o, v in (("--generate-settings", args.generate_settings), ("--generate-report", args.generate_report),
+                            ("--no-chat-template", args.no_chat_template or None)) if v is not None]
+    if args.generate is None:
+        if given:
+            raise AttackError(f"{given[0]} needs --generate PROMPT")
+        return None
+    if not args.generate.strip():
+        raise AttackError("--generate '' is not allowed: give a prompt")
+    if args.max_new_tokens < 1:
+        raise AttackError(f"--max-new-tokens {args.max_new_tokens} is not allowed: give a number >= 1")
+    if args.generate_report is not None and args.generate_report.suffix.lower() not in (".md", ".html", ".htm"):
+        raise AttackError(f"--generate-report {args.generate_report}: the name must end in .md, .html or .htm")
+    return select_settings(settings, args.generate_settings)
+
+
+def _generate(args, model, tokenizer, attacker, settings, report) -> list:
+    """Greedy generation for each chosen setting into ``report.generations`` (bitwise restore checked after each)."""
+    from ..analysis.generation import generate_under_attack, prompt_ids
+
+    _, templated = prompt_ids(tokenizer, args.generate, not args.no_chat_template)
+    print(f"  generate: greedy, at most {args.max_new_tokens} new tokens, "
+          + ("chat template applied" if templated else "no chat template" + (" (the tokenizer has none)" if not args.no_chat_template else ""))
+          + f"; {len(settings)} settings")
+    gens = generate_under_attack(model, tokenizer, attacker, settings, args.generate, max_new_tokens=args.max_new_tokens,
+                                 chat_template=not args.no_chat_template, echo=None if args.no_progress else print)
+    report.generations = [g.to_dict() for g in gens]
+    report.generation = {"prompt": args.generate, "chat_template": templated, "max_new_tokens": args.max_new_tokens,
+                         "decoding": "greedy"}
+    return gens
 
 
 def register(sub) -> None:
@@ -186,4 +234,13 @@ def register(sub) -> None:
     p.add_argument("--csv", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="folder for attack_sweep.png (metric vs k)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    gen = p.add_argument_group("generation under attack (docs/attacks.md)")
+    gen.add_argument("--generate", default=None, metavar="PROMPT",
+                     help="greedy continuation of PROMPT for the original model and each setting, side by side")
+    gen.add_argument("--max-new-tokens", type=int, default=40, help="generation: at most N new tokens (default 40)")
+    gen.add_argument("--no-chat-template", action="store_true", help="generation: feed the prompt as plain text")
+    gen.add_argument("--generate-settings", default=None,
+                     help="which settings generate: labels ('zero k=5') or MODE[:VALUE] filters (zero:5, retain, "
+                          "superweight:0, activation:mean), comma-separated (default: all; the original always)")
+    gen.add_argument("--generate-report", type=Path, default=None, help="write the texts side by side to a .md or .html file")
     p.set_defaults(func=cmd_attack)

@@ -200,6 +200,7 @@ class MoEFFN(FFNBlock):
             probs = torch.softmax(x @ self.router.weight.detach().float().t(), dim=-1)
             expert = int(probs.argmax())
             record["expert"], record["router_prob"] = expert, float(probs[expert])
+            record["router_probs"] = probs.cpu()  # every expert's probability (locate's routing table)
 
         def experts_pre(module, args, kwargs):
             x, expert = record.pop("moe_input", None), record.get("expert")

@@ -101,6 +101,20 @@ class CandidateResult:
 
 
 @dataclass
+class RouterProbs:
+    """MoE: the router's softmax over experts for the probe token at one layer (JSON ``routing``).
+
+    The probability before top-k selection (and before any renormalisation over the chosen
+    experts): at the massive layer it collapses onto the expert that holds the massive weights
+    (House of Cards, Fig. 5 on Mixtral)."""
+
+    layer: int
+    probs: list[float]
+    top_expert: int
+    top_prob: float
+
+
+@dataclass
 class LocatorResult(JsonReport):
     """Where the massive weights are; serialised as ``macdrop_locator.json``."""
 
@@ -122,6 +136,7 @@ class LocatorResult(JsonReport):
     layers: list[LayerStats] = field(default_factory=list)
     candidates: list[CandidateResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    routing: list[RouterProbs] = field(default_factory=list)  # MoE layers probed (empty for dense models)
     #: |intermediate| at the chosen layer (for plots); not written to JSON
     intermediate: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
@@ -141,6 +156,7 @@ class LocatorResult(JsonReport):
         data = {k: v for k, v in data.items() if k != "paper_layer"}
         data["layers"] = [LayerStats(**s) for s in data.get("layers", [])]
         data["candidates"] = [CandidateResult(**c) for c in data.get("candidates", [])]
+        data["routing"] = [RouterProbs(**r) for r in data.get("routing", [])]
         return cls(**data)
 
     def table(self) -> str:
@@ -178,8 +194,21 @@ class LocatorResult(JsonReport):
                 text = f" {c.text!r}" if c.text is not None else ""
                 origin = str(c.origin_layer) if c.origin_layer is not None else "none"
                 lines.append(f"    {c.token_id}{text}  {origin}  {c.residual_max:,.1f} (layer {c.residual_max_layer})  {c.source}")
+        lines.extend(self.routing_table())
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+    def routing_table(self) -> list[str]:
+        """MoE: one line per probed MoE layer, the router probability of every expert for the probe token."""
+        if not self.routing:
+            return []
+        n = len(self.routing[0].probs)
+        lines = ["  router probabilities of the probe token (softmax over experts, before top-k):",
+                 "    layer  " + " ".join(f"{'e' + str(e):>6}" for e in range(n)) + "   top"]
+        for r in self.routing:
+            mark = "  <- massive layer" if r.layer == self.layer else ""
+            lines.append(f"    {r.layer:5d}  " + " ".join(f"{p:6.3f}" for p in r.probs) + f"   e{r.top_expert}{mark}")
+        return lines
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -215,14 +244,17 @@ def probe_ffn_states(
     blocks: Sequence[FFNBlock],
     token_id: int,
     stop_after: Optional[Callable[[list[LayerStats]], bool]] = None,
+    routing: Optional[list[RouterProbs]] = None,
 ) -> tuple[list[LayerStats], list[torch.Tensor], dict[int, tuple[int, float]]]:
     """One forward pass of ``token_id`` alone; per-layer stats and |intermediate| vectors.
 
     Runs with adapters disabled (a PeftModel is probed as its pre-trained base) and in eval
     mode; the model's training flag is restored afterwards. ``stop_after(stats so far)`` is asked
     after every layer and may end the pass (layer-by-layer loading stops once the rule has
-    decided); the result then covers the layers seen so far.
+    decided); the result then covers the layers seen so far. ``routing``, when given, receives
+    the router's probabilities over all experts at every MoE layer (:class:`RouterProbs`).
     """
+    routing = routing if routing is not None else []
     records: dict[int, dict[str, torch.Tensor]] = {b.index: {} for b in blocks}
     stats: list[LayerStats] = []
     inters: list[torch.Tensor] = []
@@ -258,6 +290,8 @@ def probe_ffn_states(
             inters.append(r["inter"].cpu())
             if "expert" in r:
                 experts[i] = (r["expert"], r["router_prob"])
+            if "router_probs" in r:
+                routing.append(RouterProbs(i, [float(p) for p in r["router_probs"]], r["expert"], r["router_prob"]))
             if stop_after is not None and stop_after(stats):
                 raise StopForward
         return hook
@@ -426,6 +460,7 @@ def locate_massive_weights(
         _check_indices(indices, by_index[layer])
 
     warnings: list[str] = []
+    routing: list[RouterProbs] = []
     expert = router_prob = None
     inter = None
     candidates: list[CandidateResult] = []
@@ -452,13 +487,16 @@ def locate_massive_weights(
             return find_origin(seen, last) is not None
 
         probes = []
+        routes_of: dict[int, list[RouterProbs]] = {}
         for tok in tokens:
-            stats, inters, experts = probe_ffn_states(model, blocks, tok.token_id, stop_after=stop_after)
+            routes: list[RouterProbs] = []
+            stats, inters, experts = probe_ffn_states(model, blocks, tok.token_id, stop_after=stop_after, routing=routes)
             origin = find_origin(stats, last) if layer is None else None
             top = max(stats, key=lambda s: s.out_max)
             candidates.append(CandidateResult(tok.token_id, tok.text, tok.source, None if origin is None else stats[origin].layer,
                                               top.out_max, top.layer, len(stats)))
             probes.append((tok, stats, inters, experts, origin))
+            routes_of[id(stats)] = routes
             if stop_early and origin is not None:
                 break
         with_origin = [p for p in probes if p[4] is not None]
@@ -487,6 +525,7 @@ def locate_massive_weights(
         median = float(inter.median())
         massiveness = stats[pos].jump
         expert, router_prob = experts.get(chosen, (None, None))
+        routing = routes_of[id(stats)]
         source = "probe" if layer is None and indices is None else "probe+override"
     block = by_index[chosen]
     return LocatorResult(
@@ -507,6 +546,7 @@ def locate_massive_weights(
         layers=stats,
         candidates=candidates,
         warnings=warnings,
+        routing=routing,
         intermediate=inter,
     )
 
