@@ -40,6 +40,8 @@ sys.meta_path.insert(0, NoLlamaFactory())
 def _modules(sub: str) -> list[str]:
     out = []
     for path in sorted((PACKAGE / sub).rglob("*.py")):
+        if path.stem == "__main__":  # runs the command when imported
+            continue
         rel = path.relative_to(REPO).with_suffix("")
         parts = list(rel.parts)
         if parts[-1] == "__init__":

@@ -42,6 +42,21 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 SCREENSHOT = os.environ.get("MACDROP_SCREENSHOT")  # e.g. docs/img/llamaboard_macdrop.png
 
 
+#: scroll the page so that the first occurrence of a text (inside LlamaBoard's one big log block) is near the top
+SCROLL_TO_TEXT = """
+const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+  const at = node.textContent.indexOf(arguments[0]);
+  if (at < 0) continue;
+  const range = document.createRange();
+  range.setStart(node, at); range.setEnd(node, at + arguments[0].length);
+  window.scrollTo(0, range.getBoundingClientRect().top + window.scrollY - 120);
+  return true;
+}
+return false;
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,14 +177,14 @@ def test_a_macdrop_run_started_from_llamaboard(board, browser, tmp_path_factory)
     while time.time() < deadline and "macdrop_p" not in driver.find_element(By.TAG_NAME, "body").text:
         time.sleep(2)
     page = driver.find_element(By.TAG_NAME, "body").text
-    if SCREENSHOT:  # the running log (scrolled to its end) and the loss/macdrop_p plot, below Start
-        driver.execute_script(
-            "for (const e of document.querySelectorAll('main *')) {"
-            "  if (e.scrollHeight > e.clientHeight + 20 && (e.innerText || '').includes('macdrop_p')) e.scrollTop = e.scrollHeight; }")
+    if SCREENSHOT:  # the loss plot with macdrop_p below Start, then the log box at the plugin's lines
         driver.execute_script("arguments[0].scrollIntoView();",
                               driver.find_element(By.XPATH, "//button[normalize-space()='Start']"))
         time.sleep(1)
         driver.save_screenshot(SCREENSHOT)
+        driver.execute_script(SCROLL_TO_TEXT, "MacDrop locator")
+        time.sleep(1)
+        driver.save_screenshot(SCREENSHOT.replace(".png", "_log.png"))
 
     located = json.loads((out / "macdrop_locator.json").read_text())
     assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES[:3])
