@@ -265,12 +265,13 @@ class _Saved:
 class ModelQuantizer:
     """Applies :class:`QuantSetting` s in place from one saved copy of each weight; see the module doc.
 
-    ``super_weights``: the weights ``protect`` = ``sw`` writes back; ``massive``: (layer, rows)
-    whose W_up/W_gate rows ``sw+massive`` also writes back (None: that protection is refused).
+    ``super_weights``: the weights ``protect`` = ``sw`` writes back; ``massive``: (layer, rows) or
+    (layer, rows, expert) whose W_up/W_gate rows ``sw+massive`` also writes back (None: that
+    protection is refused).
     """
 
     def __init__(self, model: nn.Module, super_weights: Sequence[SuperWeightTarget] = (),
-                 massive: Optional[tuple[int, Sequence[int]]] = None,
+                 massive: Optional[tuple] = None,
                  blocks: Optional[Sequence[FFNBlock]] = None) -> None:
         self.model = model
         self.blocks = list(blocks if blocks is not None else find_ffn_blocks(model))
@@ -288,11 +289,11 @@ class ModelQuantizer:
         self.massive = None
         self._massive_rows = []  # (RowTarget, snapshot of its full-precision rows)
         if massive is not None:
-            layer, rows = massive[0], list(massive[1])
+            layer, rows, expert = massive[0], list(massive[1]), (massive[2] if len(massive) > 2 else None)
             if layer not in by_index:
                 raise QuantizationError(f"massive layer {layer} is not a decoder layer of this model")
             self.massive = (layer, rows)
-            targets = by_index[layer].row_targets(rows)
+            targets = by_index[layer].row_targets(rows, expert=expert)
             self._massive_rows = [(t, t.snapshot()) for t in targets]
 
     # ------------------------------------------------------------------ facts
