@@ -142,7 +142,8 @@ def rtn_quantize(weight: torch.Tensor, bits: int, block_size: Optional[int], cli
     hi = blocks.amax(dim=1, keepdim=True)
     span = hi - lo
     flat_span = span > 0
-    scale = (2 ** bits - 1) / torch.where(flat_span, span, torch.ones_like(span))
+    levels = torch.full_like(span, 2 ** bits - 1)  # a true division (int / tensor is levels * (1/span) in torch)
+    scale = levels / torch.where(flat_span, span, torch.ones_like(span))
     q = torch.round((blocks - lo) * scale) / scale + lo
     q = torch.where(flat_span, q, blocks)
     return q.reshape(weight.shape).to(weight.dtype)
