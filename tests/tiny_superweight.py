@@ -96,3 +96,19 @@ def stop_word_ids(tok) -> list[int]:
             if len(ids) == 1:
                 out.append(ids[0])
     return out
+
+
+def state_bits(model) -> dict:
+    """Every tensor of the state dict as bytes, for bitwise before/after comparisons."""
+    return {k: v.detach().clone().view(torch.uint8) for k, v in model.state_dict().items()}
+
+
+def planted_corpus(tokenizer, seed: int = 3):
+    """A PreparedCorpus of the tiny corpus: one window of BOS + 20 sentences (~175 tokens)."""
+    from llamafactory_macdrop.analysis.perplexity import PerplexityProtocol, TextSource, make_windows, tokenize
+    from llamafactory_macdrop.analysis.sweep import PreparedCorpus
+
+    text = " ".join(tiny.corpus(20, seed=seed))
+    protocol = PerplexityProtocol(seq_len=256, bos="stream", drop_partial=False)
+    return PreparedCorpus(TextSource(f"tiny{seed}", text, "tiny.corpus", protocol),
+                          make_windows(tokenize(tokenizer, text), protocol, tokenizer.bos_token_id))

@@ -13,7 +13,7 @@ import tiny_superweight as ts
 import torch
 
 from llamafactory_macdrop.analysis.attacks import SuperWeightTarget
-from llamafactory_macdrop.analysis.perplexity import PerplexityProtocol, TextSource, make_windows, tokenize
+from llamafactory_macdrop.analysis.perplexity import make_windows, tokenize
 from llamafactory_macdrop.analysis.quantization import (
     ModelQuantizer,
     QuantizationReport,
@@ -127,32 +127,9 @@ def test_bad_settings_are_refused_before_the_model_loads(option, value, capsys):
 
 
 # ----------------------------------------------------------------------------- the planted model
-@pytest.fixture(scope="module")
-def sw_dir(tmp_path_factory):
-    return ts.build_super_weight_llama(tmp_path_factory.mktemp("sw_llama"))
-
-
-@pytest.fixture(scope="module")
-def sw_model(sw_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(sw_dir).eval(), AutoTokenizer.from_pretrained(sw_dir)
-
-
-def _corpus(tokenizer, seed=3):
-    text = " ".join(tiny.corpus(20, seed=seed))
-    protocol = PerplexityProtocol(seq_len=256, bos="stream", drop_partial=False)
-    return PreparedCorpus(TextSource(f"tiny{seed}", text, "tiny.corpus", protocol),
-                          make_windows(tokenize(tokenizer, text), protocol, tokenizer.bos_token_id))
-
-
-def _bits(model):
-    return {k: v.detach().clone().view(torch.uint8) for k, v in model.state_dict().items()}
-
-
-def test_clipping_destroys_the_super_weight_and_protecting_it_restores_the_model(sw_model):
-    model, tokenizer = sw_model
-    before = _bits(model)
+def test_clipping_destroys_the_super_weight_and_protecting_it_restores_the_model(super_weight_llama):
+    model, tokenizer = super_weight_llama
+    before = ts.state_bits(model)
     sw = SuperWeightTarget(ts.SW_LAYER, ts.SW_ROW, ts.SW_COL)
     quantizer = ModelQuantizer(model, [sw], (ts.SW_LAYER, [ts.SW_COL]))
     clip = parse_clip("zscore:3")
@@ -164,15 +141,15 @@ def test_clipping_destroys_the_super_weight_and_protecting_it_restores_the_model
     for setting in settings:
         with quantizer.applied(setting):
             seen[setting] = float(down.detach()[ts.SW_ROW, ts.SW_COL])
-            inside = _bits(model)
+            inside = ts.state_bits(model)
             assert all(torch.equal(inside[k], before[k]) for k in kept)  # embeddings, norms, LM head: never
             changed = [k for k in before if not torch.equal(inside[k], before[k])]
             assert (len(changed) == 14) == setting.quantized  # 7 projections x 2 layers
-        after = _bits(model)
+        after = ts.state_bits(model)
         assert all(torch.equal(after[k], before[k]) for k in before), f"not restored after {setting.label}"
 
     report = QuantizationReport(model="planted", dtype="float32", weights={})
-    run_quantization_sweep(quantizer, settings, [_corpus(tokenizer)], report=report, progress=False)
+    run_quantization_sweep(quantizer, settings, [ts.planted_corpus(tokenizer)], report=report, progress=False)
     ppl = {QuantizationReport.key(r): r["ppl"] for r in report.rows}
     fp = ppl[(None, None, None, None)]
     assert fp < 80  # the planted prior: a working model
@@ -185,15 +162,15 @@ def test_clipping_destroys_the_super_weight_and_protecting_it_restores_the_model
     assert seen[settings[5]] == pytest.approx(ts.SW_VALUE, rel=1e-6)
     assert ppl[(3, "tensor", "none", "none")] == pytest.approx(fp, rel=0.05)
     assert report.restored_bitwise
-    assert all(torch.equal(v, before[k]) for k, v in _bits(model).items())
+    assert all(torch.equal(v, before[k]) for k, v in ts.state_bits(model).items())
 
 
-def test_quantize_command(sw_dir, tmp_path, capsys):
+def test_quantize_command(super_weight_llama_dir, tmp_path, capsys):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text(" ".join(tiny.corpus(12, seed=4)))
     b.write_text(" ".join(tiny.corpus(12, seed=5)))
     out = tmp_path / "q.json"
-    argv = ["quantize", str(sw_dir), "--bits", "8", "--block-size", "tensor,64", "--clip", "zscore:3",
+    argv = ["quantize", str(super_weight_llama_dir), "--bits", "8", "--block-size", "tensor,64", "--clip", "zscore:3",
             "--protect", "none,sw", "--text-file", str(a), str(b), "--seq-len", "64", "--keep-partial",
             "--json", str(out), "--csv", str(tmp_path / "q.csv"), "--plot", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
