@@ -211,10 +211,10 @@ def test_smollm2_reference_numbers(smollm2):
     quantizer = ModelQuantizer(model, [SuperWeightTarget(11, 507, 1229)])
     assert len(quantizer.saved) == 210 and quantizer.num_values == 106_168_320  # 30 layers x 7 projections
     report = QuantizationReport(model="smollm2", dtype="float32", weights={})
-    settings = [QuantSetting(), QuantSetting(8, 4096), QuantSetting(6, None), QuantSetting(6, None, protect="sw")]
+    settings = [QuantSetting(), QuantSetting(8, 4096), QuantSetting(6, None, protect="sw")]
     run_quantization_sweep(quantizer, settings, [corpus], report=report, progress=False)
     ppl = [r["ppl"] for r in report.rows]
-    # 6-bit: 42.03 here; the implementation rounds the last bit of scale differently (docs/superweights.md)
-    assert ppl[:3] == pytest.approx([26.76, 26.79, 42.02], rel=1e-3)
-    assert ppl[3] == pytest.approx(ppl[2], rel=0.01)  # the layer-11 super weight alone: almost no change
+    # 6-bit whole tensor: 42.03 here, ~42.01 with the layer-11 super weight kept (RTN keeps a block's
+    # max anyway); the implementation rounds the last bit of scale differently (docs/superweights.md)
+    assert ppl == pytest.approx([26.76, 26.79, 42.02], rel=1e-3)
     assert torch.equal(down[507, 1229], sw_value) and not quantizer.changed()
