@@ -50,6 +50,23 @@ def smollm2(smollm2_dir):
     return AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+@pytest.fixture(scope="session")
+def super_weight_llama_dir(tmp_path_factory) -> Path:
+    """tiny_superweight.py's model: its predictions live in one planted super weight."""
+    import tiny_superweight
+
+    return tiny_superweight.build_super_weight_llama(tmp_path_factory.mktemp("super_weight_llama"))
+
+
+@pytest.fixture(scope="module")
+def super_weight_llama(super_weight_llama_dir):
+    """(model, tokenizer) of super_weight_llama_dir; tests that edit it must restore it bitwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(super_weight_llama_dir).eval(),
+            AutoTokenizer.from_pretrained(super_weight_llama_dir))
+
+
 @pytest.fixture()
 def tiny_llama(tiny_llama_dir):
     from transformers import AutoModelForCausalLM

@@ -14,6 +14,16 @@ Modes (``AttackSetting.mode``):
 ``superweight``  the super weight W_down[row, col] (Yu et al.) := ``scale`` x itself (0 = zero it).
 ``activation``   the massive activations (Sun et al.) leaving their origin layer := 0 or their
                  mean value (``fill``), through a forward hook that is removed afterwards.
+``sw_restore``   the super weight(s) zeroed, and the super activation written back: at every
+                 position where the original down-projection output in the super weight's row
+                 exceeds the target's ``activation_cutoff``, that output gets its original value
+                 (Yu et al.'s "restore the super activation" experiment). The original value is
+                 recomputed in the same forward pass as the zeroed output plus
+                 ``input[col] * original weight``: the down projection's input does not depend on
+                 the super weight (it sits after it), so this is the value the unattacked model
+                 has there, window by window, for every evaluator alike.
+
+Several super weights (``AttackTargets.super_weights``) are scaled, zeroed and restored together.
 
 The rows come from the architecture's block API (``FFNBlock.row_targets``/``down_target``) and
 are edited with :class:`~llamafactory_macdrop.core.masking.RowDropout` (an all-zero or scaled keep
@@ -26,17 +36,18 @@ adapter on top stays as trained (the paper's robustness comparison).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..core.architectures import FFNBlock, find_ffn_blocks
-from ..core.masking import RowDropout, RowTarget, bits
+from ..core.masking import RowDropout, bits
 from ..core.probing import first_tensor
 
-MODES = ("none", "zero", "retain", "superweight", "activation")
+MODES = ("none", "zero", "retain", "superweight", "activation", "sw_restore")
 ATTACK_MODES = MODES[1:]
 ACTIVATION_FILLS = ("zero", "mean")
 
@@ -70,6 +81,8 @@ class AttackSetting:
             return f"superweight x{self.scale:g}"
         if self.mode == "activation":
             return f"activation := {self.fill}"
+        if self.mode == "sw_restore":
+            return "superweight x0 + SA restored"
         return "none"
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +109,9 @@ def sweep_settings(
             settings += [AttackSetting(mode, k) for k in sorted(set(ks)) if k > 0]
         elif mode == "superweight":
             settings += [AttackSetting(mode, scale=float(s)) for s in dict.fromkeys(scales)]
+        elif mode == "sw_restore":  # compared with the zeroed super weight: that row comes first
+            zeroed = AttackSetting("superweight", scale=0.0)
+            settings += [zeroed] * (zeroed not in settings) + [AttackSetting(mode)]
         else:
             settings += [AttackSetting(mode, fill=f) for f in dict.fromkeys(fills)]
     return settings
@@ -103,11 +119,15 @@ def sweep_settings(
 
 @dataclass
 class SuperWeightTarget:
-    """``W_down[row, col]`` of ``layer`` (row: hidden dimension, col: intermediate unit)."""
+    """``W_down[row, col]`` of ``layer`` (row: hidden dimension, col: intermediate unit).
+
+    ``activation_cutoff``: where the super activation is (mode ``sw_restore``): positions whose
+    down output in ``row`` exceeds it in magnitude (:func:`set_activation_cutoffs`)."""
 
     layer: int
     row: int
     col: int
+    activation_cutoff: Optional[float] = None
 
     def __str__(self) -> str:
         return f"layer {self.layer} W_down[{self.row}, {self.col}]"
@@ -143,6 +163,10 @@ class AttackTargets:
     expert: Optional[int] = None
     super_weight: Optional[SuperWeightTarget] = None
     activations: Optional[MassiveActivationTarget] = None
+    super_weights: list[SuperWeightTarget] = field(default_factory=list)  # several; else [super_weight]
+
+    def all_super_weights(self) -> list[SuperWeightTarget]:
+        return list(self.super_weights) or ([self.super_weight] if self.super_weight is not None else [])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,19 +192,12 @@ class ModelAttacker:
         if bad or len(set(targets.indices)) != len(targets.indices):
             raise AttackError(f"--indices {targets.indices}: need distinct units in 0..{size - 1} (layer {targets.layer})")
         self._watched = self.block.row_targets(torch.arange(size), expert=targets.expert)
-        sw = targets.super_weight
-        if sw is not None:
-            down_block = self.blocks.get(sw.layer)
-            if down_block is None or getattr(down_block, "down", None) is None:
-                raise AttackError(f"--super-weight layer {sw.layer}: not a dense layer of this model")
-            column = down_block.down_target([sw.col])
-            width = column.read().shape[1]
-            if not (0 <= sw.col < down_block.intermediate_size and 0 <= sw.row < width):
-                raise AttackError(
-                    f"--super-weight {sw.layer},{sw.row},{sw.col}: row must lie in 0..{width - 1}, "
-                    f"col in 0..{down_block.intermediate_size - 1}"
-                )
-            self._watched.append(column)
+        check_super_weights(self.blocks, targets.all_super_weights())
+        for layer, col in dict.fromkeys((sw.layer, sw.col) for sw in targets.all_super_weights()):
+            self._watched.append(self.blocks[layer].down_target([col]))
+        # the unattacked values, for sw_restore's "what the zeroed weight wrote"
+        self._sw_values = {(sw.layer, sw.row, sw.col): float(self.blocks[sw.layer].down_target([sw.col]).read()[0, sw.row])
+                           for sw in targets.all_super_weights()}
         self._snapshot = [bits(t.read()).clone() for t in self._watched]
 
     # ------------------------------------------------------------------ checks
@@ -205,6 +222,19 @@ class ModelAttacker:
             with self._activation_hook(setting.fill):
                 yield
             return
+        if setting.mode in ("superweight", "sw_restore"):
+            sws = self.targets.all_super_weights()
+            if not sws:
+                raise AttackError(f"mode {setting.mode} needs a super weight (found by the probe or given as "
+                                  "--super-weight L,ROW,COL)")
+            scale = 0.0 if setting.mode == "sw_restore" else setting.scale
+            with scaled_super_weights(self.blocks, sws, scale):
+                if setting.mode == "superweight":
+                    yield
+                else:
+                    with restored_super_activation(self.blocks, sws, [self._sw_values[(sw.layer, sw.row, sw.col)] for sw in sws]):
+                        yield
+            return
         dropout, keep = self._edit(setting)
         try:
             dropout.apply(keep)  # inside: if a later target's write fails, the earlier ones are restored
@@ -213,7 +243,7 @@ class ModelAttacker:
             dropout.restore()
 
     def _edit(self, setting: AttackSetting) -> tuple[RowDropout, torch.Tensor]:
-        """The rows a weight attack touches and the multiplier (keep mask) it applies to them."""
+        """The rows a zero/retain attack touches and the multiplier (keep mask) it applies to them."""
         if setting.mode in ("zero", "retain"):
             if setting.k > self.max_k:
                 raise AttackError(f"--k {setting.k} exceeds the {self.max_k} located rows (layer {self.targets.layer})")
@@ -225,14 +255,7 @@ class ModelAttacker:
                 rows = [i for i in range(self.block.intermediate_size) if i not in chosen]
             dropout = RowDropout(self.block.row_targets(rows, expert=self.targets.expert))
             return dropout, torch.zeros(dropout.mask_shape, device=dropout.device)
-        sw = self.targets.super_weight
-        if sw is None:
-            raise AttackError("mode superweight needs a super weight (found by the probe or given as --super-weight L,ROW,COL)")
-        column: RowTarget = self.blocks[sw.layer].down_target([sw.col])
-        dropout = RowDropout([column])
-        keep = torch.ones(dropout.mask_shape, device=dropout.device)
-        keep[0, sw.row] = setting.scale
-        return dropout, keep
+        raise AttackError(f"mode {setting.mode} edits no rows")
 
     @contextmanager
     def _activation_hook(self, fill: str) -> Iterator[None]:
@@ -286,3 +309,117 @@ def massive_activation_target(model: nn.Module, input_ids, blocks: Optional[Sequ
     means = [sum(m.value for m in found if m.dim == d) / sum(1 for m in found if m.dim == d) for d in dims]
     return MassiveActivationTarget(origin, dims, means)
 
+
+
+# ----------------------------------------------------------------------------- several super weights
+def check_super_weights(blocks: dict[int, FFNBlock], sws: Sequence[SuperWeightTarget]) -> None:
+    """Refuse, in one line, a super weight that is not a W_down entry of this model."""
+    for sw in sws:
+        down_block = blocks.get(sw.layer)
+        if down_block is None or getattr(down_block, "down", None) is None:
+            raise AttackError(f"--super-weight layer {sw.layer}: not a dense layer of this model")
+        width = down_block.down_target([sw.col]).read().shape[1]
+        if not (0 <= sw.col < down_block.intermediate_size and 0 <= sw.row < width):
+            raise AttackError(
+                f"--super-weight {sw.layer},{sw.row},{sw.col}: row must lie in 0..{width - 1}, "
+                f"col in 0..{down_block.intermediate_size - 1}"
+            )
+
+
+@contextmanager
+def scaled_super_weights(blocks: dict[int, FFNBlock], sws: Sequence[SuperWeightTarget], scale: float) -> Iterator[None]:
+    """Every super weight := ``scale`` x itself inside the block, restored bitwise on exit.
+
+    One :class:`RowDropout` per W_down column (a keep mask is shared by the targets of one
+    dropout, so two super weights in different columns cannot share one)."""
+    columns: dict[tuple[int, int], list[int]] = {}
+    for sw in sws:
+        columns.setdefault((sw.layer, sw.col), []).append(sw.row)
+    with ExitStack() as stack:
+        for (layer, col), rows in columns.items():
+            dropout = RowDropout([blocks[layer].down_target([col])])
+            keep = torch.ones(dropout.mask_shape, device=dropout.device)
+            keep[0, rows] = scale
+            stack.callback(dropout.restore)
+            dropout.apply(keep)
+        yield
+
+
+@contextmanager
+def restored_super_activation(blocks: dict[int, FFNBlock], sws: Sequence[SuperWeightTarget],
+                              originals: Sequence[float]) -> Iterator[None]:
+    """Hooks that write the super activation back while the super weights are zeroed (``sw_restore``)."""
+    missing = [str(sw) for sw in sws if sw.activation_cutoff is None]
+    if missing:
+        raise AttackError(f"mode sw_restore needs the super activation's cutoff of {', '.join(missing)} "
+                          "(set_activation_cutoffs measures it on the probe input)")
+    per_row: dict[tuple[int, int], list[tuple[int, float, float]]] = {}
+    for sw, w in zip(sws, originals):
+        per_row.setdefault((sw.layer, sw.row), []).append((sw.col, w, sw.activation_cutoff))
+    handles, inputs = [], {}
+    for (layer, row), entries in per_row.items():
+        down = blocks[layer].down
+        cols = [c for c, _, _ in entries]
+        weights = torch.tensor([w for _, w, _ in entries])
+        cutoff = min(c for _, _, c in entries)
+
+        def pre(module, args, key=(layer, row)):
+            inputs[key] = args[0]
+
+        def post(module, args, output, key=(layer, row), cols=cols, weights=weights, cutoff=cutoff):
+            x, out = inputs.pop(key), first_tensor(output)
+            lost = (x[..., cols].float() * weights.to(x.device)).sum(-1)  # what the zeroed weights wrote
+            original = out[..., key[1]].float() + lost
+            where = original.abs() > cutoff
+            out[..., key[1]] = torch.where(where, original.to(out.dtype), out[..., key[1]])
+            return output
+
+        handles += [down.register_forward_pre_hook(pre), down.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def set_activation_cutoffs(model: nn.Module, input_ids, sws: Sequence[SuperWeightTarget],
+                           blocks: Optional[Sequence[FFNBlock]] = None, relative: float = 0.5) -> None:
+    """Set each super weight's ``activation_cutoff`` to ``relative`` x the largest |down output|
+    in its row over ``input_ids`` (one probe forward): the super activation stands orders of
+    magnitude above the rest of its row, so half of it separates it from everything else."""
+    from ..core.probing import as_batch, forward_with_hooks, per_position
+
+    by_index = {b.index: b for b in (blocks if blocks is not None else find_ffn_blocks(model))}
+    check_super_weights(by_index, sws)
+    peak: dict[tuple[int, int], float] = {}
+
+    def register():
+        handles = []
+        for layer in {sw.layer for sw in sws}:
+            rows = sorted({sw.row for sw in sws if sw.layer == layer})
+
+            def hook(module, args, output, layer=layer, rows=rows):
+                out = per_position(first_tensor(output)).float()
+                for r in rows:
+                    peak[(layer, r)] = float(out[:, r].abs().max())
+
+            handles.append(by_index[layer].down.register_forward_hook(hook))
+        return handles
+
+    forward_with_hooks(model, as_batch(model, input_ids), register)
+    for sw in sws:
+        sw.activation_cutoff = relative * peak[(sw.layer, sw.row)]
+
+
+def super_weight_targets(model: nn.Module, input_ids, which: str = "first",
+                         blocks: Optional[Sequence[FFNBlock]] = None) -> list[SuperWeightTarget]:
+    """``first``: the first candidate that creates the massive activation (what ``super_weight_target``
+    returns); ``all``: every candidate of ``macdrop superweight`` (default rule), in its order."""
+    if which == "first":
+        sw = super_weight_target(model, input_ids, blocks)
+        return [sw] if sw is not None else []
+    if which != "all":
+        raise AttackError(f"--super-weight {which!r} is not allowed: give LAYER,ROW,COL (repeatable) or all")
+    from .superweight import find_super_weights
+
+    return [SuperWeightTarget(c.layer, c.row, c.col) for c in find_super_weights(model, input_ids, blocks=blocks).candidates]

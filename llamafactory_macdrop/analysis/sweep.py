@@ -49,9 +49,12 @@ class AttackReport(JsonReport):
     restored_bitwise: bool = False
     generations: list[dict[str, Any]] = field(default_factory=list)  # --generate: analysis/generation.py
     generation: Optional[dict[str, Any]] = None  # how they were generated
+    recovery: list[dict[str, Any]] = field(default_factory=list)  # sw_restore: see loss_gap_recovery
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"generation": self.generation, "generations": self.generations} if self.generation else {}
+        if self.recovery:
+            extra["sw_restore_recovery"] = self.recovery
         return {**{
             "model": self.model,
             "adapter": self.adapter,
@@ -208,3 +211,41 @@ def attach_adapter(model: nn.Module, adapter_dir: str | Path, model_path: str = 
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AttackError(f"--adapter {folder} does not fit {model_path or 'this model'} (trained on {recorded}): {first}") from None
+
+
+# ----------------------------------------------------------------------------- super activation
+def loss_gap_recovery(report: AttackReport) -> list[dict[str, Any]]:
+    """Per corpus/task: original, super weight zeroed, zeroed + super activation restored, and the
+    share of the gap the restoration closes (Yu et al.: 42 % of the loss on Llama-7B).
+
+    The share is measured on the loss (mean NLL per token) for corpora and on accuracy for tasks:
+    ``(zeroed - restored) / (zeroed - original)``, i.e. 1 = back to the original, 0 = no help."""
+    out = []
+    for dataset, metric in report.columns():
+        key = "nll" if metric == "ppl" else "acc"
+        rows = {r["setting"]: r for r in report.rows if r["dataset"] == dataset and key in r}
+        orig, zeroed, restored = (rows.get(s) for s in ("none", "superweight x0", "superweight x0 + SA restored"))
+        if not (orig and zeroed and restored):
+            continue
+        gap = zeroed[key] - orig[key]
+        entry = {"dataset": dataset, "metric": "loss" if key == "nll" else "acc",
+                 "original": orig[key], "zeroed": zeroed[key], "restored": restored[key],
+                 "recovered": (zeroed[key] - restored[key]) / gap if gap else None}
+        if key == "nll":
+            entry.update(ppl_original=orig["ppl"], ppl_zeroed=zeroed["ppl"], ppl_restored=restored["ppl"])
+        out.append(entry)
+    return out
+
+
+def recovery_table(recovery: list[dict[str, Any]]) -> str:
+    lines = ["| super activation restored | original | SW zeroed | SW zeroed + SA restored | gap recovered |",
+             "|---|---:|---:|---:|---:|"]
+    for e in recovery:
+        share = "-" if e["recovered"] is None else f"{100 * e['recovered']:.0f} %"
+        if e["metric"] == "loss":
+            lines.append(f"| {e['dataset']} loss (ppl) | {e['original']:.4f} ({e['ppl_original']:.2f}) | "
+                         f"{e['zeroed']:.4f} ({e['ppl_zeroed']:.2f}) | {e['restored']:.4f} ({e['ppl_restored']:.2f}) | {share} |")
+        else:
+            lines.append(f"| {e['dataset']} acc | {100 * e['original']:.1f} | {100 * e['zeroed']:.1f} | "
+                         f"{100 * e['restored']:.1f} | {share} |")
+    return "\n".join(lines)

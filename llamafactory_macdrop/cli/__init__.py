@@ -1,7 +1,9 @@
 """``macdrop``: the analysis command line (thin: parse, call the core, print).
 
-One module per command group: :mod:`.analyse` (locate, activations, superweight), :mod:`.attention`, :mod:`.attack`,
-:mod:`.models` (convert-gguf), :mod:`.runs` (summary, keys); :mod:`.common` holds what they share.
+One module per command group: :mod:`.analyse` (locate, activations, superweight), :mod:`.attention`,
+:mod:`.attack`, :mod:`.quantize`, :mod:`.models` (convert-gguf), :mod:`.runs` (summary, keys);
+:mod:`.common` holds what they share, :mod:`.evaluation` the corpus / zero-shot / super-weight
+options of the commands that evaluate.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import analyse, attack, attention, models, runs
+from . import analyse, attack, attention, models, quantize, runs
 
 DESCRIPTION = "``macdrop``: the analysis command line (thin: parse, call the core, print)."
 
@@ -18,7 +20,7 @@ DESCRIPTION = "``macdrop``: the analysis command line (thin: parse, call the cor
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="macdrop", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (analyse, attention, attack, models, runs):  # the order of `macdrop --help`
+    for group in (analyse, attention, attack, quantize, models, runs):  # the order of `macdrop --help`
         group.register(sub)
     return parser
 

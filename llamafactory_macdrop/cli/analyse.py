@@ -111,7 +111,41 @@ def cmd_superweight(args: argparse.Namespace) -> int:
     print(report.table())
     if args.json:
         print(f"written to {report.write_json(args.json)}")
+    if args.stopwords:
+        _stopwords(args, model, tokenizer)
     return 0
+
+
+def _stopwords(args: argparse.Namespace, model, tokenizer) -> None:
+    """``superweight --stopwords``: the stop-word shift when the super weight(s) are zeroed (docs/superweights.md)."""
+    from ..analysis.activations import probe_input_ids
+    from ..analysis.perplexity import bos_token_id, load_text_file, make_windows, tokenize
+    from ..analysis.stopwords import stopword_shift, stopword_token_ids
+    from ..core.architectures import find_ffn_blocks
+    from .evaluation import resolve_super_weights
+
+    blocks = find_ffn_blocks(model)
+    ids = probe_input_ids(model, tokenizer, args.text)
+    sws = resolve_super_weights(args.super_weight, model, ids, blocks)
+    words = stopword_token_ids(tokenizer, args.stopword_tokens)
+    windows, names = [], []
+    for path in args.text_file:
+        src = load_text_file(path, {"seq_len": args.seq_len})
+        w = make_windows(tokenize(tokenizer, src.text), src.protocol, bos_token_id(model, tokenizer))
+        windows += (list(w.full.split(1)) if w.full.shape[0] else []) + ([w.tail] if w.tail is not None else [])
+        names.append(src.name)
+    if not windows:
+        windows, names = [ids], ["--text"]
+    report = stopword_shift(model, windows, words, sws, blocks, texts=names, model_label=args.model)
+    print()
+    print(report.table())
+    print("super weights restored bitwise: yes")
+    if args.stopwords_json:
+        print(f"written to {report.write_json(args.stopwords_json)}")
+    if args.plot:
+        from ..analysis.superweight_plots import plot_stopwords
+
+        print(f"plot written to {plot_stopwords(report, Path(args.plot) / 'stopwords.png')}")
 
 
 def register(sub) -> None:
@@ -154,3 +188,20 @@ def register(sub) -> None:
             p.add_argument("--threshold", type=float, default=None,
                            help="keep layers whose down output spike exceeds this (default: >= 0.5 x the largest)")
             p.add_argument("--top", type=int, default=3, help="at most this many candidates")
+            _stopword_options(p)
+
+
+def _stopword_options(p) -> None:
+    from ..analysis.stopwords import STOP_WORDS
+    from .evaluation import add_super_weight_option
+
+    p.add_argument("--stopwords", action="store_true",
+                   help="also measure the stop-word shift: next-token probability of stop words, super weight(s) zeroed")
+    p.add_argument("--stopword-tokens", nargs="+", default=list(STOP_WORDS), metavar="WORD",
+                   help=f"the stop words (default: {' '.join(STOP_WORDS)})")
+    add_super_weight_option(p)
+    p.add_argument("--text-file", type=Path, nargs="+", default=[],
+                   help="--stopwords: text files to measure over (default: BOS + --text)")
+    p.add_argument("--seq-len", type=int, default=None, help="--stopwords: tokens per window (default 4096)")
+    p.add_argument("--stopwords-json", type=Path, default=None, help="write the stop-word report as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="--stopwords: folder for stopwords.png")

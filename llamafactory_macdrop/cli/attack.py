@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .common import DEFAULT_TEXT, indices_arg, load_model, load_tokenizer, token_arg
+from .evaluation import add_super_weight_option, resolve_super_weights
 
 
 def _ks(text: str) -> list[int]:
@@ -14,15 +15,6 @@ def _ks(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1,2,3,5,10") from None
-
-
-def _super_weight(text: str):
-    from ..analysis.attacks import SuperWeightTarget
-
-    parts = _ks(text)
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LAYER,ROW,COL")
-    return SuperWeightTarget(*parts)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -34,7 +26,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         AttackTargets,
         ModelAttacker,
         massive_activation_target,
-        super_weight_target,
+        set_activation_cutoffs,
         sweep_settings,
     )
     from ..analysis.perplexity import (
@@ -100,19 +92,22 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.indices is not None and max_k > len(args.indices):
         raise AttackError(f"--k {max_k} exceeds the {len(args.indices)} rows given by --indices")
     targets = AttackTargets(located.layer, located.indices, expert=located.expert)
-    if any(s.mode in ("superweight", "activation") for s in settings):
+    if any(s.mode in ("superweight", "activation", "sw_restore") for s in settings):
         from ..analysis.activations import probe_input_ids
 
         ids = probe_input_ids(model, tokenizer, args.probe_text)
-        if any(s.mode == "superweight" for s in settings):
-            targets.super_weight = args.super_weight or super_weight_target(model, ids, blocks)
+        if any(s.mode in ("superweight", "sw_restore") for s in settings):
+            targets.super_weights = resolve_super_weights(args.super_weight, model, ids, blocks)
+            targets.super_weight = targets.super_weights[0] if targets.super_weights else None
+        if any(s.mode == "sw_restore" for s in settings) and targets.super_weights:
+            set_activation_cutoffs(model, ids, targets.super_weights, blocks)
         if any(s.mode == "activation" for s in settings):
             targets.activations = massive_activation_target(model, ids, blocks)
     attacker = ModelAttacker(model, targets, blocks)
     print(f"attack: {args.model}{' + adapter ' + str(args.adapter) if args.adapter else ''} on {device}; "
           f"massive layer {targets.layer} (0-based), rows {targets.indices}"
           + (f", expert {targets.expert}" if targets.expert is not None else "")
-          + (f"; super weight {targets.super_weight}" if targets.super_weight else ""))
+          + (f"; super weight {', '.join(map(str, targets.super_weights))}" if targets.super_weights else ""))
 
     bos = bos_token_id(model, tokenizer)
     corpora = []
@@ -138,6 +133,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     print()
     if report.rows:
         print(report.table())
+    if any(s.mode == "sw_restore" for s in settings):
+        from ..analysis.sweep import loss_gap_recovery, recovery_table
+
+        report.recovery = loss_gap_recovery(report)
+        print(recovery_table(report.recovery))
     if generating:
         from ..analysis.generation import generations_table
 
@@ -156,6 +156,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         from ..analysis.plots import plot_attack_sweep
 
         print(f"plot written to {plot_attack_sweep(report, Path(args.plot) / 'attack_sweep.png')}")
+        if sum(s.mode == "superweight" for s in settings) > 1:
+            from ..analysis.superweight_plots import plot_superweight_scaling
+
+            print(f"plot written to {plot_superweight_scaling(report, Path(args.plot) / 'superweight_scaling.png')}")
     return 0
 
 
@@ -200,7 +204,7 @@ def register(sub) -> None:
     p = sub.add_parser("attack", help="top-k zeroing/retaining (and super-weight, activation) attacks: perplexity and zero-shot")
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
     p.add_argument("--mode", default="zero,retain",
-                   help="comma-separated: zero, retain, superweight, activation (default: zero,retain)")
+                   help="comma-separated: zero, retain, superweight, activation, sw_restore (default: zero,retain)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--k", type=int, default=5, help="top-k rows for zero/retain (default 5)")
     group.add_argument("--k-sweep", type=_ks, default=None, help="comma-separated k values, e.g. 0,1,2,3,5,10")
@@ -208,7 +212,7 @@ def register(sub) -> None:
     p.add_argument("--indices", type=indices_arg, default=None, help="comma-separated row override (ranked)")
     p.add_argument("--probe-token", type=token_arg, default=None, help="as in macdrop locate")
     p.add_argument("--scale", default="0", help="superweight: comma-separated factors for the super weight (0 = zero it)")
-    p.add_argument("--super-weight", type=_super_weight, default=None, help="LAYER,ROW,COL instead of the probe's")
+    add_super_weight_option(p)
     p.add_argument("--fill", default="zero", help="activation: zero and/or mean (comma-separated): what the massive activations become")
     p.add_argument("--probe-text", default=DEFAULT_TEXT, help="input for the super-weight/activation probes (BOS + text)")
     p.add_argument("--adapter", type=Path, default=None, help="LoRA/DoRA adapter folder evaluated on top of MODEL")

@@ -102,7 +102,7 @@ def test_bad_input_gives_one_clear_line(tiny_llama_dir, text_file, gpt2_adapter,
         (["--text-file", str(empty)], f"--text-file {empty} is empty: give a file with text to evaluate"),
         (["--text-file", str(text_file), "--k", "999"], "--k 999 is larger than the intermediate size 128: allowed 1..128"),
         (["--text-file", str(text_file), "--mode", "zero,shuffle"],
-         "--mode shuffle is not allowed: choose from zero, retain, superweight, activation"),
+         "--mode shuffle is not allowed: choose from zero, retain, superweight, activation, sw_restore"),
         ([], "nothing to evaluate: give --text-file, --dataset, --zeroshot or --generate"),
     ]
     for extra, message in cases:

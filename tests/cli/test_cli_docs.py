@@ -93,7 +93,8 @@ def demo_tree(tmp_path_factory, smollm2_dir):
 
 def test_page_has_examples_of_every_command():
     commands = {shlex.split(cmd)[1] for cmd, _ in examples()}
-    assert commands == {"locate", "activations", "superweight", "attention", "attack", "summary", "convert-gguf", "keys"}
+    assert commands == {"locate", "activations", "superweight", "attention", "attack", "quantize", "summary",
+                        "convert-gguf", "keys"}
 
 
 @pytest.mark.parametrize("command, shown", examples(), ids=[c[:60] for c, _ in examples()])

