@@ -1,8 +1,8 @@
 """zeroshot.py: lm-eval's stock tasks on local data, scoring the model object in memory."""
 
 import pytest
-import tiny
 from lm_oracle import preferred
+from zeroshot_data import tiny_docs, write_arc_folder
 
 from llamafactory_macdrop.analysis.attacks import (
     AttackSetting,
@@ -49,23 +49,6 @@ def test_unknown_task_and_missing_folder(tmp_path):
         parse_tasks("arc_easy,hellaswag")
     with pytest.raises(ZeroShotError, match="no saved dataset at"):
         build_task("piqa", data_root=tmp_path)
-
-
-def write_arc_folder(root, docs):
-    import datasets
-
-    datasets.Dataset.from_list(docs).save_to_disk(root / "ai2_arc" / "ARC-Easy" / "validation")
-    return root
-
-
-def tiny_docs(n=24, seed=3):
-    words = tiny.corpus(n * 5, seed=seed)
-    docs = []
-    for i in range(n):
-        q, *choices = words[5 * i: 5 * i + 5]
-        docs.append({"id": str(i), "question": q, "answerKey": "A",
-                     "choices": {"text": [" ".join(c.split()[:3]) for c in choices], "label": list("ABCD")}})
-    return docs
 
 
 def test_lm_eval_scores_the_attacked_model_in_memory(tiny_llama, tiny_llama_dir, tmp_path):

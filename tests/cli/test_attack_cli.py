@@ -7,7 +7,7 @@ import pytest
 import tiny
 import tiny_archs
 from conftest import run_cli
-from test_zeroshot import tiny_docs, write_arc_folder
+from zeroshot_data import tiny_docs, write_arc_folder
 
 pytestmark = pytest.mark.slow
 
