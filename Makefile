@@ -3,6 +3,7 @@
 #   make webui       LlamaBoard's extras (gradio) into .venv
 #   make webui-test  LlamaBoard in headless Chromium (needs Debian's chromium + chromium-driver)
 #   make bench       the CPU benchmark set (docs/benchmarks.md) into bench-results/
+SHELL := /bin/bash
 .PHONY: setup demo test compat webui webui-test bench
 
 setup:
@@ -18,7 +19,9 @@ compat:
 	bash scripts/compat.sh
 
 webui: setup
-	.venv/bin/python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt -r requirements/webui.txt
+	@# pip's resolver notes about LLaMA-Factory's extras left out on purpose (docs/install.md) are noise here
+	set -o pipefail; .venv/bin/python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt \
+		-r requirements/webui.txt 2>&1 | { grep -v -E "^WARNING: Location|pip's dependency resolver|which is not installed|but you have" || true; }
 
 webui-test: webui
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
