@@ -37,13 +37,10 @@ weights in GPU memory, and the whole sweep runs there).
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -51,7 +48,7 @@ from torch import nn
 
 from ..core.architectures import FFNBlock, base_layer, find_ffn_blocks
 from ..core.masking import bits as bit_view
-from ..core.probing import JsonReport
+from ..core.probing import CsvRows, JsonReport
 from .attacks import AttackError, SuperWeightTarget, check_super_weights
 
 CLIP_METHODS = ("none", "zscore", "block_pct", "tensor_pct", "iqr")
@@ -364,7 +361,7 @@ class ModelQuantizer:
 
 # ----------------------------------------------------------------------------- the sweep
 @dataclass
-class QuantizationReport(JsonReport):
+class QuantizationReport(JsonReport, CsvRows):
     """Rows of a quantization sweep (``results``) and what was quantized, kept and measured."""
 
     model: str
@@ -419,21 +416,6 @@ class QuantizationReport(JsonReport):
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def to_csv(self) -> str:
-        keys: dict[str, None] = {}
-        for r in self.rows:
-            keys.update(dict.fromkeys(r))
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(keys), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        return out.getvalue()
-
-    def write_csv(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_csv())
-        return path
 
 
 def _ppl_text(v: float) -> str:

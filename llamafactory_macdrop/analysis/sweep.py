@@ -10,15 +10,13 @@ that produced them, so the JSON and the CSV say how each number was measured.
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from ..core.probing import JsonReport
+from ..core.probing import CsvRows, JsonReport
 from .attacks import AttackSetting, ModelAttacker
 from .perplexity import TextSource, Windows, evaluate_perplexity
 
@@ -36,7 +34,7 @@ class PreparedCorpus:
 
 
 @dataclass
-class AttackReport(JsonReport):
+class AttackReport(JsonReport, CsvRows):
     """Rows of an attack sweep and how they were measured."""
 
     model: str
@@ -106,21 +104,6 @@ class AttackReport(JsonReport):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def to_csv(self) -> str:
-        keys: dict[str, None] = {}
-        for r in self.rows:
-            keys.update(dict.fromkeys(r))
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(keys), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        return out.getvalue()
-
-    def write_csv(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_csv())
-        return path
 
 
 def _row(setting: AttackSetting, dataset: str, **values: Any) -> dict[str, Any]:

