@@ -243,16 +243,26 @@ class PerplexityResult:
     tokens: int  # predicted tokens
     windows: int
     seconds: float
+    #: per window (``per_window=True``): summed NLL and predicted tokens, for paired statistics
+    window_nll: Optional[tuple[float, ...]] = None
+    window_tokens: Optional[tuple[int, ...]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.window_nll is None:
+            out.pop("window_nll"), out.pop("window_tokens")
+        return out
 
 
 @torch.inference_mode()
 def evaluate_perplexity(
-    model: nn.Module, windows: Windows, name: str = "", batch_size: int = 1, progress: bool = True
+    model: nn.Module, windows: Windows, name: str = "", batch_size: int = 1, progress: bool = True,
+    per_window: bool = False,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` over ``windows``; ``batch_size`` full windows per forward pass."""
+    """Perplexity of ``model`` over ``windows``; ``batch_size`` full windows per forward pass.
+
+    ``per_window`` also returns each window's summed NLL (still one read-back per corpus), which
+    ``macdrop compare`` resamples for its paired intervals."""
     import time
 
     from tqdm.auto import tqdm
@@ -264,17 +274,28 @@ def evaluate_perplexity(
     tail = windows.tail.to(device) if windows.tail is not None else None
     chunks = (list(full.split(max(1, batch_size))) if full.shape[0] else []) + ([tail] if tail is not None else [])
     total = torch.zeros((), dtype=torch.float64, device=device)
+    sums: list[torch.Tensor] = []
     start = time.perf_counter()
     try:
         for x in tqdm(chunks, desc=f"perplexity {name}".strip(), unit="batch", disable=not progress, leave=False):
             logits = model(input_ids=x, use_cache=False).logits
-            total += F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum"
-            ).double()
-        nll_sum = float(total)  # the one sync
+            if per_window:
+                per = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
+                sums.append(per.view(x.shape[0], -1).double().sum(dim=1))
+            else:
+                total += F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum"
+                ).double()
+        window_nll = tuple(torch.cat(sums).tolist()) if per_window else None  # the one sync
+        nll_sum = math.fsum(window_nll) if per_window else float(total)
     finally:
         model.train(was_training)
     tokens = windows.predicted_tokens
     nll = nll_sum / tokens
-    return PerplexityResult(name, math.exp(nll), nll, tokens, windows.count, time.perf_counter() - start)
+    window_tokens = None
+    if per_window:
+        window_tokens = (windows.full.shape[1] - 1,) * windows.full.shape[0] + \
+            ((windows.tail.shape[1] - 1,) if windows.tail is not None else ())
+    return PerplexityResult(name, math.exp(nll), nll, tokens, windows.count, time.perf_counter() - start,
+                            window_nll, window_tokens)
 

@@ -165,9 +165,14 @@ class ZeroShotResult:
     acc_norm: Optional[float]
     n: int
     split: str
+    #: per document, in lm-eval's doc_id order (``per_item=True``): 0/1 accuracy, for paired statistics
+    items: Optional[tuple[float, ...]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.items is None:
+            out.pop("items")
+        return out
 
 
 class ZeroShotEvaluator:
@@ -192,21 +197,33 @@ class ZeroShotEvaluator:
 
         self.tasks = {name: build_task(name, data_root) for name in tasks}
         self.limit = limit
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        self._lm_settings = dict(tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        self.lm = HFLM(pretrained=model, **self._lm_settings)
+
+    def rebind(self, model: nn.Module) -> None:
+        """Score ``model`` from now on (e.g. the base with another adapter); the tasks stay built."""
+        from lm_eval.models.huggingface import HFLM
+
+        self.lm = HFLM(pretrained=model, **self._lm_settings)
 
     def splits(self) -> dict[str, str]:
         return {name: OFFLINE_TASKS[name].describe() for name in self.tasks}
 
-    def evaluate(self) -> list[ZeroShotResult]:
+    def evaluate(self, per_item: bool = False) -> list[ZeroShotResult]:
+        """lm-eval's accuracy per task; ``per_item`` also keeps each document's 0/1 score."""
         from lm_eval.evaluator import evaluate
 
         out = evaluate(self.lm, {"tasks": self.tasks, "groups": {}}, limit=self.limit, bootstrap_iters=0,
-                       log_samples=False)
+                       log_samples=per_item)
         results = []
         for name in self.tasks:
             metrics = out["results"][name]
             n = out["n-samples"][name]["effective"]
+            items = None
+            if per_item:
+                logged = sorted(out["samples"][name], key=lambda e: e["doc_id"])
+                items = tuple(float(e["acc"]) for e in logged)
             results.append(ZeroShotResult(name, float(metrics["acc,none"]),
                                           float(metrics["acc_norm,none"]) if "acc_norm,none" in metrics else None,
-                                          int(n), OFFLINE_TASKS[name].split))
+                                          int(n), OFFLINE_TASKS[name].split, items))
         return results

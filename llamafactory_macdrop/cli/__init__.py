@@ -1,7 +1,7 @@
 """``macdrop``: the analysis command line (thin: parse, call the core, print).
 
 One module per command group: :mod:`.analyse` (locate, activations, superweight), :mod:`.attention`,
-:mod:`.attack`, :mod:`.quantize`, :mod:`.models` (convert-gguf), :mod:`.runs` (summary, keys);
+:mod:`.attack`, :mod:`.quantize`, :mod:`.compare`, :mod:`.models` (convert-gguf), :mod:`.runs` (summary, keys);
 :mod:`.common` holds what they share, :mod:`.evaluation` the corpus / zero-shot / super-weight
 options of the commands that evaluate.
 """
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import analyse, attack, attention, models, quantize, runs
+from . import analyse, attack, attention, compare, models, quantize, runs
 
 DESCRIPTION = "``macdrop``: the analysis command line (thin: parse, call the core, print)."
 
@@ -20,7 +20,7 @@ DESCRIPTION = "``macdrop``: the analysis command line (thin: parse, call the cor
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="macdrop", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (analyse, attention, attack, quantize, models, runs):  # the order of `macdrop --help`
+    for group in (analyse, attention, attack, quantize, compare, models, runs):  # the order of `macdrop --help`
         group.register(sub)
     return parser
 
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..analysis.attacks import AttackError
     from ..analysis.attention import AttentionError
+    from ..analysis.compare_runs import CompareError
+    from ..analysis.paired import PairedError
     from ..analysis.perplexity import PerplexityError
     from ..analysis.zeroshot import ZeroShotError
     from ..core.architectures import UnsupportedArchitectureError
@@ -38,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (LocatorError, UnsupportedArchitectureError, MacDropConfigError, FileNotFoundError, AttackError,
-            PerplexityError, ZeroShotError, AttentionError) as err:
+            PerplexityError, ZeroShotError, AttentionError, CompareError, PairedError) as err:
         print(f"macdrop: error: {err}", file=sys.stderr)
         return 2
 

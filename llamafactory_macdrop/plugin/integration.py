@@ -408,6 +408,26 @@ def _validate_model_ranges(lf_args: dict[str, Any] | list[str], config: MacDropC
         )
 
 
+def check_train_config(args: dict[str, Any]) -> Optional[MacDropConfig]:
+    """What ``llamafactory-cli train`` would refuse of this YAML dict, before anything trains
+    (``macdrop compare`` checks every arm first): MacDrop's own checks, then LLaMA-Factory's
+    argument parser (unknown keys, bad values). ``deepspeed`` is left out of the parse, because
+    HF builds its DeepSpeed state there, which needs the launcher's distributed environment;
+    MacDrop's checks above read that config themselves. Raises one-line errors."""
+    lf_args, config = validate_args(args)
+    try:
+        from llamafactory.hparams.parser import _parse_train_args
+    except ImportError as err:  # pragma: no cover - moved internals: the runs themselves will say it
+        raise _internals_error(f"llamafactory.hparams.parser._parse_train_args ({err})") from None
+    probe = {k: v for k, v in dict(lf_args).items() if k != "deepspeed"}
+    try:
+        _parse_train_args(probe)
+    except (ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MacDropConfigError(f"LLaMA-Factory refuses it: {first}") from None
+    return config
+
+
 def ignored_macdrop_keys(args: dict[str, Any] | list[str]) -> list[str]:
     """``macdrop_*`` keys a run without ``macdrop: true`` would silently drop."""
     _, raw = split_macdrop_args(args)

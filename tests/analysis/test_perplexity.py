@@ -52,11 +52,12 @@ def test_perplexity_matches_the_models_own_loss(tiny_llama):
     g = torch.Generator().manual_seed(0)
     stream = torch.randint(4, 300, (150,), generator=g)
     windows = make_windows(stream, PerplexityProtocol(seq_len=32, bos="stream", drop_partial=False), bos=1)
-    total, count = 0.0, 0
+    total, count, per_window = 0.0, 0, []
     with torch.no_grad():
         for row in list(windows.full) + [windows.tail[0]]:
             loss = model(input_ids=row[None], labels=row[None]).loss  # HF: mean over len - 1 predictions
-            total += float(loss) * (row.numel() - 1)
+            per_window.append((float(loss) * (row.numel() - 1), row.numel() - 1))
+            total += per_window[-1][0]
             count += row.numel() - 1
     result = evaluate_perplexity(model, windows, progress=False)
     # BOS + 150 tokens = 4 windows of 32 + a tail of 23; each window's first token is context only
@@ -64,6 +65,11 @@ def test_perplexity_matches_the_models_own_loss(tiny_llama):
     assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
     batched = evaluate_perplexity(model, windows, batch_size=3, progress=False)
     assert batched.ppl == pytest.approx(result.ppl, rel=1e-5)
+    # per window (macdrop compare's bootstrap items): each window's summed NLL and its predictions
+    itemised = evaluate_perplexity(model, windows, batch_size=3, progress=False, per_window=True)
+    assert itemised.window_tokens == tuple(n for _, n in per_window)
+    assert itemised.window_nll == pytest.approx([s for s, _ in per_window], rel=1e-5)
+    assert itemised.ppl == pytest.approx(result.ppl, rel=1e-6) and result.window_nll is None
     assert model.training is False
 
 

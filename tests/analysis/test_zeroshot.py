@@ -77,6 +77,11 @@ def test_lm_eval_scores_the_attacked_model_in_memory(tiny_llama, tiny_llama_dir,
     assert attacked.acc == 1.0 and attacked.n == len(docs) and attacked.split == "validation"
     assert base.acc == pytest.approx(agree / len(docs))
     assert again == base  # restored model, same answers
+    # per document (what macdrop compare's paired bootstrap resamples): right exactly where the
+    # unattacked model prefers what the attacked one does, in document order
+    (per_doc,) = evaluator.evaluate(per_item=True)
+    assert per_doc.items == tuple(float(a == b) for a, b in zip(base_pref, attacked_pref))
+    assert per_doc.acc == base.acc
     limited = ZeroShotEvaluator(model, tokenizer, ["arc_easy"], data_root=tmp_path, limit=5).evaluate()[0]
     assert limited.n == 5
 

@@ -1,0 +1,148 @@
+"""Figures of ``macdrop compare``: metrics per arm with intervals, robustness vs k, loss curves with p.
+
+Why these three: the first answers "is MacDrop better here" (each seed as a dot, the paired
+interval next to it), the second the method's robustness claim (how each arm degrades as more
+of the base model's massive rows are zeroed or kept alone), the third what the training did
+(loss per run, and p on its own axis for the MacDrop arms).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .compare_eval import parse_metric
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(arms: Sequence[str]) -> dict[str, Any]:
+    plt = _plt()
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {a: cycle[i % len(cycle)] for i, a in enumerate(arms)}
+
+
+def plot_metrics(report, path: Path) -> Path:
+    """Clean metrics: one panel each, seeds as dots and mean as a bar per arm; the paired
+    difference's interval written under the panel title."""
+    plt = _plt()
+    metrics = [m for m in report.metric_names() if parse_metric(m)[2] == "clean"] or report.metric_names()[:1]
+    arms = report.arm_names()
+    colors = _colors(arms)
+    cols = min(3, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        scale = 100 if parse_metric(metric)[0] == "acc" else 1
+        for i, arm in enumerate(arms):
+            values = [scale * v for v in report.arm_values(arm, metric)]
+            if not values:
+                continue
+            ax.bar(i, sum(values) / len(values), color=colors[arm], alpha=0.35, width=0.6)
+            ax.scatter([i] * len(values), values, color=colors[arm], s=18, zorder=3)
+        if report.base is not None and metric in report.base.metrics:
+            ax.axhline(scale * report.base.metrics[metric], color="grey", ls="--", lw=1, label="base")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=7, ha="right")
+        lo = min(scale * v for a in arms for v in report.arm_values(a, metric))
+        hi = max(scale * v for a in arms for v in report.arm_values(a, metric))
+        pad = (hi - lo) * 0.6 or abs(hi) * 0.05 or 1
+        ax.set_ylim(lo - pad, hi + pad)
+        diffs = [d for d in report.paired if d.metric == metric]
+        sub = "; ".join(f"Δ {scale * d.mean_diff:+.3g} [{scale * d.low:+.3g}, {scale * d.high:+.3g}]" for d in diffs)
+        ax.set_title(f"{metric}{' (%)' if scale == 100 else ''}\n{sub}", fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_robustness(report, path: Path) -> Path:
+    """Per corpus/task and attack mode: the metric vs k for each arm (mean over seeds, min-max band)."""
+    plt = _plt()
+    curves: dict[tuple[str, str, str], dict[int, str]] = {}
+    for metric in report.metric_names():
+        kind, dataset, setting = parse_metric(metric)
+        if " k=" not in setting:
+            continue
+        mode, k = setting.split(" k=")
+        curves.setdefault((kind, dataset, mode), {})[int(k)] = metric
+    if not curves:
+        raise ValueError("no attack settings were evaluated (--k-sweep none): nothing to plot")
+    arms = report.arm_names()
+    colors = _colors(arms)
+    keys = sorted(curves)
+    cols = min(2, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), dpi=110, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        kind, dataset, mode = key
+        scale = 100 if kind == "acc" else 1
+        clean = f"{kind}/{dataset}/clean"
+        ks = [0] + sorted(curves[key])
+        names = [clean] + [curves[key][k] for k in ks[1:]]
+        for arm in arms:
+            series = [[scale * v for v in report.arm_values(arm, m)] for m in names]
+            if not all(series):
+                continue
+            mean = [sum(s) / len(s) for s in series]
+            ax.plot(ks, mean, marker="o", ms=3, color=colors[arm], label=arm)
+            ax.fill_between(ks, [min(s) for s in series], [max(s) for s in series], color=colors[arm], alpha=0.15)
+        if report.base is not None and all(m in report.base.metrics for m in names):
+            ax.plot(ks, [scale * report.base.metrics[m] for m in names], ls="--", color="grey", label="base")
+        ax.set_xlabel(f"k ({mode}: top-k massive rows of the base)")
+        ax.set_ylabel(f"{kind}{' (%)' if scale == 100 else ''}")
+        if kind == "ppl":
+            ax.set_yscale("log")
+        ax.set_title(f"{dataset}: {mode}", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_losses(histories: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> Path:
+    """Training loss per run (colour: arm, line style: seed) and macdrop_p on a second axis."""
+    plt = _plt()
+    arms = list(dict.fromkeys(a for a, _ in histories))
+    colors = _colors(arms)
+    seeds = sorted({s for _, s in histories})
+    styles = {s: ls for s, ls in zip(seeds, ["-", "--", ":", "-."] * (len(seeds) // 4 + 1))}
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax_p = None
+    for (arm, seed), history in histories.items():
+        steps = [h for h in history if "loss" in h and "step" in h]
+        if steps:
+            ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], color=colors[arm], ls=styles[seed], lw=1.2,
+                    label=f"{arm} seed {seed}")
+        ps = [h for h in history if "macdrop_p" in h]
+        if ps:
+            ax_p = ax_p or ax.twinx()
+            ax_p.plot([h["step"] for h in ps], [h["macdrop_p"] for h in ps], color=colors[arm], ls=styles[seed],
+                      lw=0.8, alpha=0.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    if ax_p is not None:
+        ax_p.set_ylabel("macdrop_p (thin lines)")
+        ax_p.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("training loss per run; p of the MacDrop arms", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

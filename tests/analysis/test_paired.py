@@ -1,0 +1,106 @@
+"""The paired statistics of ``macdrop compare`` against hand computations and the normal approximation.
+
+The oracles here are written out by hand: the point estimates from their definitions
+(perplexity = exp(sum NLL / sum tokens), accuracy = mean score, per seed, averaged over seeds),
+and the interval's width against the textbook standard error of a mean of paired differences
+(CLT), which the bootstrap must approach for large n.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from llamafactory_macdrop.analysis.paired import (
+    AccuracyItems,
+    MeanAccuracyItems,
+    PairedError,
+    PerplexityItems,
+    paired_difference,
+)
+
+
+def _acc(scores):
+    return AccuracyItems(tuple(float(s) for s in scores))
+
+
+def test_point_estimates_and_n_by_hand():
+    # seed 0: control 2/4 right, treatment 3/4; seed 1: control 1/3, treatment 1/3
+    control = {0: _acc([1, 0, 1, 0]), 1: _acc([0, 0, 1])}
+    treatment = {0: _acc([1, 1, 1, 0]), 1: _acc([0, 1, 0])}
+    d = paired_difference("acc/x/clean", control, treatment, higher_is_better=True, iterations=500)
+    assert d.per_seed == pytest.approx([0.75 - 0.5, 1 / 3 - 1 / 3])
+    assert d.mean_diff == pytest.approx((0.25 + 0.0) / 2)
+    assert d.n == 7 and d.seeds == [0, 1]
+    assert d.low <= d.mean_diff <= d.high
+
+    # perplexity by its definition: exp(total NLL / total predicted tokens), windows of unequal length
+    a = PerplexityItems((10.0, 12.0, 3.0), (5, 5, 2))
+    b = PerplexityItems((9.0, 12.5, 2.0), (5, 5, 2))
+    d = paired_difference("ppl/t/clean", {3: a}, {3: b}, higher_is_better=False, iterations=500)
+    assert d.mean_diff == pytest.approx(math.exp(23.5 / 12) - math.exp(25.0 / 12))
+    assert d.n == 3 and d.per_seed == pytest.approx([d.mean_diff])
+
+    # a mean over tasks: the mean of the task differences, n counts every task's documents
+    ctl = MeanAccuracyItems((_acc([1, 0]), _acc([0, 0, 0])))
+    trt = MeanAccuracyItems((_acc([1, 1]), _acc([0, 0, 1])))
+    d = paired_difference("acc/mean/clean", {0: ctl}, {0: trt}, higher_is_better=True, iterations=500)
+    assert d.mean_diff == pytest.approx(((1.0 - 0.5) + (1 / 3 - 0.0)) / 2)
+    assert d.n == 5
+
+
+def test_interval_matches_the_normal_approximation_for_large_n():
+    rng = random.Random(7)
+    control, treatment, diffs = {}, {}, {}
+    for seed, n in ((0, 1500), (1, 1200)):
+        a = [1.0 if rng.random() < 0.55 else 0.0 for _ in range(n)]
+        # the treatment flips some answers of the same documents (paired, correlated)
+        b = [x if rng.random() < 0.85 else (1.0 if rng.random() < 0.7 else 0.0) for x in a]
+        control[seed], treatment[seed] = _acc(a), _acc(b)
+        diffs[seed] = [y - x for x, y in zip(a, b)]
+    d = paired_difference("acc/t/clean", control, treatment, higher_is_better=True, iterations=4000, seed=1)
+    # textbook: the mean over 2 seeds of per-seed mean differences, se^2 = sum_s var_s / n_s / S^2
+    var = sum((sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) / len(v) for v in diffs.values())
+    se = math.sqrt(var) / len(diffs)
+    mean = sum(sum(v) / len(v) for v in diffs.values()) / len(diffs)
+    assert d.mean_diff == pytest.approx(mean)
+    assert d.low == pytest.approx(mean - 1.96 * se, abs=0.15 * 1.96 * se)
+    assert d.high == pytest.approx(mean + 1.96 * se, abs=0.15 * 1.96 * se)
+
+
+def test_verdicts():
+    same = {0: _acc([1, 0, 1, 1, 0] * 20), 1: _acc([0, 1, 1, 0, 1] * 20)}
+    d = paired_difference("acc/t/clean", same, same, higher_is_better=True, iterations=300)
+    assert (d.mean_diff, d.low, d.high, d.direction) == (0.0, 0.0, 0.0, "none")
+    assert "no difference detectable" in d.verdict
+
+    # every document better in both seeds: detectable, in the right direction for each metric kind
+    worse = {s: _acc([0.0] * 50) for s in (0, 1)}
+    better = {s: _acc([1.0] * 25 + [0.0] * 25) for s in (0, 1)}
+    d = paired_difference("acc/t/clean", worse, better, higher_is_better=True, iterations=300)
+    assert d.direction == "better" and d.low > 0
+    lower_nll = {0: PerplexityItems((1.0,) * 40, (4,) * 40)}
+    higher_nll = {0: PerplexityItems((2.0,) * 40, (4,) * 40)}
+    d = paired_difference("ppl/t/clean", higher_nll, lower_nll, higher_is_better=False, iterations=300)
+    assert d.direction == "better" and d.high < 0
+    d = paired_difference("ppl/t/clean", lower_nll, higher_nll, higher_is_better=False, iterations=300)
+    assert d.direction == "worse"
+
+    # a big gain in one seed, a small loss in the other: the item interval may exclude 0, the seeds disagree
+    ctl = {0: _acc([0.0] * 200), 1: _acc([1.0] * 200)}
+    trt = {0: _acc([1.0] * 100 + [0.0] * 100), 1: _acc([1.0] * 196 + [0.0] * 4)}
+    d = paired_difference("acc/t/clean", ctl, trt, higher_is_better=True, iterations=500)
+    assert d.low > 0 and d.per_seed[1] < 0
+    assert d.direction == "none" and "seeds disagree" in d.verdict
+
+
+def test_unpairable_items_are_refused():
+    with pytest.raises(PairedError, match="different items"):
+        paired_difference("acc/t/clean", {0: _acc([1, 0])}, {0: _acc([1, 0, 1])}, higher_is_better=True)
+    with pytest.raises(PairedError, match="share no seed"):
+        paired_difference("acc/t/clean", {0: _acc([1])}, {1: _acc([1])}, higher_is_better=True)
+    with pytest.raises(PairedError, match="not the same windows"):
+        paired_difference("ppl/t/clean", {0: PerplexityItems((1.0,), (3,))}, {0: PerplexityItems((1.0,), (4,))},
+                          higher_is_better=False)

@@ -1,0 +1,178 @@
+"""``macdrop compare`` end to end: 2 arms x 2 seeds through the real ``llamafactory-cli``, resumed.
+
+Oracles from outside: each reported perplexity is recomputed with HF's own loss on the base +
+that run's adapter loaded by peft (and, for an attack, on a copy with the planted top row zeroed
+by hand); windows are cut here from the text, not by the package; the paired difference is
+recomputed from the JSON's per-run values; what each arm trained is read from the YAML files and
+training outputs LLaMA-Factory wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from tiny import PLANTED_INDICES, PLANTED_LAYER, corpus, lf_train_args
+
+pytestmark = pytest.mark.slow
+
+SEQ = 32
+
+
+def _compare(cwd: Path, *extra: str, config: str = "base.yaml"):
+    return run_cli(["macdrop", "compare", config, "--seeds", "0,1", "--text-file", "eval.txt", "--seq-len", str(SEQ),
+                    "--k-sweep", "1,3", "--quiet-train", "--no-progress", "--json", "out.json", "--csv", "out.csv",
+                    *extra], cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_llama_dir, tiny_data_dir):
+    cwd = tmp_path_factory.mktemp("compare")
+    base = lf_train_args(tiny_llama_dir, tiny_data_dir, "runs/tiny", num_train_epochs=1, macdrop_k=3, macdrop_p0=0.5)
+    (cwd / "base.yaml").write_text(yaml.safe_dump(base))
+    (cwd / "eval.txt").write_text(" ".join(corpus(60, seed=11)))
+    proc = _compare(cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return cwd, proc, json.loads((cwd / "out.json").read_text())
+
+
+def _windows(tokenizer, text: str):
+    """BOS once before the stream, consecutive windows of SEQ tokens, the last shorter one kept."""
+    import torch
+
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [torch.tensor(ids[i:i + SEQ]) for i in range(0, len(ids), SEQ) if len(ids[i:i + SEQ]) >= 2]
+
+
+def _hf_ppl(model, windows) -> float:
+    import torch
+
+    total = tokens = 0
+    with torch.no_grad():
+        for w in windows:
+            total += float(model(input_ids=w[None], labels=w[None]).loss) * (w.numel() - 1)
+            tokens += w.numel() - 1
+    return math.exp(total / tokens)
+
+
+def test_two_arms_two_seeds_through_llamafactory_cli(compared, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cwd, proc, out = compared
+    root = cwd / "runs" / "tiny-compare"
+    runs = {(r["arm"], r["seed"]): r for r in out["runs"]}
+    assert set(runs) == {("plain", 0), ("plain", 1), ("macdrop", 0), ("macdrop", 1)}
+    names = {"ppl/eval.txt/clean", "ppl/eval.txt/zero k=1", "ppl/eval.txt/zero k=3",
+             "ppl/eval.txt/retain k=1", "ppl/eval.txt/retain k=3"}
+    assert all(set(r["metrics"]) == names for r in runs.values())  # --text-file only: no zero-shot
+
+    # what each arm trained: the plain arm has no macdrop key and LLaMA-Factory logged no p
+    plain_yaml = yaml.safe_load((root / "configs" / "plain-seed0.yaml").read_text())
+    mac_yaml = yaml.safe_load((root / "configs" / "macdrop-seed1.yaml").read_text())
+    assert not [k for k in plain_yaml if k.startswith("macdrop")]
+    assert mac_yaml["macdrop"] is True and mac_yaml["macdrop_p0"] == 0.5 and mac_yaml["seed"] == 1
+    for (arm, seed), r in runs.items():
+        folder = cwd / r["output_dir"]
+        assert folder == root / arm / f"seed{seed}" and (folder / "adapter_model.safetensors").is_file()
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        logged_p = [h["macdrop_p"] for h in history if "macdrop_p" in h]
+        assert (folder / "macdrop_locator.json").is_file() == (arm == "macdrop")
+        assert bool(logged_p) == (arm == "macdrop")
+        if arm == "macdrop":
+            assert json.loads((folder / "macdrop_locator.json").read_text())["layer"] == PLANTED_LAYER
+            assert logged_p[0] > logged_p[-1]  # step curriculum from p0 = 0.5 down
+
+    # every reported perplexity against HF's loss on base + that adapter (attack: the planted top row zeroed here)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    windows = _windows(tokenizer, (cwd / "eval.txt").read_text())
+    for (arm, seed), r in runs.items():
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+        model = PeftModel.from_pretrained(base, str(cwd / r["output_dir"])).eval()
+        assert r["metrics"]["ppl/eval.txt/clean"] == pytest.approx(_hf_ppl(model, windows), rel=1e-4)
+        if (arm, seed) == ("macdrop", 1):
+            mlp = base.model.layers[PLANTED_LAYER].mlp
+            import torch
+
+            with torch.no_grad():
+                for proj in (mlp.gate_proj, mlp.up_proj):
+                    weight = proj.base_layer.weight if hasattr(proj, "base_layer") else proj.weight
+                    weight[PLANTED_INDICES[0]] = 0
+            assert r["metrics"]["ppl/eval.txt/zero k=1"] == pytest.approx(_hf_ppl(model, windows), rel=1e-4)
+
+    # the paired rows: the seed-mean of the per-run differences, n = windows x seeds
+    paired = {p["metric"]: p for p in out["paired"]}
+    assert set(paired) == names
+    for metric, p in paired.items():
+        assert {"metric", "mean_diff", "low", "high", "n"} <= set(p)
+        diffs = [runs[("macdrop", s)]["metrics"][metric] - runs[("plain", s)]["metrics"][metric] for s in (0, 1)]
+        assert p["mean_diff"] == pytest.approx(sum(diffs) / 2, rel=1e-9)
+        assert p["n"] == 2 * len(windows) and p["low"] <= p["high"]
+    assert out["restored_bitwise"] is True and out["verdict"]
+
+    # the other outputs: CSV (one line per run and metric, plus the base), report, plots, stdout
+    lines = (cwd / "out.csv").read_text().splitlines()
+    assert lines[0].startswith("arm,seed,output_dir,metric") and len(lines) == 1 + 5 * len(names)
+    report = (root / "report.md").read_text()
+    assert "## Verdict" in report and "macdrop − plain" in report
+    for name in ("compare_metrics.png", "compare_robustness.png", "compare_loss.png"):
+        assert (root / "plots" / name).stat().st_size > 10_000
+    assert "verdict: macdrop vs plain" in proc.stdout and "| ppl/eval.txt/clean |" in proc.stdout
+    assert "plain seed 0: {'loss'" in proc.stdout  # --quiet-train still shows the trainer's loss lines
+
+
+def test_rerun_skips_finished_runs_and_restarts_a_crashed_one(compared):
+    cwd, _, first = compared
+    root = cwd / "runs" / "tiny-compare"
+    (root / "plain" / "seed1" / "macdrop_compare_run.json").unlink()  # as if it had been killed
+    proc = _compare(cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("plain seed 0", "macdrop seed 0", "macdrop seed 1"):
+        assert f"{name}: finished before, skipped" in proc.stdout
+    assert "plain seed 1: unfinished folder moved aside to" in proc.stdout
+    assert len(re.findall(r"\] \d/4 training ", proc.stdout)) == 1
+    aside = [p for p in (root / "plain").iterdir() if p.name.startswith("seed1.crashed-")]
+    assert len(aside) == 1 and (aside[0] / "adapter_model.safetensors").is_file()  # kept, not deleted
+    assert proc.stdout.count("(items reused from an earlier evaluation") == 3
+    second = json.loads((cwd / "out.json").read_text())
+    before = {(r["arm"], r["seed"]): r["metrics"] for r in first["runs"]}
+    after = {(r["arm"], r["seed"]): r for r in second["runs"]}
+    for key in (("plain", 0), ("macdrop", 0), ("macdrop", 1)):
+        assert after[key]["metrics"] == before[key] and after[key]["evaluation_reused"] is True
+    assert after[("plain", 1)]["evaluation_reused"] is False
+
+
+def test_refusals_come_before_anything_trains(compared, tmp_path):
+    cwd, _, _ = compared
+    base = yaml.safe_load((cwd / "base.yaml").read_text())
+    # a finished run whose settings the base YAML no longer has: refused, nothing retrained
+    (cwd / "changed.yaml").write_text(yaml.safe_dump({**base, "learning_rate": 0.002}))
+    proc = _compare(cwd, "--output-dir", "runs/tiny-compare", config="changed.yaml")
+    assert proc.returncode == 2 and "learning_rate: 0.001 then, 0.002 now" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not re.search(r"\] \d/4 training ", proc.stdout)
+
+    # a grid arm the plugin refuses (DoRA with p0 = 1): one line naming the arm and the key, no folder made
+    proc = _compare(cwd, "--output-dir", str(tmp_path / "grid"), "--grid", "use_dora=false,true", "--grid", "macdrop_p0=0.5,1.0")
+    assert proc.returncode == 2 and not (tmp_path / "grid").exists()
+    (line,) = proc.stderr.strip().splitlines()
+    assert "arm macdrop-use_dora_true-p0_1.0" in line and "macdrop_p0" in line and "nothing was trained" in line
+    # a key LLaMA-Factory's own parser does not know
+    (cwd / "typo.yaml").write_text(yaml.safe_dump({**base, "lora_rnak": 4}))
+    proc = _compare(cwd, "--output-dir", str(tmp_path / "typo"), config="typo.yaml")
+    assert proc.returncode == 2 and "lora_rnak" in proc.stderr and not (tmp_path / "typo").exists()
+
+    # the grid's plan: LoRA and DoRA versions of both arms, each MacDrop arm paired with its plain one
+    proc = _compare(cwd, "--output-dir", str(tmp_path / "plan"), "--plan-only", "--grid", "use_dora=false,true",
+                    "--grid", "macdrop_p0=0.5,0.8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "6 arms x 2 seeds" in proc.stdout
+    assert "macdrop-use_dora_true-p0_0.8" in proc.stdout and "(paired with plain-use_dora_true)" in proc.stdout
+    assert not (tmp_path / "plan").exists()
+    shutil.rmtree(tmp_path, ignore_errors=True)
