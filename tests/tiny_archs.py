@@ -246,3 +246,29 @@ def build_routed_moe(name: str = "mixtral", layers: int = 4, seed: int = 0, voca
             if block.index == PLANTED_LAYER:
                 block.router.weight[ROUTED_EXPERT, 0] = 20.0
     return model
+
+
+# ----------------------------------------------------------------------------- uneven FFN widths
+@torch.no_grad()
+def build_uneven_widths(width0: int, width_origin: int, seed: int = 0, vocab: int = V):
+    """A 3-layer planted Llama whose FFN widths differ per layer: layer 0 has ``width0``
+    intermediate units, PLANTED_LAYER (the origin, 1) and layer 2 have ``width_origin``.
+
+    Built by hand (no config names per-layer widths): two models of the same seed and init, one
+    per width, and layer 0's MLP taken from the ``width0`` one; then planted as :func:`plant` does
+    (decoy DECOY_INDEX at layer 0, massive rows PLANTED_INDICES at PLANTED_LAYER), so the origin is
+    known by construction. Both widths must exceed max(PLANTED_INDICES) and DECOY_INDEX as needed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    assert width0 > DECOY_INDEX and width_origin > max(PLANTED_INDICES)
+    built = []
+    for width in (width_origin, width0):
+        cfg = configs(LAYERS, vocab)["llama"]
+        cfg.intermediate_size = width
+        torch.manual_seed(seed)
+        built.append(AutoModelForCausalLM.from_config(cfg).eval())
+    model, wide = built
+    model.model.layers[0].mlp = wide.model.layers[0].mlp
+    plant(model)
+    return model

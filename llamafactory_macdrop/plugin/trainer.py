@@ -146,15 +146,15 @@ def _broadcast_from_rank0(payload: Any) -> Any:
     return box[0]
 
 
-def last_checkpoint(output_dir: str, before: int) -> Optional[str]:
-    """The newest ``output_dir/checkpoint-N`` with N < ``before`` (None if there is none)."""
+def last_checkpoint(output_dir: str, before: int) -> Optional[tuple[str, int]]:
+    """The newest ``output_dir/checkpoint-N`` with N < ``before`` and its N (None if there is none)."""
     try:
         names = os.listdir(output_dir)
     except OSError:
         return None
     steps = [int(m.group(1)) for m in map(re.compile(r"checkpoint-(\d+)$").match, names) if m]
     steps = [n for n in steps if n < before and os.path.isdir(os.path.join(output_dir, f"checkpoint-{n}"))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    return (os.path.join(output_dir, f"checkpoint-{max(steps)}"), max(steps)) if steps else None
 
 
 def _rank0_first_token(inputs: Any, tokenizer: Any):
@@ -325,9 +325,11 @@ class MacDropTrainerMixin:
             if not flag.item():
                 return
             what = "the training loss is nan/inf"
+        # read off the checkpoint's name, its contents are not checked: every optimizer step is checked
+        # as it ends, so a checkpoint-N with N < step predates the first non-finite step
         ckpt = last_checkpoint(self.args.output_dir, step)
-        saved = (f"the last checkpoint, {ckpt}, was saved before this step and is intact"
-                 if ckpt else "no checkpoint was saved before this step")
+        saved = (f"the last checkpoint, {ckpt[0]}, was saved at step {ckpt[1]}, before the first non-finite step"
+                 if ckpt else f"{self.args.output_dir} holds no checkpoint from before this step")
         p = run.last_p
         raise NonFiniteTrainingError(
             f"MacDrop run went non-finite at optimizer step {step} ({what}, macdrop_p={p if p is None else round(p, 6)}): "

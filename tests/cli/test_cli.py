@@ -155,6 +155,50 @@ def test_macdrop_locate_probes_what_the_template_puts_first_and_warns_when_nothi
     assert [(c["token_id"], c["origin_layer"]) for c in data["candidates"]] == [(ta.BOS, None), (ta.EOS, None)]
 
 
+def layer_output_max(model_dir, token):
+    """Outside measurement: max |residual| leaving each decoder layer at ``token`` alone (forward hooks)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: out.append(float((o[0] if isinstance(o, tuple) else o)[0, 0].abs().max())))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[token]]))
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_macdrop_locate_probe_token_override_is_the_only_candidate_and_is_reported(tmp_path):
+    import tiny_archs as ta
+
+    # Qwen-style: the chat template starts with <|im_start|> (1), the only token that sets off the planted
+    # rows; the config BOS <|endoftext|> (0) sets off nothing (without an override <|im_start|> wins, see above)
+    chatml = ta.save_chatml_model(tmp_path / "chatml")
+    proc = run_cli(["macdrop", "locate", str(chatml), "--probe-token", "0", "--json", str(tmp_path / "bos.json")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # nothing massive for that token: a finding, not an error
+    assert "probe token: 0 '<|endoftext|>' (override)" in proc.stdout
+    assert proc.stdout.count("warning: no massive activation") == 1
+    data = json.loads((tmp_path / "bos.json").read_text())
+    assert (data["probe_token_id"], data["probe_token_text"], data["probe_token_source"]) == (0, "<|endoftext|>", "override")
+    assert data["massive"] is False and len(data["warnings"]) == 1
+    assert [(c["token_id"], c["source"], c["origin_layer"]) for c in data["candidates"]] == [(0, "override", None)]
+    outside = layer_output_max(chatml, 0)
+    assert max(outside) < 10 and data["candidates"][0]["residual_max"] == pytest.approx(max(outside), rel=1e-4)
+
+    text = run_cli(["macdrop", "locate", str(chatml), "--probe-token", "<|im_start|>", "--json", str(tmp_path / "im.json")],
+                   cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "probe token: 1 '<|im_start|>' (override: first token of '<|im_start|>')" in text.stdout
+    data = json.loads((tmp_path / "im.json").read_text())
+    assert (data["probe_token_id"], data["probe_token_source"]) == (1, "override: first token of '<|im_start|>'")
+    assert (data["layer"], data["indices"], data["massive"], data["warnings"]) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES, True, [])
+    assert [c["token_id"] for c in data["candidates"]] == [1]
+    outside = layer_output_max(chatml, 1)
+    assert outside[ta.PLANTED_LAYER - 1] < 10 < 100 < outside[ta.PLANTED_LAYER]  # created at the planted layer
+
+
 def test_startup_hook_is_light_and_can_be_switched_off(tmp_path):
     code = "import sys; print('torch' in sys.modules, any(type(f).__name__ == '_LlamaFactoryFinder' for f in sys.meta_path))"
     out = run_cli(["python", "-c", code], cwd=tmp_path).stdout.split()

@@ -63,6 +63,41 @@ def test_bad_overrides_fail_clearly(tiny_llama, kwargs, fragment):
         locate_massive_weights(tiny_llama, k, **kwargs)
 
 
+def intermediate_at(model, layer, token):
+    """Outside measurement: |act(gate(x)) * up(x)| of a Llama layer at ``token`` alone (down_proj's input)."""
+    seen = {}
+    hook = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda module, args: seen.setdefault("inter", args[0][0, 0].abs()))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[token]]))
+    finally:
+        hook.remove()
+    return seen["inter"]
+
+
+def test_indices_alone_are_checked_against_the_located_layer_not_layer_0():
+    """macdrop_indices without macdrop_layer index the LOCATED layer's rows, whose count may differ
+    from layer 0's: models built with a different FFN width at layer 0 than at the planted origin."""
+    import tiny_archs as ta
+
+    wide0 = ta.build_uneven_widths(192, 128)  # layer 0 wider than the origin
+    narrow0 = ta.build_uneven_widths(64, 160)  # the origin wider than layer 0
+    for model, widths in ((wide0, [192, 128, 128]), (narrow0, [64, 160, 160])):
+        assert [layer.mlp.up_proj.weight.shape[0] for layer in model.model.layers] == widths
+        located = locate_massive_weights(model, 5)
+        assert (located.layer, located.indices, located.massive) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES, True)
+    # 150 is a row of layer 0 (192 wide) but not of the origin (128 wide): refused in one line
+    with pytest.raises(LocatorError) as err:
+        locate_massive_weights(wide0, 2, indices=[13, 150])
+    assert str(err.value) == "macdrop_indices=[13, 150]: [150] outside 0..127 (intermediate size 128 of layer 1)"
+    # 100 is a row of the origin (160 wide) but not of layer 0 (64 wide): accepted, and read at the origin
+    result = locate_massive_weights(narrow0, 2, indices=[13, 100])
+    assert (result.layer, result.indices, result.source) == (ta.PLANTED_LAYER, [13, 100], "probe+override")
+    inter = intermediate_at(narrow0, ta.PLANTED_LAYER, ta.BOS)
+    assert result.magnitudes == pytest.approx([float(inter[13]), float(inter[100])])
+
+
 def test_json_round_trip(tiny_llama, tmp_path):
     result = locate_massive_weights(tiny_llama, 5)
     path = result.write_json(tmp_path / "macdrop_locator.json")

@@ -104,3 +104,19 @@ def test_training_probes_the_first_batch_token(chatml_dir, tiny_data_dir, tmp_pa
         assert located["massive"] is False and {c["origin_layer"] for c in located["candidates"]} == {None}
         assert len(located["warnings"]) == 1 and located["warnings"][0].startswith("no massive activation")
         assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_macdrop_probe_token_overrides_the_first_batch_token(chatml_dir, tiny_data_dir, tmp_path):
+    """A chat run whose first-batch token <|im_start|> carries the massive activation (the test
+    above); ``macdrop_probe_token`` names the config BOS <|endoftext|> instead, which sets off nothing:
+    the run probes that token alone, records it and its source, warns, and trains on."""
+    args = tiny.lf_train_args(chatml_dir, tiny_data_dir, tmp_path, template="qwen", num_train_epochs=1, max_steps=1,
+                              macdrop_probe_token="<|endoftext|>")
+    run_in_process(args, [])
+    located = json.loads((tmp_path / "macdrop_locator.json").read_text())
+    assert (located["probe_token_id"], located["probe_token_text"], located["probe_token_source"]) == (
+        ENDOFTEXT, "<|endoftext|>", "override: first token of '<|endoftext|>'")
+    assert [(c["token_id"], c["origin_layer"]) for c in located["candidates"]] == [(ENDOFTEXT, None)]  # the only one
+    assert located["massive"] is False
+    assert len(located["warnings"]) == 1 and located["warnings"][0].startswith("no massive activation")
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 1
