@@ -18,6 +18,19 @@ def _default_train_command() -> str:
     return f"{here if here.is_file() else (shutil.which('llamafactory-cli') or 'llamafactory-cli')} train"
 
 
+def _child_env() -> dict:
+    """The environment for the training command: ours, with this interpreter's bin folder first on
+    PATH, so what LLaMA-Factory's launcher starts (torchrun, deepspeed) comes from the same
+    environment as ``llamafactory-cli`` even when it is not activated."""
+    import os
+
+    env = dict(os.environ)
+    here = str(Path(sys.executable).parent)
+    if here not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = here + os.pathsep + env.get("PATH", "")
+    return env
+
+
 def _ks(text: str) -> list[int]:
     if text.strip().lower() == "none":
         return []
@@ -109,6 +122,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
 
     # ---- training: one normal LLaMA-Factory run per arm x seed
+    env = _child_env()
     train_start = time.time()
     for i, run in enumerate(runs, 1):
         state = run.state()
@@ -118,7 +132,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if state == "crashed":
             print(f"[compare] {i}/{len(runs)} {run.name}: unfinished folder moved aside to {move_aside(run.output_dir)}")
         print(f"[compare] {i}/{len(runs)} training {run.name} -> {run.output_dir} (log {run.log_path})", flush=True)
-        seconds = train(run, command, stream_output=not args.quiet_train)
+        seconds = train(run, command, stream_output=not args.quiet_train, env=env)
         print(f"[compare] {i}/{len(runs)} {run.name}: trained in {seconds:.0f} s", flush=True)
     trained_for = time.time() - train_start
     if args.no_eval:

@@ -93,7 +93,7 @@ def demo_tree(tmp_path_factory, smollm2_dir):
 
 def test_page_has_examples_of_every_command():
     commands = {shlex.split(cmd)[1] for cmd, _ in examples()}
-    assert commands == {"locate", "activations", "superweight", "attention", "attack", "quantize", "summary",
+    assert commands == {"locate", "activations", "superweight", "attention", "attack", "quantize", "compare", "summary",
                         "convert-gguf", "keys"}
 
 

@@ -33,11 +33,18 @@ def _compare(cwd: Path, *extra: str, config: str = "base.yaml"):
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory, tiny_llama_dir, tiny_data_dir):
+def workdir(tmp_path_factory, tiny_llama_dir, tiny_data_dir):
+    """A folder with the base YAML (tiny planted Llama, 4 optimizer steps) and an evaluation text."""
     cwd = tmp_path_factory.mktemp("compare")
     base = lf_train_args(tiny_llama_dir, tiny_data_dir, "runs/tiny", num_train_epochs=1, macdrop_k=3, macdrop_p0=0.5)
     (cwd / "base.yaml").write_text(yaml.safe_dump(base))
     (cwd / "eval.txt").write_text(" ".join(corpus(60, seed=11)))
+    return cwd
+
+
+@pytest.fixture(scope="module")
+def compared(workdir):
+    cwd = workdir
     proc = _compare(cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return cwd, proc, json.loads((cwd / "out.json").read_text())
@@ -176,3 +183,24 @@ def test_refusals_come_before_anything_trains(compared, tmp_path):
     assert "macdrop-use_dora_true-p0_0.8" in proc.stdout and "(paired with plain-use_dora_true)" in proc.stdout
     assert not (tmp_path / "plan").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_launcher_settings_and_the_train_command_pass_through(workdir, tmp_path):
+    """FORCE_TORCHRUN/NPROC_PER_NODE reach the training command, which trains on 2 ranks."""
+    cwd = workdir
+    wrapper = tmp_path / "train.sh"
+    wrapper.write_text('#!/usr/bin/env bash\necho "$FORCE_TORCHRUN $NPROC_PER_NODE" >> "$(dirname "$0")/env.txt"\n'
+                       f'exec "{Path(__import__("sys").executable).parent / "llamafactory-cli"}" train "$@"\n')
+    wrapper.chmod(0o755)
+    out = tmp_path / "ddp"
+    proc = run_cli(["macdrop", "compare", "base.yaml", "--seeds", "0", "--output-dir", str(out), "--no-eval",
+                    "--quiet-train", "--train-command", str(wrapper)], cwd=cwd,
+                   env_extra={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29517"}, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "env.txt").read_text().splitlines() == ["1 2", "1 2"]  # plain, macdrop
+    for arm in ("plain", "macdrop"):
+        state = json.loads((out / arm / "seed0" / "trainer_state.json").read_text())
+        # 32 examples, batch 4 x accumulation 2 per rank: 4 steps on one process, 2 on two ranks
+        assert state["global_step"] == 2, state["global_step"]
+        log = (out / "logs" / f"{arm}-seed0.log").read_text()
+        assert "Initializing 2 distributed tasks" in log  # LLaMA-Factory's launcher started torchrun
