@@ -1,4 +1,5 @@
-"""Figures of ``macdrop compare``: metrics per arm with intervals, robustness vs k, loss curves with p.
+"""Figures of ``macdrop compare``: metrics per arm, paired differences with their intervals,
+robustness vs k, loss curves with p.
 
 Why these three: the first answers "is MacDrop better here" (each seed as a dot, the paired
 interval next to it), the second the method's robustness claim (how each arm degrades as more
@@ -45,7 +46,9 @@ def plot_metrics(report, path: Path) -> Path:
             values = [scale * v for v in report.arm_values(arm, metric)]
             if not values:
                 continue
-            ax.bar(i, sum(values) / len(values), color=colors[arm], alpha=0.35, width=0.6)
+            mean = sum(values) / len(values)
+            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            ax.bar(i, mean, yerr=sd, capsize=4, color=colors[arm], alpha=0.35, width=0.6)
             ax.scatter([i] * len(values), values, color=colors[arm], s=18, zorder=3)
         if report.base is not None and metric in report.base.metrics:
             ax.axhline(scale * report.base.metrics[metric], color="grey", ls="--", lw=1, label="base")
@@ -60,6 +63,38 @@ def plot_metrics(report, path: Path) -> Path:
         ax.set_title(f"{metric}{' (%)' if scale == 100 else ''}\n{sub}", fontsize=8)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_paired(report, path: Path) -> Path:
+    """Every paired difference (arm - control) with its bootstrap interval, one panel per metric
+    kind, one row per metric; filled markers where the verdict is a detectable difference."""
+    plt = _plt()
+    kinds = list(dict.fromkeys(parse_metric(d.metric)[0] for d in report.paired))
+    treatments = list(dict.fromkeys(d.treatment for d in report.paired))
+    colors = _colors(treatments)
+    rows = max(sum(1 for d in report.paired if parse_metric(d.metric)[0] == k) for k in kinds)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 0.9 + 0.32 * rows), dpi=110, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        scale = 100 if kind == "acc" else 1
+        diffs = [d for d in report.paired if parse_metric(d.metric)[0] == kind]
+        labels = list(dict.fromkeys(d.metric for d in diffs))
+        for j, t in enumerate(treatments):
+            offset = (j - (len(treatments) - 1) / 2) * 0.25
+            for d in (d for d in diffs if d.treatment == t):
+                y = labels.index(d.metric) + offset
+                ax.errorbar(scale * d.mean_diff, y, xerr=[[scale * (d.mean_diff - d.low)], [scale * (d.high - d.mean_diff)]],
+                            fmt="o", ms=4, capsize=3, color=colors[t], mfc=colors[t] if d.direction != "none" else "white",
+                            label=f"{t} − {d.control}" if d.metric == labels[0] else None)
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_yticks(range(len(labels)), [m.split("/", 1)[1] for m in labels], fontsize=7)
+        ax.invert_yaxis()
+        better = "lower is better" if kind == "ppl" else "higher is better"
+        ax.set_xlabel(f"difference in {kind}{' (points)' if scale == 100 else ''} ({better})")
+        ax.legend(fontsize=7)
+        conf = round(100 * diffs[0].confidence)
+        ax.set_title(f"paired differences, {conf} % bootstrap intervals (filled: detectable)", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -64,9 +64,14 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
                                f"{', '.join(SHARED_GRID_KEYS)} (both arms)")
         if key in grid:
             raise CompareError(f"--grid {key} is given twice: put all its values in one --grid {key}=V1,V2")
-        parsed = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
+        try:
+            parsed = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
+        except yaml.YAMLError:
+            raise CompareError(f"--grid {item!r}: a value is not a plain YAML scalar (write numbers, words, true/false)") from None
         if len(set(map(str, parsed))) != len(parsed):
             raise CompareError(f"--grid {item!r}: a value is listed twice")
+        if key in SHARED_GRID_KEYS and not all(isinstance(v, bool) for v in parsed):
+            raise CompareError(f"--grid {item!r}: {key} takes true and/or false")
         grid[key] = parsed
     return grid
 
@@ -116,6 +121,11 @@ def plan_arms(base: dict[str, Any], grid: Optional[dict[str, list[Any]]] = None)
             name = "-".join(["macdrop"] + [_label(k, v) for k, v in varied.items()])
             arms.append(Arm(name, {**mac_base, **shared_set, **dict(zip(grid, values))}, True,
                             control=plain_name, varied=varied))
+    names = [a.name for a in arms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CompareError(f"--grid gives two arms the same folder name {twice[0]!r}: use values that differ in "
+                           "more than '/' and spaces")
     return arms, notes
 
 
@@ -137,20 +147,44 @@ class Run:
         return {**self.arm.config, "output_dir": str(self.output_dir), "seed": self.seed}
 
     def marker(self) -> Optional[dict[str, Any]]:
+        """The finished-run record, or None (none, or unreadable: a write cut short counts as unfinished)."""
         path = self.output_dir / MARKER
-        return json.loads(path.read_text()) if path.is_file() else None
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
 
     def state(self) -> str:
         """finished | stale (finished with another config) | crashed (folder, no marker) | new."""
         mark = self.marker()
         if mark is not None:
-            return "finished" if mark.get("config") == _jsonable(self.config()) else "stale"
+            return "finished" if _comparable(mark.get("config", {})) == _comparable(self.config()) else "stale"
         return "crashed" if self.output_dir.exists() else "new"
 
+    def train_info(self) -> dict[str, Any]:
+        """What the run's training did: wall time (marker), steps, last logged and mean loss, p first/last."""
+        mark, history = self.marker() or {}, read_log_history(self.output_dir)
+        losses = [h for h in history if "loss" in h]
+        ps = [h["macdrop_p"] for h in history if "macdrop_p" in h]
+        info = {"seconds": mark.get("train_seconds"), "steps": max((h.get("step", 0) for h in history), default=None),
+                "final_loss": losses[-1]["loss"] if losses else None,
+                "train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)}
+        if ps:
+            info.update(p_first=ps[0], p_last=ps[-1])
+        return info
+
     def stale_key(self) -> str:
-        old, new = (self.marker() or {}).get("config", {}), _jsonable(self.config())
+        old, new = _comparable((self.marker() or {}).get("config", {})), _comparable(self.config())
         key = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), "?")
         return f"{key}: {old.get(key)!r} then, {new.get(key)!r} now"
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config as recorded, without ``output_dir`` (the marker's place already says which
+    run it is; a relative and an absolute ``--output-dir`` must not make a finished run stale)."""
+    out = _jsonable(config)
+    out.pop("output_dir", None)
+    return out
 
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +251,8 @@ def train(run: Run, command: Sequence[str], *, echo: Callable[[str], None] = pri
     its last error line) if the command fails or leaves no adapter."""
     write_yaml(run)
     run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    if run.log_path.exists():  # an earlier, unfinished attempt: its log says why, keep it
+        run.log_path.rename(run.log_path.with_name(f"{run.log_path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.log"))
     argv = [*command, str(run.yaml_path)]
     start = time.time()
     with open(run.log_path, "wb") as log:
@@ -234,10 +270,12 @@ def train(run: Run, command: Sequence[str], *, echo: Callable[[str], None] = pri
                            "rerun the same command to restart it (its folder is moved aside)")
     if not (run.output_dir / "adapter_config.json").is_file():
         raise CompareError(f"{run.name} finished but left no adapter_config.json in {run.output_dir} "
-                           "(finetuning_type must be lora); log: {run.log_path}")
+                           f"(finetuning_type must be lora); log: {run.log_path}")
     mark = {"arm": run.arm.name, "seed": run.seed, "config": _jsonable(run.config()), "command": argv,
             "train_seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (run.output_dir / MARKER).write_text(json.dumps(mark, indent=1) + "\n")
+    tmp = run.output_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(mark, indent=1) + "\n")
+    tmp.replace(run.output_dir / MARKER)  # all or nothing: a kill mid-write leaves no marker
     return seconds
 
 

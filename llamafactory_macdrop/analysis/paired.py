@@ -2,12 +2,14 @@
 
 Why this statistic: with 2-3 training seeds, a t-interval over seeds is either undefined or
 meaninglessly wide, and an unpaired comparison throws away that both arms were scored on the
-SAME evaluation items. So, for every seed the two arms share, the items (perplexity windows,
-zero-shot documents) are resampled with replacement, the SAME draw for both arms (paired), the
-metric is recomputed for each arm from the resampled items, and the per-seed differences are
-averaged over seeds; repeating that ``iterations`` times gives the distribution whose
-percentiles are the interval. ``n`` is the number of paired items the interval rests on: the sum
-over seeds of the items per seed (for a mean over tasks, over all its tasks).
+SAME evaluation items, in every seed. So the items (perplexity windows, zero-shot documents)
+are resampled with replacement ONCE per iteration and that one draw is applied to both arms
+(paired) and to every seed (the seeds score the same items: drawing per seed would treat one
+item as several independent ones and shrink the interval by up to the square root of the seed
+count); the metric is recomputed for each arm and seed from the drawn items, and the per-seed
+differences are averaged over seeds. Repeating that ``iterations`` times gives the distribution
+whose percentiles are the interval. ``n`` is the number of distinct paired items the interval
+rests on (for a mean over tasks, the documents of all its tasks); each was scored in every seed.
 
 What the interval covers: how much the difference would move on another draw of evaluation
 items of the same kind, for these trained adapters. It does not cover how much another training
@@ -100,14 +102,17 @@ def _check_pair(name: str, a, b) -> None:
         raise PairedError(f"{name}: the arms' windows differ in length, so they are not the same windows")
 
 
-def _resampled_diff(a, b, rng: np.random.Generator, iterations: int) -> np.ndarray:
-    """``iterations`` bootstrap values of metric(b) - metric(a), items drawn once for both."""
+def _draws(items, rng: np.random.Generator, iterations: int):
+    """One bootstrap draw of item indices per iteration, shaped like ``items`` (per task for a mean)."""
+    if isinstance(items, MeanAccuracyItems):
+        return [_draws(t, rng, iterations) for t in items.tasks]
+    return rng.integers(0, len(items), size=(iterations, len(items)))
+
+
+def _resampled_diff(a, b, idx) -> np.ndarray:
+    """Bootstrap values of metric(b) - metric(a) on the drawn items ``idx`` (the same for both)."""
     if isinstance(a, MeanAccuracyItems):
-        diffs = np.zeros(iterations)
-        for x, y in zip(a.tasks, b.tasks):
-            diffs += _resampled_diff(x, y, rng, iterations)
-        return diffs / len(a.tasks)
-    idx = rng.integers(0, len(a), size=(iterations, len(a)))
+        return sum(_resampled_diff(x, y, i) for x, y, i in zip(a.tasks, b.tasks, idx)) / len(a.tasks)
     return b.value(idx) - a.value(idx)
 
 
@@ -121,7 +126,7 @@ class PairedDifference:
     mean_diff: float
     low: float
     high: float
-    n: int  # paired items the interval rests on (sum over seeds of items per seed)
+    n: int  # distinct paired items the interval rests on (each scored in every seed)
     seeds: list[int]
     per_seed: list[float]  # the difference in each seed
     confidence: float
@@ -160,13 +165,17 @@ def paired_difference(
     if not seeds:
         raise PairedError(f"{metric}: {treatment_name} and {control_name} share no seed")
     rng = np.random.default_rng(seed)
-    per_seed, boot, n = [], np.zeros(iterations), 0
+    first = control[seeds[0]]
+    per_seed, boot = [], np.zeros(iterations)
     for s in seeds:
         a, b = control[s], treatment[s]
         _check_pair(metric, a, b)
+        _check_pair(f"{metric} (seed {s} vs seed {seeds[0]})", first, a)  # the seeds scored the same items
         per_seed.append(metric_value(b) - metric_value(a))
-        boot += _resampled_diff(a, b, rng, iterations)
-        n += len(a)
+    idx = _draws(first, rng, iterations)
+    for s in seeds:
+        boot += _resampled_diff(control[s], treatment[s], idx)
+    n = len(first)
     boot /= len(seeds)
     tail = (1 - confidence) / 2
     low, high = (float(x) for x in np.quantile(boot, [tail, 1 - tail]))
@@ -183,6 +192,8 @@ def verdict(d: PairedDifference) -> tuple[str, str]:
     sign = 1 if d.low > 0 else -1
     agree = all((x > 0) if sign > 0 else (x < 0) for x in d.per_seed)
     interval = f"{d.mean_diff:+.4g} [{d.low:+.4g}, {d.high:+.4g}], n={d.n}, {len(d.seeds)} seed(s)"
+    if len(d.seeds) == 1:
+        interval += "; one seed: training-seed variation not seen"
     if not excludes:
         return "none", f"no difference detectable at this size ({interval})"
     if not agree:

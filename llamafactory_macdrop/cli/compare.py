@@ -12,10 +12,10 @@ from pathlib import Path
 from .evaluation import add_corpus_options, add_zeroshot_options
 
 
-def _default_train_command() -> str:
+def _default_train_command() -> list[str]:
     """``llamafactory-cli train`` of this interpreter's environment (found even when it is not on PATH)."""
     here = Path(sys.executable).parent / "llamafactory-cli"
-    return f"{here if here.is_file() else (shutil.which('llamafactory-cli') or 'llamafactory-cli')} train"
+    return [str(here) if here.is_file() else (shutil.which("llamafactory-cli") or "llamafactory-cli"), "train"]
 
 
 def _child_env() -> dict:
@@ -43,6 +43,22 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+def _check_ks(base: dict, ks: list[int]) -> None:
+    """The largest k against the rows the base YAML names and the model's width (config.json), before training."""
+    from ..analysis.compare_runs import CompareError
+    from ..core.model_config import read_config_json
+
+    if not ks:
+        return
+    indices = base.get("macdrop_indices")
+    if indices and max(ks) > len(indices):
+        raise CompareError(f"--k-sweep {max(ks)} exceeds the {len(indices)} rows macdrop_indices names: allowed 1..{len(indices)}")
+    found = read_config_json(str(base["model_name_or_path"]))
+    width = (found[1].get("intermediate_size") if found else None)
+    if isinstance(width, int) and max(ks) > width:
+        raise CompareError(f"--k-sweep {max(ks)} is larger than the intermediate size {width}: allowed 1..{width}")
+
+
 def _read_base(path: Path) -> dict:
     import yaml
 
@@ -61,6 +77,10 @@ def _read_base(path: Path) -> dict:
     if str(data.get("finetuning_type", "lora")) != "lora":
         raise CompareError(f"{path}: finetuning_type={data['finetuning_type']} is not allowed: a comparison trains "
                            "LoRA/DoRA adapters (finetuning_type: lora)")
+    for key in ("additional_target", "resize_vocab"):
+        if data.get(key):
+            raise CompareError(f"{path}: {key} is not supported by compare (the adapter would carry trained copies of base "
+                               "modules, which cannot be removed from the one shared base the arms are evaluated on)")
     if data.get("adapter_name_or_path"):
         raise CompareError(f"{path}: adapter_name_or_path is not supported by compare (every arm is evaluated as "
                            "base + its own adapter; merge earlier adapters into the base first)")
@@ -89,11 +109,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     root = args.output_dir or Path(str(base.get("output_dir", "outputs/run")).rstrip("/") + "-compare")
     arms, notes = plan_arms(base, grid)
     runs = plan_runs(arms, seeds, root)
-    command = shlex.split(args.train_command or _default_train_command())
+    command = shlex.split(args.train_command) if args.train_command else _default_train_command()
     sources, tasks, settings = [], [], []
     if not args.no_eval:
         sources, tasks = read_sources(args)
-        settings = sweep_settings([m.strip() for m in args.mode.split(",") if m.strip()], args.k_sweep)
+        modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+        if any(m not in ("zero", "retain") for m in modes):
+            raise CompareError(f"--mode {args.mode!r} is not allowed: compare's robustness attacks are zero and/or retain")
+        settings = sweep_settings(modes, args.k_sweep)
+        _check_ks(base, args.k_sweep)
         if args.bootstrap < 100:
             raise CompareError(f"--bootstrap {args.bootstrap} is not allowed: give at least 100 iterations")
         if not 0 < args.confidence < 1:
@@ -142,16 +166,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, notes, trained_for) -> int:
-    import json
-
     import torch
 
     from ..analysis.attacks import AttackError, AttackTargets
-    from ..analysis.compare_eval import OneBaseEvaluator, text_digest
-    from ..analysis.compare_report import CompareReport, RunRecord, higher_is_better
-    from ..analysis.compare_runs import read_log_history
-    from ..analysis.paired import metric_value, paired_difference
-    from ..core.locator import LOCATOR_FILE, locate_massive_weights
+    from ..analysis.compare_eval import OneBaseEvaluator, evaluate_runs, library_versions, text_digest, trained_rows_note
+    from ..analysis.compare_report import CompareReport, RunRecord, pair_all
+    from ..analysis.paired import metric_value
+    from ..core.locator import locate_massive_weights
     from .common import load_model, load_tokenizer
     from .evaluation import prepare_corpora, quiet_progress, zeroshot_evaluator
 
@@ -164,53 +185,31 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     model, tokenizer = load_model(model_path, args.dtype).to(device), load_tokenizer(model_path)
     if tokenizer is None:
         raise AttackError(f"{model_path}: no tokenizer found next to the model")
-    max_k = max([s.k for s in settings] + [1])
-    located = locate_massive_weights(model, max_k, tokenizer=tokenizer, layer=base.get("macdrop_layer"),
-                                     indices=base.get("macdrop_indices"), probe_token=base.get("macdrop_probe_token"))
+    located = locate_massive_weights(model, max([s.k for s in settings] + [1]), tokenizer=tokenizer,
+                                     layer=base.get("macdrop_layer"), indices=base.get("macdrop_indices"),
+                                     probe_token=base.get("macdrop_probe_token"))
     targets = AttackTargets(located.layer, located.indices, expert=located.expert)
     print(f"  attacks: the base model's massive rows, layer {targets.layer} (0-based), rows {targets.indices}")
     corpora = prepare_corpora(sources, model, tokenizer)
     zeroshot = zeroshot_evaluator(args, tasks, model, tokenizer)
-    protocol = {"model": model_path, "dtype": args.dtype, "settings": [s.label for s in settings],
-                "targets": targets.to_dict(),
+    protocol = {"model": model_path, "dtype": args.dtype, "device": device, "settings": [s.label for s in settings],
+                "targets": targets.to_dict(), "batch_size": args.batch_size, "robustness": args.robustness,
                 "corpora": [{**c.protocol(), "text_sha256_16": text_digest(c.source.text)} for c in corpora],
-                "zeroshot": {"tasks": tasks, "limit": args.limit, "splits": zeroshot.splits() if zeroshot else {}}}
-    protocol["robustness"] = args.robustness
+                "zeroshot": {"tasks": tasks, "limit": args.limit, "splits": zeroshot.splits() if zeroshot else {},
+                             "data": str(args.zeroshot_data) if args.zeroshot_data else "packaged",
+                             "batch_size": args.zeroshot_batch_size}}
     evaluator = OneBaseEvaluator(model, model_path, targets, settings, corpora, zeroshot, batch_size=args.batch_size,
                                  progress=not args.no_progress, protocol=protocol,
                                  zeroshot_under_attack=args.robustness == "all")
-    base_items, reused = evaluator.evaluate_cached(root / "eval" / "base.json", None, "base")
-    base_record = RunRecord("base", None, None, {m: metric_value(v) for m, v in base_items.items()}, evaluation_reused=reused)
-    items, records = {}, []
-    for i, run in enumerate(runs, 1):
-        print(f"[compare] evaluating {i}/{len(runs)}: {run.name}", flush=True)
-        items[(run.arm.name, run.seed)], reused = evaluator.evaluate_cached(
-            root / "eval" / f"{run.arm.name}-seed{run.seed}.json", run.output_dir, run.name)
-        if reused:
-            print("  (items reused from an earlier evaluation with the same protocol)")
-        records.append(RunRecord(run.arm.name, run.seed, str(run.output_dir),
-                                 {m: metric_value(v) for m, v in items[(run.arm.name, run.seed)].items()},
-                                 _train_info(run, read_log_history(run.output_dir)), reused))
-        if run.arm.macdrop:
-            trained = run.output_dir / LOCATOR_FILE
-            if trained.is_file():
-                t = json.loads(trained.read_text())
-                if t.get("layer") != targets.layer or list(t.get("indices", []))[:len(targets.indices)] != targets.indices[:len(t.get("indices", []))]:
-                    notes.append(f"{run.name} dropped layer {t.get('layer')} rows {t.get('indices')}; the attacks use "
-                                 f"layer {targets.layer} rows {targets.indices} (located on the base here)")
-    evaluator.verify_base()
+    items, reused = evaluate_runs(evaluator, runs, root, echo=lambda line: print(line, flush=True))
     eval_seconds = time.time() - eval_start
-
-    paired = []
-    for arm in arms:
-        if not arm.macdrop or arm.control is None:
-            continue
-        for metric in items[(arm.name, seeds[0])]:
-            control = {s: items[(arm.control, s)][metric] for s in seeds}
-            treatment = {s: items[(arm.name, s)][metric] for s in seeds}
-            paired.append(paired_difference(metric, control, treatment, treatment_name=arm.name, control_name=arm.control,
-                                            higher_is_better=higher_is_better(metric), iterations=args.bootstrap,
-                                            confidence=args.confidence))
+    notes += [n for n in (trained_rows_note(r, targets) for r in runs) if n]
+    values = {key: {m: metric_value(v) for m, v in got.items()} for key, got in items.items()}
+    base_record = RunRecord("base", None, None, values[("base", None)], evaluation_reused=reused[("base", None)])
+    records = [RunRecord(r.arm.name, r.seed, str(r.output_dir), values[(r.arm.name, r.seed)], r.train_info(),
+                         reused[(r.arm.name, r.seed)]) for r in runs]
+    paired = pair_all(arms, seeds, items, iterations=args.bootstrap, confidence=args.confidence)
+    protocol["versions"] = library_versions()
     train_total = sum(r.train.get("seconds") or 0 for r in records)
     report = CompareReport(str(args.config), str(root), seeds, [a.to_dict() for a in arms], model_path, protocol,
                            base_record, records, paired, notes, restored_bitwise=True,
@@ -224,13 +223,16 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     print()
     for line in report.verdicts():
         print(f"verdict: {line}")
-    print("base weights restored bitwise after every adapter: yes")
+    print("base weights restored bitwise after every adapter (SHA-256 of every tensor): yes")
     plots = {}
     if not args.no_plot:
-        from ..analysis.compare_plots import plot_losses, plot_metrics, plot_robustness
+        from ..analysis.compare_plots import plot_losses, plot_metrics, plot_paired, plot_robustness
+        from ..analysis.compare_runs import read_log_history
 
         folder = args.plot or (root / "plots")
         plots["metrics"] = plot_metrics(report, folder / "compare_metrics.png")
+        if report.paired:
+            plots["paired"] = plot_paired(report, folder / "compare_paired.png")
         if any(" k=" in m for m in report.metric_names()):
             plots["robustness"] = plot_robustness(report, folder / "compare_robustness.png")
         histories = {(r.arm.name, r.seed): read_log_history(r.output_dir) for r in runs}
@@ -253,19 +255,6 @@ def _relative(path: Path, start: Path) -> str:
     import os
 
     return os.path.relpath(Path(path).resolve(), Path(start).resolve())
-
-
-def _train_info(run, history) -> dict:
-    mark = run.marker() or {}
-    losses = [h for h in history if "loss" in h]
-    ps = [h["macdrop_p"] for h in history if "macdrop_p" in h]
-    steps = max((h.get("step", 0) for h in history), default=None)
-    info = {"seconds": mark.get("train_seconds"), "steps": steps,
-            "final_loss": losses[-1]["loss"] if losses else None,
-            "train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)}
-    if ps:
-        info.update(p_first=ps[0], p_last=ps[-1])
-    return info
 
 
 def register(sub) -> None:

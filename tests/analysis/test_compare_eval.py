@@ -129,3 +129,36 @@ def test_attacks_are_seen_under_each_adapter(planted_with_spare, copying_adapter
     assert value[("again", clean)] == value[("base", clean)] and value[("again", zero)] == value[("base", zero)]
     assert fingerprint(evaluator.base) == before
     assert not any("lora" in n for n, _ in evaluator.base.named_parameters())
+
+
+def test_adapters_that_cannot_come_off_are_refused_and_the_cache_follows_the_adapter(planted_with_spare, copying_adapter,
+                                                                                      tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from llamafactory_macdrop.analysis.compare_runs import CompareError
+
+    base_dir, _ = planted_with_spare
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    evaluator = OneBaseEvaluator(model, str(base_dir), AttackTargets(PLANTED_LAYER, [TOP]), [AttackSetting("none")],
+                                 progress=False, echo=None, protocol={"p": 1})
+    # an adapter that carries a trained copy of a base module (modules_to_save): unload would keep it
+    odd = tmp_path / "odd"
+    shutil.copytree(copying_adapter, odd)
+    config = json.loads((odd / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(CompareError, match="modules_to_save"):
+        evaluator.evaluate(odd, "odd")
+    # the cache key follows the adapter's bytes (a run retrained into the same folder) and the protocol
+    again = tmp_path / "again"
+    shutil.copytree(copying_adapter, again)
+    key = evaluator.cache_key(again)
+    assert evaluator.cache_key(again) == key
+    weights = again / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    assert evaluator.cache_key(again) != key
+    evaluator.protocol = {"p": 2}
+    assert evaluator.cache_key(None) != OneBaseEvaluator(model, str(base_dir), AttackTargets(PLANTED_LAYER, [TOP]), [],
+                                                         progress=False, echo=None, protocol={"p": 1}).cache_key(None)

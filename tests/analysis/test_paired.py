@@ -3,7 +3,8 @@
 The oracles here are written out by hand: the point estimates from their definitions
 (perplexity = exp(sum NLL / sum tokens), accuracy = mean score, per seed, averaged over seeds),
 and the interval's width against the textbook standard error of a mean of paired differences
-(CLT), which the bootstrap must approach for large n.
+(CLT), which the bootstrap must approach for large n. The seeds score the SAME items, so the unit
+is the item: its difference averaged over seeds.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ def _acc(scores):
 
 
 def test_point_estimates_and_n_by_hand():
-    # seed 0: control 2/4 right, treatment 3/4; seed 1: control 1/3, treatment 1/3
-    control = {0: _acc([1, 0, 1, 0]), 1: _acc([0, 0, 1])}
-    treatment = {0: _acc([1, 1, 1, 0]), 1: _acc([0, 1, 0])}
+    # the same 4 documents in both seeds; seed 0: control 2/4 right, treatment 3/4; seed 1: 1/4 and 1/4
+    control = {0: _acc([1, 0, 1, 0]), 1: _acc([0, 0, 1, 0])}
+    treatment = {0: _acc([1, 1, 1, 0]), 1: _acc([0, 1, 0, 0])}
     d = paired_difference("acc/x/clean", control, treatment, higher_is_better=True, iterations=500)
-    assert d.per_seed == pytest.approx([0.75 - 0.5, 1 / 3 - 1 / 3])
+    assert d.per_seed == pytest.approx([0.75 - 0.5, 0.25 - 0.25])
     assert d.mean_diff == pytest.approx((0.25 + 0.0) / 2)
-    assert d.n == 7 and d.seeds == [0, 1]
+    assert d.n == 4 and d.seeds == [0, 1]  # distinct documents, each scored in both seeds
     assert d.low <= d.mean_diff <= d.high
 
     # perplexity by its definition: exp(total NLL / total predicted tokens), windows of unequal length
@@ -53,21 +54,38 @@ def test_point_estimates_and_n_by_hand():
 
 def test_interval_matches_the_normal_approximation_for_large_n():
     rng = random.Random(7)
-    control, treatment, diffs = {}, {}, {}
-    for seed, n in ((0, 1500), (1, 1200)):
-        a = [1.0 if rng.random() < 0.55 else 0.0 for _ in range(n)]
-        # the treatment flips some answers of the same documents (paired, correlated)
-        b = [x if rng.random() < 0.85 else (1.0 if rng.random() < 0.7 else 0.0) for x in a]
-        control[seed], treatment[seed] = _acc(a), _acc(b)
-        diffs[seed] = [y - x for x, y in zip(a, b)]
+    n, seeds = 1500, (0, 1, 2)
+    easy = [rng.random() for _ in range(n)]  # item difficulty, shared by every seed and arm
+    # what the treatment does to each item, the same in every seed (helps some, hurts others)
+    effect = [rng.choice((-0.3, 0.0, 0.35)) for _ in range(n)]
+    control, treatment = {}, {}
+    for seed in seeds:
+        control[seed] = _acc([1.0 if rng.random() < 0.3 + 0.4 * e else 0.0 for e in easy])
+        treatment[seed] = _acc([1.0 if rng.random() < 0.3 + 0.4 * e + x else 0.0 for e, x in zip(easy, effect)])
     d = paired_difference("acc/t/clean", control, treatment, higher_is_better=True, iterations=4000, seed=1)
-    # textbook: the mean over 2 seeds of per-seed mean differences, se^2 = sum_s var_s / n_s / S^2
-    var = sum((sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) / len(v) for v in diffs.values())
-    se = math.sqrt(var) / len(diffs)
-    mean = sum(sum(v) / len(v) for v in diffs.values()) / len(diffs)
-    assert d.mean_diff == pytest.approx(mean)
-    assert d.low == pytest.approx(mean - 1.96 * se, abs=0.15 * 1.96 * se)
-    assert d.high == pytest.approx(mean + 1.96 * se, abs=0.15 * 1.96 * se)
+    # textbook: the unit is the document, its difference averaged over the seeds; se = sd / sqrt(n)
+    per_item = [sum(treatment[s].scores[i] - control[s].scores[i] for s in seeds) / len(seeds) for i in range(n)]
+    mean = sum(per_item) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in per_item) / (n - 1) / n)
+    assert d.mean_diff == pytest.approx(mean) and d.n == n
+    assert d.low == pytest.approx(mean - 1.96 * se, abs=0.12 * 1.96 * se)
+    assert d.high == pytest.approx(mean + 1.96 * se, abs=0.12 * 1.96 * se)
+
+
+def test_false_verdicts_stay_near_the_nominal_rate():
+    """No true difference on average (the treatment helps some items and hurts as many others, the
+    same items in every seed): at 95 %, a 'better' or 'worse' verdict should come in about 5 % of
+    experiments or fewer, not several times that."""
+    rng = random.Random(3)
+    false = 0
+    for trial in range(120):
+        rate = [0.2 + 0.6 * rng.random() for _ in range(150)]
+        effect = [rng.choice((-0.2, 0.2)) for _ in rate]
+        control = {s: _acc([1.0 if rng.random() < r else 0.0 for r in rate]) for s in (0, 1, 2)}
+        treatment = {s: _acc([1.0 if rng.random() < r + e else 0.0 for r, e in zip(rate, effect)]) for s in (0, 1, 2)}
+        d = paired_difference("acc/t/clean", control, treatment, higher_is_better=True, iterations=400, seed=trial)
+        false += d.direction != "none"
+    assert false <= 12, f"{false}/120 experiments called a difference that is not there"
 
 
 def test_verdicts():
@@ -90,7 +108,7 @@ def test_verdicts():
 
     # a big gain in one seed, a small loss in the other: the item interval may exclude 0, the seeds disagree
     ctl = {0: _acc([0.0] * 200), 1: _acc([1.0] * 200)}
-    trt = {0: _acc([1.0] * 100 + [0.0] * 100), 1: _acc([1.0] * 196 + [0.0] * 4)}
+    trt = {0: _acc([1.0] * 100 + [0.0] * 100), 1: _acc([1.0] * 100 + [0.0] * 4 + [1.0] * 96)}
     d = paired_difference("acc/t/clean", ctl, trt, higher_is_better=True, iterations=500)
     assert d.low > 0 and d.per_seed[1] < 0
     assert d.direction == "none" and "seeds disagree" in d.verdict
@@ -99,6 +117,9 @@ def test_verdicts():
 def test_unpairable_items_are_refused():
     with pytest.raises(PairedError, match="different items"):
         paired_difference("acc/t/clean", {0: _acc([1, 0])}, {0: _acc([1, 0, 1])}, higher_is_better=True)
+    with pytest.raises(PairedError, match="seed 1 vs seed 0"):  # the seeds must score the same items
+        paired_difference("acc/t/clean", {0: _acc([1, 0]), 1: _acc([1])}, {0: _acc([0, 0]), 1: _acc([0])},
+                          higher_is_better=True)
     with pytest.raises(PairedError, match="share no seed"):
         paired_difference("acc/t/clean", {0: _acc([1])}, {1: _acc([1])}, higher_is_better=True)
     with pytest.raises(PairedError, match="not the same windows"):

@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from lm_oracle import preferred
 from tiny import PLANTED_INDICES, PLANTED_LAYER, corpus, lf_train_args
+from zeroshot_data import tiny_docs, write_arc_folder
 
 pytestmark = pytest.mark.slow
 
@@ -114,14 +116,14 @@ def test_two_arms_two_seeds_through_llamafactory_cli(compared, tiny_llama_dir):
                     weight[PLANTED_INDICES[0]] = 0
             assert r["metrics"]["ppl/eval.txt/zero k=1"] == pytest.approx(_hf_ppl(model, windows), rel=1e-4)
 
-    # the paired rows: the seed-mean of the per-run differences, n = windows x seeds
+    # the paired rows: the seed-mean of the per-run differences, n = the windows (each scored in both seeds)
     paired = {p["metric"]: p for p in out["paired"]}
     assert set(paired) == names
     for metric, p in paired.items():
         assert {"metric", "mean_diff", "low", "high", "n"} <= set(p)
         diffs = [runs[("macdrop", s)]["metrics"][metric] - runs[("plain", s)]["metrics"][metric] for s in (0, 1)]
         assert p["mean_diff"] == pytest.approx(sum(diffs) / 2, rel=1e-9)
-        assert p["n"] == 2 * len(windows) and p["low"] <= p["high"]
+        assert p["n"] == len(windows) and p["seeds"] == [0, 1] and p["low"] <= p["high"]
     assert out["restored_bitwise"] is True and out["verdict"]
 
     # the other outputs: CSV (one line per run and metric, plus the base), report, plots, stdout
@@ -129,7 +131,7 @@ def test_two_arms_two_seeds_through_llamafactory_cli(compared, tiny_llama_dir):
     assert lines[0].startswith("arm,seed,output_dir,metric") and len(lines) == 1 + 5 * len(names)
     report = (root / "report.md").read_text()
     assert "## Verdict" in report and "macdrop − plain" in report
-    for name in ("compare_metrics.png", "compare_robustness.png", "compare_loss.png"):
+    for name in ("compare_metrics.png", "compare_paired.png", "compare_robustness.png", "compare_loss.png"):
         assert (root / "plots" / name).stat().st_size > 10_000
     assert "verdict: macdrop vs plain" in proc.stdout and "| ppl/eval.txt/clean |" in proc.stdout
     assert "plain seed 0: {'loss'" in proc.stdout  # --quiet-train still shows the trainer's loss lines
@@ -170,6 +172,11 @@ def test_refusals_come_before_anything_trains(compared, tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "grid").exists()
     (line,) = proc.stderr.strip().splitlines()
     assert "arm macdrop-use_dora_true-p0_1.0" in line and "macdrop_p0" in line and "nothing was trained" in line
+    # attacks compare does not run, and a grid value of the wrong type: refused before LLaMA-Factory is even asked
+    proc = _compare(cwd, "--output-dir", str(tmp_path / "m"), "--mode", "zero,superweight")
+    assert proc.returncode == 2 and "--mode 'zero,superweight' is not allowed" in proc.stderr
+    proc = _compare(cwd, "--output-dir", str(tmp_path / "m"), "--grid", "use_dora=maybe")
+    assert proc.returncode == 2 and "use_dora takes true and/or false" in proc.stderr
     # a key LLaMA-Factory's own parser does not know
     (cwd / "typo.yaml").write_text(yaml.safe_dump({**base, "lora_rnak": 4}))
     proc = _compare(cwd, "--output-dir", str(tmp_path / "typo"), config="typo.yaml")
@@ -204,3 +211,35 @@ def test_launcher_settings_and_the_train_command_pass_through(workdir, tmp_path)
         assert state["global_step"] == 2, state["global_step"]
         log = (out / "logs" / f"{arm}-seed0.log").read_text()
         assert "Initializing 2 distributed tasks" in log  # LLaMA-Factory's launcher started torchrun
+
+
+def test_dora_arms_with_zero_shot_on_one_seed(workdir, tmp_path, tiny_llama_dir):
+    """LoRA vs DoRA grid key (DoRA arms only here), lm-eval zero-shot under each adapter (against an
+    independent log-likelihood scorer), perplexity only under the attacks (--robustness ppl)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cwd = workdir
+    docs = tiny_docs(n=20)
+    data = write_arc_folder(tmp_path / "zs", docs)
+    out = tmp_path / "dora"
+    proc = run_cli(["macdrop", "compare", "base.yaml", "--seeds", "0", "--grid", "use_dora=true", "--output-dir", str(out),
+                    "--text-file", "eval.txt", "--seq-len", str(SEQ), "--k-sweep", "1", "--zeroshot", "arc_easy",
+                    "--zeroshot-data", str(data), "--robustness", "ppl", "--quiet-train", "--no-progress",
+                    "--json", str(tmp_path / "dora.json")], cwd=cwd, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "dora.json").read_text())
+    runs = {r["arm"]: r for r in result["runs"]}
+    assert set(runs) == {"plain-use_dora_true", "macdrop-use_dora_true"}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for arm, r in runs.items():
+        folder = Path(r["output_dir"])
+        assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
+        assert set(r["metrics"]) == {"ppl/eval.txt/clean", "ppl/eval.txt/zero k=1", "ppl/eval.txt/retain k=1",
+                                     "acc/arc_easy/clean"}
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(folder)).eval()
+        right = sum(preferred(model, tokenizer, d) == "ABCD".index(d["answerKey"]) for d in docs)
+        assert r["metrics"]["acc/arc_easy/clean"] == pytest.approx(right / len(docs))
+    paired = {p["metric"]: p for p in result["paired"]}
+    assert paired["acc/arc_easy/clean"]["n"] == len(docs) and paired["acc/arc_easy/clean"]["treatment"] == "macdrop-use_dora_true"
+    assert "one seed" in paired["acc/arc_easy/clean"]["verdict"] and result["restored_bitwise"] is True
