@@ -50,3 +50,17 @@ def test_macdrop_locate(tiny_llama_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     located = json.loads((tmp_path / "loc.json").read_text())
     assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES)
+
+
+def test_macdrop_compare_checks_its_arms_with_this_llamafactory(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """The arms are checked through LLaMA-Factory's own argument parser of the installed version."""
+    cfg = write_yaml(tmp_path / "base.yaml", tiny_llama_dir, tiny_data_dir, tmp_path / "run", macdrop_k=3)
+    (tmp_path / "eval.txt").write_text("some text to evaluate " * 20)
+    args = [str(BIN / "macdrop"), "compare", str(cfg), "--seeds", "0,1", "--text-file", "eval.txt", "--plan-only"]
+    proc = run(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 arms x 2 seeds" in proc.stdout and "(paired with plain)" in proc.stdout
+    bad = yaml.safe_load(cfg.read_text())
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**bad, "lora_rnak": 4}))
+    proc = run(args[:2] + [str(tmp_path / "bad.yaml")] + args[3:], cwd=tmp_path)
+    assert proc.returncode == 2 and "lora_rnak" in proc.stderr, proc.stderr[-2000:]
