@@ -102,6 +102,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..plugin.keys import MacDropConfigError
     from .evaluation import read_sources
 
+    if args.no_progress:  # first: tqdm reads TQDM_DISABLE when it is imported (LLaMA-Factory's checks import it)
+        from .evaluation import quiet_progress
+
+        quiet_progress()
     # ---- everything that can be checked before anything trains or loads
     base = _read_base(args.config)
     seeds = parse_seeds(args.seeds)
@@ -174,10 +178,8 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     from ..analysis.paired import metric_value
     from ..core.locator import locate_massive_weights
     from .common import load_model, load_tokenizer
-    from .evaluation import prepare_corpora, quiet_progress, zeroshot_evaluator
+    from .evaluation import prepare_corpora, zeroshot_evaluator
 
-    if args.no_progress:
-        quiet_progress()
     model_path = str(base["model_name_or_path"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     eval_start = time.time()
@@ -289,5 +291,5 @@ def register(sub) -> None:
     p.add_argument("--report", type=Path, default=None, help="markdown report (default: DIR/report.md)")
     p.add_argument("--plot", type=Path, default=None, help="folder for the figures (default: DIR/plots)")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars in the evaluation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (evaluation, and the training runs' own)")
     p.set_defaults(func=cmd_compare)
