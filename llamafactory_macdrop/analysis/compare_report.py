@@ -120,7 +120,8 @@ class CompareReport(JsonReport, CsvRows):
                     continue
                 words = ([f"better on {', '.join(better)}"] if better else []) + \
                     ([f"worse on {', '.join(worse)}"] if worse else [])
-                parts.append(f"{title}: " + "; ".join(words) + f" (not detectable on the other {len(group) - len(better) - len(worse)})")
+                rest = len(group) - len(better) - len(worse)
+                parts.append(f"{title}: " + "; ".join(words) + (f" (not detectable on the other {rest})" if rest else ""))
             seeds = len(mine[0].seeds)
             lines.append(f"{treatment} vs {mine[0].control}: " + " | ".join(parts)
                          + f" ({seeds} seed{'s' if seeds != 1 else ''})")
@@ -205,9 +206,11 @@ class CompareReport(JsonReport, CsvRows):
                "", "## Verdict", ""]
         out += [f"- {line}" for line in self.verdicts()] or ["- (no paired comparison)"]
         out += ["", "What the intervals mean: a paired bootstrap over evaluation items (perplexity windows, "
-                "zero-shot documents), the same draw for both arms, per seed, averaged over seeds; `n` = paired "
-                "items summed over seeds. It covers evaluation-sample noise for these adapters, not another "
-                "training seed: a difference counts only if the interval excludes 0 and every seed agrees in sign.",
+                "zero-shot documents), one draw per iteration for both arms and every seed (the seeds score the "
+                "same items), the per-seed differences averaged over seeds; `n` = distinct items. It covers "
+                "evaluation-sample noise for these adapters, not another training seed: a difference counts only "
+                "if the interval excludes 0 and every seed agrees in sign. Each metric is judged on its own (no "
+                "correction for the number of metrics).",
                 "", "## Per arm (mean ± sd over seeds)", "", self.arms_table(), "",
                 "## Paired differences", "", self.paired_table(), ""]
         if plots:
