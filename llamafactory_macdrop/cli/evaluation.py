@@ -119,7 +119,8 @@ def zeroshot_evaluator(args: argparse.Namespace, tasks, model, tokenizer, echo=p
 
 
 def quiet_progress() -> None:
-    """No bars from transformers, datasets and lm-eval either (tqdm reads TQDM_DISABLE)."""
+    """No bars from transformers and datasets either (tqdm reads TQDM_DISABLE when it is imported).
+    lm-eval's "Running loglikelihood requests" bar stays: lm-eval passes ``disable=`` explicitly."""
     os.environ["TQDM_DISABLE"] = "1"
     import datasets
     from transformers.utils import logging as hf_logging
