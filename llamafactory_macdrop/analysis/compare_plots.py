@@ -4,7 +4,8 @@ robustness vs k, loss curves with p.
 Why these three: the first answers "is MacDrop better here" (each seed as a dot, the paired
 interval next to it), the second the method's robustness claim (how each arm degrades as more
 of the base model's massive rows are zeroed or kept alone), the third what the training did
-(loss per run, and p on its own axis for the MacDrop arms).
+(loss per run, and p on its own axis for the MacDrop arms). Built on ``matplotlib.figure.Figure``
+like the project's other plots (no pyplot, no backend switch) and saved with ``plots._save``.
 """
 
 from __future__ import annotations
@@ -13,41 +14,40 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .compare_eval import parse_metric
+from .paired import seed_spread
+from .plots import _save
 
 
-def _plt():
-    import matplotlib
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=size, dpi=110)
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _colors(arms: Sequence[str]) -> dict[str, Any]:
-    plt = _plt()
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    import matplotlib
+
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     return {a: cycle[i % len(cycle)] for i, a in enumerate(arms)}
 
 
 def plot_metrics(report, path: Path) -> Path:
     """Clean metrics: one panel each, seeds as dots and mean as a bar per arm; the paired
     difference's interval written under the panel title."""
-    plt = _plt()
     metrics = [m for m in report.metric_names() if parse_metric(m)[2] == "clean"] or report.metric_names()[:1]
     arms = report.arm_names()
     colors = _colors(arms)
     cols = min(3, len(metrics))
     rows = (len(metrics) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False)
+    fig, axes = _figure(rows, cols, (4.2 * cols, 3.4 * rows))
     for ax, metric in zip(axes.flat, metrics):
         scale = 100 if parse_metric(metric)[0] == "acc" else 1
         for i, arm in enumerate(arms):
             values = [scale * v for v in report.arm_values(arm, metric)]
             if not values:
                 continue
-            mean = sum(values) / len(values)
-            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            mean, sd = seed_spread(values)
             ax.bar(i, mean, yerr=sd, capsize=4, color=colors[arm], alpha=0.35, width=0.6)
             ax.scatter([i] * len(values), values, color=colors[arm], s=18, zorder=3)
         if report.base is not None and metric in report.base.metrics:
@@ -70,12 +70,11 @@ def plot_metrics(report, path: Path) -> Path:
 def plot_paired(report, path: Path) -> Path:
     """Every paired difference (arm - control) with its bootstrap interval, one panel per metric
     kind, one row per metric; filled markers where the verdict is a detectable difference."""
-    plt = _plt()
     kinds = list(dict.fromkeys(parse_metric(d.metric)[0] for d in report.paired))
     treatments = list(dict.fromkeys(d.treatment for d in report.paired))
     colors = _colors(treatments)
     rows = max(sum(1 for d in report.paired if parse_metric(d.metric)[0] == k) for k in kinds)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 0.9 + 0.32 * rows), dpi=110, squeeze=False)
+    fig, axes = _figure(1, len(kinds), (6 * len(kinds), 0.9 + 0.32 * rows))
     for ax, kind in zip(axes[0], kinds):
         scale = 100 if kind == "acc" else 1
         diffs = [d for d in report.paired if parse_metric(d.metric)[0] == kind]
@@ -101,7 +100,6 @@ def plot_paired(report, path: Path) -> Path:
 
 def plot_robustness(report, path: Path) -> Path:
     """Per corpus/task and attack mode: the metric vs k for each arm (mean over seeds, min-max band)."""
-    plt = _plt()
     curves: dict[tuple[str, str, str], dict[int, str]] = {}
     for metric in report.metric_names():
         kind, dataset, setting = parse_metric(metric)
@@ -116,7 +114,7 @@ def plot_robustness(report, path: Path) -> Path:
     keys = sorted(curves)
     cols = min(2, len(keys))
     rows = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), dpi=110, squeeze=False)
+    fig, axes = _figure(rows, cols, (5 * cols, 3.6 * rows))
     for ax, key in zip(axes.flat, keys):
         kind, dataset, mode = key
         scale = 100 if kind == "acc" else 1
@@ -146,12 +144,12 @@ def plot_robustness(report, path: Path) -> Path:
 
 def plot_losses(histories: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> Path:
     """Training loss per run (colour: arm, line style: seed) and macdrop_p on a second axis."""
-    plt = _plt()
     arms = list(dict.fromkeys(a for a, _ in histories))
     colors = _colors(arms)
     seeds = sorted({s for _, s in histories})
     styles = {s: ls for s, ls in zip(seeds, ["-", "--", ":", "-."] * (len(seeds) // 4 + 1))}
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, axes = _figure(1, 1, (7, 4))
+    ax = axes[0, 0]
     ax_p = None
     for (arm, seed), history in histories.items():
         steps = [h for h in history if "loss" in h and "step" in h]
@@ -173,11 +171,3 @@ def plot_losses(histories: dict[tuple[str, int], list[dict[str, Any]]], path: Pa
     fig.tight_layout()
     return _save(fig, path)
 
-
-def _save(fig, path: Path) -> Path:
-    plt = _plt()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -73,19 +73,21 @@ def test_interval_matches_the_normal_approximation_for_large_n():
 
 
 def test_false_verdicts_stay_near_the_nominal_rate():
-    """No true difference on average (the treatment helps some items and hurts as many others, the
-    same items in every seed): at 95 %, a 'better' or 'worse' verdict should come in about 5 % of
-    experiments or fewer, not several times that."""
+    """No true difference on average (the treatment helps some documents and hurts as many others)
+    and seeds that answer alike (each arm's answers the same in all 3 seeds, as trained adapters
+    often are): at 95 %, a 'better' or 'worse' verdict should come in about 5 % of experiments. A
+    bootstrap that drew every seed's items on its own would count each document three times and
+    call a difference in about a quarter of them."""
     rng = random.Random(3)
     false = 0
     for trial in range(120):
-        rate = [0.2 + 0.6 * rng.random() for _ in range(150)]
-        effect = [rng.choice((-0.2, 0.2)) for _ in rate]
-        control = {s: _acc([1.0 if rng.random() < r else 0.0 for r in rate]) for s in (0, 1, 2)}
-        treatment = {s: _acc([1.0 if rng.random() < r + e else 0.0 for r, e in zip(rate, effect)]) for s in (0, 1, 2)}
+        a = [rng.random() < 0.5 for _ in range(150)]
+        b = [x if rng.random() < 0.7 else not x for x in a]  # flips both ways, mean effect 0
+        control = {s: _acc(a) for s in (0, 1, 2)}
+        treatment = {s: _acc(b) for s in (0, 1, 2)}
         d = paired_difference("acc/t/clean", control, treatment, higher_is_better=True, iterations=400, seed=trial)
         false += d.direction != "none"
-    assert false <= 12, f"{false}/120 experiments called a difference that is not there"
+    assert false <= 14, f"{false}/120 experiments called a difference that is not there"
 
 
 def test_verdicts():
