@@ -6,7 +6,8 @@
 * how it gets in: :mod:`.startup` (the stdlib-only hook the ``.pth`` file imports at every
   interpreter start) hands LLaMA-Factory's modules to :mod:`.integration`, the ONLY module that
   imports LLaMA-Factory (argument validation before the model loads, trainer-class swap);
-  :mod:`.prequantized` says which quantized checkpoints can be masked exactly.
+  :mod:`.child_errors` ends every torchrun child in one line when any rank fails on a plugin
+  error; :mod:`.prequantized` says which quantized checkpoints can be masked exactly.
 
 This ``__init__`` is on the start-up hook's import path: standard library only.
 """

@@ -29,6 +29,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+from . import child_errors
 from .keys import MacDropConfig, MacDropConfigError, split_macdrop_args
 
 SUPPORTED_LLAMAFACTORY = "0.9.5"
@@ -46,8 +47,9 @@ UNSUPPORTED_STAGE_REASON = {
     "kto": "not implemented (only sft, pt and dpo are)",
 }
 _PATCHED = "__macdrop_patched__"
-#: set by the patched launcher for its torchrun children: rank 0 writes a plugin error there
-ERROR_FILE_ENV = "MACDROP_ERROR_FILE"
+#: set by the patched launcher for its torchrun children: the first rank to fail on a plugin
+#: error leaves its message there (:mod:`.child_errors`)
+ERROR_FILE_ENV = child_errors.ERROR_FILE_ENV
 
 
 class IntegrationError(RuntimeError):
@@ -494,27 +496,27 @@ def _torchrun_child() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def _end_child_with(err: BaseException) -> None:
+def _end_child_with(err: Optional[BaseException]) -> None:
     """A torchrun child's exit after a plugin error: ONE line for the whole job, not one traceback per rank.
 
-    MacDrop raises these on every rank together (validation, broadcast locator results, the
-    global grad norm), so each child ends here. Launched by ``llamafactory-cli`` (whose patched
-    launcher set :data:`ERROR_FILE_ENV`, a file local to each node), the node's local rank 0 writes
-    the message for that node's launcher to print and every child exits 0, so torchrun adds no
-    failure report of its own and every node's ``llamafactory-cli`` exits 2; launched by torchrun
-    directly, global rank 0 prints the line and every child exits 2.
+    ``err``: this rank's plugin error; None when this rank's own error (a collective broken by a
+    peer that has gone) follows another rank's plugin error, which then speaks for the job.
 
-    Known limit: an error raised on SOME ranks only would leave the others waiting in their next
-    collective until the process-group timeout (the plugin raises none of that kind by design).
+    Launched by ``llamafactory-cli`` (whose patched launcher set :data:`ERROR_FILE_ENV`, a file
+    local to each node), the first rank of the node to fail, whichever rank it is, records its
+    message; every child exits 0, so torchrun adds no failure report of its own, and the node's
+    ``llamafactory-cli`` prints the line and exits 2. A rank that does not fail itself ends
+    quietly when its collective breaks because the failed rank has gone (gloo), or, when that
+    collective never returns (NCCL), is ended by its watcher thread a grace period after the
+    message appeared (:func:`.child_errors.start_watcher`). Launched by torchrun directly, the
+    first failing rank prints the line and exits 2, and torchrun stops the others.
+
+    Known limit: both signals are node-local. With several nodes the nodes where no rank failed
+    learn of it only through their collectives: those fail (gloo: the peer closed the
+    connection, a traceback per rank) or wait until the process-group timeout (``ddp_timeout``;
+    LLaMA-Factory's default is 180000000 s, so set one for multi-node runs).
     """
-    message = str(err) or type(err).__name__
-    target = os.environ.get(ERROR_FILE_ENV)
-    if target:
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # one writer per node: the file is that node's
-            with open(target, "w", encoding="utf-8") as f:
-                f.write(message)
-    elif os.environ.get("RANK", "0") == "0":
-        print(f"[macdrop] error: {message}", file=sys.stderr, flush=True)
+    code = child_errors.report(str(err) or type(err).__name__) if err is not None else child_errors.end_quietly()
     try:
         import torch.distributed as dist
 
@@ -522,25 +524,28 @@ def _end_child_with(err: BaseException) -> None:
             dist.destroy_process_group()
     except Exception:  # pragma: no cover - best effort while exiting
         pass
-    sys.exit(0 if target else 2)
+    sys.exit(code)
 
 
 def _wrap_run_exp(original, read_args):
     @functools.wraps(original)
     def run_exp(args: Optional[dict[str, Any]] = None, callbacks: Optional[list] = None) -> None:
-        from_command_line = args is None
+        child = args is None and _torchrun_child()  # the command line's run, not a caller's
         try:
-            return _run_exp(original, read_args(args), callbacks)
+            return _run_exp(original, read_args(args), callbacks, watch=child)
         except Exception as err:
-            if from_command_line and _torchrun_child() and isinstance(err, plugin_errors()):
+            if child and isinstance(err, plugin_errors()):
                 _end_child_with(err)
+            if child and child_errors.peer_failed():
+                _end_child_with(None)
             raise
 
     setattr(run_exp, _PATCHED, True)
     return run_exp
 
 
-def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[list]) -> None:
+def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[list], watch: bool = False) -> None:
+    """``watch``: a torchrun child's command-line run, which watches for its peers' plugin errors."""
     lf_args, config = validate_args(args)
     if config is None:
         ignored = ignored_macdrop_keys(args)
@@ -551,6 +556,8 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
         return original(lf_args, callbacks)
     from .trainer import logger
 
+    if watch:
+        child_errors.start_watcher()
     stage = str(_lf_value(lf_args, "stage", _finetuning_default("stage")))
     if _lf_version() != SUPPORTED_LLAMAFACTORY:
         logger.warning("tested with llamafactory==%s, found %s", SUPPORTED_LLAMAFACTORY, _lf_version())
@@ -613,8 +620,9 @@ def patch_launcher(launcher) -> None:
     """Wrap ``launch``: early validation, and one-line errors instead of tracebacks.
 
     For ``train`` it also hands torchrun children (``FORCE_TORCHRUN=1``, several devices) a file
-    in :data:`ERROR_FILE_ENV`: a child that stops on a plugin error leaves its message there
-    (see :func:`_end_child_with`) and this process prints it as the same one line.
+    in :data:`ERROR_FILE_ENV`: the first child that stops on a plugin error leaves its message
+    there, the others end (see :func:`_end_child_with`), and this process prints it as the same
+    one line.
     """
     original = getattr(launcher, "launch", None)
     if original is None or getattr(original, _PATCHED, False):
@@ -645,19 +653,14 @@ def patch_launcher(launcher) -> None:
 
 
 def _read_and_remove(path: Optional[str]) -> str:
+    """The children's message, once torchrun returned; the file and its claim are removed."""
     if not path:
         return ""
     os.environ.pop(ERROR_FILE_ENV, None)
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+        return child_errors.read(path)
     finally:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+        child_errors.discard(path)
 
 
 def on_module_loaded(module) -> None:

@@ -1,7 +1,7 @@
 """The training loop around Algorithm 1, through LLaMA-Factory's own run_exp on the planted tiny
 Llama: which mask each forward sees (one per optimizer step, or one per micro-batch), what DoRA
 makes of a masked row, a run going non-finite, epoch curricula that would degenerate, and one
-error line from torchrun children.
+error line from torchrun children (raised on every rank, or on rank 1 alone).
 
 The oracle never asks the plugin: a forward pre-hook on the planted layer's W_up base layer
 (found by name) computes the weight the layer really uses through its own forward on an identity
@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import subprocess
+import time
 
 import pytest
 import tiny
@@ -274,6 +275,115 @@ def test_torchrun_children_report_a_plugin_error_in_one_line(case, overrides, fr
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-4000:]
     if case == "mid-run":
         assert (tmp_path / "out" / "checkpoint-1").is_dir() and not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+#: a test-only sitecustomize.py, first on the children's PYTHONPATH: on rank 1 the locator the
+#: trainer module calls at the first training step raises a plugin error that no other rank
+#: raises; with RANK0_HANGS rank 0 then never returns from its next collective (the broadcast of
+#: the locator result), as under NCCL, where a peer that has gone is not noticed
+PLANT_RANK1_ERROR = """
+import os, time
+RANK0_HANGS = {rank0_hangs!r}
+if os.environ.get("RANK") == "1":
+    from llamafactory_macdrop.core.locator import LocatorError
+    from llamafactory_macdrop.plugin import trainer
+
+    def _planted(*args, **kwargs):
+        raise LocatorError("planted: rank 1 only")
+
+    trainer.locate_massive_weights = _planted
+elif os.environ.get("RANK") == "0" and RANK0_HANGS:
+    from llamafactory_macdrop.plugin import trainer
+
+    def _waits_for_ever(result):
+        while True:
+            time.sleep(60)
+
+    trainer._broadcast_result = _waits_for_ever
+"""
+PLANTED = "[macdrop] error: planted: rank 1 only"
+#: the ranks end within seconds of rank 1's error; a run past this waited for rank 1 in a collective
+QUICK_S = 120
+#: when a run that should have ended is given up on (and its process tree killed)
+GIVE_UP_S = 300
+
+
+def _rank1_fails(tmp_path, rank0_hangs=False):
+    """The environment of a 2-rank run whose rank 1 alone raises a plugin error at the first step."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(PLANT_RANK1_ERROR.format(rank0_hangs=rank0_hangs))
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(site), str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu"}
+
+
+def _run_quickly(cmd, cwd, env, what):
+    """(completed process, wall seconds); fails the test after GIVE_UP_S, ending the whole process tree
+    first: torchrun starts each rank in a session of its own, and a rank left waiting would keep
+    the output pipes open (and the test waiting) for good."""
+    import psutil
+
+    start = time.monotonic()
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=GIVE_UP_S)
+        except subprocess.TimeoutExpired:
+            tree = psutil.Process(child.pid).children(recursive=True)  # before the parents go
+            for proc in [*tree, psutil.Process(child.pid)]:
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            stdout, stderr = child.communicate()
+            pytest.fail(f"{what}: still running after {GIVE_UP_S} s, the other rank waits in a collective for rank 1\n"
+                        f"{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr), time.monotonic() - start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank0, port", [("collective-fails", 11), ("collective-hangs", 12)])
+def test_a_plugin_error_on_rank_1_alone_ends_every_rank_at_once(rank0, port, tiny_llama_dir, tiny_data_dir, tmp_path):
+    """FORCE_TORCHRUN=1 NPROC_PER_NODE=2 llamafactory-cli train, rank 1 alone raises a plugin error:
+    one line, exit 2, no traceback, long before any collective timeout. Rank 0's next collective
+    either fails (gloo notices the closed connection: rank 0 must not add its own traceback) or
+    never returns (as under NCCL: rank 0's watcher thread must end it). Before, only local rank
+    0's message reached the launcher: nothing was printed, rank 0 failed with a gloo traceback
+    and torchrun with ChildFailedError, or, with the hang, the run never ended."""
+    env = _rank1_fails(tmp_path, rank0_hangs=rank0 == "collective-hangs")
+    env.update(FORCE_TORCHRUN="1", NPROC_PER_NODE="2", MASTER_PORT=str(29500 + (os.getpid() + port) % 1000))
+    cfg = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "out", per_device_train_batch_size=1, max_steps=2)
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
+    proc, wall = _run_quickly([str(BIN / "llamafactory-cli"), "train", str(tmp_path / "x.yaml")], tmp_path, env,
+                              f"llamafactory-cli train, rank 1 failing alone, rank 0's collective {rank0}")
+    errors = [line for line in proc.stderr.splitlines() if "[macdrop] error:" in line]
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert errors == [PLANTED], proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-4000:]
+    assert wall < QUICK_S, f"{wall:.0f} s"
+
+
+@pytest.mark.slow
+def test_a_plugin_error_on_rank_1_alone_under_plain_torchrun(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """torchrun started by hand on LLaMA-Factory's entry point (no launcher, no error file): rank 1
+    prints the one line and exits 2, torchrun stops rank 0 at once (before, rank 1 printed
+    nothing: only global rank 0 printed). Rank 0 adds no traceback of its own; torchrun's
+    report of the failed worker is its own, as for any failing worker."""
+    import llamafactory.launcher
+
+    env = _rank1_fails(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")  # the job's claim file lands here, not in the machine's /tmp
+    cfg = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "out", per_device_train_batch_size=1, max_steps=2)
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() + 13) % 1000),
+           llamafactory.launcher.__file__, str(tmp_path / "x.yaml")]
+    proc, wall = _run_quickly(cmd, tmp_path, env, "torchrun, rank 1 failing alone")
+    errors = [line for line in proc.stderr.splitlines() if "[macdrop] error:" in line]
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert len(errors) == 1 and errors[0].endswith(PLANTED), proc.stderr[-4000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-4000:]
+    assert len(list((tmp_path / "tmp").glob("macdrop-error-*.claim"))) == 1  # one job, one claim
+    assert wall < QUICK_S, f"{wall:.0f} s"
 
 
 @pytest.mark.slow
