@@ -261,7 +261,7 @@ def main() -> int:
             proto, sweep_stream = TEXT_FILE_PROTOCOL, stream  # what `macdrop attack --text-file` does
         else:
             proto, sweep_stream = PerplexityProtocol(seq_len=cfg["sweep_tokens"], bos="stream"), stream[: cfg["sweep_tokens"] - 1]
-        windows = make_windows(sweep_stream, proto, bos=1)
+        windows = make_windows(sweep_stream, proto, prefix=[1])
         corpus = PreparedCorpus(TextSource("bench", "", text, proto), windows)
         print(f"[bench] (a) 6-setting k-sweep {KS}: one load vs a reload per setting; "
               f"{windows.count} window(s), {windows.predicted_tokens} predicted tokens", flush=True)

@@ -52,8 +52,10 @@ def build_tokenizer(out_dir: Path):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus(200) + ["Human: Assistant: \n ? . , 0123456789"], trainer)
+    # like a Llama tokenizer, it puts BOS before every text it encodes with special tokens (the
+    # analysis commands feed what the tokenizer adds: llamafactory_macdrop/core/text_prefix.py)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", add_bos_token=True
     )
     fast.save_pretrained(out_dir)
     return fast

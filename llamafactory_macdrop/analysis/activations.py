@@ -14,7 +14,7 @@ in a few fixed dimensions at the first token and ride the residual stream from t
 creates them on: the first layer with massive entries is reported as ``origin_layer``, and the
 |intermediate| vector there (at the position of its largest massive entry) is kept for plots.
 
-SmolLM2-135M-Instruct (BOS + an English sentence): dim 507 at position 0 is massive in the
+SmolLM2-135M-Instruct (an English sentence, as its tokenizer encodes it: no BOS): dim 507 at position 0 is massive in the
 outputs of layers 11-27 (~24,900 against medians of 2-10); layers 28-29 write it back down
 (10,231 < 1000 x median 11.2), so it is no longer massive by the criterion there.
 
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..core.architectures import FFNBlock, find_ffn_blocks
+from ..core.text_prefix import TextPrefix, resolve_prefix
 from ..core.probing import (
     JsonReport,
     as_batch,
@@ -39,7 +40,6 @@ from ..core.probing import (
     forward_with_hooks,
     model_name,
     per_position,
-    unwrap_peft,
 )
 
 
@@ -102,6 +102,9 @@ class ActivationReport(JsonReport):
     tokens: Optional[list[str]] = None
     #: |intermediate| at the origin layer, at the position of its largest massive entry (plots)
     origin_intermediate: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    prefix: Optional[TextPrefix] = None  # what was put before the text (set by the caller)
+    cross_check: Optional[dict[str, Any]] = None  # the other detectors' layers (analysis/cross_check.py)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def massive(self) -> list[MassiveActivation]:
@@ -129,6 +132,9 @@ class ActivationReport(JsonReport):
             "massive_layers": self.massive_layers,
             "massive_dims": sorted({m.dim for m in self.massive}),
             "layers": [layer.to_dict() for layer in self.layers],
+            **({"prefix": self.prefix.protocol()} if self.prefix is not None else {}),
+            **({"cross_check": self.cross_check} if self.cross_check is not None else {}),
+            "warnings": list(self.warnings),
         }
 
     def table(self) -> str:
@@ -136,6 +142,7 @@ class ActivationReport(JsonReport):
         lines = [
             f"Activations: {self.model} ({len(self.input_ids)} tokens); massive = |a| > {self.abs_threshold:g}"
             f" and > {self.median_ratio:g} x median",
+            *([f"  input: {self.prefix.describe()} + the text"] if self.prefix is not None else []),
             f"  {'layer':>5}  {'hidden top1':>11} {'top2':>9} {'top3':>9} {'median':>8}"
             f"  {'inter top1':>10} {'median':>8}  {'massive':>7}",
         ]
@@ -149,6 +156,7 @@ class ActivationReport(JsonReport):
         origin = self.origin_layer
         lines.append(f"  origin of the massive activations: layer {origin}" if origin is not None
                      else "  no massive activations by this criterion")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -222,19 +230,16 @@ def activation_report(
 
 
 # ----------------------------------------------------------------------------- probe input
-def probe_input_ids(model: nn.Module, tokenizer: Any, text: str) -> torch.Tensor:
-    """BOS (when the model has one) + the tokens of ``text`` without special tokens, as 1 x T.
+def probe_input_ids(tokenizer: Any, text: str, prefix: Optional[TextPrefix] = None) -> torch.Tensor:
+    """``prefix`` + the tokens of ``text`` without special tokens, as 1 x T.
 
-    BOS is added by hand because tokenizers disagree on adding it (SmolLM2's does not), and the
-    first token is where massive activations live.
+    ``prefix`` defaults to what the tokenizer itself puts before a text (core/text_prefix.py):
+    the first token is where massive activations live, so the probe starts with the token the
+    model is really fed first, not a config id its tokenizer never adds.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    bos = getattr(getattr(unwrap_peft(model), "config", None), "bos_token_id", None)
-    if isinstance(bos, (list, tuple)):
-        bos = bos[0] if bos else None
-    if bos is None:
-        bos = getattr(tokenizer, "bos_token_id", None)
-    ids = ([bos] if bos is not None else []) + list(ids)
+    if prefix is None:
+        prefix = resolve_prefix(tokenizer)
+    ids = prefix.apply(tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
     if not ids:
         raise ValueError("the probe input is empty: give a --text")
     return torch.tensor([ids], dtype=torch.long)

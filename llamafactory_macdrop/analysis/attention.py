@@ -5,15 +5,16 @@ Why: Sun et al. find that massive activations concentrate attention on their tok
 the sink starts right after the massive layer the locator names. This module measures both
 views on one loaded model:
 
-* **Attention per layer** at a probe text (default: the locator's probe token + "Summer is
-  warm. Winter is cold.", as both papers use). Attention probabilities are taken after the
+* **Attention per layer** at a probe text ("Summer is warm. Winter is cold.", as both papers
+  use), fed as the tokenizer feeds it: what it puts first (BOS on a Llama tokenizer; nothing on
+  SmolLM2's, whose first word then stands at position 0), the text after it. Attention probabilities are taken after the
   softmax (what transformers' eager attention returns with ``output_attentions``), averaged
   over heads (per head on request). For every layer: ``share[k]``, the attention key position
   k receives, averaged over the query positions q >= 1 (position 0 can only attend to itself,
   so it says nothing); the shares sum to 1. ``sink_share`` = ``share[0]``; ``top_key`` = the
   argmax of ``share``.
-* **The position experiment** (House of Cards, Fig. 2): the probe token at the start, in the
-  middle, at the end of the text, and absent. For each placement and layer: the residual stream
+* **The position experiment** (House of Cards, Fig. 2): the probe token (the input's first
+  token, or ``--probe-token``) at the start, in the middle, at the end of the text, and absent. For each placement and layer: the residual stream
   magnitude leaving the layer at the massive dimensions (max over them) per position, and the
   attention every key position receives. On SmolLM2-135M the first token carries the massive
   activation whatever it is, and the BOS token in the middle carries none.
@@ -37,8 +38,9 @@ import torch
 from torch import nn
 
 from ..core.architectures import FFNBlock, find_ffn_blocks
-from ..core.locator import MASSIVE_ABS, MEDIAN_RATIO, LocatorResult, locate_massive_weights, token_text
+from ..core.locator import MASSIVE_ABS, MEDIAN_RATIO, LocatorResult, ProbeToken, locate_massive_weights, token_text
 from ..core.probing import JsonReport, as_batch, first_tensor, model_name, per_position, unwrap_peft
+from ..core.text_prefix import TextPrefix, resolve_prefix
 
 DEFAULT_TEXT = "Summer is warm. Winter is cold."
 PLACEMENTS = ("start", "middle", "end", "absent")
@@ -106,6 +108,8 @@ class AttentionReport(JsonReport):
     placements: list[PlacementRun]
     num_heads: int
     notes: list[str] = field(default_factory=list)
+    prefix: Optional[dict[str, Any]] = None  # what was put before the text (core/text_prefix.py)
+    adapter: Optional[str] = None  # --adapter: measured with it (the massive layer located on the base)
 
     def layer(self, index: int) -> LayerAttention:
         return next(s for s in self.layers if s.layer == index)
@@ -117,8 +121,10 @@ class AttentionReport(JsonReport):
         """One line per layer: sink share, most-attended key, residual max at the massive dims at position 0."""
         probe = f"{self.probe_token_id}" + (f" {self.probe_token_text!r}" if self.probe_token_text is not None else "")
         lines = [
-            f"Attention: {self.model}; probe token {probe} + {self.text!r} ({len(self.input_ids)} tokens), "
+            f"Attention: {self.model}{' + adapter ' + self.adapter if self.adapter else ''}; probe token {probe} "
+            f"({self.probe_token_source}) + {self.text!r} ({len(self.input_ids)} tokens), "
             f"{self.attn_implementation} attention, {self.num_heads} heads averaged",
+            *([f"  input: {self.prefix['prefix_summary']}"] if self.prefix else []),
             f"  massive layer {self.massive_layer} (locator), massive dims {self.massive_dims}",
             *(f"  note: {n}" for n in self.notes),
             f"  {'layer':>5}  {'sink share':>10}  {'top key':<18}  {'|h| at massive dims, position 0':>31}",
@@ -246,7 +252,7 @@ def attention_report(
     text: str | Sequence[int] = DEFAULT_TEXT,
     located: Optional[LocatorResult] = None,
     probe_token: int | str | None = None,
-    first_token=None,
+    prefix: Optional[TextPrefix] = None,
     per_head: bool = False,
     position_layer: Optional[int] = None,
     blocks: Optional[Sequence[FFNBlock]] = None,
@@ -254,15 +260,16 @@ def attention_report(
 ) -> AttentionReport:
     """Locate (unless ``located`` is given), then the attention and position measurements above.
 
-    ``text``: the probe text (a string needs ``tokenizer``; a list of ids is used as is), placed
-    after the probe token. ``position_layer``: the layer of the position figure (default: the
-    layer after the massive one with the largest sink share). ``progress(what, done, total)``
-    reports layers as they finish (5 passes: the probe text, then the middle/end/absent placements).
+    The input is what the model is fed: ``prefix`` (default: what the tokenizer itself puts
+    first, core/text_prefix.py) + the tokens of ``text``, and the probe token of the position
+    experiment is its first token. ``probe_token`` (an id, or a text whose first token is used)
+    puts that token first instead. ``text`` as a list of ids without a tokenizer: the ids follow
+    the locator's probe token (its candidates, docs/locator.md). ``position_layer``: the layer of
+    the position figure (default: the layer after the massive one with the largest sink share).
+    ``progress(what, done, total)`` reports layers as they finish (4 passes: the input, then the
+    middle/end/absent placements).
     """
     blocks = list(blocks) if blocks is not None else find_ffn_blocks(model)
-    if located is None:
-        located = locate_massive_weights(model, 1, tokenizer=tokenizer, probe_token=probe_token,
-                                         first_token=first_token, blocks=blocks)
     if isinstance(text, str):
         if tokenizer is None:
             raise AttentionError("a probe text needs the model's tokenizer (or give token ids)")
@@ -275,11 +282,27 @@ def attention_report(
     layer_ids = [b.index for b in blocks]
     if position_layer is not None and position_layer not in layer_ids:
         raise AttentionError(f"--position-layer {position_layer} is out of range: the model has layers 0..{layer_ids[-1]}")
+    notes: list[str] = []
+    fed_first = None
+    if located is None and probe_token is None and (tokenizer is not None or prefix is not None):
+        prefix = prefix if prefix is not None else resolve_prefix(tokenizer)
+        encoded = prefix.apply(words)
+        fed_first = ProbeToken(encoded[0], "what the tokenizer puts first" if prefix.token_ids else
+                               "the text's first token: nothing is put before it", token_text(tokenizer, encoded[0]))
+        words = encoded[1:]
+        if not words:
+            raise AttentionError("the probe text is one token: give a text of at least two tokens")
+        located = locate_massive_weights(model, 1, tokenizer=tokenizer, first_token=fed_first, blocks=blocks)
+    elif located is None:
+        located = locate_massive_weights(model, 1, tokenizer=tokenizer, probe_token=probe_token, blocks=blocks)
     if located.probe_token_id is None:
         raise AttentionError("the locator result names no probe token (both layer and indices were overridden)")
-    probe = int(located.probe_token_id)
+    notes += list(located.warnings)
+    probe = int(located.probe_token_id) if fed_first is None else fed_first.token_id
+    if fed_first is not None and located.probe_token_id != fed_first.token_id:
+        notes.append(f"the input's first token {fed_first.token_id} carries no massive activation alone: the massive "
+                     f"layer comes from the locator's next candidate {located.probe_token_id} ({located.probe_token_source})")
     tokens_of = (lambda ids: [token_text(tokenizer, i) or str(i) for i in ids]) if tokenizer is not None else (lambda ids: None)
-    notes: list[str] = list(located.warnings)
     runs = _placements(probe, words)
 
     with eager_attention(model, notes) as implementation:
@@ -321,8 +344,10 @@ def attention_report(
             [key_share(mean).tolist() for mean in means], on, means[at].tolist()))
     return AttentionReport(
         model=model_name(model), text=shown, input_ids=runs["start"][0], tokens=tokens_of(runs["start"][0]),
-        probe_token_id=probe, probe_token_text=located.probe_token_text, probe_token_source=located.probe_token_source,
+        probe_token_id=probe,
+        probe_token_text=fed_first.text if fed_first is not None else located.probe_token_text,
+        probe_token_source=fed_first.source if fed_first is not None else located.probe_token_source,
         massive_layer=located.layer, massive=located.massive, massive_dims=dims, attn_implementation=implementation,
         layers=layers, position_layer=position_layer, placements=placements, num_heads=int(probs[0].shape[0]),
-        notes=notes,
+        notes=notes, prefix=prefix.protocol() if prefix is not None else None,
     )

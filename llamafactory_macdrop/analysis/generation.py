@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.probing import as_batch, unwrap_peft
+from ..core.text_prefix import resolve_prefix
 from .attacks import ATTACK_MODES, AttackError, AttackSetting, ModelAttacker
 
 
@@ -51,6 +52,19 @@ class Generation:
 
 
 # ----------------------------------------------------------------------------- choosing settings
+def _check_value(entry: str, mode: str, value: str) -> None:
+    """MODE:VALUE with a VALUE of the mode's kind (k an integer, a scale a number, a fill zero|mean)."""
+    if mode in ("zero", "retain") and not value.strip().isdigit():
+        raise AttackError(f"--generate-settings {entry!r}: {value!r} is not an integer (the k of {mode}, e.g. {mode}:5)")
+    if mode == "superweight":
+        try:
+            float(value)
+        except ValueError:
+            raise AttackError(f"--generate-settings {entry!r}: {value!r} is not a number (the scale, e.g. superweight:0)") from None
+    if mode == "activation" and value not in ("zero", "mean"):
+        raise AttackError(f"--generate-settings {entry!r}: {value!r} is not a fill (zero or mean, e.g. activation:mean)")
+
+
 def _matches(setting: AttackSetting, entry: str) -> bool:
     if entry == "all" or entry == setting.label:
         return True
@@ -77,10 +91,12 @@ def select_settings(settings: Sequence[AttackSetting], spec: Optional[str]) -> l
     entries = [e.strip() for e in spec.split(",") if e.strip()]
     labels = ", ".join(s.label for s in settings)
     for entry in entries:
-        mode = entry.partition(":")[0]
+        mode, _, value = entry.partition(":")
         if entry != "all" and mode not in ("none", *ATTACK_MODES) and not any(entry == s.label for s in settings):
             raise AttackError(f"--generate-settings {entry!r} is not allowed: give a setting label ({labels}) or "
                               f"MODE[:VALUE] with MODE one of {', '.join(ATTACK_MODES)}")
+        if value and not any(entry == s.label for s in settings):
+            _check_value(entry, mode, value)
         if not any(_matches(s, entry) for s in settings):
             raise AttackError(f"--generate-settings {entry!r} matches no setting of this run (settings: {labels})")
     chosen = [s for s in settings if s.mode == "none" or any(_matches(s, e) for e in entries)]
@@ -90,15 +106,16 @@ def select_settings(settings: Sequence[AttackSetting], spec: Optional[str]) -> l
 # ----------------------------------------------------------------------------- generating
 def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> tuple[list[int], bool]:
     """The prompt's token ids and whether the chat template was applied (only when asked and the
-    tokenizer has one; a single user turn plus the generation prompt). Without it, the
-    tokenizer's own encoding (special tokens as the tokenizer adds them)."""
+    tokenizer has one; a single user turn plus the generation prompt). Without it, what the
+    tokenizer puts before a text (core/text_prefix.py) + the prompt's tokens: no appended EOS,
+    which would end the text the model is asked to continue."""
     if chat_template and getattr(tokenizer, "chat_template", None):
         encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                 tokenize=True)
         if hasattr(encoded, "keys"):
             encoded = encoded["input_ids"]
         return [int(i) for i in encoded], True
-    return [int(i) for i in tokenizer(prompt)["input_ids"]], False
+    return resolve_prefix(tokenizer).apply(tokenizer(prompt, add_special_tokens=False)["input_ids"]), False
 
 
 def end_tokens(model: nn.Module, tokenizer: Any) -> set[int]:

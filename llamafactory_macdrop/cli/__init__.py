@@ -34,13 +34,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..analysis.zeroshot import ZeroShotError
     from ..core.architectures import UnsupportedArchitectureError
     from ..core.locator import LocatorError
+    from ..core.published import PublishedFileError
+    from ..core.text_prefix import PrefixError
     from ..plugin.keys import MacDropConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (LocatorError, UnsupportedArchitectureError, MacDropConfigError, FileNotFoundError, AttackError,
-            PerplexityError, ZeroShotError, AttentionError, CompareError, PairedError) as err:
+            PerplexityError, ZeroShotError, AttentionError, CompareError, PairedError, PrefixError,
+            PublishedFileError) as err:
         print(f"macdrop: error: {err}", file=sys.stderr)
         return 2
 

@@ -8,9 +8,12 @@ from pathlib import Path
 
 from .common import (
     DEFAULT_TEXT,
+    add_prefix_options,
+    check_model,
     indices_arg,
     load_model,
     load_tokenizer,
+    text_prefix,
     token_arg,
     torch_dtype,
 )
@@ -34,6 +37,8 @@ def cmd_locate(args: argparse.Namespace) -> int:
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
 
+    check_model(args.model)
+    entry = _published_entry(args)
     tokenizer = load_tokenizer(args.model)
     if args.template is not None and tokenizer is None:
         raise FileNotFoundError(f"--template {args.template}: {args.model} has no tokenizer to apply it to")
@@ -55,11 +60,25 @@ def cmd_locate(args: argparse.Namespace) -> int:
         print(f"layer by layer: read layers {min(stats.layers_loaded)}..{max(stats.layers_loaded)}"
               + (f" ({passes} probe passes, {len(stats.layers_loaded)} layer reads)" if passes > 1 else "")
               + f", peak {stats.peak_bytes / 2**20:,.0f} MiB of parameters in memory")
+        agreement = None
     else:
         model = load_model(args.model, args.dtype)
         result = locate_massive_weights(model, args.k, **kwargs)
+        agreement = _cross_check(model, tokenizer, result) if result.probe_token_id is not None else None
     result.model = args.model
     print(result.table())
+    extra = {}
+    if agreement is not None:
+        print(agreement.line())
+        for warning in agreement.warnings():
+            print(f"warning: {warning}")
+        extra["cross_check"] = agreement.to_dict()
+    if entry is not None and result.indices:
+        from ..core.published import compare_massive
+
+        comparison = compare_massive(entry, result.layer, result.indices, result.expert)
+        print(f"published: {comparison.message}")
+        extra["published"] = comparison.to_dict()
     if args.plot:
         from ..analysis.plots import plot_intermediate_bars
 
@@ -73,18 +92,67 @@ def cmd_locate(args: argparse.Namespace) -> int:
 
             print(f"plot written to {plot_routing(result, Path(args.plot) / 'locate_routing.png')}")
     if args.json:
-        print(f"written to {result.write_json(args.json)}")
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**result.to_dict(), **extra}, indent=1) + "\n")
+        print(f"written to {args.json}")
     return 0
+
+
+def _published_entry(args: argparse.Namespace, model=None):
+    """The published position this model's config matches (packaged table + --published files), or
+    None. User files are read (and refused in one line) before the model loads."""
+    from ..core.model_config import read_config_json
+    from ..core.published import load_published, match_config
+
+    entries = load_published(args.published or [])
+    found = read_config_json(args.model)
+    config = found[1] if found is not None else None
+    if config is None and model is not None:
+        config = model.config.to_dict()
+    return match_config(config, entries) if config is not None else None
+
+
+def _cross_check(model, tokenizer, located):
+    """``locate``: the activation and super-weight detectors on the default text, as the tokenizer feeds it."""
+    from ..analysis.activations import probe_input_ids
+    from ..analysis.cross_check import cross_check
+    from ..core.text_prefix import resolve_prefix
+
+    if tokenizer is None:
+        return None
+    prefix = resolve_prefix(tokenizer)
+    return cross_check(model, probe_input_ids(tokenizer, DEFAULT_TEXT, prefix), located,
+                       f"{prefix.describe()} + {DEFAULT_TEXT!r}")
+
+
+def _need_tokenizer(args: argparse.Namespace):
+    """MODEL checked and its tokenizer loaded, before the model: the probe text needs one."""
+    check_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model}: no tokenizer found next to the model (the probe text needs one)")
+    return tokenizer
 
 
 def cmd_activations(args: argparse.Namespace) -> int:
     from ..analysis.activations import activation_report, probe_input_ids
+    from ..analysis.cross_check import locate_as_cli, probe_label
 
-    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
-    ids = probe_input_ids(model, tokenizer, args.text)
+    tokenizer = _need_tokenizer(args)
+    prefix = text_prefix(args, tokenizer, args.model)  # before the model loads
+    model = load_model(args.model, args.dtype)
+    ids = probe_input_ids(tokenizer, args.text, prefix)
     report = activation_report(model, ids, abs_threshold=args.abs_threshold, median_ratio=args.median_ratio,
                                tokenizer=tokenizer)
-    report.model = args.model
+    report.model, report.prefix = args.model, prefix
+    located = locate_as_cli(model, tokenizer, 1)
+    report.cross_check = {"locator_layer": located.layer, "locator_probe": probe_label(located),
+                          "activations_layer": report.origin_layer}
+    if report.origin_layer is not None and report.origin_layer != located.layer:
+        report.warnings.append(f"the massive activations start at layer {report.origin_layer}, the locator names layer "
+                               f"{located.layer} ({probe_label(located)}): check what the text starts with (--bos, --bos-token)")
     print(report.table())
     if args.plot:
         from ..analysis.plots import plot_intermediate_bars, plot_layer_profile
@@ -102,12 +170,24 @@ def cmd_activations(args: argparse.Namespace) -> int:
 
 def cmd_superweight(args: argparse.Namespace) -> int:
     from ..analysis.activations import probe_input_ids
+    from ..analysis.cross_check import locate_as_cli, probe_label
     from ..analysis.superweight import find_super_weights
 
-    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
-    report = find_super_weights(model, probe_input_ids(model, tokenizer, args.text), threshold=args.threshold,
+    tokenizer = _need_tokenizer(args)
+    prefix = text_prefix(args, tokenizer, args.model)  # before the model loads
+    entry = _published_entry(args)
+    model = load_model(args.model, args.dtype)
+    report = find_super_weights(model, probe_input_ids(tokenizer, args.text, prefix), threshold=args.threshold,
                                 top=args.top)
-    report.model = args.model
+    report.model, report.prefix = args.model, prefix
+    located = locate_as_cli(model, tokenizer, args.k)
+    report.check_against(located.layer, located.indices, probe_label(located))
+    if entry is not None and report.candidates:
+        from ..core.published import compare_super_weights
+
+        comparison = compare_super_weights(entry, [(c.layer, c.row, c.col) for c in report.candidates])
+        if comparison.reported:
+            report.published = comparison.to_dict()
     print(report.table())
     if args.json:
         print(f"written to {report.write_json(args.json)}")
@@ -119,19 +199,23 @@ def cmd_superweight(args: argparse.Namespace) -> int:
 def _stopwords(args: argparse.Namespace, model, tokenizer) -> None:
     """``superweight --stopwords``: the stop-word shift when the super weight(s) are zeroed (docs/superweights.md)."""
     from ..analysis.activations import probe_input_ids
-    from ..analysis.perplexity import bos_token_id, load_text_file, make_windows, tokenize
+    from ..analysis.perplexity import load_text_file, make_windows, resolve_protocol, tokenize
     from ..analysis.stopwords import stopword_shift, stopword_token_ids
+    from .common import config_facts
     from ..core.architectures import find_ffn_blocks
     from .evaluation import resolve_super_weights
 
     blocks = find_ffn_blocks(model)
-    ids = probe_input_ids(model, tokenizer, args.text)
+    prefix = text_prefix(args, tokenizer, args.model)
+    ids = probe_input_ids(tokenizer, args.text, prefix)
     sws = resolve_super_weights(args.super_weight, model, ids, blocks)
     words = stopword_token_ids(tokenizer, args.stopword_tokens)
     windows, names = [], []
+    config_bos, vocab = config_facts(args.model)
     for path in args.text_file:
-        src = load_text_file(path, {"seq_len": args.seq_len})
-        w = make_windows(tokenize(tokenizer, src.text), src.protocol, bos_token_id(model, tokenizer))
+        src = load_text_file(path, {"seq_len": args.seq_len, "bos": args.bos, "bos_token": args.bos_token})
+        protocol, used = resolve_protocol(src.protocol, tokenizer, config_bos, vocab)
+        w = make_windows(tokenize(tokenizer, src.text), protocol, used.token_ids)
         windows += (list(w.full.split(1)) if w.full.shape[0] else []) + ([w.tail] if w.tail is not None else [])
         names.append(src.name)
     if not windows:
@@ -162,7 +246,9 @@ def register(sub) -> None:
                    help="LLaMA-Factory template NAME (as in the training YAML): its first token is the first "
                         "candidate (default: the tokenizer's chat template, else a BOS the tokenizer prepends)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--json", type=Path, default=None, help="write macdrop_locator.json-style output here")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write macdrop_locator.json-style output here (plus cross_check and published)")
+    _published_option(p)
     p.add_argument("--plot", type=Path, default=None, help="folder for a bar plot of the intermediate state (and, for MoE models, the routing heatmap)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layer-by-layer", dest="layer_by_layer", action="store_true", default=None,
@@ -176,7 +262,9 @@ def register(sub) -> None:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
-        p.add_argument("--text", default=DEFAULT_TEXT, help="probe text; the input is BOS + its tokens")
+        p.add_argument("--text", default=DEFAULT_TEXT,
+                       help="probe text; the input is what the tokenizer puts first (if anything) + its tokens")
+        add_prefix_options(p)
         p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
         p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
         p.set_defaults(func=func)
@@ -188,7 +276,15 @@ def register(sub) -> None:
             p.add_argument("--threshold", type=float, default=None,
                            help="keep layers whose down output spike exceeds this (default: >= 0.5 x the largest)")
             p.add_argument("--top", type=int, default=3, help="at most this many candidates")
+            p.add_argument("--k", type=int, default=5, help="cross-check: the locator's top-k massive rows (default 5)")
+            _published_option(p)
             _stopword_options(p)
+
+
+def _published_option(p) -> None:
+    p.add_argument("--published", type=Path, action="append", default=None, metavar="FILE",
+                   help="also compare with the positions in FILE (repeatable; the format of the packaged "
+                        "core/published_positions.json, docs/locator.md)")
 
 
 def _stopword_options(p) -> None:
@@ -201,7 +297,7 @@ def _stopword_options(p) -> None:
                    help=f"the stop words (default: {' '.join(STOP_WORDS)})")
     add_super_weight_option(p)
     p.add_argument("--text-file", type=Path, nargs="+", default=[],
-                   help="--stopwords: text files to measure over (default: BOS + --text)")
+                   help="--stopwords: text files to measure over (default: --text)")
     p.add_argument("--seq-len", type=int, default=None, help="--stopwords: tokens per window (default 4096)")
     p.add_argument("--stopwords-json", type=Path, default=None, help="write the stop-word report as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="--stopwords: folder for stopwords.png")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from .common import DEFAULT_TEXT, indices_arg, load_model, load_tokenizer, token_arg
+from .common import DEFAULT_TEXT, check_model, indices_arg, load_model, load_tokenizer, text_prefix, token_arg
 from .evaluation import add_corpus_options, add_super_weight_option, add_zeroshot_options, resolve_super_weights
 
 
@@ -29,18 +28,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         set_activation_cutoffs,
         sweep_settings,
     )
-    from ..analysis.perplexity import (
-        PerplexityProtocol,
-        bos_token_id,
-        load_corpus,
-        load_text_file,
-        make_windows,
-        tokenize,
-    )
-    from ..analysis.sweep import AttackReport, PreparedCorpus, attach_adapter, run_sweep
-    from ..analysis.zeroshot import parse_tasks
+    from ..analysis.sweep import AttackReport, attach_adapter, run_sweep
     from ..core.architectures import find_ffn_blocks
     from ..core.locator import locate_massive_weights
+    from .evaluation import prepare_corpora, quiet_progress, read_sources, resolve_sources, zeroshot_evaluator
 
     # everything that can be checked before the model loads
     ks = args.k_sweep if args.k_sweep is not None else [args.k]
@@ -51,31 +42,24 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise AttackError(f"--scale {args.scale!r} is not allowed: give comma-separated numbers, e.g. 0,2") from None
     fills = [f.strip() for f in args.fill.split(",") if f.strip()]
     settings = sweep_settings(modes, ks, scales=scales, fills=fills)
-    overrides = dict(seq_len=args.seq_len, bos=args.bos, max_windows=args.max_windows,
-                     drop_partial=None if args.keep_partial is None else not args.keep_partial)
-    PerplexityProtocol(**{k: v for k, v in overrides.items() if v is not None})  # validates the knobs
-    tasks = parse_tasks(args.zeroshot) if args.zeroshot else []
-    if args.limit is not None and args.limit < 1:
-        raise AttackError(f"--limit {args.limit} is not allowed: give a number >= 1")
     generating = _generation_plan(args, settings)
-    sources = [load_text_file(f, overrides) for f in args.text_file]
-    if not (sources or args.dataset or tasks or generating):
+    sources, tasks = read_sources(args, need_text=False)
+    if not (sources or tasks or generating):
         raise AttackError("nothing to evaluate: give --text-file, --dataset, --zeroshot or --generate")
     if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
         raise AttackError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
-    sources += [load_corpus(d, overrides) for d in args.dataset]
-
-    if args.no_progress:  # transformers', datasets' and lm-eval's bars too (tqdm reads TQDM_DISABLE)
-        os.environ["TQDM_DISABLE"] = "1"
-        import datasets
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, args.dtype).to(device), load_tokenizer(args.model)
+    check_model(args.model)
+    tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise AttackError(f"{args.model}: no tokenizer found next to the model")
+    resolved = resolve_sources(sources, tokenizer, args.model)
+    probes = any(s.mode in ("superweight", "activation", "sw_restore") for s in settings)
+    prefix = text_prefix(args, tokenizer, args.model) if probes else None
+
+    if args.no_progress:  # transformers', datasets' and lm-eval's bars too (tqdm reads TQDM_DISABLE)
+        quiet_progress()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, args.dtype).to(device)
     blocks = find_ffn_blocks(model)
     size = max(b.intermediate_size for b in blocks) if args.layer is None else \
         next((b.intermediate_size for b in blocks if b.index == args.layer), blocks[0].intermediate_size)
@@ -92,10 +76,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.indices is not None and max_k > len(args.indices):
         raise AttackError(f"--k {max_k} exceeds the {len(args.indices)} rows given by --indices")
     targets = AttackTargets(located.layer, located.indices, expert=located.expert)
-    if any(s.mode in ("superweight", "activation", "sw_restore") for s in settings):
+    if probes:
         from ..analysis.activations import probe_input_ids
 
-        ids = probe_input_ids(model, tokenizer, args.probe_text)
+        ids = probe_input_ids(tokenizer, args.probe_text, prefix)
         if any(s.mode in ("superweight", "sw_restore") for s in settings):
             targets.super_weights = resolve_super_weights(args.super_weight, model, ids, blocks)
             targets.super_weight = targets.super_weights[0] if targets.super_weights else None
@@ -108,25 +92,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
           f"massive layer {targets.layer} (0-based), rows {targets.indices}"
           + (f", expert {targets.expert}" if targets.expert is not None else "")
           + (f"; super weight {', '.join(map(str, targets.super_weights))}" if targets.super_weights else ""))
+    if prefix is not None:
+        print(f"  probe text: {prefix.describe()} + {args.probe_text!r}")
 
-    bos = bos_token_id(model, tokenizer)
-    corpora = []
-    for src in sources:
-        windows = make_windows(tokenize(tokenizer, src.text), src.protocol, bos)
-        corpora.append(PreparedCorpus(src, windows))
-        print(f"  {src.name}: {windows.count} windows of <= {src.protocol.seq_len} tokens, BOS {src.protocol.bos}, "
-              f"{windows.predicted_tokens} predicted tokens ({src.origin})")
-    zeroshot = None
-    if tasks:
-        from ..analysis.zeroshot import ZeroShotEvaluator
-
-        zeroshot = ZeroShotEvaluator(model, tokenizer, tasks, data_root=args.zeroshot_data, limit=args.limit,
-                                     batch_size=args.zeroshot_batch_size)
-        print("  zero-shot (lm-eval): " + ", ".join(f"{t} {s}" for t, s in zeroshot.splits().items())
-              + (f", limit {args.limit}" if args.limit else ""))
+    corpora = prepare_corpora(sources, model, tokenizer, resolved=resolved)
+    zeroshot = zeroshot_evaluator(args, tasks, model, tokenizer)
 
     report = AttackReport(model=args.model, adapter=str(args.adapter) if args.adapter else None,
-                          targets=targets.to_dict())
+                          targets=targets.to_dict(), probe_prefix=prefix.protocol() if prefix is not None else None)
     run_sweep(model, attacker, settings, corpora, zeroshot, report=report, batch_size=args.batch_size,
               progress=not args.no_progress, echo=print)
     gens = _generate(args, model, tokenizer, attacker, generating, report) if generating else []
@@ -214,7 +187,8 @@ def register(sub) -> None:
     p.add_argument("--scale", default="0", help="superweight: comma-separated factors for the super weight (0 = zero it)")
     add_super_weight_option(p)
     p.add_argument("--fill", default="zero", help="activation: zero and/or mean (comma-separated): what the massive activations become")
-    p.add_argument("--probe-text", default=DEFAULT_TEXT, help="input for the super-weight/activation probes (BOS + text)")
+    p.add_argument("--probe-text", default=DEFAULT_TEXT,
+                   help="input for the super-weight/activation probes (what the tokenizer puts first, --bos/--bos-token, + text)")
     p.add_argument("--adapter", type=Path, default=None, help="LoRA/DoRA adapter folder evaluated on top of MODEL")
     add_corpus_options(p)
     add_zeroshot_options(p)

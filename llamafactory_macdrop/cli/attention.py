@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import indices_arg, load_model, load_tokenizer, token_arg
+from .common import add_prefix_options, check_model, indices_arg, load_model, load_tokenizer, text_prefix, token_arg
 
 
 def _layer_count(model: str):
@@ -43,15 +43,24 @@ def default_heatmap_layers(report) -> list[int]:
 
 def cmd_attention(args: argparse.Namespace) -> int:
     from ..analysis.attention import AttentionError, attention_report
-    from ..core.first_token import template_first_token
 
+    check_model(args.model)
     _check_layers(args, _layer_count(args.model))
     if args.text is not None and not args.text.strip():
         raise AttentionError(f"--text {args.text!r} is not allowed: give a text of at least one token")
-    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    if args.probe_token is not None and (args.bos is not None or args.bos_token is not None):
+        raise AttentionError("--probe-token puts its token first: give it, or --bos/--bos-token, not both")
+    if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
+        raise AttentionError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+    tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer found next to the model (the probe text needs one)")
-    first = template_first_token(tokenizer) if args.probe_token is None else None
+    prefix = text_prefix(args, tokenizer, args.model) if args.probe_token is None else None  # before loading
+    model = load_model(args.model, args.dtype)
+    if args.adapter is not None:
+        from ..analysis.sweep import attach_adapter
+
+        model = attach_adapter(model, args.adapter, args.model)
 
     bar = None
 
@@ -64,18 +73,19 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
             if bar is not None:
                 bar.close()
-            label = "probe text" if what == "start" else f"probe token {what}"
+            label = "input" if what == "start" else f"probe token {what}"
             bar = tqdm(total=total, desc=f"attention ({label})", unit="layer", leave=False, file=sys.stderr)
         bar.update(1)
 
     try:
         text = {} if args.text is None else {"text": args.text}
-        report = attention_report(model, tokenizer, **text, probe_token=args.probe_token, first_token=first,
+        report = attention_report(model, tokenizer, **text, probe_token=args.probe_token, prefix=prefix,
                                   per_head=args.per_head, position_layer=args.position_layer, progress=progress)
     finally:
         if bar is not None:
             bar.close()
     report.model = args.model
+    report.adapter = str(args.adapter) if args.adapter is not None else None
     print(report.table())
     if args.plot:
         from ..analysis.attention_plots import plot_attention_heatmaps, plot_position, plot_sink_curve
@@ -95,7 +105,12 @@ def register(sub) -> None:
     p = sub.add_parser("attention", help="attention sinks per layer and where the probe token stands (Sun et al., House of Cards Fig. 2)")
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
     p.add_argument("--text", default=None, help="probe text after the probe token (default 'Summer is warm. Winter is cold.')")
-    p.add_argument("--probe-token", type=token_arg, default=None, help="as in macdrop locate (default: the locator's)")
+    p.add_argument("--probe-token", type=token_arg, default=None,
+                   help="the token put first and moved in the position experiment: an id or a text's first token "
+                        "(default: the input's first token, as the tokenizer feeds it)")
+    add_prefix_options(p)
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="LoRA/DoRA adapter folder: attention of MODEL + adapter (the massive layer is located on MODEL)")
     p.add_argument("--per-head", action="store_true", help="also every head's key shares (JSON)")
     p.add_argument("--position-layer", type=int, default=None,
                    help="layer of the position experiment's summary and figure (default: the layer after the massive "

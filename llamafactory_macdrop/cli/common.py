@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -13,10 +14,78 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+class ModelPathError(FileNotFoundError):
+    """MODEL names no model this command can load (one line, exit 2)."""
+
+
+def check_model(path: str) -> None:
+    """One line, before anything loads, when MODEL is not a model folder (or a hub id that resolves).
+
+    A local path must be a folder with config.json; a name that is no local path is tried as a hub
+    id (transformers' own config lookup, which answers at once offline)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelPathError(f"{path}: no config.json in that folder: give a Hugging Face model folder "
+                                 "(config.json and weights; `macdrop convert-gguf` makes one from a GGUF file)")
+        return
+    if folder.exists():
+        raise ModelPathError(f"{path} is a file, not a model folder: give the folder that holds config.json")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelPathError(f"{path}: no such folder, and not a model the hub serves here ({reason[:160]})") from None
+
+
 def load_model(path: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).eval()
+    check_model(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).eval()
+    except OSError as err:  # a folder whose weights are missing or unreadable
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelPathError(f"{path}: the model does not load ({reason[:200]})") from None
+
+
+def config_facts(path: str) -> tuple:
+    """(config bos_token_id, vocab_size) from the checkpoint's config.json, before the model loads
+    (Nones when it cannot be read): what the prefix checks name and bound."""
+    from ..core.model_config import read_config_json
+    from ..core.text_prefix import config_bos_token_id
+
+    found = read_config_json(path)
+    if found is None:
+        return None, None
+    config = found[1]
+    text = config.get("text_config") or {}
+    vocab = config.get("vocab_size", text.get("vocab_size"))
+    return config_bos_token_id(config), vocab if isinstance(vocab, int) else None
+
+
+def add_prefix_options(p, corpora: bool = False) -> None:
+    """``--bos`` and ``--bos-token``: what goes before a text (core/text_prefix.py). Probe texts
+    know none|stream; corpora also window (every window opens with it)."""
+    choices = ("none", "stream", "window") if corpora else ("none", "stream")
+    p.add_argument("--bos", choices=choices, default=None,
+                   help="what goes before the text: none, stream (once before it)" + (", window (every window)" if corpora else "")
+                        + "; default: what the tokenizer adds (nothing if it adds no BOS"
+                        + (", placed per corpus, docs/attacks.md)" if corpora else ")"))
+    p.add_argument("--bos-token", type=token_arg, default=None, metavar="ID|TEXT",
+                   help="put this token first even where the tokenizer adds none (an id, or one token's text)")
+
+
+def text_prefix(args, tokenizer, model_path: str):
+    """The prefix of the probe texts, from --bos / --bos-token (checked before the model loads)."""
+    from ..core.text_prefix import resolve_prefix
+
+    bos = getattr(args, "bos", None)
+    config_bos, vocab = config_facts(model_path)
+    return resolve_prefix(tokenizer, "stream" if bos == "window" else bos, getattr(args, "bos_token", None),
+                          config_bos=config_bos, vocab_size=vocab)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -36,6 +105,9 @@ def load_tokenizer(path: str):
 
 
 def token_arg(text: str) -> int | str:
+    """A token id (digits) or a text."""
+    if not text:
+        raise argparse.ArgumentTypeError("'' is not allowed: give a token id or a text")
     return int(text) if text.strip().isdigit() else text
 
 

@@ -122,6 +122,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise CompareError(f"--mode {args.mode!r} is not allowed: compare's robustness attacks are zero and/or retain")
         settings = sweep_settings(modes, args.k_sweep)
         _check_ks(base, args.k_sweep)
+        _check_base_inputs(base, sources)
         if args.bootstrap < 100:
             raise CompareError(f"--bootstrap {args.bootstrap} is not allowed: give at least 100 iterations")
         if not 0 < args.confidence < 1:
@@ -169,6 +170,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, notes, trained_for)
 
 
+def _check_base_inputs(base: dict, sources) -> None:
+    """The base model's folder and what its tokenizer puts before the corpora (--bos/--bos-token),
+    before anything trains."""
+    from ..analysis.compare_runs import CompareError
+    from .common import check_model, load_tokenizer
+    from .evaluation import resolve_sources
+
+    model_path = base["model_name_or_path"]  # _read_base made sure it is there
+    check_model(str(model_path))
+    if sources:
+        tokenizer = load_tokenizer(str(model_path))
+        if tokenizer is None:
+            raise CompareError(f"{model_path}: no tokenizer found next to the model (the corpora need one)")
+        resolve_sources(sources, tokenizer, str(model_path))
+
+
 def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, notes, trained_for) -> int:
     import torch
 
@@ -198,6 +215,7 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
                 "targets": targets.to_dict(), "batch_size": args.batch_size, "robustness": args.robustness,
                 "corpora": [{**c.protocol(), "text_sha256_16": text_digest(c.source.text)} for c in corpora],
                 "zeroshot": {"tasks": tasks, "limit": args.limit, "splits": zeroshot.splits() if zeroshot else {},
+                             "prefix": zeroshot.prefix.protocol() if zeroshot else None,
                              "data": str(args.zeroshot_data) if args.zeroshot_data else "packaged",
                              "batch_size": args.zeroshot_batch_size}}
     evaluator = OneBaseEvaluator(model, model_path, targets, settings, corpora, zeroshot, batch_size=args.batch_size,

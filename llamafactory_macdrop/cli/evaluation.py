@@ -48,13 +48,14 @@ def resolve_super_weights(given, model, input_ids, blocks) -> list:
 
 
 def add_corpus_options(p, seq_len_help: str = "tokens per window (default 4096)") -> None:
-    """--text-file, --dataset, --seq-len, --bos, --max-windows, --keep-partial/--drop-partial, --batch-size."""
+    """--text-file, --dataset, --seq-len, --bos, --bos-token, --max-windows, --keep-partial/--drop-partial, --batch-size."""
+    from .common import add_prefix_options
+
     p.add_argument("--text-file", type=Path, nargs="+", default=[], help="local text files (one corpus each)")
     p.add_argument("--dataset", nargs="+", default=[],
                    help="wikitext | c4 | pg19 (hub), NAME=DIR (a local copy, same protocol) or a local dataset folder")
     p.add_argument("--seq-len", type=int, default=None, help=seq_len_help)
-    p.add_argument("--bos", choices=("none", "stream", "window"), default=None,
-                   help="BOS: none, once before the stream, or at every window (default: per corpus, docs/attacks.md)")
+    add_prefix_options(p, corpora=True)
     p.add_argument("--max-windows", type=int, default=None, help="at most this many windows (default: per corpus)")
     part = p.add_mutually_exclusive_group()
     part.add_argument("--keep-partial", dest="keep_partial", action="store_true", default=None,
@@ -76,8 +77,7 @@ def read_sources(args: argparse.Namespace, need_text: bool = True) -> tuple[list
     from ..analysis.perplexity import PerplexityProtocol, load_corpus, load_text_file
     from ..analysis.zeroshot import parse_tasks
 
-    overrides = dict(seq_len=args.seq_len, bos=args.bos, max_windows=args.max_windows,
-                     drop_partial=None if args.keep_partial is None else not args.keep_partial)
+    overrides = corpus_overrides(args)
     PerplexityProtocol(**{k: v for k, v in overrides.items() if v is not None})  # validates the knobs
     tasks = parse_tasks(args.zeroshot) if getattr(args, "zeroshot", None) else []
     if getattr(args, "limit", None) is not None and args.limit < 1:
@@ -91,18 +91,42 @@ def read_sources(args: argparse.Namespace, need_text: bool = True) -> tuple[list
     return sources, tasks
 
 
-def prepare_corpora(sources, model, tokenizer, echo=print) -> list:
-    """Each source tokenized and cut into windows once (:class:`~..analysis.sweep.PreparedCorpus`)."""
-    from ..analysis.perplexity import bos_token_id, make_windows, tokenize
-    from ..analysis.sweep import PreparedCorpus
+def corpus_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The protocol knobs the corpus options set (None: the corpus's default)."""
+    return dict(seq_len=args.seq_len, bos=args.bos, bos_token=getattr(args, "bos_token", None),
+                max_windows=args.max_windows,
+                drop_partial=None if args.keep_partial is None else not args.keep_partial)
 
-    bos = bos_token_id(model, tokenizer)
+
+def resolve_sources(sources, tokenizer, model_path: str) -> list:
+    """Each source's protocol as used and its prefix (:func:`~..analysis.perplexity.resolve_protocol`),
+    from the tokenizer and config.json alone: a --bos the tokenizer cannot serve fails before the model loads."""
+    from ..analysis.perplexity import resolve_protocol
+    from .common import config_facts
+
+    config_bos, vocab = config_facts(model_path)
+    return [resolve_protocol(src.protocol, tokenizer, config_bos, vocab) for src in sources]
+
+
+def prepare_corpora(sources, model, tokenizer, echo=print, resolved=None) -> list:
+    """Each source tokenized and cut into windows once (:class:`~..analysis.sweep.PreparedCorpus`),
+    with the prefix :func:`resolve_sources` chose (resolved here from the model's config if not given)."""
+    from ..analysis.perplexity import resolve_protocol
+    from ..analysis.sweep import prepare_corpus
+    from ..core.probing import unwrap_peft
+    from ..core.text_prefix import config_bos_token_id
+
+    if resolved is None:
+        config = getattr(unwrap_peft(model), "config", None)
+        resolved = [resolve_protocol(src.protocol, tokenizer, config_bos_token_id(config) if config is not None else None)
+                    for src in sources]
     corpora = []
-    for src in sources:
-        windows = make_windows(tokenize(tokenizer, src.text), src.protocol, bos)
-        corpora.append(PreparedCorpus(src, windows))
-        echo(f"  {src.name}: {windows.count} windows of <= {src.protocol.seq_len} tokens, BOS {src.protocol.bos}, "
-             f"{windows.predicted_tokens} predicted tokens ({src.origin})")
+    for src, (protocol, prefix) in zip(sources, resolved):
+        corpus = prepare_corpus(src, tokenizer, protocol, prefix)
+        corpora.append(corpus)
+        where = {"stream": ", once before the stream", "window": ", before every window"}.get(protocol.bos, "")
+        echo(f"  {src.name}: {corpus.windows.count} windows of <= {protocol.seq_len} tokens, {prefix.describe()}{where}, "
+             f"{corpus.windows.predicted_tokens} predicted tokens ({src.origin})")
     return corpora
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_TEXT, load_model, load_tokenizer
+from .common import DEFAULT_TEXT, check_model, load_model, load_tokenizer, text_prefix
 from .evaluation import (
     add_corpus_options,
     add_super_weight_option,
@@ -13,6 +13,7 @@ from .evaluation import (
     prepare_corpora,
     quiet_progress,
     read_sources,
+    resolve_sources,
     resolve_super_weights,
     zeroshot_evaluator,
 )
@@ -42,20 +43,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise QuantizationError(f"--k {args.k} is not allowed: give a number >= 1")
     sources, tasks = read_sources(args)
+    check_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise QuantizationError(f"{args.model}: no tokenizer found next to the model")
+    resolved = resolve_sources(sources, tokenizer, args.model)  # a --bos the tokenizer cannot serve: before loading
+    protects = {s.protect for s in settings}
+    probing = bool(protects & {"sw", "sw+massive"} or args.super_weight)
+    prefix = text_prefix(args, tokenizer, args.model) if probing else None
     if args.no_progress:
         quiet_progress()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, args.dtype).to(device), load_tokenizer(args.model)
-    if tokenizer is None:
-        raise QuantizationError(f"{args.model}: no tokenizer found next to the model")
+    model = load_model(args.model, args.dtype).to(device)
     blocks = find_ffn_blocks(model)
-    protects = {s.protect for s in settings}
     sws, massive = [], None
-    if protects & {"sw", "sw+massive"} or args.super_weight:
+    if probing:
         from ..analysis.activations import probe_input_ids
 
-        sws = resolve_super_weights(args.super_weight, model, probe_input_ids(model, tokenizer, args.probe_text), blocks)
+        sws = resolve_super_weights(args.super_weight, model, probe_input_ids(tokenizer, args.probe_text, prefix), blocks)
         if not sws and protects & {"sw", "sw+massive"}:
             raise QuantizationError("--protect sw: the probe found no super weight; give --super-weight LAYER,ROW,COL")
     if "sw+massive" in protects:
@@ -74,7 +80,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if n:
             print(f"  block size {bs}: does not divide {n} of {len(quantizer.saved)} weights, those are quantized "
                   "as one block (whole tensor)")
-    corpora = prepare_corpora(sources, model, tokenizer)
+    if prefix is not None:
+        print(f"  probe text: {prefix.describe()} + {args.probe_text!r}")
+    corpora = prepare_corpora(sources, model, tokenizer, resolved=resolved)
     zeroshot = zeroshot_evaluator(args, tasks, model, tokenizer)
 
     report = QuantizationReport(
@@ -82,6 +90,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         weights={"count": len(quantizer.saved), "values": quantizer.num_values, "layers": len(blocks)},
         super_weights=[{"layer": s.layer, "row": s.row, "col": s.col} for s in sws],
         massive={"layer": massive[0], "indices": massive[1]} if massive else None,
+        probe_prefix=prefix.protocol() if prefix is not None else None,
     )
     run_quantization_sweep(quantizer, settings, corpora, zeroshot, report=report, batch_size=args.batch_size,
                            progress=not args.no_progress, echo=print)
@@ -114,7 +123,8 @@ def register(sub) -> None:
                         "W_up/W_gate) (default none,sw)")
     add_super_weight_option(p)
     p.add_argument("--k", type=int, default=5, help="sw+massive: how many massive rows (default 5)")
-    p.add_argument("--probe-text", default=DEFAULT_TEXT, help="input of the super-weight probe (BOS + text)")
+    p.add_argument("--probe-text", default=DEFAULT_TEXT,
+                   help="input of the super-weight probe (what the tokenizer puts first, --bos/--bos-token, + text)")
     add_corpus_options(p)
     add_zeroshot_options(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

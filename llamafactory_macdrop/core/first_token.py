@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .locator import ProbeToken, token_text
+from .text_prefix import tokenizer_prefix
 
 _SAMPLE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
@@ -98,8 +99,7 @@ def template_first_token(tokenizer: Any, template: Any = None, name: Optional[st
             ids = []
         if ids:
             return ProbeToken(ids[0], "chat template: first token", token_text(tokenizer, ids[0]))
-    with_special = _ids(tokenizer("Hi"))
-    plain = _ids(tokenizer("Hi", add_special_tokens=False))
-    if with_special and len(with_special) > len(plain) and with_special[:1] != plain[:1]:
-        return ProbeToken(with_special[0], "tokenizer prepends it", token_text(tokenizer, with_special[0]))
+    prefix = tokenizer_prefix(tokenizer)  # the one policy of what goes before a text (core/text_prefix.py)
+    if prefix:
+        return ProbeToken(prefix[0], "tokenizer prepends it", token_text(tokenizer, prefix[0]))
     return None

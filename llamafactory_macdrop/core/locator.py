@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -153,7 +153,9 @@ class LocatorResult(JsonReport):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LocatorResult":
-        data = {k: v for k, v in data.items() if k != "paper_layer"}
+        known = {f.name for f in fields(cls)}  # paper_layer is derived; `macdrop locate --json` adds
+        data = {k: v for k, v in data.items() if k in known}  # cross_check / published
+
         data["layers"] = [LayerStats(**s) for s in data.get("layers", [])]
         data["candidates"] = [CandidateResult(**c) for c in data.get("candidates", [])]
         data["routing"] = [RouterProbs(**r) for r in data.get("routing", [])]

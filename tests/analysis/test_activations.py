@@ -30,22 +30,21 @@ def tok(tiny_llama_dir):
 
 @pytest.fixture()
 def ids(tiny_llama, tok):
-    return probe_input_ids(tiny_llama, tok, TEXT)
+    return probe_input_ids(tok, TEXT)
 
 
-def test_probe_input_is_bos_plus_the_text(tiny_llama, tok, ids):
+def test_probe_input_is_what_the_tokenizer_puts_first_plus_the_text(tiny_llama, tok, ids):
     words = tok(TEXT, add_special_tokens=False)["input_ids"]
     assert ids.shape == (1, len(words) + 1)
-    assert ids[0].tolist() == [tiny_llama.config.bos_token_id] + words
+    assert ids[0].tolist() == [tiny_llama.config.bos_token_id] + words == tok(TEXT)["input_ids"]  # a Llama-like BOS
 
-    class NoBos:  # a model and tokenizer without BOS get the text alone
-        bos_token_id = None
+    class NoBos:  # a tokenizer that adds nothing gets the text alone, whatever a config's BOS says
+        bos_token_id = 1
 
         def __call__(self, text, add_special_tokens):
             return {"input_ids": [5, 6, 7]}
 
-    tiny_llama.config.bos_token_id = None
-    assert probe_input_ids(tiny_llama, NoBos(), "x")[0].tolist() == [5, 6, 7]
+    assert probe_input_ids(NoBos(), "x")[0].tolist() == [5, 6, 7]
 
 
 def test_planted_massive_activation_is_found_where_it_was_planted(tiny_llama, tok, ids):
@@ -176,9 +175,16 @@ def test_activations_subcommand(tiny_llama_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_massive_activation_is_dim_507_at_bos_from_layer_11(smollm2):
+    from llamafactory_macdrop.core.text_prefix import resolve_prefix
+
     model, tokenizer = smollm2
-    ids = probe_input_ids(model, tokenizer, "The quick brown fox jumps over the lazy dog.")
-    assert ids[0, 0] == 1  # BOS <|im_start|>, added by hand
+    plain = activation_report(model, probe_input_ids(tokenizer, "The quick brown fox jumps over the lazy dog."))
+    assert plain.input_ids[0] == tokenizer("The")["input_ids"][0]  # SmolLM2's tokenizer puts nothing first
+    assert plain.origin_layer == 11 and sorted({m.dim for m in plain.massive}) == [507]
+    assert {m.position for m in plain.massive} == {0}
+    # with <|im_start|> first (--bos-token 1), the figures of docs/analysis.md
+    ids = probe_input_ids(tokenizer, "The quick brown fox jumps over the lazy dog.", resolve_prefix(tokenizer, bos_token=1))
+    assert ids[0, 0] == 1
     report = activation_report(model, ids)
     assert report.origin_layer == 11
     by_layer = {s.layer: s for s in report.layers}

@@ -118,9 +118,13 @@ def test_every_architecture_gives_causal_probabilities(arch):
 
 @pytest.mark.slow
 def test_smollm2_reference(smollm2):
-    """docs/analysis.md: eager fp32, BOS + "Summer is warm. Winter is cold."."""
+    """docs/analysis.md: eager fp32, <|im_start|> (--probe-token 1) + "Summer is warm. Winter is cold."."""
     model, tok = smollm2
-    report = attention_report(model, tok, position_layer=20)
+    plain = attention_report(model, tok, position_layer=20)  # as the tokenizer feeds it: nothing first
+    assert plain.input_ids == tok("Summer is warm. Winter is cold.")["input_ids"] and plain.probe_token_text == "Summer"
+    assert plain.prefix["prefix_token_id"] is None and plain.prefix["tokenizer_adds_bos"] is False
+    assert plain.massive_layer == 11 and plain.layer(20).top_key == 0
+    report = attention_report(model, tok, probe_token=1, position_layer=20)
     assert report.massive_layer == 11 and report.massive_dims[0] == 507 and report.probe_token_id == 1
     sink = {s.layer: s.sink_share for s in report.layers}
     assert 0.08 <= sink[10] <= 0.16 and 0.08 <= sink[11] <= 0.16

@@ -24,26 +24,31 @@ def test_windows_follow_the_bos_policy_and_limits():
     assert w.predicted_tokens == 4 * 4
     assert w.full.data_ptr() == stream.data_ptr()  # a view: nothing copied per window
 
-    w = make_windows(stream, PerplexityProtocol(seq_len=5, bos="stream", drop_partial=False), bos=1)
+    w = make_windows(stream, PerplexityProtocol(seq_len=5, bos="stream", drop_partial=False), prefix=[1])
     assert w.full[0].tolist() == [1, 10, 11, 12, 13] and w.full[1, 0] == 14  # one BOS, then the stream
     assert w.tail.tolist() == [[29, 30, 31, 32]] and w.count == 5 and w.predicted_tokens == 4 * 4 + 3
 
-    w = make_windows(stream, PerplexityProtocol(seq_len=5, bos="window", max_windows=2, drop_partial=False), bos=1)
+    w = make_windows(stream, PerplexityProtocol(seq_len=5, bos="window", max_windows=2, drop_partial=False), prefix=[1])
     assert w.full.tolist() == [[1, 10, 11, 12, 13], [1, 14, 15, 16, 17]] and w.tail is None  # limit reached
 
     w = make_windows(stream[:3], PerplexityProtocol(seq_len=8, bos="none", drop_partial=False))
     assert w.full.shape == (0, 8) and w.tail.tolist() == [[10, 11, 12]]
     with pytest.raises(PerplexityError, match="fewer than one window of 8"):
         make_windows(stream[:3], PerplexityProtocol(seq_len=8))
-    with pytest.raises(PerplexityError, match="--bos window needs a BOS token"):
+    with pytest.raises(PerplexityError, match="--bos window needs a token to put first"):
         make_windows(stream, PerplexityProtocol(bos="window"))
+
+    w = make_windows(stream, PerplexityProtocol(seq_len=6, bos="window", max_windows=2), prefix=[1, 2])  # 2 tokens
+    assert w.full.tolist() == [[1, 2, 10, 11, 12, 13], [1, 2, 14, 15, 16, 17]]
 
 
 def test_sun_et_al_defaults_are_the_documented_ones():
-    assert CORPORA["wikitext"].protocol == PerplexityProtocol(seq_len=4096, bos="none", max_windows=None)
+    # where the TOKENIZER's BOS goes (Sun et al. encode wikitext without special tokens, C4/PG-19 with)
+    assert CORPORA["wikitext"].protocol == PerplexityProtocol(seq_len=4096, corpus_bos="none", max_windows=None)
     assert (CORPORA["wikitext"].path, CORPORA["wikitext"].config, CORPORA["wikitext"].split) == ("wikitext", "wikitext-2-raw-v1", "test")
     for name in ("c4", "pg19"):
-        assert CORPORA[name].protocol.max_windows == 100 and CORPORA[name].protocol.bos == "stream"
+        assert CORPORA[name].protocol.max_windows == 100 and CORPORA[name].protocol.corpus_bos == "stream"
+        assert CORPORA[name].protocol.bos is None  # nothing asked: follow the tokenizer
     assert CORPORA["pg19"].max_docs == 5 and CORPORA["c4"].max_docs == 5000
 
 
@@ -51,7 +56,7 @@ def test_perplexity_matches_the_models_own_loss(tiny_llama):
     model = tiny_llama.eval()
     g = torch.Generator().manual_seed(0)
     stream = torch.randint(4, 300, (150,), generator=g)
-    windows = make_windows(stream, PerplexityProtocol(seq_len=32, bos="stream", drop_partial=False), bos=1)
+    windows = make_windows(stream, PerplexityProtocol(seq_len=32, bos="stream", drop_partial=False), prefix=[1])
     total, count, per_window = 0.0, 0, []
     with torch.no_grad():
         for row in list(windows.full) + [windows.tail[0]]:
@@ -82,7 +87,7 @@ def test_text_files_and_local_dataset_folders(tmp_path):
         load_text_file(empty)
     src = tmp_path / "a.txt"
     src.write_text("hello world")
-    assert load_text_file(src, {"seq_len": 64}).protocol == PerplexityProtocol(seq_len=64, bos="stream", drop_partial=False)
+    assert load_text_file(src, {"seq_len": 64}).protocol == PerplexityProtocol(seq_len=64, corpus_bos="stream", drop_partial=False)
 
     texts = tiny.corpus(8)
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts}),
@@ -91,6 +96,6 @@ def test_text_files_and_local_dataset_folders(tmp_path):
     assert local.text == "\n\n".join(texts)  # the test split, joined as Sun et al. join wikitext
     assert local.protocol == CORPORA["wikitext"].protocol and "(local)" in local.origin
     plain = load_corpus(str(tmp_path / "wiki"))
-    assert plain.name == "wiki" and plain.protocol.bos == "stream"
+    assert plain.name == "wiki" and plain.protocol.corpus_bos == "stream" and plain.protocol.bos is None
     with pytest.raises(PerplexityError, match=r"--dataset 'wikitext103' is not allowed: choose from wikitext, c4, pg19"):
         load_corpus("wikitext103")

@@ -21,7 +21,7 @@ TEXT = "the quick brown fox jumps over a lazy dog"
 def ids(tiny_llama, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    return probe_input_ids(tiny_llama, AutoTokenizer.from_pretrained(tiny_llama_dir), TEXT)
+    return probe_input_ids(AutoTokenizer.from_pretrained(tiny_llama_dir), TEXT)
 
 
 def test_the_planted_down_proj_entry_is_the_super_weight(tiny_llama, ids):
@@ -115,8 +115,14 @@ def test_superweight_subcommand(tiny_llama_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_super_weight_is_layer_11_row_507_col_1229(smollm2):
+    from llamafactory_macdrop.core.text_prefix import resolve_prefix
+
     model, tokenizer = smollm2
-    report = find_super_weights(model, probe_input_ids(model, tokenizer, "The quick brown fox jumps over the lazy dog."))
+    text = "The quick brown fox jumps over the lazy dog."
+    plain = find_super_weights(model, probe_input_ids(tokenizer, text)).candidates[0]  # nothing first: SmolLM2's tokenizer
+    assert (plain.layer, plain.row, plain.col, plain.position) == (11, 507, 1229, 0)
+    # with <|im_start|> first (--bos-token 1): the figures of docs/analysis.md and REFERENCE
+    report = find_super_weights(model, probe_input_ids(tokenizer, text, resolve_prefix(tokenizer, bos_token=1)))
     top = report.candidates[0]
     assert (top.layer, top.row, top.col, top.position, top.creates) == (11, 507, 1229, 0, True)
     assert top.col == locate_massive_weights(model, 5).indices[0]

@@ -29,7 +29,7 @@ def test_every_setting_gets_its_rows_and_its_table_line(tiny_llama):
     settings = sweep_settings(["zero", "superweight", "activation"], [0, 2, 5], scales=[0, 2], fills=["zero", "mean"])
     g = torch.Generator().manual_seed(1)
     corpora = [PreparedCorpus(TextSource(name, "", "generated", TEXT_FILE_PROTOCOL),
-                              make_windows(torch.randint(4, 300, (n,), generator=g), TEXT_FILE_PROTOCOL, bos=1))
+                              make_windows(torch.randint(4, 300, (n,), generator=g), TEXT_FILE_PROTOCOL, prefix=[1]))
                for name, n in (("a", 40), ("b", 70))]
     report = run_sweep(model, attacker, settings, corpora, report=AttackReport("tiny", None, targets.to_dict()),
                        progress=False)
