@@ -215,6 +215,12 @@ class CompareReport(JsonReport, CsvRows):
                 "## Paired differences", "", self.paired_table(), ""]
         if plots:
             out += ["## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()] + [""]
+        inputs = [f"- {c['dataset']}: {c['prefix_summary']}" for c in self.protocol.get("corpora", []) if c.get("prefix_summary")]
+        zeroshot_prefix = (self.protocol.get("zeroshot") or {}).get("prefix")
+        if zeroshot_prefix:
+            inputs.append(f"- zero-shot (lm-eval, the tokenizer's special tokens): {zeroshot_prefix['prefix_summary']}")
+        if inputs:
+            out += ["## What went before each text", ""] + inputs + [""]
         out += ["## Runs", "", "| arm | seed | output_dir | train s | steps | final loss |", "|---|---:|---|---:|---:|---:|"]
         for r in self.runs:
             t = r.train

@@ -30,6 +30,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     )
     from ..analysis.sweep import AttackReport, attach_adapter, run_sweep
     from ..core.architectures import find_ffn_blocks
+    from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
     from .evaluation import prepare_corpora, quiet_progress, read_sources, resolve_sources, zeroshot_evaluator
 
@@ -70,9 +71,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         model = attach_adapter(model, args.adapter, args.model)
         blocks = find_ffn_blocks(model)
 
+    first = template_first_token(tokenizer) if args.probe_token is None else None  # as `macdrop locate` probes
     located = locate_massive_weights(model, max(max_k, 1) if args.indices is None else len(args.indices),
                                      tokenizer=tokenizer, layer=args.layer, indices=args.indices,
-                                     probe_token=args.probe_token, blocks=blocks)
+                                     probe_token=args.probe_token, first_token=first, blocks=blocks)
     if args.indices is not None and max_k > len(args.indices):
         raise AttackError(f"--k {max_k} exceeds the {len(args.indices)} rows given by --indices")
     targets = AttackTargets(located.layer, located.indices, expert=located.expert)

@@ -193,6 +193,7 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     from ..analysis.compare_eval import OneBaseEvaluator, evaluate_runs, library_versions, text_digest, trained_rows_note
     from ..analysis.compare_report import CompareReport, RunRecord, pair_all
     from ..analysis.paired import metric_value
+    from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
     from .common import load_model, load_tokenizer
     from .evaluation import prepare_corpora, zeroshot_evaluator
@@ -204,9 +205,10 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     model, tokenizer = load_model(model_path, args.dtype).to(device), load_tokenizer(model_path)
     if tokenizer is None:
         raise AttackError(f"{model_path}: no tokenizer found next to the model")
+    probe = base.get("macdrop_probe_token")
     located = locate_massive_weights(model, max([s.k for s in settings] + [1]), tokenizer=tokenizer,
                                      layer=base.get("macdrop_layer"), indices=base.get("macdrop_indices"),
-                                     probe_token=base.get("macdrop_probe_token"))
+                                     probe_token=probe, first_token=template_first_token(tokenizer) if probe is None else None)
     targets = AttackTargets(located.layer, located.indices, expert=located.expert)
     print(f"  attacks: the base model's massive rows, layer {targets.layer} (0-based), rows {targets.indices}")
     corpora = prepare_corpora(sources, model, tokenizer)

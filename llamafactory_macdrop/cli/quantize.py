@@ -65,9 +65,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not sws and protects & {"sw", "sw+massive"}:
             raise QuantizationError("--protect sw: the probe found no super weight; give --super-weight LAYER,ROW,COL")
     if "sw+massive" in protects:
+        from ..core.first_token import template_first_token
         from ..core.locator import locate_massive_weights
 
-        located = locate_massive_weights(model, args.k, tokenizer=tokenizer, blocks=blocks)
+        located = locate_massive_weights(model, args.k, tokenizer=tokenizer, first_token=template_first_token(tokenizer),
+                                         blocks=blocks)
         massive = (located.layer, located.indices, located.expert)
     quantizer = ModelQuantizer(model, sws, massive, blocks)
     print(f"quantize: {args.model} ({args.dtype}) on {device}; {len(quantizer.saved)} weights, "
