@@ -212,29 +212,19 @@ class ModelAttacker:
             raise RuntimeError(f"weights not restored bitwise after the attacks: {changed}")
 
     # ------------------------------------------------------------------ applying
+    def applied(self, setting: AttackSetting):
+        """Apply ``setting`` for the duration of the block; always undone on exit (errors too).
+        Which edit a mode makes is :data:`_EDITS` (one entry per mode, as storage/factory.py
+        picks a backend)."""
+        return self._EDITS[setting.mode](self, setting)
+
     @contextmanager
-    def applied(self, setting: AttackSetting) -> Iterator[None]:
-        """Apply ``setting`` for the duration of the block; always undone on exit (errors too)."""
-        if setting.mode == "none":
-            yield
-            return
-        if setting.mode == "activation":
-            with self._activation_hook(setting.fill):
-                yield
-            return
-        if setting.mode in ("superweight", "sw_restore"):
-            sws = self.targets.all_super_weights()
-            if not sws:
-                raise AttackError(f"mode {setting.mode} needs a super weight (found by the probe or given as "
-                                  "--super-weight L,ROW,COL)")
-            scale = 0.0 if setting.mode == "sw_restore" else setting.scale
-            with scaled_super_weights(self.blocks, sws, scale):
-                if setting.mode == "superweight":
-                    yield
-                else:
-                    with restored_super_activation(self.blocks, sws, [self._sw_values[(sw.layer, sw.row, sw.col)] for sw in sws]):
-                        yield
-            return
+    def _unchanged(self, setting: AttackSetting) -> Iterator[None]:
+        yield
+
+    @contextmanager
+    def _rows(self, setting: AttackSetting) -> Iterator[None]:
+        """zero / retain: a keep mask of zeros over the rows of W_up and W_gate the setting names."""
         dropout, keep = self._edit(setting)
         try:
             dropout.apply(keep)  # inside: if a later target's write fails, the earlier ones are restored
@@ -242,20 +232,38 @@ class ModelAttacker:
         finally:
             dropout.restore()
 
+    @contextmanager
+    def _super_weights(self, setting: AttackSetting) -> Iterator[None]:
+        """superweight: scale them; sw_restore: zero them and write the super activation back."""
+        sws = self.targets.all_super_weights()
+        if not sws:
+            raise AttackError(f"mode {setting.mode} needs a super weight (found by the probe or given as "
+                              "--super-weight L,ROW,COL)")
+        scale = 0.0 if setting.mode == "sw_restore" else setting.scale
+        with scaled_super_weights(self.blocks, sws, scale):
+            if setting.mode == "superweight":
+                yield
+            else:
+                with restored_super_activation(self.blocks, sws, [self._sw_values[(sw.layer, sw.row, sw.col)] for sw in sws]):
+                    yield
+
     def _edit(self, setting: AttackSetting) -> tuple[RowDropout, torch.Tensor]:
         """The rows a zero/retain attack touches and the multiplier (keep mask) it applies to them."""
-        if setting.mode in ("zero", "retain"):
-            if setting.k > self.max_k:
-                raise AttackError(f"--k {setting.k} exceeds the {self.max_k} located rows (layer {self.targets.layer})")
-            top = self.targets.indices[: setting.k]
-            if setting.mode == "zero":
-                rows = top
-            else:
-                chosen = set(top)
-                rows = [i for i in range(self.block.intermediate_size) if i not in chosen]
-            dropout = RowDropout(self.block.row_targets(rows, expert=self.targets.expert))
-            return dropout, torch.zeros(dropout.mask_shape, device=dropout.device)
-        raise AttackError(f"mode {setting.mode} edits no rows")
+        if setting.k > self.max_k:
+            raise AttackError(f"--k {setting.k} exceeds the {self.max_k} located rows (layer {self.targets.layer})")
+        top = self.targets.indices[: setting.k]
+        if setting.mode == "zero":
+            rows = top
+        else:
+            chosen = set(top)
+            rows = [i for i in range(self.block.intermediate_size) if i not in chosen]
+        dropout = RowDropout(self.block.row_targets(rows, expert=self.targets.expert))
+        return dropout, torch.zeros(dropout.mask_shape, device=dropout.device)
+
+    @contextmanager
+    def _activations(self, setting: AttackSetting) -> Iterator[None]:
+        with self._activation_hook(setting.fill):
+            yield
 
     @contextmanager
     def _activation_hook(self, fill: str) -> Iterator[None]:
@@ -281,6 +289,17 @@ class ModelAttacker:
             yield
         finally:
             handle.remove()
+
+
+ModelAttacker._EDITS = {
+    "none": ModelAttacker._unchanged,
+    "zero": ModelAttacker._rows,
+    "retain": ModelAttacker._rows,
+    "superweight": ModelAttacker._super_weights,
+    "sw_restore": ModelAttacker._super_weights,
+    "activation": ModelAttacker._activations,
+}
+assert set(ModelAttacker._EDITS) == set(MODES), "every mode needs an edit"
 
 
 # ----------------------------------------------------------------------------- finding targets

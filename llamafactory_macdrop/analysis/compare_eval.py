@@ -34,7 +34,7 @@ from torch import nn
 from .attacks import AttackSetting, AttackTargets, ModelAttacker
 from .compare_runs import MARKER, CompareError
 from .paired import AccuracyItems, MeanAccuracyItems, PerplexityItems
-from .perplexity import evaluate_perplexity
+from .sweep import evaluate_settings
 
 
 def metric_name(kind: str, dataset: str, setting: str) -> str:
@@ -152,25 +152,23 @@ class OneBaseEvaluator:
             attacker = ModelAttacker(model, self.targets, find_ffn_blocks(model))
             if self.zeroshot is not None:
                 self.zeroshot.rebind(model)
-            for setting in self.settings:
-                with attacker.applied(setting):
-                    for corpus in self.corpora:
-                        res = evaluate_perplexity(model, corpus.windows, f"{label} / {setting.label} / {corpus.source.name}",
-                                                  batch_size=self.batch_size, progress=self.progress, per_window=True)
-                        out[metric_name("ppl", corpus.source.name, setting.label)] = PerplexityItems(res.window_nll,
-                                                                                                     res.window_tokens)
-                        self.echo(f"  {label:<28} {setting.label:<12} {corpus.source.name:<16} ppl {res.ppl:10.3f}"
-                                  f"  ({res.seconds:.1f} s)")
-                    if self.zeroshot is not None and (setting.mode == "none" or self.zeroshot_under_attack):
-                        tasks = []
-                        for res in self.zeroshot.evaluate(per_item=True):
-                            tasks.append(AccuracyItems(res.items))
-                            out[metric_name("acc", res.task, setting.label)] = tasks[-1]
-                            self.echo(f"  {label:<28} {setting.label:<12} {res.task:<16} acc {100 * res.acc:6.1f}"
-                                      f"  (n={res.n})")
-                        if len(tasks) > 1:
-                            out[metric_name("acc", "mean", setting.label)] = MeanAccuracyItems(tuple(tasks))
-            attacker.verify_restored()
+            tasks: dict[str, list] = {}
+
+            def record(setting: AttackSetting, dataset: str, res) -> None:
+                if hasattr(res, "ppl"):
+                    out[metric_name("ppl", dataset, setting.label)] = PerplexityItems(res.window_nll, res.window_tokens)
+                    self.echo(f"  {label:<28} {setting.label:<12} {dataset:<16} ppl {res.ppl:10.3f}  ({res.seconds:.1f} s)")
+                    return
+                tasks.setdefault(setting.label, []).append(AccuracyItems(res.items))
+                out[metric_name("acc", dataset, setting.label)] = tasks[setting.label][-1]
+                self.echo(f"  {label:<28} {setting.label:<12} {dataset:<16} acc {100 * res.acc:6.1f}  (n={res.n})")
+                if self.zeroshot is not None and len(tasks[setting.label]) == len(self.zeroshot.tasks) > 1:
+                    out[metric_name("acc", "mean", setting.label)] = MeanAccuracyItems(tuple(tasks[setting.label]))
+
+            evaluate_settings(model, attacker, self.settings, self.corpora, self.zeroshot, on_result=record,
+                              label=lambda s: f"{label} / {s.label}", batch_size=self.batch_size,
+                              progress=self.progress, per_item=True,
+                              zeroshot_for=lambda s: s.mode == "none" or self.zeroshot_under_attack)
         finally:
             if adapter_dir is not None:
                 self.base = model.unload()  # the original modules back, adapter gone

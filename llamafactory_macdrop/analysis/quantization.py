@@ -48,8 +48,8 @@ from torch import nn
 
 from ..core.architectures import FFNBlock, base_layer, find_ffn_blocks
 from ..core.masking import bits as bit_view
-from ..core.probing import CsvRows, JsonReport
 from .attacks import AttackError, SuperWeightTarget, check_super_weights
+from .sweep import SweepReport, evaluate_settings
 
 CLIP_METHODS = ("none", "zscore", "block_pct", "tensor_pct", "iqr")
 PROTECTIONS = ("none", "sw", "sw+massive")
@@ -361,7 +361,7 @@ class ModelQuantizer:
 
 # ----------------------------------------------------------------------------- the sweep
 @dataclass
-class QuantizationReport(JsonReport, CsvRows):
+class QuantizationReport(SweepReport):
     """Rows of a quantization sweep (``results``) and what was quantized, kept and measured."""
 
     model: str
@@ -369,13 +369,6 @@ class QuantizationReport(JsonReport, CsvRows):
     weights: dict[str, Any]
     super_weights: list[dict[str, Any]] = field(default_factory=list)
     massive: Optional[dict[str, Any]] = None
-    perplexity_protocol: list[dict[str, Any]] = field(default_factory=list)
-    zeroshot_splits: dict[str, str] = field(default_factory=dict)
-    zeroshot_limit: Optional[int] = None
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    restored_bitwise: bool = False
-    zeroshot_prefix: Optional[dict[str, Any]] = None  # what lm-eval puts first (the tokenizer's own)
-    probe_prefix: Optional[dict[str, Any]] = None  # what went before --probe-text (super-weight probe)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -383,9 +376,7 @@ class QuantizationReport(JsonReport, CsvRows):
             "super_weights": self.super_weights, "massive": self.massive,
             "perplexity_protocol": self.perplexity_protocol,
             "probe_prefix": self.probe_prefix,
-            "zeroshot": {"splits": self.zeroshot_splits, "limit": self.zeroshot_limit, "harness": "lm-eval",
-                         "prefix": self.zeroshot_prefix}
-            if self.zeroshot_splits else None,
+            "zeroshot": self.zeroshot_dict(),
             "restored_bitwise": self.restored_bitwise,
             "results": self.rows,
         }
@@ -394,35 +385,16 @@ class QuantizationReport(JsonReport, CsvRows):
     def key(row: dict[str, Any]) -> tuple:
         return (row["bits"], row["block_size"], row["clip"], row["protect"])
 
-    def columns(self) -> list[tuple[str, str]]:
-        seen = {}
-        for r in self.rows:
-            seen.setdefault((r["dataset"], "ppl" if "ppl" in r else "acc"), None)
-        return list(seen)
-
-    def value(self, key: tuple, dataset: str, metric: str) -> Optional[float]:
-        for r in self.rows:
-            if self.key(r) == key and r["dataset"] == dataset and metric in r:
-                return r[metric]
-        return None
-
     def table(self) -> str:
         """Markdown: one line per setting, perplexity per corpus and accuracy (%) per task."""
-        cols = self.columns()
-        head = [f"{d} ppl" if m == "ppl" else f"{d} acc" for d, m in cols]
-        from .sweep import input_lines
-
-        lines = input_lines(self.perplexity_protocol, self.zeroshot_prefix, self.probe_prefix)
+        head = self.metric_head()
+        lines = self.input_lines()
         lines += ["| bits | block | clip | protect | " + " | ".join(head) + " |", "|---:|---:|---|---|" + "---:|" * len(head)]
-        for key in dict.fromkeys(self.key(r) for r in self.rows):
+        for key in self.keys():
             b, bs, c, p = key
             cells = [f"{self.dtype} (unquantized)", "-", "-", "-"] if b is None else [str(b), str(bs), c, p]
-            for d, m in cols:
-                v = self.value(key, d, m)
-                cells.append("-" if v is None else (_ppl_text(v) if m == "ppl" else f"{100 * v:.1f}"))
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(cells + self.metric_cells(key, _ppl_text)) + " |")
         return "\n".join(lines)
-
 
 
 def _ppl_text(v: float) -> str:
@@ -445,38 +417,46 @@ def run_quantization_sweep(
     ``echo`` (e.g. ``print``) gets one line per measurement, numbered by setting, so a long sweep
     shows where it is; every setting is undone and checked bit for bit before the next.
     """
-    from .perplexity import evaluate_perplexity
-
     for s in settings:
         quantizer.check(s)
-    report.perplexity_protocol = [c.protocol() for c in corpora]
-    if zeroshot is not None:
-        report.zeroshot_splits, report.zeroshot_limit = zeroshot.splits(), zeroshot.limit
-        report.zeroshot_prefix = zeroshot.prefix.protocol() if getattr(zeroshot, "prefix", None) is not None else None
-    model = quantizer.model
-    for i, setting in enumerate(settings, 1):
-        start = time.perf_counter()
+    report.record_inputs(corpora, zeroshot)
+    numbered = {id(s): i for i, s in enumerate(settings, 1)}
+    started: dict[int, float] = {}
+
+    class Timed:
+        """The quantizer, timing how long each setting takes to write (the report's quantized-in)."""
+
+        @staticmethod
+        @contextmanager
+        def applied(setting: QuantSetting) -> Iterator[None]:
+            start = time.perf_counter()
+            with quantizer.applied(setting):
+                started[id(setting)] = time.perf_counter() - start
+                yield
+
+        verify_restored = staticmethod(quantizer.verify_restored)
+
+    def tag(setting: QuantSetting) -> str:
+        return f"[{numbered[id(setting)]}/{len(settings)}] {setting.label}"
+
+    def record(setting: QuantSetting, dataset: str, res) -> None:
         extra: dict[str, Any] = {}
         if setting.quantized:
             extra = {"tensor_fallback": quantizer.fallbacks(setting.block_size),
                      "protected_values": quantizer.protected_values(setting.protect)}
-        tag = f"[{i}/{len(settings)}] {setting.label}"
-        with quantizer.applied(setting):
-            quant_s = time.perf_counter() - start
-            for corpus in corpora:
-                res = evaluate_perplexity(model, corpus.windows, f"{tag} / {corpus.source.name}",
-                                          batch_size=batch_size, progress=progress)
-                report.rows.append({**setting.to_dict(), "dataset": corpus.source.name, "ppl": res.ppl, "nll": res.nll,
-                                    "tokens": res.tokens, **extra, "seconds": round(res.seconds, 3)})
-                if echo:
-                    echo(f"  {tag:<58} {corpus.source.name:<14} ppl {_ppl_text(res.ppl):>10}  "
-                         f"(quantized in {quant_s:.1f} s, evaluated in {res.seconds:.1f} s)")
-            if zeroshot is not None:
-                for res in zeroshot.evaluate():
-                    report.rows.append({**setting.to_dict(), "dataset": res.task, "acc": res.acc,
-                                        "acc_norm": res.acc_norm, "n": res.n, "split": res.split, **extra})
-                    if echo:
-                        echo(f"  {tag:<58} {res.task:<14} acc {100 * res.acc:6.1f}  (n={res.n}, {res.split})")
-    quantizer.verify_restored()
+        if hasattr(res, "ppl"):
+            report.rows.append({**setting.to_dict(), "dataset": dataset, "ppl": res.ppl, "nll": res.nll,
+                                "tokens": res.tokens, **extra, "seconds": round(res.seconds, 3)})
+            if echo:
+                echo(f"  {tag(setting):<58} {dataset:<14} ppl {_ppl_text(res.ppl):>10}  "
+                     f"(quantized in {started[id(setting)]:.1f} s, evaluated in {res.seconds:.1f} s)")
+        else:
+            report.rows.append({**setting.to_dict(), "dataset": dataset, "acc": res.acc, "acc_norm": res.acc_norm,
+                                "n": res.n, "split": res.split, **extra})
+            if echo:
+                echo(f"  {tag(setting):<58} {dataset:<14} acc {100 * res.acc:6.1f}  (n={res.n}, {res.split})")
+
+    evaluate_settings(quantizer.model, Timed(), settings, corpora, zeroshot, on_result=record, label=tag,
+                      batch_size=batch_size, progress=progress)
     report.restored_bitwise = True
     return report
