@@ -1,8 +1,8 @@
 import pytest
 import torch
+from helpers.storage import Shard, effective, fsdp1_shards, fsdp2_shards, linear4bit, partitioned, storage_bytes
 
 from llamafactory_macdrop.core.masking import (
-    FSDPShard,
     RowDropout,
     bits,
     draw_keep_mask,
@@ -107,18 +107,6 @@ def test_targets_must_agree_and_rows_must_be_in_range():
 
 
 # ----------------------------------------------------------------------------- ZeRO-3 partitions
-def _partitioned(full: torch.Tensor, world: int, rank: int) -> torch.nn.Parameter:
-    """A parameter laid out like DeepSpeed ZeRO-3 leaves it between forwards on ``rank``."""
-    flat = full.reshape(-1)
-    size = -(-flat.numel() // world)  # ceil: the last partition is padded
-    padded = torch.cat([flat, torch.full((size * world - flat.numel(),), float("nan"))])
-    p = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-    p.ds_tensor = padded[rank * size:(rank + 1) * size].clone()
-    p.ds_tensor.ds_numel = size
-    p.ds_numel, p.ds_shape, p.ds_process_group = flat.numel(), full.shape, f"rank{rank}"
-    return p
-
-
 @pytest.mark.parametrize("axis,expert", [(0, None), (1, None), (0, 2)])
 def test_zero3_partition_edits_add_up_to_algorithm1(monkeypatch, axis, expert):
     """Each rank edits only its own partition; the gathered weight is original * M exactly."""
@@ -127,7 +115,7 @@ def test_zero3_partition_edits_add_up_to_algorithm1(monkeypatch, axis, expert):
     torch.manual_seed(0)
     full = torch.randn(4, 23, 13) if expert is not None else torch.randn(23, 13)
     world, rows = 3, [7, 0, 12] if axis == 1 else [22, 3, 9]
-    params = [_partitioned(full, world, r) for r in range(world)]
+    params = [partitioned(full, world, r) for r in range(world)]
     drops = []
     for p in params:  # set-up reads the rows once from the gathered weight (GatheredParameters)
         p.data = full.clone()
@@ -156,47 +144,6 @@ def test_zero3_partition_edits_add_up_to_algorithm1(monkeypatch, axis, expert):
 
 
 # ----------------------------------------------------------------------------- FSDP shards
-class _Shard(FSDPShard):
-    """This rank's FSDP storage, laid out by hand: ``storage[base + i]`` = flat element ``start + i``."""
-
-    def __init__(self, shape, storage, start, count, base, version):
-        self.shape, self.storage, self.start, self.count, self.base = shape, storage, start, count, base
-        self.version = version  # 1: FSDP1's FlatParameter slice, 2: FSDP2's dim-0 shard
-        self.gathered = None  # the full weight while FSDP holds it gathered
-
-    def local(self):
-        return self.storage
-
-    def unsharded(self):
-        return self.gathered
-
-
-def _fsdp2_shards(full, world):
-    """dim-0 chunks of c = ceil(n0 / world) rows (torch.chunk), each zero-padded to c rows (NaN here)."""
-    c = -(-full.shape[0] // world)
-    row = full[0].numel()
-    shards = []
-    for r in range(world):
-        rows = full[r * c:(r + 1) * c].reshape(-1)
-        padded = torch.cat([rows, torch.full((c * row - rows.numel(),), float("nan"))])
-        shards.append(_Shard(full.shape, padded, r * c * row, rows.numel(), 0, version=2))
-    return shards, lambda: torch.cat([sh.storage[: sh.count] for sh in shards]).view(full.shape)
-
-
-def _fsdp1_shards(full, world, before=10):
-    """One FlatParameter = [another weight (``before`` numbers), W flattened, padding], split in
-    ``world`` contiguous slices; each rank's slice holds part of W at some offset."""
-    flat = torch.cat([torch.randn(before), full.reshape(-1)])
-    size = -(-flat.numel() // world)
-    flat = torch.cat([flat, torch.full((size * world - flat.numel(),), float("nan"))])
-    shards = []
-    for r in range(world):
-        lo, hi = max(r * size, before), min((r + 1) * size, before + full.numel())
-        storage = flat[r * size:(r + 1) * size].clone()
-        shards.append(_Shard(full.shape, storage, lo - before, max(0, hi - lo), max(0, lo - r * size), version=1))
-    return shards, lambda: torch.cat([sh.storage for sh in shards])[before: before + full.numel()].view(full.shape)
-
-
 @pytest.mark.parametrize("layout", ["fsdp2", "fsdp1"])
 @pytest.mark.parametrize("axis,expert", [(0, None), (1, None), (0, 2)])
 def test_fsdp_shard_edits_add_up_to_algorithm1(layout, axis, expert):
@@ -206,7 +153,7 @@ def test_fsdp_shard_edits_add_up_to_algorithm1(layout, axis, expert):
     full = torch.randn(4, 23, 13) if expert is not None else torch.randn(23, 13)
     full[0, 0] = -0.0
     world, rows = 3, [7, 0, 12] if axis == 1 else [22, 3, 9]
-    shards, gather = (_fsdp2_shards if layout == "fsdp2" else _fsdp1_shards)(full, world)
+    shards, gather = (fsdp2_shards if layout == "fsdp2" else fsdp1_shards)(full, world)
     drops = []
     for shard in shards:  # set-up reads the rows while FSDP shows the whole weight
         shard.gathered = full.clone()
@@ -264,29 +211,6 @@ def test_4bit_rows_masked_by_codes_equal_dequantized_times_mask(quant_type):
 
 
 # ----------------------------------------------------------------------------- 4-bit storages LLaMA-Factory builds
-def _linear4bit(quant_storage, quant_type="nf4", out=128, inp=64, seed=0, nested=True):
-    """A bitsandbytes Linear4bit quantized by bitsandbytes itself, with the given ``quant_storage``
-    (LLaMA-Factory passes its compute dtype: bf16, or fp32 on a CPU without bf16)."""
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(seed)
-    layer = bnb.nn.Linear4bit(inp, out, bias=False, quant_type=quant_type, compute_dtype=torch.float32,
-                              compress_statistics=nested, quant_storage=quant_storage)
-    layer.weight = bnb.nn.Params4bit(torch.randn(out, inp), requires_grad=False, quant_type=quant_type,
-                                     compress_statistics=nested, quant_storage=quant_storage, module=layer)
-    return layer.to("cpu")
-
-
-def _effective(layer):
-    """The weight the layer computes with: its own forward on the identity (train mode, so
-    bitsandbytes does not repack it), as float32 [out, in]."""
-    with torch.no_grad():
-        return type(layer).forward(layer, torch.eye(layer.in_features)).T.float().clone()
-
-
-def _storage_bytes(weight):
-    return weight.data.view(-1).view(torch.uint8).clone()
-
-
 def _check_masked(now, before, rows, keep):
     """Outside ``rows`` bitwise unchanged; inside, kept elements unchanged and dropped ones exactly 0."""
     others = [i for i in range(before.shape[0]) if i not in rows]
@@ -301,10 +225,10 @@ def _check_masked(now, before, rows, keep):
 def test_4bit_float_quant_storage_masks_exactly_the_selected_elements(quant_storage, quant_type):
     """LLaMA-Factory's QLoRA stores the codes in a float tensor ([N*K/4, 1] bf16, [N*K/8, 1] fp32):
     the factory recognises the Params4bit by its type and edits codes, whatever the storage dtype."""
-    layer = _linear4bit(quant_storage, quant_type)
+    layer = linear4bit(quant_storage, quant_type)
     w = layer.weight
     assert w.dtype == quant_storage
-    before, stored, absmax = _effective(layer), _storage_bytes(w), bits(w.quant_state.absmax).clone()
+    before, stored, absmax = effective(layer), storage_bytes(w), bits(w.quant_state.absmax).clone()
     rows = [97, 13, 64, 5, 120]
     drop = RowDropout([row_target("up", w, rows, module=layer)])
     target = drop.targets[0]
@@ -312,10 +236,10 @@ def test_4bit_float_quant_storage_masks_exactly_the_selected_elements(quant_stor
     assert f"quant_storage {quant_storage}" in target.describe()
     keep = torch.rand(5, 64, generator=torch.Generator().manual_seed(1)) > 0.5
     drop.apply(keep)
-    _check_masked(_effective(layer), before, rows, keep)
+    _check_masked(effective(layer), before, rows, keep)
     drop.restore()
-    assert drop.is_restored() and torch.equal(_storage_bytes(w), stored)
-    assert torch.equal(bits(w.quant_state.absmax), absmax) and torch.equal(bits(_effective(layer)), bits(before))
+    assert drop.is_restored() and torch.equal(storage_bytes(w), stored)
+    assert torch.equal(bits(w.quant_state.absmax), absmax) and torch.equal(bits(effective(layer)), bits(before))
 
 
 def _repack_for_cpu(layer):
@@ -327,7 +251,7 @@ def _repack_for_cpu(layer):
     assert state is layer.weight.quant_state and state.packing_format_for_cpu
 
 
-def _canonical_effective(layer, state_before):
+def _canonicaleffective(layer, state_before):
     """The repacked layer's weight read back through bitsandbytes' inverse conversion and
     dequantized with the quant state from before the repack ([out, in] float32)."""
     import copy
@@ -349,7 +273,7 @@ def test_4bit_cpu_repacked_layout_masks_exactly_the_selected_elements(quant_stor
 
     import bitsandbytes.functional as bnb_f
 
-    layer = _linear4bit(quant_storage, nested=False)
+    layer = linear4bit(quant_storage, nested=False)
     w = layer.weight
     state_before = copy.deepcopy(w.quant_state)
     before = bnb_f.dequantize_4bit(w.data, state_before).float()
@@ -364,7 +288,7 @@ def test_4bit_cpu_repacked_layout_masks_exactly_the_selected_elements(quant_stor
     if repack == "while_masked":
         _repack_for_cpu(layer)
     assert drop.targets[0].layout == "cpu" or repack == "while_masked"
-    _check_masked(_canonical_effective(layer, state_before), before, rows, keep)
+    _check_masked(_canonicaleffective(layer, state_before), before, rows, keep)
     if layer.support_avx512bf16_for_cpu:  # this host has bitsandbytes' CPU kernel: its own forward agrees
         layer.eval()
         with torch.no_grad():
@@ -372,9 +296,9 @@ def test_4bit_cpu_repacked_layout_masks_exactly_the_selected_elements(quant_stor
         assert bool((seen[rows][~keep] == 0).all())
     drop.restore()
     assert drop.targets[0].layout == "cpu" and drop.is_restored()
-    reference = _linear4bit(quant_storage, nested=False)  # the same weight, never masked, repacked
+    reference = linear4bit(quant_storage, nested=False)  # the same weight, never masked, repacked
     _repack_for_cpu(reference)
-    assert torch.equal(_storage_bytes(w), _storage_bytes(reference.weight))
+    assert torch.equal(storage_bytes(w), storage_bytes(reference.weight))
 
 
 def test_probe_keeps_bitsandbytes_from_repacking_4bit_weights():
@@ -385,7 +309,7 @@ def test_probe_keeps_bitsandbytes_from_repacking_4bit_weights():
     class Tiny(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.up = _linear4bit(torch.bfloat16)
+            self.up = linear4bit(torch.bfloat16)
             self.up.support_avx512bf16_for_cpu = 1  # as bitsandbytes sets it on an AVX512-BF16 CPU
             self.seen = []
 
@@ -406,11 +330,11 @@ def test_factory_names_the_backend_of_each_storage(monkeypatch):
     assert row_target("w", torch.nn.Parameter(w), [1]).describe() == "w -> dense"
     deepspeed_comm = pytest.importorskip("deepspeed.comm")
     monkeypatch.setattr(deepspeed_comm, "get_rank", lambda group=None: 0)
-    assert row_target("w", _partitioned(w, 2, 0), [1]).backend == "zero3-partition"
+    assert row_target("w", partitioned(w, 2, 0), [1]).backend == "zero3-partition"
     for version in (1, 2):
-        shard = _Shard(w.shape, w.reshape(-1).clone(), 0, w.numel(), 0, version=version)
+        shard = Shard(w.shape, w.reshape(-1).clone(), 0, w.numel(), 0, version=version)
         assert row_target("w", w, [1], shard=shard).backend == f"fsdp{version}-shard"
-    assert row_target("w", _linear4bit(torch.bfloat16).weight, [1]).backend == "bnb-4bit"
+    assert row_target("w", linear4bit(torch.bfloat16).weight, [1]).backend == "bnb-4bit"
 
 
 def test_factory_refuses_storage_no_backend_claims():

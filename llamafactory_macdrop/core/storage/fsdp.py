@@ -197,7 +197,9 @@ class _FSDPShardRows(SlicedRows):
         self._index_slice(shard.start, shard.count, shard.base)
 
     def _partition(self) -> torch.Tensor:
-        return self.shard.local()
+        # through .data, as the dense and ZeRO-3 backends write: no autograd version bump on the
+        # shard (tests/core/test_storage_contract.py holds every backend to that)
+        return self.shard.local().data
 
     def _gathered_matrix(self) -> Optional[torch.Tensor]:
         return self.shard.unsharded()

@@ -1,0 +1,1 @@
+"""Builders the tests share (planted storages, layouts); imported as ``helpers.<module>``."""
