@@ -29,21 +29,46 @@ def packaged_smollm2() -> Path:
     return path
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
+class ConvertError(ValueError):
+    """The GGUF file cannot be converted (one line for the user)."""
+
+
+def check_gguf_file(path: Path) -> None:
+    """One line, before transformers reads anything, when ``path`` is no GGUF file."""
+    if not path.exists():
+        raise ConvertError(f"--gguf {path}: no such file")
+    if not path.is_file():
+        raise ConvertError(f"--gguf {path} is not a file: give a .gguf file")
+    with path.open("rb") as f:
+        head = f.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC:
+        raise ConvertError(f"--gguf {path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+
+
 def convert_gguf(out_dir: str | Path, gguf_file: Optional[str | Path] = None) -> Path:
     """Write ``out_dir`` (config, fp32 safetensors, tokenizer, chat template); return it.
 
     Skips the work when ``out_dir`` already holds a converted model from the same file.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_path = Path(gguf_file) if gguf_file else packaged_smollm2()
+    check_gguf_file(gguf_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out} is a file: give a folder to write the model to")
     marker = out / "converted_from.json"
     source = {"gguf_file": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}
     if marker.is_file() and json.loads(marker.read_text()) == source and (out / "config.json").is_file():
         return out
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except (ValueError, OSError, KeyError, IndexError, TypeError) as err:  # a damaged or unsupported GGUF file
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConvertError(f"--gguf {gguf_path}: transformers cannot read it ({type(err).__name__}: {reason})") from None
     # The de-quantised weights are plain fp32: drop the GGUF quantizer, or save_pretrained refuses.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -29,6 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..analysis.attacks import AttackError
     from ..analysis.attention import AttentionError
     from ..analysis.compare_runs import CompareError
+    from ..analysis.convert import ConvertError
     from ..analysis.paired import PairedError
     from ..analysis.perplexity import PerplexityError
     from ..analysis.zeroshot import ZeroShotError
@@ -37,13 +38,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..core.published import PublishedFileError
     from ..core.text_prefix import PrefixError
     from ..plugin.keys import MacDropConfigError
+    from .common import OptionError
+    from .runs import RunFileError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (LocatorError, UnsupportedArchitectureError, MacDropConfigError, FileNotFoundError, AttackError,
             PerplexityError, ZeroShotError, AttentionError, CompareError, PairedError, PrefixError,
-            PublishedFileError) as err:
+            PublishedFileError, OptionError, ConvertError, RunFileError) as err:
         print(f"macdrop: error: {err}", file=sys.stderr)
         return 2
 

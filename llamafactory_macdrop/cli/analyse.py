@@ -9,7 +9,10 @@ from pathlib import Path
 from .common import (
     DEFAULT_TEXT,
     add_prefix_options,
+    check_at_least,
+    check_k,
     check_model,
+    check_text,
     indices_arg,
     load_model,
     load_tokenizer,
@@ -38,6 +41,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     from ..core.locator import locate_massive_weights
 
     check_model(args.model)
+    check_k("--k", args.k, args.model)
     entry = _published_entry(args)
     tokenizer = load_tokenizer(args.model)
     if args.template is not None and tokenizer is None:
@@ -140,6 +144,9 @@ def cmd_activations(args: argparse.Namespace) -> int:
     from ..analysis.activations import activation_report, probe_input_ids
     from ..analysis.cross_check import locate_as_cli, probe_label
 
+    check_text("--text", args.text)
+    check_at_least("--abs-threshold", args.abs_threshold, 0)
+    check_at_least("--median-ratio", args.median_ratio, 1, above=True)
     tokenizer = _need_tokenizer(args)
     prefix = text_prefix(args, tokenizer, args.model)  # before the model loads
     model = load_model(args.model, args.dtype)
@@ -173,6 +180,11 @@ def cmd_superweight(args: argparse.Namespace) -> int:
     from ..analysis.cross_check import locate_as_cli, probe_label
     from ..analysis.superweight import find_super_weights
 
+    check_text("--text", args.text)
+    check_at_least("--top", args.top, 1)
+    check_at_least("--threshold", args.threshold, 0)
+    check_model(args.model)
+    check_k("--k", args.k, args.model)
     tokenizer = _need_tokenizer(args)
     prefix = text_prefix(args, tokenizer, args.model)  # before the model loads
     entry = _published_entry(args)
@@ -236,7 +248,7 @@ def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
     p = sub.add_parser("locate", help="find the massive layer and top-k massive weights of a model")
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--k", type=int, default=5, help="how many rows: 1..intermediate size (default 5)")
     p.add_argument("--layer", type=int, default=None, help="0-based layer override")
     p.add_argument("--indices", type=indices_arg, default=None, help="comma-separated row override")
     p.add_argument("--probe-token", type=token_arg, default=None,
@@ -263,20 +275,22 @@ def register(sub) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
         p.add_argument("--text", default=DEFAULT_TEXT,
-                       help="probe text; the input is what the tokenizer puts first (if anything) + its tokens")
+                       help="probe text, not empty; the input is what the tokenizer puts first (if anything) + its tokens")
         add_prefix_options(p)
         p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
         p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
         p.set_defaults(func=func)
         if name == "activations":
             p.add_argument("--plot", type=Path, default=None, help="folder for the layer profile and intermediate bar plots")
-            p.add_argument("--abs-threshold", type=float, default=100.0, help="massive: |a| above this")
-            p.add_argument("--median-ratio", type=float, default=1000.0, help="massive: |a| above this times the layer median")
+            p.add_argument("--abs-threshold", type=float, default=100.0, help="massive: |a| above this; >= 0 (default 100)")
+            p.add_argument("--median-ratio", type=float, default=1000.0,
+                           help="massive: |a| above this times the layer median; > 1 (default 1000)")
         else:
             p.add_argument("--threshold", type=float, default=None,
-                           help="keep layers whose down output spike exceeds this (default: >= 0.5 x the largest)")
-            p.add_argument("--top", type=int, default=3, help="at most this many candidates")
-            p.add_argument("--k", type=int, default=5, help="cross-check: the locator's top-k massive rows (default 5)")
+                           help="keep layers whose down output spike exceeds this; >= 0 (default: >= 0.5 x the largest)")
+            p.add_argument("--top", type=int, default=3, help="at most this many candidates; >= 1 (default 3)")
+            p.add_argument("--k", type=int, default=5,
+                           help="cross-check: the locator's top-k massive rows; 1..intermediate size (default 5)")
             _published_option(p)
             _stopword_options(p)
 

@@ -54,16 +54,46 @@ def load_model(path: str, dtype: str):
 def config_facts(path: str) -> tuple:
     """(config bos_token_id, vocab_size) from the checkpoint's config.json, before the model loads
     (Nones when it cannot be read): what the prefix checks name and bound."""
-    from ..core.model_config import read_config_json
+    from ..core.model_config import read_config_json, vocab_size
     from ..core.text_prefix import config_bos_token_id
 
     found = read_config_json(path)
     if found is None:
         return None, None
-    config = found[1]
-    text = config.get("text_config") or {}
-    vocab = config.get("vocab_size", text.get("vocab_size"))
-    return config_bos_token_id(config), vocab if isinstance(vocab, int) else None
+    return config_bos_token_id(found[1]), vocab_size(found[1])
+
+
+class OptionError(ValueError):
+    """A command-line value outside the range its help states (one line, exit 2)."""
+
+
+def check_at_least(option: str, value, low, *, above: bool = False) -> None:
+    """``value`` >= ``low`` (``above``: > ``low``), and finite; else one line naming the option."""
+    import math
+
+    if value is None:
+        return
+    fine = math.isfinite(value) and (value > low if above else value >= low)
+    if not fine:
+        raise OptionError(f"{option} {value:g} is not allowed: give a number {'>' if above else '>='} {low:g}")
+
+
+def check_text(option: str, text) -> None:
+    """A probe text must hold something to tokenize (an empty one has no position to look at)."""
+    if text is not None and not text.strip():
+        raise OptionError(f"{option} {text!r} is not allowed: give a text of at least one token")
+
+
+def check_k(option: str, k: int, model: str) -> None:
+    """``k`` rows: at least 1 and, where config.json tells before loading, at most the widest FFN."""
+    from ..core.model_config import ffn_widths, read_config_json
+
+    check_at_least(option, k, 1)
+    found = read_config_json(model)
+    widths = ffn_widths(found[1]) if found is not None else {}
+    if widths and k > max(widths.values()):
+        key, width = max(widths.items(), key=lambda kv: kv[1])
+        raise OptionError(f"{option} {k} is not allowed: give 1..{width} ({key} {width} in {found[0]})")
 
 
 def add_prefix_options(p, corpora: bool = False) -> None:

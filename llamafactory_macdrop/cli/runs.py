@@ -14,24 +14,28 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"key": k, "type": t, "default": d, "help": h} for k, t, d, h in rows], indent=1))
         return 0
-    print(f"{'key':<20} {'type':<17} {'default':<8} help")
-    for key, kind, default, help_text in rows:
-        print(f"{key:<20} {kind:<17} {json.dumps(default):<8} {help_text}")
+    table = [("key", "type", "default", "help")] + [(k, t, json.dumps(d), h) for k, t, d, h in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]  # every column as wide as its widest entry
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
     return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """What a MacDrop run did: the located weights and p / loss per logged step."""
-    from ..core.locator import LOCATOR_FILE, LocatorResult
+    from ..core.locator import LOCATOR_FILE, read_locator_file
 
     out = Path(args.output_dir)
     locator_path, state_path = out / LOCATOR_FILE, out / "trainer_state.json"
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such folder: give a training run's output_dir")
     if not locator_path.is_file():
         raise FileNotFoundError(f"{locator_path} not found: was this output_dir trained with macdrop: true?")
-    result = LocatorResult.from_dict(json.loads(locator_path.read_text()))
+    result = read_locator_file(locator_path)
+    history = _log_history(state_path) if state_path.is_file() else []
     print(result.table())
-    history = json.loads(state_path.read_text())["log_history"] if state_path.is_file() else []
-    steps = [h for h in history if "macdrop_p" in h]
+    steps = [h for h in history if isinstance(h, dict) and isinstance(h.get("step"), int)
+             and isinstance(h.get("macdrop_p"), (int, float))]
     if steps:
         print("\n  step  epoch  macdrop_p    loss")
         for h in steps:
@@ -44,6 +48,22 @@ def cmd_summary(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{state_path} has no macdrop_p entries to plot")
         print(f"plot written to {plot_run(steps, result, args.plot)}")
     return 0
+
+
+class RunFileError(ValueError):
+    """A run's trainer_state.json that cannot be read (one line, exit 2)."""
+
+
+def _log_history(path: Path) -> list:
+    """``log_history`` of a trainer_state.json, or one line saying why it cannot be read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFileError(f"{path} cannot be read as JSON ({type(err).__name__}: {err})") from None
+    history = data.get("log_history", []) if isinstance(data, dict) else None
+    if not isinstance(history, list):
+        raise RunFileError(f"{path} has no log_history list: not a transformers trainer_state.json")
+    return history
 
 
 def plot_run(steps: list[dict], result, path: Path) -> Path:

@@ -45,3 +45,36 @@ def read_config_json(model_name_or_path: str, cache_dir: Optional[str] = None,
     except (OSError, ValueError):
         return None
     return (path, data) if isinstance(data, dict) else None
+
+
+def decoder_config(config: dict) -> dict:
+    """The decoder's part of a config.json: a multimodal config's ``text_config`` where it names the
+    layers, else the config itself."""
+    text = config.get("text_config")
+    return text if isinstance(text, dict) and "num_hidden_layers" in text else config
+
+
+#: config.json keys that give an FFN's width (intermediate units): dense (Llama, OPT, GPT-2) and MoE
+#: (an expert's width, a shared expert's); a per-layer list (Gemma-3n) counts by its widest layer
+FFN_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def ffn_widths(config: dict) -> dict[str, int]:
+    """{key: width} for every FFN width the config names (a list: its largest entry). No layer of
+    the model can have more intermediate units than the largest of them."""
+    cfg = decoder_config(config)
+    out = {}
+    for key in FFN_WIDTH_KEYS:
+        value = cfg.get(key)
+        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            value = max(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[key] = value
+    return out
+
+
+def vocab_size(config: dict) -> Optional[int]:
+    """The config's ``vocab_size`` (a multimodal config: its ``text_config``'s), or None."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    value = config.get("vocab_size", text.get("vocab_size"))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -9,7 +9,7 @@ Lifecycle, as seen from ``llamafactory-cli train x.yaml``:
    :func:`patch_tuner` wraps ``run_exp``: it removes the ``macdrop_*`` keys (LLaMA-Factory rejects
    unknown keys), validates them into a :class:`MacDropConfig`, and for the duration of the run
    swaps the stage's trainer class for a subclass with :class:`MacDropTrainerMixin` in front.
-   ``export_model`` is wrapped to ignore ``macdrop_*`` keys, so a training YAML can be reused.
+   ``export_model`` is wrapped to ignore ``macdrop_*`` keys, so they may stay in an export YAML.
 
 Both patches are triggered by the ``.pth`` start-up hook (``_autoload``); :func:`activate` applies
 them in-process for notebooks and tests. If LLaMA-Factory's internals are not where this module
@@ -44,7 +44,7 @@ TRAINER_SLOTS = {
 UNSUPPORTED_STAGE_REASON = {
     "rm": "the reward model's value head training is not what MacDrop was defined for",
     "ppo": "PPO's rollouts and value model are outside Algorithm 1",
-    "kto": "not implemented (only sft, pt and dpo are)",
+    "kto": "MacDrop is not implemented for KTO's trainer",
 }
 _PATCHED = "__macdrop_patched__"
 #: set by the patched launcher for its torchrun children: the first rank to fail on a plugin
@@ -288,9 +288,9 @@ def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | li
     lf_args, raw = split_macdrop_args(args)
     if not raw:
         return args, None
-    config = MacDropConfig.from_raw(raw)
-    if not config.enabled:
+    if not MacDropConfig.switched_on(raw):  # MacDrop off: the other keys are ignored, not validated
         return lf_args, None
+    config = MacDropConfig.from_raw(raw)
     stage = str(_lf_value(lf_args, "stage", _finetuning_default("stage")))
     if stage not in TRAINER_SLOTS:
         reason = UNSUPPORTED_STAGE_REASON.get(stage, "unknown stage")
@@ -314,7 +314,39 @@ def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | li
     _validate_pissa(lf_args)
     _validate_epoch_curriculum(lf_args, config)
     _validate_model_ranges(lf_args, config)
+    _validate_resumed_locator_file(lf_args)
     return lf_args, config
+
+
+def _resumes(lf_args: dict[str, Any] | list[str]) -> bool:
+    """Whether LLaMA-Factory will resume this run from a checkpoint: ``resume_from_checkpoint``
+    given, or (its parser's rule) ``output_dir`` holds a ``checkpoint-N`` folder and
+    ``overwrite_output_dir`` is off."""
+    resume = _lf_value(lf_args, "resume_from_checkpoint", None)
+    if resume not in (None, False, "", "null", "None", "none", "false", "False"):
+        return True
+    out = str(_lf_value(lf_args, "output_dir", "") or "")
+    if not out or _truthy(str(_lf_value(lf_args, "overwrite_output_dir", False)).lower()) or not os.path.isdir(out):
+        return False
+    return any(name.startswith("checkpoint-") and name[11:].isdigit() and os.path.isdir(os.path.join(out, name))
+               for name in os.listdir(out))
+
+
+def _validate_resumed_locator_file(lf_args: dict[str, Any] | list[str]) -> None:
+    """A run resumed from a checkpoint reuses ``output_dir/macdrop_locator.json``: a file that is
+    not one (truncated, not JSON, not an object, ...) is refused before the model loads, with the
+    same line the trainer would print at the first step. Whether it fits the model is checked there."""
+    from ..core.locator import LOCATOR_FILE, LocatorError, read_resumed_locator_file
+
+    out = _lf_value(lf_args, "output_dir", None)
+    if not out or not _resumes(lf_args):
+        return
+    path = os.path.join(str(out), LOCATOR_FILE)
+    if os.path.isfile(path):
+        try:
+            read_resumed_locator_file(path)
+        except LocatorError as err:
+            raise MacDropConfigError(str(err)) from None
 
 
 def _validate_dora(lf_args: dict[str, Any] | list[str], config: MacDropConfig) -> None:
@@ -371,29 +403,46 @@ def _local_model_config(lf_args: dict[str, Any] | list[str]) -> Optional[tuple[s
     from ..core.model_config import read_config_json
 
     folder = _lf_value(lf_args, "model_name_or_path", None)
-    found = read_config_json(str(folder), *_cache_location(lf_args)) if folder else None
-    if found is None:
-        return None
-    path, data = found
-    text = data.get("text_config")
-    return path, (text if isinstance(text, dict) and "num_hidden_layers" in text else data)
+    return read_config_json(str(folder), *_cache_location(lf_args)) if folder else None
 
 
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+#: LLaMA-Factory arguments that grow the vocabulary beyond config.json's vocab_size
+_VOCAB_GROWING = ("add_tokens", "add_special_tokens", "new_special_tokens_config", "resize_vocab")
 
 
 def _validate_model_ranges(lf_args: dict[str, Any] | list[str], config: MacDropConfig) -> None:
-    """``macdrop_layer`` / ``macdrop_indices`` against the model's config.json, before it loads.
+    """What the model's config.json already refuses, before the model (and the data) load.
 
-    Layers: ``num_hidden_layers`` (GPT-2: ``n_layer``). Rows: ``intermediate_size`` (the width of
-    W_up; Phi-3's fused gate_up_proj holds two halves of that size), OPT's ``ffn_dim``, GPT-2's
-    ``n_inner``; skipped for MoE configs, whose expert widths have their own keys. Anything not
-    decided here is checked on the loaded model at the first step.
+    ``macdrop_layer``: ``num_hidden_layers`` (GPT-2: ``n_layer``). ``macdrop_indices``:
+    ``intermediate_size`` (the width of W_up; Phi-3's fused gate_up_proj holds two halves of that
+    size), OPT's ``ffn_dim``, GPT-2's ``n_inner``; skipped for MoE configs, whose expert widths have
+    their own keys. ``macdrop_k``: the widest FFN any width key names (:func:`ffn_widths`: dense,
+    expert and shared-expert widths, a per-layer list by its widest entry), so no layer can hold k
+    rows. ``macdrop_probe_token`` (an id): ``vocab_size``, unless LLaMA-Factory grows the vocabulary
+    (``add_tokens``, ``add_special_tokens``, ``resize_vocab``, ...). A multimodal config is read in its
+    ``text_config``. Anything not decided here is checked on the loaded model at the first step.
     """
+    from ..core.model_config import decoder_config, ffn_widths, vocab_size
+
     found = _local_model_config(lf_args)
-    if found is None or (config.macdrop_layer is None and config.macdrop_indices is None):
+    if found is None:
         return
-    path, cfg = found
+    path, full = found
+    cfg = decoder_config(full)
+    token = config.macdrop_probe_token
+    vocab = vocab_size(full)
+    grows = any(_lf_value(lf_args, key, None) not in (None, False, "", "false", "False") for key in _VOCAB_GROWING)
+    if isinstance(token, int) and vocab is not None and token >= vocab and not grows:
+        raise MacDropConfigError(
+            f"macdrop_probe_token={token} is outside the vocabulary: {path} has vocab_size {vocab} (token ids 0..{vocab - 1})"
+        )
+    widths = ffn_widths(full)
+    if config.macdrop_indices is None and widths and config.macdrop_k > max(widths.values()):
+        key, width = max(widths.items(), key=lambda kv: kv[1])
+        raise MacDropConfigError(
+            f"macdrop_k={config.macdrop_k} is out of range: {path} has {key} {width} (allowed 1..{width})"
+        )
     layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer") if isinstance(cfg.get(k), int)), None)
     if config.macdrop_layer is not None and layers is not None and config.macdrop_layer >= layers:
         raise MacDropConfigError(
@@ -431,9 +480,9 @@ def check_train_config(args: dict[str, Any]) -> Optional[MacDropConfig]:
 
 
 def ignored_macdrop_keys(args: dict[str, Any] | list[str]) -> list[str]:
-    """``macdrop_*`` keys a run without ``macdrop: true`` would silently drop."""
+    """``macdrop_*`` keys a run without ``macdrop: true`` would silently drop (not validated)."""
     _, raw = split_macdrop_args(args)
-    if not raw or _truthy(str(raw.get("macdrop", False)).lower()):
+    if not raw or MacDropConfig.switched_on(raw):
         return []
     return [k for k in raw if k != "macdrop"]
 
@@ -552,7 +601,7 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
         if ignored and os.environ.get("RANK", "0") == "0":
             from .trainer import logger
 
-            logger.warning("MacDrop is off (no macdrop: true), so these keys are ignored: %s", ", ".join(ignored))
+            logger.warning("MacDrop is off (no macdrop: true), so these keys are ignored (not checked): %s", ", ".join(ignored))
         return original(lf_args, callbacks)
     from .trainer import logger
 
@@ -574,7 +623,7 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
 def _wrap_export(original, read_args):
     @functools.wraps(original)
     def export_model(args: Optional[dict[str, Any]] = None) -> None:
-        lf_args, _ = split_macdrop_args(read_args(args))  # training YAMLs can be reused for export
+        lf_args, _ = split_macdrop_args(read_args(args))  # macdrop_* keys may stay in an export YAML
         return original(lf_args)
 
     setattr(export_model, _PATCHED, True)

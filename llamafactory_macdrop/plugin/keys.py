@@ -110,6 +110,12 @@ class MacDropConfig:
             values["macdrop_k"] = n
         return cls(**values)
 
+    @staticmethod
+    def switched_on(raw: dict[str, Any]) -> bool:
+        """Whether raw ``macdrop*`` values turn MacDrop on: ``macdrop`` alone decides (and must be a
+        bool). With MacDrop off the other keys are not validated: the run ignores them."""
+        return "macdrop" in raw and _coerce("macdrop", raw["macdrop"])
+
     # ------------------------------------------------------------------ helpers
     @property
     def enabled(self) -> bool:
@@ -155,7 +161,7 @@ def _fail(key: str, value: Any, allowed: str, suggest_from: tuple[str, ...] = ()
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
-_NULL = {"null", "none", "~", ""}
+_NULL = {"null", "none", "~"}  # not "": an empty value is refused, not read as null
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -187,9 +193,9 @@ def _coerce(key: str, value: Any) -> Any:
             if token < 0:
                 _fail(key, value, "a token id >= 0 or a text")
             return token
-        if text:
+        if isinstance(value, str) and value != "":
             return value  # keep the text as written (spaces matter to tokenizers)
-        _fail(key, value, "a token id or a non-empty text")
+        _fail(key, value, "a token id >= 0, a non-empty text, or null")
     if kind == "float":
         if isinstance(value, bool):
             _fail(key, value, "a number")

@@ -29,6 +29,8 @@ with one line (:class:`NonFiniteTrainingError`) instead of training on NaN weigh
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -59,6 +61,11 @@ if not any(getattr(h, "_macdrop_console", False) for h in logger.handlers):  # L
     logger.addHandler(_handler)
 logger.setLevel(logging.INFO)
 logger.propagate = False
+
+#: written into every checkpoint this plugin's trainer saves: the settings that produced it
+SETTINGS_FILE = "macdrop_settings.json"
+#: what decides p and the masks after a resume (k, layer and indices are checked against the locator file)
+RESUME_KEYS = ("macdrop_p0", "macdrop_curriculum", "macdrop_alpha", "macdrop_scope", "macdrop_mask_per")
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for seed mixing
 _MASK64 = (1 << 63) - 1
@@ -262,7 +269,62 @@ class MacDropTrainerMixin:
         self.macdrop_check_curriculum()
         run = self.macdrop_setup()
         self._macdrop_checked_step = int(self.state.global_step)
+        if self.state.global_step > 0 and self.is_world_process_zero():
+            self._macdrop_warn_changed_settings()
         return run
+
+    # ------------------------------------------------------------------ resuming with other settings
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._macdrop_resumed_from = resume_from_checkpoint  # which checkpoint's settings to compare with
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if self.is_world_process_zero() and os.path.isdir(folder):
+            progress = self.macdrop_progress()
+            saved = {**self.macdrop_config.to_dict(), "total_steps": progress.total_steps, "num_epochs": progress.num_epochs}
+            with open(os.path.join(folder, SETTINGS_FILE), "w", encoding="utf-8") as f:
+                json.dump(saved, f, indent=1)
+
+    def _macdrop_warn_changed_settings(self) -> None:
+        """A resumed run whose p differs from what the checkpoint's run would have used (other p0,
+        curriculum, alpha, or, where the curriculum counts them, other total steps or epochs), or
+        whose scope or mask_per differ: one warning naming old and new. The checkpoint's settings
+        are in its ``macdrop_settings.json`` (checkpoints saved before it existed are not checked)."""
+        checkpoint = getattr(self, "_macdrop_resumed_from", None)
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        path = os.path.join(str(checkpoint), SETTINGS_FILE) if checkpoint else None
+        if path is None or not os.path.isfile(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            now = self.macdrop_config.to_dict()
+            progress = self.macdrop_progress()
+            then = dataclasses.replace(progress, total_steps=int(saved.get("total_steps", progress.total_steps)),
+                                       num_epochs=int(saved.get("num_epochs", progress.num_epochs)))
+            old = {k: saved.get(k, now[k]) for k in RESUME_KEYS}
+            p_old = build_curriculum(old["macdrop_curriculum"], float(old["macdrop_p0"]),
+                                     float(old["macdrop_alpha"])).probability(then)
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            logger.warning("%s cannot be read (%s): the resumed run's MacDrop settings are not compared", path, err)
+            return
+        p_new = self._macdrop_run.probability(progress)
+        same_p = math.isclose(p_old, p_new, rel_tol=1e-9, abs_tol=1e-12)
+        changed = [f"{k} {old[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if old[k] != now[k]]
+        if not same_p:
+            changed += [f"{what} {a} -> {b}" for what, a, b in (("optimizer steps", then.total_steps, progress.total_steps),
+                                                                 ("epochs", then.num_epochs, progress.num_epochs)) if a != b]
+        if not changed:
+            return
+        p_text = (f"p at step {progress.step} stays {p_new:.4g}" if same_p else
+                  f"p at step {progress.step} is {p_new:.4g} (the checkpoint's settings give {p_old:.4g})")
+        logger.warning("resuming %s with other MacDrop settings than it was trained with: %s; %s",
+                       checkpoint, ", ".join(changed), p_text)
 
     def macdrop_progress(self) -> Progress:
         state = self.state

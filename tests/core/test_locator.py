@@ -16,7 +16,9 @@ from llamafactory_macdrop.core.locator import (
     find_origin,
     locate_massive_weights,
     probe_candidates,
+    read_locator_file,
     resolve_probe_token,
+    reuse_result,
 )
 
 
@@ -232,3 +234,23 @@ def test_a_model_without_massive_weights_gets_a_warning():
     assert result.massiveness < 10 and result.massive is False
     assert result.warnings and result.warnings[0].startswith("no massive activation")
     assert "warning: no massive activation" in result.table()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("[1, 2, 3]", "it holds a JSON array, not an object with the located layer and rows"),
+    ('{"model": "m", "layer": 1', "not valid JSON (Expecting ',' delimiter: line 1 column 26 (char 25); it looks cut short)"),
+    ("", "not valid JSON (Expecting value: line 1 column 1 (char 0); the file is empty)"),
+    ('{"model": "m", "layer": "1", "indices": [1], "modules": [], "source": "probe"}', "'layer' is a JSON string, expected a number"),
+    ('{"model": "m", "layer": 1, "indices": [], "modules": [], "source": "probe"}', "'indices' is [], expected a non-empty list"),
+])
+def test_the_one_reader_of_a_locator_file_says_what_is_wrong_in_one_line(tiny_llama, tmp_path, content, fragment):
+    """`macdrop summary` and a resumed run read macdrop_locator.json through one reader; the resume
+    adds the way out."""
+    path = tmp_path / "macdrop_locator.json"
+    path.write_text(content)
+    with pytest.raises(LocatorError) as info:
+        read_locator_file(path)
+    assert str(info.value).startswith(f"{path} is not a MacDrop locator file: {fragment}"), str(info.value)
+    with pytest.raises(LocatorError) as resumed:
+        reuse_result(path, tiny_llama, find_ffn_blocks(tiny_llama), 5)
+    assert str(resumed.value) == f"{info.value}: delete {path} to locate again" and "\n" not in str(resumed.value)

@@ -1,5 +1,6 @@
 """Failures and exports: no exception, interruption or export ever leaves masked weights behind."""
 
+import dataclasses
 import os
 
 import pytest
@@ -55,7 +56,7 @@ def test_rows_are_restored_before_an_exception_leaves_the_step(exc, tiny_llama_d
 
 
 def test_exported_merge_equals_merge_onto_the_untouched_base(tiny_llama_dir, tiny_data_dir, tmp_path):
-    """`llamafactory-cli export` of a MacDrop run (its training YAML reused, checkpoints saved
+    """`llamafactory-cli export` of a MacDrop run (its macdrop_* keys kept in the export YAML, checkpoints saved
     mid-run) equals peft's merge of the same adapter onto the checkpoint from disk, bitwise."""
     import yaml
     from peft import PeftModel
@@ -73,9 +74,14 @@ def test_exported_merge_equals_merge_onto_the_untouched_base(tiny_llama_dir, tin
     assert not any("base_layer" in k or ".mlp.up_proj.weight" in k
                    for k in load_file(checkpoint / "adapter_model.safetensors"))
 
-    export_cfg = dict(model_name_or_path=str(tiny_llama_dir), adapter_name_or_path=str(out), template="default",
-                      finetuning_type="lora", export_dir=str(tmp_path / "merged"), export_size=1, export_device="cpu",
-                      **{k: v for k, v in train_cfg.items() if k.startswith("macdrop")})  # plugin keys are ignored
+    # docs/how-it-works.md: the training YAML without the trainer's keys (LLaMA-Factory's export refuses
+    # them), plus the adapter and export_dir; the macdrop_* keys may stay (the plugin drops them)
+    from llamafactory.hparams import TrainingArguments
+
+    trainer_keys = {f.name for f in dataclasses.fields(TrainingArguments)}
+    export_cfg = {**{k: v for k, v in train_cfg.items() if k not in trainer_keys}, "adapter_name_or_path": str(out),
+                  "export_dir": str(tmp_path / "merged"), "export_size": 1, "export_device": "cpu"}
+    assert {"macdrop", "macdrop_p0", "lora_rank", "template", "dataset"} <= set(export_cfg)
     (tmp_path / "export.yaml").write_text(yaml.safe_dump(export_cfg))
     proc = run_cli(["llamafactory-cli", "export", str(tmp_path / "export.yaml")], cwd=tmp_path, env_extra=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

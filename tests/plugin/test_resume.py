@@ -1,7 +1,10 @@
 """Resuming from a checkpoint: same p, same masks, same rows (from the run's JSON) as an
-uninterrupted run; a JSON from another model is refused."""
+uninterrupted run; a JSON from another model is refused; other settings than the checkpoint's are
+named in one warning."""
 
 import json
+import logging
+from contextlib import contextmanager
 
 import pytest
 import tiny
@@ -66,3 +69,48 @@ def test_a_json_from_another_model_is_refused(tiny_llama_dir, tiny_data_dir, tmp
     (tmp_path / "macdrop_locator.json").write_text(json.dumps(locator))
     with pytest.raises(LocatorError, match="was written for model 'some/other-model'"):
         run({**args, "max_steps": 3, "overwrite_output_dir": False, "resume_from_checkpoint": str(tmp_path / "checkpoint-1")})
+
+
+@contextmanager
+def warnings_logged():
+    """The plugin logger's warnings while the block runs (its console handler's stream is whatever
+    sys.stderr was when it was made, so read the records themselves)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("llamafactory_macdrop")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def changed_settings(records):
+    return [r.getMessage() for r in records if "other MacDrop settings" in r.getMessage()]
+
+
+def test_resume_with_other_p0_or_curriculum_warns_naming_old_and_new(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """Each checkpoint records the MacDrop settings it was trained with (macdrop_settings.json); a
+    resume whose settings give another p says so once, naming old and new, and trains on."""
+    out = tmp_path / "out"
+    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, max_steps=4, gradient_accumulation_steps=1,
+                              save_strategy="steps", save_steps=2, macdrop_p0=0.8, macdrop_curriculum="step")
+    run(args)
+    saved = json.loads((out / "checkpoint-2" / "macdrop_settings.json").read_text())
+    assert (saved["macdrop_p0"], saved["macdrop_curriculum"], saved["total_steps"]) == (0.8, "step", 4)
+    resume = {**args, "overwrite_output_dir": False, "resume_from_checkpoint": str(out / "checkpoint-2")}
+    prefix = f"resuming {out / 'checkpoint-2'} with other MacDrop settings than it was trained with: "
+
+    with warnings_logged() as same:
+        run(resume)  # the same settings: no word
+    with warnings_logged() as other:
+        state = run({**resume, "macdrop_p0": 0.5, "macdrop_curriculum": "constant"})
+    with warnings_logged() as longer:
+        run({**resume, "max_steps": 8})  # step's p counts the run's steps: a longer run changes it too
+    assert changed_settings(same) == []
+    assert changed_settings(other) == [prefix + "macdrop_p0 0.8 -> 0.5, macdrop_curriculum 'step' -> 'constant'; "
+                                       "p at step 3 is 0.5 (the checkpoint's settings give 0.2)"]
+    assert logged(state)[3][0] == 0.5  # warned, not refused
+    assert changed_settings(longer) == [prefix + "optimizer steps 4 -> 8; p at step 3 is 0.5 (the checkpoint's "
+                                        "settings give 0.2)"]

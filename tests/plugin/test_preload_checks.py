@@ -1,0 +1,129 @@
+"""What the YAML and the model's config.json already refuse, refused by `llamafactory-cli train` in
+one line `[macdrop] error: ...` with exit code 2 before the model or the data load; and what a run
+with MacDrop off does with its macdrop_* keys (ignores them, unchecked)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import tiny
+import yaml
+from conftest import BIN, run_cli
+
+from llamafactory_macdrop.plugin import integration
+from llamafactory_macdrop.plugin.keys import MacDropConfigError
+
+pytestmark = pytest.mark.slow
+
+#: LLaMA-Factory's first words when it starts loading the tokenizer, the model or the data
+LOADING = ("loading configuration file", "Loading dataset", "Loading weights")
+BROKEN_LOCATOR = "[1, 2, 3]"
+
+
+@pytest.fixture(scope="module")
+def config_only(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama's config.json alone (intermediate_size 128, vocab_size 400): a run that got
+    past the checks would fail in LLaMA-Factory's loader instead."""
+    folder = tmp_path_factory.mktemp("config_only")
+    shutil.copy(tiny_llama_dir / "config.json", folder / "config.json")
+    return folder
+
+
+def train(cfg: dict, tmp_path, name="run.yaml"):
+    (tmp_path / name).write_text(yaml.safe_dump(cfg))
+    return run_cli(["llamafactory-cli", "train", str(tmp_path / name)], cwd=tmp_path,
+                   env_extra={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+
+
+def resumable(out, broken: str):
+    """``out`` laid out as an interrupted MacDrop run whose locator file is ``broken``."""
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "macdrop_locator.json").write_text(broken)
+    return out
+
+
+CASES = [
+    # issue 26, item 4: checked against config.json before anything loads
+    ("k", dict(macdrop_k=129), "macdrop_k=129 is out of range: {model}/config.json has intermediate_size 128 (allowed 1..128)"),
+    ("probe-id", dict(macdrop_probe_token=99999999),
+     "macdrop_probe_token=99999999 is outside the vocabulary: {model}/config.json has vocab_size 400 (token ids 0..399)"),
+    ("probe-empty", dict(macdrop_probe_token=""),
+     "macdrop_probe_token='' is not allowed: expected a token id >= 0, a non-empty text, or null"),
+    # item 6
+    ("kto", dict(stage="kto"),
+     "macdrop=true with stage='kto' is not supported (MacDrop is not implemented for KTO's trainer); supported stages: "
+     "sft, pt, dpo"),
+    # item 2: a locator file that is valid JSON but no object, for an explicit and for LLaMA-Factory's own resume
+    ("resume", dict(resume_from_checkpoint="{out}/checkpoint-2", overwrite_output_dir=False),
+     "{out}/macdrop_locator.json is not a MacDrop locator file: it holds a JSON array, not an object with the located "
+     "layer and rows: delete {out}/macdrop_locator.json to locate again"),
+    ("auto-resume", dict(overwrite_output_dir=False),
+     "{out}/macdrop_locator.json is not a MacDrop locator file: it holds a JSON array, not an object with the located "
+     "layer and rows: delete {out}/macdrop_locator.json to locate again"),
+]
+
+
+@pytest.mark.parametrize("case, overrides, message", CASES, ids=[c[0] for c in CASES])
+def test_refused_in_one_line_before_anything_loads(case, overrides, message, config_only, tiny_data_dir, tmp_path):
+    out = resumable(tmp_path / "out", BROKEN_LOCATOR) if "resume" in case else tmp_path / "out"
+    names = {"model": config_only, "out": out}
+    overrides = {k: v.format(**names) if isinstance(v, str) else v for k, v in overrides.items()}
+    proc = train(tiny.lf_train_args(config_only, tiny_data_dir, out, **overrides), tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if "[macdrop] error" in line]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert errors == [f"[macdrop] error: {message.format(**names)}"]
+    assert "Traceback" not in proc.stderr and not any(word in proc.stdout + proc.stderr for word in LOADING)
+
+
+def test_macdrop_off_ignores_its_keys_unchecked(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """docs/configuration.md: without macdrop: true the other keys are removed, named in one
+    warning and not validated (macdrop_k: 0 and an unknown key would be refused with MacDrop on)."""
+    out = tmp_path / "out"
+    cfg = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, macdrop=False, macdrop_k=0, macdrop_kk=3, max_steps=1)
+    proc = train(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if "|macdrop]" in line]
+    assert warnings == ["[WARNING|macdrop] MacDrop is off (no macdrop: true), so these keys are ignored (not checked): "
+                        "macdrop_k, macdrop_kk"]
+    assert "[macdrop] error" not in proc.stderr and not (out / "macdrop_locator.json").exists()
+    assert (out / "adapter_model.safetensors").is_file()
+    with pytest.raises(MacDropConfigError, match="macdrop='maybe' is not allowed: expected true or false"):
+        integration.validate_args({**cfg, "macdrop": "maybe"})  # the switch itself is still a bool
+
+
+def _config_folder(tmp_path, name, config):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_config_json_bounds_for_moe_multimodal_and_per_layer_widths(tiny_data_dir, tmp_path):
+    """macdrop_k against the widest FFN any width key names; vocab_size in a text_config; a
+    vocabulary LLaMA-Factory grows is not bounded by config.json."""
+    dense = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 400}
+    folders = {
+        # Qwen2-MoE style: dense layers 128 wide, experts 32, a shared expert 256
+        "moe": {**dense, "model_type": "qwen2_moe", "intermediate_size": 128, "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 256, "num_experts": 4},
+        # a multimodal config: the decoder's numbers are in text_config
+        "multimodal": {"model_type": "llava", "text_config": {**dense, "intermediate_size": 96, "vocab_size": 300}},
+        # Gemma-3n style per-layer widths
+        "per_layer": {**dense, "intermediate_size": [64, 160]},
+    }
+    paths = {name: _config_folder(tmp_path, name, cfg) for name, cfg in folders.items()}
+
+    def check(name, **keys):
+        return integration.validate_args(tiny.lf_train_args(paths[name], tiny_data_dir, tmp_path / "out", **keys))
+
+    for name, fine_k, bad_k, key in (("moe", 256, 257, "shared_expert_intermediate_size 256"),
+                                     ("multimodal", 96, 97, "intermediate_size 96"),
+                                     ("per_layer", 160, 161, "intermediate_size 160")):
+        assert check(name, macdrop_k=fine_k)[1].macdrop_k == fine_k  # may still be too wide for the located layer: checked there
+        with pytest.raises(MacDropConfigError, match=rf"macdrop_k={bad_k} is out of range: .*{name}/config.json has {key} "):
+            check(name, macdrop_k=bad_k)
+    with pytest.raises(MacDropConfigError, match=r"macdrop_probe_token=300 .* has vocab_size 300 \(token ids 0..299\)"):
+        check("multimodal", macdrop_probe_token=300)
+    assert check("multimodal", macdrop_probe_token=299)[1] is not None
+    assert check("multimodal", macdrop_probe_token=300, add_special_tokens="<x>")[1] is not None  # LF grows the vocabulary
