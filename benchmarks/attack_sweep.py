@@ -63,8 +63,8 @@ def load(model_dir: Path, dtype: str, device: str):
 
 def sweep(model_dir: Path, dtype: str, device: str, settings, corpus) -> tuple[dict, float, list[float]]:
     """load -> locate -> sweep ``settings``: {label: ppl}, seconds of load + locate, per-setting seconds."""
-    from llamafactory_macdrop.analysis.attacks import AttackTargets, ModelAttacker
-    from llamafactory_macdrop.analysis.sweep import AttackReport, run_sweep
+    from llamafactory_macdrop.analysis.attack.attacks import AttackTargets, ModelAttacker
+    from llamafactory_macdrop.analysis.attack.sweep import AttackReport, run_sweep
     from llamafactory_macdrop.core.locator import locate_massive_weights
 
     with Clock(device == "cuda") as c:
@@ -79,7 +79,7 @@ def sweep(model_dir: Path, dtype: str, device: str, settings, corpus) -> tuple[d
 
 
 def one_load_vs_reload(model_dir: Path, dtype: str, device: str, corpus, repeats: int) -> dict:
-    from llamafactory_macdrop.analysis.attacks import sweep_settings
+    from llamafactory_macdrop.analysis.attack.attacks import sweep_settings
 
     settings = sweep_settings(["zero"], KS)
     assert len(settings) == 6
@@ -149,7 +149,7 @@ def cli_processes(model_dir: Path, text_file: Path, device: str, repeats: int) -
 def ppl_throughput(model_dir: Path, dtype: str, device: str, windows, repeats: int) -> dict:
     import torch
 
-    from llamafactory_macdrop.analysis.perplexity import evaluate_perplexity
+    from llamafactory_macdrop.analysis.evaluate.perplexity import evaluate_perplexity
 
     model = load(model_dir, dtype, device)
     cuda = device == "cuda"
@@ -207,14 +207,14 @@ def main() -> int:
 
     import torch
 
-    from llamafactory_macdrop.analysis.perplexity import (
+    from llamafactory_macdrop.analysis.evaluate.perplexity import (
         TEXT_FILE_PROTOCOL,
         PerplexityProtocol,
         TextSource,
         make_windows,
         tokenize,
     )
-    from llamafactory_macdrop.analysis.sweep import PreparedCorpus
+    from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
 
     benchlib.set_threads(opts.threads)
     rec = benchlib.machine(opts.device)

@@ -57,8 +57,8 @@ def corpus(model_dir: Path, text_file: Path | None, tokens: int):
     import torch
     from transformers import AutoTokenizer
 
-    from llamafactory_macdrop.analysis.perplexity import PerplexityProtocol, TextSource, make_windows, tokenize
-    from llamafactory_macdrop.analysis.sweep import PreparedCorpus
+    from llamafactory_macdrop.analysis.evaluate.perplexity import PerplexityProtocol, TextSource, make_windows, tokenize
+    from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
 
     protocol = PerplexityProtocol(seq_len=256, bos="stream", max_windows=max(1, tokens // 256))
     if text_file is not None:
@@ -75,8 +75,8 @@ def evaluate(model_dir: Path, adapters: list[Path], corpus, one_base: bool) -> d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llamafactory_macdrop.analysis.attacks import AttackSetting, AttackTargets
-    from llamafactory_macdrop.analysis.compare_eval import OneBaseEvaluator
+    from llamafactory_macdrop.analysis.attack.attacks import AttackSetting, AttackTargets
+    from llamafactory_macdrop.analysis.compare.evaluation import OneBaseEvaluator
     from llamafactory_macdrop.core.locator import locate_massive_weights
 
     settings = [AttackSetting("none"), AttackSetting("zero", 5)]
@@ -102,7 +102,7 @@ def evaluate(model_dir: Path, adapters: list[Path], corpus, one_base: bool) -> d
         ev.verify_base()
         fingerprint_s = time.perf_counter() - t0
         if one_base:  # attach + unload alone, once per adapter, without evaluating
-            from llamafactory_macdrop.analysis.sweep import attach_adapter
+            from llamafactory_macdrop.analysis.models.loading import attach_adapter
 
             for adapter in adapters:
                 t0 = time.perf_counter()

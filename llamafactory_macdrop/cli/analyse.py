@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .common import (
     DEFAULT_TEXT,
+    ModelPathError,
+    OptionError,
     add_prefix_options,
     check_at_least,
     check_k,
@@ -26,7 +28,7 @@ def _use_layer_by_layer(args: argparse.Namespace) -> bool:
     """Explicit flag, else automatic for local checkpoints larger than half the free memory."""
     if args.layer_by_layer is not None:
         return args.layer_by_layer
-    from ..analysis.streaming import checkpoint_bytes
+    from ..analysis.inspect.streaming import checkpoint_bytes
 
     size = checkpoint_bytes(args.model) if Path(args.model).is_dir() else 0
     try:
@@ -45,7 +47,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     entry = _published_entry(args)
     tokenizer = load_tokenizer(args.model)
     if args.template is not None and tokenizer is None:
-        raise FileNotFoundError(f"--template {args.template}: {args.model} has no tokenizer to apply it to")
+        raise ModelPathError(f"--template {args.template}: {args.model} has no tokenizer to apply it to")
     template = None
     if args.template is not None and args.probe_token is None:
         from ..plugin.integration import (
@@ -57,7 +59,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     kwargs = dict(tokenizer=tokenizer, layer=args.layer, indices=args.indices, probe_token=args.probe_token,
                   first_token=first)
     if _use_layer_by_layer(args):
-        from ..analysis.streaming import locate_layer_by_layer
+        from ..analysis.inspect.streaming import locate_layer_by_layer
 
         result, stats = locate_layer_by_layer(args.model, args.k, dtype=torch_dtype(args.dtype), **kwargs)
         passes = max(len(result.candidates), 1)
@@ -84,15 +86,15 @@ def cmd_locate(args: argparse.Namespace) -> int:
         print(f"published: {comparison.message}")
         extra["published"] = comparison.to_dict()
     if args.plot:
-        from ..analysis.plots import plot_intermediate_bars
+        from ..analysis.inspect.plots import plot_intermediate_bars
 
         if result.intermediate is None:
-            raise FileNotFoundError("--plot needs a probe run (not both --layer and --indices)")
+            raise OptionError("--plot needs a probe run (not both --layer and --indices)")
         path = plot_intermediate_bars(result.intermediate, result.indices, Path(args.plot) / "locate_intermediate.png",
                                       result.layer)
         print(f"plot written to {path}")
         if result.routing:  # MoE: router probability of the probe token per layer and expert
-            from ..analysis.attention_plots import plot_routing
+            from ..analysis.inspect.attention_plots import plot_routing
 
             print(f"plot written to {plot_routing(result, Path(args.plot) / 'locate_routing.png')}")
     if args.json:
@@ -120,8 +122,8 @@ def _published_entry(args: argparse.Namespace, model=None):
 
 def _cross_check(model, tokenizer, located):
     """``locate``: the activation and super-weight detectors on the default text, as the tokenizer feeds it."""
-    from ..analysis.activations import probe_input_ids
-    from ..analysis.cross_check import cross_check
+    from ..analysis.inspect.activations import probe_input_ids
+    from ..analysis.inspect.cross_check import cross_check
     from ..core.text_prefix import resolve_prefix
 
     if tokenizer is None:
@@ -136,13 +138,13 @@ def _need_tokenizer(args: argparse.Namespace):
     check_model(args.model)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
-        raise FileNotFoundError(f"{args.model}: no tokenizer found next to the model (the probe text needs one)")
+        raise ModelPathError(f"{args.model}: no tokenizer found next to the model (the probe text needs one)")
     return tokenizer
 
 
 def cmd_activations(args: argparse.Namespace) -> int:
-    from ..analysis.activations import activation_report, probe_input_ids
-    from ..analysis.cross_check import locate_as_cli, probe_label
+    from ..analysis.inspect.activations import activation_report, probe_input_ids
+    from ..analysis.inspect.cross_check import locate_as_cli, probe_label
 
     check_text("--text", args.text)
     check_at_least("--abs-threshold", args.abs_threshold, 0)
@@ -162,7 +164,7 @@ def cmd_activations(args: argparse.Namespace) -> int:
                                f"{located.layer} ({probe_label(located)}): check what the text starts with (--bos, --bos-token)")
     print(report.table())
     if args.plot:
-        from ..analysis.plots import plot_intermediate_bars, plot_layer_profile
+        from ..analysis.inspect.plots import plot_intermediate_bars, plot_layer_profile
 
         print(f"plot written to {plot_layer_profile(report, Path(args.plot) / 'activations_layers.png')}")
         if report.origin_intermediate is not None:
@@ -176,9 +178,9 @@ def cmd_activations(args: argparse.Namespace) -> int:
 
 
 def cmd_superweight(args: argparse.Namespace) -> int:
-    from ..analysis.activations import probe_input_ids
-    from ..analysis.cross_check import locate_as_cli, probe_label
-    from ..analysis.superweight import find_super_weights
+    from ..analysis.inspect.activations import probe_input_ids
+    from ..analysis.inspect.cross_check import locate_as_cli, probe_label
+    from ..analysis.inspect.superweight import find_super_weights
 
     check_text("--text", args.text)
     check_at_least("--top", args.top, 1)
@@ -210,9 +212,9 @@ def cmd_superweight(args: argparse.Namespace) -> int:
 
 def _stopwords(args: argparse.Namespace, model, tokenizer) -> None:
     """``superweight --stopwords``: the stop-word shift when the super weight(s) are zeroed (docs/superweights.md)."""
-    from ..analysis.activations import probe_input_ids
-    from ..analysis.perplexity import load_text_file, make_windows, resolve_protocol, tokenize
-    from ..analysis.stopwords import stopword_shift, stopword_token_ids
+    from ..analysis.inspect.activations import probe_input_ids
+    from ..analysis.evaluate.perplexity import load_text_file, make_windows, resolve_protocol, tokenize
+    from ..analysis.inspect.stopwords import stopword_shift, stopword_token_ids
     from .common import config_facts
     from ..core.architectures import find_ffn_blocks
     from .evaluation import resolve_super_weights
@@ -239,7 +241,7 @@ def _stopwords(args: argparse.Namespace, model, tokenizer) -> None:
     if args.stopwords_json:
         print(f"written to {report.write_json(args.stopwords_json)}")
     if args.plot:
-        from ..analysis.superweight_plots import plot_stopwords
+        from ..analysis.inspect.plots import plot_stopwords
 
         print(f"plot written to {plot_stopwords(report, Path(args.plot) / 'stopwords.png')}")
 
@@ -302,7 +304,7 @@ def _published_option(p) -> None:
 
 
 def _stopword_options(p) -> None:
-    from ..analysis.stopwords import STOP_WORDS
+    from ..analysis.inspect.stopwords import STOP_WORDS
     from .evaluation import add_super_weight_option
 
     p.add_argument("--stopwords", action="store_true",

@@ -20,7 +20,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     """Attack sweep: locate, then every setting x corpus/task on one loaded model (docs/attacks.md)."""
     import torch
 
-    from ..analysis.attacks import (
+    from ..analysis.attack.attacks import (
         AttackError,
         AttackTargets,
         ModelAttacker,
@@ -28,7 +28,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         set_activation_cutoffs,
         sweep_settings,
     )
-    from ..analysis.sweep import AttackReport, attach_adapter, run_sweep
+    from ..analysis.attack.sweep import AttackReport, run_sweep
+    from ..analysis.models.loading import attach_adapter
     from ..core.architectures import find_ffn_blocks
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
@@ -79,7 +80,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise AttackError(f"--k {max_k} exceeds the {len(args.indices)} rows given by --indices")
     targets = AttackTargets(located.layer, located.indices, expert=located.expert)
     if probes:
-        from ..analysis.activations import probe_input_ids
+        from ..analysis.inspect.activations import probe_input_ids
 
         ids = probe_input_ids(tokenizer, args.probe_text, prefix)
         if any(s.mode in ("superweight", "sw_restore") for s in settings):
@@ -109,12 +110,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if report.rows:
         print(report.table())
     if any(s.mode == "sw_restore" for s in settings):
-        from ..analysis.sweep import loss_gap_recovery, recovery_table
+        from ..analysis.attack.sweep import loss_gap_recovery, recovery_table
 
         report.recovery = loss_gap_recovery(report)
         print(recovery_table(report.recovery))
     if generating:
-        from ..analysis.generation import generations_table
+        from ..analysis.attack.generation import generations_table
 
         print(generations_table(gens))
     print("weights restored bitwise after the sweep: yes")
@@ -123,16 +124,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.csv:
         print(f"written to {report.write_csv(args.csv)}")
     if generating and args.generate_report:
-        from ..analysis.generation import write_generation_report
+        from ..analysis.attack.generation import write_generation_report
 
         title = f"{args.model}{' + adapter ' + str(args.adapter) if args.adapter else ''}: greedy generation under attack"
         print(f"written to {write_generation_report(args.generate_report, gens, args.generate, title)}")
     if args.plot and report.rows:
-        from ..analysis.plots import plot_attack_sweep
+        from ..analysis.attack.plots import plot_attack_sweep
 
         print(f"plot written to {plot_attack_sweep(report, Path(args.plot) / 'attack_sweep.png')}")
         if sum(s.mode == "superweight" for s in settings) > 1:
-            from ..analysis.superweight_plots import plot_superweight_scaling
+            from ..analysis.attack.plots import plot_superweight_scaling
 
             print(f"plot written to {plot_superweight_scaling(report, Path(args.plot) / 'superweight_scaling.png')}")
     return 0
@@ -140,8 +141,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def _generation_plan(args: argparse.Namespace, settings):
     """The settings that generate (None without --generate); every generation option checked before the model loads."""
-    from ..analysis.attacks import AttackError
-    from ..analysis.generation import select_settings
+    from ..analysis.attack.attacks import AttackError
+    from ..analysis.attack.generation import select_settings
 
     given = [o for o, v in (("--generate-settings", args.generate_settings), ("--generate-report", args.generate_report),
                             ("--no-chat-template", args.no_chat_template or None)) if v is not None]
@@ -160,7 +161,7 @@ def _generation_plan(args: argparse.Namespace, settings):
 
 def _generate(args, model, tokenizer, attacker, settings, report) -> list:
     """Greedy generation for each chosen setting into ``report.generations`` (bitwise restore checked after each)."""
-    from ..analysis.generation import generate_under_attack, prompt_ids
+    from ..analysis.attack.generation import generate_under_attack, prompt_ids
 
     _, templated = prompt_ids(tokenizer, args.generate, not args.no_chat_template)
     print(f"  generate: greedy, at most {args.max_new_tokens} new tokens, "

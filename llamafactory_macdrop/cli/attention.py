@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_prefix_options, check_model, indices_arg, load_model, load_tokenizer, text_prefix, token_arg
+from .common import ModelPathError, add_prefix_options, check_model, indices_arg, load_model, load_tokenizer, text_prefix, token_arg
 
 
 def _layer_count(model: str):
@@ -23,7 +23,7 @@ def _layer_count(model: str):
 
 def _check_layers(args: argparse.Namespace, n) -> None:
     """Layer options against the checkpoint's layer count, before the model loads."""
-    from ..analysis.attention import AttentionError
+    from ..analysis.inspect.attention import AttentionError
 
     if n is None:
         return
@@ -42,7 +42,7 @@ def default_heatmap_layers(report) -> list[int]:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from ..analysis.attention import AttentionError, attention_report
+    from ..analysis.inspect.attention import AttentionError, attention_report
 
     check_model(args.model)
     _check_layers(args, _layer_count(args.model))
@@ -54,11 +54,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
         raise AttentionError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
-        raise FileNotFoundError(f"{args.model}: no tokenizer found next to the model (the probe text needs one)")
+        raise ModelPathError(f"{args.model}: no tokenizer found next to the model (the probe text needs one)")
     prefix = text_prefix(args, tokenizer, args.model) if args.probe_token is None else None  # before loading
     model = load_model(args.model, args.dtype)
     if args.adapter is not None:
-        from ..analysis.sweep import attach_adapter
+        from ..analysis.models.loading import attach_adapter
 
         model = attach_adapter(model, args.adapter, args.model)
 
@@ -88,7 +88,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     report.adapter = str(args.adapter) if args.adapter is not None else None
     print(report.table())
     if args.plot:
-        from ..analysis.attention_plots import plot_attention_heatmaps, plot_position, plot_sink_curve
+        from ..analysis.inspect.attention_plots import plot_attention_heatmaps, plot_position, plot_sink_curve
 
         layers = args.heatmap_layers or default_heatmap_layers(report)
         for path in (plot_attention_heatmaps(report, layers, Path(args.plot) / "attention_heatmaps.png"),

@@ -3,67 +3,27 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from ..analysis.models.loading import (
+    TOKENIZER_FILES,
+    ModelPathError,
+    check_model,
+    config_facts,
+    load_model,
+    load_tokenizer,
+    torch_dtype,
+)
+from ..errors import MacDropError
+
+#: what the commands import from here (loading lives in analysis/models/loading.py)
+__all__ = ["DEFAULT_TEXT", "TOKENIZER_FILES", "ModelPathError", "OptionError", "add_prefix_options", "check_at_least",
+           "check_k", "check_model", "check_text", "config_facts", "indices_arg", "load_model", "load_tokenizer",
+           "text_prefix", "token_arg", "torch_dtype"]
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-class ModelPathError(FileNotFoundError):
-    """MODEL names no model this command can load (one line, exit 2)."""
-
-
-def check_model(path: str) -> None:
-    """One line, before anything loads, when MODEL is not a model folder (or a hub id that resolves).
-
-    A local path must be a folder with config.json; a name that is no local path is tried as a hub
-    id (transformers' own config lookup, which answers at once offline)."""
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise ModelPathError(f"{path}: no config.json in that folder: give a Hugging Face model folder "
-                                 "(config.json and weights; `macdrop convert-gguf` makes one from a GGUF file)")
-        return
-    if folder.exists():
-        raise ModelPathError(f"{path} is a file, not a model folder: give the folder that holds config.json")
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelPathError(f"{path}: no such folder, and not a model the hub serves here ({reason[:160]})") from None
-
-
-def load_model(path: str, dtype: str):
-    from transformers import AutoModelForCausalLM
-
-    check_model(path)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).eval()
-    except OSError as err:  # a folder whose weights are missing or unreadable
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelPathError(f"{path}: the model does not load ({reason[:200]})") from None
-
-
-def config_facts(path: str) -> tuple:
-    """(config bos_token_id, vocab_size) from the checkpoint's config.json, before the model loads
-    (Nones when it cannot be read): what the prefix checks name and bound."""
-    from ..core.model_config import read_config_json, vocab_size
-    from ..core.text_prefix import config_bos_token_id
-
-    found = read_config_json(path)
-    if found is None:
-        return None, None
-    return config_bos_token_id(found[1]), vocab_size(found[1])
-
-
-class OptionError(ValueError):
+class OptionError(MacDropError, ValueError):
     """A command-line value outside the range its help states (one line, exit 2)."""
 
 
@@ -116,22 +76,6 @@ def text_prefix(args, tokenizer, model_path: str):
     config_bos, vocab = config_facts(model_path)
     return resolve_prefix(tokenizer, "stream" if bos == "window" else bos, getattr(args, "bos_token", None),
                           config_bos=config_bos, vocab_size=vocab)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(path: str):
-    """The model's tokenizer, or None. A local folder without tokenizer files gets None: transformers
-    would build an empty tokenizer of the model type there, whose special-token ids are not the model's."""
-    from transformers import AutoTokenizer
-
-    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
 
 
 def token_arg(text: str) -> int | str:

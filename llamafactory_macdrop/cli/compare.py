@@ -45,7 +45,7 @@ def _ks(text: str) -> list[int]:
 
 def _check_ks(base: dict, ks: list[int]) -> None:
     """The largest k against the rows the base YAML names and the model's width (config.json), before training."""
-    from ..analysis.compare_runs import CompareError
+    from ..analysis.compare.runs import CompareError
     from ..core.model_config import read_config_json
 
     if not ks:
@@ -62,7 +62,7 @@ def _check_ks(base: dict, ks: list[int]) -> None:
 def _read_base(path: Path) -> dict:
     import yaml
 
-    from ..analysis.compare_runs import CompareError
+    from ..analysis.compare.runs import CompareError
 
     if not path.is_file():
         raise CompareError(f"{path} does not exist: give an LLaMA-Factory training YAML")
@@ -88,8 +88,8 @@ def _read_base(path: Path) -> dict:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..analysis.attacks import sweep_settings
-    from ..analysis.compare_runs import (
+    from ..analysis.attack.attacks import sweep_settings
+    from ..analysis.compare.runs import (
         CompareError,
         move_aside,
         parse_grid,
@@ -98,7 +98,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         plan_runs,
         train,
     )
-    from ..plugin.integration import check_train_config
+    from ..plugin.lf.arguments import check_train_config
     from ..plugin.keys import MacDropConfigError
     from .evaluation import read_sources
 
@@ -173,7 +173,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _check_base_inputs(base: dict, sources) -> None:
     """The base model's folder and what its tokenizer puts before the corpora (--bos/--bos-token),
     before anything trains."""
-    from ..analysis.compare_runs import CompareError
+    from ..analysis.compare.runs import CompareError
     from .common import check_model, load_tokenizer
     from .evaluation import resolve_sources
 
@@ -189,10 +189,10 @@ def _check_base_inputs(base: dict, sources) -> None:
 def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, notes, trained_for) -> int:
     import torch
 
-    from ..analysis.attacks import AttackError, AttackTargets
-    from ..analysis.compare_eval import OneBaseEvaluator, evaluate_runs, library_versions, text_digest, trained_rows_note
-    from ..analysis.compare_report import CompareReport, RunRecord, pair_all
-    from ..analysis.paired import metric_value
+    from ..analysis.attack.attacks import AttackError, AttackTargets
+    from ..analysis.compare.evaluation import OneBaseEvaluator, evaluate_runs, library_versions, text_digest, trained_rows_note
+    from ..analysis.compare.report import CompareReport, RunRecord, pair_all
+    from ..analysis.compare.paired import metric_value
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
     from .common import load_model, load_tokenizer
@@ -248,8 +248,8 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     print("base weights restored bitwise after every adapter (SHA-256 of every tensor): yes")
     plots = {}
     if not args.no_plot:
-        from ..analysis.compare_plots import plot_losses, plot_metrics, plot_paired, plot_robustness
-        from ..analysis.compare_runs import read_log_history
+        from ..analysis.compare.plots import plot_losses, plot_metrics, plot_paired, plot_robustness
+        from ..analysis.compare.runs import read_log_history
 
         folder = args.plot or (root / "plots")
         plots["metrics"] = plot_metrics(report, folder / "compare_metrics.png")

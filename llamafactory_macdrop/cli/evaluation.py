@@ -15,7 +15,7 @@ from typing import Any
 
 def super_weight_arg(text: str):
     """``all``, or ``LAYER,ROW,COL`` (several: a multiple of three integers, e.g. ``11,507,1229,28,507,678``)."""
-    from ..analysis.attacks import SuperWeightTarget
+    from ..analysis.attack.attacks import SuperWeightTarget
 
     if text.strip() == "all":
         return "all"
@@ -36,7 +36,7 @@ def add_super_weight_option(p, default_text: str = "the probe's first candidate 
 
 def resolve_super_weights(given, model, input_ids, blocks) -> list:
     """The targets ``--super-weight`` names (parsed values, possibly ``all``), or the probe's first."""
-    from ..analysis.attacks import super_weight_targets
+    from ..analysis.attack.attacks import super_weight_targets
 
     if not given:
         return super_weight_targets(model, input_ids, "first", blocks)
@@ -73,20 +73,20 @@ def add_zeroshot_options(p) -> None:
 
 def read_sources(args: argparse.Namespace, need_text: bool = True) -> tuple[list, list[str]]:
     """The corpora and zero-shot tasks the options name, checked before any model loads."""
-    from ..analysis.attacks import AttackError
-    from ..analysis.perplexity import PerplexityProtocol, load_corpus, load_text_file
-    from ..analysis.zeroshot import parse_tasks
+    from ..analysis.evaluate.perplexity import PerplexityProtocol, load_corpus, load_text_file
+    from ..analysis.evaluate.zeroshot import parse_tasks
+    from .common import OptionError
 
     overrides = corpus_overrides(args)
     PerplexityProtocol(**{k: v for k, v in overrides.items() if v is not None})  # validates the knobs
     tasks = parse_tasks(args.zeroshot) if getattr(args, "zeroshot", None) else []
     if getattr(args, "limit", None) is not None and args.limit < 1:
-        raise AttackError(f"--limit {args.limit} is not allowed: give a number >= 1")
+        raise OptionError(f"--limit {args.limit} is not allowed: give a number >= 1")
     if args.batch_size < 1:
-        raise AttackError(f"--batch-size {args.batch_size} is not allowed: give a number >= 1")
+        raise OptionError(f"--batch-size {args.batch_size} is not allowed: give a number >= 1")
     sources = [load_text_file(f, overrides) for f in args.text_file]
     if need_text and not (sources or args.dataset or tasks):
-        raise AttackError("nothing to evaluate: give --text-file, --dataset or --zeroshot")
+        raise OptionError("nothing to evaluate: give --text-file, --dataset or --zeroshot")
     sources += [load_corpus(d, overrides) for d in args.dataset]
     return sources, tasks
 
@@ -101,7 +101,7 @@ def corpus_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_sources(sources, tokenizer, model_path: str) -> list:
     """Each source's protocol as used and its prefix (:func:`~..analysis.perplexity.resolve_protocol`),
     from the tokenizer and config.json alone: a --bos the tokenizer cannot serve fails before the model loads."""
-    from ..analysis.perplexity import resolve_protocol
+    from ..analysis.evaluate.perplexity import resolve_protocol
     from .common import config_facts
 
     config_bos, vocab = config_facts(model_path)
@@ -111,8 +111,8 @@ def resolve_sources(sources, tokenizer, model_path: str) -> list:
 def prepare_corpora(sources, model, tokenizer, echo=print, resolved=None) -> list:
     """Each source tokenized and cut into windows once (:class:`~..analysis.sweep.PreparedCorpus`),
     with the prefix :func:`resolve_sources` chose (resolved here from the model's config if not given)."""
-    from ..analysis.perplexity import resolve_protocol
-    from ..analysis.sweep import prepare_corpus
+    from ..analysis.evaluate.perplexity import resolve_protocol
+    from ..analysis.attack.sweep import prepare_corpus
     from ..core.probing import unwrap_peft
     from ..core.text_prefix import config_bos_token_id
 
@@ -133,7 +133,7 @@ def prepare_corpora(sources, model, tokenizer, echo=print, resolved=None) -> lis
 def zeroshot_evaluator(args: argparse.Namespace, tasks, model, tokenizer, echo=print) -> Any:
     if not tasks:
         return None
-    from ..analysis.zeroshot import ZeroShotEvaluator
+    from ..analysis.evaluate.zeroshot import ZeroShotEvaluator
 
     evaluator = ZeroShotEvaluator(model, tokenizer, tasks, data_root=args.zeroshot_data, limit=args.limit,
                                   batch_size=args.zeroshot_batch_size)

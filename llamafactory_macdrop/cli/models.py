@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
-    from ..analysis.convert import convert_gguf
+    from ..analysis.models.gguf import convert_gguf
 
     out = convert_gguf(args.out, args.gguf)
     print(f"HF folder ready: {out}")

@@ -23,7 +23,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """Every bits x block size x clip x protection on one loaded model (docs/superweights.md)."""
     import torch
 
-    from ..analysis.quantization import (
+    from ..analysis.attack.quantization import (
         QuantizationError,
         QuantizationReport,
         ModelQuantizer,
@@ -59,7 +59,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     blocks = find_ffn_blocks(model)
     sws, massive = [], None
     if probing:
-        from ..analysis.activations import probe_input_ids
+        from ..analysis.inspect.activations import probe_input_ids
 
         sws = resolve_super_weights(args.super_weight, model, probe_input_ids(tokenizer, args.probe_text, prefix), blocks)
         if not sws and protects & {"sw", "sw+massive"}:
@@ -104,7 +104,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.csv:
         print(f"written to {report.write_csv(args.csv)}")
     if args.plot:
-        from ..analysis.superweight_plots import plot_quantization
+        from ..analysis.attack.plots import plot_quantization
 
         print(f"plot written to {plot_quantization(report, Path(args.plot) / 'quantize.png')}")
     return 0

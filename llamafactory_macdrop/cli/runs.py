@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from ..errors import MacDropError
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -28,9 +29,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     locator_path, state_path = out / LOCATOR_FILE, out / "trainer_state.json"
     if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such folder: give a training run's output_dir")
+        raise RunFileError(f"{out}: no such folder: give a training run's output_dir")
     if not locator_path.is_file():
-        raise FileNotFoundError(f"{locator_path} not found: was this output_dir trained with macdrop: true?")
+        raise RunFileError(f"{locator_path} not found: was this output_dir trained with macdrop: true?")
     result = read_locator_file(locator_path)
     history = _log_history(state_path) if state_path.is_file() else []
     print(result.table())
@@ -45,12 +46,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(f"written to {args.json}")
     if args.plot:
         if not steps:
-            raise FileNotFoundError(f"{state_path} has no macdrop_p entries to plot")
+            raise RunFileError(f"{state_path} has no macdrop_p entries to plot")
         print(f"plot written to {plot_run(steps, result, args.plot)}")
     return 0
 
 
-class RunFileError(ValueError):
+class RunFileError(MacDropError, ValueError):
     """A run's trainer_state.json that cannot be read (one line, exit 2)."""
 
 

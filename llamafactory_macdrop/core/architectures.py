@@ -37,9 +37,10 @@ from torch import nn
 
 from .masking import RowTarget, logical_shape, row_target
 from .probing import first_position, unwrap_peft
+from ..errors import MacDropError
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(MacDropError, ValueError):
     """The model has no FFN layout this package recognises."""
 
 

@@ -9,7 +9,7 @@ chat sequence starts with ``<|im_start|>``). Two views of the same question:
   not, DPO's concatenated chosen/rejected ``input_ids``) and takes the most frequent first real
   token (after left padding, if any), with its share;
 * outside training, :func:`template_first_token` asks the chat template (LLaMA-Factory's, when
-  ``--template NAME`` is given: :func:`llamafactory_macdrop.plugin.integration.lf_template`
+  ``--template NAME`` is given: :func:`llamafactory_macdrop.plugin.lf.templates.lf_template`
   resolves the name; else the tokenizer's own) or the tokenizer (does it prepend BOS?) what
   comes first.
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence, Union
+from ..errors import MacDropError
 
 PACKAGED_FILE = "published_positions.json"
 FORMAT_VERSION = 1
@@ -41,7 +42,7 @@ FORMAT_VERSION = 1
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class PublishedFileError(ValueError):
+class PublishedFileError(MacDropError, ValueError):
     """A published-positions file that cannot be used. The message is one line: the file and what
     is wrong in it."""
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
+from ..errors import MacDropError
 
 #: texts whose encodings are compared with and without special tokens (two, so that a
 #: tokenizer whose special tokens depend on the text is noticed)
@@ -34,7 +35,7 @@ _SAMPLES = ("The quick brown fox", "Hello world. 123")
 PLACEMENTS = ("none", "stream", "window")
 
 
-class PrefixError(ValueError):
+class PrefixError(MacDropError, ValueError):
     """A requested prefix the tokenizer cannot give (one line naming the option and what is allowed)."""
 
 

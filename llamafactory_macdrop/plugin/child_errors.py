@@ -1,6 +1,6 @@
 """How torchrun children end a job on a plugin error raised on ANY rank, in one line.
 
-Why this exists: MacDrop's errors (``integration.plugin_errors()``) are printed as one line, not
+Why this exists: MacDrop's errors (``lf.patches.plugin_errors()``) are printed as one line, not
 a traceback per rank. Most are raised on every rank together, but one raised on some ranks only
 (a rank-local check, a file only one rank can read) must not leave the other ranks waiting in
 their next collective: LLaMA-Factory's default ``ddp_timeout`` is 180000000 s, so under NCCL
@@ -27,7 +27,8 @@ asks :func:`peer_failed` and then ends quietly with the same exit code instead o
 traceback. Other nodes see neither file: their ranks get an error from their next collective or
 wait in it until the process-group timeout (set ``ddp_timeout`` for multi-node runs).
 
-Standard library only, and nothing of LLaMA-Factory: ``plugin/integration.py`` calls in here.
+Standard library only (torch.distributed when a process group must be destroyed), and nothing
+of LLaMA-Factory: ``plugin/lf/patches.py`` calls in here.
 """
 
 from __future__ import annotations
@@ -211,3 +212,50 @@ def start_watcher(poll: float = POLL_S, grace: float = GRACE_S, ending_limit: fl
                                     name="macdrop-error-watcher", daemon=True)
         _watcher.start()
     return True
+
+
+def torchrun_child() -> bool:
+    """Whether this process is a torchrun worker."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def end_child_with(err: Optional[BaseException]) -> None:
+    """A torchrun child's exit after a plugin error: ONE line for the whole job, not one traceback per rank.
+
+    ``err``: this rank's plugin error; None when this rank's own error (a collective broken by a
+    peer that has gone) follows another rank's plugin error, which then speaks for the job.
+
+    Launched by ``llamafactory-cli`` (whose patched launcher set :data:`ERROR_FILE_ENV`, a file
+    local to each node), the first rank of the node to fail, whichever rank it is, records its
+    message; every child exits 0, so torchrun adds no failure report of its own, and the node's
+    ``llamafactory-cli`` prints the line and exits 2. A rank that does not fail itself ends
+    quietly when its collective breaks because the failed rank has gone (gloo), or, when that
+    collective never returns (NCCL), is ended by its watcher thread a grace period after the
+    message appeared (:func:`start_watcher`). Launched by torchrun directly, the first failing
+    rank prints the line and exits 2, and torchrun stops the others.
+
+    Known limit: both signals are node-local. With several nodes the nodes where no rank failed
+    learn of it only through their collectives: those fail (gloo: the peer closed the
+    connection, a traceback per rank) or wait until the process-group timeout (``ddp_timeout``;
+    LLaMA-Factory's default is 180000000 s, so set one for multi-node runs).
+    """
+    code = report(str(err) or type(err).__name__) if err is not None else end_quietly()
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # pragma: no cover - best effort while exiting
+        pass
+    sys.exit(code)
+
+
+def read_and_remove(path: Optional[str]) -> str:
+    """The children's message, once torchrun returned; the file and its claim are removed."""
+    if not path:
+        return ""
+    os.environ.pop(ERROR_FILE_ENV, None)
+    try:
+        return read(path)
+    finally:
+        discard(path)

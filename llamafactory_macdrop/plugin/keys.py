@@ -10,17 +10,25 @@ line naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
+import typing
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
-CURRICULA = ("step", "epoch_before", "epoch_after", "exp", "constant")
-SCOPES = ("massive", "all", "non_massive")
-MASK_PER = ("optimizer_step", "micro_batch")
+from ..errors import MacDropError
+
+#: the allowed values ARE the annotations (typing.get_args reads them back), as LLaMA-Factory's hparams do
+Curriculum = Literal["step", "epoch_before", "epoch_after", "exp", "constant"]
+Scope = Literal["massive", "all", "non_massive"]
+MaskPer = Literal["optimizer_step", "micro_batch"]
+CURRICULA = typing.get_args(Curriculum)
+SCOPES = typing.get_args(Scope)
+MASK_PER = typing.get_args(MaskPer)
 KEY_PREFIX = "macdrop"
 
 
-class MacDropConfigError(ValueError):
+class MacDropConfigError(MacDropError, ValueError):
     """A bad ``macdrop_*`` key or value; the message is one line meant for the user."""
 
 
@@ -35,13 +43,13 @@ class MacDropConfig:
     macdrop_p0: float = field(
         default=0.8, metadata={"help": "Initial dropout probability, in [0, 1]."}
     )
-    macdrop_curriculum: str = field(
+    macdrop_curriculum: Curriculum = field(
         default="step", metadata={"help": f"How p decays over training: one of {', '.join(CURRICULA)}."}
     )
     macdrop_alpha: float = field(
         default=0.01, metadata={"help": "Decay rate of the exp curriculum, p = p0*exp(-alpha*t); > 0."}
     )
-    macdrop_scope: str = field(
+    macdrop_scope: Scope = field(
         default="massive",
         metadata={"help": "Which rows of W_up/W_gate at the massive layer get dropout: " + ", ".join(SCOPES)},
     )
@@ -51,24 +59,21 @@ class MacDropConfig:
     macdrop_indices: Optional[tuple[int, ...]] = field(
         default=None, metadata={"help": "Row indices (largest first); override the located top-k."}
     )
-    macdrop_mask_per: str = field(
+    macdrop_mask_per: MaskPer = field(
         default="optimizer_step",
         metadata={"help": "optimizer_step: one keep-mask per optimizer step for all micro-batches and ranks "
                           "(split-independent); micro_batch: a fresh mask per micro-batch (depends on the batch split)."},
     )
-    macdrop_probe_token: Optional[int | str] = field(
+    macdrop_probe_token: Optional[Union[int, str]] = field(
         default=None,
         metadata={"help": "Token fed alone to locate (id, or text whose first token is used); default: the first batch's first token, then BOS, then EOS."},
     )
 
     def __post_init__(self) -> None:
-        if self.macdrop_curriculum not in CURRICULA:
-            _fail("macdrop_curriculum", self.macdrop_curriculum, "one of " + ", ".join(CURRICULA),
-                  suggest_from=CURRICULA)
-        if self.macdrop_scope not in SCOPES:
-            _fail("macdrop_scope", self.macdrop_scope, "one of " + ", ".join(SCOPES), suggest_from=SCOPES)
-        if self.macdrop_mask_per not in MASK_PER:
-            _fail("macdrop_mask_per", self.macdrop_mask_per, "one of " + ", ".join(MASK_PER), suggest_from=MASK_PER)
+        for key, allowed in _choices().items():  # the Literal-typed keys
+            value = getattr(self, key)
+            if value not in allowed:
+                _fail(key, value, "one of " + ", ".join(allowed), suggest_from=allowed)
         if not 0.0 <= self.macdrop_p0 <= 1.0:
             _fail("macdrop_p0", self.macdrop_p0, "a float in [0, 1]")
         if not (self.macdrop_alpha > 0 and math.isfinite(self.macdrop_alpha)):
@@ -133,22 +138,41 @@ class MacDropConfig:
         rows = []
         for f in fields(cls):
             default = None if f.default is MISSING else f.default
-            rows.append((f.name, _TYPES[f.name], default, f.metadata["help"]))
+            rows.append((f.name, _kinds()[f.name], default, f.metadata["help"]))
         return rows
 
 
-_TYPES = {
-    "macdrop": "bool",
-    "macdrop_k": "int",
-    "macdrop_p0": "float",
-    "macdrop_curriculum": "str",
-    "macdrop_alpha": "float",
-    "macdrop_scope": "str",
-    "macdrop_layer": "int | null",
-    "macdrop_indices": "list[int] | null",
-    "macdrop_mask_per": "str",
-    "macdrop_probe_token": "int | str | null",
-}
+def _type_name(hint: Any) -> str:
+    """How the docs and the errors spell a field's type: bool, int, float, str, list[int], ``| null``."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is Union:  # in a fixed order: typing caches equal Unions, so int | str may come back as str | int
+        order = ("bool", "int", "float", "str")
+        names = sorted((_type_name(a) for a in args if a is not type(None)),
+                       key=lambda n: order.index(n) if n in order else len(order))
+        return " | ".join(names) + (" | null" if type(None) in args else "")
+    if origin is Literal:
+        return "str"
+    if origin is tuple:
+        return f"list[{_type_name(args[0])}]"
+    return hint.__name__
+
+
+@functools.lru_cache(maxsize=None)
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(MacDropConfig)
+
+
+@functools.lru_cache(maxsize=None)
+def _kinds() -> dict[str, str]:
+    """Field -> type name, read from the annotations (the single source of the keys' types)."""
+    return {name: _type_name(hint) for name, hint in _hints().items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Literal-typed fields -> their allowed values."""
+    return {name: typing.get_args(hint) for name, hint in _hints().items() if typing.get_origin(hint) is Literal}
 
 
 def _fail(key: str, value: Any, allowed: str, suggest_from: tuple[str, ...] = ()) -> None:
@@ -166,7 +190,7 @@ _NULL = {"null", "none", "~"}  # not "": an empty value is refused, not read as 
 
 def _coerce(key: str, value: Any) -> Any:
     """Turn a YAML/CLI value into the field's type, or fail with one line."""
-    kind = _TYPES[key]
+    kind = _kinds()[key]
     if isinstance(value, str):
         text = value.strip()
         if kind.endswith("| null") and text.lower() in _NULL:

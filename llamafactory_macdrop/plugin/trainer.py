@@ -52,6 +52,7 @@ from ..core.locator import (
 )
 from ..core.masking import RowDropout, readable_weights
 from .keys import MacDropConfig, MacDropConfigError
+from ..errors import MacDropError
 
 logger = logging.getLogger("llamafactory_macdrop")
 if not any(getattr(h, "_macdrop_console", False) for h in logger.handlers):  # LlamaBoard may have added its own
@@ -84,7 +85,7 @@ def scope_rows(scope: str, indices: Sequence[int], intermediate_size: int) -> to
     raise ValueError(f"unknown scope {scope!r}")
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(MacDropError, RuntimeError):
     """A MacDrop run produced a non-finite gradient norm or loss; the message is one line."""
 
 

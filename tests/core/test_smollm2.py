@@ -22,7 +22,7 @@ def test_origin_layer_is_11_not_the_early_or_late_spikes(smollm2):
 
 
 def test_layer_by_layer_reads_only_up_to_the_origin(smollm2, smollm2_dir):
-    from llamafactory_macdrop.analysis.streaming import (
+    from llamafactory_macdrop.analysis.inspect.streaming import (
         checkpoint_bytes,
         locate_layer_by_layer,
     )

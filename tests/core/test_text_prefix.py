@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import tiny
 
-from llamafactory_macdrop.analysis.perplexity import CORPORA, TEXT_FILE_PROTOCOL, resolve_protocol
+from llamafactory_macdrop.analysis.evaluate.perplexity import CORPORA, TEXT_FILE_PROTOCOL, resolve_protocol
 from llamafactory_macdrop.core.text_prefix import PrefixError, config_bos_token_id, resolve_prefix, tokenizer_prefix
 
 

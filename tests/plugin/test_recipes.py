@@ -143,7 +143,7 @@ def test_a_misspelt_macdrop_key_fails(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.stem for p in ACCELERATE_CONFIGS])
 def test_accelerate_config_loads_and_macdrop_accepts_it(path, monkeypatch):
     """accelerate's own loader reads it, and the environment it gives every rank passes MacDrop's
-    FSDP rules (integration._validate_fsdp), so the shipped FSDP configs are ones MacDrop runs."""
+    FSDP rules (plugin/checks.py: check_fsdp), so the shipped FSDP configs are ones MacDrop runs."""
     from accelerate.commands.config.config_args import ClusterConfig
 
     from llamafactory_macdrop.plugin.integration import fsdp_settings, validate_args

@@ -1,0 +1,153 @@
+"""Plots of the sweeps that edit a model: metric against k (attacks), super-weight scaling, quantization.
+
+Why here: they read the reports of ``macdrop attack`` and ``macdrop quantize`` (rows per
+setting); built as :mod:`..figures` says (``*_figure`` returns the figure, ``plot_*`` saves it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..figures import save_figure
+
+PROTECT_STYLES = {"none": ("tab:red", "o"), "sw": ("tab:blue", "s"), "sw+massive": ("tab:green", "^")}
+
+
+def _metric_axis(ax, metric: str) -> float:
+    if metric == "ppl":
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity")
+        return 1.0
+    ax.set_ylabel("accuracy (%)")
+    return 100.0
+
+
+# ----------------------------------------------------------------------------- scaling sweep
+def superweight_scaling_figure(report):
+    """One panel per corpus/task: the metric against the factor applied to the super weight(s)
+    (``attack --mode superweight --scale ...``); factor 1 is the unattacked model."""
+    from matplotlib.figure import Figure
+
+    columns = report.columns()
+    fig = Figure(figsize=(4.0 * max(1, len(columns)), 3.4), dpi=110)
+    axes = fig.subplots(1, max(1, len(columns)), squeeze=False)[0]
+    scales = sorted({r["scale"] for r in report.rows if r["mode"] == "superweight"})
+    for ax, (dataset, metric) in zip(axes, columns):
+        unit = _metric_axis(ax, metric)
+        base = report.value("none", dataset, metric)
+        points = {s: report.value(f"superweight x{s:g}", dataset, metric) for s in scales}
+        if base is not None:
+            points.setdefault(1.0, base)
+            ax.axhline(unit * base, color="black", linestyle="--", linewidth=1, label="no attack (x1)")
+        xs = sorted(x for x, y in points.items() if y is not None)
+        ax.plot(xs, [unit * points[x] for x in xs], marker="o", ms=4, color="tab:green", label="super weight x factor")
+        ax.set_xlabel("factor applied to the super weight(s)")
+        ax.set_title(dataset, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    sws = report.targets.get("super_weights") or ([report.targets["super_weight"]] if report.targets.get("super_weight") else [])
+    names = ", ".join(f"L{s['layer']}[{s['row']},{s['col']}]" for s in sws)
+    fig.suptitle(f"{report.model}: super weight scaling ({names})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_superweight_scaling(report, path) -> Path:
+    return save_figure(superweight_scaling_figure(report), path)
+
+
+# ----------------------------------------------------------------------------- stop words
+def quantization_figure(report):
+    """Metric against block size ("tensor" last), one panel per bit width and corpus/task, one
+    line per protection (and clipping, when several); the unquantized model as a dashed line."""
+    from matplotlib.figure import Figure
+
+    quantized = [r for r in report.rows if r["bits"] is not None]
+    bits = list(dict.fromkeys(r["bits"] for r in quantized))
+    sizes = sorted({r["block_size"] for r in quantized if r["block_size"] != "tensor"})
+    sizes += ["tensor"] * any(r["block_size"] == "tensor" for r in quantized)
+    clips = list(dict.fromkeys(r["clip"] for r in quantized))
+    protects = list(dict.fromkeys(r["protect"] for r in quantized))
+    columns = report.columns()
+    fig = Figure(figsize=(3.8 * max(1, len(bits)), 3.2 * max(1, len(columns))), dpi=110)
+    axes = fig.subplots(max(1, len(columns)), max(1, len(bits)), squeeze=False)
+    for row, (dataset, metric) in enumerate(columns):
+        base = report.value((None, None, None, None), dataset, metric)
+        for col, b in enumerate(bits):
+            ax = axes[row][col]
+            unit = _metric_axis(ax, metric)
+            for c in clips:
+                for p in protects:
+                    color, marker = PROTECT_STYLES.get(p, ("tab:gray", "x"))
+                    pts = [(i, report.value((b, s, c, p), dataset, metric)) for i, s in enumerate(sizes)]
+                    pts = [(i, unit * v) for i, v in pts if v is not None]
+                    if pts:
+                        style = "-" if c == clips[0] else ["--", ":", "-."][(clips.index(c) - 1) % 3]
+                        ax.plot(*zip(*pts), marker=marker, ms=4, color=color, linestyle=style,
+                                label=f"protect {p}" + (f", clip {c}" if len(clips) > 1 else ""))
+            if base is not None:
+                ax.axhline(unit * base, color="black", linestyle="--", linewidth=1, label=f"{report.dtype}")
+            ax.set_xticks(range(len(sizes)))
+            ax.set_xticklabels([str(s) for s in sizes], fontsize=7)
+            ax.set_xlabel("block size (elements)")
+            ax.set_title(f"{b}-bit RTN, {dataset}" + ("" if len(clips) > 1 else f", clip {clips[0]}"), fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{report.model}: round-to-nearest quantization", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_quantization(report, path) -> Path:
+    return save_figure(quantization_figure(report), path)
+
+
+# ----------------------------------------------------------------------------- attack sweeps
+SWEEP_STYLES = {"zero": ("top-k zeroing", "tab:red", "o"), "retain": ("top-k retaining", "tab:blue", "s")}
+
+
+def attack_sweep_figure(report):
+    """One panel per corpus/task: the metric against k for top-k zeroing and retaining (the
+    paper's Fig. 4 view); the unattacked baseline and the other modes as horizontal lines.
+    Perplexity on a log axis (zeroing moves it by orders of magnitude), accuracy in %."""
+    from matplotlib.figure import Figure
+
+    columns = report.columns()
+    fig = Figure(figsize=(4.0 * max(1, len(columns)), 3.4), dpi=110)
+    axes = fig.subplots(1, max(1, len(columns)), squeeze=False)[0]
+    settings = report.settings()
+    for ax, (dataset, metric) in zip(axes, columns):
+        scale = 1.0 if metric == "ppl" else 100.0
+        base = report.value("none", dataset, metric)
+        for mode, (label, color, marker) in SWEEP_STYLES.items():
+            ks = sorted(k for m, k, _ in settings if m == mode)
+            if not ks:
+                continue
+            points = [(0, base)] + [(k, report.value(f"{mode} k={k}", dataset, metric)) for k in ks]
+            points = [(x, scale * y) for x, y in points if y is not None]  # a setting may lack this column
+            if points:
+                ax.plot(*zip(*points), marker=marker, ms=4, color=color, label=label)
+        if base is not None:
+            ax.axhline(scale * base, color="black", linestyle="--", linewidth=1, label="no attack")
+        others = {"superweight": iter(("tab:green", "tab:olive", "tab:cyan")), "activation": iter(("tab:purple", "tab:pink", "tab:brown"))}
+        for mode, k, label in settings:
+            if mode in others:
+                v = report.value(label, dataset, metric)
+                if v is not None:
+                    ax.axhline(scale * v, linestyle=":", linewidth=1.4, color=next(others[mode], "tab:gray"), label=label)
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("k (top-k massive weights)")
+        ax.set_ylabel("perplexity" if metric == "ppl" else "accuracy (%)")
+        ax.set_title(dataset, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report.model}{' + ' + report.adapter if report.adapter else ''}: layer {report.targets['layer']}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attack_sweep(report, path) -> Path:
+    """Save :func:`attack_sweep_figure` as a PNG at ``path``."""
+    return save_figure(attack_sweep_figure(report), path)

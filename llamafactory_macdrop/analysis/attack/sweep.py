@@ -1,0 +1,313 @@
+"""One sweep loop for every in-place edit of a loaded model: apply a setting, evaluate, undo, verify.
+
+Why one loop: an attack sweep (``macdrop attack``), a quantization sweep (``macdrop quantize``)
+and the one-base evaluation of ``macdrop compare`` all do the same thing: for every setting, edit
+the weights the evaluators already hold, evaluate every prepared corpus (perplexity) and, if asked,
+lm-eval's zero-shot tasks, undo the edit, and at the end check that every touched weight is back
+bit for bit. :func:`evaluate_settings` is that loop, over anything that implements
+:class:`InPlaceEdit` (``applied(setting)`` as a context manager that always undoes, and
+``verify_restored()``): :class:`~.attacks.ModelAttacker` and
+:class:`~.quantization.ModelQuantizer`. Each caller turns the results into its own shape through
+one callback (rows for a report, per-item results for paired statistics); a new family of
+measurements (generation tasks, long context) plugs in here once.
+
+:class:`SweepReport` is what the attack and quantization reports share: one flat list of rows
+(``{..., "dataset", "ppl" | "acc", "tokens" | "n", ...}``) plus the protocol that produced them, so
+the JSON and the CSV say how each number was measured; the subclasses add what identifies a row
+(the attack setting, or bits x block size x clipping x protection) and their own table columns.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+from torch import nn
+
+from ...core.probing import CsvRows, JsonReport
+from ...core.text_prefix import TextPrefix
+from .attacks import AttackSetting, ModelAttacker
+from ..evaluate.perplexity import PerplexityProtocol, TextSource, Windows, evaluate_perplexity, make_windows, tokenize
+
+
+@dataclass
+class PreparedCorpus:
+    """A corpus tokenized and cut into windows once, evaluated under every setting.
+
+    ``protocol`` is the resolved one (``bos`` = the placement used) and ``prefix`` the tokens put
+    there (:func:`~.perplexity.resolve_protocol`); ``source.protocol`` is what was asked."""
+
+    source: TextSource
+    windows: Windows
+    protocol_used: Optional[PerplexityProtocol] = None
+    prefix: Optional[TextPrefix] = None
+
+    def protocol(self) -> dict[str, Any]:
+        used = self.protocol_used or self.source.protocol
+        out = {"dataset": self.source.name, "origin": self.source.origin, **used.to_dict(),
+               "bos_requested": self.source.protocol.bos}
+        if self.prefix is not None:
+            out.update(self.prefix.protocol())
+        return {**out, "windows": self.windows.count, "predicted_tokens": self.windows.predicted_tokens}
+
+
+def prepare_corpus(source: TextSource, tokenizer: Any, protocol: PerplexityProtocol, prefix: TextPrefix) -> PreparedCorpus:
+    """``source`` tokenized once (no special tokens) and cut into ``protocol``'s windows with ``prefix``
+    (both from :func:`~.perplexity.resolve_protocol`)."""
+    windows = make_windows(tokenize(tokenizer, source.text), protocol, prefix.token_ids)
+    return PreparedCorpus(source, windows, protocol, prefix)
+
+
+class InPlaceEdit(Protocol):
+    """What a sweep needs of an edit: apply one setting for a block (undone on exit, errors too)
+    and check at the end that every weight it may touch is back bit for bit."""
+
+    def applied(self, setting: Any) -> AbstractContextManager[None]: ...
+
+    def verify_restored(self) -> None: ...
+
+
+@dataclass(kw_only=True)
+class SweepReport(JsonReport, CsvRows):
+    """Rows of a sweep and how they were measured (subclasses say what identifies a row: :meth:`key`)."""
+
+    perplexity_protocol: list[dict[str, Any]] = field(default_factory=list)
+    zeroshot_splits: dict[str, str] = field(default_factory=dict)
+    zeroshot_limit: Optional[int] = None
+    zeroshot_prefix: Optional[dict[str, Any]] = None  # what lm-eval puts first (the tokenizer's own)
+    probe_prefix: Optional[dict[str, Any]] = None  # what went before the probe text
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    restored_bitwise: bool = False
+
+    def record_inputs(self, corpora: Sequence["PreparedCorpus"], zeroshot=None) -> None:
+        """The protocol of every corpus and of the zero-shot tasks, before the first row."""
+        self.perplexity_protocol = [c.protocol() for c in corpora]
+        if zeroshot is not None:
+            self.zeroshot_splits, self.zeroshot_limit = zeroshot.splits(), zeroshot.limit
+            prefix = getattr(zeroshot, "prefix", None)
+            self.zeroshot_prefix = prefix.protocol() if prefix is not None else None
+
+    def zeroshot_dict(self) -> Optional[dict[str, Any]]:
+        if not self.zeroshot_splits:
+            return None
+        return {"splits": self.zeroshot_splits, "limit": self.zeroshot_limit, "harness": "lm-eval",
+                "prefix": self.zeroshot_prefix}
+
+    # ------------------------------------------------------------------ views
+    @staticmethod
+    def key(row: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def keys(self) -> list[Any]:
+        """The row keys (settings) in the order they were run."""
+        return list(dict.fromkeys(self.key(r) for r in self.rows))
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(dataset, metric) in first-seen order."""
+        seen = {}
+        for r in self.rows:
+            seen.setdefault((r["dataset"], "ppl" if "ppl" in r else "acc"), None)
+        return list(seen)
+
+    def value(self, key: Any, dataset: str, metric: str) -> Optional[float]:
+        """The metric of one setting (its key) on one corpus or task."""
+        for r in self.rows:
+            if self.key(r) == key and r["dataset"] == dataset and metric in r:
+                return r[metric]
+        return None
+
+    def metric_cells(self, key: Any, ppl_text: Callable[[float], str] = lambda v: f"{v:.2f}") -> list[str]:
+        """One setting's cells: perplexity per corpus, accuracy (%) per task."""
+        cells = []
+        for d, m in self.columns():
+            v = self.value(key, d, m)
+            cells.append("-" if v is None else (ppl_text(v) if m == "ppl" else f"{100 * v:.1f}"))
+        return cells
+
+    def metric_head(self) -> list[str]:
+        return [f"{d} ppl" if m == "ppl" else f"{d} acc" for d, m in self.columns()]
+
+    def input_lines(self) -> list[str]:
+        return input_lines(self.perplexity_protocol, self.zeroshot_prefix, self.probe_prefix)
+
+
+@dataclass
+class AttackReport(SweepReport):
+    """Rows of an attack sweep and how they were measured."""
+
+    model: str
+    adapter: Optional[str]
+    targets: dict[str, Any]
+    generations: list[dict[str, Any]] = field(default_factory=list)  # --generate: analysis/attack/generation.py
+    generation: Optional[dict[str, Any]] = None  # how they were generated
+    recovery: list[dict[str, Any]] = field(default_factory=list)  # sw_restore: see loss_gap_recovery
+
+    def to_dict(self) -> dict[str, Any]:
+        extra = {"generation": self.generation, "generations": self.generations} if self.generation else {}
+        if self.recovery:
+            extra["sw_restore_recovery"] = self.recovery
+        if self.probe_prefix is not None:
+            extra["probe_prefix"] = self.probe_prefix
+        return {**{
+            "model": self.model,
+            "adapter": self.adapter,
+            "targets": self.targets,
+            "perplexity_protocol": self.perplexity_protocol,
+            "zeroshot": self.zeroshot_dict(),
+            "restored_bitwise": self.restored_bitwise,
+            "results": self.rows,
+        }, **extra}
+
+    @staticmethod
+    def key(row: dict[str, Any]) -> str:
+        return row["setting"]
+
+    def settings(self) -> list[tuple[str, int, str]]:
+        """(mode, k, label) of every setting, in the order they were run (labels are unique)."""
+        seen = {}
+        for r in self.rows:
+            seen.setdefault(r["setting"], (r["mode"], r["k"]))
+        return [(mode, k, label) for label, (mode, k) in seen.items()]
+
+    def table(self) -> str:
+        """Markdown: one line per setting, perplexity per corpus, accuracy (%) per task and mean."""
+        tasks = [d for d, m in self.columns() if m == "acc"]
+        head = self.metric_head() + (["mean acc"] if len(tasks) > 1 else [])
+        lines = self.input_lines()
+        lines += ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+        for label in self.keys():
+            cells = self.metric_cells(label)
+            if len(tasks) > 1:
+                accs = [self.value(label, d, "acc") for d in tasks]
+                accs = [a for a in accs if a is not None]
+                cells.append(f"{100 * sum(accs) / len(accs):.1f}" if len(accs) == len(tasks) else "-")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def input_lines(perplexity_protocol: Sequence[dict[str, Any]], zeroshot_prefix: Optional[dict[str, Any]] = None,
+                probe_prefix: Optional[dict[str, Any]] = None) -> list[str]:
+    """Above a results table: what went before each corpus, the zero-shot prompts and the probe text."""
+    out = [f"{p['dataset']}: {p['prefix_summary']}" for p in perplexity_protocol if p.get("prefix_summary")]
+    if zeroshot_prefix:
+        out.append(f"zero-shot (lm-eval encodes with the tokenizer's special tokens): {zeroshot_prefix['prefix_summary']}")
+    if probe_prefix:
+        out.append(f"probe text: {probe_prefix['prefix_summary']}")
+    return [f"input: {line}" for line in out]
+
+
+def _row(setting: AttackSetting, dataset: str, **values: Any) -> dict[str, Any]:
+    row = {"mode": setting.mode, "k": setting.k, "setting": setting.label, "dataset": dataset}
+    if setting.scale is not None:
+        row["scale"] = setting.scale
+    if setting.fill is not None:
+        row["fill"] = setting.fill
+    row.update(values)
+    return row
+
+
+def evaluate_settings(
+    model: nn.Module,
+    editor: InPlaceEdit,
+    settings: Sequence[Any],
+    corpora: Sequence[PreparedCorpus] = (),
+    zeroshot=None,
+    *,
+    on_result: Callable[[Any, str, Any], None],
+    label: Callable[[Any], str] = lambda s: s.label,
+    batch_size: int = 1,
+    progress: bool = True,
+    per_item: bool = False,
+    zeroshot_for: Callable[[Any], bool] = lambda s: True,
+) -> None:
+    """THE sweep: for every setting, ``editor.applied(setting)``, every corpus's perplexity and (where
+    ``zeroshot_for(setting)``) the zero-shot tasks, each result handed to ``on_result(setting,
+    dataset, result)`` as it comes in (a :class:`~.perplexity.PerplexityResult` or a
+    :class:`~.zeroshot.ZeroShotResult`); undone after each setting, verified bit for bit at the end.
+
+    ``per_item``: per-window NLLs and per-document scores too (paired statistics)."""
+    for setting in settings:
+        with editor.applied(setting):
+            for corpus in corpora:
+                res = evaluate_perplexity(model, corpus.windows, f"{label(setting)} / {corpus.source.name}",
+                                          batch_size=batch_size, progress=progress, per_window=per_item)
+                on_result(setting, corpus.source.name, res)
+            if zeroshot is not None and zeroshot_for(setting):
+                for res in zeroshot.evaluate(per_item=per_item) if per_item else zeroshot.evaluate():
+                    on_result(setting, res.task, res)
+    editor.verify_restored()
+
+
+def run_sweep(
+    model: nn.Module,
+    attacker: ModelAttacker,
+    settings: Sequence[AttackSetting],
+    corpora: Sequence[PreparedCorpus] = (),
+    zeroshot=None,
+    *,
+    report: AttackReport,
+    batch_size: int = 1,
+    progress: bool = True,
+    echo=None,
+) -> AttackReport:
+    """Evaluate every setting; rows are appended to ``report`` (returned) as they come in.
+
+    ``zeroshot`` is a :class:`~.zeroshot.ZeroShotEvaluator` or None; ``echo`` (e.g. ``print``)
+    gets one line per finished measurement, so long sweeps show where they are.
+    """
+    report.record_inputs(corpora, zeroshot)
+
+    def record(setting: AttackSetting, dataset: str, res) -> None:
+        if hasattr(res, "ppl"):
+            report.rows.append(_row(setting, dataset, ppl=res.ppl, nll=res.nll, tokens=res.tokens,
+                                    windows=res.windows, seconds=round(res.seconds, 3)))
+            if echo:
+                echo(f"  {setting.label:<22} {dataset:<16} ppl {res.ppl:10.3f}  ({res.tokens} tokens, {res.seconds:.1f} s)")
+        else:
+            report.rows.append(_row(setting, dataset, acc=res.acc, acc_norm=res.acc_norm, n=res.n, split=res.split))
+            if echo:
+                echo(f"  {setting.label:<22} {dataset:<16} acc {100 * res.acc:6.1f}  (n={res.n}, {res.split})")
+
+    evaluate_settings(model, attacker, settings, corpora, zeroshot, on_result=record, batch_size=batch_size,
+                      progress=progress)
+    report.restored_bitwise = True
+    return report
+
+
+# ----------------------------------------------------------------------------- super activation
+def loss_gap_recovery(report: AttackReport) -> list[dict[str, Any]]:
+    """Per corpus/task: original, super weight zeroed, zeroed + super activation restored, and the
+    share of the gap the restoration closes (Yu et al.: 42 % of the loss on Llama-7B).
+
+    The share is measured on the loss (mean NLL per token) for corpora and on accuracy for tasks:
+    ``(zeroed - restored) / (zeroed - original)``, i.e. 1 = back to the original, 0 = no help."""
+    out = []
+    for dataset, metric in report.columns():
+        key = "nll" if metric == "ppl" else "acc"
+        rows = {r["setting"]: r for r in report.rows if r["dataset"] == dataset and key in r}
+        orig, zeroed, restored = (rows.get(s) for s in ("none", "superweight x0", "superweight x0 + SA restored"))
+        if not (orig and zeroed and restored):
+            continue
+        gap = zeroed[key] - orig[key]
+        entry = {"dataset": dataset, "metric": "loss" if key == "nll" else "acc",
+                 "original": orig[key], "zeroed": zeroed[key], "restored": restored[key],
+                 "recovered": (zeroed[key] - restored[key]) / gap if gap else None}
+        if key == "nll":
+            entry.update(ppl_original=orig["ppl"], ppl_zeroed=zeroed["ppl"], ppl_restored=restored["ppl"])
+        out.append(entry)
+    return out
+
+
+def recovery_table(recovery: list[dict[str, Any]]) -> str:
+    lines = ["| super activation restored | original | SW zeroed | SW zeroed + SA restored | gap recovered |",
+             "|---|---:|---:|---:|---:|"]
+    for e in recovery:
+        share = "-" if e["recovered"] is None else f"{100 * e['recovered']:.0f} %"
+        if e["metric"] == "loss":
+            lines.append(f"| {e['dataset']} loss (ppl) | {e['original']:.4f} ({e['ppl_original']:.2f}) | "
+                         f"{e['zeroed']:.4f} ({e['ppl_zeroed']:.2f}) | {e['restored']:.4f} ({e['ppl_restored']:.2f}) | {share} |")
+        else:
+            lines.append(f"| {e['dataset']} acc | {100 * e['original']:.1f} | {100 * e['zeroed']:.1f} | "
+                         f"{100 * e['restored']:.1f} | {share} |")
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""The evaluation side of ``macdrop compare``: every adapter on ONE loaded base model.
+
+Why one base: loading an 8B base per arm and per task would cost more than the evaluation itself,
+and every arm must be scored on exactly the same base weights. So the base is loaded once, each
+run's adapter is attached (peft), evaluated under every attack setting, and removed again
+(``unload``: peft puts the original modules back); a SHA-256 of every base tensor, taken before
+the first adapter and again after each one is removed (before its results are cached), proves
+the base came back bit for bit, and the attacker checks its rows after each adapter. Adapters
+that train whole copies of base modules (peft's ``modules_to_save``, trainable token rows:
+LLaMA-Factory's ``additional_target``, ``resize_vocab``) are refused: ``unload`` would leave the
+trained copy in the base.
+
+Robustness: the attacks (top-k zeroing / retaining of the BASE model's massive rows, located once
+on the base) edit the frozen base weights UNDER the adapter, so each arm is measured as the paper
+measures it: how much the fine-tuned model still depends on those rows.
+
+Items, not only means: every perplexity comes with its per-window NLL sums and every accuracy with
+its per-document scores, which the paired statistics (:mod:`.paired`) resample. Each run's items
+are cached in ``<comparison>/eval/`` under a key of everything that defines them (base, adapter
+files and marker, base weights, corpora, tasks, settings, targets, dtype, device, batch sizes,
+library versions): a rerun evaluates only what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..attack.attacks import AttackSetting, AttackTargets, ModelAttacker
+from .runs import MARKER, CompareError
+from .paired import AccuracyItems, MeanAccuracyItems, PerplexityItems
+from ..attack.sweep import evaluate_settings
+
+
+def metric_name(kind: str, dataset: str, setting: str) -> str:
+    """``ppl/english.txt/clean``, ``acc/arc_easy/zero k=5``, ``acc/mean/retain k=1``."""
+    return f"{kind}/{dataset}/{'clean' if setting == 'none' else setting}"
+
+
+def parse_metric(name: str) -> tuple[str, str, str]:
+    kind, rest = name.split("/", 1)
+    dataset, setting = rest.rsplit("/", 1)
+    return kind, dataset, setting
+
+
+def fingerprint(model: nn.Module) -> dict[str, str]:
+    """SHA-256 of the raw bytes of every parameter and buffer (bitwise identity, any dtype)."""
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        data = t.detach().contiguous().cpu()
+        out[name] = hashlib.sha256(data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest() if data.numel() else "empty"
+    return out
+
+
+def check_adapter(adapter_dir: Path) -> None:
+    """Refuse adapters whose removal would not give the base back (see the module docstring)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise CompareError(f"{adapter_dir}: no adapter_config.json (finetuning_type must be lora)")
+    config = json.loads(path.read_text())
+    for key in ("modules_to_save", "trainable_token_indices"):
+        if config.get(key):
+            raise CompareError(f"{adapter_dir}: its adapter trains whole base modules ({key}={config[key]}, from "
+                               "LLaMA-Factory's additional_target/resize_vocab), which cannot be removed from one shared "
+                               "base; compare adapters without them")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "lm_eval"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+# ----------------------------------------------------------------------------- item (de)serialisation
+def items_to_json(items) -> dict[str, Any]:
+    if isinstance(items, PerplexityItems):
+        return {"kind": "ppl", "nll": list(items.nll), "tokens": list(items.tokens)}
+    if isinstance(items, AccuracyItems):
+        return {"kind": "acc", "scores": list(items.scores)}
+    return {"kind": "mean_acc", "tasks": [items_to_json(t) for t in items.tasks]}
+
+
+def items_from_json(data: dict[str, Any]):
+    if data["kind"] == "ppl":
+        return PerplexityItems(tuple(data["nll"]), tuple(data["tokens"]))
+    if data["kind"] == "acc":
+        return AccuracyItems(tuple(data["scores"]))
+    return MeanAccuracyItems(tuple(items_from_json(t) for t in data["tasks"]))
+
+
+class OneBaseEvaluator:
+    """Evaluates the base and any number of adapters on it; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_path: str,
+        targets: AttackTargets,
+        settings: Sequence[AttackSetting],
+        corpora: Sequence = (),
+        zeroshot=None,
+        *,
+        batch_size: int = 1,
+        progress: bool = True,
+        echo: Optional[Callable[[str], None]] = print,
+        protocol: Optional[dict[str, Any]] = None,
+        zeroshot_under_attack: bool = True,
+    ) -> None:
+        self.base = model
+        self.model_path = model_path
+        self.targets = targets
+        self.settings = list(settings)
+        self.corpora = list(corpora)
+        self.zeroshot = zeroshot
+        self.batch_size = batch_size
+        self.progress = progress
+        self.echo = echo or (lambda _: None)
+        self.protocol = protocol or {}
+        self.zeroshot_under_attack = zeroshot_under_attack  # False: zero-shot on the clean model only
+        self._fingerprint = fingerprint(model)
+
+    # ------------------------------------------------------------------ one model
+    def evaluate(self, adapter_dir: Optional[Path] = None, label: str = "base") -> dict[str, Any]:
+        """metric name -> items for the base (``adapter_dir`` None) or the base + that adapter."""
+        from ...core.architectures import find_ffn_blocks
+        from ..models.loading import attach_adapter
+
+        if adapter_dir is not None:
+            check_adapter(adapter_dir)
+        model = attach_adapter(self.base, adapter_dir, self.model_path) if adapter_dir is not None else self.base
+        out: dict[str, Any] = {}
+        try:
+            attacker = ModelAttacker(model, self.targets, find_ffn_blocks(model))
+            if self.zeroshot is not None:
+                self.zeroshot.rebind(model)
+            tasks: dict[str, list] = {}
+
+            def record(setting: AttackSetting, dataset: str, res) -> None:
+                if hasattr(res, "ppl"):
+                    out[metric_name("ppl", dataset, setting.label)] = PerplexityItems(res.window_nll, res.window_tokens)
+                    self.echo(f"  {label:<28} {setting.label:<12} {dataset:<16} ppl {res.ppl:10.3f}  ({res.seconds:.1f} s)")
+                    return
+                tasks.setdefault(setting.label, []).append(AccuracyItems(res.items))
+                out[metric_name("acc", dataset, setting.label)] = tasks[setting.label][-1]
+                self.echo(f"  {label:<28} {setting.label:<12} {dataset:<16} acc {100 * res.acc:6.1f}  (n={res.n})")
+                if self.zeroshot is not None and len(tasks[setting.label]) == len(self.zeroshot.tasks) > 1:
+                    out[metric_name("acc", "mean", setting.label)] = MeanAccuracyItems(tuple(tasks[setting.label]))
+
+            evaluate_settings(model, attacker, self.settings, self.corpora, self.zeroshot, on_result=record,
+                              label=lambda s: f"{label} / {s.label}", batch_size=self.batch_size,
+                              progress=self.progress, per_item=True,
+                              zeroshot_for=lambda s: s.mode == "none" or self.zeroshot_under_attack)
+        finally:
+            if adapter_dir is not None:
+                self.base = model.unload()  # the original modules back, adapter gone
+                if hasattr(self.base, "peft_config"):  # what peft leaves on the base; the next adapter would warn
+                    del self.base.peft_config
+        self.verify_base(label)
+        return out
+
+    def verify_base(self, after: str = "the evaluation") -> None:
+        """Raise unless every base tensor is bit for bit what it was before the first adapter."""
+        now = fingerprint(self.base)
+        changed = [k for k in self._fingerprint if now.get(k) != self._fingerprint[k]]
+        if changed or set(now) != set(self._fingerprint):
+            raise CompareError(f"the base model is not bit for bit the same after {after}: "
+                               f"{(changed or sorted(set(now) ^ set(self._fingerprint)))[:3]}; its results were not kept")
+
+    # ------------------------------------------------------------------ cached
+    def cache_key(self, adapter_dir: Optional[Path]) -> str:
+        """Everything the items depend on: the protocol (corpora, tasks, settings, targets, dtype,
+        device, batch sizes: the caller's), the base weights, the libraries, and the adapter's own
+        files and marker (a run retrained into the same folder gets new items)."""
+        adapter = None
+        if adapter_dir is not None:
+            folder = Path(adapter_dir)
+            adapter = {f.name: _file_digest(f) for f in sorted(folder.glob("adapter_*")) if f.is_file()}
+            marker = folder / MARKER
+            adapter["marker"] = marker.read_text() if marker.is_file() else None
+        base = hashlib.sha256(json.dumps(self._fingerprint, sort_keys=True).encode()).hexdigest()
+        blob = json.dumps({"protocol": self.protocol, "base": base, "versions": library_versions(), "adapter": adapter},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def evaluate_cached(self, cache_file: Path, adapter_dir: Optional[Path] = None, label: str = "base") -> tuple[dict[str, Any], bool]:
+        """(items, reused): the cached items when the key matches, else a fresh evaluation (cached)."""
+        key = self.cache_key(adapter_dir)
+        if cache_file.is_file():
+            try:
+                data = json.loads(cache_file.read_text())
+            except (OSError, ValueError):
+                data = {}  # unreadable: evaluated again
+            if data.get("key") == key:
+                return {m: items_from_json(v) for m, v in data["items"].items()}, True
+        items = self.evaluate(adapter_dir, label)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "label": label, "items": {m: items_to_json(v) for m, v in items.items()}}))
+        tmp.replace(cache_file)
+        return items, False
+
+
+def evaluate_runs(evaluator: OneBaseEvaluator, runs: Sequence, root: Path,
+                  echo: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """(items, reused) keyed by ``(arm, seed)`` plus ``("base", None)``: the base alone first,
+    then every run's adapter, each through the cache in ``root/eval/``."""
+    items, reused = {}, {}
+    items[("base", None)], reused[("base", None)] = evaluator.evaluate_cached(root / "eval" / "base.json", None, "base")
+    for i, run in enumerate(runs, 1):
+        echo(f"[compare] evaluating {i}/{len(runs)}: {run.name}")
+        key = (run.arm.name, run.seed)
+        items[key], reused[key] = evaluator.evaluate_cached(root / "eval" / f"{run.arm.name}-seed{run.seed}.json",
+                                                            run.output_dir, run.name)
+        if reused[key]:
+            echo("  (items reused from an earlier evaluation with the same protocol)")
+    return items, reused
+
+
+def trained_rows_note(run, targets: AttackTargets) -> Optional[str]:
+    """A note when a MacDrop run dropped other rows than the ones the attacks use (located on the base here)."""
+    from ...core.locator import LOCATOR_FILE
+
+    path = Path(run.output_dir) / LOCATOR_FILE
+    if not run.arm.macdrop or not path.is_file():
+        return None
+    trained = json.loads(path.read_text())
+    rows = list(trained.get("indices", []))
+    common = min(len(rows), len(targets.indices))
+    if trained.get("layer") == targets.layer and set(rows[:common]) == set(targets.indices[:common]):
+        return None
+    return (f"{run.name} dropped layer {trained.get('layer')} rows {rows}; the attacks use layer {targets.layer} "
+            f"rows {targets.indices} (located on the base here)")
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

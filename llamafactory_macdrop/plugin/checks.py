@@ -1,0 +1,254 @@
+"""The checks a MacDrop run passes before anything loads: one named function per concern, each
+taking the parsed arguments (:class:`.run_args.RunArgs`) and the typed keys (:class:`.keys.MacDropConfig`)
+and raising :class:`.keys.MacDropConfigError` with one line. :func:`run_checks` runs them in order.
+
+Why plain functions over values: what MacDrop can or cannot do exactly (FSDP variants, ZeRO-3
+variants, quantization, DoRA at p0 = 1, PiSSA, epoch curricula, the model's own ranges, a resumed
+locator file) is knowledge about MacDrop, not about LLaMA-Factory; the seam (:mod:`.lf.arguments`)
+only reads LLaMA-Factory's arguments and defaults. Nothing here imports LLaMA-Factory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from .keys import MacDropConfig, MacDropConfigError
+from .run_args import RunArgs
+
+#: stages MacDrop wraps (plugin/lf/patches.py swaps their trainer classes)
+SUPPORTED_STAGES = ("sft", "pt", "dpo")
+UNSUPPORTED_STAGE_REASON = {
+    "rm": "the reward model's value head training is not what MacDrop was defined for",
+    "ppo": "PPO's rollouts and value model are outside Algorithm 1",
+    "kto": "MacDrop is not implemented for KTO's trainer",
+}
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def check_stage(args: RunArgs, config: MacDropConfig) -> None:
+    if args.stage not in SUPPORTED_STAGES:
+        reason = UNSUPPORTED_STAGE_REASON.get(args.stage, "unknown stage")
+        raise MacDropConfigError(
+            f"macdrop=true with stage={args.stage!r} is not supported ({reason}); supported stages: "
+            + ", ".join(SUPPORTED_STAGES)
+        )
+
+
+def check_finetuning(args: RunArgs, config: MacDropConfig) -> None:
+    if args.finetuning_type != "lora":
+        raise MacDropConfigError(
+            f"macdrop=true with finetuning_type={args.finetuning_type!r} is not supported: MacDrop drops rows of "
+            "FROZEN pre-trained weights, so it needs finetuning_type=lora (LoRA or DoRA via use_dora)"
+        )
+    for key in args.bypasses_trainer:
+        raise MacDropConfigError(f"macdrop=true with {key}=true is not supported (that path bypasses the HF trainer)")
+
+
+def check_fsdp(args: RunArgs, config: MacDropConfig) -> None:
+    """FSDP variants MacDrop keeps exact (see docs/distributed.md); anything else in one line."""
+    fsdp = args.fsdp
+    if fsdp is None:
+        return
+    where = fsdp["where"]
+    version = str(fsdp["version"])
+    if version not in ("1", "2"):
+        raise MacDropConfigError(f"macdrop=true with fsdp_version={version} in {where} is not supported: use 1 or 2")
+    if fsdp["offload"]:
+        raise MacDropConfigError(
+            f"macdrop=true with FSDP CPU offload (fsdp_offload_params: true / fsdp: offload, in {where}) is not "
+            "supported (untested); use fsdp_offload_params: false, or DeepSpeed ZeRO-3"
+        )
+    if version == "1" and fsdp["strategy"] not in ("FULL_SHARD", "NO_SHARD"):
+        raise MacDropConfigError(
+            f"macdrop=true with FSDP1 fsdp_sharding_strategy={fsdp['strategy']} in {where} is not supported "
+            "(supported: FULL_SHARD, which gathers every forward's weights from the shards MacDrop edits, and "
+            "NO_SHARD): use FULL_SHARD, or fsdp_version: 2"
+        )
+    if version == "2" and not fsdp["reshard_after_forward"]:
+        raise MacDropConfigError(
+            f"macdrop=true with FSDP2 fsdp_reshard_after_forward=false in {where} is not supported (after the "
+            "locator's no-grad probe forward FSDP2 then trains with zero gradients): "
+            "use fsdp_reshard_after_forward: true"
+        )
+    if args.quantization_bit is not None:
+        raise MacDropConfigError(
+            f"macdrop=true with FSDP and quantization_bit={args.given.get('quantization_bit')} is not "
+            "supported (FSDP shards the packed 4-bit codes); use DeepSpeed ZeRO-3 or no quantization"
+        )
+
+
+def check_zero3_variants(args: RunArgs, config: MacDropConfig) -> None:
+    """ZeRO-3 variants whose parameters live somewhere the partition edits do not reach: ZeRO++
+    hierarchical partitioning (backward gathers from a secondary copy), quantized weight
+    communication (gathers a quantized copy) and NVMe parameter offload (partitions swapped out)."""
+    if args.zero_stage != 3:
+        return
+    zero = (args.deepspeed or {}).get("zero_optimization") or {}
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    reasons = []
+    if str(hpz).isdigit() and int(hpz) > 1:
+        reasons.append(f"zero_hpz_partition_size={hpz} (ZeRO++ hpZ: backward gathers from a secondary partition copy)")
+    if str(zero.get("zero_quantized_weights", False)).strip().lower() in ("true", "1", "yes", "on"):
+        reasons.append("zero_quantized_weights=true (ZeRO++ qwZ: forward gathers a quantized copy)")
+    if str((zero.get("offload_param") or {}).get("device", "none")).lower() == "nvme":
+        reasons.append("offload_param.device=nvme (partitions are swapped out to NVMe)")
+    if reasons:
+        raise MacDropConfigError(
+            "macdrop=true with DeepSpeed ZeRO-3 " + "; ".join(reasons) + " is not supported: MacDrop edits each "
+            "rank's own partition, which that copy bypasses; use plain ZeRO-3 (ds_z3_config.json) or ZeRO-2"
+        )
+
+
+def check_quantization(args: RunArgs, config: MacDropConfig) -> None:
+    """Quantized set-ups MacDrop cannot mask exactly, in one line before the model loads: on-the-fly
+    quantization other than bitsandbytes 4-bit, 4-bit under ZeRO-3, and checkpoints that are
+    already quantized (read from a local model folder's config.json, see :mod:`.prequantized`)."""
+    from .prequantized import checkpoint_quantization, unsupported_checkpoint_reason
+
+    model = args.model_name_or_path
+    quantization = checkpoint_quantization(model, args.cache_dir, args.model_revision) if model else None
+    if quantization is not None:  # LLaMA-Factory then ignores quantization_bit
+        reason = unsupported_checkpoint_reason(quantization)
+        if reason:
+            raise MacDropConfigError(
+                f"macdrop=true with model_name_or_path={model}, a checkpoint quantized with quant_method="
+                f"{quantization.get('quant_method')} (its config.json), is not supported: {reason}"
+            )
+        return
+    bit = args.quantization_bit
+    if bit is None:
+        return
+    if args.quantization_method != "bnb":
+        raise MacDropConfigError(
+            f"macdrop=true with quantization_method={args.quantization_method} (quantization_bit={bit}) is not "
+            "supported: its layers store packed codes MacDrop cannot mask exactly; use quantization_method: bnb with "
+            "quantization_bit: 4"
+        )
+    if bit != "4":
+        raise MacDropConfigError(
+            f"macdrop=true with quantization_bit={bit} is not supported: MacDrop masks bitsandbytes 4-bit weights "
+            "(quantization_bit: 4, QLoRA) exactly, not 8-bit LLM.int8 ones; use quantization_bit: 4 or none"
+        )
+    if args.zero_stage == 3:
+        raise MacDropConfigError(
+            "macdrop=true with quantization_bit=4 and DeepSpeed ZeRO-3 is not supported (ZeRO-3 partitions the "
+            "packed 4-bit codes, which the 4-bit backend does not address); use ZeRO-2, or no quantization"
+        )
+
+
+def check_dora(args: RunArgs, config: MacDropConfig) -> None:
+    """DoRA divides each row by its norm: p0 = 1 can zero a whole row (every curriculum) -> NaN."""
+    if args.use_dora and config.macdrop_p0 >= 1.0:
+        raise MacDropConfigError(
+            f"macdrop_p0={config.macdrop_p0} with use_dora=true is not supported: near p = 1 (the first steps of every "
+            "curriculum at p0 = 1) whole rows get dropped, DoRA's row norm becomes 0 and every loss NaN; use macdrop_p0 < 1"
+        )
+
+
+def check_pissa(args: RunArgs, config: MacDropConfig) -> None:
+    """PiSSA rewrites the base weights (W - principal part) before training: not the rows the probe should see."""
+    if args.pissa_init:
+        raise MacDropConfigError(
+            "macdrop=true with pissa_init=true is not supported: PiSSA moves the principal part of every base weight "
+            "into the adapter, so the frozen rows MacDrop would locate and drop are no longer the pre-trained ones; "
+            "use pissa_init: false"
+        )
+
+
+def check_epoch_curriculum(args: RunArgs, config: MacDropConfig) -> None:
+    """Epoch curricula need several epochs; refuse where the YAML already decides they cannot have them.
+
+    With ``max_steps`` the epoch count depends on the dataset size: the trainer checks it at set-up.
+    """
+    from ..core.curriculum import epoch_curriculum_problem
+
+    if config.macdrop_curriculum not in ("epoch_before", "epoch_after"):
+        return
+    if args.streaming:
+        epochs = sys.maxsize
+    elif args.max_steps > 0:
+        return
+    else:
+        epochs = math.ceil(args.num_train_epochs)
+    problem = epoch_curriculum_problem(config.macdrop_curriculum, epochs)
+    if problem is not None:
+        raise MacDropConfigError(
+            f"macdrop_curriculum={config.macdrop_curriculum!r} cannot mean what the paper means here: {problem}; "
+            "use macdrop_curriculum: step, exp or constant, or train several epochs"
+        )
+
+
+def check_model_ranges(args: RunArgs, config: MacDropConfig) -> None:
+    """What the model's config.json already refuses, before the model (and the data) load.
+
+    ``macdrop_layer``: ``num_hidden_layers`` (GPT-2: ``n_layer``). ``macdrop_indices``:
+    ``intermediate_size`` (the width of W_up; Phi-3's fused gate_up_proj holds two halves of that
+    size), OPT's ``ffn_dim``, GPT-2's ``n_inner``; skipped for MoE configs, whose expert widths have
+    their own keys. ``macdrop_k``: the widest FFN any width key names (``ffn_widths``: dense,
+    expert and shared-expert widths, a per-layer list by its widest entry), so no layer can hold k
+    rows. ``macdrop_probe_token`` (an id): ``vocab_size``, unless LLaMA-Factory grows the vocabulary
+    (``add_tokens``, ``add_special_tokens``, ``resize_vocab``, ...). A multimodal config is read in its
+    ``text_config``. Anything not decided here is checked on the loaded model at the first step.
+    """
+    from ..core.model_config import decoder_config, ffn_widths, read_config_json, vocab_size
+
+    found = read_config_json(args.model_name_or_path, args.cache_dir, args.model_revision) \
+        if args.model_name_or_path else None
+    if found is None:
+        return
+    path, full = found
+    cfg = decoder_config(full)
+    token = config.macdrop_probe_token
+    vocab = vocab_size(full)
+    if isinstance(token, int) and vocab is not None and token >= vocab and not args.grows_vocabulary:
+        raise MacDropConfigError(
+            f"macdrop_probe_token={token} is outside the vocabulary: {path} has vocab_size {vocab} (token ids 0..{vocab - 1})"
+        )
+    widths = ffn_widths(full)
+    if config.macdrop_indices is None and widths and config.macdrop_k > max(widths.values()):
+        key, width = max(widths.items(), key=lambda kv: kv[1])
+        raise MacDropConfigError(
+            f"macdrop_k={config.macdrop_k} is out of range: {path} has {key} {width} (allowed 1..{width})"
+        )
+    layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer") if isinstance(cfg.get(k), int)), None)
+    if config.macdrop_layer is not None and layers is not None and config.macdrop_layer >= layers:
+        raise MacDropConfigError(
+            f"macdrop_layer={config.macdrop_layer} is out of range: {path} has {layers} layers (0..{layers - 1})"
+        )
+    if config.macdrop_indices is None or any(k in cfg for k in _MOE_KEYS):
+        return
+    width = next((cfg[k] for k in ("intermediate_size", "ffn_dim", "n_inner") if isinstance(cfg.get(k), int)), None)
+    bad = [i for i in config.macdrop_indices if width is not None and i >= width]
+    if bad:
+        raise MacDropConfigError(
+            f"macdrop_indices={list(config.macdrop_indices)}: {bad} outside 0..{width - 1} "
+            f"(intermediate size {width} in {path})"
+        )
+
+
+def check_resumed_locator_file(args: RunArgs, config: MacDropConfig) -> None:
+    """A run resumed from a checkpoint reuses ``output_dir/macdrop_locator.json``: a file that is
+    not one (truncated, not JSON, not an object, ...) is refused before the model loads, with the
+    same line the trainer would print at the first step. Whether it fits the model is checked there."""
+    from ..core.locator import LOCATOR_FILE, LocatorError, read_resumed_locator_file
+
+    if not args.output_dir or not args.resumes:
+        return
+    path = os.path.join(args.output_dir, LOCATOR_FILE)
+    if os.path.isfile(path):
+        try:
+            read_resumed_locator_file(path)
+        except LocatorError as err:
+            raise MacDropConfigError(str(err)) from None
+
+
+#: in the order a user meets them: what the run is, how it is distributed, what the weights are
+CHECKS = (check_stage, check_finetuning, check_fsdp, check_zero3_variants, check_quantization, check_dora,
+          check_pissa, check_epoch_curriculum, check_model_ranges, check_resumed_locator_file)
+
+
+def run_checks(args: RunArgs, config: MacDropConfig) -> None:
+    for check in CHECKS:
+        check(args, config)

@@ -1,0 +1,214 @@
+"""What MacDrop changes in LLaMA-Factory, and when (tested against llamafactory 0.9.5).
+
+Lifecycle, as seen from ``llamafactory-cli train x.yaml``:
+
+1. ``llamafactory.launcher`` loads -> :func:`patch_launcher` wraps ``launch`` so that, for the
+   ``train`` command, the ``macdrop_*`` keys are validated in the launching process, before any
+   model is loaded and before torchrun starts children; a bad key ends the command with one line.
+2. ``llamafactory.train.tuner`` loads (in the single process, or in every torchrun child) ->
+   :func:`patch_tuner` wraps ``run_exp``: it removes the ``macdrop_*`` keys (LLaMA-Factory rejects
+   unknown keys), validates them into a :class:`MacDropConfig`, and for the duration of the run
+   swaps the stage's trainer class for a subclass with :class:`MacDropTrainerMixin` in front.
+   ``export_model`` is wrapped to ignore ``macdrop_*`` keys, so they may stay in an export YAML.
+
+Both patches are triggered by the ``.pth`` start-up hook (``_autoload``); :func:`activate` applies
+them in-process for notebooks and tests. If LLaMA-Factory's internals are not where this module
+expects them, a MacDrop run fails with the version found and the version supported; runs without
+``macdrop_*`` keys are passed through untouched. A torchrun child's plugin error ends the job in
+one line (:mod:`..child_errors`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+from .. import child_errors
+from ..keys import MacDropConfig, split_macdrop_args
+from .arguments import ignored_macdrop_keys, validate_args, validate_command_line
+from .errors import SUPPORTED_LLAMAFACTORY, internals_error, lf_version
+
+#: stage -> (module, attribute) of the trainer class its workflow instantiates. sft/pt import the
+#: class at module level in workflow.py; dpo imports it from dpo/trainer.py inside run_dpo.
+TRAINER_SLOTS = {
+    "sft": ("llamafactory.train.sft.workflow", "CustomSeq2SeqTrainer"),
+    "pt": ("llamafactory.train.pt.workflow", "CustomTrainer"),
+    "dpo": ("llamafactory.train.dpo.trainer", "CustomDPOTrainer"),
+}
+_PATCHED = "__macdrop_patched__"
+#: set by the patched launcher for its torchrun children: the first rank to fail on a plugin
+#: error leaves its message there (:mod:`..child_errors`)
+ERROR_FILE_ENV = child_errors.ERROR_FILE_ENV
+
+
+def plugin_errors() -> tuple[type, ...]:
+    """The exceptions that are MacDrop's own verdicts: printed as one line, not a traceback."""
+    from ...errors import MacDropError
+
+    return (MacDropError,)
+
+
+# ----------------------------------------------------------------------------- trainer swap
+def macdrop_trainer_class(base: type, config: MacDropConfig) -> type:
+    """``base`` with the MacDrop mixin in front, carrying ``config``."""
+    from ..trainer import MacDropDPOTrainerMixin, MacDropTrainerMixin
+
+    mixin = MacDropDPOTrainerMixin if hasattr(base, "compute_reference_log_probs") else MacDropTrainerMixin
+    return type(f"MacDrop{base.__name__}", (mixin, base), {"macdrop_config": config, "__module__": __name__})
+
+
+@contextmanager
+def macdrop_trainers(config: MacDropConfig, stage: str) -> Iterator[type]:
+    """Swap the stage's trainer class for the MacDrop one while the run lasts."""
+    module_name, attr = TRAINER_SLOTS[stage]
+    try:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attr)
+    except (ImportError, AttributeError) as err:
+        raise internals_error(f"{module_name}.{attr} not found ({err})") from err
+    if not hasattr(original, "training_step"):
+        raise internals_error(f"{module_name}.{attr} is not a transformers Trainer")
+    patched = macdrop_trainer_class(original, config)
+    setattr(module, attr, patched)
+    try:
+        yield patched
+    finally:
+        setattr(module, attr, original)
+
+
+# ----------------------------------------------------------------------------- patches
+def _wrap_run_exp(original, read_args):
+    @functools.wraps(original)
+    def run_exp(args: Optional[dict[str, Any]] = None, callbacks: Optional[list] = None) -> None:
+        child = args is None and child_errors.torchrun_child()  # the command line's run, not a caller's
+        try:
+            return _run_exp(original, read_args(args), callbacks, watch=child)
+        except Exception as err:
+            if child and isinstance(err, plugin_errors()):
+                child_errors.end_child_with(err)
+            if child and child_errors.peer_failed():
+                child_errors.end_child_with(None)
+            raise
+
+    setattr(run_exp, _PATCHED, True)
+    return run_exp
+
+
+def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[list], watch: bool = False) -> None:
+    """``watch``: a torchrun child's command-line run, which watches for its peers' plugin errors."""
+    lf_args, config = validate_args(args)
+    if config is None:
+        ignored = ignored_macdrop_keys(args)
+        if ignored and os.environ.get("RANK", "0") == "0":
+            from ..trainer import logger
+
+            logger.warning("MacDrop is off (no macdrop: true), so these keys are ignored (not checked): %s", ", ".join(ignored))
+        return original(lf_args, callbacks)
+    from ..trainer import logger
+
+    if watch:
+        child_errors.start_watcher()
+    from .arguments import run_args
+
+    stage = run_args(lf_args).stage
+    if lf_version() != SUPPORTED_LLAMAFACTORY:
+        logger.warning("tested with llamafactory==%s, found %s", SUPPORTED_LLAMAFACTORY, lf_version())
+    logger.info(
+        "MacDrop on: stage=%s k=%d p0=%g curriculum=%s%s scope=%s mask_per=%s",
+        stage, config.macdrop_k, config.macdrop_p0, config.macdrop_curriculum,
+        f" alpha={config.macdrop_alpha:g}" if config.macdrop_curriculum == "exp" else "", config.macdrop_scope,
+        config.macdrop_mask_per,
+    )
+    with macdrop_trainers(config, stage):
+        return original(lf_args, callbacks)
+
+
+def _wrap_export(original, read_args):
+    @functools.wraps(original)
+    def export_model(args: Optional[dict[str, Any]] = None) -> None:
+        lf_args, _ = split_macdrop_args(read_args(args))  # macdrop_* keys may stay in an export YAML
+        return original(lf_args)
+
+    setattr(export_model, _PATCHED, True)
+    return export_model
+
+
+def patch_tuner(tuner) -> None:
+    """Wrap ``run_exp`` and ``export_model`` of ``llamafactory.train.tuner``, and what LlamaBoard
+    reads of a run (``LogCallback``: :mod:`.llamaboard`) (idempotent)."""
+    from .. import llamaboard
+
+    try:
+        from llamafactory.train.callbacks import LogCallback
+    except ImportError as err:  # a moved class costs LlamaBoard's macdrop_p only: say so, go on
+        from ..trainer import logger
+
+        logger.warning(f"LLaMA-Factory's LogCallback not found ({err}): macdrop_p will be missing from "
+                       "trainer_log.jsonl and LlamaBoard; it is still in trainer_state.json")
+    else:
+        llamaboard.patch_log_callback(LogCallback)
+    read_args = getattr(tuner, "read_args", None)
+    for name, wrap in (("run_exp", _wrap_run_exp), ("export_model", _wrap_export)):
+        fn = getattr(tuner, name, None)
+        if fn is None or read_args is None or getattr(fn, _PATCHED, False):
+            continue  # a missing function surfaces as LF's own 'keys are not used' error
+        setattr(tuner, name, wrap(fn, read_args))
+
+
+def patch_launcher(launcher) -> None:
+    """Wrap ``launch``: early validation, and one-line errors instead of tracebacks.
+
+    For ``train`` it also hands torchrun children (``FORCE_TORCHRUN=1``, several devices) a file
+    in :data:`ERROR_FILE_ENV`: the first child that stops on a plugin error leaves its message
+    there, the others end (see :func:`..child_errors.end_child_with`), and this process prints it as the same
+    one line.
+    """
+    original = getattr(launcher, "launch", None)
+    if original is None or getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def launch():
+        error_file = None
+        try:
+            if len(sys.argv) > 1 and sys.argv[1] == "train":
+                validate_command_line(list(sys.argv))
+                fd, error_file = tempfile.mkstemp(prefix="macdrop-error-", suffix=".txt")
+                os.close(fd)
+                os.environ[ERROR_FILE_ENV] = error_file
+            try:
+                return original()
+            finally:
+                message = child_errors.read_and_remove(error_file)
+                if message:
+                    print(f"[macdrop] error: {message}", file=sys.stderr, flush=True)
+                    sys.exit(2)
+        except plugin_errors() as err:
+            print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    setattr(launch, _PATCHED, True)
+    launcher.launch = launch
+
+
+def on_module_loaded(module) -> None:
+    """Called by the start-up hook right after a watched LLaMA-Factory module executed."""
+    if module.__name__ == "llamafactory.launcher":
+        patch_launcher(module)
+    elif module.__name__ == "llamafactory.train.tuner":
+        patch_tuner(module)
+    elif module.__name__ == "llamafactory.extras.ploting":
+        from ..llamaboard import patch_loss_plot
+
+        patch_loss_plot(module)
+
+
+def activate() -> None:
+    """Apply the patches in this process (when the ``.pth`` hook is disabled or bypassed)."""
+    for name in ("llamafactory.launcher", "llamafactory.train.tuner", "llamafactory.extras.ploting"):
+        on_module_loaded(importlib.import_module(name))
