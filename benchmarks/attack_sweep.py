@@ -159,7 +159,7 @@ def ppl_throughput(model_dir: Path, dtype: str, device: str, windows, repeats: i
     def bare():
         with Clock(cuda) as c, torch.inference_mode():
             for x in on_device.split(1):
-                model(input_ids=x, use_cache=False).logits
+                _ = model(input_ids=x, use_cache=False).logits
         return {"seconds": c.seconds, "tokens_per_s": tokens / c.seconds}
 
     def module():
@@ -207,6 +207,7 @@ def main() -> int:
 
     import torch
 
+    from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
     from llamafactory_macdrop.analysis.evaluate.perplexity import (
         TEXT_FILE_PROTOCOL,
         PerplexityProtocol,
@@ -214,7 +215,6 @@ def main() -> int:
         make_windows,
         tokenize,
     )
-    from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
 
     benchlib.set_threads(opts.threads)
     rec = benchlib.machine(opts.device)
@@ -250,7 +250,7 @@ def main() -> int:
         if not opts.text_file:  # random words the model's tokenizer knows, ~sweep_tokens of them
             import random
 
-            import tiny
+            from helpers import tiny
 
             rng = random.Random(0)
             text_file.write_text(" ".join(rng.choice(tiny._WORDS) for _ in range(cfg["sweep_tokens"])))

@@ -37,8 +37,8 @@ def build_llama(out: Path, *, layers: int, hidden: int, intermediate: int, heads
     layer is read (the streaming loader's worst case). ``kv_heads``: grouped-query attention;
     ``device``: where the random init runs (``cuda`` initializes 8 B weights much faster).
     """
-    import tiny
     import torch
+    from helpers import tiny
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (out / "config.json").exists():

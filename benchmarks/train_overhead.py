@@ -119,7 +119,7 @@ def build_model(out: Path, cfg: dict) -> Path:
 
 
 def write_data(out: Path, cfg: dict) -> Path:
-    import tiny
+    from helpers import tiny
 
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,10 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import tiny  # noqa: E402
+from helpers import tiny  # noqa: E402
+from helpers.process import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 #: tests/compat runs inside .venv-compat/ against the installed wheel (`make compat`), and
 #: tests/webui in a headless browser (`make webui-test`), not here
 collect_ignore = ["compat", "webui"]
@@ -53,7 +51,7 @@ def smollm2(smollm2_dir):
 @pytest.fixture(scope="session")
 def super_weight_llama_dir(tmp_path_factory) -> Path:
     """tiny_superweight.py's model: its predictions live in one planted super weight."""
-    import tiny_superweight
+    from helpers import tiny_superweight
 
     return tiny_superweight.build_super_weight_llama(tmp_path_factory.mktemp("super_weight_llama"))
 
@@ -72,11 +70,3 @@ def tiny_llama(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-
-
-def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run an executable of this environment (llamafactory-cli, macdrop) as a user would."""
-    env = dict(os.environ)
-    env.update(env_extra or {})
-    exe = BIN / args[0]
-    return subprocess.run([str(exe), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -5,7 +5,7 @@ Usage: ``python dist_check.py ARGS.json TRACE_DIR [ORACLE.json]`` (or ``torchrun
 
 ``ARGS.json`` holds LLaMA-Factory arguments plus ``macdrop_*`` keys, passed to the patched
 ``run_exp`` exactly as ``llamafactory-cli train`` would. ``ORACLE.json`` says which layer the
-planted model's massive weights sit in (default: tests/tiny.py's planted Llama) and, for MoE
+planted model's massive weights sit in (default: tests/helpers/tiny.py's planted Llama) and, for MoE
 models, which expert. ``TRACE_DIR/rank{R}.pt`` receives, per rank:
 
 * ``forward``: for every forward of the watched layer's up projection (gradient-checkpoint
@@ -40,7 +40,7 @@ import sys
 import torch
 from transformers import TrainerCallback
 
-PLANTED = {"layer": 1, "indices": [97, 13, 64, 5, 120], "expert": None}  # tests/tiny.py
+PLANTED = {"layer": 1, "indices": [97, 13, 64, 5, 120], "expert": None}  # tests/helpers/tiny.py
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -275,7 +275,8 @@ def verify(traces: list, *, layer: int, indices: list, seed: int, steps: int, ga
     default: each rank's own measurement before the first step."""
     located = located or traces[0].get("located")
     if located is not None:
-        assert located["layer"] == layer and located["indices"] == indices, located
+        assert located["layer"] == layer, located
+        assert located["indices"] == indices, located
     rows = list(indices)
     pattern = ["masked"] + (["original"] if reference else []) + (["masked"] if recompute else [])
     per_micro = len(pattern)
@@ -303,7 +304,8 @@ def verify(traces: list, *, layer: int, indices: list, seed: int, steps: int, ga
     if len(traces) > 1:  # the same weights in every forward on every rank
         for rank, trace in enumerate(traces[1:], 1):
             for (s0, w0), (s1, w1) in zip(traces[0]["forward"], trace["forward"]):
-                assert s0 == s1 and all(torch.equal(w0[k], w1[k]) for k in w0), f"rank {rank} differs from rank 0"
+                assert s0 == s1, f"rank {rank} differs from rank 0"
+                assert all(torch.equal(w0[k], w1[k]) for k in w0), f"rank {rank} differs from rank 0"
     drops = sum(int((~keep).sum()) for _, keep in expected)
     return [
         f"{len(traces)} rank(s) located layer {layer}, indices {indices}" if located else f"{len(traces)} rank(s)",

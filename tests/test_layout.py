@@ -19,8 +19,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import REPO
+from helpers.process import REPO
 
 PACKAGE = REPO / "llamafactory_macdrop"
 NAME = "llamafactory_macdrop"
@@ -70,7 +69,8 @@ print(json.dumps(loaded))
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not [m for m in loaded if m == "llamafactory" or m.startswith("llamafactory.")]
-    assert len(mods) > 25 and set(mods) <= set(loaded)
+    assert len(mods) > 25
+    assert set(mods) <= set(loaded)
 
     # the core stands alone: nothing of plugin/ or analysis/ comes with it
     code = BLOCK_LF + f"""
@@ -126,7 +126,9 @@ print(any(type(f).__name__ == "_LlamaFactoryFinder" for f in sys.meta_path))
     new, registered = json.loads(lines[-2]), lines[-1] == "True"
     ours = {NAME, f"{NAME}._autoload", f"{NAME}.plugin", f"{NAME}.plugin.startup"}
     foreign = [m for m in new if m not in ours and m.split(".")[0] not in sys.stdlib_module_names]
-    assert foreign == [] and ours <= set(new) and registered
+    assert foreign == []
+    assert ours <= set(new)
+    assert registered
 
 
 #: the files that mention module paths and that no test imports

@@ -212,11 +212,11 @@ def cmd_superweight(args: argparse.Namespace) -> int:
 
 def _stopwords(args: argparse.Namespace, model, tokenizer) -> None:
     """``superweight --stopwords``: the stop-word shift when the super weight(s) are zeroed (docs/superweights.md)."""
-    from ..analysis.inspect.activations import probe_input_ids
     from ..analysis.evaluate.perplexity import load_text_file, make_windows, resolve_protocol, tokenize
+    from ..analysis.inspect.activations import probe_input_ids
     from ..analysis.inspect.stopwords import stopword_shift, stopword_token_ids
-    from .common import config_facts
     from ..core.architectures import find_ffn_blocks
+    from .common import config_facts
     from .evaluation import resolve_super_weights
 
     blocks = find_ffn_blocks(model)

@@ -6,7 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import ModelPathError, add_prefix_options, check_model, indices_arg, load_model, load_tokenizer, text_prefix, token_arg
+from .common import (
+    ModelPathError,
+    add_prefix_options,
+    check_model,
+    indices_arg,
+    load_model,
+    load_tokenizer,
+    text_prefix,
+    token_arg,
+)
 
 
 def _layer_count(model: str):

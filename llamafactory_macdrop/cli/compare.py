@@ -98,8 +98,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         plan_runs,
         train,
     )
-    from ..plugin.lf.arguments import check_train_config
     from ..plugin.keys import MacDropConfigError
+    from ..plugin.lf.arguments import check_train_config
     from .evaluation import read_sources
 
     if args.no_progress:  # first: tqdm reads TQDM_DISABLE when it is imported (LLaMA-Factory's checks import it)
@@ -190,9 +190,15 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     import torch
 
     from ..analysis.attack.attacks import AttackError, AttackTargets
-    from ..analysis.compare.evaluation import OneBaseEvaluator, evaluate_runs, library_versions, text_digest, trained_rows_note
-    from ..analysis.compare.report import CompareReport, RunRecord, pair_all
+    from ..analysis.compare.evaluation import (
+        OneBaseEvaluator,
+        evaluate_runs,
+        library_versions,
+        text_digest,
+        trained_rows_note,
+    )
     from ..analysis.compare.paired import metric_value
+    from ..analysis.compare.report import CompareReport, RunRecord, pair_all
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
     from .common import load_model, load_tokenizer

@@ -111,8 +111,8 @@ def resolve_sources(sources, tokenizer, model_path: str) -> list:
 def prepare_corpora(sources, model, tokenizer, echo=print, resolved=None) -> list:
     """Each source tokenized and cut into windows once (:class:`~..analysis.sweep.PreparedCorpus`),
     with the prefix :func:`resolve_sources` chose (resolved here from the model's config if not given)."""
-    from ..analysis.evaluate.perplexity import resolve_protocol
     from ..analysis.attack.sweep import prepare_corpus
+    from ..analysis.evaluate.perplexity import resolve_protocol
     from ..core.probing import unwrap_peft
     from ..core.text_prefix import config_bos_token_id
 

@@ -24,9 +24,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis.attack.quantization import (
+        ModelQuantizer,
         QuantizationError,
         QuantizationReport,
-        ModelQuantizer,
         parse_bits,
         parse_block_sizes,
         parse_clip,

@@ -35,9 +35,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..errors import MacDropError
 from .masking import RowTarget, logical_shape, row_target
 from .probing import first_position, unwrap_peft
-from ..errors import MacDropError
 
 
 class UnsupportedArchitectureError(MacDropError, ValueError):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence, Union
+
 from ..errors import MacDropError
 
 PACKAGED_FILE = "published_positions.json"

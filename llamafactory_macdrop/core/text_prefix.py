@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
+
 from ..errors import MacDropError
 
 #: texts whose encodings are compared with and without special tokens (two, so that a

@@ -51,8 +51,8 @@ from ..core.locator import (
     reuse_result,
 )
 from ..core.masking import RowDropout, readable_weights
-from .keys import MacDropConfig, MacDropConfigError
 from ..errors import MacDropError
+from .keys import MacDropConfig, MacDropConfigError
 
 logger = logging.getLogger("llamafactory_macdrop")
 if not any(getattr(h, "_macdrop_console", False) for h in logger.handlers):  # LlamaBoard may have added its own

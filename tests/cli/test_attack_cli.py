@@ -4,10 +4,9 @@ import csv
 import json
 
 import pytest
-import tiny
-import tiny_archs
-from conftest import run_cli
-from zeroshot_data import tiny_docs, write_arc_folder
+from helpers import tiny, tiny_archs
+from helpers.process import run_cli
+from helpers.zeroshot_data import tiny_docs, write_arc_folder
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +41,18 @@ def test_sweep_writes_rows_table_csv_and_plot(tiny_llama_dir, text_file, lora_di
     settings = list(dict.fromkeys((r["mode"], r["k"]) for r in rows))
     assert settings == [("none", 0), ("zero", 2), ("zero", 5), ("retain", 2), ("retain", 5)]
     assert report["restored_bitwise"] is True
-    assert report["targets"]["layer"] == tiny.PLANTED_LAYER and report["targets"]["indices"] == tiny.PLANTED_INDICES
+    assert report["targets"]["layer"] == tiny.PLANTED_LAYER
+    assert report["targets"]["indices"] == tiny.PLANTED_INDICES
     (protocol,) = report["perplexity_protocol"]
     assert (protocol["seq_len"], protocol["bos"], protocol["drop_partial"]) == (32, "stream", False)
     assert report["zeroshot"]["splits"] == {"arc_easy": "validation (stock lm-eval: test)"}
     ppl = {(r["mode"], r["k"]): r["ppl"] for r in rows if r["dataset"] == "words.txt"}
     acc = [r for r in rows if r["dataset"] == "arc_easy"]
-    assert len(ppl) == 5 and len(acc) == 5 and all(r["n"] == 6 and r["split"] == "validation" for r in acc)
-    assert ppl[("zero", 5)] != ppl[("none", 0)] and ppl[("retain", 2)] != ppl[("none", 0)]
+    assert len(ppl) == 5
+    assert len(acc) == 5
+    assert all(r["n"] == 6 and r["split"] == "validation" for r in acc)
+    assert ppl[("zero", 5)] != ppl[("none", 0)]
+    assert ppl[("retain", 2)] != ppl[("none", 0)]
     assert all(r["tokens"] == protocol["predicted_tokens"] for r in rows if "ppl" in r)
     with open(tmp_path / "a.csv") as fh:
         table = list(csv.DictReader(fh))
@@ -64,7 +67,8 @@ def test_sweep_writes_rows_table_csv_and_plot(tiny_llama_dir, text_file, lora_di
                     "--seq-len", "32", "--no-progress", "--json", str(tmp_path / "b.json")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapted = json.loads((tmp_path / "b.json").read_text())
-    assert adapted["adapter"] == str(lora_dir) and adapted["restored_bitwise"] is True
+    assert adapted["adapter"] == str(lora_dir)
+    assert adapted["restored_bitwise"] is True
     assert adapted["targets"]["indices"] == tiny.PLANTED_INDICES  # located on the base, adapter disabled
     assert adapted["results"][0]["ppl"] != pytest.approx(ppl[("none", 0)], rel=1e-3)  # the adapter is active
 
@@ -85,7 +89,8 @@ def gpt2_adapter(tmp_path_factory):
 def one_error_line(proc):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("macdrop: error: "), proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("macdrop: error: "), proc.stderr[-2000:]
     return lines[0][len("macdrop: error: "):]
 
 

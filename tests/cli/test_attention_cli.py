@@ -5,8 +5,7 @@ import json
 import shutil
 
 import pytest
-import tiny
-import tiny_archs
+from helpers import tiny, tiny_archs
 
 from llamafactory_macdrop.cli import main
 
@@ -23,9 +22,11 @@ def test_attention_cli_on_a_planted_sink(sink_dir, tmp_path, capsys):
     assert main(["attention", str(sink_dir), "--text", "the quick brown fox", "--json", str(tmp_path / "a.json"),
                  "--plot", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "note: the model runs sdpa attention" in out and "switched to eager attention" in out
+    assert "note: the model runs sdpa attention" in out
+    assert "switched to eager attention" in out
     report = json.loads((tmp_path / "a.json").read_text())
-    assert report["massive_layer"] == tiny_archs.PLANTED_LAYER and report["input_ids"][0] == tiny_archs.BOS
+    assert report["massive_layer"] == tiny_archs.PLANTED_LAYER
+    assert report["input_ids"][0] == tiny_archs.BOS
     T = len(report["input_ids"])
     uniform = sum(1 / (q + 1) for q in range(1, T)) / (T - 1)  # q = 0 up to the massive layer
     assert [s["layer"] for s in report["layers"]] == list(range(tiny_archs.SINK_LAYERS))

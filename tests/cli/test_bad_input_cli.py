@@ -10,7 +10,7 @@ import json
 import shutil
 
 import pytest
-from conftest import run_cli
+from helpers.process import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -71,9 +71,12 @@ def test_bad_input_is_one_line_before_anything_loads(argv, message, no_weights, 
     names = {"model": no_weights, "tmp": tmp_path, **run_files(tmp_path, tiny_llama_dir)}
     proc = run_cli(["macdrop", *[a.format(**names) for a in argv]], cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(ERROR), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert lines[0].startswith(ERROR), proc.stdout[-2000:] + proc.stderr[-2000:]
     assert lines[0][len(ERROR):].startswith(message.format(**names)), lines[0]
-    assert "Loading weights" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert "Loading weights" not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # convert-gguf wrote nothing
 
 

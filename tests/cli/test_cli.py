@@ -5,10 +5,10 @@ import math
 import os
 
 import pytest
-import tiny
 import torch
 import yaml
-from conftest import BIN, run_cli
+from helpers import tiny
+from helpers.process import BIN, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,8 @@ def check_adapter(out, model_dir, dora):
     assert cfg["use_dora"] is dora
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out)
     b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert b and any(p.abs().sum() > 0 for p in b)  # trained, not the zero init
+    assert b
+    assert any(p.abs().sum() > 0 for p in b)  # trained, not the zero init
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 5, 6]])).logits).all()
 
@@ -48,7 +49,8 @@ def test_sft_lora_yaml_with_command_line_overrides(tiny_llama_dir, tiny_data_dir
     cfg = write_yaml(tmp_path / "sft.yaml", tiny_llama_dir, tiny_data_dir, out)
     proc = train(cfg, "macdrop_k=3", "macdrop_p0=0.6")
     located = json.loads((out / "macdrop_locator.json").read_text())
-    assert located["layer"] == tiny.PLANTED_LAYER and located["indices"] == tiny.PLANTED_INDICES[:3]
+    assert located["layer"] == tiny.PLANTED_LAYER
+    assert located["indices"] == tiny.PLANTED_INDICES[:3]
     assert located["modules"] == [f"model.layers.{tiny.PLANTED_LAYER}.mlp.{m}_proj.weight" for m in ("gate", "up")]
     assert "massive layer: 1 (0-based; paper layer 2)" in proc.stdout + proc.stderr
     total, p = logged_p(out)
@@ -95,7 +97,8 @@ def test_torchrun_children_run_macdrop(tiny_llama_dir, tiny_data_dir, tmp_path):
     located = json.loads((out / "macdrop_locator.json").read_text())
     assert located["indices"] == tiny.PLANTED_INDICES
     total, p = logged_p(out)
-    assert total == 4 and p == pytest.approx({t: 0.8 * (1 - t / 4) for t in range(1, 5)})
+    assert total == 4
+    assert p == pytest.approx({t: 0.8 * (1 - t / 4) for t in range(1, 5)})
 
 
 @pytest.mark.parametrize("torchrun", [False, True], ids=["single", "torchrun"])
@@ -106,7 +109,8 @@ def test_bad_key_fails_in_one_line_before_anything_loads(tiny_data_dir, tmp_path
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if "[macdrop] error" in line]
     assert errors == ["[macdrop] error: macdrop_p0=1.7 is not allowed: expected a float in [0, 1]"]
-    assert "Traceback" not in proc.stderr and "Initializing" not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Initializing" not in proc.stdout + proc.stderr
 
 
 def test_macdrop_locate_and_keys(tiny_llama_dir, tiny_data_dir, tmp_path):
@@ -115,7 +119,8 @@ def test_macdrop_locate_and_keys(tiny_llama_dir, tiny_data_dir, tmp_path):
     assert "massive layer: 1 (0-based; paper layer 2)" in proc.stdout
     assert json.loads((tmp_path / "loc.json").read_text())["indices"] == tiny.PLANTED_INDICES
     proc = run_cli(["macdrop", "locate", str(tiny_llama_dir), "--layer", "9"], cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "macdrop: error: macdrop_layer=9 is out of range: the model has layers 0..1"
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "macdrop: error: macdrop_layer=9 is out of range: the model has layers 0..1"
     streamed = run_cli(["macdrop", "locate", str(tiny_llama_dir), "--layer-by-layer", "--json", str(tmp_path / "s.json")],
                        cwd=tmp_path)
     assert streamed.returncode == 0, streamed.stderr
@@ -126,7 +131,7 @@ def test_macdrop_locate_and_keys(tiny_llama_dir, tiny_data_dir, tmp_path):
 
 
 def test_macdrop_locate_probes_what_the_template_puts_first_and_warns_when_nothing_is_massive(tmp_path):
-    import tiny_archs as ta
+    from helpers import tiny_archs as ta
 
     chatml = ta.save_chatml_model(tmp_path / "chatml")  # Qwen-style: config BOS <|endoftext|> sets off nothing
     proc = run_cli(["macdrop", "locate", str(chatml), "--json", str(tmp_path / "c.json")], cwd=tmp_path)
@@ -151,7 +156,8 @@ def test_macdrop_locate_probes_what_the_template_puts_first_and_warns_when_nothi
     assert proc.returncode == 0, proc.stderr  # a finding, not an error
     assert proc.stdout.count("warning: no massive activation") == 1
     data = json.loads((tmp_path / "f.json").read_text())
-    assert data["massive"] is False and len(data["warnings"]) == 1
+    assert data["massive"] is False
+    assert len(data["warnings"]) == 1
     assert [(c["token_id"], c["origin_layer"]) for c in data["candidates"]] == [(ta.BOS, None), (ta.EOS, None)]
 
 
@@ -171,7 +177,7 @@ def layer_output_max(model_dir, token):
 
 
 def test_macdrop_locate_probe_token_override_is_the_only_candidate_and_is_reported(tmp_path):
-    import tiny_archs as ta
+    from helpers import tiny_archs as ta
 
     # Qwen-style: the chat template starts with <|im_start|> (1), the only token that sets off the planted
     # rows; the config BOS <|endoftext|> (0) sets off nothing (without an override <|im_start|> wins, see above)
@@ -182,10 +188,12 @@ def test_macdrop_locate_probe_token_override_is_the_only_candidate_and_is_report
     assert proc.stdout.count("warning: no massive activation") == 1
     data = json.loads((tmp_path / "bos.json").read_text())
     assert (data["probe_token_id"], data["probe_token_text"], data["probe_token_source"]) == (0, "<|endoftext|>", "override")
-    assert data["massive"] is False and len(data["warnings"]) == 1
+    assert data["massive"] is False
+    assert len(data["warnings"]) == 1
     assert [(c["token_id"], c["source"], c["origin_layer"]) for c in data["candidates"]] == [(0, "override", None)]
     outside = layer_output_max(chatml, 0)
-    assert max(outside) < 10 and data["candidates"][0]["residual_max"] == pytest.approx(max(outside), rel=1e-4)
+    assert max(outside) < 10
+    assert data["candidates"][0]["residual_max"] == pytest.approx(max(outside), rel=1e-4)
 
     text = run_cli(["macdrop", "locate", str(chatml), "--probe-token", "<|im_start|>", "--json", str(tmp_path / "im.json")],
                    cwd=tmp_path)

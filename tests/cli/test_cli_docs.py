@@ -20,7 +20,7 @@ import re
 import shlex
 
 import pytest
-from conftest import BIN, REPO, run_cli
+from helpers.process import BIN, REPO, run_cli
 
 pytestmark = pytest.mark.slow
 PAGE = REPO / "docs" / "cli.md"

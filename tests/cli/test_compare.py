@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import run_cli
-from lm_oracle import preferred
-from tiny import PLANTED_INDICES, PLANTED_LAYER, corpus, lf_train_args
-from zeroshot_data import tiny_docs, write_arc_folder
+from helpers.lm_oracle import preferred
+from helpers.process import run_cli
+from helpers.tiny import PLANTED_INDICES, PLANTED_LAYER, corpus, lf_train_args
+from helpers.zeroshot_data import tiny_docs, write_arc_folder
 
 pytestmark = pytest.mark.slow
 
@@ -87,10 +86,13 @@ def test_two_arms_two_seeds_through_llamafactory_cli(compared, tiny_llama_dir):
     plain_yaml = yaml.safe_load((root / "configs" / "plain-seed0.yaml").read_text())
     mac_yaml = yaml.safe_load((root / "configs" / "macdrop-seed1.yaml").read_text())
     assert not [k for k in plain_yaml if k.startswith("macdrop")]
-    assert mac_yaml["macdrop"] is True and mac_yaml["macdrop_p0"] == 0.5 and mac_yaml["seed"] == 1
+    assert mac_yaml["macdrop"] is True
+    assert mac_yaml["macdrop_p0"] == 0.5
+    assert mac_yaml["seed"] == 1
     for (arm, seed), r in runs.items():
         folder = cwd / r["output_dir"]
-        assert folder == root / arm / f"seed{seed}" and (folder / "adapter_model.safetensors").is_file()
+        assert folder == root / arm / f"seed{seed}"
+        assert (folder / "adapter_model.safetensors").is_file()
         history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
         logged_p = [h["macdrop_p"] for h in history if "macdrop_p" in h]
         assert (folder / "macdrop_locator.json").is_file() == (arm == "macdrop")
@@ -123,17 +125,23 @@ def test_two_arms_two_seeds_through_llamafactory_cli(compared, tiny_llama_dir):
         assert {"metric", "mean_diff", "low", "high", "n"} <= set(p)
         diffs = [runs[("macdrop", s)]["metrics"][metric] - runs[("plain", s)]["metrics"][metric] for s in (0, 1)]
         assert p["mean_diff"] == pytest.approx(sum(diffs) / 2, rel=1e-9)
-        assert p["n"] == len(windows) and p["seeds"] == [0, 1] and p["low"] <= p["high"]
-    assert out["restored_bitwise"] is True and out["verdict"]
+        assert p["n"] == len(windows)
+        assert p["seeds"] == [0, 1]
+        assert p["low"] <= p["high"]
+    assert out["restored_bitwise"] is True
+    assert out["verdict"]
 
     # the other outputs: CSV (one line per run and metric, plus the base), report, plots, stdout
     lines = (cwd / "out.csv").read_text().splitlines()
-    assert lines[0].startswith("arm,seed,output_dir,metric") and len(lines) == 1 + 5 * len(names)
+    assert lines[0].startswith("arm,seed,output_dir,metric")
+    assert len(lines) == 1 + 5 * len(names)
     report = (root / "report.md").read_text()
-    assert "## Verdict" in report and "macdrop − plain" in report
+    assert "## Verdict" in report
+    assert "macdrop − plain" in report
     for name in ("compare_metrics.png", "compare_paired.png", "compare_robustness.png", "compare_loss.png"):
         assert (root / "plots" / name).stat().st_size > 10_000
-    assert "verdict: macdrop vs plain" in proc.stdout and "| ppl/eval.txt/clean |" in proc.stdout
+    assert "verdict: macdrop vs plain" in proc.stdout
+    assert "| ppl/eval.txt/clean |" in proc.stdout
     assert "plain seed 0: {'loss'" in proc.stdout  # --quiet-train still shows the trainer's loss lines
 
 
@@ -148,13 +156,15 @@ def test_rerun_skips_finished_runs_and_restarts_a_crashed_one(compared):
     assert "plain seed 1: unfinished folder moved aside to" in proc.stdout
     assert len(re.findall(r"\] \d/4 training ", proc.stdout)) == 1
     aside = [p for p in (root / "plain").iterdir() if p.name.startswith("seed1.crashed-")]
-    assert len(aside) == 1 and (aside[0] / "adapter_model.safetensors").is_file()  # kept, not deleted
+    assert len(aside) == 1
+    assert (aside[0] / "adapter_model.safetensors").is_file()  # kept, not deleted
     assert proc.stdout.count("(items reused from an earlier evaluation") == 3
     second = json.loads((cwd / "out.json").read_text())
     before = {(r["arm"], r["seed"]): r["metrics"] for r in first["runs"]}
     after = {(r["arm"], r["seed"]): r for r in second["runs"]}
     for key in (("plain", 0), ("macdrop", 0), ("macdrop", 1)):
-        assert after[key]["metrics"] == before[key] and after[key]["evaluation_reused"] is True
+        assert after[key]["metrics"] == before[key]
+        assert after[key]["evaluation_reused"] is True
     assert after[("plain", 1)]["evaluation_reused"] is False
 
 
@@ -164,30 +174,40 @@ def test_refusals_come_before_anything_trains(compared, tmp_path):
     # a finished run whose settings the base YAML no longer has: refused, nothing retrained
     (cwd / "changed.yaml").write_text(yaml.safe_dump({**base, "learning_rate": 0.002}))
     proc = _compare(cwd, "--output-dir", "runs/tiny-compare", config="changed.yaml")
-    assert proc.returncode == 2 and "learning_rate: 0.001 then, 0.002 now" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not re.search(r"\] \d/4 training ", proc.stdout)
+    assert proc.returncode == 2
+    assert "learning_rate: 0.001 then, 0.002 now" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not re.search(r"\] \d/4 training ", proc.stdout)
 
     # a grid arm the plugin refuses (DoRA with p0 = 1): one line naming the arm and the key, no folder made
     proc = _compare(cwd, "--output-dir", str(tmp_path / "grid"), "--grid", "use_dora=false,true", "--grid", "macdrop_p0=0.5,1.0")
-    assert proc.returncode == 2 and not (tmp_path / "grid").exists()
+    assert proc.returncode == 2
+    assert not (tmp_path / "grid").exists()
     (line,) = proc.stderr.strip().splitlines()
-    assert "arm macdrop-use_dora_true-p0_1.0" in line and "macdrop_p0" in line and "nothing was trained" in line
+    assert "arm macdrop-use_dora_true-p0_1.0" in line
+    assert "macdrop_p0" in line
+    assert "nothing was trained" in line
     # attacks compare does not run, and a grid value of the wrong type: refused before LLaMA-Factory is even asked
     proc = _compare(cwd, "--output-dir", str(tmp_path / "m"), "--mode", "zero,superweight")
-    assert proc.returncode == 2 and "--mode 'zero,superweight' is not allowed" in proc.stderr
+    assert proc.returncode == 2
+    assert "--mode 'zero,superweight' is not allowed" in proc.stderr
     proc = _compare(cwd, "--output-dir", str(tmp_path / "m"), "--grid", "use_dora=maybe")
-    assert proc.returncode == 2 and "use_dora takes true and/or false" in proc.stderr
+    assert proc.returncode == 2
+    assert "use_dora takes true and/or false" in proc.stderr
     # a key LLaMA-Factory's own parser does not know
     (cwd / "typo.yaml").write_text(yaml.safe_dump({**base, "lora_rnak": 4}))
     proc = _compare(cwd, "--output-dir", str(tmp_path / "typo"), config="typo.yaml")
-    assert proc.returncode == 2 and "lora_rnak" in proc.stderr and not (tmp_path / "typo").exists()
+    assert proc.returncode == 2
+    assert "lora_rnak" in proc.stderr
+    assert not (tmp_path / "typo").exists()
 
     # the grid's plan: LoRA and DoRA versions of both arms, each MacDrop arm paired with its plain one
     proc = _compare(cwd, "--output-dir", str(tmp_path / "plan"), "--plan-only", "--grid", "use_dora=false,true",
                     "--grid", "macdrop_p0=0.5,0.8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "6 arms x 2 seeds" in proc.stdout
-    assert "macdrop-use_dora_true-p0_0.8" in proc.stdout and "(paired with plain-use_dora_true)" in proc.stdout
+    assert "macdrop-use_dora_true-p0_0.8" in proc.stdout
+    assert "(paired with plain-use_dora_true)" in proc.stdout
     assert not (tmp_path / "plan").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
 
@@ -232,7 +252,7 @@ def test_dora_arms_with_zero_shot_on_one_seed(workdir, tmp_path, tiny_llama_dir)
     runs = {r["arm"]: r for r in result["runs"]}
     assert set(runs) == {"plain-use_dora_true", "macdrop-use_dora_true"}
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    for arm, r in runs.items():
+    for r in runs.values():
         folder = Path(r["output_dir"])
         assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
         assert set(r["metrics"]) == {"ppl/eval.txt/clean", "ppl/eval.txt/zero k=1", "ppl/eval.txt/retain k=1",
@@ -241,5 +261,7 @@ def test_dora_arms_with_zero_shot_on_one_seed(workdir, tmp_path, tiny_llama_dir)
         right = sum(preferred(model, tokenizer, d) == "ABCD".index(d["answerKey"]) for d in docs)
         assert r["metrics"]["acc/arc_easy/clean"] == pytest.approx(right / len(docs))
     paired = {p["metric"]: p for p in result["paired"]}
-    assert paired["acc/arc_easy/clean"]["n"] == len(docs) and paired["acc/arc_easy/clean"]["treatment"] == "macdrop-use_dora_true"
-    assert "one seed" in paired["acc/arc_easy/clean"]["verdict"] and result["restored_bitwise"] is True
+    assert paired["acc/arc_easy/clean"]["n"] == len(docs)
+    assert paired["acc/arc_easy/clean"]["treatment"] == "macdrop-use_dora_true"
+    assert "one seed" in paired["acc/arc_easy/clean"]["verdict"]
+    assert result["restored_bitwise"] is True

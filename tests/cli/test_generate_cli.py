@@ -4,9 +4,9 @@ JSON and a side-by-side report, through an adapter too; bad generation options f
 import json
 
 import pytest
-import tiny
 import torch
-from lm_oracle import argmax_loop
+from helpers import tiny
+from helpers.lm_oracle import argmax_loop
 
 from llamafactory_macdrop.cli import main
 
@@ -41,13 +41,17 @@ def test_generate_alone_side_by_side(tiny_llama_dir, lora_dir, tmp_path, capsys)
     gens = report["generations"]
     assert [(g["setting"], g["mode"], g["k"]) for g in gens] == [("none", "none", 0), ("zero k=5", "zero", 5),
                                                                    ("retain k=1", "retain", 1)]
-    assert report["results"] == [] and report["restored_bitwise"] is True
+    assert report["results"] == []
+    assert report["restored_bitwise"] is True
     assert report["generation"] == {"prompt": PROMPT, "chat_template": False, "max_new_tokens": 10, "decoding": "greedy"}
     assert gens[0]["text"] == expected_text(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tok)
-    assert "no chat template (the tokenizer has none)" in out and "| setting | generated text |" in out
-    assert f"| zero k=5 | {gens[1]['text']} |" in out and "weights restored bitwise after the sweep: yes" in out
+    assert "no chat template (the tokenizer has none)" in out
+    assert "| setting | generated text |" in out
+    assert f"| zero k=5 | {gens[1]['text']} |" in out
+    assert "weights restored bitwise after the sweep: yes" in out
     page = (tmp_path / "g.html").read_text()
-    assert page.count('<div class="col">') == 3 and "<h2>retain k=1</h2>" in page
+    assert page.count('<div class="col">') == 3
+    assert "<h2>retain k=1</h2>" in page
 
     # through a LoRA adapter: the original row is base + adapter
     assert main(base + ["--adapter", str(lora_dir), "--json", str(tmp_path / "a.json"),

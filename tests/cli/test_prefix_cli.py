@@ -1,7 +1,7 @@
 """What the analysis commands feed a model: what its tokenizer feeds it, named in every protocol.
 
-The planted models answer by construction (tests/tiny_nobos.py: a tokenizer that adds no BOS and
-a config ``bos_token_id`` whose token sets off a DECOY super weight; tests/tiny.py: a Llama-like
+The planted models answer by construction (tests/helpers/tiny_nobos.py: a tokenizer that adds no BOS and
+a config ``bos_token_id`` whose token sets off a DECOY super weight; tests/helpers/tiny.py: a Llama-like
 tokenizer that adds BOS). Perplexities are checked against Hugging Face's own loss over the
 tokenizer's own encoding, never against the project's code.
 """
@@ -13,10 +13,9 @@ import math
 import os
 
 import pytest
-import tiny
-import tiny_nobos
 import torch
-from conftest import BIN, run_cli
+from helpers import tiny, tiny_nobos
+from helpers.process import BIN, run_cli
 
 from llamafactory_macdrop.cli import main
 
@@ -66,16 +65,20 @@ def test_perplexity_feeds_the_tokenizers_own_encoding_and_names_it(no_bos_dir, t
     data = json.loads(out.read_text())
     protocol = data["perplexity_protocol"][0]
     assert (protocol["prefix_token_id"], protocol["tokenizer_adds_bos"], protocol["config_bos_token_id"]) == (None, False, 0)
-    assert protocol["bos"] == "none" and protocol["bos_requested"] is None
+    assert protocol["bos"] == "none"
+    assert protocol["bos_requested"] is None
     assert data["results"][0]["ppl"] == pytest.approx(hand_ppl(no_bos_dir, own), rel=1e-4)
     assert "no prefix (the tokenizer adds no BOS; config bos_token_id 0 '<|endoftext|>' is not put first)" in proc.stdout
 
     # --bos stream: the tokenizer has none to give -> one line, before the model loads
     proc, _ = _attack(no_bos_dir, text_file, tmp_path, "--bos", "stream")
-    assert proc.returncode == 2 and "attack:" not in proc.stdout
+    assert proc.returncode == 2
+    assert "attack:" not in proc.stdout
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--bos stream: this tokenizer adds no BOS" in lines[0], proc.stderr
-    assert "bos_token_id 0 '<|endoftext|>'" in lines[0] and "--bos-token" in lines[0]
+    assert len(lines) == 1, proc.stderr
+    assert "--bos stream: this tokenizer adds no BOS" in lines[0], proc.stderr
+    assert "bos_token_id 0 '<|endoftext|>'" in lines[0]
+    assert "--bos-token" in lines[0]
 
     # naming the token: it is put first, and the protocol says the tokenizer would not have
     proc, out = _attack(no_bos_dir, text_file, tmp_path, "--bos", "stream", "--bos-token", "<|endoftext|>")
@@ -91,7 +94,8 @@ def test_a_tokenizer_that_adds_bos_keeps_sun_et_als_protocol(tiny_llama_dir, tex
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     own = tok(TEXT)["input_ids"]
-    assert own[0] == tok.bos_token_id and own[1:] == tok(TEXT, add_special_tokens=False)["input_ids"]
+    assert own[0] == tok.bos_token_id
+    assert own[1:] == tok(TEXT, add_special_tokens=False)["input_ids"]
     proc, out = _attack(tiny_llama_dir, text_file, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -108,10 +112,14 @@ def test_superweight_finds_the_planted_one_and_a_config_bos_prefix_is_flagged(no
     data = json.loads(out.read_text())
     top = data["candidates"][0]
     assert (top["layer"], top["row"], top["col"]) == first
-    assert top["col_in_massive_rows"] is True and top["col_is_massive_top1"] is True
-    assert data["prefix"]["prefix_token_id"] is None and data["prefix"]["tokenizer_adds_bos"] is False
-    assert data["located"]["layer"] == tiny_nobos.PLANTED_LAYER and data["warnings"] == []
-    assert "rank 1 (top-1)" in printed and "warning" not in printed
+    assert top["col_in_massive_rows"] is True
+    assert top["col_is_massive_top1"] is True
+    assert data["prefix"]["prefix_token_id"] is None
+    assert data["prefix"]["tokenizer_adds_bos"] is False
+    assert data["located"]["layer"] == tiny_nobos.PLANTED_LAYER
+    assert data["warnings"] == []
+    assert "rank 1 (top-1)" in printed
+    assert "warning" not in printed
 
     # the config's BOS put first (what the commands did before): the decoy wins, and it says so
     assert main(["superweight", str(no_bos_dir), "--bos-token", "0", "--json", str(out)]) == 0
@@ -128,22 +136,24 @@ def test_superweight_finds_the_planted_one_and_a_config_bos_prefix_is_flagged(no
     assert main(["activations", str(no_bos_dir), "--bos-token", "0", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert data["origin_layer"] == 0 and data["cross_check"]["locator_layer"] == 1
+    assert data["origin_layer"] == 0
+    assert data["cross_check"]["locator_layer"] == 1
     assert "warning: the massive activations start at layer 0, the locator names layer 1" in printed
     assert main(["activations", str(no_bos_dir), "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["origin_layer"] == 1 and "warning" not in capsys.readouterr().out
+    assert json.loads(out.read_text())["origin_layer"] == 1
+    assert "warning" not in capsys.readouterr().out
 
 
 def _published_file(tmp_path, name, layer_1based, indices, sw):
     path = tmp_path / name
     path.write_text(json.dumps({
         "version": 1,
-        "sources": {"t": {"label": "planted", "cite": "tests/tiny_nobos.py"}},
+        "sources": {"t": {"label": "planted", "cite": "tests/helpers/tiny_nobos.py"}},
         "models": [{
             "model": "planted-no-bos",
             "config": {"model_type": "llama", "hidden_size": tiny_nobos.HIDDEN,
                        "intermediate_size": tiny_nobos.INTERMEDIATE, "num_hidden_layers": tiny_nobos.LAYERS},
-            "config_sources": ["tests/tiny_nobos.py"],
+            "config_sources": ["tests/helpers/tiny_nobos.py"],
             "massive": {"source": "t", "layer": layer_1based, "layer_base": 1, "indices": indices},
             "super_weights": {"source": "t", "layer_base": 0, "coordinates": [sw]},
         }],
@@ -158,12 +168,14 @@ def test_published_positions_are_compared_by_config(no_bos_dir, tmp_path, capsys
     out = tmp_path / "loc.json"
     assert main(["locate", str(no_bos_dir), "--published", str(right), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "published: matches the published position" in printed and "layer 2 1-based = 1 0-based" in printed
+    assert "published: matches the published position" in printed
+    assert "layer 2 1-based = 1 0-based" in printed
     assert json.loads(out.read_text())["published"]["matches"] is True
     assert main(["locate", str(no_bos_dir), "--published", str(wrong), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "published: differs from the published position" in printed
-    assert "located layer 1 (0-based)" in printed and "published layer 2 (0-based)" in printed
+    assert "located layer 1 (0-based)" in printed
+    assert "published layer 2 (0-based)" in printed
     assert main(["superweight", str(no_bos_dir), "--published", str(right)]) == 0
     assert "published: matches the published super weight" in capsys.readouterr().out
 
@@ -171,7 +183,8 @@ def test_published_positions_are_compared_by_config(no_bos_dir, tmp_path, capsys
     broken.write_text("{not json")
     assert main(["locate", str(no_bos_dir), "--published", str(broken)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(broken) in err[0]
+    assert len(err) == 1
+    assert str(broken) in err[0]
 
 
 def test_attention_feeds_the_input_as_the_tokenizer_does_and_takes_an_adapter(tiny_llama_dir, tmp_path, capsys):
@@ -188,8 +201,10 @@ def test_attention_feeds_the_input_as_the_tokenizer_does_and_takes_an_adapter(ti
                  "--no-progress"]) == 0
     assert "+ adapter" in capsys.readouterr().out
     a, b = json.loads(plain.read_text()), json.loads(adapted.read_text())
-    assert a["input_ids"] == tok(text)["input_ids"] and a["prefix"]["prefix_token_id"] == tok.bos_token_id
-    assert b["adapter"] == str(adapter) and b["massive_layer"] == tiny.PLANTED_LAYER  # located on the base
+    assert a["input_ids"] == tok(text)["input_ids"]
+    assert a["prefix"]["prefix_token_id"] == tok.bos_token_id
+    assert b["adapter"] == str(adapter)
+    assert b["massive_layer"] == tiny.PLANTED_LAYER  # located on the base
     # the adapter's attention, measured independently through peft with eager attention
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager"),
                                       str(adapter)).eval()
@@ -208,10 +223,13 @@ def test_a_missing_model_or_a_folder_without_config_is_one_line(command, tmp_pat
     for path, fragment in ((tmp_path / "nothing-here", "no such folder"), (tmp_path / "empty", "no config.json")):
         assert main([command, str(path), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("macdrop: error: ") and fragment in err[0], err
+        assert len(err) == 1, err
+        assert err[0].startswith("macdrop: error: "), err
+        assert fragment in err[0], err
 
 
 def test_generate_settings_name_a_bad_value(tiny_llama_dir, capsys):
     assert main(["attack", str(tiny_llama_dir), "--generate", "hi", "--generate-settings", "zero:abc"]) == 2
     err = capsys.readouterr().err
-    assert "'abc' is not an integer" in err and err.count("\n") == 1
+    assert "'abc' is not an integer" in err
+    assert err.count("\n") == 1

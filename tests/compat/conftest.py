@@ -12,10 +12,10 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(HERE.parent))  # tests/tiny.py: planted models, no import of the package
+sys.path.insert(0, str(HERE.parent))  # tests/helpers/tiny.py: planted models, no import of the package
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-import tiny  # noqa: E402
+from helpers import tiny  # noqa: E402
 
 
 def run(cmd, cwd, **env):

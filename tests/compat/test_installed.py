@@ -6,9 +6,9 @@ import json
 import sysconfig
 from pathlib import Path
 
-import tiny
 import yaml
-from conftest import BIN, REPO, run
+from helpers import tiny
+from helpers.process import BIN, REPO, run
 
 
 def write_yaml(path, model_dir, data_dir, out, **overrides):
@@ -41,7 +41,8 @@ def test_llamafactory_cli_train_its_torchrun_children_and_dpo_run_macdrop(tiny_l
         state = json.loads((out / "trainer_state.json").read_text())
         total = state["max_steps"]
         p = {h["step"]: h["macdrop_p"] for h in state["log_history"] if "macdrop_p" in h}
-        assert p and all(abs(v - 0.8 * (1 - t / total)) < 1e-6 for t, v in p.items()), (name, p)
+        assert p, (name, p)
+        assert all(abs(v - 0.8 * (1 - t / total)) < 1e-6 for t, v in p.items()), (name, p)
 
 
 def test_macdrop_locate(tiny_llama_dir, tmp_path):
@@ -59,8 +60,10 @@ def test_macdrop_compare_checks_its_arms_with_this_llamafactory(tiny_llama_dir, 
     args = [str(BIN / "macdrop"), "compare", str(cfg), "--seeds", "0,1", "--text-file", "eval.txt", "--plan-only"]
     proc = run(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 arms x 2 seeds" in proc.stdout and "(paired with plain)" in proc.stdout
+    assert "2 arms x 2 seeds" in proc.stdout
+    assert "(paired with plain)" in proc.stdout
     bad = yaml.safe_load(cfg.read_text())
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**bad, "lora_rnak": 4}))
     proc = run(args[:2] + [str(tmp_path / "bad.yaml")] + args[3:], cwd=tmp_path)
-    assert proc.returncode == 2 and "lora_rnak" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "lora_rnak" in proc.stderr, proc.stderr[-2000:]

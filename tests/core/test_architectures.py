@@ -2,8 +2,8 @@
 rows MacDrop would mask are the ones that produce those units."""
 
 import pytest
-import tiny_archs as ta
 import torch
+from helpers import tiny_archs as ta
 
 from llamafactory_macdrop.core.architectures import find_ffn_blocks
 from llamafactory_macdrop.core.locator import locate_massive_weights, probe_ffn_states
@@ -22,11 +22,13 @@ def test_locator_finds_the_planted_weights(arch):
     result = locate_massive_weights(model, 5)
     assert result.layer == ta.PLANTED_LAYER, [(s.layer, round(s.jump, 1)) for s in result.layers]
     assert result.indices == ta.PLANTED_INDICES
-    assert result.probe_token_id == ta.BOS and result.probe_token_source == "config.bos_token_id"
+    assert result.probe_token_id == ta.BOS
+    assert result.probe_token_source == "config.bos_token_id"
     blocks = find_ffn_blocks(model)
     assert blocks[1].layout == EXPECTED_LAYOUT.get(name, "dense")
     if blocks[1].is_moe:
-        assert result.expert == ta.PLANTED_EXPERT and result.router_prob > 0.9
+        assert result.expert == ta.PLANTED_EXPERT
+        assert result.router_prob > 0.9
         assert result.modules == ["model.layers.1.mlp.experts.gate_up_proj"]
     else:
         assert result.expert is None

@@ -52,4 +52,5 @@ def test_epoch_curricula_need_several_known_epochs():
     assert "p = 0 throughout" in epoch_curriculum_problem("epoch_after", 1)
     assert "p = macdrop_p0 throughout" in epoch_curriculum_problem("epoch_before", 1)
     assert "no epoch count" in epoch_curriculum_problem("epoch_after", sys.maxsize)
-    assert epoch_curriculum_problem("epoch_after", 2) is None and epoch_curriculum_problem("step", 1) is None
+    assert epoch_curriculum_problem("epoch_after", 2) is None
+    assert epoch_curriculum_problem("step", 1) is None

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-import tiny
 import torch
+from helpers import tiny
 
 from llamafactory_macdrop.core.architectures import (
     UnsupportedArchitectureError,
@@ -29,7 +29,8 @@ def test_finds_the_planted_layer_and_indices_in_order(tiny_llama):
     assert result.magnitudes == sorted(result.magnitudes, reverse=True)
     assert result.probe_token_id == tiny_llama.config.bos_token_id
     assert result.modules == ["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"]
-    assert result.source == "probe" and not result.warnings
+    assert result.source == "probe"
+    assert not result.warnings
     assert result.massiveness > 50
 
 
@@ -38,7 +39,8 @@ def test_the_decoy_would_fool_naive_rules(tiny_llama):
     layers = locate_massive_weights(tiny_llama, 5).layers
     largest = max(layers, key=lambda s: s.intermediate_top1)
     by_ratio = max(layers, key=lambda s: s.intermediate_top1 / s.intermediate_median)
-    assert largest.layer == 0 and largest.intermediate_top1_index == tiny.DECOY_INDEX
+    assert largest.layer == 0
+    assert largest.intermediate_top1_index == tiny.DECOY_INDEX
     assert by_ratio.layer == 0
 
 
@@ -46,9 +48,11 @@ def test_overrides(tiny_llama):
     both = locate_massive_weights(tiny_llama, 5, layer=0, indices=[3, 4])
     assert (both.layer, both.indices, both.source, both.magnitudes) == (0, [3, 4], "override", None)
     only_layer = locate_massive_weights(tiny_llama, 2, layer=0)
-    assert only_layer.indices == [tiny.DECOY_INDEX, only_layer.indices[1]] and only_layer.source == "probe+override"
+    assert only_layer.indices == [tiny.DECOY_INDEX, only_layer.indices[1]]
+    assert only_layer.source == "probe+override"
     only_idx = locate_massive_weights(tiny_llama, 2, indices=[13, 97])
-    assert only_idx.layer == tiny.PLANTED_LAYER and only_idx.indices == [13, 97]
+    assert only_idx.layer == tiny.PLANTED_LAYER
+    assert only_idx.indices == [13, 97]
 
 
 @pytest.mark.parametrize(
@@ -81,7 +85,7 @@ def intermediate_at(model, layer, token):
 def test_indices_alone_are_checked_against_the_located_layer_not_layer_0():
     """macdrop_indices without macdrop_layer index the LOCATED layer's rows, whose count may differ
     from layer 0's: models built with a different FFN width at layer 0 than at the planted origin."""
-    import tiny_archs as ta
+    from helpers import tiny_archs as ta
 
     wide0 = ta.build_uneven_widths(192, 128)  # layer 0 wider than the origin
     narrow0 = ta.build_uneven_widths(64, 160)  # the origin wider than layer 0
@@ -114,7 +118,8 @@ def test_json_round_trip(tiny_llama, tmp_path):
 def test_probe_sees_the_base_model_through_a_trained_adapter(tiny_llama):
     peft_model = tiny.loud_adapter(tiny_llama, ["up_proj", "gate_proj"])
     result = locate_massive_weights(peft_model, 5)
-    assert result.layer == tiny.PLANTED_LAYER and result.indices == tiny.PLANTED_INDICES
+    assert result.layer == tiny.PLANTED_LAYER
+    assert result.indices == tiny.PLANTED_INDICES
     assert peft_model.training  # mode restored
     blocks = find_ffn_blocks(peft_model)
     assert blocks[1].module_names() == ["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"]
@@ -143,7 +148,8 @@ def test_probe_token_policy(tiny_llama, tiny_llama_dir):
     tiny_llama.config._name_or_path = ""  # no checkpoint folder: GPT-style, no BOS -> EOS starts a document
     assert resolve_probe_token(tiny_llama) == (eos, "config.eos_token_id")
     result = locate_massive_weights(tiny_llama, 5, probe_token=bos)  # the planted path needs BOS
-    assert result.indices == tiny.PLANTED_INDICES and result.probe_token_source == "override"
+    assert result.indices == tiny.PLANTED_INDICES
+    assert result.probe_token_source == "override"
     tiny_llama.config.eos_token_id = None
     with pytest.raises(LocatorError, match="neither a BOS nor an EOS"):
         locate_massive_weights(tiny_llama, 5)
@@ -164,7 +170,8 @@ def test_a_first_token_without_massive_activation_falls_back_to_the_next_candida
     assert (result.probe_token_id, result.probe_token_text, result.probe_token_source) == (bos, "<s>", "tokenizer.bos_token_id")
     assert [(c.token_id, c.origin_layer) for c in result.candidates] == [
         (first.token_id, None), (bos, tiny.PLANTED_LAYER), (eos, None)]
-    assert len(result.warnings) == 1 and f"{first.token_id} 'H' (template default" in result.warnings[0]
+    assert len(result.warnings) == 1
+    assert f"{first.token_id} 'H' (template default" in result.warnings[0]
 
 
 def residual_max_per_layer(model, token):
@@ -176,30 +183,37 @@ def residual_max_per_layer(model, token):
 
 
 def test_tiny_embeddings_do_not_fool_the_rule():
-    import tiny_archs as ta
+    from helpers import tiny_archs as ta
 
     model = ta.build_tiny_embeddings()
     result = locate_massive_weights(model, 5)
     assert (result.layer, result.indices) == (ta.TINY_EMB_ORIGIN, ta.TINY_EMB_INDICES)
-    assert result.massive and not result.warnings
+    assert result.massive
+    assert not result.warnings
     # the trap, measured from outside: embeddings of max 0.05 make layer 0's growth the largest jump
     res = residual_max_per_layer(model, 1)
     jumps = [res[i + 1] / res[i] for i in range(len(res) - 1)]
-    assert res[0] == pytest.approx(ta.TINY_EMB_MAX) and res[1] < 10
-    assert max(range(len(jumps)), key=jumps.__getitem__) == 0 and jumps[0] > jumps[ta.TINY_EMB_ORIGIN] > 50
-    assert res[ta.TINY_EMB_ORIGIN + 1] > 300 and res[-1] == pytest.approx(res[ta.TINY_EMB_ORIGIN + 1])
+    assert res[0] == pytest.approx(ta.TINY_EMB_MAX)
+    assert res[1] < 10
+    assert max(range(len(jumps)), key=jumps.__getitem__) == 0
+    assert jumps[0] > jumps[ta.TINY_EMB_ORIGIN] > 50
+    assert res[ta.TINY_EMB_ORIGIN + 1] > 300
+    assert res[-1] == pytest.approx(res[ta.TINY_EMB_ORIGIN + 1])
 
 
 def test_no_massive_activation_warns_instead_of_picking_a_layer_silently():
-    import tiny_archs as ta
+    from helpers import tiny_archs as ta
 
     model = ta.build_tiny_embeddings(origin=False)
     assert max(residual_max_per_layer(model, 1)) < 10  # nothing massive anywhere, yet a ~100x jump at layer 0
     result = locate_massive_weights(model, 5)
-    assert result.massive is False and result.layer == 0  # the fallback is named, never passed off as massive
+    assert result.massive is False
+    assert result.layer == 0  # the fallback is named, never passed off as massive
     assert len(result.warnings) == 1
     warning = result.warnings[0]
-    assert warning.startswith("no massive activation") and "layer 0" in warning and "macdrop_layer" in warning
+    assert warning.startswith("no massive activation")
+    assert "layer 0" in warning
+    assert "macdrop_layer" in warning
     assert [(c.token_id, c.origin_layer) for c in result.candidates] == [(ta.BOS, None), (ta.EOS, None)]
     assert "warning: no massive activation" in result.table()
 
@@ -225,14 +239,16 @@ def test_unknown_architecture_fails_clearly():
 
 
 def test_a_model_without_massive_weights_gets_a_warning():
-    import tiny_archs as ta
+    from helpers import tiny_archs as ta
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_config(ta.configs()["gemma2"]).eval()  # random, nothing planted
     result = locate_massive_weights(plain, 5)
-    assert result.massiveness < 10 and result.massive is False
-    assert result.warnings and result.warnings[0].startswith("no massive activation")
+    assert result.massiveness < 10
+    assert result.massive is False
+    assert result.warnings
+    assert result.warnings[0].startswith("no massive activation")
     assert "warning: no massive activation" in result.table()
 
 
@@ -253,4 +269,5 @@ def test_the_one_reader_of_a_locator_file_says_what_is_wrong_in_one_line(tiny_ll
     assert str(info.value).startswith(f"{path} is not a MacDrop locator file: {fragment}"), str(info.value)
     with pytest.raises(LocatorError) as resumed:
         reuse_result(path, tiny_llama, find_ffn_blocks(tiny_llama), 5)
-    assert str(resumed.value) == f"{info.value}: delete {path} to locate again" and "\n" not in str(resumed.value)
+    assert str(resumed.value) == f"{info.value}: delete {path} to locate again"
+    assert "\n" not in str(resumed.value)

@@ -23,11 +23,14 @@ def test_apply_multiplies_selected_rows_by_one_shared_mask_and_nothing_else():
     keep = draw_keep_mask(drop.mask_shape, 0.5, torch.Generator().manual_seed(1), "cpu")
     assert 0 < keep.sum() < keep.numel()
     drop.apply(keep)
-    assert torch.equal(gate[rows], gate0[rows] * keep) and torch.equal(up[rows], up0[rows] * keep)
+    assert torch.equal(gate[rows], gate0[rows] * keep)
+    assert torch.equal(up[rows], up0[rows] * keep)
     others = [i for i in range(32) if i not in rows]
-    assert torch.equal(gate[others], gate0[others]) and torch.equal(up[others], up0[others])
+    assert torch.equal(gate[others], gate0[others])
+    assert torch.equal(up[others], up0[others])
     drop.restore()
-    assert torch.equal(bits(gate), bits(gate0)) and torch.equal(bits(up), bits(up0))
+    assert torch.equal(bits(gate), bits(gate0))
+    assert torch.equal(bits(up), bits(up0))
     assert drop.is_restored()
 
 
@@ -44,9 +47,11 @@ def test_masked_context_restores_bitwise_even_on_error():
     drop = RowDropout([row_target("gate", gate, [3, 4]), row_target("up", up, [3, 4])])
     with pytest.raises(KeyboardInterrupt):
         with drop.masked(0.9, torch.Generator().manual_seed(0)) as keep:
-            assert keep is not None and not drop.is_restored()
+            assert keep is not None
+            assert not drop.is_restored()
             raise KeyboardInterrupt
-    assert torch.equal(bits(gate), snapshot[0]) and torch.equal(bits(up), snapshot[1])
+    assert torch.equal(bits(gate), snapshot[0])
+    assert torch.equal(bits(up), snapshot[1])
     assert drop.active_mask is None
 
 
@@ -58,7 +63,8 @@ def test_p_zero_draws_nothing_and_writes_nothing():
     version = gate._version
     with drop.masked(0.0, g) as keep:
         assert keep is None
-    assert torch.equal(g.get_state(), state) and gate._version == version
+    assert torch.equal(g.get_state(), state)
+    assert gate._version == version
 
 
 def test_unmasked_shows_originals_then_reapplies_the_same_mask():
@@ -68,7 +74,8 @@ def test_unmasked_shows_originals_then_reapplies_the_same_mask():
         masked = gate[[0, 5]].clone()
         with drop.unmasked():
             assert drop.is_restored()
-        assert torch.equal(gate[[0, 5]], masked) and torch.equal(drop.active_mask, keep)
+        assert torch.equal(gate[[0, 5]], masked)
+        assert torch.equal(drop.active_mask, keep)
     assert drop.is_restored()
 
 
@@ -93,7 +100,8 @@ def test_conv1d_layout_masks_columns():
     keep = torch.zeros(drop.mask_shape, dtype=torch.bool)
     assert drop.mask_shape == (2, 16)
     drop.apply(keep)
-    assert torch.all(w[:, [4, 9]] == 0) and torch.equal(w[:, :4], w0[:, :4])
+    assert torch.all(w[:, [4, 9]] == 0)
+    assert torch.equal(w[:, :4], w0[:, :4])
     drop.restore()
     assert torch.equal(w, w0)
 
@@ -177,7 +185,8 @@ def test_fsdp_shard_edits_add_up_to_algorithm1(layout, axis, expert):
     for d in drops:
         d.restore()
         assert d.is_restored()
-    assert torch.equal(bits(gather()), bits(full)) and torch.equal(bits(gathered_copy), bits(full))
+    assert torch.equal(bits(gather()), bits(full))
+    assert torch.equal(bits(gathered_copy), bits(full))
 
 
 # ----------------------------------------------------------------------------- 4-bit (QLoRA)
@@ -196,7 +205,8 @@ def test_4bit_rows_masked_by_codes_equal_dequantized_times_mask(quant_type):
     before = bnb_f.dequantize_4bit(w.data, w.quant_state)
     rows = [31, 4, 5, 17]
     drop = RowDropout([row_target("up", w, rows)])
-    assert drop.targets[0].backend == "bnb-4bit" and drop.mask_shape == (4, 27)
+    assert drop.targets[0].backend == "bnb-4bit"
+    assert drop.mask_shape == (4, 27)
     keep = torch.rand(4, 27) > 0.4
     drop.apply(keep)
     after = bnb_f.dequantize_4bit(w.data, w.quant_state)
@@ -207,7 +217,8 @@ def test_4bit_rows_masked_by_codes_equal_dequantized_times_mask(quant_type):
     out = layer(x)
     assert torch.allclose(out, x @ expected.t(), atol=1e-5)
     drop.restore()
-    assert drop.is_restored() and torch.equal(w.data, before_codes)
+    assert drop.is_restored()
+    assert torch.equal(w.data, before_codes)
 
 
 # ----------------------------------------------------------------------------- 4-bit storages LLaMA-Factory builds
@@ -232,14 +243,18 @@ def test_4bit_float_quant_storage_masks_exactly_the_selected_elements(quant_stor
     rows = [97, 13, 64, 5, 120]
     drop = RowDropout([row_target("up", w, rows, module=layer)])
     target = drop.targets[0]
-    assert target.backend == "bnb-4bit" and target.layout == "canonical" and drop.mask_shape == (5, 64)
+    assert target.backend == "bnb-4bit"
+    assert target.layout == "canonical"
+    assert drop.mask_shape == (5, 64)
     assert f"quant_storage {quant_storage}" in target.describe()
     keep = torch.rand(5, 64, generator=torch.Generator().manual_seed(1)) > 0.5
     drop.apply(keep)
     _check_masked(effective(layer), before, rows, keep)
     drop.restore()
-    assert drop.is_restored() and torch.equal(storage_bytes(w), stored)
-    assert torch.equal(bits(w.quant_state.absmax), absmax) and torch.equal(bits(effective(layer)), bits(before))
+    assert drop.is_restored()
+    assert torch.equal(storage_bytes(w), stored)
+    assert torch.equal(bits(w.quant_state.absmax), absmax)
+    assert torch.equal(bits(effective(layer)), bits(before))
 
 
 def _repack_for_cpu(layer):
@@ -248,7 +263,8 @@ def _repack_for_cpu(layer):
     import bitsandbytes.functional as bnb_f
 
     layer.weight.data, state = bnb_f._convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
-    assert state is layer.weight.quant_state and state.packing_format_for_cpu
+    assert state is layer.weight.quant_state
+    assert state.packing_format_for_cpu
 
 
 def _canonicaleffective(layer, state_before):
@@ -295,7 +311,8 @@ def test_4bit_cpu_repacked_layout_masks_exactly_the_selected_elements(quant_stor
             seen = type(layer).forward(layer, torch.eye(64)).T
         assert bool((seen[rows][~keep] == 0).all())
     drop.restore()
-    assert drop.targets[0].layout == "cpu" and drop.is_restored()
+    assert drop.targets[0].layout == "cpu"
+    assert drop.is_restored()
     reference = linear4bit(quant_storage, nested=False)  # the same weight, never masked, repacked
     _repack_for_cpu(reference)
     assert torch.equal(storage_bytes(w), storage_bytes(reference.weight))
@@ -319,7 +336,8 @@ def test_probe_keeps_bitsandbytes_from_repacking_4bit_weights():
 
     model = Tiny()
     forward_with_hooks(model, torch.tensor([[1]]), lambda: [])
-    assert model.seen == [False] and model.up.support_avx512bf16_for_cpu == 1
+    assert model.seen == [False]
+    assert model.up.support_avx512bf16_for_cpu == 1
     assert not getattr(model.up.weight.quant_state, "packing_format_for_cpu", False)
 
 
@@ -343,7 +361,8 @@ def test_factory_refuses_storage_no_backend_claims():
 
     bnb = pytest.importorskip("bitsandbytes")
     int8 = bnb.nn.Int8Params(torch.randn(32, 16), requires_grad=False, has_fp16_weights=False).to("cpu")
-    assert int8.dtype == torch.int8 and int8.SCB is not None
+    assert int8.dtype == torch.int8
+    assert int8.SCB is not None
 
     class Odd(torch.Tensor):
         pass
@@ -365,4 +384,5 @@ def test_factory_refuses_storage_no_backend_claims():
     for expected, weight in cases.items():
         with pytest.raises(UnsupportedStorageError, match=expected) as err:
             row_target("model.layers.1.mlp.up_proj.weight", weight, [1], module=GPTQish())
-        assert "\n" not in str(err.value) and str(err.value).startswith("model.layers.1.mlp.up_proj.weight: ")
+        assert "\n" not in str(err.value)
+        assert str(err.value).startswith("model.layers.1.mlp.up_proj.weight: ")

@@ -170,10 +170,12 @@ def test_the_packaged_positions_are_the_published_ones(packaged):
     for model, (paper_layer, top5, expert) in HOC.items():
         m = by_model(packaged, model).massive
         assert (m.layer, m.printed_layer, m.layer_base) == (paper_layer - 1, paper_layer, 1), model
-        assert list(m.indices) == top5 and m.expert == expert, model
+        assert list(m.indices) == top5, model
+        assert m.expert == expert, model
     for model, coords in SUPER.items():
         sw = by_model(packaged, model).super_weights
-        assert sw.layer_base == 0 and [c.as_list() for c in sw.coordinates] == coords, model
+        assert sw.layer_base == 0, model
+        assert [c.as_list() for c in sw.coordinates] == coords, model
     phi = by_model(packaged, "Phi-3-mini-4k-instruct").super_weights
     assert [(c.layer, c.col) for c in phi.coordinates][:3] == [(2, 808)] * 3
     for size in ("2b", "9b", "27b"):
@@ -182,10 +184,13 @@ def test_the_packaged_positions_are_the_published_ones(packaged):
 
 def test_every_entry_cites_its_sources(packaged):
     for e in packaged:
-        assert e.config_sources and all(s.strip() for s in e.config_sources), e.model
+        assert e.config_sources, e.model
+        assert all(s.strip() for s in e.config_sources), e.model
         for block in (e.massive, e.super_weights):
             if block is not None:
-                assert block.source and block.cite and block.cite != block.source, e.model
+                assert block.source, e.model
+                assert block.cite, e.model
+                assert block.cite != block.source, e.model
     assert by_model(packaged, "Meta-Llama-3-8B").massive.source == "House of Cards Table 6"
 
 
@@ -203,27 +208,37 @@ def test_no_two_packaged_entries_can_match_one_config(packaged):
 def test_massive_match_and_the_one_based_mistake(packaged):
     entry = match_config(LLAMA_3_8B, packaged)
     ok = compare_massive(entry, 1, LLAMA_3_8B_TOP5)
-    assert isinstance(ok, Comparison) and ok.matches and ok.reported
+    assert isinstance(ok, Comparison)
+    assert ok.matches
+    assert ok.reported
     assert ok.message == ("matches the published position (House of Cards Table 6, Meta-Llama-3-8B: layer 2 "
                           "1-based = 1 0-based, top-5 [2427, 198, 6412, 12657, 591]): layer 1, top-1 2427, "
                           "5/5 of the top-5")
     d = ok.to_dict()
-    assert d["published"]["layer"] == 1 and d["published"]["paper_layer"] == 2
-    assert d["published"]["indices"] == LLAMA_3_8B_TOP5 and d["matches"] is True
-    assert d["overlap"] == 5 and d["overlap_of"] == 5
+    assert d["published"]["layer"] == 1
+    assert d["published"]["paper_layer"] == 2
+    assert d["published"]["indices"] == LLAMA_3_8B_TOP5
+    assert d["matches"] is True
+    assert d["overlap"] == 5
+    assert d["overlap_of"] == 5
     json.dumps(d)
 
     wrong = compare_massive(entry, 2, LLAMA_3_8B_TOP5)
-    assert not wrong.matches and wrong.reported
+    assert not wrong.matches
+    assert wrong.reported
     assert wrong.message.startswith("differs from the published position")
-    assert "layer 2 1-based = 1 0-based" in wrong.message and "located layer 2 (0-based)" in wrong.message
-    assert "published layer 1 (0-based)" in wrong.message and "\n" not in wrong.message
+    assert "layer 2 1-based = 1 0-based" in wrong.message
+    assert "located layer 2 (0-based)" in wrong.message
+    assert "published layer 1 (0-based)" in wrong.message
+    assert "\n" not in wrong.message
 
     # same layer, another top-1: differs; the overlap is reported, not required
     shuffled = compare_massive(entry, 1, [198, 2427, 6412, 12657, 591])
-    assert not shuffled.matches and shuffled.details["overlap"] == 5
+    assert not shuffled.matches
+    assert shuffled.details["overlap"] == 5
     partial = compare_massive(entry, 1, [2427, 1, 2, 3, 4])
-    assert partial.matches and "1/5 of the top-5" in partial.message
+    assert partial.matches
+    assert "1/5 of the top-5" in partial.message
 
 
 def test_moe_needs_the_same_expert(packaged):
@@ -231,14 +246,17 @@ def test_moe_needs_the_same_expert(packaged):
     top5 = [7310, 7530, 11981, 7492, 3178]
     assert compare_massive(entry, 1, top5, expert=4).matches
     other = compare_massive(entry, 1, top5, expert=3)
-    assert not other.matches and "expert 3" in other.message and "expert 4" in other.message
+    assert not other.matches
+    assert "expert 3" in other.message
+    assert "expert 4" in other.message
     assert not compare_massive(entry, 1, top5).matches
 
 
 def test_gemma2_says_none_reported(packaged):
     entry = match_config(GEMMA_2_9B, packaged)
     c = compare_massive(entry, 5, [100, 200])
-    assert not c.matches and not c.reported
+    assert not c.matches
+    assert not c.reported
     assert "reports no massive weights for gemma-2-9b" in c.message
     assert c.to_dict()["published"]["none_reported"] is True
     assert not compare_super_weights(entry, [(1, 2, 3)]).reported
@@ -249,14 +267,19 @@ def test_super_weights_match_and_differ(packaged):
     assert compare_super_weights(llama2, [(1, 2533, 7890)]).matches
     assert compare_super_weights(llama2, [(11, 5, 9), (1, 2533, 7890)]).matches  # any located one
     off = compare_super_weights(llama2, [(2, 2533, 7890)])
-    assert not off.matches and "1-based" in off.message
+    assert not off.matches
+    assert "1-based" in off.message
     assert not compare_super_weights(llama2, [(1, 2534, 7890)]).matches  # the row is published: it counts
     wrong = compare_super_weights(llama2, [(3, 4743, 7678)])  # Llama-2-13B's
-    assert not wrong.matches and "(3, 4743, 7678)" in wrong.message and "(1, 2533, 7890)" in wrong.message
+    assert not wrong.matches
+    assert "(3, 4743, 7678)" in wrong.message
+    assert "(1, 2533, 7890)" in wrong.message
 
     llama3 = match_config(LLAMA_3_8B, packaged)
     c = compare_super_weights(llama3, [(1, 1384, 2427)])
-    assert c.matches and c.to_dict()["found"] == [[1, 1384, 2427]] and c.to_dict()["overlap_of"] == 3
+    assert c.matches
+    assert c.to_dict()["found"] == [[1, 1384, 2427]]
+    assert c.to_dict()["overlap_of"] == 3
     olmo = match_config(OLMO_1B_0724, packaged)
     assert compare_super_weights(olmo, [(2, 1764, 8041)]).matches
 
@@ -279,13 +302,16 @@ def test_a_user_file_entry_matches_a_tiny_config(tmp_path, packaged):
     entries = load_published([path])
     assert len(entries) == len(packaged) + 1
     entry = match_config({**TINY, "vocab_size": 256, "rope_theta": 10000.0}, entries)
-    assert entry.model == "tiny-llama (measured here)" and entry.origin == str(path)
+    assert entry.model == "tiny-llama (measured here)"
+    assert entry.origin == str(path)
     c = compare_massive(entry, 1, [13, 97])
-    assert c.matches and "my run, tiny-llama (measured here): layer 1 (0-based)" in c.message
+    assert c.matches
+    assert "my run, tiny-llama (measured here): layer 1 (0-based)" in c.message
     assert "paper_layer" not in c.to_dict()["published"]
     # a 1-based source, the row not given: layer 2 1-based is index 1, any row matches
     sw = compare_super_weights(entry, [(1, 40, 13)])
-    assert sw.matches and sw.to_dict()["published"]["paper_layers"] == [2]
+    assert sw.matches
+    assert sw.to_dict()["published"]["paper_layers"] == [2]
     assert sw.to_dict()["published"]["super_weights"] == [[1, None, 13]]
     assert match_config(LLAMA_3_8B, entries).model == "Meta-Llama-3-8B"  # the packaged ones still there
 
@@ -331,7 +357,9 @@ def test_a_malformed_user_file_gives_one_clear_line(tmp_path, content, fragment)
         load_published([path])
     message = str(info.value)
     assert isinstance(info.value, ValueError)
-    assert message.startswith(f"{path}: ") and fragment in message and "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert fragment in message
+    assert "\n" not in message
 
 
 def test_a_missing_user_file_names_itself(tmp_path):
@@ -340,11 +368,12 @@ def test_a_missing_user_file_names_itself(tmp_path):
 
 
 def test_one_conversion_of_layer_numbers():
-    assert to_zero_based(2, 1) == 1 and to_zero_based(1, 0) == 1
+    assert to_zero_based(2, 1) == 1
+    assert to_zero_based(1, 0) == 1
 
 
 def test_the_user_file_example_in_the_docs_loads(tmp_path):
-    from conftest import REPO
+    from helpers.process import REPO
 
     text = (REPO / "docs" / "locator.md").read_text()
     section = text.split("## Published positions", 1)[1]

@@ -5,7 +5,7 @@ explicit deviations (core/text_prefix.py). The expected ids come from the tokeni
 from dataclasses import replace
 
 import pytest
-import tiny
+from helpers import tiny
 
 from llamafactory_macdrop.analysis.evaluate.perplexity import CORPORA, TEXT_FILE_PROTOCOL, resolve_protocol
 from llamafactory_macdrop.core.text_prefix import PrefixError, config_bos_token_id, resolve_prefix, tokenizer_prefix
@@ -46,25 +46,35 @@ def test_an_appended_eos_is_not_a_prefix(tmp_path):
 
 def test_explicit_choices_and_refusals(llama_tok, chatml_tok):
     own = resolve_prefix(llama_tok)
-    assert own.token_ids == (llama_tok.bos_token_id,) and own.source == "tokenizer" and own.tokenizer_adds_bos
-    assert own.protocol()["prefix_token"] == "<s>" and "(the tokenizer adds it)" in own.describe()
+    assert own.token_ids == (llama_tok.bos_token_id,)
+    assert own.source == "tokenizer"
+    assert own.tokenizer_adds_bos
+    assert own.protocol()["prefix_token"] == "<s>"
+    assert "(the tokenizer adds it)" in own.describe()
     none = resolve_prefix(llama_tok, "none")
-    assert none.token_ids == () and none.tokenizer_adds_bos and "the tokenizer would add" in none.describe()
+    assert none.token_ids == ()
+    assert none.tokenizer_adds_bos
+    assert "the tokenizer would add" in none.describe()
 
     plain = resolve_prefix(chatml_tok, config_bos=0)
-    assert plain.token_ids == () and not plain.tokenizer_adds_bos
+    assert plain.token_ids == ()
+    assert not plain.tokenizer_adds_bos
     assert plain.protocol()["config_bos_token_id"] == 0
     assert "config bos_token_id 0 '<|endoftext|>' is not put first" in plain.describe()
     with pytest.raises(PrefixError) as err:
         resolve_prefix(chatml_tok, "stream", config_bos=0)
     message = str(err.value)
-    assert message.startswith("--bos stream: this tokenizer adds no BOS") and "bos_token_id 0 '<|endoftext|>'" in message
-    assert "--bos-token ID|TEXT" in message and "\n" not in message
+    assert message.startswith("--bos stream: this tokenizer adds no BOS")
+    assert "bos_token_id 0 '<|endoftext|>'" in message
+    assert "--bos-token ID|TEXT" in message
+    assert "\n" not in message
 
     by_text = resolve_prefix(chatml_tok, "stream", "<|endoftext|>", vocab_size=len(chatml_tok))
     by_id = resolve_prefix(chatml_tok, None, 0, vocab_size=len(chatml_tok))
-    assert by_text.token_ids == by_id.token_ids == (0,) and by_text.source == "--bos-token"
-    assert by_id.protocol()["tokenizer_adds_bos"] is False and "the tokenizer itself adds none" in by_id.describe()
+    assert by_text.token_ids == by_id.token_ids == (0,)
+    assert by_text.source == "--bos-token"
+    assert by_id.protocol()["tokenizer_adds_bos"] is False
+    assert "the tokenizer itself adds none" in by_id.describe()
     for bad, fragment in ((10**6, "a token id is in 0.."), ("the quick brown", "tokens"), ("", "is not allowed")):
         with pytest.raises(PrefixError, match=fragment):
             resolve_prefix(chatml_tok, None, bad, vocab_size=len(chatml_tok))

@@ -5,7 +5,7 @@ Not collected by pytest (CI has no GPU). Run on a machine with a GPU, from the r
     python tests/gpu/check_gpu.py [--out DIR] [--only bf16,zero3,qlora,fsdp1,fsdp2]
 
 Needs llamafactory 0.9.5 and its training stack, deepspeed (zero3) and bitsandbytes (qlora).
-Each case trains the planted tiny Llama (tests/tiny.py) for a few optimizer steps through
+Each case trains the planted tiny Llama (tests/helpers/tiny.py) for a few optimizer steps through
 LLaMA-Factory's own ``run_exp`` (via tests/dist_check.py, under ``torchrun`` for ZeRO-3, under
 ``accelerate launch --config_file yaml_configs/fsdp_config.yaml`` / ``fsdp2_config.yaml``
 unchanged — bf16 mixed precision, FULL_STATE_DICT save, sync_module_states and
@@ -33,9 +33,9 @@ TESTS = HERE.parent
 REPO = TESTS.parent
 sys.path[:0] = [str(TESTS), str(REPO)]
 
-import tiny  # noqa: E402
 import torch  # noqa: E402
 from dist_check import verify  # noqa: E402
+from helpers import tiny  # noqa: E402
 
 STEPS, GA, SEED = 4, 2, 11
 CASES = {

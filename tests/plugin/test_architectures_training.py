@@ -5,9 +5,9 @@ and every pre-trained weight is bit-identical afterwards."""
 import json
 
 import pytest
-import tiny
-import tiny_archs as ta
 import torch
+from helpers import tiny
+from helpers import tiny_archs as ta
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -117,7 +117,8 @@ def test_training_masks_the_located_rows_and_restores_everything(name, tiny_data
     # layer and rows, ranked in another order than BOS ranks them
     assert (located["layer"], sorted(located["indices"])) == (ta.PLANTED_LAYER, sorted(ta.PLANTED_INDICES))
     assert located["expert"] == (ta.PLANTED_EXPERT if "moe" in name or name == "mixtral" else None)
-    assert watcher.seen and all(same for _, same in watcher.seen)  # one mask for gate and up
+    assert watcher.seen
+    assert all(same for _, same in watcher.seen)  # one mask for gate and up
     assert all(0.3 < frac < 0.7 for frac, _ in watcher.seen), watcher.seen  # p = 0.5
 
     base = watcher.model.get_base_model()

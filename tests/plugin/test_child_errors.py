@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from helpers.process import REPO
 
 from llamafactory_macdrop.plugin import child_errors
 
@@ -35,7 +35,9 @@ def test_the_first_rank_to_record_wins_and_no_message_is_torn(tmp_path):
     won = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sorted(won) == ["False", "False", "False", "True"]
     text = child_errors.read(str(path))
-    assert len(text) == 20000 and len(set(text)) == 1 and text[0] == "abcd"[won.index("True")]
+    assert len(text) == 20000
+    assert len(set(text)) == 1
+    assert text[0] == "abcd"[won.index("True")]
     child_errors.discard(str(path))
     assert list(tmp_path.iterdir()) == []
 
@@ -68,12 +70,15 @@ def _watched(tmp_path, grace, ends_itself):
 
 def test_the_watcher_ends_a_process_that_waits_once_another_rank_recorded_its_error(tmp_path):
     code, seconds, message = _watched(tmp_path, grace=0.2, ends_itself=False)
-    assert code == 0 and seconds < 10 and message == "planted: another rank"
+    assert code == 0
+    assert seconds < 10
+    assert message == "planted: another rank"
 
 
 def test_the_watcher_leaves_a_process_that_ends_by_itself(tmp_path):
     code, seconds, message = _watched(tmp_path, grace=0.2, ends_itself=True)
-    assert code == 3 and seconds > 1.0  # its own exit, after the grace had passed
+    assert code == 3
+    assert seconds > 1.0  # its own exit, after the grace had passed
     assert message == "planted: another rank"  # the first writer's message stays
 
 

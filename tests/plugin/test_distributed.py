@@ -40,11 +40,11 @@ import subprocess
 import sys
 
 import pytest
-import tiny
 import torch
 import yaml
-from conftest import BIN, REPO
 from dist_check import verify
+from helpers import tiny
+from helpers.process import BIN, REPO
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -114,7 +114,7 @@ def _run(tmp_path, model_dir, data_dir, mode, stage="pt", oracle=None):
     args = _args(model_dir, data_dir, work / "out", mode, stage)
     (work / "args.json").write_text(json.dumps(args))
     extra = []
-    if oracle is not None:  # where the planted massive weights of this model are (default: tests/tiny.py's)
+    if oracle is not None:  # where the planted massive weights of this model are (default: tests/helpers/tiny.py's)
         (work / "oracle.json").write_text(json.dumps(oracle))
         extra = [str(work / "oracle.json")]
     cmd = [sys.executable, str(SCRIPT)] if mode in SINGLE_PROCESS else \
@@ -185,7 +185,8 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(
         if mode == "fsdp2":
             assert trace["storage"]["up"]["type"] == "DTensor", trace["storage"]
         if mode == "qlora":  # LLaMA-Factory stores the 4-bit codes in a float tensor (quant_storage = compute dtype)
-            assert trace["storage"]["up"]["quantized"] and trace["storage"]["up"]["dtype"] != "torch.uint8", trace["storage"]
+            assert trace["storage"]["up"]["quantized"], trace["storage"]
+            assert trace["storage"]["up"]["dtype"] != "torch.uint8", trace["storage"]
     verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA,
            zero3=mode.startswith("zero3"), original=original)
 
@@ -214,13 +215,14 @@ def test_moe_under_zero3_locates_the_routed_expert_and_masks_only_its_rows(tiny_
     """Mixtral-style fused experts under ZeRO-3 (2 ranks): every parameter is a 1-D partition
     outside its module's forward, so the layout is recognised from ``ds_shape`` and the router and
     expert weights are read inside their own modules' forward, where ZeRO-3 has gathered them."""
-    import tiny_archs as ta
+    from helpers import tiny_archs as ta
 
     model_dir = ta.save_with_tokenizer("mixtral", tmp_path / "mixtral")
     oracle = {"layer": ta.PLANTED_LAYER, "indices": ta.PLANTED_INDICES, "expert": ta.PLANTED_EXPERT}
     traces, log = _run(tmp_path, model_dir, tiny_data_dir, "moe_zero3", oracle=oracle)
     assert traces[0]["located"]["expert"] == ta.PLANTED_EXPERT
     for trace in traces:
-        assert trace["engine"] == "DeepSpeedEngine" and trace["storage"]["experts"]["zero3_partitioned"]
+        assert trace["engine"] == "DeepSpeedEngine"
+        assert trace["storage"]["experts"]["zero3_partitioned"]
     verify(traces, layer=ta.PLANTED_LAYER, indices=ta.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA, zero3=True)
     assert [h["macdrop_p"] for h in log] == pytest.approx([0.6, 0.4, 0.2, 0.0])

@@ -4,9 +4,9 @@ import dataclasses
 import os
 
 import pytest
-import tiny
 import torch
-from conftest import BIN, run_cli
+from helpers import tiny
+from helpers.process import BIN, run_cli
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -89,7 +89,8 @@ def test_exported_merge_equals_merge_onto_the_untouched_base(tiny_llama_dir, tin
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out).merge_and_unload()
     state = reference.state_dict()
-    assert merged and set(merged) <= set(state)
+    assert merged
+    assert set(merged) <= set(state)
     expected = {k: state[k] for k in merged}
     for name, tensor in expected.items():
         assert torch.equal(bits(merged[name].to(tensor.dtype)), bits(tensor)), name
@@ -107,7 +108,8 @@ def test_macdrop_keys_without_the_plugin_name_the_keys(tiny_data_dir, tmp_path):
     proc = run_cli(["llamafactory-cli", "train", str(tmp_path / "x.yaml")], cwd=tmp_path,
                    env_extra={"MACDROP_AUTOLOAD": "0"})
     assert proc.returncode != 0
-    assert "Some keys are not used by the HfArgumentParser" in proc.stderr and "'macdrop_k'" in proc.stderr
+    assert "Some keys are not used by the HfArgumentParser" in proc.stderr
+    assert "'macdrop_k'" in proc.stderr
     assert "Traceback" in proc.stderr  # LF's own error, not ours: docs/install.md explains it
 
 

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-import tiny
-import tiny_archs as ta
 import torch
+from helpers import tiny
+from helpers import tiny_archs as ta
 from transformers import TrainerCallback
 
 from llamafactory_macdrop.core.first_token import (
@@ -93,7 +93,8 @@ def test_training_probes_the_first_batch_token(chatml_dir, tiny_data_dir, tmp_pa
     located = json.loads((tmp_path / "macdrop_locator.json").read_text())
     assert located["probe_token_source"].startswith("first training batch: position 0 of")
     sources = {c["token_id"]: c["source"] for c in located["candidates"]}
-    assert sources[ENDOFTEXT] == "config.bos_token_id" and IM_END in sources
+    assert sources[ENDOFTEXT] == "config.bos_token_id"
+    assert IM_END in sources
     if stage != "pt":  # every chat sequence starts with <|im_start|>, which carries the massive activation
         assert (located["probe_token_id"], located["probe_token_text"]) == (IM_START, "<|im_start|>")
         assert "(100%)" in located["probe_token_source"]
@@ -101,8 +102,10 @@ def test_training_probes_the_first_batch_token(chatml_dir, tiny_data_dir, tmp_pa
         assert not located["warnings"]
     else:  # packed plain text starts with a word; no candidate has a massive activation: warn, train on
         assert located["probe_token_id"] != IM_START  # packed blocks start mid-text (often right after <|im_end|>)
-        assert located["massive"] is False and {c["origin_layer"] for c in located["candidates"]} == {None}
-        assert len(located["warnings"]) == 1 and located["warnings"][0].startswith("no massive activation")
+        assert located["massive"] is False
+        assert {c["origin_layer"] for c in located["candidates"]} == {None}
+        assert len(located["warnings"]) == 1
+        assert located["warnings"][0].startswith("no massive activation")
         assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
 
 
@@ -118,5 +121,6 @@ def test_macdrop_probe_token_overrides_the_first_batch_token(chatml_dir, tiny_da
         ENDOFTEXT, "<|endoftext|>", "override: first token of '<|endoftext|>'")
     assert [(c["token_id"], c["origin_layer"]) for c in located["candidates"]] == [(ENDOFTEXT, None)]  # the only one
     assert located["massive"] is False
-    assert len(located["warnings"]) == 1 and located["warnings"][0].startswith("no massive activation")
+    assert len(located["warnings"]) == 1
+    assert located["warnings"][0].startswith("no massive activation")
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 1

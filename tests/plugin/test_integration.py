@@ -8,8 +8,8 @@ against the checkpoint on disk.
 import json
 
 import pytest
-import tiny
 import torch
+from helpers import tiny
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -97,15 +97,18 @@ def test_masks_only_during_training_steps_and_restores_bitwise(tiny_llama_dir, t
 
     train_calls = [c for c in watcher.calls if c["training"]]
     eval_calls = [c for c in watcher.calls if not c["training"]]
-    assert train_calls and eval_calls
+    assert train_calls
+    assert eval_calls
     assert all(c["others_original"] for c in watcher.calls)
     assert all(c["rows_original"] for c in eval_calls)  # evaluation never sees masked weights
     for c in train_calls:
         p = 0.8 * (1 - c["step"] / total)
         assert torch.equal(c["zeros_up"], c["zeros_gate"])  # ONE mask for W_up and W_gate
         assert abs(c["zeros_up"].float().mean().item() - p) < 0.15, (c["step"], p)
-    assert train_calls[-1]["step"] == total and train_calls[-1]["rows_original"]  # p = 0 at the last step
-    assert watcher.step_end_clean == [True] * total and watcher.final_clean
+    assert train_calls[-1]["step"] == total
+    assert train_calls[-1]["rows_original"]  # p = 0 at the last step
+    assert watcher.step_end_clean == [True] * total
+    assert watcher.final_clean
 
     located = json.loads((tmp_path / "macdrop_locator.json").read_text())
     assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES)
@@ -119,7 +122,8 @@ def test_dpo_reference_forward_sees_the_original_rows(tiny_llama_dir, tiny_data_
     run_in_process(args, [watcher])
     policy = [c for c in watcher.calls if c["training"] and not c["reference"]]
     reference = [c for c in watcher.calls if c["reference"]]
-    assert policy and reference
+    assert policy
+    assert reference
     assert all(c["rows_original"] for c in reference)
     assert all(not c["rows_original"] and torch.equal(c["zeros_up"], c["zeros_gate"]) for c in policy)
     assert watcher.final_clean
@@ -128,7 +132,8 @@ def test_dpo_reference_forward_sees_the_original_rows(tiny_llama_dir, tiny_data_
 def test_macdrop_off_changes_nothing(tiny_llama_dir, tiny_data_dir, tmp_path):
     args = lf_args(tiny_llama_dir, tiny_data_dir, tmp_path, macdrop=False, macdrop_k=3, num_train_epochs=1)
     lf_only, config = integration.validate_args(args)
-    assert config is None and not any(k.startswith("macdrop") for k in lf_only)
+    assert config is None
+    assert not any(k.startswith("macdrop") for k in lf_only)
     no_keys = {k: v for k, v in args.items() if not k.startswith("macdrop")}
     assert integration.validate_args(no_keys) == (no_keys, None)
     run_in_process(args, [])
@@ -255,7 +260,8 @@ def test_moved_internals_fail_with_versions(monkeypatch):
         with integration.macdrop_trainers(MacDropConfig(macdrop=True), "sft"):
             pass
     message = str(info.value)
-    assert "llamafactory 0.9.5" in message and "supported: llamafactory==0.9.5" in message
+    assert "llamafactory 0.9.5" in message
+    assert "supported: llamafactory==0.9.5" in message
     assert "CustomSeq2SeqTrainer" in message
 
 
@@ -266,5 +272,6 @@ def test_trainer_swap_is_undone_after_the_run():
 
     original = sft.CustomSeq2SeqTrainer
     with integration.macdrop_trainers(MacDropConfig(macdrop=True), "sft") as patched:
-        assert sft.CustomSeq2SeqTrainer is patched and issubclass(patched, original)
+        assert sft.CustomSeq2SeqTrainer is patched
+        assert issubclass(patched, original)
     assert sft.CustomSeq2SeqTrainer is original

@@ -20,7 +20,9 @@ def test_yaml_and_command_line_values_are_coerced():
     cli_cfg = MacDropConfig.from_raw({"macdrop": "true", "macdrop_k": "3", "macdrop_p0": "0.5", "macdrop_indices": "null"})
     assert yaml_cfg == cli_cfg
     cfg = MacDropConfig.from_raw({"macdrop_indices": "1229, 1487", "macdrop_layer": "11"})
-    assert cfg.macdrop_indices == (1229, 1487) and cfg.macdrop_layer == 11 and cfg.macdrop_k == 2
+    assert cfg.macdrop_indices == (1229, 1487)
+    assert cfg.macdrop_layer == 11
+    assert cfg.macdrop_k == 2
     assert MacDropConfig.from_raw({"macdrop_indices": [7, 3, 9]}).macdrop_indices == (7, 3, 9)
 
 
@@ -72,7 +74,8 @@ def test_curriculum_typo_gets_a_suggestion():
 def test_unknown_key_suggests_the_nearest():
     with pytest.raises(MacDropConfigError) as info:
         MacDropConfig.from_raw({"macdrop_p": 0.5})
-    assert "unknown key 'macdrop_p'" in str(info.value) and "did you mean 'macdrop_p0'" in str(info.value)
+    assert "unknown key 'macdrop_p'" in str(info.value)
+    assert "did you mean 'macdrop_p0'" in str(info.value)
     with pytest.raises(MacDropConfigError, match="did you mean 'macdrop_curriculum'"):
         MacDropConfig.from_raw({"macdrop_curiculum": "step"})
 

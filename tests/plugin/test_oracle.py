@@ -10,9 +10,9 @@ that the mechanism drew exactly that one) losses and adapter gradients must be i
 import copy
 
 import pytest
-import tiny
 import torch
 from dist_check import expected_keep
+from helpers import tiny
 
 from llamafactory_macdrop.core.architectures import find_ffn_blocks
 from llamafactory_macdrop.core.curriculum import Progress
@@ -98,7 +98,8 @@ def _run_both(tiny_llama, dora, checkpointing, scope="massive", steps=4, p0=0.8)
             loss.backward()
         # the mechanism drew the mask the published seeding rule predicts (re-implemented in
         # dist_check), and the literal Algorithm 1 runs with THAT prediction, not with the mechanism's
-        assert (keep is None) == (want is None) and (want is None or torch.equal(keep.cpu(), want))
+        assert (keep is None) == (want is None)
+        assert want is None or torch.equal(keep.cpu(), want)
         ref = oracle_step(oracle, result.layer, rows, want, batch)
         yield t, keep, loss.detach(), ref, _grads(base), _grads(oracle)
         assert all(torch.equal(bits(w), o) for w, o in zip(_weights(base, result.layer), originals))
@@ -110,7 +111,8 @@ def test_mechanism_equals_literal_algorithm_1(tiny_llama, dora, checkpointing):
     masked_steps = 0
     for t, keep, loss, ref, grads, ref_grads in _run_both(tiny_llama, dora, checkpointing):
         assert torch.allclose(loss, ref, rtol=0, atol=1e-6), (t, loss, ref)
-        assert grads.keys() == ref_grads.keys() and len(grads) > 0
+        assert grads.keys() == ref_grads.keys()
+        assert len(grads) > 0
         for name in grads:
             assert torch.allclose(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7), name
         masked_steps += keep is not None
@@ -131,7 +133,7 @@ def test_masks_change_the_loss_so_the_comparison_has_power(tiny_llama):
 
 @pytest.mark.parametrize("scope", ["all", "non_massive"])
 def test_scope_ablations_target_the_right_rows(tiny_llama, scope):
-    for t, keep, loss, ref, grads, ref_grads in _run_both(tiny_llama, False, False, scope=scope, steps=2):
+    for _t, keep, loss, ref, _grads, _ref_grads in _run_both(tiny_llama, False, False, scope=scope, steps=2):
         if keep is not None:
             assert torch.allclose(loss, ref, rtol=0, atol=1e-6)
             n = tiny.INTERMEDIATE - (5 if scope == "non_massive" else 0)

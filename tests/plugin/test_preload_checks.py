@@ -7,9 +7,9 @@ import os
 import shutil
 
 import pytest
-import tiny
 import yaml
-from conftest import BIN, run_cli
+from helpers import tiny
+from helpers.process import BIN, run_cli
 
 from llamafactory_macdrop.plugin import integration
 from llamafactory_macdrop.plugin.keys import MacDropConfigError
@@ -73,7 +73,8 @@ def test_refused_in_one_line_before_anything_loads(case, overrides, message, con
     errors = [line for line in proc.stderr.splitlines() if "[macdrop] error" in line]
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert errors == [f"[macdrop] error: {message.format(**names)}"]
-    assert "Traceback" not in proc.stderr and not any(word in proc.stdout + proc.stderr for word in LOADING)
+    assert "Traceback" not in proc.stderr
+    assert not any(word in proc.stdout + proc.stderr for word in LOADING)
 
 
 def test_macdrop_off_ignores_its_keys_unchecked(tiny_llama_dir, tiny_data_dir, tmp_path):
@@ -86,7 +87,8 @@ def test_macdrop_off_ignores_its_keys_unchecked(tiny_llama_dir, tiny_data_dir, t
     warnings = [line for line in proc.stderr.splitlines() if "|macdrop]" in line]
     assert warnings == ["[WARNING|macdrop] MacDrop is off (no macdrop: true), so these keys are ignored (not checked): "
                         "macdrop_k, macdrop_kk"]
-    assert "[macdrop] error" not in proc.stderr and not (out / "macdrop_locator.json").exists()
+    assert "[macdrop] error" not in proc.stderr
+    assert not (out / "macdrop_locator.json").exists()
     assert (out / "adapter_model.safetensors").is_file()
     with pytest.raises(MacDropConfigError, match="macdrop='maybe' is not allowed: expected true or false"):
         integration.validate_args({**cfg, "macdrop": "maybe"})  # the switch itself is still a bool

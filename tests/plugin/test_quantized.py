@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import tiny
 import torch
+from helpers import tiny
+from helpers.process import REPO
 from transformers import TrainerCallback
-
-from conftest import REPO
 
 pytest.importorskip("bitsandbytes")
 
@@ -281,7 +280,7 @@ def test_prequantized_checkpoints_are_read_from_config_json(quantization, refuse
 
 def test_llamafactory_cli_prints_the_quantization_refusal_before_loading(tiny_llama_dir, tiny_data_dir, tmp_path):
     import yaml
-    from conftest import run_cli
+    from helpers.process import run_cli
 
     config = tmp_path / "int8.yaml"
     config.write_text(yaml.safe_dump(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "out",
@@ -289,7 +288,8 @@ def test_llamafactory_cli_prints_the_quantization_refusal_before_loading(tiny_ll
     proc = run_cli(["llamafactory-cli", "train", str(config)], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("[macdrop] error:")]
-    assert len(lines) == 1 and "quantization_bit=8" in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "quantization_bit=8" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 
@@ -316,6 +316,7 @@ def test_qlora_with_an_earlier_adapter_trains_it_further_on_the_masked_4bit_base
     oracle, start = EffectiveWeightOracle(), AdapterAtStart()
     run_lf(qlora_args(dense_rows_llama_dir, tiny_data_dir, tmp_path, adapter_name_or_path=str(earlier_adapter)),
            [oracle, start])
-    assert start.loaded and all(start.loaded.values())  # the earlier adapter, not a fresh one
+    assert start.loaded
+    assert all(start.loaded.values())  # the earlier adapter, not a fresh one
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())
     assert_algorithm1(oracle, oracle.summary())

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers.process import REPO
 
 
 def _is_accelerate_config(path: Path) -> bool:
@@ -73,13 +73,17 @@ def test_recipe_parses_with_the_plugin_and_lf(path, monkeypatch):
     config, model_args, data_args, training_args, finetuning_args = parse_recipe(path, monkeypatch)
 
     # the paper's training recipe (REFERENCE.md section 2)
-    assert finetuning_args.stage == "sft" and finetuning_args.finetuning_type == "lora"
-    assert finetuning_args.lora_rank == 16 and finetuning_args.lora_alpha == 16
+    assert finetuning_args.stage == "sft"
+    assert finetuning_args.finetuning_type == "lora"
+    assert finetuning_args.lora_rank == 16
+    assert finetuning_args.lora_alpha == 16
     assert finetuning_args.lora_target == ["all"]
-    assert training_args.learning_rate == 1e-4 and training_args.num_train_epochs == 3
+    assert training_args.learning_rate == 1e-4
+    assert training_args.num_train_epochs == 3
     assert training_args.warmup_ratio == 0.05
     assert (training_args.adam_beta1, training_args.adam_beta2) == (0.9, 0.999)
-    assert training_args.bf16 and data_args.val_size == 0.05
+    assert training_args.bf16
+    assert data_args.val_size == 0.05
     assert training_args.per_device_train_batch_size == 8
     gpus = GPUS_OF_DEEPSPEED_RECIPES if training_args.deepspeed else 1
     assert gpus * 8 * training_args.gradient_accumulation_steps == PAPER_GLOBAL_BATCH
@@ -101,7 +105,8 @@ def test_recipe_parses_with_the_plugin_and_lf(path, monkeypatch):
         assert "_ds_z" not in path.stem
 
     if model_args.quantization_bit is not None:
-        assert "qlora" in path.stem and model_args.quantization_bit == 4
+        assert "qlora" in path.stem
+        assert model_args.quantization_bit == 4
         assert not finetuning_args.use_dora  # LF 0.9.5 refuses DoRA on a bitsandbytes model (docs/recipes.md)
     assert finetuning_args.use_dora == ("_dora_" in path.stem)
 
@@ -110,7 +115,9 @@ def test_recipe_parses_with_the_plugin_and_lf(path, monkeypatch):
         return
     assert "macdrop" in path.stem
     assert (config.macdrop_k, config.macdrop_p0, config.macdrop_curriculum) == (5, 0.8, "step")
-    assert config.macdrop_scope == "massive" and config.macdrop_layer is None and config.macdrop_indices is None
+    assert config.macdrop_scope == "massive"
+    assert config.macdrop_layer is None
+    assert config.macdrop_indices is None
     expected_model = {"llama3_8b": "meta-llama/Meta-Llama-3-8B", "mistral_7b": "mistralai/Mistral-7B-v0.1"}
     assert model_args.model_name_or_path == expected_model[path.stem.split("_")[0] + "_" + path.stem.split("_")[1]]
 
@@ -155,7 +162,8 @@ def test_accelerate_config_loads_and_macdrop_accepts_it(path, monkeypatch):
     for key, value in config.fsdp_config.items():
         monkeypatch.setenv(key.upper(), str(value).lower() if isinstance(value, bool) else str(value))
     settings = fsdp_settings({})
-    assert settings is not None and str(settings["version"]) == str(config.fsdp_config.get("fsdp_version", 1))
+    assert settings is not None
+    assert str(settings["version"]) == str(config.fsdp_config.get("fsdp_version", 1))
     assert settings["strategy"] in names[:1] + names[2:3] or str(settings["version"]) == "2"
     validate_args({"stage": "sft", "finetuning_type": "lora", "macdrop": True})  # must not raise
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")  # and the rules do bite on this environment

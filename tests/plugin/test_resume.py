@@ -7,7 +7,7 @@ import logging
 from contextlib import contextmanager
 
 import pytest
-import tiny
+from helpers import tiny
 
 from llamafactory_macdrop.core.locator import LocatorError
 from llamafactory_macdrop.plugin import integration

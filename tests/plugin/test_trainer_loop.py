@@ -16,10 +16,10 @@ import subprocess
 import time
 
 import pytest
-import tiny
 import torch
 import yaml
-from conftest import BIN, REPO
+from helpers import tiny
+from helpers.process import BIN, REPO
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -150,7 +150,8 @@ def test_dora_rescales_the_kept_elements_of_a_masked_row(tiny_llama_dir, tiny_da
     torch.testing.assert_close(dora[others], original[others], rtol=1e-5, atol=1e-6)  # unmasked rows: DoRA = W
     # not Algorithm 1's 1, and not 1/sqrt(1-p) either: it depends on WHICH elements drop. A planted row
     # is dominated by its massive entry: dropping it scales the rest by ~30-90, keeping it by ~1.
-    assert (scale >= 1.0).all() and (scale > 10).any()
+    assert (scale >= 1.0).all()
+    assert (scale > 10).any()
     print("DoRA row scales", [round(v, 3) for v in scale.tolist()], "1/sqrt(1-p) =", round(1 / math.sqrt(0.5), 3))
 
 
@@ -181,12 +182,15 @@ def test_a_non_finite_step_stops_the_run_before_its_checkpoint(grad_norm, monkey
     with pytest.raises(RuntimeError) as info:
         run_in_process(args, [plant])
     message = str(info.value)
-    assert type(info.value).__name__ == "NonFiniteTrainingError" and "\n" not in message
-    assert "non-finite at optimizer step 3" in message and "macdrop_p=0.5" in message
+    assert type(info.value).__name__ == "NonFiniteTrainingError"
+    assert "\n" not in message
+    assert "non-finite at optimizer step 3" in message
+    assert "macdrop_p=0.5" in message
     assert ("grad_norm=nan" if grad_norm == "available" else "training loss is nan/inf") in message
     assert message.endswith(f"the last checkpoint, {tmp_path / 'checkpoint-2'}, was saved at step 2, before the first non-finite step")
     assert plant.steps_ended == [1, 2, 3]  # stopped right after step 3 ...
-    assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "checkpoint-3").exists()  # ... before saving it
+    assert (tmp_path / "checkpoint-2").is_dir()
+    assert not (tmp_path / "checkpoint-3").exists()  # ... before saving it
 
 
 def test_fp16_loss_scaler_skips_are_exempt_unless_the_loss_is_non_finite(monkeypatch, tiny_llama_dir, tiny_data_dir, tmp_path):
@@ -229,9 +233,12 @@ def test_epoch_curriculum_within_one_epoch_is_refused_before_the_first_step(tiny
     with pytest.raises(MacDropConfigError) as info:
         run_in_process(args, [seen])
     message = str(info.value)
-    assert "macdrop_curriculum='epoch_after'" in message and "p = 0 throughout" in message
-    assert "use macdrop_curriculum: step, exp or constant" in message and "\n" not in message
-    assert seen.by_step == {} and seen.steps_ended == 0  # no forward, no step
+    assert "macdrop_curriculum='epoch_after'" in message
+    assert "p = 0 throughout" in message
+    assert "use macdrop_curriculum: step, exp or constant" in message
+    assert "\n" not in message
+    assert seen.by_step == {}
+    assert seen.steps_ended == 0  # no forward, no step
 
 
 def test_macdrop_off_warns_about_its_ignored_keys(tiny_llama_dir, tiny_data_dir, tmp_path):
@@ -271,10 +278,13 @@ def test_torchrun_children_report_a_plugin_error_in_one_line(case, overrides, fr
                           capture_output=True, text=True, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if "[macdrop] error:" in line]
     assert proc.returncode == 2, proc.stderr[-4000:]
-    assert len(errors) == 1 and fragment in errors[0], proc.stderr[-4000:]
-    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-4000:]
+    assert len(errors) == 1, proc.stderr[-4000:]
+    assert fragment in errors[0], proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "ChildFailedError" not in proc.stderr, proc.stderr[-4000:]
     if case == "mid-run":
-        assert (tmp_path / "out" / "checkpoint-1").is_dir() and not (tmp_path / "out" / "checkpoint-2").exists()
+        assert (tmp_path / "out" / "checkpoint-1").is_dir()
+        assert not (tmp_path / "out" / "checkpoint-2").exists()
 
 
 #: a test-only sitecustomize.py, first on the children's PYTHONPATH: on rank 1 the locator the
@@ -358,7 +368,8 @@ def test_a_plugin_error_on_rank_1_alone_ends_every_rank_at_once(rank0, port, tin
     errors = [line for line in proc.stderr.splitlines() if "[macdrop] error:" in line]
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert errors == [PLANTED], proc.stderr[-4000:]
-    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "ChildFailedError" not in proc.stderr, proc.stderr[-4000:]
     assert wall < QUICK_S, f"{wall:.0f} s"
 
 
@@ -380,8 +391,10 @@ def test_a_plugin_error_on_rank_1_alone_under_plain_torchrun(tiny_llama_dir, tin
     proc, wall = _run_quickly(cmd, tmp_path, env, "torchrun, rank 1 failing alone")
     errors = [line for line in proc.stderr.splitlines() if "[macdrop] error:" in line]
     assert proc.returncode != 0, proc.stderr[-4000:]
-    assert len(errors) == 1 and errors[0].endswith(PLANTED), proc.stderr[-4000:]
-    assert "[rank0]: Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-4000:]
+    assert len(errors) == 1, proc.stderr[-4000:]
+    assert errors[0].endswith(PLANTED), proc.stderr[-4000:]
+    assert "[rank0]: Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "Connection closed" not in proc.stderr, proc.stderr[-4000:]
     assert len(list((tmp_path / "tmp").glob("macdrop-error-*.claim"))) == 1  # one job, one claim
     assert wall < QUICK_S, f"{wall:.0f} s"
 

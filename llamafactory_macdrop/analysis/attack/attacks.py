@@ -35,8 +35,7 @@ adapter on top stays as trained (the paper's robustness comparison).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 

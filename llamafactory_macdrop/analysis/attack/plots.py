@@ -130,7 +130,7 @@ def attack_sweep_figure(report):
         if base is not None:
             ax.axhline(scale * base, color="black", linestyle="--", linewidth=1, label="no attack")
         others = {"superweight": iter(("tab:green", "tab:olive", "tab:cyan")), "activation": iter(("tab:purple", "tab:pink", "tab:brown"))}
-        for mode, k, label in settings:
+        for mode, _k, label in settings:
             if mode in others:
                 v = report.value(label, dataset, metric)
                 if v is not None:

@@ -48,9 +48,9 @@ from torch import nn
 
 from ...core.architectures import FFNBlock, base_layer, find_ffn_blocks
 from ...core.masking import bits as bit_view
+from ...errors import MacDropError
 from .attacks import SuperWeightTarget, check_super_weights
 from .sweep import SweepReport, evaluate_settings
-from ...errors import MacDropError
 
 CLIP_METHODS = ("none", "zscore", "block_pct", "tensor_pct", "iqr")
 PROTECTIONS = ("none", "sw", "sw+massive")

@@ -27,8 +27,8 @@ from torch import nn
 
 from ...core.probing import CsvRows, JsonReport
 from ...core.text_prefix import TextPrefix
-from .attacks import AttackSetting, ModelAttacker
 from ..evaluate.perplexity import PerplexityProtocol, TextSource, Windows, evaluate_perplexity, make_windows, tokenize
+from .attacks import AttackSetting, ModelAttacker
 
 
 @dataclass

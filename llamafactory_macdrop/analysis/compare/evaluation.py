@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from ..attack.attacks import AttackSetting, AttackTargets, ModelAttacker
-from .runs import MARKER, CompareError
-from .paired import AccuracyItems, MeanAccuracyItems, PerplexityItems
 from ..attack.sweep import evaluate_settings
+from .paired import AccuracyItems, MeanAccuracyItems, PerplexityItems
+from .runs import MARKER, CompareError
 
 
 def metric_name(kind: str, dataset: str, setting: str) -> str:

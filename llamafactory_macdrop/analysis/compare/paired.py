@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
 from ...errors import MacDropError
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..figures import save_figure
 from .evaluation import parse_metric
 from .paired import seed_spread
-from ..figures import save_figure
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]):
@@ -147,7 +147,7 @@ def plot_losses(histories: dict[tuple[str, int], list[dict[str, Any]]], path: Pa
     arms = list(dict.fromkeys(a for a, _ in histories))
     colors = _colors(arms)
     seeds = sorted({s for _, s in histories})
-    styles = {s: ls for s, ls in zip(seeds, ["-", "--", ":", "-."] * (len(seeds) // 4 + 1))}
+    styles = dict(zip(seeds, ["-", "--", ":", "-."] * (len(seeds) // 4 + 1)))
     fig, axes = _figure(1, 1, (7, 4))
     ax = axes[0, 0]
     ax_p = None

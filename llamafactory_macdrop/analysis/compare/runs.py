@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
 from ...errors import MacDropError
 
 MARKER = "macdrop_compare_run.json"

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from ...core.architectures import FFNBlock, find_ffn_blocks
-from ...core.text_prefix import TextPrefix, resolve_prefix
 from ...core.probing import (
     JsonReport,
     as_batch,
@@ -41,6 +40,7 @@ from ...core.probing import (
     model_name,
     per_position,
 )
+from ...core.text_prefix import TextPrefix, resolve_prefix
 
 
 def _top(t: torch.Tensor, k: int) -> tuple[list[float], list[list[int]]]:

@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .attention import AttentionReport
 from ..figures import save_figure
+from .attention import AttentionReport
 
 
 def _labels(tokens: Optional[Sequence[str]], n: int) -> list[str]:

@@ -94,7 +94,7 @@ def _weight_map(model_dir: Path) -> dict[str, Path]:
         from safetensors import safe_open
 
         with safe_open(str(single), "pt") as f:
-            return {name: single for name in f.keys()}
+            return dict.fromkeys(f.keys(), single)
     raise LocatorError(f"{model_dir}: no model.safetensors or model.safetensors.index.json (layer-by-layer loading reads safetensors only)")
 
 

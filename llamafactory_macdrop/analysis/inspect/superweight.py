@@ -40,7 +40,6 @@ import torch
 from torch import nn
 
 from ...core.architectures import FFNBlock, base_layer, find_ffn_blocks
-from ...core.text_prefix import TextPrefix
 from ...core.probing import (
     JsonReport,
     as_batch,
@@ -50,6 +49,7 @@ from ...core.probing import (
     per_position,
     unwrap_peft,
 )
+from ...core.text_prefix import TextPrefix
 
 RELATIVE = 0.5
 RULE = (

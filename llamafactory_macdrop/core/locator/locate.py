@@ -12,6 +12,7 @@ from .probe import _describe, probe_candidates, probe_ffn_states, token_text
 from .result import CandidateResult, LayerStats, LocatorError, LocatorResult, ProbeToken, RouterProbs
 from .rule import MASSIVE_ABS, MEDIAN_RATIO, MIN_JUMP, PERSIST_LAYERS, find_origin
 
+
 def _no_massive_warning(candidates: Sequence[CandidateResult], fallback: LayerStats) -> str:
     tried = ", ".join(f"{c.token_id}{' ' + repr(c.text) if c.text is not None else ''} (max {c.residual_max:,.1f})"
                       for c in candidates)

@@ -15,6 +15,7 @@ from ..model_config import read_config_json
 from ..probing import StopForward, as_batch, first_position, first_tensor, forward_with_hooks, unwrap_peft
 from .result import LayerStats, LocatorError, ProbeToken, RouterProbs
 
+
 def probe_ffn_states(
     model: nn.Module,
     blocks: Sequence[FFNBlock],

@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import torch
 
+from ...errors import MacDropError
 from ..probing import JsonReport
 from .rule import RULE
-from ...errors import MacDropError
 
 LOCATOR_FILE = "macdrop_locator.json"
 

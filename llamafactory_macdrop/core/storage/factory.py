@@ -7,12 +7,12 @@ from typing import Optional
 
 import torch
 
+from ...errors import MacDropError
 from .base import RowTarget
 from .bnb4bit import Packed4bitRows
 from .dense import DenseRows
 from .fsdp import FSDP1ShardRows, FSDP2ShardRows, FSDPShard, find_fsdp_shard, uses_fsdp
 from .zero3 import Zero3PartitionRows
-from ...errors import MacDropError
 
 SUPPORTED = ("dense float tensors, DeepSpeed ZeRO-3 partitions, FSDP1/FSDP2 shards, "
              "bitsandbytes 4-bit (quantization_bit: 4)")

@@ -1,9 +1,8 @@
 """attacks.py: in-place edits at the planted rows of every layout, and bitwise restoration."""
 
 import pytest
-import tiny
-import tiny_archs
 import torch
+from helpers import tiny, tiny_archs
 
 from llamafactory_macdrop.analysis.attack.attacks import (
     AttackError,
@@ -84,7 +83,8 @@ def test_zeroing_removes_the_planted_units_and_changes_the_logits(tiny_llama):
         inter = bos_intermediate(model, tiny.PLANTED_LAYER, 1)
         mlp = model.model.layers[tiny.PLANTED_LAYER].mlp
         top3 = tiny.PLANTED_INDICES[:3]
-        assert mlp.up_proj.weight[top3].abs().sum() == 0 and mlp.gate_proj.weight[top3].abs().sum() == 0
+        assert mlp.up_proj.weight[top3].abs().sum() == 0
+        assert mlp.gate_proj.weight[top3].abs().sum() == 0
         assert mlp.up_proj.weight[tiny.PLANTED_INDICES[3:]].abs().sum() > 0
         with torch.no_grad():
             attacked = model(ids).logits
@@ -105,7 +105,8 @@ def test_retaining_keeps_the_planted_path_and_zeroing_destroys_it(tiny_llama):
         inter = bos_intermediate(model, tiny.PLANTED_LAYER, 1)
         kept = residual_after(model, tiny.PLANTED_LAYER, ids)[0, 1]
     others = [i for i in range(tiny.INTERMEDIATE) if i not in tiny.PLANTED_INDICES]
-    assert (inter[others] == 0).all() and (inter[tiny.PLANTED_INDICES] > 0).all()
+    assert (inter[others] == 0).all()
+    assert (inter[tiny.PLANTED_INDICES] > 0).all()
     assert kept == pytest.approx(float(massive), rel=0.05)
     with attacker.applied(AttackSetting("zero", 5)):
         gone = residual_after(model, tiny.PLANTED_LAYER, ids)[0, 1]
@@ -161,7 +162,8 @@ def test_activation_attack_zeroes_or_means_the_massive_entries_then_unhooks(tiny
     model = tiny_llama.eval()
     ids = [1, 40, 41, 42]
     act = massive_activation_target(model, torch.tensor([ids]))
-    assert act.layer == tiny.PLANTED_LAYER and act.dims == [1]
+    assert act.layer == tiny.PLANTED_LAYER
+    assert act.dims == [1]
     located = locate_massive_weights(model, 5)
     attacker = ModelAttacker(model, AttackTargets(located.layer, located.indices, activations=act))
     base = residual_after(model, act.layer, ids)
@@ -169,7 +171,8 @@ def test_activation_attack_zeroes_or_means_the_massive_entries_then_unhooks(tiny
         with attacker.applied(AttackSetting("activation", fill=fill)):
             h = residual_after(model, act.layer, ids)
         assert float(h[0, 1]) == pytest.approx(expected)
-        assert torch.equal(h[1:, 1], base[1:, 1]) and torch.equal(h[:, 2:], base[:, 2:])  # only massive entries
+        assert torch.equal(h[1:, 1], base[1:, 1])
+        assert torch.equal(h[:, 2:], base[:, 2:])  # only massive entries
     assert torch.equal(residual_after(model, act.layer, ids), base)  # hook removed
 
 
@@ -189,17 +192,20 @@ def test_attacks_see_through_an_adapter(tiny_llama):
 def test_zero_and_retain_on_every_layout(arch):
     model = tiny_archs.build(arch)
     located = locate_massive_weights(model, 5)
-    assert located.layer == tiny_archs.PLANTED_LAYER and located.indices == tiny_archs.PLANTED_INDICES
+    assert located.layer == tiny_archs.PLANTED_LAYER
+    assert located.indices == tiny_archs.PLANTED_INDICES
     attacker = ModelAttacker(model, AttackTargets(located.layer, located.indices, expert=located.expert))
     before = state_bits(model)
     blocks = find_ffn_blocks(model)
     top = tiny_archs.PLANTED_INDICES[:2]
     with attacker.applied(AttackSetting("zero", 2)):
         inter = probe_ffn_states(model, blocks, tiny_archs.BOS)[1][located.layer]
-        assert (inter[top] == 0).all() and (inter[tiny_archs.PLANTED_INDICES[2:]] > 1).all()
+        assert (inter[top] == 0).all()
+        assert (inter[tiny_archs.PLANTED_INDICES[2:]] > 1).all()
     with attacker.applied(AttackSetting("retain", 2)):
         inter = probe_ffn_states(model, blocks, tiny_archs.BOS)[1][located.layer]
         others = [i for i in range(tiny_archs.I) if i not in top]
-        assert (inter[others] == 0).all() and (inter[top] > 1).all()
+        assert (inter[others] == 0).all()
+        assert (inter[top] > 1).all()
     assert_same_bits(model, before)
     attacker.verify_restored()

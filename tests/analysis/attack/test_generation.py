@@ -2,9 +2,9 @@
 independently attacked copy, weights come back bit for bit, and the settings filter."""
 
 import pytest
-import tiny
 import torch
-from lm_oracle import argmax_loop
+from helpers import tiny
+from helpers.lm_oracle import argmax_loop
 from test_attacks import assert_same_bits, attacker_for, state_bits
 
 from llamafactory_macdrop.analysis.attack.attacks import AttackError, sweep_settings

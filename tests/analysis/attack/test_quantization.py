@@ -8,12 +8,11 @@ import statistics
 
 import numpy as np
 import pytest
-import tiny
-import tiny_superweight as ts
 import torch
+from helpers import tiny
+from helpers import tiny_superweight as ts
 
 from llamafactory_macdrop.analysis.attack.attacks import SuperWeightTarget
-from llamafactory_macdrop.analysis.evaluate.perplexity import make_windows, tokenize
 from llamafactory_macdrop.analysis.attack.quantization import (
     ModelQuantizer,
     QuantizationReport,
@@ -23,6 +22,7 @@ from llamafactory_macdrop.analysis.attack.quantization import (
     run_quantization_sweep,
 )
 from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
+from llamafactory_macdrop.analysis.evaluate.perplexity import make_windows, tokenize
 from llamafactory_macdrop.cli import main
 
 F32 = np.float32
@@ -82,7 +82,8 @@ def test_rtn_is_the_scalar_rule_exactly(small, bits, block):
     got = rtn_quantize(small, bits, block)
     want = torch.tensor(scalar_rtn(small.flatten().tolist(), bits, block)).view(6, 8)
     assert torch.equal(got, want)
-    assert got.dtype == small.dtype and got.shape == small.shape
+    assert got.dtype == small.dtype
+    assert got.shape == small.shape
     if block == 8:  # row 2 is one block with max == min: left exactly as it was
         assert torch.equal(got[2], small[2])
         assert got[0, 3] == small[0, 3]  # the block max is a grid point: the outlier survives RTN
@@ -109,14 +110,16 @@ def test_all_zero_and_bf16_tensors():
     w = torch.randn(4, 32, dtype=torch.bfloat16)
     got = rtn_quantize(w, 4, 32)
     want = torch.tensor(scalar_rtn(w.float().flatten().tolist(), 4, 32)).view(4, 32).to(torch.bfloat16)
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("bad", ["zscore", "zscore:-1", "block_pct:0", "tensor_pct:100", "iqr:-2", "median:3", "none:1"])
 def test_bad_clip_specs_are_refused_in_one_line(bad, capsys):
     assert main(["quantize", "no-such-model", "--clip", bad, "--text-file", "x.txt"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("macdrop: error: --clip")
+    assert len(err) == 1
+    assert err[0].startswith("macdrop: error: --clip")
 
 
 @pytest.mark.parametrize("option, value", [("--bits", "0"), ("--bits", "8,x"), ("--block-size", "1"),
@@ -156,7 +159,8 @@ def test_clipping_destroys_the_super_weight_and_protecting_it_restores_the_model
     assert ppl[(8, "tensor", "zscore:3", "none")] > 4 * fp  # the clipped super weight breaks it
     assert seen[settings[1]] < 0.1 * ts.SW_VALUE
     assert ppl[(8, "tensor", "zscore:3", "sw")] == pytest.approx(fp, rel=0.02)  # written back: fixed
-    assert seen[settings[2]] == ts.SW_VALUE and seen[settings[3]] == ts.SW_VALUE
+    assert seen[settings[2]] == ts.SW_VALUE
+    assert seen[settings[3]] == ts.SW_VALUE
     assert ppl[(8, "tensor", "zscore:3", "sw+massive")] == pytest.approx(fp, rel=0.02)
     # without clipping the block max is on the grid: RTN alone keeps the super weight, even at 3 bits
     assert seen[settings[5]] == pytest.approx(ts.SW_VALUE, rel=1e-6)
@@ -183,7 +187,8 @@ def test_quantize_command(super_weight_llama_dir, tmp_path, capsys):
     assert {(r["bits"], r["block_size"], r["protect"], r["clip"]) for r in rows} == {
         (None, None, None, None), (8, "tensor", "none", "zscore:3"), (8, "tensor", "sw", "zscore:3"),
         (8, 64, "none", "zscore:3"), (8, 64, "sw", "zscore:3")}
-    assert len(rows) == 10 and {r["dataset"] for r in rows} == {"a.txt", "b.txt"}
+    assert len(rows) == 10
+    assert {r["dataset"] for r in rows} == {"a.txt", "b.txt"}
     assert [p["seq_len"] for p in data["perplexity_protocol"]] == [64, 64]
     assert data["super_weights"] == [{"layer": ts.SW_LAYER, "row": ts.SW_ROW, "col": ts.SW_COL}]
     assert data["restored_bitwise"] is True
@@ -209,7 +214,8 @@ def test_smollm2_reference_numbers(smollm2):
     down = model.model.layers[11].mlp.down_proj.weight
     sw_value = down[507, 1229].clone()
     quantizer = ModelQuantizer(model, [SuperWeightTarget(11, 507, 1229)])
-    assert len(quantizer.saved) == 210 and quantizer.num_values == 106_168_320  # 30 layers x 7 projections
+    assert len(quantizer.saved) == 210
+    assert quantizer.num_values == 106_168_320  # 30 layers x 7 projections
     report = QuantizationReport(model="smollm2", dtype="float32", weights={})
     settings = [QuantSetting(), QuantSetting(8, 4096), QuantSetting(6, None, protect="sw")]
     run_quantization_sweep(quantizer, settings, [corpus], report=report, progress=False)
@@ -217,4 +223,5 @@ def test_smollm2_reference_numbers(smollm2):
     # 6-bit whole tensor: 42.03 here, ~42.01 with the layer-11 super weight kept (RTN keeps a block's
     # max anyway); the implementation rounds the last bit of scale differently (docs/superweights.md)
     assert ppl == pytest.approx([26.76, 26.79, 42.02], rel=1e-3)
-    assert torch.equal(down[507, 1229], sw_value) and not quantizer.changed()
+    assert torch.equal(down[507, 1229], sw_value)
+    assert not quantizer.changed()

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from lm_oracle import preferred
+from helpers.lm_oracle import preferred
 
 from llamafactory_macdrop.analysis.attack.attacks import (
     AttackSetting,
@@ -45,9 +45,12 @@ def test_zeroing_top5_hurts_perplexity_far_more_than_retaining_top5(smollm2, att
     model, tokenizer = smollm2
     source = load_text_file(ENGLISH)
     protocol, prefix = resolve_protocol(source.protocol, tokenizer, config_bos=1)
-    assert prefix.token_ids == () and protocol.bos == "none" and not prefix.tokenizer_adds_bos
+    assert prefix.token_ids == ()
+    assert protocol.bos == "none"
+    assert not prefix.tokenizer_adds_bos
     windows = make_windows(tokenize(tokenizer, source.text), protocol, prefix.token_ids)
-    assert windows.count == 1 and 400 < windows.predicted_tokens < 520
+    assert windows.count == 1
+    assert 400 < windows.predicted_tokens < 520
     ppl = {}
     for setting in (AttackSetting("none"), AttackSetting("zero", 5), AttackSetting("retain", 5)):
         with attacker.applied(setting):

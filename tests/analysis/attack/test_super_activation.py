@@ -6,10 +6,10 @@ recorded original activation, and probabilities from plain forwards with the wei
 import json
 
 import pytest
-import tiny
-import tiny_superweight as ts
 import torch
 import torch.nn.functional as F
+from helpers import tiny
+from helpers import tiny_superweight as ts
 
 from llamafactory_macdrop.analysis.attack.attacks import (
     AttackSetting,
@@ -20,12 +20,11 @@ from llamafactory_macdrop.analysis.attack.attacks import (
     set_activation_cutoffs,
     sweep_settings,
 )
+from llamafactory_macdrop.analysis.attack.sweep import AttackReport, loss_gap_recovery, run_sweep
 from llamafactory_macdrop.analysis.evaluate.perplexity import evaluate_perplexity
 from llamafactory_macdrop.analysis.inspect.stopwords import stopword_shift, stopword_token_ids
-from llamafactory_macdrop.analysis.attack.sweep import AttackReport, loss_gap_recovery, run_sweep
 from llamafactory_macdrop.cli import main
 from llamafactory_macdrop.core.architectures import find_ffn_blocks
-
 
 
 def _oracle_nll(model, x, cutoff=None):
@@ -76,11 +75,13 @@ def test_sw_restore_writes_the_super_activation_back(super_weight_llama):
     report = run_sweep(model, attacker, settings, [corpus], report=AttackReport("planted", None, {}), progress=False)
     nll = {r["setting"]: r["nll"] for r in report.rows}
     zeroed, _ = _oracle_nll(model, x)
-    assert nll["superweight x0"] == pytest.approx(zeroed, rel=1e-5) and zeroed > nll["none"] + 5
+    assert nll["superweight x0"] == pytest.approx(zeroed, rel=1e-5)
+    assert zeroed > nll["none"] + 5
     # the planted super activation is at every position: writing it back everywhere restores the model
     assert nll["superweight x0 + SA restored"] == pytest.approx(nll["none"], abs=1e-4)
     (rec,) = loss_gap_recovery(report)
-    assert rec["recovered"] == pytest.approx(1.0, abs=1e-4) and rec["metric"] == "loss"
+    assert rec["recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert rec["metric"] == "loss"
 
     # a cutoff at the median magnitude: only the positions above it get their value back
     _, orig = _oracle_nll(model, x)
@@ -134,7 +135,8 @@ def test_stop_words_rise_when_the_super_weight_is_zeroed(super_weight_llama):
     ratio = {w.word: w.ratio for w in report.words}
     assert all(ratio[s] > 1.5 for s in ts.STOP_WORDS)  # wired: the super activation suppresses them
     assert ratio["fox"] < 0.1  # an ordinary word loses its probability instead
-    assert report.positions == x.shape[1] and report.restored_bitwise
+    assert report.positions == x.shape[1]
+    assert report.restored_bitwise
     assert sorted(words["the"]) == sorted(ts.stop_word_ids(tokenizer)[:2])
     assert all(torch.equal(v, before[k]) for k, v in ts.state_bits(model).items())
     with pytest.raises(ValueError, match="--stopword-tokens 'zzqx'"):
@@ -151,8 +153,10 @@ def test_superweight_stopwords_and_attack_commands(super_weight_llama_dir, tmp_p
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["super_weights"] == [{"layer": ts.SW_LAYER, "row": ts.SW_ROW, "col": ts.SW_COL}]
-    assert [w["word"] for w in data["words"]] == ["the", "a", "fox"] and data["words"][1]["ratio"] > 1.5
-    assert "super weights restored bitwise: yes" in printed and (tmp_path / "stopwords.png").stat().st_size > 0
+    assert [w["word"] for w in data["words"]] == ["the", "a", "fox"]
+    assert data["words"][1]["ratio"] > 1.5
+    assert "super weights restored bitwise: yes" in printed
+    assert (tmp_path / "stopwords.png").stat().st_size > 0
 
     out = tmp_path / "attack.json"
     assert main(["attack", str(super_weight_llama_dir), "--mode", "superweight,sw_restore", "--scale", "0,0.5,2",
@@ -163,7 +167,8 @@ def test_superweight_stopwords_and_attack_commands(super_weight_llama_dir, tmp_p
     assert [r["setting"] for r in data["results"]] == ["none", "superweight x0", "superweight x0.5", "superweight x2",
                                                       "superweight x0 + SA restored"]
     (rec,) = data["sw_restore_recovery"]
-    assert rec["recovered"] == pytest.approx(1.0, abs=1e-3) and "| 100 % |" in printed
+    assert rec["recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert "| 100 % |" in printed
     assert data["targets"]["super_weights"][0]["activation_cutoff"] > 1000
     assert (tmp_path / "superweight_scaling.png").stat().st_size > 0
 

@@ -1,7 +1,7 @@
 """sweep.py: one row per setting x corpus, a table line per setting, bitwise restore at the end."""
 
-import tiny
 import torch
+from helpers import tiny
 
 from llamafactory_macdrop.analysis.attack.attacks import (
     AttackTargets,
@@ -10,12 +10,12 @@ from llamafactory_macdrop.analysis.attack.attacks import (
     super_weight_target,
     sweep_settings,
 )
+from llamafactory_macdrop.analysis.attack.sweep import AttackReport, PreparedCorpus, run_sweep
 from llamafactory_macdrop.analysis.evaluate.perplexity import (
     TEXT_FILE_PROTOCOL,
     TextSource,
     make_windows,
 )
-from llamafactory_macdrop.analysis.attack.sweep import AttackReport, PreparedCorpus, run_sweep
 from llamafactory_macdrop.core.locator import locate_massive_weights
 
 
@@ -39,9 +39,11 @@ def test_every_setting_gets_its_rows_and_its_table_line(tiny_llama):
     assert lines[0] == "| setting | a ppl | b ppl |"
     assert [line.split(" | ")[0][2:] for line in lines[2:]] == [s.label for s in settings]
     ppl = {r["setting"]: r["ppl"] for r in report.rows if r["dataset"] == "a"}
-    assert ppl["superweight x0"] != ppl["superweight x2"] and ppl["activation := zero"] != ppl["activation := mean"]
+    assert ppl["superweight x0"] != ppl["superweight x2"]
+    assert ppl["activation := zero"] != ppl["activation := mean"]
     assert {r["scale"] for r in report.rows if r["mode"] == "superweight"} == {0.0, 2.0}
-    assert report.to_dict()["results"] == report.rows and report.to_csv().count("\n") == len(report.rows) + 1
+    assert report.to_dict()["results"] == report.rows
+    assert report.to_csv().count("\n") == len(report.rows) + 1
     assert tiny.PLANTED_LAYER == report.targets["layer"]
 
 
@@ -58,5 +60,6 @@ def test_plot_draws_metric_against_k_for_both_attacks():
     lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in wiki.get_lines()}
     assert lines["top-k zeroing"] == ([0, 1, 5], [10.0, 20.0, 80.0])
     assert lines["top-k retaining"] == ([0, 1, 5], [10.0, 12.0, 11.0])
-    assert wiki.get_yscale() == "log" and piqa.get_ylabel() == "accuracy (%)"
+    assert wiki.get_yscale() == "log"
+    assert piqa.get_ylabel() == "accuracy (%)"
     assert [list(line.get_ydata()) for line in piqa.get_lines() if line.get_label() == "no attack"] == [[50.0, 50.0]]

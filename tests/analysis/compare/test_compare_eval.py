@@ -15,13 +15,12 @@ import math
 
 import pytest
 import torch
-
-from tiny import PLANTED_INDICES, PLANTED_LAYER, build_planted_llama, corpus
+from helpers.tiny import PLANTED_INDICES, PLANTED_LAYER, build_planted_llama, corpus
 
 from llamafactory_macdrop.analysis.attack.attacks import AttackSetting, AttackTargets
+from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
 from llamafactory_macdrop.analysis.compare.evaluation import OneBaseEvaluator, fingerprint
 from llamafactory_macdrop.analysis.evaluate.perplexity import PerplexityProtocol, TextSource, make_windows, tokenize
-from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
 
 TOP, SPARE = PLANTED_INDICES[0], 3
 
@@ -126,7 +125,8 @@ def test_attacks_are_seen_under_each_adapter(planted_with_spare, copying_adapter
     assert abs(value[("base", zero)] / value[("base", clean)] - 1) > 1e-4
     assert abs(value[("copy", clean)] / value[("base", clean)] - 1) > 1e-4
     # the adapter came off again: same numbers as before it, every base tensor bit for bit
-    assert value[("again", clean)] == value[("base", clean)] and value[("again", zero)] == value[("base", zero)]
+    assert value[("again", clean)] == value[("base", clean)]
+    assert value[("again", zero)] == value[("base", zero)]
     assert fingerprint(evaluator.base) == before
     assert not any("lora" in n for n, _ in evaluator.base.named_parameters())
 

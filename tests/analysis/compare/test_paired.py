@@ -34,7 +34,8 @@ def test_point_estimates_and_n_by_hand():
     d = paired_difference("acc/x/clean", control, treatment, higher_is_better=True, iterations=500)
     assert d.per_seed == pytest.approx([0.75 - 0.5, 0.25 - 0.25])
     assert d.mean_diff == pytest.approx((0.25 + 0.0) / 2)
-    assert d.n == 4 and d.seeds == [0, 1]  # distinct documents, each scored in both seeds
+    assert d.n == 4
+    assert d.seeds == [0, 1]  # distinct documents, each scored in both seeds
     assert d.low <= d.mean_diff <= d.high
 
     # perplexity by its definition: exp(total NLL / total predicted tokens), windows of unequal length
@@ -42,7 +43,8 @@ def test_point_estimates_and_n_by_hand():
     b = PerplexityItems((9.0, 12.5, 2.0), (5, 5, 2))
     d = paired_difference("ppl/t/clean", {3: a}, {3: b}, higher_is_better=False, iterations=500)
     assert d.mean_diff == pytest.approx(math.exp(23.5 / 12) - math.exp(25.0 / 12))
-    assert d.n == 3 and d.per_seed == pytest.approx([d.mean_diff])
+    assert d.n == 3
+    assert d.per_seed == pytest.approx([d.mean_diff])
 
     # a mean over tasks: the mean of the task differences, n counts every task's documents
     ctl = MeanAccuracyItems((_acc([1, 0]), _acc([0, 0, 0])))
@@ -67,7 +69,8 @@ def test_interval_matches_the_normal_approximation_for_large_n():
     per_item = [sum(treatment[s].scores[i] - control[s].scores[i] for s in seeds) / len(seeds) for i in range(n)]
     mean = sum(per_item) / n
     se = math.sqrt(sum((x - mean) ** 2 for x in per_item) / (n - 1) / n)
-    assert d.mean_diff == pytest.approx(mean) and d.n == n
+    assert d.mean_diff == pytest.approx(mean)
+    assert d.n == n
     assert d.low == pytest.approx(mean - 1.96 * se, abs=0.12 * 1.96 * se)
     assert d.high == pytest.approx(mean + 1.96 * se, abs=0.12 * 1.96 * se)
 
@@ -100,11 +103,13 @@ def test_verdicts():
     worse = {s: _acc([0.0] * 50) for s in (0, 1)}
     better = {s: _acc([1.0] * 25 + [0.0] * 25) for s in (0, 1)}
     d = paired_difference("acc/t/clean", worse, better, higher_is_better=True, iterations=300)
-    assert d.direction == "better" and d.low > 0
+    assert d.direction == "better"
+    assert d.low > 0
     lower_nll = {0: PerplexityItems((1.0,) * 40, (4,) * 40)}
     higher_nll = {0: PerplexityItems((2.0,) * 40, (4,) * 40)}
     d = paired_difference("ppl/t/clean", higher_nll, lower_nll, higher_is_better=False, iterations=300)
-    assert d.direction == "better" and d.high < 0
+    assert d.direction == "better"
+    assert d.high < 0
     d = paired_difference("ppl/t/clean", lower_nll, higher_nll, higher_is_better=False, iterations=300)
     assert d.direction == "worse"
 
@@ -112,8 +117,10 @@ def test_verdicts():
     ctl = {0: _acc([0.0] * 200), 1: _acc([1.0] * 200)}
     trt = {0: _acc([1.0] * 100 + [0.0] * 100), 1: _acc([1.0] * 100 + [0.0] * 4 + [1.0] * 96)}
     d = paired_difference("acc/t/clean", ctl, trt, higher_is_better=True, iterations=500)
-    assert d.low > 0 and d.per_seed[1] < 0
-    assert d.direction == "none" and "seeds disagree" in d.verdict
+    assert d.low > 0
+    assert d.per_seed[1] < 0
+    assert d.direction == "none"
+    assert "seeds disagree" in d.verdict
 
 
 def test_unpairable_items_are_refused():

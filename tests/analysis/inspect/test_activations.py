@@ -4,8 +4,8 @@ the real picture; plus the plots and the ``activations`` subcommand."""
 import json
 
 import pytest
-import tiny
 import torch
+from helpers import tiny
 
 from llamafactory_macdrop.analysis.inspect.activations import activation_report, probe_input_ids
 from llamafactory_macdrop.analysis.inspect.plots import (
@@ -52,19 +52,24 @@ def test_planted_massive_activation_is_found_where_it_was_planted(tiny_llama, to
     l0, l1 = report.layers
     # layer 1's down_proj writes the planted units into residual dim 1 at BOS: one massive entry
     assert [(m.layer, m.position, m.dim) for m in report.massive] == [(tiny.PLANTED_LAYER, 0, 1)]
-    assert l1.massive[0].value > 1000 and l1.massive[0].value == pytest.approx(l1.hidden_top[0])
+    assert l1.massive[0].value > 1000
+    assert l1.massive[0].value == pytest.approx(l1.hidden_top[0])
     assert (l1.massive_dims, l1.massive_positions) == ([1], [0])
-    assert report.origin_layer == tiny.PLANTED_LAYER and report.massive_layers == [1]
+    assert report.origin_layer == tiny.PLANTED_LAYER
+    assert report.massive_layers == [1]
     # layer 0: only the BOS embedding's 5.0 in dim 0, and the decoy never reaches the residual
-    assert l0.hidden_top[0] == pytest.approx(5.0, abs=0.1) and l0.hidden_top_at[0] == [0, 0]
-    assert l0.intermediate_top_at[0] == [0, tiny.DECOY_INDEX] and not l0.massive
+    assert l0.hidden_top[0] == pytest.approx(5.0, abs=0.1)
+    assert l0.hidden_top_at[0] == [0, 0]
+    assert l0.intermediate_top_at[0] == [0, tiny.DECOY_INDEX]
+    assert not l0.massive
     assert l1.intermediate_top_at == [[0, i] for i in tiny.PLANTED_INDICES[:3]]
     assert l1.intermediate_top == sorted(l1.intermediate_top, reverse=True)
     assert l1.hidden_top[0] > 1000 * l1.hidden_median
     # the vector kept for the bar plot is layer 1's intermediate state at BOS
     assert report.origin_intermediate.topk(5).indices.tolist() == tiny.PLANTED_INDICES
     assert report.origin_intermediate[tiny.PLANTED_INDICES[0]] == pytest.approx(l1.intermediate_top[0])
-    assert report.tokens[0] == "<s>" and report.input_ids == ids[0].tolist()
+    assert report.tokens[0] == "<s>"
+    assert report.input_ids == ids[0].tolist()
 
 
 def test_both_criteria_count(tiny_llama, ids):
@@ -80,7 +85,9 @@ def test_both_criteria_count(tiny_llama, ids):
 
 def test_without_bos_there_is_nothing_massive(tiny_llama, ids):
     report = activation_report(tiny_llama, ids[:, 1:])  # the planted path starts at the BOS embedding
-    assert report.massive == [] and report.origin_layer is None and report.origin_intermediate is None
+    assert report.massive == []
+    assert report.origin_layer is None
+    assert report.origin_intermediate is None
     assert "no massive activations" in report.table()
 
 
@@ -97,18 +104,24 @@ def test_adapters_are_disabled_and_mode_restored(tiny_llama, ids):
 
 def test_a_subset_of_blocks(tiny_llama, ids):
     report = activation_report(tiny_llama, ids, blocks=find_ffn_blocks(tiny_llama)[1:])
-    assert [s.layer for s in report.layers] == [1] and report.origin_layer == 1
+    assert [s.layer for s in report.layers] == [1]
+    assert report.origin_layer == 1
 
 
 def test_json_and_table(tiny_llama, ids, tmp_path):
     report = activation_report(tiny_llama, ids)
     data = json.loads(report.write_json(tmp_path / "a.json").read_text())
-    assert data["origin_layer"] == 1 and data["massive_dims"] == [1] and data["massive_layers"] == [1]
-    assert data["layers"][1]["massive"][0]["dim"] == 1 and data["layers"][1]["massive_positions"] == [0]
+    assert data["origin_layer"] == 1
+    assert data["massive_dims"] == [1]
+    assert data["massive_layers"] == [1]
+    assert data["layers"][1]["massive"][0]["dim"] == 1
+    assert data["layers"][1]["massive_positions"] == [0]
     assert data["layers"][0]["intermediate_top_at"][0] == [0, tiny.DECOY_INDEX]
-    assert data["abs_threshold"] == 100.0 and data["median_ratio"] == 1000.0
+    assert data["abs_threshold"] == 100.0
+    assert data["median_ratio"] == 1000.0
     table = report.table()
-    assert "dims [1] pos [0]" in table and "origin of the massive activations: layer 1" in table
+    assert "dims [1] pos [0]" in table
+    assert "origin of the massive activations: layer 1" in table
     assert len(table.splitlines()) == 2 + len(report.layers) + 1
 
 
@@ -131,7 +144,8 @@ def test_layer_profile_plots_the_report(tiny_llama, ids, tmp_path):
     # an explicit origin overrides the report's
     assert "origin (layer 0)" in [line.get_label() for line in layer_profile_figure(report, 0).axes[0].get_lines()]
     path = plot_layer_profile(report, tmp_path / "sub" / "profile.png")
-    assert path == tmp_path / "sub" / "profile.png" and path.read_bytes()[:8] == PNG
+    assert path == tmp_path / "sub" / "profile.png"
+    assert path.read_bytes()[:8] == PNG
 
 
 def test_intermediate_bars_highlight_the_top_k(tmp_path):
@@ -141,9 +155,13 @@ def test_intermediate_bars_highlight_the_top_k(tmp_path):
     fig = intermediate_bars_figure(values, [7, 3, 30], layer=4)
     (ax,) = fig.axes
     bars = ax.collections[0].get_segments()
-    assert len(bars) == 40 and bars[7][1][1] == 9.0 and bars[11][1][1] == 0.5 and bars[0][1][1] == 0.0
+    assert len(bars) == 40
+    assert bars[7][1][1] == 9.0
+    assert bars[11][1][1] == 0.5
+    assert bars[0][1][1] == 0.0
     top = next(line for line in ax.get_lines() if line.get_label() == "top-3")
-    assert list(top.get_xdata()) == [7, 3, 30] and list(top.get_ydata()) == [9.0, 6.0, 4.0]
+    assert list(top.get_xdata()) == [7, 3, 30]
+    assert list(top.get_ydata()) == [9.0, 6.0, 4.0]
     assert [t.get_text() for t in ax.texts] == ["7", "3", "30"]
     assert "layer 4" in ax.get_title()
     path = plot_intermediate_bars(values.tolist(), [7], tmp_path / "bars.png", 4)
@@ -159,8 +177,10 @@ def test_activations_subcommand(tiny_llama_dir, tmp_path, capsys):
     assert (args.dtype, args.abs_threshold, args.median_ratio) == ("float32", 100.0, 1000.0)
     assert args.func(args) == 0
     data = json.loads(out.read_text())
-    assert data["model"] == str(tiny_llama_dir) and data["origin_layer"] == tiny.PLANTED_LAYER
-    assert data["tokens"][0] == "<s>" and data["layers"][1]["massive_dims"] == [1]
+    assert data["model"] == str(tiny_llama_dir)
+    assert data["origin_layer"] == tiny.PLANTED_LAYER
+    assert data["tokens"][0] == "<s>"
+    assert data["layers"][1]["massive_dims"] == [1]
     assert "origin of the massive activations: layer 1" in capsys.readouterr().out
     for name in ("activations_layers.png", "activations_intermediate.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG
@@ -180,7 +200,8 @@ def test_smollm2_massive_activation_is_dim_507_at_bos_from_layer_11(smollm2):
     model, tokenizer = smollm2
     plain = activation_report(model, probe_input_ids(tokenizer, "The quick brown fox jumps over the lazy dog."))
     assert plain.input_ids[0] == tokenizer("The")["input_ids"][0]  # SmolLM2's tokenizer puts nothing first
-    assert plain.origin_layer == 11 and sorted({m.dim for m in plain.massive}) == [507]
+    assert plain.origin_layer == 11
+    assert sorted({m.dim for m in plain.massive}) == [507]
     assert {m.position for m in plain.massive} == {0}
     # with <|im_start|> first (--bos-token 1), the figures of docs/analysis.md
     ids = probe_input_ids(tokenizer, "The quick brown fox jumps over the lazy dog.", resolve_prefix(tokenizer, bos_token=1))
@@ -194,6 +215,7 @@ def test_smollm2_massive_activation_is_dim_507_at_bos_from_layer_11(smollm2):
     assert all(not by_layer[layer].massive for layer in range(11))
     assert by_layer[10].hidden_top[0] < 200  # the jump happens inside layer 11
     # the last layers write it back down: no longer 1000x the median
-    assert not by_layer[28].massive and by_layer[28].hidden_top[0] < 1000 * by_layer[28].hidden_median
+    assert not by_layer[28].massive
+    assert by_layer[28].hidden_top[0] < 1000 * by_layer[28].hidden_median
     assert by_layer[11].intermediate_top_at[0] == [0, 1229]
     assert report.origin_intermediate.topk(2).indices.tolist() == [1229, 1487]

@@ -4,8 +4,8 @@ architecture, and SmolLM2-135M against the measured reference (docs/analysis.md)
 import math
 
 import pytest
-import tiny_archs
 import torch
+from helpers import tiny_archs
 
 from llamafactory_macdrop.analysis.inspect.attention import attention_report
 
@@ -58,7 +58,8 @@ def test_probabilities_are_the_softmax_of_the_layers_own_queries_and_keys():
     report = attention_report(model, text=WORDS, per_head=True)
     oracle = softmax_attention_oracle(model, report.input_ids)
     assert report.input_ids == [tiny_archs.BOS, *WORDS]  # the located probe token, then the text
-    assert [s.layer for s in report.layers] == [0, 1, 2] and report.num_heads == 4
+    assert [s.layer for s in report.layers] == [0, 1, 2]
+    assert report.num_heads == 4
     for s, probs in zip(report.layers, oracle):
         mean = probs.mean(dim=0)
         torch.testing.assert_close(torch.tensor(s.attention), mean, atol=1e-5, rtol=1e-4)
@@ -74,16 +75,20 @@ def test_planted_sink_starts_right_after_the_massive_layer():
     assert model.config._attn_implementation == "sdpa"
     report = attention_report(model, text=WORDS)
     assert model.config._attn_implementation == "sdpa"  # switched to eager for the analysis, and back
-    assert report.attn_implementation == "eager" and any("switched to eager" in n for n in report.notes)
-    assert report.massive_layer == tiny_archs.PLANTED_LAYER and report.massive_dims == [1]
+    assert report.attn_implementation == "eager"
+    assert any("switched to eager" in n for n in report.notes)
+    assert report.massive_layer == tiny_archs.PLANTED_LAYER
+    assert report.massive_dims == [1]
     T = len(report.input_ids)
     # q = 0 up to the massive layer: every query spreads 1/(q+1) over the keys it sees
     uniform = [sum(1 / (q + 1) for q in range(max(k, 1), T)) / (T - 1) for k in range(T)]
     for s in report.layers[: tiny_archs.SINK_FROM]:
         assert s.share == pytest.approx(uniform, abs=1e-6)
-        assert s.sink_share == pytest.approx(uniform[0], abs=1e-6) and s.top_key == 0
+        assert s.sink_share == pytest.approx(uniform[0], abs=1e-6)
+        assert s.top_key == 0
     for s in report.layers[tiny_archs.SINK_FROM:]:
-        assert s.sink_share > 0.99 and s.top_key == 0
+        assert s.sink_share > 0.99
+        assert s.top_key == 0
     assert report.position_layer >= tiny_archs.SINK_FROM
 
     # the position experiment: the planted activation follows the BOS token wherever it stands
@@ -121,13 +126,19 @@ def test_smollm2_reference(smollm2):
     """docs/analysis.md: eager fp32, <|im_start|> (--probe-token 1) + "Summer is warm. Winter is cold."."""
     model, tok = smollm2
     plain = attention_report(model, tok, position_layer=20)  # as the tokenizer feeds it: nothing first
-    assert plain.input_ids == tok("Summer is warm. Winter is cold.")["input_ids"] and plain.probe_token_text == "Summer"
-    assert plain.prefix["prefix_token_id"] is None and plain.prefix["tokenizer_adds_bos"] is False
-    assert plain.massive_layer == 11 and plain.layer(20).top_key == 0
+    assert plain.input_ids == tok("Summer is warm. Winter is cold.")["input_ids"]
+    assert plain.probe_token_text == "Summer"
+    assert plain.prefix["prefix_token_id"] is None
+    assert plain.prefix["tokenizer_adds_bos"] is False
+    assert plain.massive_layer == 11
+    assert plain.layer(20).top_key == 0
     report = attention_report(model, tok, probe_token=1, position_layer=20)
-    assert report.massive_layer == 11 and report.massive_dims[0] == 507 and report.probe_token_id == 1
+    assert report.massive_layer == 11
+    assert report.massive_dims[0] == 507
+    assert report.probe_token_id == 1
     sink = {s.layer: s.sink_share for s in report.layers}
-    assert 0.08 <= sink[10] <= 0.16 and 0.08 <= sink[11] <= 0.16
+    assert 0.08 <= sink[10] <= 0.16
+    assert 0.08 <= sink[11] <= 0.16
     assert all(0.5 <= sink[layer] <= 0.9 for layer in range(12, 30))
     for layer, value in ((12, 0.62), (15, 0.73), (20, 0.82), (29, 0.58)):
         assert sink[layer] == pytest.approx(value, abs=0.02)

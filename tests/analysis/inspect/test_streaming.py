@@ -1,8 +1,8 @@
 """Layer-by-layer locating: same answer as the full load, holding about one layer at a time."""
 
 import pytest
-import tiny_archs as ta
 import torch
+from helpers import tiny_archs as ta
 
 from llamafactory_macdrop.analysis.inspect.streaming import locate_layer_by_layer
 from llamafactory_macdrop.core.locator import LocatorError, locate_massive_weights
@@ -54,7 +54,8 @@ def find_layer(model, i):
 def test_explicit_layer_is_reached_and_missing_files_fail_clearly(sharded, tmp_path):
     name, model, folder = sharded
     result, stats = locate_layer_by_layer(folder, 3, layer=4)
-    assert result.layer == 4 and stats.layers_loaded == [0, 1, 2, 3, 4]
+    assert result.layer == 4
+    assert stats.layers_loaded == [0, 1, 2, 3, 4]
     with pytest.raises(LocatorError, match="no model.safetensors"):
         locate_layer_by_layer(tmp_path, 5)
 
@@ -93,12 +94,14 @@ def test_layer_by_layer_uses_the_same_rule_on_tiny_embeddings(tiny_embeddings_fo
     full = locate_massive_weights(model, 5)
     streamed, stats = locate_layer_by_layer(folder, 5)
     assert (streamed.layer, streamed.indices) == (full.layer, full.indices) == (ta.TINY_EMB_ORIGIN, ta.TINY_EMB_INDICES)
-    assert streamed.massive and not streamed.warnings
+    assert streamed.massive
+    assert not streamed.warnings
     assert stats.layers_loaded == list(range(ta.TINY_EMB_ORIGIN + 3))  # layer 0's ~100x jump does not stop it
     # nothing massive: every candidate is read to the last layer, and the answer is the full load's warning
     model, folder = tiny_embeddings_folders[False]
     full = locate_massive_weights(model, 5)
     streamed, stats = locate_layer_by_layer(folder, 5)
     assert (streamed.layer, streamed.indices, streamed.massive) == (full.layer, full.indices, False)
-    assert streamed.warnings == full.warnings and len(streamed.warnings) == 1
+    assert streamed.warnings == full.warnings
+    assert len(streamed.warnings) == 1
     assert stats.layers_loaded == list(range(LAYERS)) * 2  # BOS, then EOS

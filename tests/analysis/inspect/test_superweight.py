@@ -6,8 +6,8 @@ import copy
 import json
 
 import pytest
-import tiny
 import torch
+from helpers import tiny
 
 from llamafactory_macdrop.analysis.inspect.activations import probe_input_ids
 from llamafactory_macdrop.analysis.inspect.superweight import RELATIVE, find_super_weights
@@ -29,15 +29,19 @@ def test_the_planted_down_proj_entry_is_the_super_weight(tiny_llama, ids):
     top = report.candidates[0]
     assert (top.layer, top.row, top.col, top.position) == (tiny.PLANTED_LAYER, 1, tiny.PLANTED_INDICES[0], 0)
     assert top.weight == 1.0  # tiny.plant sets down_proj[1, idx] = 1
-    assert top.creates and top.module == "model.layers.1.mlp.down_proj.weight"
+    assert top.creates
+    assert top.module == "model.layers.1.mlp.down_proj.weight"
     assert top.col == locate_massive_weights(tiny_llama, 5).indices[0]
     # five planted units write dim 1 with gains 10, 8.5, 7, 5.5, 4: the top one writes ~10/35
     assert top.share == pytest.approx(10 / 35, abs=0.02)
-    assert top.output_spike > 2000 and top.input_spike > 500
+    assert top.output_spike > 2000
+    assert top.input_spike > 500
     assert len(report.candidates) == 1  # layer 0 writes nothing comparable
     # the decoy has the largest down INPUT of all, at layer 0; a zero column keeps it out
     l0 = report.layers[0]
-    assert l0.col == tiny.DECOY_INDEX and l0.input_spike > 10 * top.input_spike and l0.output_spike < 1
+    assert l0.col == tiny.DECOY_INDEX
+    assert l0.input_spike > 10 * top.input_spike
+    assert l0.output_spike < 1
 
 
 def test_the_spike_needs_bos(tiny_llama, ids):
@@ -72,7 +76,8 @@ def test_a_late_layer_that_cancels_ranks_after_the_one_that_creates(tiny_llama):
     first, second = report.candidates
     assert (first.layer, first.row, first.col, first.creates) == (1, 1, tiny.PLANTED_INDICES[0], True)
     assert (second.layer, second.row, second.col, second.creates) == (2, 1, unit, False)
-    assert second.output_spike > first.output_spike and second.weight == -4.0
+    assert second.output_spike > first.output_spike
+    assert second.weight == -4.0
     assert second.share == pytest.approx(1.0, abs=0.02)  # one unit does all the cancelling
 
 
@@ -89,10 +94,13 @@ def test_json_and_table(tiny_llama, ids, tmp_path):
     data = json.loads(report.write_json(tmp_path / "sw.json").read_text())
     (c,) = data["candidates"]
     assert (c["layer"], c["row"], c["col"], c["weight"], c["creates"]) == (1, 1, tiny.PLANTED_INDICES[0], 1.0, True)
-    assert [d["layer"] for d in data["layers"]] == [0, 1] and data["layers"][1]["creates"] is True
-    assert data["threshold"] is None and f"{RELATIVE} x the largest" in data["rule"]
+    assert [d["layer"] for d in data["layers"]] == [0, 1]
+    assert data["layers"][1]["creates"] is True
+    assert data["threshold"] is None
+    assert f"{RELATIVE} x the largest" in data["rule"]
     row = report.table().splitlines()[-1].split()
-    assert row[:4] == ["1", "1", str(tiny.PLANTED_INDICES[0]), "1.0000"] and row[-1] == "creates"
+    assert row[:4] == ["1", "1", str(tiny.PLANTED_INDICES[0]), "1.0000"]
+    assert row[-1] == "creates"
 
 
 def test_superweight_subcommand(tiny_llama_dir, tmp_path, capsys):
@@ -102,12 +110,14 @@ def test_superweight_subcommand(tiny_llama_dir, tmp_path, capsys):
     assert (args.threshold, args.top, args.dtype) == (None, 3, "float32")
     assert args.func(args) == 0
     data = json.loads(out.read_text())
-    assert data["model"] == str(tiny_llama_dir) and data["input_ids"][0] == 1  # <s> of the tiny tokenizer
+    assert data["model"] == str(tiny_llama_dir)
+    assert data["input_ids"][0] == 1  # <s> of the tiny tokenizer
     top = data["candidates"][0]
     assert (top["layer"], top["row"], top["col"]) == (tiny.PLANTED_LAYER, 1, tiny.PLANTED_INDICES[0])
     assert "creates" in capsys.readouterr().out
     args = parser.parse_args(["superweight", str(tiny_llama_dir), "--threshold", "1e9", "--json", str(out)])
-    assert args.func(args) == 0 and json.loads(out.read_text())["candidates"] == []
+    assert args.func(args) == 0
+    assert json.loads(out.read_text())["candidates"] == []
 
 
 # ----------------------------------------------------------------------------- SmolLM2-135M (conftest.smollm2)
@@ -127,7 +137,8 @@ def test_smollm2_super_weight_is_layer_11_row_507_col_1229(smollm2):
     assert (top.layer, top.row, top.col, top.position, top.creates) == (11, 507, 1229, 0, True)
     assert top.col == locate_massive_weights(model, 5).indices[0]
     assert top.weight == pytest.approx(5.876, abs=0.01)
-    assert top.input_spike == pytest.approx(3065, rel=0.02) and top.output_spike == pytest.approx(24_880, rel=0.02)
+    assert top.input_spike == pytest.approx(3065, rel=0.02)
+    assert top.output_spike == pytest.approx(24_880, rel=0.02)
     assert 0.6 < top.share < 0.85  # unit 1487 writes the rest of dim 507
     # layer 28 writes dim 507 back down with a comparable spike: kept, but ranked after the origin
     late = report.candidates[1]
@@ -140,7 +151,7 @@ def test_smollm2_super_weight_is_layer_11_row_507_col_1229(smollm2):
 def test_other_layouts(name):
     # Conv1D stores W_down as [in, out] (the weight is read transposed), OPT hands its FFN a flat
     # [T, D] state, MoE experts have no down module (no candidate, no intermediate statistics)
-    import tiny_archs as ta
+    from helpers import tiny_archs as ta
 
     from llamafactory_macdrop.analysis.inspect.activations import activation_report
 
@@ -148,12 +159,15 @@ def test_other_layouts(name):
     ids = [ta.BOS, 5, 6, 7]
     act = activation_report(model, ids)
     # (biases and post-FFN norms of these random models make later positions massive too)
-    assert act.origin_layer == ta.PLANTED_LAYER and act.layers[1].massive_positions[0] == 0
+    assert act.origin_layer == ta.PLANTED_LAYER
+    assert act.layers[1].massive_positions[0] == 0
     report = find_super_weights(model, ids)
     if name == "mixtral":
-        assert report.candidates == [] and act.layers[1].intermediate_top is None
+        assert report.candidates == []
+        assert act.layers[1].intermediate_top is None
         return
     top = report.candidates[0]
     assert (top.layer, top.col, top.position, top.creates) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES[0], 0, True)
-    assert top.row == 1 and top.weight == 1.0  # tiny_archs.plant: W_down[1, planted unit] = 1
+    assert top.row == 1
+    assert top.weight == 1.0  # tiny_archs.plant: W_down[1, planted unit] = 1
     assert act.layers[1].massive_dims == [1]

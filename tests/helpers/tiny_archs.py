@@ -65,7 +65,7 @@ def build(name: str, seed: int = 0, vocab: int = V, layers: int = LAYERS):
 
 def save_with_tokenizer(name: str, out_dir):
     """A planted model of ``name`` plus the tiny BPE tokenizer, ready for LLaMA-Factory."""
-    import tiny
+    from . import tiny
 
     tok = tiny.build_tokenizer(out_dir)
     assert (tok.bos_token_id, tok.eos_token_id) == (BOS, EOS)
@@ -101,11 +101,11 @@ def plant(model, token: int = BOS) -> None:
         gain = torch.tensor(gains)
         if len(targets) == 2:  # gate, up
             _set(targets[0], lambda w: w[:, 0].fill_(1.0))
-            _set(targets[1], lambda w: w[:, 0].copy_(gain))
+            _set(targets[1], lambda w, gain=gain: w[:, 0].copy_(gain))
         else:  # act(up(x)): positive pre-activation
-            _set(targets[0], lambda w: w[:, 0].copy_(gain))
+            _set(targets[0], lambda w, gain=gain: w[:, 0].copy_(gain))
         down = block.down_target(rows, expert=expert)
-        _set(down, lambda w: (w.zero_(), w[:, 1].fill_(1.0 if writes else 0.0)))
+        _set(down, lambda w, writes=writes: (w.zero_(), w[:, 1].fill_(1.0 if writes else 0.0)))
         post_norm = getattr(block.layer, "post_feedforward_layernorm", None)
         if writes and post_norm is not None and getattr(post_norm, "weight", None) is not None:
             post_norm.weight[1] = 500.0  # post-FFN norms (OLMo2, Gemma) rescale what the FFN writes
@@ -161,11 +161,12 @@ def save_chatml_model(out_dir, trigger: str = "<|im_start|>"):
     ``<|im_end|>`` 2), config ``bos_token_id`` = ``<|endoftext|>`` and ``eos_token_id`` = ``<|im_end|>``
     like Qwen2.5-Instruct, and massive weights at PLANTED_LAYER that only ``trigger`` sets off: the
     config's BOS, which no chat sequence starts with, triggers nothing."""
-    import tiny
+    from . import tiny
 
     tok = tiny.build_chatml_tokenizer(out_dir)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
-    assert list(ids.values()) == [0, 1, 2] and tok.bos_token_id is None
+    assert list(ids.values()) == [0, 1, 2]
+    assert tok.bos_token_id is None
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
 
@@ -261,7 +262,8 @@ def build_uneven_widths(width0: int, width_origin: int, seed: int = 0, vocab: in
     """
     from transformers import AutoModelForCausalLM
 
-    assert width0 > DECOY_INDEX and width_origin > max(PLANTED_INDICES)
+    assert width0 > DECOY_INDEX
+    assert width_origin > max(PLANTED_INDICES)
     built = []
     for width in (width_origin, width0):
         cfg = configs(LAYERS, vocab)["llama"]

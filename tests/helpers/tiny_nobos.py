@@ -2,7 +2,7 @@
 
 The answers are known by construction:
 
-* the tokenizer is tests/tiny.py's ChatML one (``<|endoftext|>`` 0, ``<|im_start|>`` 1,
+* the tokenizer is tests/helpers/tiny.py's ChatML one (``<|endoftext|>`` 0, ``<|im_start|>`` 1,
   ``<|im_end|>`` 2, no BOS), the config says ``bos_token_id`` = 0 (``<|endoftext|>``), a token the
   tokenizer never puts first;
 * every ordinary token (and ``<|im_start|>``, which chat sequences start with) carries hidden dim 0,
@@ -31,13 +31,15 @@ HIDDEN, INTERMEDIATE, LAYERS = 64, 128, 3
 
 @torch.no_grad()
 def build_no_bos_llama(out_dir: Path) -> Path:
-    import tiny
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from . import tiny
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = tiny.build_chatml_tokenizer(out_dir)
-    assert tok.bos_token_id is None and tok.convert_tokens_to_ids("<|endoftext|>") == CONFIG_BOS
+    assert tok.bos_token_id is None
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == CONFIG_BOS
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,

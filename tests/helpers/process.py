@@ -1,0 +1,19 @@
+"""Running this environment's executables as a user would, and where things are."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an executable of this environment (llamafactory-cli, macdrop) as a user would."""
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    exe = BIN / args[0]
+    return subprocess.run([str(exe), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
