@@ -46,10 +46,28 @@ import benchlib
 from benchlib import Clock, median
 
 PRESETS = {
-    "cpu": dict(layers=8, hidden=768, intermediate=2048, heads=12, vocab=32000, dtype="bfloat16",
-                sweep_tokens=256, ppl_windows=2, ppl_seq=512),
-    "gpu": dict(layers=16, hidden=4096, intermediate=14336, heads=32, vocab=32000, dtype="bfloat16",
-                sweep_tokens=4096, ppl_windows=16, ppl_seq=4096),
+    "cpu": dict(
+        layers=8,
+        hidden=768,
+        intermediate=2048,
+        heads=12,
+        vocab=32000,
+        dtype="bfloat16",
+        sweep_tokens=256,
+        ppl_windows=2,
+        ppl_seq=512,
+    ),
+    "gpu": dict(
+        layers=16,
+        hidden=4096,
+        intermediate=14336,
+        heads=32,
+        vocab=32000,
+        dtype="bfloat16",
+        sweep_tokens=4096,
+        ppl_windows=16,
+        ppl_seq=4096,
+    ),
 }
 KS = [0, 1, 2, 3, 5, 8]
 
@@ -72,8 +90,14 @@ def sweep(model_dir: Path, dtype: str, device: str, settings, corpus) -> tuple[d
         located = locate_massive_weights(model, max(KS))
         targets = AttackTargets(located.layer, located.indices)
         attacker = ModelAttacker(model, targets)
-    report = run_sweep(model, attacker, settings, [corpus], report=AttackReport(str(model_dir), None, targets.to_dict()),
-                       progress=False)
+    report = run_sweep(
+        model,
+        attacker,
+        settings,
+        [corpus],
+        report=AttackReport(str(model_dir), None, targets.to_dict()),
+        progress=False,
+    )
     assert report.restored_bitwise
     return {r["setting"]: r["ppl"] for r in report.rows}, c.seconds, [r["seconds"] for r in report.rows]
 
@@ -106,12 +130,18 @@ def one_load_vs_reload(model_dir: Path, dtype: str, device: str, corpus, repeats
     identical = all(p["one_load"]["ppl"] == p["reload"]["ppl"] for p in pairs)
     load_s = median(x for p in pairs for arm in ("one_load", "reload") for x in p[arm]["load_locate_s"])
     eval_s = median(x for p in pairs for arm in ("one_load", "reload") for x in p[arm]["eval_s"])
-    return {"settings": [s.label for s in settings], "pairs": pairs, "median_ratio": median(p["ratio"] for p in pairs),
-            "one_load_s": median(p["one_load"]["seconds"] for p in pairs),
-            "reload_s": median(p["reload"]["seconds"] for p in pairs),
-            "load_locate_s": load_s, "eval_per_setting_s": eval_s,
-            "model_ratio": 6 * (load_s + eval_s) / (load_s + 6 * eval_s),
-            "identical_ppl": identical, "ppl": pairs[0]["one_load"]["ppl"]}
+    return {
+        "settings": [s.label for s in settings],
+        "pairs": pairs,
+        "median_ratio": median(p["ratio"] for p in pairs),
+        "one_load_s": median(p["one_load"]["seconds"] for p in pairs),
+        "reload_s": median(p["reload"]["seconds"] for p in pairs),
+        "load_locate_s": load_s,
+        "eval_per_setting_s": eval_s,
+        "model_ratio": 6 * (load_s + eval_s) / (load_s + 6 * eval_s),
+        "identical_ppl": identical,
+        "ppl": pairs[0]["one_load"]["ppl"],
+    }
 
 
 def cli_processes(model_dir: Path, text_file: Path, device: str, repeats: int) -> dict:
@@ -120,8 +150,18 @@ def cli_processes(model_dir: Path, text_file: Path, device: str, repeats: int) -
     import time
 
     exe = Path(sys.executable).parent / "macdrop"
-    base = [str(exe), "attack", str(model_dir), "--mode", "zero", "--text-file", str(text_file), "--no-progress",
-            "--device", device]
+    base = [
+        str(exe),
+        "attack",
+        str(model_dir),
+        "--mode",
+        "zero",
+        "--text-file",
+        str(text_file),
+        "--no-progress",
+        "--device",
+        device,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
     def run(args: list[str]) -> float:
@@ -141,9 +181,13 @@ def cli_processes(model_dir: Path, text_file: Path, device: str, repeats: int) -
     pairs = benchlib.alternate({"one_process": sweep_arm, "per_k": per_k_arm}, repeats)
     for p in pairs:
         p["ratio"] = p["per_k"]["seconds"] / p["one_process"]["seconds"]
-    return {"pairs": pairs, "median_ratio": median(p["ratio"] for p in pairs),
-            "one_process_s": median(p["one_process"]["seconds"] for p in pairs),
-            "per_k_s": median(p["per_k"]["seconds"] for p in pairs), "processes": len([k for k in KS if k > 0])}
+    return {
+        "pairs": pairs,
+        "median_ratio": median(p["ratio"] for p in pairs),
+        "one_process_s": median(p["one_process"]["seconds"] for p in pairs),
+        "per_k_s": median(p["per_k"]["seconds"] for p in pairs),
+        "processes": len([k for k in KS if k > 0]),
+    }
 
 
 def ppl_throughput(model_dir: Path, dtype: str, device: str, windows, repeats: int) -> dict:
@@ -171,10 +215,14 @@ def ppl_throughput(model_dir: Path, dtype: str, device: str, windows, repeats: i
     pairs = benchlib.alternate({"module": module, "bare": bare}, repeats)
     for p in pairs:
         p["ratio"] = p["module"]["tokens_per_s"] / p["bare"]["tokens_per_s"]
-    return {"pairs": pairs, "median_ratio": median(p["ratio"] for p in pairs), "tokens": tokens,
-            "windows": list(windows.full.shape),
-            "module_tokens_per_s": median(p["module"]["tokens_per_s"] for p in pairs),
-            "bare_tokens_per_s": median(p["bare"]["tokens_per_s"] for p in pairs)}
+    return {
+        "pairs": pairs,
+        "median_ratio": median(p["ratio"] for p in pairs),
+        "tokens": tokens,
+        "windows": list(windows.full.shape),
+        "module_tokens_per_s": median(p["module"]["tokens_per_s"] for p in pairs),
+        "bare_tokens_per_s": median(p["bare"]["tokens_per_s"] for p in pairs),
+    }
 
 
 def main() -> int:
@@ -228,12 +276,15 @@ def main() -> int:
         work = Path(opts.work or tempfile.mkdtemp(prefix="macdrop-bench-"))
         model_dir = work / f"sweep-{opts.preset}"
         print(f"[bench] random {cfg['layers']}-layer Llama (hidden {cfg['hidden']}) in {model_dir}", flush=True)
-        benchlib.build_llama(model_dir, **{k: cfg[k] for k in ("layers", "hidden", "intermediate", "heads", "vocab")},
-                             dtype=cfg["dtype"])
+        benchlib.build_llama(
+            model_dir, **{k: cfg[k] for k in ("layers", "hidden", "intermediate", "heads", "vocab")}, dtype=cfg["dtype"]
+        )
         vocab = cfg["vocab"]
-        what = (f"random Llama, {cfg['layers']} layers x hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, "
-                f"vocab {vocab}, {benchlib.model_params(cfg) / 1e6:.0f} M parameters, saved in {cfg['dtype']}, "
-                f"loaded as {dtype}")
+        what = (
+            f"random Llama, {cfg['layers']} layers x hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, "
+            f"vocab {vocab}, {benchlib.model_params(cfg) / 1e6:.0f} M parameters, saved in {cfg['dtype']}, "
+            f"loaded as {dtype}"
+        )
     benchlib.warm_page_cache(model_dir)
     g = torch.Generator().manual_seed(0)
     if opts.text_file:
@@ -260,46 +311,71 @@ def main() -> int:
         if opts.text_file:
             proto, sweep_stream = TEXT_FILE_PROTOCOL, stream  # what `macdrop attack --text-file` does
         else:
-            proto, sweep_stream = PerplexityProtocol(seq_len=cfg["sweep_tokens"], bos="stream"), stream[: cfg["sweep_tokens"] - 1]
+            proto, sweep_stream = (
+                PerplexityProtocol(seq_len=cfg["sweep_tokens"], bos="stream"),
+                stream[: cfg["sweep_tokens"] - 1],
+            )
         windows = make_windows(sweep_stream, proto, prefix=[1])
         corpus = PreparedCorpus(TextSource("bench", "", text, proto), windows)
-        print(f"[bench] (a) 6-setting k-sweep {KS}: one load vs a reload per setting; "
-              f"{windows.count} window(s), {windows.predicted_tokens} predicted tokens", flush=True)
+        print(
+            f"[bench] (a) 6-setting k-sweep {KS}: one load vs a reload per setting; "
+            f"{windows.count} window(s), {windows.predicted_tokens} predicted tokens",
+            flush=True,
+        )
         a = one_load_vs_reload(model_dir, dtype, opts.device, corpus, opts.repeats)
         a["corpus"] = {"windows": windows.count, "predicted_tokens": windows.predicted_tokens}
     if not opts.skip_ppl:
         proto = PerplexityProtocol(seq_len=cfg["ppl_seq"], bos="none", max_windows=cfg["ppl_windows"])
         windows = make_windows(stream, proto)
-        print(f"[bench] (b) perplexity module vs bare forward loop: {windows.full.shape[0]} windows of "
-              f"{windows.full.shape[1]} tokens", flush=True)
+        print(
+            f"[bench] (b) perplexity module vs bare forward loop: {windows.full.shape[0]} windows of "
+            f"{windows.full.shape[1]} tokens",
+            flush=True,
+        )
         b = ppl_throughput(model_dir, dtype, opts.device, windows, opts.ppl_repeats)
     benchlib.finish_record(rec)
 
     print(f"\n{what}; text: {text}")
     print(f"machine: {benchlib.describe(rec)}")
     if a:
-        print(f"\n(a) k-sweep {', '.join(a['settings'])} on {a['corpus']['predicted_tokens']} predicted tokens; "
-              f"{opts.repeats} alternating pairs, median; perplexities identical: {'yes' if a['identical_ppl'] else 'NO'}\n")
+        print(
+            f"\n(a) k-sweep {', '.join(a['settings'])} on {a['corpus']['predicted_tokens']} predicted tokens; "
+            f"{opts.repeats} alternating pairs, median; perplexities identical: {'yes' if a['identical_ppl'] else 'NO'}\n"
+        )
         print("| | one load (macdrop attack) | reload per setting | ratio |")
         print("|---|---|---|---|")
         print(f"| sweep wall time | {a['one_load_s']:.2f} s | {a['reload_s']:.2f} s | **{a['median_ratio']:.2f}** |")
-        print(f"\nL = load + locate {a['load_locate_s']:.2f} s, E = one setting's evaluation {a['eval_per_setting_s']:.2f} s: "
-              f"6(L+E)/(L+6E) = {a['model_ratio']:.2f}")
+        print(
+            f"\nL = load + locate {a['load_locate_s']:.2f} s, E = one setting's evaluation {a['eval_per_setting_s']:.2f} s: "
+            f"6(L+E)/(L+6E) = {a['model_ratio']:.2f}"
+        )
     if c:
         print(f"\n(c) `macdrop attack` processes, {opts.cli_repeats} alternating pairs, median\n")
         print("| | one process, --k-sweep 0,1,2,3,5,8 | one process per k (5) | ratio |")
         print("|---|---|---|---|")
         print(f"| wall time | {c['one_process_s']:.1f} s | {c['per_k_s']:.1f} s | **{c['median_ratio']:.2f}** |")
     if b:
-        print(f"\n(b) {b['windows'][0]} windows x {b['windows'][1]} tokens, batch 1; {opts.ppl_repeats} alternating pairs, "
-              f"median\n")
+        print(
+            f"\n(b) {b['windows'][0]} windows x {b['windows'][1]} tokens, batch 1; {opts.ppl_repeats} alternating pairs, "
+            f"median\n"
+        )
         print("| | evaluate_perplexity | bare forward loop | ratio |")
         print("|---|---|---|---|")
-        print(f"| tokens/s | {b['module_tokens_per_s']:,.0f} | {b['bare_tokens_per_s']:,.0f} | **{b['median_ratio']:.3f}** |")
-    report = {"benchmark": "attack_sweep", "preset": opts.preset, "model": what, "text": text,
-              "config": None if opts.model else cfg, "dtype": dtype, "machine": rec,
-              "one_load_vs_reload": a, "perplexity_throughput": b,
-              "cli_processes": c}
+        print(
+            f"| tokens/s | {b['module_tokens_per_s']:,.0f} | {b['bare_tokens_per_s']:,.0f} | **{b['median_ratio']:.3f}** |"
+        )
+    report = {
+        "benchmark": "attack_sweep",
+        "preset": opts.preset,
+        "model": what,
+        "text": text,
+        "config": None if opts.model else cfg,
+        "dtype": dtype,
+        "machine": rec,
+        "one_load_vs_reload": a,
+        "perplexity_throughput": b,
+        "cli_processes": c,
+    }
     benchlib.write_json(opts.json, report)
     return 0
 

@@ -25,9 +25,19 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 
 # ----------------------------------------------------------------------------- the model
-def build_llama(out: Path, *, layers: int, hidden: int, intermediate: int, heads: int, vocab: int,
-                dtype: str = "float32", origin_layer: int | None = None, kv_heads: int | None = None,
-                device: str = "cpu") -> Path:
+def build_llama(
+    out: Path,
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    vocab: int,
+    dtype: str = "float32",
+    origin_layer: int | None = None,
+    kv_heads: int | None = None,
+    device: str = "cpu",
+) -> Path:
     """A random-init Llama saved as safetensors (once: an existing folder is reused).
 
     ``origin_layer`` plants a massive activation there the way real models have one (the BOS
@@ -46,9 +56,17 @@ def build_llama(out: Path, *, layers: int, hidden: int, intermediate: int, heads
     out.mkdir(parents=True, exist_ok=True)
     tiny.build_tokenizer(out)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     with torch.device(device):
@@ -67,8 +85,10 @@ def build_llama(out: Path, *, layers: int, hidden: int, intermediate: int, heads
 
 
 def model_params(cfg: dict) -> int:
-    return cfg["layers"] * (4 * cfg["hidden"] ** 2 + 3 * cfg["hidden"] * cfg["intermediate"]) \
+    return (
+        cfg["layers"] * (4 * cfg["hidden"] ** 2 + 3 * cfg["hidden"] * cfg["intermediate"])
         + 2 * cfg["vocab"] * cfg["hidden"]
+    )
 
 
 def warm_page_cache(folder: Path) -> int:
@@ -202,8 +222,11 @@ def machine(device: str = "cpu") -> dict:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "loadavg_1m_start": round(os.getloadavg()[0], 2),
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
     }
     return rec
 
@@ -215,9 +238,11 @@ def finish_record(rec: dict) -> dict:
 
 def describe(rec: dict) -> str:
     v = rec["versions"]
-    return (f"{rec['date']}, {rec['device'] if rec['device'] != 'cpu' else rec['host_cpu']}, {rec['cpu_cores']} cores "
-            f"({rec['torch_threads']} torch threads), torch {v['torch']}, transformers {v['transformers']}, "
-            f"python {v['python']}; load average {rec['loadavg_1m_start']} -> {rec.get('loadavg_1m_end')}")
+    return (
+        f"{rec['date']}, {rec['device'] if rec['device'] != 'cpu' else rec['host_cpu']}, {rec['cpu_cores']} cores "
+        f"({rec['torch_threads']} torch threads), torch {v['torch']}, transformers {v['transformers']}, "
+        f"python {v['python']}; load average {rec['loadavg_1m_start']} -> {rec.get('loadavg_1m_end')}"
+    )
 
 
 def write_json(path: str | None, report: dict) -> None:

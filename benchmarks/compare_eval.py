@@ -84,8 +84,15 @@ def evaluate(model_dir: Path, adapters: list[Path], corpus, one_base: bool) -> d
     def evaluator():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         located = locate_massive_weights(model, 5)
-        return OneBaseEvaluator(model, str(model_dir), AttackTargets(located.layer, located.indices), settings, [corpus],
-                                progress=False, echo=None)
+        return OneBaseEvaluator(
+            model,
+            str(model_dir),
+            AttackTargets(located.layer, located.indices),
+            settings,
+            [corpus],
+            progress=False,
+            echo=None,
+        )
 
     items, swap, evals, loads = [], [], [], []
     with Clock() as total:
@@ -108,8 +115,14 @@ def evaluate(model_dir: Path, adapters: list[Path], corpus, one_base: bool) -> d
                 t0 = time.perf_counter()
                 ev.base = attach_adapter(ev.base, adapter).unload()
                 swap.append(time.perf_counter() - t0)
-    return {"seconds": total.seconds, "items": items, "load_s": loads, "eval_s": evals, "swap_s": swap,
-            "fingerprint_s": fingerprint_s}
+    return {
+        "seconds": total.seconds,
+        "items": items,
+        "load_s": loads,
+        "eval_s": evals,
+        "swap_s": swap,
+        "fingerprint_s": fingerprint_s,
+    }
 
 
 def main() -> int:
@@ -131,29 +144,46 @@ def main() -> int:
     adapters = make_adapters(model_dir, work / "adapters", args.adapters)
     data = corpus(model_dir, args.text_file, args.tokens)
     evaluate(model_dir, adapters[:1], data, True)  # warm-up
-    pairs = benchlib.alternate({"one_base": lambda: evaluate(model_dir, adapters, data, True),
-                                "reload": lambda: evaluate(model_dir, adapters, data, False)}, args.repeats)
+    pairs = benchlib.alternate(
+        {
+            "one_base": lambda: evaluate(model_dir, adapters, data, True),
+            "reload": lambda: evaluate(model_dir, adapters, data, False),
+        },
+        args.repeats,
+    )
     identical = all(p["one_base"]["items"] == p["reload"]["items"] for p in pairs)
     for p in pairs:
         p["ratio"] = p["reload"]["seconds"] / p["one_base"]["seconds"]
         for arm in ("one_base", "reload"):
             p[arm].pop("items")
-    rec = benchlib.finish_record({**machine,
-        "benchmark": "compare_eval", "model": str(model_dir), "adapters": args.adapters, "windows": data.windows.count,
-        "settings": ["none", "zero k=5"], "pairs": pairs, "identical_items": identical,
-        "median_ratio": median(p["ratio"] for p in pairs),
-        "one_base_s": median(p["one_base"]["seconds"] for p in pairs),
-        "reload_s": median(p["reload"]["seconds"] for p in pairs),
-        "load_s": median(x for p in pairs for x in p["reload"]["load_s"]),
-        "eval_per_adapter_s": median(x for p in pairs for x in p["one_base"]["eval_s"]),
-        "swap_s": median(x for p in pairs for x in p["one_base"]["swap_s"]),
-        "fingerprint_s": median(p["one_base"]["fingerprint_s"] for p in pairs),
-    })
+    rec = benchlib.finish_record(
+        {
+            **machine,
+            "benchmark": "compare_eval",
+            "model": str(model_dir),
+            "adapters": args.adapters,
+            "windows": data.windows.count,
+            "settings": ["none", "zero k=5"],
+            "pairs": pairs,
+            "identical_items": identical,
+            "median_ratio": median(p["ratio"] for p in pairs),
+            "one_base_s": median(p["one_base"]["seconds"] for p in pairs),
+            "reload_s": median(p["reload"]["seconds"] for p in pairs),
+            "load_s": median(x for p in pairs for x in p["reload"]["load_s"]),
+            "eval_per_adapter_s": median(x for p in pairs for x in p["one_base"]["eval_s"]),
+            "swap_s": median(x for p in pairs for x in p["one_base"]["swap_s"]),
+            "fingerprint_s": median(p["one_base"]["fingerprint_s"] for p in pairs),
+        }
+    )
     print(benchlib.describe(rec))
-    print(f"{args.adapters} adapters x 2 settings x {data.windows.count} windows: one base {rec['one_base_s']:.2f} s, "
-          f"reload per adapter {rec['reload_s']:.2f} s -> {rec['median_ratio']:.2f}x; items identical: {identical}")
-    print(f"per adapter: load {rec['load_s']:.2f} s, attach+unload {rec['swap_s']:.3f} s, evaluation "
-          f"{rec['eval_per_adapter_s']:.2f} s; base fingerprint (SHA-256 of every tensor) {rec['fingerprint_s']:.2f} s")
+    print(
+        f"{args.adapters} adapters x 2 settings x {data.windows.count} windows: one base {rec['one_base_s']:.2f} s, "
+        f"reload per adapter {rec['reload_s']:.2f} s -> {rec['median_ratio']:.2f}x; items identical: {identical}"
+    )
+    print(
+        f"per adapter: load {rec['load_s']:.2f} s, attach+unload {rec['swap_s']:.3f} s, evaluation "
+        f"{rec['eval_per_adapter_s']:.2f} s; base fingerprint (SHA-256 of every tensor) {rec['fingerprint_s']:.2f} s"
+    )
     benchlib.write_json(args.json, rec)
     return 0 if identical else 1
 

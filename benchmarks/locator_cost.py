@@ -73,9 +73,20 @@ def worker(mode: str, model_dir: str, dtype: str) -> None:
             result = locate_massive_weights(model, K)
             layers = [s.layer for s in result.layers]
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "rss_before": before, "peak_rss": benchlib.peak_rss_bytes(),
-                      "anon_before": anon_before, "peak_anon": anon.peak,
-                      "layer": result.layer, "indices": result.indices, "layers_run": [layers[0], layers[-1]]}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "rss_before": before,
+                "peak_rss": benchlib.peak_rss_bytes(),
+                "anon_before": anon_before,
+                "peak_anon": anon.peak,
+                "layer": result.layer,
+                "indices": result.indices,
+                "layers_run": [layers[0], layers[-1]],
+            }
+        )
+    )
 
 
 def run_worker(mode: str, model_dir: Path, dtype: str) -> dict:
@@ -122,13 +133,13 @@ def probe_vs_forward(model_dir: Path, dtype: str, device: str, repeats: int) -> 
                 fn()
             peak = (torch.cuda.max_memory_allocated() if cuda else benchlib.peak_rss_bytes()) - base
             return {"seconds": c.seconds, "peak_extra_bytes": peak}
+
         return arm
 
     for _ in range(5):  # warm-up: first calls fault the weights in, allocate buffers, pick kernels
         forward()
         probe()
-    pairs = benchlib.alternate({"probe": measured(probe), "forward": measured(forward)}, repeats,
-                               log=lambda s: None)
+    pairs = benchlib.alternate({"probe": measured(probe), "forward": measured(forward)}, repeats, log=lambda s: None)
     for p in pairs:
         p["ratio"] = p["probe"]["seconds"] / p["forward"]["seconds"]
     located = locate_massive_weights(model, K)
@@ -177,13 +188,22 @@ def main() -> int:
         work = Path(opts.work or tempfile.mkdtemp(prefix="macdrop-bench-"))
         model_dir = work / f"locator-{opts.preset}{suffix}"
         print(f"[bench] random {cfg['layers']}-layer Llama (hidden {cfg['hidden']}) in {model_dir}", flush=True)
-        benchlib.build_llama(model_dir, **{k: cfg[k] for k in ("layers", "hidden", "intermediate", "heads", "vocab")},
-                             dtype=cfg["dtype"], origin_layer=opts.origin_layer)
-        what = (f"random Llama, {cfg['layers']} layers x hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, "
-                f"vocab {cfg['vocab']}, {benchlib.model_params(cfg) / 1e6:.0f} M parameters, saved in {cfg['dtype']}, "
-                f"loaded as {dtype}"
-                + (f", massive activation planted at layer {opts.origin_layer}" if opts.origin_layer is not None else
-                   ", no massive activation (every layer is read)"))
+        benchlib.build_llama(
+            model_dir,
+            **{k: cfg[k] for k in ("layers", "hidden", "intermediate", "heads", "vocab")},
+            dtype=cfg["dtype"],
+            origin_layer=opts.origin_layer,
+        )
+        what = (
+            f"random Llama, {cfg['layers']} layers x hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, "
+            f"vocab {cfg['vocab']}, {benchlib.model_params(cfg) / 1e6:.0f} M parameters, saved in {cfg['dtype']}, "
+            f"loaded as {dtype}"
+            + (
+                f", massive activation planted at layer {opts.origin_layer}"
+                if opts.origin_layer is not None
+                else ", no massive activation (every layer is read)"
+            )
+        )
     size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     benchlib.warm_page_cache(model_dir)
     print(f"[bench] {what}; checkpoint {size / 2**30:.2f} GiB", flush=True)
@@ -194,10 +214,16 @@ def main() -> int:
         a = probe_vs_forward(model_dir, dtype, opts.device, opts.probe_repeats)
     if not opts.skip_stream:
         print("[bench] (b) layer by layer vs full load + locate, fresh processes", flush=True)
-        pairs = benchlib.alternate({"stream": lambda: run_worker("stream", model_dir, dtype),
-                                    "full": lambda: run_worker("full", model_dir, dtype)}, opts.repeats)
-        same = all((p["stream"]["layer"], p["stream"]["indices"]) == (p["full"]["layer"], p["full"]["indices"])
-                   for p in pairs)
+        pairs = benchlib.alternate(
+            {
+                "stream": lambda: run_worker("stream", model_dir, dtype),
+                "full": lambda: run_worker("full", model_dir, dtype),
+            },
+            opts.repeats,
+        )
+        same = all(
+            (p["stream"]["layer"], p["stream"]["indices"]) == (p["full"]["layer"], p["full"]["indices"]) for p in pairs
+        )
         for p in pairs:
             p["time_ratio"] = p["stream"]["seconds"] / p["full"]["seconds"]
             p["peak_ratio"] = p["stream"]["peak_rss"] / p["full"]["peak_rss"]
@@ -206,46 +232,75 @@ def main() -> int:
                 p[arm]["model_anon"] = p[arm]["peak_anon"] - p[arm]["anon_before"]
             p["model_rss_ratio"] = p["stream"]["model_rss"] / p["full"]["model_rss"]
             p["model_anon_ratio"] = p["stream"]["model_anon"] / p["full"]["model_anon"]
-        b = {"pairs": pairs, "same_answer": same,
-             "median_time_ratio": median(p["time_ratio"] for p in pairs),
-             "median_peak_ratio": median(p["peak_ratio"] for p in pairs),
-             "median_model_rss_ratio": median(p["model_rss_ratio"] for p in pairs),
-             "median_model_anon_ratio": median(p["model_anon_ratio"] for p in pairs),
-             **{f"{arm}_{key}": median(p[arm][key] for p in pairs)
-                for arm in ("stream", "full") for key in ("seconds", "peak_rss", "rss_before", "model_rss", "model_anon")},
-             "layers_run": {arm: pairs[0][arm]["layers_run"] for arm in ("stream", "full")}}
+        b = {
+            "pairs": pairs,
+            "same_answer": same,
+            "median_time_ratio": median(p["time_ratio"] for p in pairs),
+            "median_peak_ratio": median(p["peak_ratio"] for p in pairs),
+            "median_model_rss_ratio": median(p["model_rss_ratio"] for p in pairs),
+            "median_model_anon_ratio": median(p["model_anon_ratio"] for p in pairs),
+            **{
+                f"{arm}_{key}": median(p[arm][key] for p in pairs)
+                for arm in ("stream", "full")
+                for key in ("seconds", "peak_rss", "rss_before", "model_rss", "model_anon")
+            },
+            "layers_run": {arm: pairs[0][arm]["layers_run"] for arm in ("stream", "full")},
+        }
     benchlib.finish_record(rec)
 
     mib = 2**20
     print(f"\n{what}; checkpoint {size / 2**30:.2f} GiB")
     print(f"machine: {benchlib.describe(rec)}")
     if a:
-        print(f"\n(a) {opts.probe_repeats} alternating pairs in one process on {opts.device}, median; memory = peak above "
-              f"the loaded model ({a['memory_method']})\n")
+        print(
+            f"\n(a) {opts.probe_repeats} alternating pairs in one process on {opts.device}, median; memory = peak above "
+            f"the loaded model ({a['memory_method']})\n"
+        )
         print("| | locate_massive_weights | one single-token forward | ratio |")
         print("|---|---|---|---|")
         print(f"| time | {a['probe_s'] * 1e3:.1f} ms | {a['forward_s'] * 1e3:.1f} ms | **{a['median_ratio']:.2f}** |")
-        print(f"| peak memory above the loaded model (median / max) | {a['probe_peak_extra_bytes'] / mib:.1f} / "
-              f"{a['probe_peak_extra_max'] / mib:.1f} MiB | {a['forward_peak_extra_bytes'] / mib:.1f} / "
-              f"{a['forward_peak_extra_max'] / mib:.1f} MiB | |")
+        print(
+            f"| peak memory above the loaded model (median / max) | {a['probe_peak_extra_bytes'] / mib:.1f} / "
+            f"{a['probe_peak_extra_max'] / mib:.1f} MiB | {a['forward_peak_extra_bytes'] / mib:.1f} / "
+            f"{a['forward_peak_extra_max'] / mib:.1f} MiB | |"
+        )
     if b:
-        print(f"\n(b) {opts.repeats} alternating pairs of fresh processes, median; same answer (layer, indices): "
-              f"{'yes' if b['same_answer'] else 'NO'}\n")
+        print(
+            f"\n(b) {opts.repeats} alternating pairs of fresh processes, median; same answer (layer, indices): "
+            f"{'yes' if b['same_answer'] else 'NO'}\n"
+        )
         print("| | layer by layer | full load + locate | ratio |")
         print("|---|---|---|---|")
         ls, lf = b["layers_run"]["stream"], b["layers_run"]["full"]
         print(f"| layers read / run | {ls[0]}..{ls[1]} | {lf[0]}..{lf[1]} (all loaded) | |")
-        print(f"| load + locate wall time | {b['stream_seconds']:.2f} s | {b['full_seconds']:.2f} s | "
-              f"**{b['median_time_ratio']:.2f}** |")
-        print(f"| process peak RSS | {b['stream_peak_rss'] / mib:,.0f} MiB | {b['full_peak_rss'] / mib:,.0f} MiB | "
-              f"**{b['median_peak_ratio']:.2f}** |")
-        print(f"| peak RSS above the imports ({b['stream_rss_before'] / mib:,.0f} MiB) | {b['stream_model_rss'] / mib:,.0f} MiB | "
-              f"{b['full_model_rss'] / mib:,.0f} MiB | **{b['median_model_rss_ratio']:.2f}** |")
-        print(f"| peak anonymous memory above the imports | {b['stream_model_anon'] / mib:,.0f} MiB | "
-              f"{b['full_model_anon'] / mib:,.0f} MiB | **{b['median_model_anon_ratio']:.2f}** |")
-    report = {"benchmark": "locator_cost", "preset": opts.preset, "model": what, "checkpoint_bytes": size,
-              "config": None if opts.model else cfg, "dtype": dtype, "k": K, "machine": rec,
-              "probe_vs_forward": a, "layer_by_layer_vs_full": b}
+        print(
+            f"| load + locate wall time | {b['stream_seconds']:.2f} s | {b['full_seconds']:.2f} s | "
+            f"**{b['median_time_ratio']:.2f}** |"
+        )
+        print(
+            f"| process peak RSS | {b['stream_peak_rss'] / mib:,.0f} MiB | {b['full_peak_rss'] / mib:,.0f} MiB | "
+            f"**{b['median_peak_ratio']:.2f}** |"
+        )
+        print(
+            f"| peak RSS above the imports ({b['stream_rss_before'] / mib:,.0f} MiB) | {b['stream_model_rss'] / mib:,.0f} MiB | "
+            f"{b['full_model_rss'] / mib:,.0f} MiB | **{b['median_model_rss_ratio']:.2f}** |"
+        )
+        print(
+            f"| peak anonymous memory above the imports | {b['stream_model_anon'] / mib:,.0f} MiB | "
+            f"{b['full_model_anon'] / mib:,.0f} MiB | **{b['median_model_anon_ratio']:.2f}** |"
+        )
+    report = {
+        "benchmark": "locator_cost",
+        "preset": opts.preset,
+        "model": what,
+        "checkpoint_bytes": size,
+        "config": None if opts.model else cfg,
+        "dtype": dtype,
+        "k": K,
+        "machine": rec,
+        "probe_vs_forward": a,
+        "layer_by_layer_vs_full": b,
+    }
     benchlib.write_json(opts.json, report)
     return 0
 

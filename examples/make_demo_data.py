@@ -8,8 +8,26 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ["river", "garden", "lantern", "pocket", "silver", "meadow", "harbor", "window", "pencil",
-         "orange", "planet", "castle", "winter", "candle", "forest", "basket", "rocket", "violin"]
+WORDS = [
+    "river",
+    "garden",
+    "lantern",
+    "pocket",
+    "silver",
+    "meadow",
+    "harbor",
+    "window",
+    "pencil",
+    "orange",
+    "planet",
+    "castle",
+    "winter",
+    "candle",
+    "forest",
+    "basket",
+    "rocket",
+    "violin",
+]
 
 
 def reverse_word(r):
@@ -24,14 +42,22 @@ def add(r):
 
 def sort_numbers(r):
     xs = r.sample(range(1, 100), 5)
-    return "Sort these numbers from smallest to largest.", ", ".join(map(str, xs)), ", ".join(map(str, sorted(xs))) + "."
+    return (
+        "Sort these numbers from smallest to largest.",
+        ", ".join(map(str, xs)),
+        ", ".join(map(str, sorted(xs))) + ".",
+    )
 
 
 def count_letter(r):
     w = r.choice(WORDS)
     c = r.choice(sorted(set(w)))
     n = w.count(c)
-    return f"How many times does the letter '{c}' appear in '{w}'?", "", f"The letter '{c}' appears {n} time{'s' * (n != 1)} in '{w}'."
+    return (
+        f"How many times does the letter '{c}' appear in '{w}'?",
+        "",
+        f"The letter '{c}' appears {n} time{'s' * (n != 1)} in '{w}'.",
+    )
 
 
 def uppercase(r):

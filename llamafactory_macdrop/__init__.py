@@ -16,17 +16,29 @@ __version__ = "0.1.0"
 #: public name -> module that defines it (relative to this package)
 _LAZY = {
     # the method
-    "locate_massive_weights": "core.locator", "LocatorResult": "core.locator", "find_ffn_blocks": "core.architectures",
-    "build_curriculum": "core.curriculum", "RowDropout": "core.masking", "row_target": "core.masking",
-    "resolve_prefix": "core.text_prefix", "tokenizer_prefix": "core.text_prefix",
+    "locate_massive_weights": "core.locator",
+    "LocatorResult": "core.locator",
+    "find_ffn_blocks": "core.architectures",
+    "build_curriculum": "core.curriculum",
+    "RowDropout": "core.masking",
+    "row_target": "core.masking",
+    "resolve_prefix": "core.text_prefix",
+    "tokenizer_prefix": "core.text_prefix",
     # the plugin
-    "MacDropConfig": "plugin.keys", "activate": "plugin.integration", "validate_args": "plugin.integration",
+    "MacDropConfig": "plugin.keys",
+    "activate": "plugin.integration",
+    "validate_args": "plugin.integration",
     # analysis
-    "activation_report": "analysis.inspect.activations", "find_super_weights": "analysis.inspect.superweight",
-    "attention_report": "analysis.inspect.attention", "ModelAttacker": "analysis.attack.attacks",
-    "AttackSetting": "analysis.attack.attacks", "AttackTargets": "analysis.attack.attacks",
-    "evaluate_settings": "analysis.attack.sweep", "ModelQuantizer": "analysis.attack.quantization",
-    "evaluate_perplexity": "analysis.evaluate.perplexity", "ZeroShotEvaluator": "analysis.evaluate.zeroshot",
+    "activation_report": "analysis.inspect.activations",
+    "find_super_weights": "analysis.inspect.superweight",
+    "attention_report": "analysis.inspect.attention",
+    "ModelAttacker": "analysis.attack.attacks",
+    "AttackSetting": "analysis.attack.attacks",
+    "AttackTargets": "analysis.attack.attacks",
+    "evaluate_settings": "analysis.attack.sweep",
+    "ModelQuantizer": "analysis.attack.quantization",
+    "evaluate_perplexity": "analysis.evaluate.perplexity",
+    "ZeroShotEvaluator": "analysis.evaluate.zeroshot",
 }
 __all__ = ["__version__", *_LAZY]
 

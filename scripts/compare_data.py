@@ -32,19 +32,38 @@ def main() -> int:
     source = args.out / "alpaca_en_demo.json"
     if not source.is_file():
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                            "--disable-pip-version-check", "-d", tmp, SDIST], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "-d",
+                    tmp,
+                    SDIST,
+                ],
+                check=True,
+            )
             sdist = next(Path(tmp).glob("llamafactory-*.tar.gz"))
             with tarfile.open(sdist) as tar:
                 source.write_bytes(tar.extractfile(MEMBER).read())
     rows = json.loads(source.read_text())
-    train, held = rows[: args.train], rows[args.train:]
+    train, held = rows[: args.train], rows[args.train :]
     (args.out / "alpaca_train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
-    (args.out / "dataset_info.json").write_text(json.dumps({"alpaca_train": {"file_name": "alpaca_train.json"}}, indent=1))
+    (args.out / "dataset_info.json").write_text(
+        json.dumps({"alpaca_train": {"file_name": "alpaca_train.json"}}, indent=1)
+    )
     text = "\n\n".join("\n".join(x for x in (r["instruction"], r.get("input", ""), r["output"]) if x) for r in held)
     (args.out / "alpaca_heldout.txt").write_text(text + "\n")
-    print(f"{len(train)} training examples -> {args.out / 'alpaca_train.json'}; "
-          f"{len(held)} held out -> {args.out / 'alpaca_heldout.txt'} ({len(text)} characters)")
+    print(
+        f"{len(train)} training examples -> {args.out / 'alpaca_train.json'}; "
+        f"{len(held)} held out -> {args.out / 'alpaca_heldout.txt'} ({len(text)} characters)"
+    )
     return 0
 
 

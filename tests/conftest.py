@@ -61,8 +61,10 @@ def super_weight_llama(super_weight_llama_dir):
     """(model, tokenizer) of super_weight_llama_dir; tests that edit it must restore it bitwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(super_weight_llama_dir).eval(),
-            AutoTokenizer.from_pretrained(super_weight_llama_dir))
+    return (
+        AutoModelForCausalLM.from_pretrained(super_weight_llama_dir).eval(),
+        AutoTokenizer.from_pretrained(super_weight_llama_dir),
+    )
 
 
 @pytest.fixture()

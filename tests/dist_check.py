@@ -125,6 +125,7 @@ class Recorder(TrainerCallback):
         self.kind, self.modules = find_ffn(model, self.oracle["layer"])
         expert = self.oracle.get("expert")
         if self.kind == "linear":
+
             def measure():
                 return {k: effective_weight(m) for k, m in self.modules.items()}
 
@@ -229,8 +230,9 @@ def expected_keep(seed: int, step: int, micro: int, p: float, shape, device: str
     return (torch.rand(tuple(shape), generator=gen, device=device) > p).cpu()
 
 
-def expected_masks(seed: int, steps: int, ga: int, p0: float, shape, device: str = "cpu",
-                   per: str = "optimizer_step") -> list:
+def expected_masks(
+    seed: int, steps: int, ga: int, p0: float, shape, device: str = "cpu", per: str = "optimizer_step"
+) -> list:
     """(step, keep-mask) per micro-batch: one mask per optimizer step by default
     (``macdrop_mask_per: optimizer_step``), one per micro-batch with ``per="micro_batch"``."""
     out = []
@@ -255,16 +257,31 @@ def check_forward(seen: dict, original: dict, rows: list, keep) -> None:
         if keep is not None:
             want[rows] = torch.where(keep, want[rows], torch.zeros_like(want[rows]))
         if not torch.equal(_bits(w), _bits(want)):
-            diff = (w != want)
+            diff = w != want
             outside = diff.clone()
             outside[rows] = False
-            raise AssertionError(f"{key}: {int(diff.sum())} elements differ from Algorithm 1's weight, "
-                                 f"{int(outside.sum())} of them outside the masked rows")
+            raise AssertionError(
+                f"{key}: {int(diff.sum())} elements differ from Algorithm 1's weight, "
+                f"{int(outside.sum())} of them outside the masked rows"
+            )
 
 
-def verify(traces: list, *, layer: int, indices: list, seed: int, steps: int, ga: int, p0: float = 0.8,
-           zero3: bool = False, recompute: bool = True, reference: bool = False, per: str = "optimizer_step",
-           located: dict | None = None, original: dict | None = None) -> list[str]:
+def verify(
+    traces: list,
+    *,
+    layer: int,
+    indices: list,
+    seed: int,
+    steps: int,
+    ga: int,
+    p0: float = 0.8,
+    zero3: bool = False,
+    recompute: bool = True,
+    reference: bool = False,
+    per: str = "optimizer_step",
+    located: dict | None = None,
+    original: dict | None = None,
+) -> list[str]:
     """Assert Algorithm 1 on every rank's trace; returns what was checked (for printing).
 
     Per micro-batch the forwards of W_up are: the training forward (masked), with ``reference``
@@ -291,7 +308,7 @@ def verify(traces: list, *, layer: int, indices: list, seed: int, steps: int, ga
         seen = trace["forward"]
         assert len(seen) == per_micro * len(expected), (len(seen), len(expected))
         for i, (step, keep) in enumerate(expected):
-            for kind, (step_seen, weights) in zip(pattern, seen[per_micro * i: per_micro * (i + 1)]):
+            for kind, (step_seen, weights) in zip(pattern, seen[per_micro * i : per_micro * (i + 1)]):
                 assert step_seen == step, (rank, i, step_seen, step)
                 try:
                     check_forward(weights, start, rows, keep if kind == "masked" else None)

@@ -50,14 +50,21 @@ def _modules(sub: str) -> list[str]:
 
 
 def _python(code: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *flags, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={"PATH": "/usr/bin:/bin", "MACDROP_AUTOLOAD": "1",
-                                            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/bin:/bin", "MACDROP_AUTOLOAD": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_core_and_analysis_import_without_llamafactory():
     mods = _modules("core") + _modules("analysis") + _modules("cli")
-    code = BLOCK_LF + f"""
+    code = (
+        BLOCK_LF
+        + f"""
 import importlib, json
 mods = {mods!r}
 for m in mods:
@@ -65,6 +72,7 @@ for m in mods:
 loaded = sorted(sys.modules)
 print(json.dumps(loaded))
 """
+    )
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -73,12 +81,15 @@ print(json.dumps(loaded))
     assert set(mods) <= set(loaded)
 
     # the core stands alone: nothing of plugin/ or analysis/ comes with it
-    code = BLOCK_LF + f"""
+    code = (
+        BLOCK_LF
+        + f"""
 import importlib, json
 for m in {_modules("core")!r}:
     importlib.import_module(m)
 print(json.dumps(sorted(m for m in sys.modules if m.startswith("{NAME}."))))
 """
+    )
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -132,8 +143,18 @@ print(any(type(f).__name__ == "_LlamaFactoryFinder" for f in sys.meta_path))
 
 
 #: the files that mention module paths and that no test imports
-MENTIONING = ["README.md", "docs/*.md", "benchmarks/*.py", "tests/gpu/*.py", "scripts/*.sh", "examples/*.py",
-              "pyproject.toml", "Makefile", "llamafactory_macdrop.pth", "yaml_configs/*.yaml"]
+MENTIONING = [
+    "README.md",
+    "docs/*.md",
+    "benchmarks/*.py",
+    "tests/gpu/*.py",
+    "scripts/*.sh",
+    "examples/*.py",
+    "pyproject.toml",
+    "Makefile",
+    "llamafactory_macdrop.pth",
+    "yaml_configs/*.yaml",
+]
 FROM_IMPORT = re.compile(r"from[ \t]+(" + NAME + r"(?:\.\w+)*)[ \t]+import[ \t]+(?:\(([^)]*)\)|([\w \t,]+))")
 DOTTED = re.compile(r"\b" + NAME + r"(?:\.[A-Za-z_]\w*)+")
 FILE = re.compile(r"\b((?:" + NAME + r"|tests|benchmarks|scripts|examples|yaml_configs)/[\w./-]*\w)(?![\w*])")
@@ -186,8 +207,9 @@ def test_every_module_name_and_file_mentioned_outside_the_tests_exists():
     assert missing == []
 
 
-@pytest.mark.parametrize("script", sorted(str(p.relative_to(REPO)) for p in
-                                          [*REPO.glob("benchmarks/*.py"), *REPO.glob("tests/gpu/*.py")]))
+@pytest.mark.parametrize(
+    "script", sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("benchmarks/*.py"), *REPO.glob("tests/gpu/*.py")])
+)
 def test_benchmark_and_gpu_scripts_import_as_modules(script, monkeypatch):
     path = REPO / script
     tree = ast.parse(path.read_text())

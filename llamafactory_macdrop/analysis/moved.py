@@ -15,14 +15,27 @@ import sys
 _PKG = __name__.rpartition(".")[0]  # llamafactory_macdrop.analysis
 #: old module name (under analysis/) -> new one
 MOVED = {
-    "activations": "inspect.activations", "superweight": "inspect.superweight", "stopwords": "inspect.stopwords",
-    "attention": "inspect.attention", "attention_plots": "inspect.attention_plots", "streaming": "inspect.streaming",
-    "cross_check": "inspect.cross_check", "plots": "inspect.plots",
-    "attacks": "attack.attacks", "sweep": "attack.sweep", "generation": "attack.generation",
-    "quantization": "attack.quantization", "superweight_plots": "attack.plots",
-    "perplexity": "evaluate.perplexity", "zeroshot": "evaluate.zeroshot",
-    "compare_runs": "compare.runs", "compare_eval": "compare.evaluation", "compare_report": "compare.report",
-    "compare_plots": "compare.plots", "paired": "compare.paired", "convert": "models.gguf",
+    "activations": "inspect.activations",
+    "superweight": "inspect.superweight",
+    "stopwords": "inspect.stopwords",
+    "attention": "inspect.attention",
+    "attention_plots": "inspect.attention_plots",
+    "streaming": "inspect.streaming",
+    "cross_check": "inspect.cross_check",
+    "plots": "inspect.plots",
+    "attacks": "attack.attacks",
+    "sweep": "attack.sweep",
+    "generation": "attack.generation",
+    "quantization": "attack.quantization",
+    "superweight_plots": "attack.plots",
+    "perplexity": "evaluate.perplexity",
+    "zeroshot": "evaluate.zeroshot",
+    "compare_runs": "compare.runs",
+    "compare_eval": "compare.evaluation",
+    "compare_report": "compare.report",
+    "compare_plots": "compare.plots",
+    "paired": "compare.paired",
+    "convert": "models.gguf",
 }
 
 

@@ -56,16 +56,19 @@ def cmd_locate(args: argparse.Namespace) -> int:
 
         template = lf_template(args.template)
     first = template_first_token(tokenizer, template, args.template) if args.probe_token is None else None
-    kwargs = dict(tokenizer=tokenizer, layer=args.layer, indices=args.indices, probe_token=args.probe_token,
-                  first_token=first)
+    kwargs = dict(
+        tokenizer=tokenizer, layer=args.layer, indices=args.indices, probe_token=args.probe_token, first_token=first
+    )
     if _use_layer_by_layer(args):
         from ..analysis.inspect.streaming import locate_layer_by_layer
 
         result, stats = locate_layer_by_layer(args.model, args.k, dtype=torch_dtype(args.dtype), **kwargs)
         passes = max(len(result.candidates), 1)
-        print(f"layer by layer: read layers {min(stats.layers_loaded)}..{max(stats.layers_loaded)}"
-              + (f" ({passes} probe passes, {len(stats.layers_loaded)} layer reads)" if passes > 1 else "")
-              + f", peak {stats.peak_bytes / 2**20:,.0f} MiB of parameters in memory")
+        print(
+            f"layer by layer: read layers {min(stats.layers_loaded)}..{max(stats.layers_loaded)}"
+            + (f" ({passes} probe passes, {len(stats.layers_loaded)} layer reads)" if passes > 1 else "")
+            + f", peak {stats.peak_bytes / 2**20:,.0f} MiB of parameters in memory"
+        )
         agreement = None
     else:
         model = load_model(args.model, args.dtype)
@@ -90,8 +93,9 @@ def cmd_locate(args: argparse.Namespace) -> int:
 
         if result.intermediate is None:
             raise OptionError("--plot needs a probe run (not both --layer and --indices)")
-        path = plot_intermediate_bars(result.intermediate, result.indices, Path(args.plot) / "locate_intermediate.png",
-                                      result.layer)
+        path = plot_intermediate_bars(
+            result.intermediate, result.indices, Path(args.plot) / "locate_intermediate.png", result.layer
+        )
         print(f"plot written to {path}")
         if result.routing:  # MoE: router probability of the probe token per layer and expert
             from ..analysis.inspect.attention_plots import plot_routing
@@ -129,8 +133,9 @@ def _cross_check(model, tokenizer, located):
     if tokenizer is None:
         return None
     prefix = resolve_prefix(tokenizer)
-    return cross_check(model, probe_input_ids(tokenizer, DEFAULT_TEXT, prefix), located,
-                       f"{prefix.describe()} + {DEFAULT_TEXT!r}")
+    return cross_check(
+        model, probe_input_ids(tokenizer, DEFAULT_TEXT, prefix), located, f"{prefix.describe()} + {DEFAULT_TEXT!r}"
+    )
 
 
 def _need_tokenizer(args: argparse.Namespace):
@@ -153,15 +158,21 @@ def cmd_activations(args: argparse.Namespace) -> int:
     prefix = text_prefix(args, tokenizer, args.model)  # before the model loads
     model = load_model(args.model, args.dtype)
     ids = probe_input_ids(tokenizer, args.text, prefix)
-    report = activation_report(model, ids, abs_threshold=args.abs_threshold, median_ratio=args.median_ratio,
-                               tokenizer=tokenizer)
+    report = activation_report(
+        model, ids, abs_threshold=args.abs_threshold, median_ratio=args.median_ratio, tokenizer=tokenizer
+    )
     report.model, report.prefix = args.model, prefix
     located = locate_as_cli(model, tokenizer, 1)
-    report.cross_check = {"locator_layer": located.layer, "locator_probe": probe_label(located),
-                          "activations_layer": report.origin_layer}
+    report.cross_check = {
+        "locator_layer": located.layer,
+        "locator_probe": probe_label(located),
+        "activations_layer": report.origin_layer,
+    }
     if report.origin_layer is not None and report.origin_layer != located.layer:
-        report.warnings.append(f"the massive activations start at layer {report.origin_layer}, the locator names layer "
-                               f"{located.layer} ({probe_label(located)}): check what the text starts with (--bos, --bos-token)")
+        report.warnings.append(
+            f"the massive activations start at layer {report.origin_layer}, the locator names layer "
+            f"{located.layer} ({probe_label(located)}): check what the text starts with (--bos, --bos-token)"
+        )
     print(report.table())
     if args.plot:
         from ..analysis.inspect.plots import plot_intermediate_bars, plot_layer_profile
@@ -170,7 +181,9 @@ def cmd_activations(args: argparse.Namespace) -> int:
         if report.origin_intermediate is not None:
             values = report.origin_intermediate
             top = values.topk(min(5, values.numel())).indices.tolist()
-            path = plot_intermediate_bars(values, top, Path(args.plot) / "activations_intermediate.png", report.origin_layer)
+            path = plot_intermediate_bars(
+                values, top, Path(args.plot) / "activations_intermediate.png", report.origin_layer
+            )
             print(f"plot written to {path}")
     if args.json:
         print(f"written to {report.write_json(args.json)}")
@@ -191,8 +204,9 @@ def cmd_superweight(args: argparse.Namespace) -> int:
     prefix = text_prefix(args, tokenizer, args.model)  # before the model loads
     entry = _published_entry(args)
     model = load_model(args.model, args.dtype)
-    report = find_super_weights(model, probe_input_ids(tokenizer, args.text, prefix), threshold=args.threshold,
-                                top=args.top)
+    report = find_super_weights(
+        model, probe_input_ids(tokenizer, args.text, prefix), threshold=args.threshold, top=args.top
+    )
     report.model, report.prefix = args.model, prefix
     located = locate_as_cli(model, tokenizer, args.k)
     report.check_against(located.layer, located.indices, probe_label(located))
@@ -253,20 +267,41 @@ def register(sub) -> None:
     p.add_argument("--k", type=int, default=5, help="how many rows: 1..intermediate size (default 5)")
     p.add_argument("--layer", type=int, default=None, help="0-based layer override")
     p.add_argument("--indices", type=indices_arg, default=None, help="comma-separated row override")
-    p.add_argument("--probe-token", type=token_arg, default=None,
-                   help="token fed alone: an id, or a text whose first token is used (default: the first candidate "
-                        "with a massive activation: what the template/tokenizer puts first, then BOS, then EOS)")
-    p.add_argument("--template", default=None,
-                   help="LLaMA-Factory template NAME (as in the training YAML): its first token is the first "
-                        "candidate (default: the tokenizer's chat template, else a BOS the tokenizer prepends)")
+    p.add_argument(
+        "--probe-token",
+        type=token_arg,
+        default=None,
+        help="token fed alone: an id, or a text whose first token is used (default: the first candidate "
+        "with a massive activation: what the template/tokenizer puts first, then BOS, then EOS)",
+    )
+    p.add_argument(
+        "--template",
+        default=None,
+        help="LLaMA-Factory template NAME (as in the training YAML): its first token is the first "
+        "candidate (default: the tokenizer's chat template, else a BOS the tokenizer prepends)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--json", type=Path, default=None,
-                   help="write macdrop_locator.json-style output here (plus cross_check and published)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="write macdrop_locator.json-style output here (plus cross_check and published)",
+    )
     _published_option(p)
-    p.add_argument("--plot", type=Path, default=None, help="folder for a bar plot of the intermediate state (and, for MoE models, the routing heatmap)")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="folder for a bar plot of the intermediate state (and, for MoE models, the routing heatmap)",
+    )
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--layer-by-layer", dest="layer_by_layer", action="store_true", default=None,
-                       help="read one layer at a time from safetensors (default: when the checkpoint exceeds half the free memory)")
+    group.add_argument(
+        "--layer-by-layer",
+        dest="layer_by_layer",
+        action="store_true",
+        default=None,
+        help="read one layer at a time from safetensors (default: when the checkpoint exceeds half the free memory)",
+    )
     group.add_argument("--full-load", dest="layer_by_layer", action="store_false")
     p.set_defaults(func=cmd_locate)
 
@@ -276,44 +311,82 @@ def register(sub) -> None:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
-        p.add_argument("--text", default=DEFAULT_TEXT,
-                       help="probe text, not empty; the input is what the tokenizer puts first (if anything) + its tokens")
+        p.add_argument(
+            "--text",
+            default=DEFAULT_TEXT,
+            help="probe text, not empty; the input is what the tokenizer puts first (if anything) + its tokens",
+        )
         add_prefix_options(p)
         p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
         p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
         p.set_defaults(func=func)
         if name == "activations":
-            p.add_argument("--plot", type=Path, default=None, help="folder for the layer profile and intermediate bar plots")
-            p.add_argument("--abs-threshold", type=float, default=100.0, help="massive: |a| above this; >= 0 (default 100)")
-            p.add_argument("--median-ratio", type=float, default=1000.0,
-                           help="massive: |a| above this times the layer median; > 1 (default 1000)")
+            p.add_argument(
+                "--plot", type=Path, default=None, help="folder for the layer profile and intermediate bar plots"
+            )
+            p.add_argument(
+                "--abs-threshold", type=float, default=100.0, help="massive: |a| above this; >= 0 (default 100)"
+            )
+            p.add_argument(
+                "--median-ratio",
+                type=float,
+                default=1000.0,
+                help="massive: |a| above this times the layer median; > 1 (default 1000)",
+            )
         else:
-            p.add_argument("--threshold", type=float, default=None,
-                           help="keep layers whose down output spike exceeds this; >= 0 (default: >= 0.5 x the largest)")
+            p.add_argument(
+                "--threshold",
+                type=float,
+                default=None,
+                help="keep layers whose down output spike exceeds this; >= 0 (default: >= 0.5 x the largest)",
+            )
             p.add_argument("--top", type=int, default=3, help="at most this many candidates; >= 1 (default 3)")
-            p.add_argument("--k", type=int, default=5,
-                           help="cross-check: the locator's top-k massive rows; 1..intermediate size (default 5)")
+            p.add_argument(
+                "--k",
+                type=int,
+                default=5,
+                help="cross-check: the locator's top-k massive rows; 1..intermediate size (default 5)",
+            )
             _published_option(p)
             _stopword_options(p)
 
 
 def _published_option(p) -> None:
-    p.add_argument("--published", type=Path, action="append", default=None, metavar="FILE",
-                   help="also compare with the positions in FILE (repeatable; the format of the packaged "
-                        "core/published_positions.json, docs/locator.md)")
+    p.add_argument(
+        "--published",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="also compare with the positions in FILE (repeatable; the format of the packaged "
+        "core/published_positions.json, docs/locator.md)",
+    )
 
 
 def _stopword_options(p) -> None:
     from ..analysis.inspect.stopwords import STOP_WORDS
     from .evaluation import add_super_weight_option
 
-    p.add_argument("--stopwords", action="store_true",
-                   help="also measure the stop-word shift: next-token probability of stop words, super weight(s) zeroed")
-    p.add_argument("--stopword-tokens", nargs="+", default=list(STOP_WORDS), metavar="WORD",
-                   help=f"the stop words (default: {' '.join(STOP_WORDS)})")
+    p.add_argument(
+        "--stopwords",
+        action="store_true",
+        help="also measure the stop-word shift: next-token probability of stop words, super weight(s) zeroed",
+    )
+    p.add_argument(
+        "--stopword-tokens",
+        nargs="+",
+        default=list(STOP_WORDS),
+        metavar="WORD",
+        help=f"the stop words (default: {' '.join(STOP_WORDS)})",
+    )
     add_super_weight_option(p)
-    p.add_argument("--text-file", type=Path, nargs="+", default=[],
-                   help="--stopwords: text files to measure over (default: --text)")
+    p.add_argument(
+        "--text-file",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="--stopwords: text files to measure over (default: --text)",
+    )
     p.add_argument("--seq-len", type=int, default=None, help="--stopwords: tokens per window (default 4096)")
     p.add_argument("--stopwords-json", type=Path, default=None, help="write the stop-word report as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="--stopwords: folder for stopwords.png")

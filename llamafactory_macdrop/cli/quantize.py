@@ -37,9 +37,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..core.architectures import find_ffn_blocks
 
     # everything that can be checked before the model loads
-    settings = quant_settings(parse_bits(args.bits), parse_block_sizes(args.block_size),
-                              [parse_clip(c) for c in args.clip.split(",") if c.strip()] or [parse_clip("none")],
-                              parse_protect(args.protect))
+    settings = quant_settings(
+        parse_bits(args.bits),
+        parse_block_sizes(args.block_size),
+        [parse_clip(c) for c in args.clip.split(",") if c.strip()] or [parse_clip("none")],
+        parse_protect(args.protect),
+    )
     if args.k < 1:
         raise QuantizationError(f"--k {args.k} is not allowed: give a number >= 1")
     sources, tasks = read_sources(args)
@@ -61,41 +64,57 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if probing:
         from ..analysis.inspect.activations import probe_input_ids
 
-        sws = resolve_super_weights(args.super_weight, model, probe_input_ids(tokenizer, args.probe_text, prefix), blocks)
+        sws = resolve_super_weights(
+            args.super_weight, model, probe_input_ids(tokenizer, args.probe_text, prefix), blocks
+        )
         if not sws and protects & {"sw", "sw+massive"}:
             raise QuantizationError("--protect sw: the probe found no super weight; give --super-weight LAYER,ROW,COL")
     if "sw+massive" in protects:
         from ..core.first_token import template_first_token
         from ..core.locator import locate_massive_weights
 
-        located = locate_massive_weights(model, args.k, tokenizer=tokenizer, first_token=template_first_token(tokenizer),
-                                         blocks=blocks)
+        located = locate_massive_weights(
+            model, args.k, tokenizer=tokenizer, first_token=template_first_token(tokenizer), blocks=blocks
+        )
         massive = (located.layer, located.indices, located.expert)
     quantizer = ModelQuantizer(model, sws, massive, blocks)
-    print(f"quantize: {args.model} ({args.dtype}) on {device}; {len(quantizer.saved)} weights, "
-          f"{quantizer.num_values / 1e6:,.1f}M values in {len(blocks)} decoder layers (embeddings, norms, LM head "
-          "stay as they are)"
-          + (f"; super weights: {', '.join(map(str, sws))}" if sws else "")
-          + (f"; massive rows: layer {massive[0]} {massive[1]}" if massive else ""))
+    print(
+        f"quantize: {args.model} ({args.dtype}) on {device}; {len(quantizer.saved)} weights, "
+        f"{quantizer.num_values / 1e6:,.1f}M values in {len(blocks)} decoder layers (embeddings, norms, LM head "
+        "stay as they are)"
+        + (f"; super weights: {', '.join(map(str, sws))}" if sws else "")
+        + (f"; massive rows: layer {massive[0]} {massive[1]}" if massive else "")
+    )
     for bs in dict.fromkeys(s.block_size for s in settings if s.quantized and s.block_size is not None):
         n = quantizer.fallbacks(bs)
         if n:
-            print(f"  block size {bs}: does not divide {n} of {len(quantizer.saved)} weights, those are quantized "
-                  "as one block (whole tensor)")
+            print(
+                f"  block size {bs}: does not divide {n} of {len(quantizer.saved)} weights, those are quantized "
+                "as one block (whole tensor)"
+            )
     if prefix is not None:
         print(f"  probe text: {prefix.describe()} + {args.probe_text!r}")
     corpora = prepare_corpora(sources, model, tokenizer, resolved=resolved)
     zeroshot = zeroshot_evaluator(args, tasks, model, tokenizer)
 
     report = QuantizationReport(
-        model=args.model, dtype=args.dtype,
+        model=args.model,
+        dtype=args.dtype,
         weights={"count": len(quantizer.saved), "values": quantizer.num_values, "layers": len(blocks)},
         super_weights=[{"layer": s.layer, "row": s.row, "col": s.col} for s in sws],
         massive={"layer": massive[0], "indices": massive[1]} if massive else None,
         probe_prefix=prefix.protocol() if prefix is not None else None,
     )
-    run_quantization_sweep(quantizer, settings, corpora, zeroshot, report=report, batch_size=args.batch_size,
-                           progress=not args.no_progress, echo=print)
+    run_quantization_sweep(
+        quantizer,
+        settings,
+        corpora,
+        zeroshot,
+        report=report,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        echo=print,
+    )
     print()
     print(report.table())
     print("weights restored bitwise after every setting: yes")
@@ -112,21 +131,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser("quantize", help="round-to-nearest fake quantization (blocks, clipping, super weights kept): "
-                                        "perplexity and zero-shot")
+    p = sub.add_parser(
+        "quantize",
+        help="round-to-nearest fake quantization (blocks, clipping, super weights kept): perplexity and zero-shot",
+    )
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
     p.add_argument("--bits", default="8,6,4", help="comma-separated bit widths (default 8,6,4)")
-    p.add_argument("--block-size", default="128,4096,tensor",
-                   help="comma-separated block sizes in elements, or tensor (default 128,4096,tensor)")
-    p.add_argument("--clip", default="none",
-                   help="comma-separated: none, zscore:Z, block_pct:P, tensor_pct:P (P in %%), iqr:F (default none)")
-    p.add_argument("--protect", default="none,sw",
-                   help="comma-separated: none, sw (super weights kept), sw+massive (also the top-k massive rows of "
-                        "W_up/W_gate) (default none,sw)")
+    p.add_argument(
+        "--block-size",
+        default="128,4096,tensor",
+        help="comma-separated block sizes in elements, or tensor (default 128,4096,tensor)",
+    )
+    p.add_argument(
+        "--clip",
+        default="none",
+        help="comma-separated: none, zscore:Z, block_pct:P, tensor_pct:P (P in %%), iqr:F (default none)",
+    )
+    p.add_argument(
+        "--protect",
+        default="none,sw",
+        help="comma-separated: none, sw (super weights kept), sw+massive (also the top-k massive rows of "
+        "W_up/W_gate) (default none,sw)",
+    )
     add_super_weight_option(p)
     p.add_argument("--k", type=int, default=5, help="sw+massive: how many massive rows (default 5)")
-    p.add_argument("--probe-text", default=DEFAULT_TEXT,
-                   help="input of the super-weight probe (what the tokenizer puts first, --bos/--bos-token, + text)")
+    p.add_argument(
+        "--probe-text",
+        default=DEFAULT_TEXT,
+        help="input of the super-weight probe (what the tokenizer puts first, --bos/--bos-token, + text)",
+    )
     add_corpus_options(p)
     add_zeroshot_options(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

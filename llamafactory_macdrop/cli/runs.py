@@ -36,12 +36,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
     result = read_locator_file(locator_path)
     history = _log_history(state_path) if state_path.is_file() else []
     print(result.table())
-    steps = [h for h in history if isinstance(h, dict) and isinstance(h.get("step"), int)
-             and isinstance(h.get("macdrop_p"), (int, float))]
+    steps = [
+        h
+        for h in history
+        if isinstance(h, dict) and isinstance(h.get("step"), int) and isinstance(h.get("macdrop_p"), (int, float))
+    ]
     if steps:
         print("\n  step  epoch  macdrop_p    loss")
         for h in steps:
-            print(f"  {h['step']:4d}  {h.get('epoch', 0):5.2f}  {h['macdrop_p']:9.4f}  {h.get('loss', float('nan')):6.3f}")
+            print(
+                f"  {h['step']:4d}  {h.get('epoch', 0):5.2f}  {h['macdrop_p']:9.4f}  {h.get('loss', float('nan')):6.3f}"
+            )
     if args.json:
         args.json.write_text(json.dumps({"locator": result.to_dict(), "log": steps}, indent=1) + "\n")
         print(f"written to {args.json}")

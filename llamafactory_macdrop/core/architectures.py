@@ -120,6 +120,7 @@ class DenseFFN(FFNBlock):
     def probe_hooks(self, record):
         def hook(module, args):
             record["inter"] = first_position(args[0]).detach().float().abs()
+
         return [self.down.register_forward_pre_hook(hook)]
 
     def row_targets(self, rows, expert=None, model=None):
@@ -129,21 +130,33 @@ class DenseFFN(FFNBlock):
         if self.fused_gate_up:  # Phi-3: gate rows first, then up rows, in one matrix
             n = self.intermediate_size
             name = f"{self.prefix}{self.up_attr}.weight"
-            return [row_target(f"{name}[gate]", up_w, rows, module=up, model=model),
-                    row_target(f"{name}[up]", up_w, rows + n, module=up, model=model)]
-        targets = [row_target(f"{self.prefix}{self.up_attr}.weight", up_w, rows, axis=self._up_axis, module=up,
-                              model=model)]
+            return [
+                row_target(f"{name}[gate]", up_w, rows, module=up, model=model),
+                row_target(f"{name}[up]", up_w, rows + n, module=up, model=model),
+            ]
+        targets = [
+            row_target(f"{self.prefix}{self.up_attr}.weight", up_w, rows, axis=self._up_axis, module=up, model=model)
+        ]
         if self.gate is not None:
             gate = base_layer(self.gate)
-            targets.insert(0, row_target(f"{self.prefix}{self.gate_attr}.weight", getattr(gate, "weight", None), rows,
-                                         module=gate, model=model))
+            targets.insert(
+                0,
+                row_target(
+                    f"{self.prefix}{self.gate_attr}.weight",
+                    getattr(gate, "weight", None),
+                    rows,
+                    module=gate,
+                    model=model,
+                ),
+            )
         return targets
 
     def down_target(self, rows, expert=None):
         down = base_layer(self.down)
         axis = 0 if _is_conv1d(self.down) else 1
-        return row_target("down", getattr(down, "weight", None), torch.as_tensor(rows, dtype=torch.long), axis=axis,
-                          module=down)
+        return row_target(
+            "down", getattr(down, "weight", None), torch.as_tensor(rows, dtype=torch.long), axis=axis, module=down
+        )
 
     def module_names(self, expert=None):
         names = [f"{self.prefix}{self.up_attr}.weight"]
@@ -227,13 +240,21 @@ class MoEFFN(FFNBlock):
         name = f"{self.prefix}experts.gate_up_proj[{expert}]"
         return [
             row_target(f"{name}[gate]", w, rows, expert=expert, module=self.experts, model=model),
-            row_target(f"{name}[up]", w, rows + self.intermediate_size, expert=expert, module=self.experts, model=model),
+            row_target(
+                f"{name}[up]", w, rows + self.intermediate_size, expert=expert, module=self.experts, model=model
+            ),
         ]
 
     def down_target(self, rows, expert=None):
         self._check(expert)
-        return row_target("down", self.experts.down_proj, torch.as_tensor(rows, dtype=torch.long), axis=1,
-                          expert=expert, module=self.experts)
+        return row_target(
+            "down",
+            self.experts.down_proj,
+            torch.as_tensor(rows, dtype=torch.long),
+            axis=1,
+            expert=expert,
+            module=self.experts,
+        )
 
     def module_names(self, expert=None):
         return [f"{self.prefix}experts.gate_up_proj"]
@@ -254,7 +275,8 @@ def _match_moe(index, layer, prefix):
     mlp = getattr(layer, "mlp", None)
     router, experts = getattr(mlp, "gate", None), getattr(mlp, "experts", None)
     if (
-        router is not None and experts is not None
+        router is not None
+        and experts is not None
         and _ndim(getattr(router, "weight", None)) == 2
         and _ndim(getattr(experts, "gate_up_proj", None)) == 3
         and hasattr(experts, "act_fn")
@@ -273,9 +295,17 @@ def _dense_matcher(container: str, up: str, down: str, gate: Optional[str] = Non
         if not (_weighted(up_m) and _weighted(down_m)) or (gate and not _weighted(gate_m)):
             return None
         return DenseFFN(
-            index, layer, f"{prefix}{container + '.' if container else ''}", up=up_m, down=down_m, gate=gate_m,
-            up_attr=up, gate_attr=gate, fused_gate_up=fused,
+            index,
+            layer,
+            f"{prefix}{container + '.' if container else ''}",
+            up=up_m,
+            down=down_m,
+            gate=gate_m,
+            up_attr=up,
+            gate_attr=gate,
+            fused_gate_up=fused,
         )
+
     return match
 
 

@@ -48,9 +48,25 @@ from .storage import (  # re-exported: the storage backends live in .storage
 )
 
 __all__ = [
-    "RowDropout", "draw_keep_mask", "bits", "row_target", "RowTarget", "UnsupportedStorageError", "DenseRows",
-    "Zero3PartitionRows", "FSDP1ShardRows", "FSDP2ShardRows", "Packed4bitRows", "FSDPShard", "FSDP1Shard",
-    "FSDP2Shard", "find_fsdp_shard", "uses_fsdp", "readable_weights", "logical_shape", "is_packed_4bit",
+    "RowDropout",
+    "draw_keep_mask",
+    "bits",
+    "row_target",
+    "RowTarget",
+    "UnsupportedStorageError",
+    "DenseRows",
+    "Zero3PartitionRows",
+    "FSDP1ShardRows",
+    "FSDP2ShardRows",
+    "Packed4bitRows",
+    "FSDPShard",
+    "FSDP1Shard",
+    "FSDP2Shard",
+    "find_fsdp_shard",
+    "uses_fsdp",
+    "readable_weights",
+    "logical_shape",
+    "is_packed_4bit",
     "is_zero3_partitioned",
 ]
 

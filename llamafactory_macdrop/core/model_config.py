@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 
-def config_json_path(model_name_or_path: str, cache_dir: Optional[str] = None,
-                     revision: Optional[str] = None) -> Optional[str]:
+def config_json_path(
+    model_name_or_path: str, cache_dir: Optional[str] = None, revision: Optional[str] = None
+) -> Optional[str]:
     """Where the model's config.json can be read WITHOUT any download: a local model folder's, or
     for a hub id (``org/name``) the copy already in the Hugging Face cache; None otherwise."""
     name = str(model_name_or_path)
@@ -34,8 +35,9 @@ def config_json_path(model_name_or_path: str, cache_dir: Optional[str] = None,
     return found if isinstance(found, str) else None
 
 
-def read_config_json(model_name_or_path: str, cache_dir: Optional[str] = None,
-                     revision: Optional[str] = None) -> Optional[tuple[str, dict]]:
+def read_config_json(
+    model_name_or_path: str, cache_dir: Optional[str] = None, revision: Optional[str] = None
+) -> Optional[tuple[str, dict]]:
     """(path, contents) of the model's config.json where :func:`config_json_path` finds one."""
     path = config_json_path(model_name_or_path, cache_dir, revision)
     if path is None:

@@ -74,8 +74,10 @@ def forward_with_hooks(model: nn.Module, input_ids: torch.Tensor, register: Call
     disable = getattr(model, "disable_adapter", None)
     try:
         model.eval()
-        with (disable() if callable(disable) and hasattr(model, "peft_config") else nullcontext()), \
-                keep_canonical_4bit_layout(model):
+        with (
+            disable() if callable(disable) and hasattr(model, "peft_config") else nullcontext(),
+            keep_canonical_4bit_layout(model),
+        ):
             try:
                 model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
             except StopForward:

@@ -72,12 +72,14 @@ class MassivePosition:
     note: str = ""
 
     def describe(self, model: str) -> str:
-        """"House of Cards Table 6, Meta-Llama-3-8B: layer 2 1-based = 1 0-based, top-5 [...]"."""
+        """ "House of Cards Table 6, Meta-Llama-3-8B: layer 2 1-based = 1 0-based, top-5 [...]"."""
         if self.none_reported:
             return f"{self.source}, {model}: no massive weights reported"
         expert = f", expert {self.expert}" if self.expert is not None else ""
-        return (f"{self.source}, {model}: layer {_numbering(self.printed_layer, self.layer_base)}{expert}, "
-                f"top-{len(self.indices)} {list(self.indices)}")
+        return (
+            f"{self.source}, {model}: layer {_numbering(self.printed_layer, self.layer_base)}{expert}, "
+            f"top-{len(self.indices)} {list(self.indices)}"
+        )
 
     def to_dict(self, model: str) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "cite": self.cite, "model": model}
@@ -119,14 +121,22 @@ class SuperWeights:
 
     def describe(self, model: str) -> str:
         coords = ", ".join(str(c) for c in self.coordinates)
-        numbering = ("0-based" if self.layer_base == 0 else
-                     "0-based; the source counts from 1: layers "
-                     + ", ".join(str(c.printed_layer) for c in self.coordinates) + " there")
+        numbering = (
+            "0-based"
+            if self.layer_base == 0
+            else "0-based; the source counts from 1: layers "
+            + ", ".join(str(c.printed_layer) for c in self.coordinates)
+            + " there"
+        )
         return f"{self.source}, {model}: (layer, row, col) {coords}, layers {numbering}"
 
     def to_dict(self, model: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"source": self.source, "cite": self.cite, "model": model,
-                               "super_weights": [c.as_list() for c in self.coordinates]}
+        out: dict[str, Any] = {
+            "source": self.source,
+            "cite": self.cite,
+            "model": model,
+            "super_weights": [c.as_list() for c in self.coordinates],
+        }
         if self.layer_base == 1:
             out["paper_layers"] = [c.printed_layer for c in self.coordinates]
         return out
@@ -170,12 +180,19 @@ class Comparison:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"published": self.published, "located": self.located, "matches": self.matches,
-                "reported": self.reported, **self.details, "message": self.message}
+        return {
+            "published": self.published,
+            "located": self.located,
+            "matches": self.matches,
+            "reported": self.reported,
+            **self.details,
+            "message": self.message,
+        }
 
 
-def compare_massive(entry: PublishedEntry, layer0: int, indices: Sequence[int],
-                    expert: Optional[int] = None) -> Comparison:
+def compare_massive(
+    entry: PublishedEntry, layer0: int, indices: Sequence[int], expert: Optional[int] = None
+) -> Comparison:
     """Compare a located massive layer (0-based) and its indices (largest first) with ``entry``.
 
     Matches when the 0-based layer, the top-1 index and, for an entry that names an expert, the
@@ -189,12 +206,23 @@ def compare_massive(entry: PublishedEntry, layer0: int, indices: Sequence[int],
     pub = entry.massive
     top1 = indices[0] if indices else None
     if pub is None:
-        return Comparison(False, False, f"no published massive-weight position for {entry.model}"
-                          f" ({entry.origin})", {"model": entry.model}, located)
+        return Comparison(
+            False,
+            False,
+            f"no published massive-weight position for {entry.model} ({entry.origin})",
+            {"model": entry.model},
+            located,
+        )
     if pub.none_reported:
         why = f" ({pub.note})" if pub.note else ""
-        return Comparison(False, False, f"{pub.source} reports no massive weights for {entry.model}{why};"
-                          f" located layer {layer0} (0-based), top-1 {top1}", pub.to_dict(entry.model), located)
+        return Comparison(
+            False,
+            False,
+            f"{pub.source} reports no massive weights for {entry.model}{why};"
+            f" located layer {layer0} (0-based), top-1 {top1}",
+            pub.to_dict(entry.model),
+            located,
+        )
 
     k = len(pub.indices)
     overlap = len(set(indices[:k]) & set(pub.indices))
@@ -202,8 +230,13 @@ def compare_massive(entry: PublishedEntry, layer0: int, indices: Sequence[int],
     same_top1 = top1 == pub.indices[0]
     same_expert = None if pub.expert is None else (expert is not None and int(expert) == pub.expert)
     matches = same_layer and same_top1 and same_expert is not False
-    details = {"same_layer": same_layer, "same_top1": same_top1, "same_expert": same_expert,
-               "overlap": overlap, "overlap_of": k}
+    details = {
+        "same_layer": same_layer,
+        "same_top1": same_top1,
+        "same_expert": same_expert,
+        "overlap": overlap,
+        "overlap_of": k,
+    }
     where = pub.describe(entry.model)
     share = f"{overlap}/{k} of the top-{k}"
     if matches:
@@ -212,12 +245,15 @@ def compare_massive(entry: PublishedEntry, layer0: int, indices: Sequence[int],
     else:
         loc_exp = f", expert {expert}" if pub.expert is not None else ""
         pub_exp = f", expert {pub.expert}" if pub.expert is not None else ""
-        message = (f"differs from the published position ({where}): located layer {layer0} (0-based){loc_exp},"
-                   f" rows {indices[:k]} vs published layer {pub.layer} (0-based){pub_exp}, rows"
-                   f" {list(pub.indices)}; top-1 {top1} vs {pub.indices[0]}, {share} shared")
+        message = (
+            f"differs from the published position ({where}): located layer {layer0} (0-based){loc_exp},"
+            f" rows {indices[:k]} vs published layer {pub.layer} (0-based){pub_exp}, rows"
+            f" {list(pub.indices)}; top-1 {top1} vs {pub.indices[0]}, {share} shared"
+        )
         if int(layer0) == pub.layer + 1:
-            message += (f" (located layer {layer0} is the published layer's 1-based number; this project"
-                        f" counts layers from 0)")
+            message += (
+                f" (located layer {layer0} is the published layer's 1-based number; this project counts layers from 0)"
+            )
     return Comparison(matches, True, message, pub.to_dict(entry.model), located, details)
 
 
@@ -235,8 +271,9 @@ def compare_super_weights(entry: PublishedEntry, located: Sequence[Sequence[int]
     loc = {"super_weights": [list(c) for c in found_located]}
     sw = entry.super_weights
     if sw is None:
-        return Comparison(False, False, f"no published super weight for {entry.model} ({entry.origin})",
-                          {"model": entry.model}, loc)
+        return Comparison(
+            False, False, f"no published super weight for {entry.model} ({entry.origin})", {"model": entry.model}, loc
+        )
 
     def hit(p: SuperWeightCoordinate, c: tuple[int, ...]) -> bool:
         return c[0] == p.layer and c[2] == p.col and (p.row is None or c[1] == p.row)
@@ -247,16 +284,26 @@ def compare_super_weights(entry: PublishedEntry, located: Sequence[Sequence[int]
     where = sw.describe(entry.model)
     shown = ", ".join(f"({l}, {r}, {c})" for l, r, c in found_located) or "none"
     if matches:
-        message = (f"matches the published super weight ({where}): located {shown};"
-                   f" {len(found)}/{len(sw.coordinates)} of the published coordinates found")
+        message = (
+            f"matches the published super weight ({where}): located {shown};"
+            f" {len(found)}/{len(sw.coordinates)} of the published coordinates found"
+        )
     else:
-        message = (f"differs from the published super weight ({where}): located {shown} vs published"
-                   f" {', '.join(str(p) for p in sw.coordinates)} (layer 0-based, row, col)")
-        near = [c for c in found_located for p in sw.coordinates if c[2] == p.col and c[0] == p.layer + 1
-                and (p.row is None or c[1] == p.row)]
+        message = (
+            f"differs from the published super weight ({where}): located {shown} vs published"
+            f" {', '.join(str(p) for p in sw.coordinates)} (layer 0-based, row, col)"
+        )
+        near = [
+            c
+            for c in found_located
+            for p in sw.coordinates
+            if c[2] == p.col and c[0] == p.layer + 1 and (p.row is None or c[1] == p.row)
+        ]
         if near:
-            message += (f" (located layer {near[0][0]} is the published layer's 1-based number; this"
-                        f" project counts layers from 0)")
+            message += (
+                f" (located layer {near[0][0]} is the published layer's 1-based number; this"
+                f" project counts layers from 0)"
+            )
         elif any(c[0] == p.layer and c[2] == p.col for c in found_located for p in sw.coordinates):
             message += " (same layer and column, another row)"
     return Comparison(matches, True, message, sw.to_dict(entry.model), loc, details)
@@ -270,8 +317,9 @@ def matching_entries(config: Mapping[str, Any], entries: Sequence[PublishedEntry
     return [e for e in entries if e.matches(config)]
 
 
-def match_config(config: Mapping[str, Any],
-                 entries: Optional[Sequence[PublishedEntry]] = None) -> Optional[PublishedEntry]:
+def match_config(
+    config: Mapping[str, Any], entries: Optional[Sequence[PublishedEntry]] = None
+) -> Optional[PublishedEntry]:
     """The entry for ``config`` (a config.json as a dict), or None. ``entries`` defaults to the
     packaged table; when several match, the last one wins, so a user file given after the packaged
     table (:func:`load_published`) overrides it."""
@@ -372,7 +420,8 @@ def parse_published(data: Any, origin: str) -> list[PublishedEntry]:
         raise fail(f"version {_short(data.get('version'))} is not supported (this reader knows {FORMAT_VERSION})")
     sources = data.get("sources", {})
     if not isinstance(sources, dict) or not all(
-            isinstance(s, dict) and isinstance(s.get("label"), str) and s["label"] for s in sources.values()):
+        isinstance(s, dict) and isinstance(s.get("label"), str) and s["label"] for s in sources.values()
+    ):
         raise fail("'sources' must map names to objects with a non-empty 'label' (and optionally 'cite')")
     models = data.get("models")
     if not isinstance(models, list) or not models:
@@ -400,8 +449,11 @@ def _entry(m: Any, i: int, sources: dict, origin: str, fail) -> PublishedEntry:
     if not isinstance(config_sources, list) or not all(isinstance(s, str) for s in config_sources):
         raise fail(f"{where}: 'config_sources' must be a list of strings")
     massive = _massive(m["massive"], f"{where}: massive", config, sources, fail) if "massive" in m else None
-    sw = _super_weights(m["super_weights"], f"{where}: super_weights", config, sources, fail) \
-        if "super_weights" in m else None
+    sw = (
+        _super_weights(m["super_weights"], f"{where}: super_weights", config, sources, fail)
+        if "super_weights" in m
+        else None
+    )
     notes = tuple(str(m[k]) for k in ("config_notes", "notes") if k in m)
     return PublishedEntry(name, dict(config), massive, sw, tuple(config_sources), origin, notes)
 
@@ -423,8 +475,12 @@ def _massive(b: Any, where: str, config: dict, sources: dict, fail) -> MassivePo
     printed = _int(b.get("layer"), f"{where}: 'layer'", fail)
     layer = _layer(printed, base, where, config, fail)
     indices = b.get("indices")
-    if (not isinstance(indices, list) or not indices or not all(_is_int(i) and i >= 0 for i in indices)
-            or len(set(indices)) != len(indices)):
+    if (
+        not isinstance(indices, list)
+        or not indices
+        or not all(_is_int(i) and i >= 0 for i in indices)
+        or len(set(indices)) != len(indices)
+    ):
         raise fail(f"{where}: 'indices' must be a non-empty list of distinct integers >= 0, got {_short(indices)}")
     _below(indices, config, "intermediate_size", f"{where}: index", fail)
     expert = b.get("expert")
@@ -445,8 +501,14 @@ def _super_weights(b: Any, where: str, config: dict, sources: dict, fail) -> Sup
         raise fail(f"{where}: 'coordinates' must be a non-empty list of [layer, row or null, col]")
     out = []
     for j, c in enumerate(coords):
-        ok = (isinstance(c, list) and len(c) == 3 and _is_int(c[0]) and _is_int(c[2]) and c[2] >= 0
-              and (c[1] is None or (_is_int(c[1]) and c[1] >= 0)))
+        ok = (
+            isinstance(c, list)
+            and len(c) == 3
+            and _is_int(c[0])
+            and _is_int(c[2])
+            and c[2] >= 0
+            and (c[1] is None or (_is_int(c[1]) and c[1] >= 0))
+        )
         if not ok:
             raise fail(f"{where}: coordinates[{j}] must be [layer, row or null, col] (integers), got {_short(c)}")
         layer = _layer(c[0], base, f"{where}: coordinates[{j}]", config, fail)
@@ -469,8 +531,10 @@ def _source(b: dict, where: str, sources: dict, fail) -> tuple[str, str]:
 def _layer_base(b: dict, where: str, fail) -> int:
     base = b.get("layer_base")
     if base not in (0, 1) or isinstance(base, bool):
-        raise fail(f"{where}: 'layer_base' must be 0 (layers counted from 0, as in HF) or 1 (from 1, as"
-                   f" in the paper), got {_short(base)}")
+        raise fail(
+            f"{where}: 'layer_base' must be 0 (layers counted from 0, as in HF) or 1 (from 1, as"
+            f" in the paper), got {_short(base)}"
+        )
     return base
 
 
@@ -509,4 +573,4 @@ def _known(obj: dict, allowed: set, where: str, fail) -> None:
 
 def _short(v: Any, limit: int = 60) -> str:
     text = " ".join(repr(v).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -52,7 +52,7 @@ def _leading(full: list[int], plain: list[int], special: set[int]) -> tuple[int,
     """The ids ``full`` (with special tokens) has before ``plain`` (without) starts."""
     n = len(plain)
     for i in range(len(full) - n + 1):
-        if full[i:i + n] == plain:
+        if full[i : i + n] == plain:
             return tuple(full[:i])
     # adding special tokens changed the text's own tokens (rare): the leading special ids
     out = []
@@ -102,7 +102,9 @@ def config_bos_token_id(config: Any) -> Optional[int]:
     """``bos_token_id`` of a model config (object or config.json dict; a list's first entry; a
     multimodal config's text part), recorded when the tokenizer does NOT put it first."""
     views = [config]
-    text = config.get("text_config") if isinstance(config, Mapping) else getattr(config, "get_text_config", lambda: None)()
+    text = (
+        config.get("text_config") if isinstance(config, Mapping) else getattr(config, "get_text_config", lambda: None)()
+    )
     if text is not None and text is not config:
         views.append(text)
     for view in views:
@@ -152,7 +154,11 @@ class TextPrefix:
     def describe(self) -> str:
         """One line for a table header: what was put first and whether the tokenizer adds it."""
         if self.token_ids:
-            shown = f"{' '.join(map(str, self.token_ids))} {self.text!r}" if self.text is not None else " ".join(map(str, self.token_ids))
+            shown = (
+                f"{' '.join(map(str, self.token_ids))} {self.text!r}"
+                if self.text is not None
+                else " ".join(map(str, self.token_ids))
+            )
             if self.token_ids == self.tokenizer_ids:
                 why = "the tokenizer adds it"
             elif self.tokenizer_ids:
@@ -208,7 +214,9 @@ def resolve_prefix(
     record = dict(tokenizer_ids=own, config_bos=config_bos, config_bos_text=config_text)
     if bos == "none":
         if bos_token is not None:
-            raise PrefixError(f"--bos-token {bos_token!r} with --bos none: give one of them (--bos none puts nothing first)")
+            raise PrefixError(
+                f"--bos-token {bos_token!r} with --bos none: give one of them (--bos none puts nothing first)"
+            )
         return TextPrefix((), None, source="--bos none", **record)
     if bos_token is not None:
         token = _token_id(tokenizer, bos_token, "--bos-token", vocab_size)

@@ -194,8 +194,11 @@ def check_model_ranges(args: RunArgs, config: MacDropConfig) -> None:
     """
     from ..core.model_config import decoder_config, ffn_widths, read_config_json, vocab_size
 
-    found = read_config_json(args.model_name_or_path, args.cache_dir, args.model_revision) \
-        if args.model_name_or_path else None
+    found = (
+        read_config_json(args.model_name_or_path, args.cache_dir, args.model_revision)
+        if args.model_name_or_path
+        else None
+    )
     if found is None:
         return
     path, full = found
@@ -245,8 +248,18 @@ def check_resumed_locator_file(args: RunArgs, config: MacDropConfig) -> None:
 
 
 #: in the order a user meets them: what the run is, how it is distributed, what the weights are
-CHECKS = (check_stage, check_finetuning, check_fsdp, check_zero3_variants, check_quantization, check_dora,
-          check_pissa, check_epoch_curriculum, check_model_ranges, check_resumed_locator_file)
+CHECKS = (
+    check_stage,
+    check_finetuning,
+    check_fsdp,
+    check_zero3_variants,
+    check_quantization,
+    check_dora,
+    check_pissa,
+    check_epoch_curriculum,
+    check_model_ranges,
+    check_resumed_locator_file,
+)
 
 
 def run_checks(args: RunArgs, config: MacDropConfig) -> None:

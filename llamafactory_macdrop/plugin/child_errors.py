@@ -75,9 +75,13 @@ def _job_claim_path() -> str:
     rank (``torchrun --no-python``) the parents differ, and each failing rank prints its own line
     rather than none.
     """
-    parts = [os.environ.get("TORCHELASTIC_RUN_ID", "none"), str(os.getppid()),
-             os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
-             os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")]
+    parts = [
+        os.environ.get("TORCHELASTIC_RUN_ID", "none"),
+        str(os.getppid()),
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
+        os.environ.get("MASTER_ADDR", ""),
+        os.environ.get("MASTER_PORT", ""),
+    ]
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
     return os.path.join(tempfile.gettempdir(), f"macdrop-error-{key}.claim")
 
@@ -208,8 +212,9 @@ def start_watcher(poll: float = POLL_S, grace: float = GRACE_S, ending_limit: fl
     if not path:
         return False
     if _watcher is None or not _watcher.is_alive():
-        _watcher = threading.Thread(target=_watch, args=(path, poll, grace, ending_limit),
-                                    name="macdrop-error-watcher", daemon=True)
+        _watcher = threading.Thread(
+            target=_watch, args=(path, poll, grace, ending_limit), name="macdrop-error-watcher", daemon=True
+        )
         _watcher.start()
     return True
 

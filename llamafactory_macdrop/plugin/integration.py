@@ -25,7 +25,25 @@ from .lf.patches import (
 from .lf.templates import lf_template
 from .run_args import fsdp_settings
 
-__all__ = ["ERROR_FILE_ENV", "SUPPORTED_LLAMAFACTORY", "SUPPORTED_STAGES", "TRAINER_SLOTS", "UNSUPPORTED_STAGE_REASON",
-           "IntegrationError", "activate", "check_train_config", "fsdp_settings", "ignored_macdrop_keys", "lf_defaults",
-           "lf_template", "macdrop_trainer_class", "macdrop_trainers", "on_module_loaded", "patch_launcher",
-           "patch_tuner", "plugin_errors", "run_args", "validate_args"]
+__all__ = [
+    "ERROR_FILE_ENV",
+    "SUPPORTED_LLAMAFACTORY",
+    "SUPPORTED_STAGES",
+    "TRAINER_SLOTS",
+    "UNSUPPORTED_STAGE_REASON",
+    "IntegrationError",
+    "activate",
+    "check_train_config",
+    "fsdp_settings",
+    "ignored_macdrop_keys",
+    "lf_defaults",
+    "lf_template",
+    "macdrop_trainer_class",
+    "macdrop_trainers",
+    "on_module_loaded",
+    "patch_launcher",
+    "patch_tuner",
+    "plugin_errors",
+    "run_args",
+    "validate_args",
+]

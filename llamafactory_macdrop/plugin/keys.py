@@ -40,9 +40,7 @@ class MacDropConfig:
     macdrop_k: int = field(
         default=5, metadata={"help": "Number of massive rows (top-k intermediate dimensions) to drop."}
     )
-    macdrop_p0: float = field(
-        default=0.8, metadata={"help": "Initial dropout probability, in [0, 1]."}
-    )
+    macdrop_p0: float = field(default=0.8, metadata={"help": "Initial dropout probability, in [0, 1]."})
     macdrop_curriculum: Curriculum = field(
         default="step", metadata={"help": f"How p decays over training: one of {', '.join(CURRICULA)}."}
     )
@@ -61,12 +59,16 @@ class MacDropConfig:
     )
     macdrop_mask_per: MaskPer = field(
         default="optimizer_step",
-        metadata={"help": "optimizer_step: one keep-mask per optimizer step for all micro-batches and ranks "
-                          "(split-independent); micro_batch: a fresh mask per micro-batch (depends on the batch split)."},
+        metadata={
+            "help": "optimizer_step: one keep-mask per optimizer step for all micro-batches and ranks "
+            "(split-independent); micro_batch: a fresh mask per micro-batch (depends on the batch split)."
+        },
     )
     macdrop_probe_token: Optional[Union[int, str]] = field(
         default=None,
-        metadata={"help": "Token fed alone to locate (id, or text whose first token is used); default: the first batch's first token, then BOS, then EOS."},
+        metadata={
+            "help": "Token fed alone to locate (id, or text whose first token is used); default: the first batch's first token, then BOS, then EOS."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -101,9 +103,7 @@ class MacDropConfig:
             if key not in known:
                 close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise MacDropConfigError(
-                    f"unknown key '{key}'{hint} Allowed macdrop keys: {', '.join(known)}"
-                )
+                raise MacDropConfigError(f"unknown key '{key}'{hint} Allowed macdrop keys: {', '.join(known)}")
             values[key] = _coerce(key, value)
         if "macdrop_indices" in values and values["macdrop_indices"] is not None:
             n = len(values["macdrop_indices"])
@@ -148,8 +148,10 @@ def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is Union:  # in a fixed order: typing caches equal Unions, so int | str may come back as str | int
         order = ("bool", "int", "float", "str")
-        names = sorted((_type_name(a) for a in args if a is not type(None)),
-                       key=lambda n: order.index(n) if n in order else len(order))
+        names = sorted(
+            (_type_name(a) for a in args if a is not type(None)),
+            key=lambda n: order.index(n) if n in order else len(order),
+        )
         return " | ".join(names) + (" | null" if type(None) in args else "")
     if origin is Literal:
         return "str"

@@ -81,7 +81,8 @@ def _warn_once(callback, missing: str) -> None:
     callback._macdrop_warned = True
     logging.getLogger(LOGGER).warning(
         f"LLaMA-Factory's LogCallback has no {missing} (it changed since 0.9.5): macdrop_p is missing from "
-        "trainer_log.jsonl and LlamaBoard's plot; it is still in trainer_state.json and every report_to backend")
+        "trainer_log.jsonl and LlamaBoard's plot; it is still in trainer_state.json and every report_to backend"
+    )
 
 
 def patch_loss_plot(ploting) -> None:

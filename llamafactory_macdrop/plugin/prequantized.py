@@ -19,8 +19,9 @@ from ..core.model_config import read_config_json
 DEQUANTIZED_AT_LOAD = ("fp8", "mxfp4")  # LLaMA-Factory 0.9.5 passes dequantize=True for these
 
 
-def checkpoint_quantization(model_name_or_path: str, cache_dir: Optional[str] = None,
-                            revision: Optional[str] = None) -> Optional[dict]:
+def checkpoint_quantization(
+    model_name_or_path: str, cache_dir: Optional[str] = None, revision: Optional[str] = None
+) -> Optional[dict]:
     """The ``quantization_config`` of the model's config.json (local folder, or a hub id already in
     the cache), or None (not found, not quantized). Nothing is downloaded: where no config.json
     is at hand the storage factory still refuses any weight it cannot mask, once the model loaded."""
@@ -37,7 +38,10 @@ def unsupported_checkpoint_reason(quantization: dict) -> Optional[str]:
     if method == "bitsandbytes":
         if quantization.get("load_in_4bit") and not quantization.get("load_in_8bit"):
             return None
-        return ("its bitsandbytes 8-bit weights (LLM.int8) are not masked by MacDrop (only 4-bit bitsandbytes "
-                "weights are)")
-    return (f"its layers store {method or 'unknown'}-packed codes, which MacDrop cannot mask exactly (supported: "
-            "unquantized, bitsandbytes 4-bit, or FP8/MXFP4 checkpoints that LLaMA-Factory dequantizes at load)")
+        return (
+            "its bitsandbytes 8-bit weights (LLM.int8) are not masked by MacDrop (only 4-bit bitsandbytes weights are)"
+        )
+    return (
+        f"its layers store {method or 'unknown'}-packed codes, which MacDrop cannot mask exactly (supported: "
+        "unquantized, bitsandbytes 4-bit, or FP8/MXFP4 checkpoints that LLaMA-Factory dequantizes at load)"
+    )

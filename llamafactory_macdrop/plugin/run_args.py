@@ -97,7 +97,9 @@ def fsdp_setup(fsdp: Any, fsdp_config: Any, environ: Mapping[str, str] = os.envi
     }
 
 
-def fsdp_settings(lf_args: Mapping[str, Any] | list[str], environ: Mapping[str, str] = os.environ) -> Optional[dict[str, Any]]:
+def fsdp_settings(
+    lf_args: Mapping[str, Any] | list[str], environ: Mapping[str, str] = os.environ
+) -> Optional[dict[str, Any]]:
     """:func:`fsdp_setup` of a run's arguments (``fsdp``, ``fsdp_config``) and environment."""
     return fsdp_setup(raw_value(lf_args, "fsdp", ""), raw_value(lf_args, "fsdp_config"), environ)
 
@@ -152,13 +154,17 @@ class RunArgs:
         out = self.output_dir
         if not out or self.overwrite_output_dir or not os.path.isdir(out):
             return False
-        return any(name.startswith("checkpoint-") and name[11:].isdigit() and os.path.isdir(os.path.join(out, name))
-                   for name in os.listdir(out))
+        return any(
+            name.startswith("checkpoint-") and name[11:].isdigit() and os.path.isdir(os.path.join(out, name))
+            for name in os.listdir(out)
+        )
 
 
-def read_run_args(lf_args: Mapping[str, Any] | list[str], defaults: Mapping[str, Any],
-                  environ: Mapping[str, str] = os.environ) -> RunArgs:
+def read_run_args(
+    lf_args: Mapping[str, Any] | list[str], defaults: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+) -> RunArgs:
     """Parse the arguments once (``defaults``: LLaMA-Factory's, for :data:`DEFAULTS_NEEDED`)."""
+
     def get(key: str, default: Any = None) -> Any:
         return raw_value(lf_args, key, default)
 

@@ -142,7 +142,11 @@ class MacDropRun:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def _broadcast_from_rank0(payload: Any) -> Any:
@@ -284,7 +288,11 @@ class MacDropTrainerMixin:
         folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         if self.is_world_process_zero() and os.path.isdir(folder):
             progress = self.macdrop_progress()
-            saved = {**self.macdrop_config.to_dict(), "total_steps": progress.total_steps, "num_epochs": progress.num_epochs}
+            saved = {
+                **self.macdrop_config.to_dict(),
+                "total_steps": progress.total_steps,
+                "num_epochs": progress.num_epochs,
+            }
             with open(os.path.join(folder, SETTINGS_FILE), "w", encoding="utf-8") as f:
                 json.dump(saved, f, indent=1)
 
@@ -306,11 +314,15 @@ class MacDropTrainerMixin:
                 saved = json.load(f)
             now = self.macdrop_config.to_dict()
             progress = self.macdrop_progress()
-            then = dataclasses.replace(progress, total_steps=int(saved.get("total_steps", progress.total_steps)),
-                                       num_epochs=int(saved.get("num_epochs", progress.num_epochs)))
+            then = dataclasses.replace(
+                progress,
+                total_steps=int(saved.get("total_steps", progress.total_steps)),
+                num_epochs=int(saved.get("num_epochs", progress.num_epochs)),
+            )
             old = {k: saved.get(k, now[k]) for k in RESUME_KEYS}
-            p_old = build_curriculum(old["macdrop_curriculum"], float(old["macdrop_p0"]),
-                                     float(old["macdrop_alpha"])).probability(then)
+            p_old = build_curriculum(
+                old["macdrop_curriculum"], float(old["macdrop_p0"]), float(old["macdrop_alpha"])
+            ).probability(then)
         except (OSError, ValueError, TypeError, AttributeError) as err:
             logger.warning("%s cannot be read (%s): the resumed run's MacDrop settings are not compared", path, err)
             return
@@ -318,14 +330,27 @@ class MacDropTrainerMixin:
         same_p = math.isclose(p_old, p_new, rel_tol=1e-9, abs_tol=1e-12)
         changed = [f"{k} {old[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if old[k] != now[k]]
         if not same_p:
-            changed += [f"{what} {a} -> {b}" for what, a, b in (("optimizer steps", then.total_steps, progress.total_steps),
-                                                                 ("epochs", then.num_epochs, progress.num_epochs)) if a != b]
+            changed += [
+                f"{what} {a} -> {b}"
+                for what, a, b in (
+                    ("optimizer steps", then.total_steps, progress.total_steps),
+                    ("epochs", then.num_epochs, progress.num_epochs),
+                )
+                if a != b
+            ]
         if not changed:
             return
-        p_text = (f"p at step {progress.step} stays {p_new:.4g}" if same_p else
-                  f"p at step {progress.step} is {p_new:.4g} (the checkpoint's settings give {p_old:.4g})")
-        logger.warning("resuming %s with other MacDrop settings than it was trained with: %s; %s",
-                       checkpoint, ", ".join(changed), p_text)
+        p_text = (
+            f"p at step {progress.step} stays {p_new:.4g}"
+            if same_p
+            else f"p at step {progress.step} is {p_new:.4g} (the checkpoint's settings give {p_old:.4g})"
+        )
+        logger.warning(
+            "resuming %s with other MacDrop settings than it was trained with: %s; %s",
+            checkpoint,
+            ", ".join(changed),
+            p_text,
+        )
 
     def macdrop_progress(self) -> Progress:
         state = self.state
@@ -382,7 +407,9 @@ class MacDropTrainerMixin:
                 return
             what = f"grad_norm={value}"
         else:
-            flag = torch.zeros((), device=self.args.device) if bad_loss is None else bad_loss.float().to(self.args.device)
+            flag = (
+                torch.zeros((), device=self.args.device) if bad_loss is None else bad_loss.float().to(self.args.device)
+            )
             if _distributed():
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             if not flag.item():
@@ -391,8 +418,11 @@ class MacDropTrainerMixin:
         # read off the checkpoint's name, its contents are not checked: every optimizer step is checked
         # as it ends, so a checkpoint-N with N < step predates the first non-finite step
         ckpt = last_checkpoint(self.args.output_dir, step)
-        saved = (f"the last checkpoint, {ckpt[0]}, was saved at step {ckpt[1]}, before the first non-finite step"
-                 if ckpt else f"{self.args.output_dir} holds no checkpoint from before this step")
+        saved = (
+            f"the last checkpoint, {ckpt[0]}, was saved at step {ckpt[1]}, before the first non-finite step"
+            if ckpt
+            else f"{self.args.output_dir} holds no checkpoint from before this step"
+        )
         p = run.last_p
         raise NonFiniteTrainingError(
             f"MacDrop run went non-finite at optimizer step {step} ({what}, macdrop_p={p if p is None else round(p, 6)}): "

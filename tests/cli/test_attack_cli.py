@@ -30,11 +30,31 @@ def lora_dir(tiny_llama_dir, tmp_path_factory):
 
 def test_sweep_writes_rows_table_csv_and_plot(tiny_llama_dir, text_file, lora_dir, tmp_path):
     data = write_arc_folder(tmp_path / "tasks", tiny_docs(12))
-    args = ["macdrop", "attack", str(tiny_llama_dir), "--mode", "zero,retain", "--k-sweep", "0,2,5",
-            "--text-file", str(text_file), "--seq-len", "32", "--zeroshot", "arc_easy", "--zeroshot-data", str(data),
-            "--limit", "6", "--no-progress"]
-    proc = run_cli(args + ["--json", str(tmp_path / "a.json"), "--csv", str(tmp_path / "a.csv"),
-                           "--plot", str(tmp_path / "plots")], cwd=tmp_path)
+    args = [
+        "macdrop",
+        "attack",
+        str(tiny_llama_dir),
+        "--mode",
+        "zero,retain",
+        "--k-sweep",
+        "0,2,5",
+        "--text-file",
+        str(text_file),
+        "--seq-len",
+        "32",
+        "--zeroshot",
+        "arc_easy",
+        "--zeroshot-data",
+        str(data),
+        "--limit",
+        "6",
+        "--no-progress",
+    ]
+    proc = run_cli(
+        args
+        + ["--json", str(tmp_path / "a.json"), "--csv", str(tmp_path / "a.csv"), "--plot", str(tmp_path / "plots")],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "a.json").read_text())
     rows = report["results"]
@@ -63,8 +83,23 @@ def test_sweep_writes_rows_table_csv_and_plot(tiny_llama_dir, text_file, lora_di
     assert (tmp_path / "plots" / "attack_sweep.png").read_bytes()[:4] == b"\x89PNG"
 
     # the same sweep through a LoRA adapter: another baseline, same rows attacked, weights restored
-    proc = run_cli(["macdrop", "attack", str(tiny_llama_dir), "--adapter", str(lora_dir), "--text-file", str(text_file),
-                    "--seq-len", "32", "--no-progress", "--json", str(tmp_path / "b.json")], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "macdrop",
+            "attack",
+            str(tiny_llama_dir),
+            "--adapter",
+            str(lora_dir),
+            "--text-file",
+            str(text_file),
+            "--seq-len",
+            "32",
+            "--no-progress",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapted = json.loads((tmp_path / "b.json").read_text())
     assert adapted["adapter"] == str(lora_dir)
@@ -91,7 +126,7 @@ def one_error_line(proc):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("macdrop: error: "), proc.stderr[-2000:]
-    return lines[0][len("macdrop: error: "):]
+    return lines[0][len("macdrop: error: ") :]
 
 
 def test_bad_input_gives_one_clear_line(tiny_llama_dir, text_file, gpt2_adapter, tmp_path):
@@ -100,14 +135,23 @@ def test_bad_input_gives_one_clear_line(tiny_llama_dir, text_file, gpt2_adapter,
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     cases = [
-        (["--zeroshot", "arc_easy,hellaswag"],
-         "--zeroshot 'arc_easy,hellaswag': unknown task hellaswag; allowed: arc_easy, arc_challenge, boolq, piqa, winogrande"),
-        (["--dataset", "wikitext103"],
-         "--dataset 'wikitext103' is not allowed: choose from wikitext, c4, pg19, NAME=DIR for a local copy, or a dataset folder"),
+        (
+            ["--zeroshot", "arc_easy,hellaswag"],
+            "--zeroshot 'arc_easy,hellaswag': unknown task hellaswag; allowed: arc_easy, arc_challenge, boolq, piqa, winogrande",
+        ),
+        (
+            ["--dataset", "wikitext103"],
+            "--dataset 'wikitext103' is not allowed: choose from wikitext, c4, pg19, NAME=DIR for a local copy, or a dataset folder",
+        ),
         (["--text-file", str(empty)], f"--text-file {empty} is empty: give a file with text to evaluate"),
-        (["--text-file", str(text_file), "--k", "999"], "--k 999 is larger than the intermediate size 128: allowed 1..128"),
-        (["--text-file", str(text_file), "--mode", "zero,shuffle"],
-         "--mode shuffle is not allowed: choose from zero, retain, superweight, activation, sw_restore"),
+        (
+            ["--text-file", str(text_file), "--k", "999"],
+            "--k 999 is larger than the intermediate size 128: allowed 1..128",
+        ),
+        (
+            ["--text-file", str(text_file), "--mode", "zero,shuffle"],
+            "--mode shuffle is not allowed: choose from zero, retain, superweight, activation, sw_restore",
+        ),
         ([], "nothing to evaluate: give --text-file, --dataset, --zeroshot or --generate"),
     ]
     for extra, message in cases:

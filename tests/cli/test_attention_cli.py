@@ -19,8 +19,22 @@ def sink_dir(tmp_path_factory):
 
 
 def test_attention_cli_on_a_planted_sink(sink_dir, tmp_path, capsys):
-    assert main(["attention", str(sink_dir), "--text", "the quick brown fox", "--json", str(tmp_path / "a.json"),
-                 "--plot", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "attention",
+                str(sink_dir),
+                "--text",
+                "the quick brown fox",
+                "--json",
+                str(tmp_path / "a.json"),
+                "--plot",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "note: the model runs sdpa attention" in out
     assert "switched to eager attention" in out
@@ -44,8 +58,14 @@ def test_bad_layer_options_fail_before_loading(sink_dir, tmp_path, capsys):
     shutil.copy(sink_dir / "config.json", tmp_path / "config.json")  # no weights: a load would fail differently
     last = tiny_archs.SINK_LAYERS - 1
     cases = [
-        (["--position-layer", str(last + 1)], f"--position-layer {last + 1} is out of range: the model has layers 0..{last}"),
-        (["--heatmap-layers", f"1,{last + 5}"], f"--heatmap-layers {last + 5} is out of range: the model has layers 0..{last}"),
+        (
+            ["--position-layer", str(last + 1)],
+            f"--position-layer {last + 1} is out of range: the model has layers 0..{last}",
+        ),
+        (
+            ["--heatmap-layers", f"1,{last + 5}"],
+            f"--heatmap-layers {last + 5} is out of range: the model has layers 0..{last}",
+        ),
         (["--text", " "], "--text ' ' is not allowed: give a text of at least one token"),
     ]
     for extra, message in cases:

@@ -19,8 +19,11 @@ def write_yaml(path, model_dir, data_dir, out, **overrides):
 
 
 def train(yaml_path, *overrides, env=None):
-    proc = run_cli(["llamafactory-cli", "train", str(yaml_path), *overrides], cwd=yaml_path.parent,
-                   env_extra={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})})
+    proc = run_cli(
+        ["llamafactory-cli", "train", str(yaml_path), *overrides],
+        cwd=yaml_path.parent,
+        env_extra={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -57,8 +60,10 @@ def test_sft_lora_yaml_with_command_line_overrides(tiny_llama_dir, tiny_data_dir
     assert p == pytest.approx({t: 0.6 * (1 - t / total) for t in range(1, total + 1)})
     check_adapter(out, tiny_llama_dir, dora=False)
 
-    summary = run_cli(["macdrop", "summary", str(out), "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "p.png")],
-                      cwd=tmp_path)
+    summary = run_cli(
+        ["macdrop", "summary", str(out), "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "p.png")],
+        cwd=tmp_path,
+    )
     assert summary.returncode == 0, summary.stderr
     data = json.loads((tmp_path / "s.json").read_text())
     assert {h["step"]: h["macdrop_p"] for h in data["log"]} == p
@@ -67,8 +72,15 @@ def test_sft_lora_yaml_with_command_line_overrides(tiny_llama_dir, tiny_data_dir
 
 def test_sft_dora_exp_curriculum(tiny_llama_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "out"
-    cfg = write_yaml(tmp_path / "dora.yaml", tiny_llama_dir, tiny_data_dir, out, use_dora=True,
-                     macdrop_curriculum="exp", macdrop_alpha=0.2)
+    cfg = write_yaml(
+        tmp_path / "dora.yaml",
+        tiny_llama_dir,
+        tiny_data_dir,
+        out,
+        use_dora=True,
+        macdrop_curriculum="exp",
+        macdrop_alpha=0.2,
+    )
     train(cfg)
     total, p = logged_p(out)
     assert p == pytest.approx({t: 0.8 * math.exp(-0.2 * t) for t in range(1, total + 1)})
@@ -77,8 +89,16 @@ def test_sft_dora_exp_curriculum(tiny_llama_dir, tiny_data_dir, tmp_path):
 
 def test_pt_lora_epoch_curriculum(tiny_llama_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "out"
-    cfg = write_yaml(tmp_path / "pt.yaml", tiny_llama_dir, tiny_data_dir, out, stage="pt", dataset="tiny_pt",
-                     macdrop_curriculum="epoch_before", num_train_epochs=2)
+    cfg = write_yaml(
+        tmp_path / "pt.yaml",
+        tiny_llama_dir,
+        tiny_data_dir,
+        out,
+        stage="pt",
+        dataset="tiny_pt",
+        macdrop_curriculum="epoch_before",
+        num_train_epochs=2,
+    )
     train(cfg)
     state = json.loads((out / "trainer_state.json").read_text())
     rows = [h for h in state["log_history"] if "macdrop_p" in h]
@@ -114,15 +134,21 @@ def test_bad_key_fails_in_one_line_before_anything_loads(tiny_data_dir, tmp_path
 
 
 def test_macdrop_locate_and_keys(tiny_llama_dir, tiny_data_dir, tmp_path):
-    proc = run_cli(["macdrop", "locate", str(tiny_llama_dir), "--k", "5", "--json", str(tmp_path / "loc.json")], cwd=tmp_path)
+    proc = run_cli(
+        ["macdrop", "locate", str(tiny_llama_dir), "--k", "5", "--json", str(tmp_path / "loc.json")], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert "massive layer: 1 (0-based; paper layer 2)" in proc.stdout
     assert json.loads((tmp_path / "loc.json").read_text())["indices"] == tiny.PLANTED_INDICES
     proc = run_cli(["macdrop", "locate", str(tiny_llama_dir), "--layer", "9"], cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "macdrop: error: macdrop_layer=9 is out of range: the model has layers 0..1"
-    streamed = run_cli(["macdrop", "locate", str(tiny_llama_dir), "--layer-by-layer", "--json", str(tmp_path / "s.json")],
-                       cwd=tmp_path)
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "macdrop: error: macdrop_layer=9 is out of range: the model has layers 0..1"
+    )
+    streamed = run_cli(
+        ["macdrop", "locate", str(tiny_llama_dir), "--layer-by-layer", "--json", str(tmp_path / "s.json")], cwd=tmp_path
+    )
     assert streamed.returncode == 0, streamed.stderr
     assert "layer by layer: read layers 0..1," in streamed.stdout
     assert json.loads((tmp_path / "s.json").read_text())["indices"] == tiny.PLANTED_INDICES
@@ -138,18 +164,38 @@ def test_macdrop_locate_probes_what_the_template_puts_first_and_warns_when_nothi
     assert proc.returncode == 0, proc.stderr
     assert "probe token: 1 '<|im_start|>' (chat template: first token)" in proc.stdout
     data = json.loads((tmp_path / "c.json").read_text())
-    assert (data["layer"], data["indices"], data["massive"], data["warnings"]) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES, True, [])
+    assert (data["layer"], data["indices"], data["massive"], data["warnings"]) == (
+        ta.PLANTED_LAYER,
+        ta.PLANTED_INDICES,
+        True,
+        [],
+    )
     assert [(c["token_id"], c["text"], c["origin_layer"]) for c in data["candidates"]] == [
-        (1, "<|im_start|>", ta.PLANTED_LAYER), (2, "<|im_end|>", None), (0, "<|endoftext|>", None)]
-    proc = run_cli(["macdrop", "locate", str(chatml), "--template", "qwen", "--layer-by-layer", "--json",
-                    str(tmp_path / "q.json")], cwd=tmp_path)
+        (1, "<|im_start|>", ta.PLANTED_LAYER),
+        (2, "<|im_end|>", None),
+        (0, "<|endoftext|>", None),
+    ]
+    proc = run_cli(
+        [
+            "macdrop",
+            "locate",
+            str(chatml),
+            "--template",
+            "qwen",
+            "--layer-by-layer",
+            "--json",
+            str(tmp_path / "q.json"),
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "q.json").read_text())
     assert (data["probe_token_id"], data["probe_token_source"]) == (1, "template qwen: first token")
     assert (data["layer"], data["indices"]) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES)
     proc = run_cli(["macdrop", "locate", str(chatml), "--template", "nope"], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
-        "macdrop: error: --template nope: not a LLaMA-Factory template; allowed: ")
+        "macdrop: error: --template nope: not a LLaMA-Factory template; allowed: "
+    )
 
     ta.build_tiny_embeddings(origin=False).save_pretrained(tmp_path / "flat")  # nothing massive anywhere
     proc = run_cli(["macdrop", "locate", str(tmp_path / "flat"), "--json", str(tmp_path / "f.json")], cwd=tmp_path)
@@ -167,8 +213,12 @@ def layer_output_max(model_dir, token):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     out = []
-    hooks = [layer.register_forward_hook(lambda m, a, o: out.append(float((o[0] if isinstance(o, tuple) else o)[0, 0].abs().max())))
-             for layer in model.model.layers]
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, a, o: out.append(float((o[0] if isinstance(o, tuple) else o)[0, 0].abs().max()))
+        )
+        for layer in model.model.layers
+    ]
     with torch.no_grad():
         model(input_ids=torch.tensor([[token]]))
     for h in hooks:
@@ -182,12 +232,18 @@ def test_macdrop_locate_probe_token_override_is_the_only_candidate_and_is_report
     # Qwen-style: the chat template starts with <|im_start|> (1), the only token that sets off the planted
     # rows; the config BOS <|endoftext|> (0) sets off nothing (without an override <|im_start|> wins, see above)
     chatml = ta.save_chatml_model(tmp_path / "chatml")
-    proc = run_cli(["macdrop", "locate", str(chatml), "--probe-token", "0", "--json", str(tmp_path / "bos.json")], cwd=tmp_path)
+    proc = run_cli(
+        ["macdrop", "locate", str(chatml), "--probe-token", "0", "--json", str(tmp_path / "bos.json")], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr  # nothing massive for that token: a finding, not an error
     assert "probe token: 0 '<|endoftext|>' (override)" in proc.stdout
     assert proc.stdout.count("warning: no massive activation") == 1
     data = json.loads((tmp_path / "bos.json").read_text())
-    assert (data["probe_token_id"], data["probe_token_text"], data["probe_token_source"]) == (0, "<|endoftext|>", "override")
+    assert (data["probe_token_id"], data["probe_token_text"], data["probe_token_source"]) == (
+        0,
+        "<|endoftext|>",
+        "override",
+    )
     assert data["massive"] is False
     assert len(data["warnings"]) == 1
     assert [(c["token_id"], c["source"], c["origin_layer"]) for c in data["candidates"]] == [(0, "override", None)]
@@ -195,13 +251,20 @@ def test_macdrop_locate_probe_token_override_is_the_only_candidate_and_is_report
     assert max(outside) < 10
     assert data["candidates"][0]["residual_max"] == pytest.approx(max(outside), rel=1e-4)
 
-    text = run_cli(["macdrop", "locate", str(chatml), "--probe-token", "<|im_start|>", "--json", str(tmp_path / "im.json")],
-                   cwd=tmp_path)
+    text = run_cli(
+        ["macdrop", "locate", str(chatml), "--probe-token", "<|im_start|>", "--json", str(tmp_path / "im.json")],
+        cwd=tmp_path,
+    )
     assert text.returncode == 0, text.stderr
     assert "probe token: 1 '<|im_start|>' (override: first token of '<|im_start|>')" in text.stdout
     data = json.loads((tmp_path / "im.json").read_text())
     assert (data["probe_token_id"], data["probe_token_source"]) == (1, "override: first token of '<|im_start|>'")
-    assert (data["layer"], data["indices"], data["massive"], data["warnings"]) == (ta.PLANTED_LAYER, ta.PLANTED_INDICES, True, [])
+    assert (data["layer"], data["indices"], data["massive"], data["warnings"]) == (
+        ta.PLANTED_LAYER,
+        ta.PLANTED_INDICES,
+        True,
+        [],
+    )
     assert [c["token_id"] for c in data["candidates"]] == [1]
     outside = layer_output_max(chatml, 1)
     assert outside[ta.PLANTED_LAYER - 1] < 10 < 100 < outside[ta.PLANTED_LAYER]  # created at the planted layer

@@ -70,7 +70,7 @@ def shown_in(shown: list[str], printed: list[str]) -> str | None:
     pos = 0
     for run in filter(None, runs):
         for start in range(pos, len(printed) - len(run) + 1):
-            if all(_same_line(s, p) for s, p in zip(run, printed[start:start + len(run)])):
+            if all(_same_line(s, p) for s, p in zip(run, printed[start : start + len(run)])):
                 pos = start + len(run)
                 break
         else:
@@ -84,8 +84,11 @@ def demo_tree(tmp_path_factory, smollm2_dir):
     root = tmp_path_factory.mktemp("cli_docs")
     for name in ("models", "tests", "examples"):
         (root / name).symlink_to(REPO / name)
-    proc = run_cli(["llamafactory-cli", "train", "examples/smollm2_lora_macdrop.yaml", "max_steps=2", "logging_steps=1"],
-                   cwd=root, env_extra={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    proc = run_cli(
+        ["llamafactory-cli", "train", "examples/smollm2_lora_macdrop.yaml", "max_steps=2", "logging_steps=1"],
+        cwd=root,
+        env_extra={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (root / "outputs" / "smollm2-lora-macdrop" / "macdrop_locator.json").is_file()
     return root
@@ -93,8 +96,18 @@ def demo_tree(tmp_path_factory, smollm2_dir):
 
 def test_page_has_examples_of_every_command():
     commands = {shlex.split(cmd)[1] for cmd, _ in examples()}
-    assert commands == {"locate", "activations", "superweight", "attention", "attack", "quantize", "compare", "summary",
-                        "convert-gguf", "keys"}
+    assert commands == {
+        "locate",
+        "activations",
+        "superweight",
+        "attention",
+        "attack",
+        "quantize",
+        "compare",
+        "summary",
+        "convert-gguf",
+        "keys",
+    }
 
 
 @pytest.mark.parametrize("command, shown", examples(), ids=[c[:60] for c, _ in examples()])
@@ -117,8 +130,13 @@ def test_every_option_is_in_the_reference():
     sections = dict(re.findall(r"^## `macdrop ([\w-]+)`\n(.*?)(?=^## |\Z)", page, flags=re.S | re.M))
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(sections), "a subcommand without a section (or a section without a command)"
-    missing = [f"{name} {opt}" for name, parser in sub.choices.items() for action in parser._actions
-               for opt in action.option_strings if opt not in ("-h", "--help") and f"`{opt}" not in sections[name]]
+    missing = [
+        f"{name} {opt}"
+        for name, parser in sub.choices.items()
+        for action in parser._actions
+        for opt in action.option_strings
+        if opt not in ("-h", "--help") and f"`{opt}" not in sections[name]
+    ]
     assert not missing, f"options missing from docs/cli.md: {missing}"
 
 

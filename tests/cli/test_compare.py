@@ -28,9 +28,30 @@ SEQ = 32
 
 
 def _compare(cwd: Path, *extra: str, config: str = "base.yaml"):
-    return run_cli(["macdrop", "compare", config, "--seeds", "0,1", "--text-file", "eval.txt", "--seq-len", str(SEQ),
-                    "--k-sweep", "1,3", "--quiet-train", "--no-progress", "--json", "out.json", "--csv", "out.csv",
-                    *extra], cwd=cwd, timeout=900)
+    return run_cli(
+        [
+            "macdrop",
+            "compare",
+            config,
+            "--seeds",
+            "0,1",
+            "--text-file",
+            "eval.txt",
+            "--seq-len",
+            str(SEQ),
+            "--k-sweep",
+            "1,3",
+            "--quiet-train",
+            "--no-progress",
+            "--json",
+            "out.json",
+            "--csv",
+            "out.csv",
+            *extra,
+        ],
+        cwd=cwd,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +77,7 @@ def _windows(tokenizer, text: str):
     import torch
 
     ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [torch.tensor(ids[i:i + SEQ]) for i in range(0, len(ids), SEQ) if len(ids[i:i + SEQ]) >= 2]
+    return [torch.tensor(ids[i : i + SEQ]) for i in range(0, len(ids), SEQ) if len(ids[i : i + SEQ]) >= 2]
 
 
 def _hf_ppl(model, windows) -> float:
@@ -78,8 +99,13 @@ def test_two_arms_two_seeds_through_llamafactory_cli(compared, tiny_llama_dir):
     root = cwd / "runs" / "tiny-compare"
     runs = {(r["arm"], r["seed"]): r for r in out["runs"]}
     assert set(runs) == {("plain", 0), ("plain", 1), ("macdrop", 0), ("macdrop", 1)}
-    names = {"ppl/eval.txt/clean", "ppl/eval.txt/zero k=1", "ppl/eval.txt/zero k=3",
-             "ppl/eval.txt/retain k=1", "ppl/eval.txt/retain k=3"}
+    names = {
+        "ppl/eval.txt/clean",
+        "ppl/eval.txt/zero k=1",
+        "ppl/eval.txt/zero k=3",
+        "ppl/eval.txt/retain k=1",
+        "ppl/eval.txt/retain k=3",
+    }
     assert all(set(r["metrics"]) == names for r in runs.values())  # --text-file only: no zero-shot
 
     # what each arm trained: the plain arm has no macdrop key and LLaMA-Factory logged no p
@@ -180,7 +206,9 @@ def test_refusals_come_before_anything_trains(compared, tmp_path):
     assert not re.search(r"\] \d/4 training ", proc.stdout)
 
     # a grid arm the plugin refuses (DoRA with p0 = 1): one line naming the arm and the key, no folder made
-    proc = _compare(cwd, "--output-dir", str(tmp_path / "grid"), "--grid", "use_dora=false,true", "--grid", "macdrop_p0=0.5,1.0")
+    proc = _compare(
+        cwd, "--output-dir", str(tmp_path / "grid"), "--grid", "use_dora=false,true", "--grid", "macdrop_p0=0.5,1.0"
+    )
     assert proc.returncode == 2
     assert not (tmp_path / "grid").exists()
     (line,) = proc.stderr.strip().splitlines()
@@ -202,8 +230,16 @@ def test_refusals_come_before_anything_trains(compared, tmp_path):
     assert not (tmp_path / "typo").exists()
 
     # the grid's plan: LoRA and DoRA versions of both arms, each MacDrop arm paired with its plain one
-    proc = _compare(cwd, "--output-dir", str(tmp_path / "plan"), "--plan-only", "--grid", "use_dora=false,true",
-                    "--grid", "macdrop_p0=0.5,0.8")
+    proc = _compare(
+        cwd,
+        "--output-dir",
+        str(tmp_path / "plan"),
+        "--plan-only",
+        "--grid",
+        "use_dora=false,true",
+        "--grid",
+        "macdrop_p0=0.5,0.8",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "6 arms x 2 seeds" in proc.stdout
     assert "macdrop-use_dora_true-p0_0.8" in proc.stdout
@@ -216,13 +252,30 @@ def test_launcher_settings_and_the_train_command_pass_through(workdir, tmp_path)
     """FORCE_TORCHRUN/NPROC_PER_NODE reach the training command, which trains on 2 ranks."""
     cwd = workdir
     wrapper = tmp_path / "train.sh"
-    wrapper.write_text('#!/usr/bin/env bash\necho "$FORCE_TORCHRUN $NPROC_PER_NODE" >> "$(dirname "$0")/env.txt"\n'
-                       f'exec "{Path(__import__("sys").executable).parent / "llamafactory-cli"}" train "$@"\n')
+    wrapper.write_text(
+        '#!/usr/bin/env bash\necho "$FORCE_TORCHRUN $NPROC_PER_NODE" >> "$(dirname "$0")/env.txt"\n'
+        f'exec "{Path(__import__("sys").executable).parent / "llamafactory-cli"}" train "$@"\n'
+    )
     wrapper.chmod(0o755)
     out = tmp_path / "ddp"
-    proc = run_cli(["macdrop", "compare", "base.yaml", "--seeds", "0", "--output-dir", str(out), "--no-eval",
-                    "--quiet-train", "--train-command", str(wrapper)], cwd=cwd,
-                   env_extra={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29517"}, timeout=900)
+    proc = run_cli(
+        [
+            "macdrop",
+            "compare",
+            "base.yaml",
+            "--seeds",
+            "0",
+            "--output-dir",
+            str(out),
+            "--no-eval",
+            "--quiet-train",
+            "--train-command",
+            str(wrapper),
+        ],
+        cwd=cwd,
+        env_extra={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29517"},
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "env.txt").read_text().splitlines() == ["1 2", "1 2"]  # plain, macdrop
     for arm in ("plain", "macdrop"):
@@ -243,10 +296,37 @@ def test_dora_arms_with_zero_shot_on_one_seed(workdir, tmp_path, tiny_llama_dir)
     docs = tiny_docs(n=20)
     data = write_arc_folder(tmp_path / "zs", docs)
     out = tmp_path / "dora"
-    proc = run_cli(["macdrop", "compare", "base.yaml", "--seeds", "0", "--grid", "use_dora=true", "--output-dir", str(out),
-                    "--text-file", "eval.txt", "--seq-len", str(SEQ), "--k-sweep", "1", "--zeroshot", "arc_easy",
-                    "--zeroshot-data", str(data), "--robustness", "ppl", "--quiet-train", "--no-progress",
-                    "--json", str(tmp_path / "dora.json")], cwd=cwd, timeout=900)
+    proc = run_cli(
+        [
+            "macdrop",
+            "compare",
+            "base.yaml",
+            "--seeds",
+            "0",
+            "--grid",
+            "use_dora=true",
+            "--output-dir",
+            str(out),
+            "--text-file",
+            "eval.txt",
+            "--seq-len",
+            str(SEQ),
+            "--k-sweep",
+            "1",
+            "--zeroshot",
+            "arc_easy",
+            "--zeroshot-data",
+            str(data),
+            "--robustness",
+            "ppl",
+            "--quiet-train",
+            "--no-progress",
+            "--json",
+            str(tmp_path / "dora.json"),
+        ],
+        cwd=cwd,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "dora.json").read_text())
     runs = {r["arm"]: r for r in result["runs"]}
@@ -255,8 +335,12 @@ def test_dora_arms_with_zero_shot_on_one_seed(workdir, tmp_path, tiny_llama_dir)
     for r in runs.values():
         folder = Path(r["output_dir"])
         assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
-        assert set(r["metrics"]) == {"ppl/eval.txt/clean", "ppl/eval.txt/zero k=1", "ppl/eval.txt/retain k=1",
-                                     "acc/arc_easy/clean"}
+        assert set(r["metrics"]) == {
+            "ppl/eval.txt/clean",
+            "ppl/eval.txt/zero k=1",
+            "ppl/eval.txt/retain k=1",
+            "acc/arc_easy/clean",
+        }
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(folder)).eval()
         right = sum(preferred(model, tokenizer, d) == "ABCD".index(d["answerKey"]) for d in docs)
         assert r["metrics"]["acc/arc_easy/clean"] == pytest.approx(right / len(docs))

@@ -34,16 +34,38 @@ def test_generate_alone_side_by_side(tiny_llama_dir, lora_dir, tmp_path, capsys)
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     base = ["attack", str(tiny_llama_dir), "--generate", PROMPT, "--max-new-tokens", "10", "--no-progress"]
-    assert main(base + ["--k-sweep", "1,2,5", "--generate-settings", "zero:5,retain:1",
-                        "--json", str(tmp_path / "g.json"), "--generate-report", str(tmp_path / "g.html")]) == 0
+    assert (
+        main(
+            base
+            + [
+                "--k-sweep",
+                "1,2,5",
+                "--generate-settings",
+                "zero:5,retain:1",
+                "--json",
+                str(tmp_path / "g.json"),
+                "--generate-report",
+                str(tmp_path / "g.html"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "g.json").read_text())
     gens = report["generations"]
-    assert [(g["setting"], g["mode"], g["k"]) for g in gens] == [("none", "none", 0), ("zero k=5", "zero", 5),
-                                                                   ("retain k=1", "retain", 1)]
+    assert [(g["setting"], g["mode"], g["k"]) for g in gens] == [
+        ("none", "none", 0),
+        ("zero k=5", "zero", 5),
+        ("retain k=1", "retain", 1),
+    ]
     assert report["results"] == []
     assert report["restored_bitwise"] is True
-    assert report["generation"] == {"prompt": PROMPT, "chat_template": False, "max_new_tokens": 10, "decoding": "greedy"}
+    assert report["generation"] == {
+        "prompt": PROMPT,
+        "chat_template": False,
+        "max_new_tokens": 10,
+        "decoding": "greedy",
+    }
     assert gens[0]["text"] == expected_text(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tok)
     assert "no chat template (the tokenizer has none)" in out
     assert "| setting | generated text |" in out
@@ -54,8 +76,20 @@ def test_generate_alone_side_by_side(tiny_llama_dir, lora_dir, tmp_path, capsys)
     assert "<h2>retain k=1</h2>" in page
 
     # through a LoRA adapter: the original row is base + adapter
-    assert main(base + ["--adapter", str(lora_dir), "--json", str(tmp_path / "a.json"),
-                        "--generate-report", str(tmp_path / "a.md")]) == 0
+    assert (
+        main(
+            base
+            + [
+                "--adapter",
+                str(lora_dir),
+                "--json",
+                str(tmp_path / "a.json"),
+                "--generate-report",
+                str(tmp_path / "a.md"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     adapted = json.loads((tmp_path / "a.json").read_text())["generations"]
     assert [g["setting"] for g in adapted] == ["none", "zero k=5", "retain k=5"]
@@ -68,10 +102,14 @@ def test_generate_alone_side_by_side(tiny_llama_dir, lora_dir, tmp_path, capsys)
 def test_bad_generation_options_fail_before_loading(tmp_path, capsys):
     missing = str(tmp_path / "no-model")  # never loaded: each error comes first
     cases = [
-        (["--generate", "hi", "--generate-settings", "zero:7"],
-         "--generate-settings 'zero:7' matches no setting of this run (settings: none, zero k=5, retain k=5)"),
-        (["--generate", "hi", "--generate-report", "out.txt"],
-         "--generate-report out.txt: the name must end in .md, .html or .htm"),
+        (
+            ["--generate", "hi", "--generate-settings", "zero:7"],
+            "--generate-settings 'zero:7' matches no setting of this run (settings: none, zero k=5, retain k=5)",
+        ),
+        (
+            ["--generate", "hi", "--generate-report", "out.txt"],
+            "--generate-report out.txt: the name must end in .md, .html or .htm",
+        ),
         (["--generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens 0 is not allowed: give a number >= 1"),
         (["--generate-settings", "zero"], "--generate-settings needs --generate PROMPT"),
     ]

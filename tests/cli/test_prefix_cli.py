@@ -48,8 +48,25 @@ def hand_ppl(model_dir, ids: list[int]) -> float:
 
 def _attack(model_dir, text_file, tmp_path, *extra):
     out = tmp_path / f"attack{len(extra)}.json"
-    proc = run_cli(["macdrop", "attack", str(model_dir), "--mode", "zero", "--k", "1", "--text-file", str(text_file),
-                    "--json", str(out), "--no-progress", *extra], cwd=tmp_path, env_extra=ENV)
+    proc = run_cli(
+        [
+            "macdrop",
+            "attack",
+            str(model_dir),
+            "--mode",
+            "zero",
+            "--k",
+            "1",
+            "--text-file",
+            str(text_file),
+            "--json",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        cwd=tmp_path,
+        env_extra=ENV,
+    )
     return proc, out
 
 
@@ -64,11 +81,17 @@ def test_perplexity_feeds_the_tokenizers_own_encoding_and_names_it(no_bos_dir, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     protocol = data["perplexity_protocol"][0]
-    assert (protocol["prefix_token_id"], protocol["tokenizer_adds_bos"], protocol["config_bos_token_id"]) == (None, False, 0)
+    assert (protocol["prefix_token_id"], protocol["tokenizer_adds_bos"], protocol["config_bos_token_id"]) == (
+        None,
+        False,
+        0,
+    )
     assert protocol["bos"] == "none"
     assert protocol["bos_requested"] is None
     assert data["results"][0]["ppl"] == pytest.approx(hand_ppl(no_bos_dir, own), rel=1e-4)
-    assert "no prefix (the tokenizer adds no BOS; config bos_token_id 0 '<|endoftext|>' is not put first)" in proc.stdout
+    assert (
+        "no prefix (the tokenizer adds no BOS; config bos_token_id 0 '<|endoftext|>' is not put first)" in proc.stdout
+    )
 
     # --bos stream: the tokenizer has none to give -> one line, before the model loads
     proc, _ = _attack(no_bos_dir, text_file, tmp_path, "--bos", "stream")
@@ -85,7 +108,11 @@ def test_perplexity_feeds_the_tokenizers_own_encoding_and_names_it(no_bos_dir, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     protocol = data["perplexity_protocol"][0]
-    assert (protocol["prefix_token_id"], protocol["prefix_token"], protocol["tokenizer_adds_bos"]) == (0, "<|endoftext|>", False)
+    assert (protocol["prefix_token_id"], protocol["prefix_token"], protocol["tokenizer_adds_bos"]) == (
+        0,
+        "<|endoftext|>",
+        False,
+    )
     assert data["results"][0]["ppl"] == pytest.approx(hand_ppl(no_bos_dir, [0] + own), rel=1e-4)
 
 
@@ -100,7 +127,11 @@ def test_a_tokenizer_that_adds_bos_keeps_sun_et_als_protocol(tiny_llama_dir, tex
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     protocol = data["perplexity_protocol"][0]
-    assert (protocol["bos"], protocol["prefix_token_id"], protocol["tokenizer_adds_bos"]) == ("stream", tok.bos_token_id, True)
+    assert (protocol["bos"], protocol["prefix_token_id"], protocol["tokenizer_adds_bos"]) == (
+        "stream",
+        tok.bos_token_id,
+        True,
+    )
     assert data["results"][0]["ppl"] == pytest.approx(hand_ppl(tiny_llama_dir, own), rel=1e-4)
 
 
@@ -146,24 +177,39 @@ def test_superweight_finds_the_planted_one_and_a_config_bos_prefix_is_flagged(no
 
 def _published_file(tmp_path, name, layer_1based, indices, sw):
     path = tmp_path / name
-    path.write_text(json.dumps({
-        "version": 1,
-        "sources": {"t": {"label": "planted", "cite": "tests/helpers/tiny_nobos.py"}},
-        "models": [{
-            "model": "planted-no-bos",
-            "config": {"model_type": "llama", "hidden_size": tiny_nobos.HIDDEN,
-                       "intermediate_size": tiny_nobos.INTERMEDIATE, "num_hidden_layers": tiny_nobos.LAYERS},
-            "config_sources": ["tests/helpers/tiny_nobos.py"],
-            "massive": {"source": "t", "layer": layer_1based, "layer_base": 1, "indices": indices},
-            "super_weights": {"source": "t", "layer_base": 0, "coordinates": [sw]},
-        }],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "sources": {"t": {"label": "planted", "cite": "tests/helpers/tiny_nobos.py"}},
+                "models": [
+                    {
+                        "model": "planted-no-bos",
+                        "config": {
+                            "model_type": "llama",
+                            "hidden_size": tiny_nobos.HIDDEN,
+                            "intermediate_size": tiny_nobos.INTERMEDIATE,
+                            "num_hidden_layers": tiny_nobos.LAYERS,
+                        },
+                        "config_sources": ["tests/helpers/tiny_nobos.py"],
+                        "massive": {"source": "t", "layer": layer_1based, "layer_base": 1, "indices": indices},
+                        "super_weights": {"source": "t", "layer_base": 0, "coordinates": [sw]},
+                    }
+                ],
+            }
+        )
+    )
     return path
 
 
 def test_published_positions_are_compared_by_config(no_bos_dir, tmp_path, capsys):
-    right = _published_file(tmp_path, "right.json", tiny_nobos.PLANTED_LAYER + 1, tiny_nobos.PLANTED_INDICES,
-                            [tiny_nobos.PLANTED_LAYER, tiny_nobos.SW_ROW, tiny_nobos.PLANTED_INDICES[0]])
+    right = _published_file(
+        tmp_path,
+        "right.json",
+        tiny_nobos.PLANTED_LAYER + 1,
+        tiny_nobos.PLANTED_INDICES,
+        [tiny_nobos.PLANTED_LAYER, tiny_nobos.SW_ROW, tiny_nobos.PLANTED_INDICES[0]],
+    )
     wrong = _published_file(tmp_path, "wrong.json", tiny_nobos.PLANTED_LAYER + 2, [7, 8, 9, 10, 11], [2, 5, 7])
     out = tmp_path / "loc.json"
     assert main(["locate", str(no_bos_dir), "--published", str(right), "--json", str(out)]) == 0
@@ -192,13 +238,29 @@ def test_attention_feeds_the_input_as_the_tokenizer_does_and_takes_an_adapter(ti
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = tmp_path / "lora"
-    tiny.loud_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), ("q_proj", "k_proj")).save_pretrained(adapter)
+    tiny.loud_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), ("q_proj", "k_proj")).save_pretrained(
+        adapter
+    )
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     text = "the quick brown fox"
     plain, adapted = tmp_path / "plain.json", tmp_path / "adapted.json"
     assert main(["attention", str(tiny_llama_dir), "--text", text, "--json", str(plain), "--no-progress"]) == 0
-    assert main(["attention", str(tiny_llama_dir), "--text", text, "--adapter", str(adapter), "--json", str(adapted),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "attention",
+                str(tiny_llama_dir),
+                "--text",
+                text,
+                "--adapter",
+                str(adapter),
+                "--json",
+                str(adapted),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "+ adapter" in capsys.readouterr().out
     a, b = json.loads(plain.read_text()), json.loads(adapted.read_text())
     assert a["input_ids"] == tok(text)["input_ids"]
@@ -206,8 +268,9 @@ def test_attention_feeds_the_input_as_the_tokenizer_does_and_takes_an_adapter(ti
     assert b["adapter"] == str(adapter)
     assert b["massive_layer"] == tiny.PLANTED_LAYER  # located on the base
     # the adapter's attention, measured independently through peft with eager attention
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager"),
-                                      str(adapter)).eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager"), str(adapter)
+    ).eval()
     with torch.no_grad():
         att = model(input_ids=torch.tensor([a["input_ids"]]), output_attentions=True).attentions
     for layer, got in enumerate(b["layers"]):

@@ -21,16 +21,27 @@ def test_the_installed_wheel_is_what_imports_and_its_pth_is_in_site_packages():
 
     site = Path(sysconfig.get_paths()["purelib"])
     assert Path(llamafactory_macdrop.__file__).resolve().is_relative_to(site.resolve()), llamafactory_macdrop.__file__
-    assert not Path(llamafactory_macdrop.__file__).resolve().is_relative_to(REPO / "llamafactory_macdrop")  # not the checkout
+    assert (
+        not Path(llamafactory_macdrop.__file__).resolve().is_relative_to(REPO / "llamafactory_macdrop")
+    )  # not the checkout
     assert (site / "llamafactory_macdrop.pth").read_text().strip() == "import llamafactory_macdrop.plugin.startup"
-    proc = run([str(BIN / "python"), "-c", "import sys; print(any(type(f).__name__ == '_LlamaFactoryFinder' "
-                                           "for f in sys.meta_path))"], cwd=site)
+    proc = run(
+        [
+            str(BIN / "python"),
+            "-c",
+            "import sys; print(any(type(f).__name__ == '_LlamaFactoryFinder' for f in sys.meta_path))",
+        ],
+        cwd=site,
+    )
     assert proc.stdout.strip() == "True", proc.stderr
 
 
 def test_llamafactory_cli_train_its_torchrun_children_and_dpo_run_macdrop(tiny_llama_dir, tiny_data_dir, tmp_path):
-    runs = (("single", {}, {}), ("torchrun", {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, {}),
-            ("dpo", {}, dict(stage="dpo", dataset="tiny_dpo", num_train_epochs=1)))  # trl's DPO trainer imports
+    runs = (
+        ("single", {}, {}),
+        ("torchrun", {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, {}),
+        ("dpo", {}, dict(stage="dpo", dataset="tiny_dpo", num_train_epochs=1)),
+    )  # trl's DPO trainer imports
     for name, env, overrides in runs:
         out = tmp_path / name
         cfg = write_yaml(tmp_path / f"{name}.yaml", tiny_llama_dir, tiny_data_dir, out, macdrop_k=3, **overrides)
@@ -46,8 +57,10 @@ def test_llamafactory_cli_train_its_torchrun_children_and_dpo_run_macdrop(tiny_l
 
 
 def test_macdrop_locate(tiny_llama_dir, tmp_path):
-    proc = run([str(BIN / "macdrop"), "locate", str(tiny_llama_dir), "--k", "5", "--json", str(tmp_path / "loc.json")],
-               cwd=tmp_path)
+    proc = run(
+        [str(BIN / "macdrop"), "locate", str(tiny_llama_dir), "--k", "5", "--json", str(tmp_path / "loc.json")],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     located = json.loads((tmp_path / "loc.json").read_text())
     assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES)

@@ -73,7 +73,8 @@ def intermediate_at(model, layer, token):
     """Outside measurement: |act(gate(x)) * up(x)| of a Llama layer at ``token`` alone (down_proj's input)."""
     seen = {}
     hook = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
-        lambda module, args: seen.setdefault("inter", args[0][0, 0].abs()))
+        lambda module, args: seen.setdefault("inter", args[0][0, 0].abs())
+    )
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([[token]]))
@@ -123,7 +124,10 @@ def test_probe_sees_the_base_model_through_a_trained_adapter(tiny_llama):
     assert peft_model.training  # mode restored
     blocks = find_ffn_blocks(peft_model)
     assert blocks[1].module_names() == ["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"]
-    assert blocks[1].row_targets([1])[1].weight is peft_model.base_model.model.model.layers[1].mlp.up_proj.base_layer.weight
+    assert (
+        blocks[1].row_targets([1])[1].weight
+        is peft_model.base_model.model.model.layers[1].mlp.up_proj.base_layer.weight
+    )
 
 
 def test_probe_token_policy(tiny_llama, tiny_llama_dir):
@@ -140,7 +144,10 @@ def test_probe_token_policy(tiny_llama, tiny_llama_dir):
     # what the model sees first, then the tokenizer's BOS/EOS, then the config's (duplicates dropped)
     first = ProbeToken(42, "first training batch: position 0 of 4/4 sequences (100%)")
     assert [(c.token_id, c.source) for c in probe_candidates(tiny_llama, tok, first_token=first)] == [
-        (42, first.source), (bos, "tokenizer.bos_token_id"), (eos, "tokenizer.eos_token_id")]
+        (42, first.source),
+        (bos, "tokenizer.bos_token_id"),
+        (eos, "tokenizer.eos_token_id"),
+    ]
     assert probe_candidates(tiny_llama, tok, 7, first_token=first)[0].token_id == 7  # an override is the only one
     # Trainer.train aligns the live config to a tokenizer without BOS; the checkpoint's config.json still has it
     tiny_llama.config.bos_token_id = None
@@ -167,9 +174,16 @@ def test_a_first_token_without_massive_activation_falls_back_to_the_next_candida
     bos, eos = tiny_llama.config.bos_token_id, tiny_llama.config.eos_token_id
     result = locate_massive_weights(tiny_llama, 5, tokenizer=tok, first_token=first)
     assert (result.layer, result.indices, result.massive) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES, True)
-    assert (result.probe_token_id, result.probe_token_text, result.probe_token_source) == (bos, "<s>", "tokenizer.bos_token_id")
+    assert (result.probe_token_id, result.probe_token_text, result.probe_token_source) == (
+        bos,
+        "<s>",
+        "tokenizer.bos_token_id",
+    )
     assert [(c.token_id, c.origin_layer) for c in result.candidates] == [
-        (first.token_id, None), (bos, tiny.PLANTED_LAYER), (eos, None)]
+        (first.token_id, None),
+        (bos, tiny.PLANTED_LAYER),
+        (eos, None),
+    ]
     assert len(result.warnings) == 1
     assert f"{first.token_id} 'H' (template default" in result.warnings[0]
 
@@ -252,13 +266,25 @@ def test_a_model_without_massive_weights_gets_a_warning():
     assert "warning: no massive activation" in result.table()
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("[1, 2, 3]", "it holds a JSON array, not an object with the located layer and rows"),
-    ('{"model": "m", "layer": 1', "not valid JSON (Expecting ',' delimiter: line 1 column 26 (char 25); it looks cut short)"),
-    ("", "not valid JSON (Expecting value: line 1 column 1 (char 0); the file is empty)"),
-    ('{"model": "m", "layer": "1", "indices": [1], "modules": [], "source": "probe"}', "'layer' is a JSON string, expected a number"),
-    ('{"model": "m", "layer": 1, "indices": [], "modules": [], "source": "probe"}', "'indices' is [], expected a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("[1, 2, 3]", "it holds a JSON array, not an object with the located layer and rows"),
+        (
+            '{"model": "m", "layer": 1',
+            "not valid JSON (Expecting ',' delimiter: line 1 column 26 (char 25); it looks cut short)",
+        ),
+        ("", "not valid JSON (Expecting value: line 1 column 1 (char 0); the file is empty)"),
+        (
+            '{"model": "m", "layer": "1", "indices": [1], "modules": [], "source": "probe"}',
+            "'layer' is a JSON string, expected a number",
+        ),
+        (
+            '{"model": "m", "layer": 1, "indices": [], "modules": [], "source": "probe"}',
+            "'indices' is [], expected a non-empty list",
+        ),
+    ],
+)
 def test_the_one_reader_of_a_locator_file_says_what_is_wrong_in_one_line(tiny_llama, tmp_path, content, fragment):
     """`macdrop summary` and a resumed run read macdrop_locator.json through one reader; the resume
     adds the way out."""

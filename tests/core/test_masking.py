@@ -179,7 +179,8 @@ def test_fsdp_shard_edits_add_up_to_algorithm1(layout, axis, expert):
         d.apply(keep)
     expected = full.clone()
     (expected if expert is None else expected[expert]).index_copy_(
-        axis, torch.tensor(rows), want * keep if axis == 0 else (want * keep).t())
+        axis, torch.tensor(rows), want * keep if axis == 0 else (want * keep).t()
+    )
     assert torch.equal(bits(gather()), bits(expected))
     assert torch.equal(bits(gathered_copy), bits(expected))
     for d in drops:
@@ -274,8 +275,9 @@ def _canonicaleffective(layer, state_before):
 
     import bitsandbytes.functional as bnb_f
 
-    codes, _ = bnb_f._convert_weight_packed_for_cpu_inverse(layer.weight.data.clone(),
-                                                            copy.deepcopy(layer.weight.quant_state))
+    codes, _ = bnb_f._convert_weight_packed_for_cpu_inverse(
+        layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state)
+    )
     return bnb_f.dequantize_4bit(codes.view(-1, 1).view(torch.uint8), state_before).float()
 
 
@@ -293,7 +295,14 @@ def test_4bit_cpu_repacked_layout_masks_exactly_the_selected_elements(quant_stor
     w = layer.weight
     state_before = copy.deepcopy(w.quant_state)
     before = bnb_f.dequantize_4bit(w.data, state_before).float()
-    rows = [97, 13, 64, 5, 120, 21]  # the CPU layout packs rows n and n + 16 of a 32-row block in one byte: 5/21 both masked, 13/29 not
+    rows = [
+        97,
+        13,
+        64,
+        5,
+        120,
+        21,
+    ]  # the CPU layout packs rows n and n + 16 of a 32-row block in one byte: 5/21 both masked, 13/29 not
     keep = torch.rand(6, 64, generator=torch.Generator().manual_seed(2)) > 0.5
     if repack == "before_setup":
         _repack_for_cpu(layer)

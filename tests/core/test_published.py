@@ -25,24 +25,56 @@ from llamafactory_macdrop.core.published import (
 
 #: meta-llama/Meta-Llama-3-8B (copy: huggingface.co/pandyamarut/Meta-Llama-3-8B)
 LLAMA_3_8B = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
-    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
-    "max_position_embeddings": 8192, "model_type": "llama", "num_attention_heads": 32,
-    "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None,
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256,
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
 }
 #: meta-llama/Llama-3.1-8B (copy: huggingface.co/NbAiLab/nb-llama-3.1-8B)
 LLAMA_3_1_8B = {
-    **LLAMA_3_8B, "max_position_embeddings": 131072, "head_dim": 128,
-    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    **LLAMA_3_8B,
+    "max_position_embeddings": 131072,
+    "head_dim": 128,
+    "rope_scaling": {
+        "factor": 8.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
 }
 #: mistralai/Mistral-7B-v0.1
 MISTRAL_V01 = {
-    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-    "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
-    "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False, "vocab_size": 32000,
+    "architectures": ["MistralForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mistral",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "vocab_size": 32000,
 }
 #: mistralai/Mistral-7B-v0.3 (copy: huggingface.co/unsloth/mistral-7b-v0.3)
 MISTRAL_V03 = {**MISTRAL_V01, "rope_theta": 1000000.0, "sliding_window": None, "vocab_size": 32768}
@@ -50,47 +82,111 @@ MISTRAL_V03 = {**MISTRAL_V01, "rope_theta": 1000000.0, "sliding_window": None, "
 MISTRAL_V02 = {**MISTRAL_V01, "rope_theta": 1000000.0, "sliding_window": None}
 #: microsoft/Phi-3-mini-4k-instruct
 PHI3_MINI_4K = {
-    "architectures": ["Phi3ForCausalLM"], "bos_token_id": 1, "eos_token_id": 32000, "hidden_act": "silu",
-    "hidden_size": 3072, "intermediate_size": 8192, "max_position_embeddings": 4096, "model_type": "phi3",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
-    "original_max_position_embeddings": 4096, "pad_token_id": 32000, "rms_norm_eps": 1e-05,
-    "rope_scaling": None, "rope_theta": 10000.0, "sliding_window": 2047, "vocab_size": 32064,
+    "architectures": ["Phi3ForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "hidden_act": "silu",
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 4096,
+    "model_type": "phi3",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "original_max_position_embeddings": 4096,
+    "pad_token_id": 32000,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "sliding_window": 2047,
+    "vocab_size": 32064,
 }
 #: microsoft/Phi-3-mini-128k-instruct: same shape, long context
-PHI3_MINI_128K = {**PHI3_MINI_4K, "max_position_embeddings": 131072,
-                  "rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}}
+PHI3_MINI_128K = {
+    **PHI3_MINI_4K,
+    "max_position_embeddings": 131072,
+    "rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]},
+}
 #: huggyllama/llama-7b (transformers 4.28: no num_key_value_heads)
 LLAMA_1_7B = {
-    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-    "hidden_size": 4096, "intermediate_size": 11008, "max_position_embeddings": 2048, "max_sequence_length": 2048,
-    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "pad_token_id": 0,
-    "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "vocab_size": 32000,
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 2048,
+    "max_sequence_length": 2048,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False,
+    "vocab_size": 32000,
 }
 #: meta-llama/Llama-2-7b-hf
 LLAMA_2_7B = {
-    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-    "hidden_size": 4096, "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05,
-    "rope_theta": 10000.0, "tie_word_embeddings": False, "vocab_size": 32000,
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "vocab_size": 32000,
 }
 #: google/gemma-2-9b
 GEMMA_2_9B = {
-    "architectures": ["Gemma2ForCausalLM"], "head_dim": 256, "hidden_size": 3584, "intermediate_size": 14336,
-    "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 16, "num_hidden_layers": 42,
-    "num_key_value_heads": 8, "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 256000,
+    "architectures": ["Gemma2ForCausalLM"],
+    "head_dim": 256,
+    "hidden_size": 3584,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "gemma2",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 42,
+    "num_key_value_heads": 8,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "vocab_size": 256000,
 }
 #: mistralai/Mixtral-8x7B-v0.1
 MIXTRAL = {
-    "architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-    "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
-    "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
-    "rope_theta": 1000000.0, "sliding_window": None, "vocab_size": 32000,
+    "architectures": ["MixtralForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mixtral",
+    "num_attention_heads": 32,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "vocab_size": 32000,
 }
 #: allenai/OLMo-1B-0724-hf
 OLMO_1B_0724 = {
-    "architectures": ["OlmoForCausalLM"], "clip_qkv": 8.0, "hidden_size": 2048, "intermediate_size": 8192,
-    "max_position_embeddings": 4096, "model_type": "olmo", "num_attention_heads": 16, "num_hidden_layers": 16,
-    "num_key_value_heads": 16, "rope_theta": 10000.0, "vocab_size": 50304,
+    "architectures": ["OlmoForCausalLM"],
+    "clip_qkv": 8.0,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 4096,
+    "model_type": "olmo",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 16,
+    "num_key_value_heads": 16,
+    "rope_theta": 10000.0,
+    "vocab_size": 50304,
 }
 
 # --- the published facts, written out (House of Cards Table 6: paper layer 1-based) ---
@@ -126,27 +222,33 @@ def by_model(entries, name):
     return entry
 
 
-@pytest.mark.parametrize("config, model", [
-    (LLAMA_3_8B, "Meta-Llama-3-8B"),
-    (MISTRAL_V01, "Mistral-7B-v0.1"),
-    (PHI3_MINI_4K, "Phi-3-mini-4k-instruct"),
-    (LLAMA_2_7B, "Llama-2-7b(-chat)-hf"),
-    (LLAMA_1_7B, "Llama-7B (LLaMA-1, huggyllama/llama-7b)"),
-    (MIXTRAL, "Mixtral-8x7B-v0.1"),
-    (OLMO_1B_0724, "OLMo-1B-0724-hf"),
-    (GEMMA_2_9B, "gemma-2-9b"),
-])
+@pytest.mark.parametrize(
+    "config, model",
+    [
+        (LLAMA_3_8B, "Meta-Llama-3-8B"),
+        (MISTRAL_V01, "Mistral-7B-v0.1"),
+        (PHI3_MINI_4K, "Phi-3-mini-4k-instruct"),
+        (LLAMA_2_7B, "Llama-2-7b(-chat)-hf"),
+        (LLAMA_1_7B, "Llama-7B (LLaMA-1, huggyllama/llama-7b)"),
+        (MIXTRAL, "Mixtral-8x7B-v0.1"),
+        (OLMO_1B_0724, "OLMo-1B-0724-hf"),
+        (GEMMA_2_9B, "gemma-2-9b"),
+    ],
+)
 def test_real_configs_find_their_entry(packaged, config, model):
     assert [e.model for e in matching_entries(config, packaged)] == [model]
     assert match_config(config).model == model  # the packaged table by default
 
 
-@pytest.mark.parametrize("config, not_this", [
-    (LLAMA_3_1_8B, "Meta-Llama-3-8B"),
-    (MISTRAL_V03, "Mistral-7B-v0.1"),
-    (MISTRAL_V02, "Mistral-7B-v0.1"),
-    (PHI3_MINI_128K, "Phi-3-mini-4k-instruct"),
-])
+@pytest.mark.parametrize(
+    "config, not_this",
+    [
+        (LLAMA_3_1_8B, "Meta-Llama-3-8B"),
+        (MISTRAL_V03, "Mistral-7B-v0.1"),
+        (MISTRAL_V02, "Mistral-7B-v0.1"),
+        (PHI3_MINI_128K, "Phi-3-mini-4k-instruct"),
+    ],
+)
 def test_a_later_version_of_the_same_shape_is_not_matched(packaged, config, not_this):
     assert not_this not in [e.model for e in matching_entries(config, packaged)]
     assert match_config(config, packaged) is None
@@ -211,9 +313,11 @@ def test_massive_match_and_the_one_based_mistake(packaged):
     assert isinstance(ok, Comparison)
     assert ok.matches
     assert ok.reported
-    assert ok.message == ("matches the published position (House of Cards Table 6, Meta-Llama-3-8B: layer 2 "
-                          "1-based = 1 0-based, top-5 [2427, 198, 6412, 12657, 591]): layer 1, top-1 2427, "
-                          "5/5 of the top-5")
+    assert ok.message == (
+        "matches the published position (House of Cards Table 6, Meta-Llama-3-8B: layer 2 "
+        "1-based = 1 0-based, top-5 [2427, 198, 6412, 12657, 591]): layer 1, top-1 2427, "
+        "5/5 of the top-5"
+    )
     d = ok.to_dict()
     assert d["published"]["layer"] == 1
     assert d["published"]["paper_layer"] == 2
@@ -294,11 +398,20 @@ TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num
 
 
 def test_a_user_file_entry_matches_a_tiny_config(tmp_path, packaged):
-    path = write(tmp_path, "mine.json", {"models": [{
-        "model": "tiny-llama (measured here)", "config": TINY,
-        "massive": {"source": "my run", "layer": 1, "layer_base": 0, "indices": [13, 97]},
-        "super_weights": {"source": "my run", "layer_base": 1, "coordinates": [[2, None, 13]]},
-    }]})
+    path = write(
+        tmp_path,
+        "mine.json",
+        {
+            "models": [
+                {
+                    "model": "tiny-llama (measured here)",
+                    "config": TINY,
+                    "massive": {"source": "my run", "layer": 1, "layer_base": 0, "indices": [13, 97]},
+                    "super_weights": {"source": "my run", "layer_base": 1, "coordinates": [[2, None, 13]]},
+                }
+            ]
+        },
+    )
     entries = load_published([path])
     assert len(entries) == len(packaged) + 1
     entry = match_config({**TINY, "vocab_size": 256, "rope_theta": 10000.0}, entries)
@@ -317,40 +430,72 @@ def test_a_user_file_entry_matches_a_tiny_config(tmp_path, packaged):
 
 
 def test_a_user_file_overrides_a_packaged_entry(tmp_path):
-    path = write(tmp_path, "override.json", {"models": [{
-        "model": "my Llama-3-8B", "config": {"model_type": "llama", "hidden_size": 4096, "vocab_size": 128256},
-        "massive": {"source": "my probe", "layer": 1, "layer_base": 0, "indices": [2427]}}]})
+    path = write(
+        tmp_path,
+        "override.json",
+        {
+            "models": [
+                {
+                    "model": "my Llama-3-8B",
+                    "config": {"model_type": "llama", "hidden_size": 4096, "vocab_size": 128256},
+                    "massive": {"source": "my probe", "layer": 1, "layer_base": 0, "indices": [2427]},
+                }
+            ]
+        },
+    )
     entries = load_published([path])
     assert [e.model for e in matching_entries(LLAMA_3_8B, entries)] == ["Meta-Llama-3-8B", "my Llama-3-8B"]
     assert match_config(LLAMA_3_8B, entries).model == "my Llama-3-8B"
 
 
-ENTRY = {"model": "m", "config": TINY,
-         "massive": {"source": "s", "layer": 1, "layer_base": 0, "indices": [1, 2]}}
+ENTRY = {"model": "m", "config": TINY, "massive": {"source": "s", "layer": 1, "layer_base": 0, "indices": [1, 2]}}
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("{not json", "not valid JSON"),
-    ([1, 2], "the top level must be an object"),
-    ({"models": []}, "'models' must be a non-empty list"),
-    ({"version": 2, "models": [ENTRY]}, "version 2 is not supported"),
-    ({"models": [{**ENTRY, "model": ""}]}, "needs a non-empty 'model'"),
-    ({"models": [{**ENTRY, "config": {}}]}, "'config' must be a non-empty object"),
-    ({"models": [{**ENTRY, "config": {"hidden_size": [64]}}]}, "config field 'hidden_size'"),
-    ({"models": [{"model": "m", "config": TINY}]}, "needs 'massive' and/or 'super_weights'"),
-    ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "layer_base": 2}}]}, "'layer_base' must be 0"),
-    ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "layer_bse": 0}}]}, "unknown key 'layer_bse'"),
-    ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "indices": ["13"]}}]}, "'indices' must be"),
-    ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "indices": [500]}}]}, "index 500 is outside 0..127"),
-    ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "layer": 2}}]}, "beyond num_hidden_layers 2"),
-    ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "layer": 0, "layer_base": 1}}]}, "does not exist"),
-    ({"models": [{**ENTRY, "massive": {"layer": 1, "layer_base": 0, "indices": [1]}}]}, "needs a 'source'"),
-    ({"models": [{**ENTRY, "massive": {"source": "s", "none_reported": True, "layer": 1}}]}, "excludes layer"),
-    ({"models": [{"model": "m", "config": TINY, "super_weights": {
-        "source": "s", "layer_base": 0, "coordinates": [[1, 5]]}}]}, "coordinates[0] must be [layer, row or null, col]"),
-    ({"models": [{"model": "m", "config": TINY, "super_weights": {
-        "source": "s", "layer_base": 0, "coordinates": [[1, 64, 5]]}}]}, "row 64 is outside 0..63"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("{not json", "not valid JSON"),
+        ([1, 2], "the top level must be an object"),
+        ({"models": []}, "'models' must be a non-empty list"),
+        ({"version": 2, "models": [ENTRY]}, "version 2 is not supported"),
+        ({"models": [{**ENTRY, "model": ""}]}, "needs a non-empty 'model'"),
+        ({"models": [{**ENTRY, "config": {}}]}, "'config' must be a non-empty object"),
+        ({"models": [{**ENTRY, "config": {"hidden_size": [64]}}]}, "config field 'hidden_size'"),
+        ({"models": [{"model": "m", "config": TINY}]}, "needs 'massive' and/or 'super_weights'"),
+        ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "layer_base": 2}}]}, "'layer_base' must be 0"),
+        ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "layer_bse": 0}}]}, "unknown key 'layer_bse'"),
+        ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "indices": ["13"]}}]}, "'indices' must be"),
+        ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "indices": [500]}}]}, "index 500 is outside 0..127"),
+        ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "layer": 2}}]}, "beyond num_hidden_layers 2"),
+        ({"models": [{**ENTRY, "massive": {**ENTRY["massive"], "layer": 0, "layer_base": 1}}]}, "does not exist"),
+        ({"models": [{**ENTRY, "massive": {"layer": 1, "layer_base": 0, "indices": [1]}}]}, "needs a 'source'"),
+        ({"models": [{**ENTRY, "massive": {"source": "s", "none_reported": True, "layer": 1}}]}, "excludes layer"),
+        (
+            {
+                "models": [
+                    {
+                        "model": "m",
+                        "config": TINY,
+                        "super_weights": {"source": "s", "layer_base": 0, "coordinates": [[1, 5]]},
+                    }
+                ]
+            },
+            "coordinates[0] must be [layer, row or null, col]",
+        ),
+        (
+            {
+                "models": [
+                    {
+                        "model": "m",
+                        "config": TINY,
+                        "super_weights": {"source": "s", "layer_base": 0, "coordinates": [[1, 64, 5]]},
+                    }
+                ]
+            },
+            "row 64 is outside 0..63",
+        ),
+    ],
+)
 def test_a_malformed_user_file_gives_one_clear_line(tmp_path, content, fragment):
     path = write(tmp_path, "bad.json", content)
     with pytest.raises(PublishedFileError) as info:
@@ -379,8 +524,15 @@ def test_the_user_file_example_in_the_docs_loads(tmp_path):
     section = text.split("## Published positions", 1)[1]
     example = section.split("```json", 1)[1].split("```", 1)[0]
     path = write(tmp_path, "example.json", example)
-    smollm2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-               "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152}
+    smollm2 = {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+    }
     entry = match_config(smollm2, load_published([path]))
     assert entry.model == "SmolLM2-135M-Instruct"
     assert compare_massive(entry, 11, [1229, 1487, 874, 926, 1010]).matches

@@ -38,7 +38,10 @@ def test_locate_prints_and_plots_the_routing(tmp_path, capsys):
 
     tok = tiny.build_tokenizer(tmp_path / "moe")
     tiny_archs.build_routed_moe("mixtral", vocab=len(tok)).save_pretrained(tmp_path / "moe")
-    assert main(["locate", str(tmp_path / "moe"), "--json", str(tmp_path / "l.json"), "--plot", str(tmp_path / "plots")]) == 0
+    assert (
+        main(["locate", str(tmp_path / "moe"), "--json", str(tmp_path / "l.json"), "--plot", str(tmp_path / "plots")])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "router probabilities of the probe token" in out
     assert "e2  <- massive layer" in out

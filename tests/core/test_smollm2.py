@@ -19,7 +19,10 @@ def test_origin_layer_is_11_not_the_early_or_late_spikes(smollm2):
     stats = {s.layer: s for s in result.layers}
     # the traps the rule must avoid: ~1000x-median spikes early, a larger ratio-to-median at 28
     assert stats[2].intermediate_top1 / stats[2].intermediate_median > 1000
-    assert stats[28].intermediate_top1 / stats[28].intermediate_median > stats[11].intermediate_top1 / stats[11].intermediate_median
+    assert (
+        stats[28].intermediate_top1 / stats[28].intermediate_median
+        > stats[11].intermediate_top1 / stats[11].intermediate_median
+    )
     assert stats[11].in_max < 100
     assert stats[11].out_max > 20000
 

@@ -42,8 +42,9 @@ def test_dropped_elements_are_exact_zeros_and_nothing_else_changes(case):
     assert bool((inside[~keep] == 0).all()), "dropped elements are not exactly 0"
     assert torch.equal(bits(inside[keep]), bits(orig[keep])), "kept elements changed"
     others = torch.tensor([i for i in range(before.shape[case.axis]) if i not in case.rows])
-    assert torch.equal(bits(now.index_select(case.axis, others)), bits(before.index_select(case.axis, others))), \
+    assert torch.equal(bits(now.index_select(case.axis, others)), bits(before.index_select(case.axis, others))), (
         "elements outside the selected rows changed"
+    )
     for d in case.drops:
         d.restore()
     assert torch.equal(bits(case.matrix()), bits(before))

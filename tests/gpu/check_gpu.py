@@ -55,23 +55,41 @@ def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
     case_dir = work / name
     case_dir.mkdir(parents=True, exist_ok=True)
     args = tiny.lf_train_args(
-        model_dir, data_dir, case_dir / "out", stage="pt", dataset="tiny_pt", cutoff_len=32, max_steps=STEPS,
-        per_device_train_batch_size=2, gradient_accumulation_steps=GA, seed=SEED, **CASES[name],
+        model_dir,
+        data_dir,
+        case_dir / "out",
+        stage="pt",
+        dataset="tiny_pt",
+        cutoff_len=32,
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=GA,
+        seed=SEED,
+        **CASES[name],
     )
     (case_dir / "args.json").write_text(json.dumps(args))
     script = str(TESTS / "dist_check.py")
     if name in FSDP_CONFIGS:
         config = str(REPO / "yaml_configs" / FSDP_CONFIGS[name][0])
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "1",
-               script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            config,
+            "--num_processes",
+            "1",
+            script,
+        ]
     elif "deepspeed" in args:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", script]
     else:
         cmd = [sys.executable, script]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd + [str(case_dir / "args.json"), str(case_dir / "trace")], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        cmd + [str(case_dir / "args.json"), str(case_dir / "trace")], env=env, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - t0
     (case_dir / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -85,8 +103,15 @@ def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
         for key in ("up", "gate"):
             shape = tuple(trace["original"][key].shape)
             assert shape == (tiny.INTERMEDIATE, tiny.HIDDEN), f"recorded {key} weight has shape {shape}"
-        checks = verify([trace], layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=SEED, steps=STEPS,
-                        ga=GA, zero3=name == "zero3")
+        checks = verify(
+            [trace],
+            layer=tiny.PLANTED_LAYER,
+            indices=tiny.PLANTED_INDICES,
+            seed=SEED,
+            steps=STEPS,
+            ga=GA,
+            zero3=name == "zero3",
+        )
         storage = trace["storage"]["up"]
         if name == "fsdp1":
             assert trace["engine"] == FSDP_CONFIGS[name][1], trace["engine"]
@@ -99,8 +124,15 @@ def run_case(name: str, work: Path, model_dir: Path, data_dir: Path) -> dict:
         return {"case": name, "ok": False, "error": f"assertion failed: {err}", "seconds": seconds}
     state = json.loads((case_dir / "out" / "trainer_state.json").read_text())
     log = [h for h in state["log_history"] if "loss" in h]
-    return {"case": name, "ok": True, "checks": checks, "seconds": round(seconds, 1), "engine": trace["engine"],
-            "loss": [h["loss"] for h in log], "macdrop_p": [h["macdrop_p"] for h in log]}
+    return {
+        "case": name,
+        "ok": True,
+        "checks": checks,
+        "seconds": round(seconds, 1),
+        "engine": trace["engine"],
+        "loss": [h["loss"] for h in log],
+        "macdrop_p": [h["macdrop_p"] for h in log],
+    }
 
 
 def main() -> int:
@@ -131,8 +163,9 @@ def main() -> int:
             print("    " + result["error"].replace("\n", "\n    "))
         else:
             print(f"    - loss {result['loss']}  macdrop_p {result['macdrop_p']}")
-    (work / "gpu_checks.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "results": results},
-                                                     indent=1))
+    (work / "gpu_checks.json").write_text(
+        json.dumps({"gpu": gpu, "torch": torch.__version__, "results": results}, indent=1)
+    )
     return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -16,9 +16,9 @@ def choice_logliks(model, tokenizer, context: str, choices, delimiter: str = " "
     ctx = tokenizer.encode(context)
     out = []
     for choice in choices:
-        cont = tokenizer.encode(context + delimiter + choice)[len(ctx):]
+        cont = tokenizer.encode(context + delimiter + choice)[len(ctx) :]
         ids = torch.tensor([(ctx + cont)[:-1]])
-        logp = model(input_ids=ids).logits[0].float().log_softmax(-1)[-len(cont):]
+        logp = model(input_ids=ids).logits[0].float().log_softmax(-1)[-len(cont) :]
         out.append(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()))
     return out
 

@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run an executable of this environment (llamafactory-cli, macdrop) as a user would."""
     env = dict(os.environ)
     env.update(env_extra or {})

@@ -23,7 +23,7 @@ def partitioned(full: torch.Tensor, world: int, rank: int) -> torch.nn.Parameter
     size = -(-flat.numel() // world)  # ceil: the last partition is padded
     padded = torch.cat([flat, torch.full((size * world - flat.numel(),), float("nan"))])
     p = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-    p.ds_tensor = padded[rank * size:(rank + 1) * size].clone()
+    p.ds_tensor = padded[rank * size : (rank + 1) * size].clone()
     p.ds_tensor.ds_numel = size
     p.ds_numel, p.ds_shape, p.ds_process_group = flat.numel(), full.shape, f"rank{rank}"
     return p
@@ -51,7 +51,7 @@ def fsdp2_shards(full, world):
     row = full[0].numel()
     shards = []
     for r in range(world):
-        rows = full[r * c:(r + 1) * c].reshape(-1)
+        rows = full[r * c : (r + 1) * c].reshape(-1)
         padded = torch.cat([rows, torch.full((c * row - rows.numel(),), float("nan"))])
         shards.append(Shard(full.shape, padded, r * c * row, rows.numel(), 0, version=2))
     return shards, lambda: torch.cat([sh.storage[: sh.count] for sh in shards]).view(full.shape)
@@ -66,9 +66,9 @@ def fsdp1_shards(full, world, before=10):
     shards = []
     for r in range(world):
         lo, hi = max(r * size, before), min((r + 1) * size, before + full.numel())
-        storage = flat[r * size:(r + 1) * size].clone()
+        storage = flat[r * size : (r + 1) * size].clone()
         shards.append(Shard(full.shape, storage, lo - before, max(0, hi - lo), max(0, lo - r * size), version=1))
-    return shards, lambda: torch.cat([sh.storage for sh in shards])[before: before + full.numel()].view(full.shape)
+    return shards, lambda: torch.cat([sh.storage for sh in shards])[before : before + full.numel()].view(full.shape)
 
 
 # ----------------------------------------------------------------------------- 4-bit (QLoRA)
@@ -77,10 +77,23 @@ def linear4bit(quant_storage, quant_type="nf4", out=128, inp=64, seed=0, nested=
     (LLaMA-Factory passes its compute dtype: bf16, or fp32 on a CPU without bf16)."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(seed)
-    layer = bnb.nn.Linear4bit(inp, out, bias=False, quant_type=quant_type, compute_dtype=torch.float32,
-                              compress_statistics=nested, quant_storage=quant_storage)
-    layer.weight = bnb.nn.Params4bit(torch.randn(out, inp), requires_grad=False, quant_type=quant_type,
-                                     compress_statistics=nested, quant_storage=quant_storage, module=layer)
+    layer = bnb.nn.Linear4bit(
+        inp,
+        out,
+        bias=False,
+        quant_type=quant_type,
+        compute_dtype=torch.float32,
+        compress_statistics=nested,
+        quant_storage=quant_storage,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(out, inp),
+        requires_grad=False,
+        quant_type=quant_type,
+        compress_statistics=nested,
+        quant_storage=quant_storage,
+        module=layer,
+    )
     return layer.to("cpu")
 
 
@@ -125,8 +138,16 @@ def _dense(axis=0, expert=None) -> StorageCase:
     w.data.view(-1)[0] = -0.0
     drop = RowDropout([row_target("w", w, ROWS, axis=axis, expert=expert)])
     pick = (lambda: w.detach()[expert]) if expert is not None else (lambda: w.detach())
-    return StorageCase("dense", [drop], lambda: pick().clone(), lambda: [bits(w.detach()).clone()],
-                       lambda: (w._version,), ROWS, axis, expert)
+    return StorageCase(
+        "dense",
+        [drop],
+        lambda: pick().clone(),
+        lambda: [bits(w.detach()).clone()],
+        lambda: (w._version,),
+        ROWS,
+        axis,
+        expert,
+    )
 
 
 def _zero3(monkeypatch) -> StorageCase:
@@ -141,8 +162,14 @@ def _zero3(monkeypatch) -> StorageCase:
         drops.append(RowDropout([row_target("w", p, ROWS)]))
         p.data = torch.empty(0)
     gathered = lambda: torch.cat([p.ds_tensor for p in params])[: full.numel()].view(full.shape).clone()  # noqa: E731
-    return StorageCase("zero3-partition", drops, gathered, lambda: [bits(p.ds_tensor).clone() for p in params],
-                       lambda: tuple(v for p in params for v in (p._version, p.ds_tensor._version)), ROWS)
+    return StorageCase(
+        "zero3-partition",
+        drops,
+        gathered,
+        lambda: [bits(p.ds_tensor).clone() for p in params],
+        lambda: tuple(v for p in params for v in (p._version, p.ds_tensor._version)),
+        ROWS,
+    )
 
 
 def _fsdp(version: int) -> StorageCase:
@@ -154,16 +181,27 @@ def _fsdp(version: int) -> StorageCase:
         shard.gathered = full.clone()
         drops.append(RowDropout([row_target("w", full.clone(), ROWS, shard=shard)]))
         shard.gathered = None
-    return StorageCase(f"fsdp{version}-shard", drops, lambda: gather().clone(),
-                       lambda: [bits(sh.storage).clone() for sh in shards],
-                       lambda: tuple(sh.storage._version for sh in shards), ROWS)
+    return StorageCase(
+        f"fsdp{version}-shard",
+        drops,
+        lambda: gather().clone(),
+        lambda: [bits(sh.storage).clone() for sh in shards],
+        lambda: tuple(sh.storage._version for sh in shards),
+        ROWS,
+    )
 
 
 def _bnb4bit(quant_storage) -> StorageCase:
     layer = linear4bit(quant_storage)
     drop = RowDropout([row_target("w", layer.weight, ROWS)])
-    return StorageCase("bnb-4bit", [drop], lambda: effective(layer), lambda: [storage_bytes(layer.weight)],
-                       lambda: (layer.weight._version, layer.weight.data._version), ROWS)
+    return StorageCase(
+        "bnb-4bit",
+        [drop],
+        lambda: effective(layer),
+        lambda: [storage_bytes(layer.weight)],
+        lambda: (layer.weight._version, layer.weight.data._version),
+        ROWS,
+    )
 
 
 #: every backend (and the layouts a backend must handle), by test id

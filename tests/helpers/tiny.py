@@ -55,7 +55,12 @@ def build_tokenizer(out_dir: Path):
     # like a Llama tokenizer, it puts BOS before every text it encodes with special tokens (the
     # analysis commands feed what the tokenizer adds: llamafactory_macdrop/core/text_prefix.py)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", add_bos_token=True
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos_token=True,
     )
     fast.save_pretrained(out_dir)
     return fast
@@ -83,7 +88,9 @@ def build_chatml_tokenizer(out_dir: Path):
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(corpus(200) + ["system user assistant You are a helpful assistant.\n ? . , 0123456789"], trainer)
+    tok.train_from_iterator(
+        corpus(200) + ["system user assistant You are a helpful assistant.\n ? . , 0123456789"], trainer
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(out_dir)
@@ -145,7 +152,12 @@ def write_datasets(data_dir: Path, n: int = 32) -> Path:
     sft = [{"instruction": texts[2 * i], "input": "", "output": texts[2 * i + 1]} for i in range(n)]
     pt = [{"text": t} for t in texts]
     dpo = [
-        {"instruction": texts[2 * i], "input": "", "chosen": texts[2 * i + 1], "rejected": texts[(2 * i + 3) % len(texts)]}
+        {
+            "instruction": texts[2 * i],
+            "input": "",
+            "chosen": texts[2 * i + 1],
+            "rejected": texts[(2 * i + 3) % len(texts)],
+        }
         for i in range(n)
     ]
     for name, rows in (("tiny_sft.json", sft), ("tiny_pt.json", pt), ("tiny_dpo.json", dpo)):
@@ -166,11 +178,27 @@ def write_datasets(data_dir: Path, n: int = 32) -> Path:
 def lf_train_args(model_dir, data_dir, out, **overrides) -> dict:
     """A small LLaMA-Factory sft + LoRA + MacDrop config over the tiny datasets (8 optimizer steps)."""
     args = dict(
-        model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="lora", lora_target="all",
-        lora_rank=4, dataset="tiny_sft", dataset_dir=str(data_dir), template="default", cutoff_len=48,
-        output_dir=str(out), overwrite_output_dir=True, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, num_train_epochs=2, learning_rate=1e-3, logging_steps=1,
-        save_strategy="no", report_to="none", seed=0, macdrop=True,
+        model_name_or_path=str(model_dir),
+        stage="sft",
+        do_train=True,
+        finetuning_type="lora",
+        lora_target="all",
+        lora_rank=4,
+        dataset="tiny_sft",
+        dataset_dir=str(data_dir),
+        template="default",
+        cutoff_len=48,
+        output_dir=str(out),
+        overwrite_output_dir=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        macdrop=True,
     )
     args.update(overrides)
     return args

@@ -26,8 +26,15 @@ def configs(layers: int = LAYERS, vocab: int = V):
 
     COMMON = dict(vocab_size=vocab, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=3, tie_word_embeddings=False)  # noqa: N806
     LAYERS = layers  # noqa: N806 - the configs below read it
-    LLAMA_LIKE = dict(hidden_size=H, intermediate_size=I, num_hidden_layers=layers, num_attention_heads=4,  # noqa: N806
-                      num_key_value_heads=2, max_position_embeddings=64, **COMMON)
+    LLAMA_LIKE = dict(
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=layers,
+        num_attention_heads=4,  # noqa: N806
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **COMMON,
+    )
     return {
         "llama": tf.LlamaConfig(**LLAMA_LIKE),
         "mistral": tf.MistralConfig(**LLAMA_LIKE),
@@ -39,15 +46,35 @@ def configs(layers: int = LAYERS, vocab: int = V):
         "gemma3": tf.Gemma3TextConfig(**LLAMA_LIKE, head_dim=16),
         "phi3": tf.Phi3Config(**LLAMA_LIKE),
         "gpt2": tf.GPT2Config(n_embd=H, n_inner=I, n_layer=LAYERS, n_head=4, n_positions=64, **COMMON),
-        "opt": tf.OPTConfig(hidden_size=H, ffn_dim=I, num_hidden_layers=LAYERS, num_attention_heads=4,
-                            word_embed_proj_dim=H, max_position_embeddings=64, **COMMON),
-        "gpt_neox": tf.GPTNeoXConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=LAYERS,
-                                     num_attention_heads=4, max_position_embeddings=64, **COMMON),
+        "opt": tf.OPTConfig(
+            hidden_size=H,
+            ffn_dim=I,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            word_embed_proj_dim=H,
+            max_position_embeddings=64,
+            **COMMON,
+        ),
+        "gpt_neox": tf.GPTNeoXConfig(
+            hidden_size=H,
+            intermediate_size=I,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            **COMMON,
+        ),
         "mixtral": tf.MixtralConfig(**LLAMA_LIKE, num_local_experts=4, **MOE),
-        "qwen2_moe": tf.Qwen2MoeConfig(**LLAMA_LIKE, num_experts=4, moe_intermediate_size=I,
-                                       shared_expert_intermediate_size=32, decoder_sparse_step=1, **MOE),
-        "qwen3_moe": tf.Qwen3MoeConfig(**LLAMA_LIKE, num_experts=4, moe_intermediate_size=I, head_dim=16,
-                                       decoder_sparse_step=1, **MOE),
+        "qwen2_moe": tf.Qwen2MoeConfig(
+            **LLAMA_LIKE,
+            num_experts=4,
+            moe_intermediate_size=I,
+            shared_expert_intermediate_size=32,
+            decoder_sparse_step=1,
+            **MOE,
+        ),
+        "qwen3_moe": tf.Qwen3MoeConfig(
+            **LLAMA_LIKE, num_experts=4, moe_intermediate_size=I, head_dim=16, decoder_sparse_step=1, **MOE
+        ),
     }
 
 

@@ -42,9 +42,16 @@ def build_no_bos_llama(out_dir: Path) -> Path:
     assert tok.convert_tokens_to_ids("<|endoftext|>") == CONFIG_BOS
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=CONFIG_BOS, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=CONFIG_BOS,
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=CONFIG_BOS,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=CONFIG_BOS,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)

@@ -50,9 +50,17 @@ def build_super_weight_llama(out_dir: Path, seed: int = 0) -> Path:
     tok = tiny.build_tokenizer(out_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=tiny.HIDDEN, intermediate_size=tiny.INTERMEDIATE, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=tiny.HIDDEN,
+        intermediate_size=tiny.INTERMEDIATE,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -110,5 +118,7 @@ def planted_corpus(tokenizer, seed: int = 3):
 
     text = " ".join(tiny.corpus(20, seed=seed))
     protocol = PerplexityProtocol(seq_len=256, bos="stream", drop_partial=False)
-    return PreparedCorpus(TextSource(f"tiny{seed}", text, "tiny.corpus", protocol),
-                          make_windows(tokenize(tokenizer, text), protocol, tokenizer.bos_token_id))
+    return PreparedCorpus(
+        TextSource(f"tiny{seed}", text, "tiny.corpus", protocol),
+        make_windows(tokenize(tokenizer, text), protocol, tokenizer.bos_token_id),
+    )

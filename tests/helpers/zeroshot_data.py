@@ -15,7 +15,13 @@ def tiny_docs(n=24, seed=3):
     words = tiny.corpus(n * 5, seed=seed)
     docs = []
     for i in range(n):
-        q, *choices = words[5 * i: 5 * i + 5]
-        docs.append({"id": str(i), "question": q, "answerKey": "A",
-                     "choices": {"text": [" ".join(c.split()[:3]) for c in choices], "label": list("ABCD")}})
+        q, *choices = words[5 * i : 5 * i + 5]
+        docs.append(
+            {
+                "id": str(i),
+                "question": q,
+                "answerKey": "A",
+                "choices": {"text": [" ".join(c.split()[:3]) for c in choices], "label": list("ABCD")},
+            }
+        )
     return docs

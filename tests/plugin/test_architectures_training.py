@@ -16,9 +16,16 @@ from llamafactory_macdrop.plugin import integration
 LORA_TARGET = {"gpt2": "c_attn", "opt": "q_proj,v_proj"}
 # transformers 5 fuses MoE experts in memory but saves them per expert, under these names
 LEGACY_EXPERTS = {
-    "mixtral": ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight",
-                "block_sparse_moe.experts.{e}.w2.weight"),
-    "qwen2_moe": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight"),
+    "mixtral": (
+        "block_sparse_moe.experts.{e}.w1.weight",
+        "block_sparse_moe.experts.{e}.w3.weight",
+        "block_sparse_moe.experts.{e}.w2.weight",
+    ),
+    "qwen2_moe": (
+        "mlp.experts.{e}.gate_proj.weight",
+        "mlp.experts.{e}.up_proj.weight",
+        "mlp.experts.{e}.down_proj.weight",
+    ),
 }
 
 
@@ -32,7 +39,8 @@ def fuse_legacy_experts(name, originals, num_experts=4):
         pre = f"model.layers.{layer}."
         experts = range(num_experts)
         out[pre + "mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([originals[pre + gate.format(e=e)], originals[pre + up.format(e=e)]]) for e in experts])
+            [torch.cat([originals[pre + gate.format(e=e)], originals[pre + up.format(e=e)]]) for e in experts]
+        )
         out[pre + "mlp.experts.down_proj"] = torch.stack([originals[pre + down.format(e=e)] for e in experts])
     return {k.replace("block_sparse_moe.gate.", "mlp.gate."): v for k, v in out.items()}
 
@@ -70,8 +78,9 @@ class RowWatcher(TrainerCallback):
         param_name, self.parts = PLANTED_ROWS[self.name]
         self.param = _planted_param(model, param_name)
         self.originals = self.rows()
-        layer = next(m for n, m in model.named_modules() if n.endswith((f"layers.{ta.PLANTED_LAYER}",
-                                                                        f"h.{ta.PLANTED_LAYER}")))
+        layer = next(
+            m for n, m in model.named_modules() if n.endswith((f"layers.{ta.PLANTED_LAYER}", f"h.{ta.PLANTED_LAYER}"))
+        )
         layer.register_forward_pre_hook(self.hook)
 
     def rows(self):
@@ -79,8 +88,10 @@ class RowWatcher(TrainerCallback):
         if w.dim() == 3:  # fused experts: the planted expert's matrix
             w = w[ta.PLANTED_EXPERT]
         idx = torch.tensor(ta.PLANTED_INDICES)
-        return [(w.index_select(axis, idx + offset) if axis == 0 else w.index_select(1, idx).t()).clone()
-                for _, offset, axis in self.parts]
+        return [
+            (w.index_select(axis, idx + offset) if axis == 0 else w.index_select(1, idx).t()).clone()
+            for _, offset, axis in self.parts
+        ]
 
     def hook(self, module, args):
         if self.model.training:
@@ -102,8 +113,15 @@ def test_training_masks_the_located_rows_and_restores_everything(name, tiny_data
     originals = fuse_legacy_experts(name, originals)
     out = tmp_path / "out"
     args = tiny.lf_train_args(
-        model_dir, tiny_data_dir, out, lora_target=LORA_TARGET.get(name, "all"), cutoff_len=32,
-        gradient_accumulation_steps=1, max_steps=4, macdrop_curriculum="constant", macdrop_p0=0.5,
+        model_dir,
+        tiny_data_dir,
+        out,
+        lora_target=LORA_TARGET.get(name, "all"),
+        cutoff_len=32,
+        gradient_accumulation_steps=1,
+        max_steps=4,
+        macdrop_curriculum="constant",
+        macdrop_p0=0.5,
     )
     watcher = RowWatcher(name)
     integration.activate()

@@ -23,8 +23,9 @@ print(child_errors.record(sys.argv[2], sys.argv[3] * 20000))
 
 def _python(code, *args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_the_first_rank_to_record_wins_and_no_message_is_torn(tmp_path):
@@ -60,7 +61,9 @@ time.sleep(60)  # waits, as in a collective for a rank that has gone
 def _watched(tmp_path, grace, ends_itself):
     path = tmp_path / "error.txt"
     path.write_text("")
-    proc = _python(WAITS.format(grace=grace, ends_itself=ends_itself), env_extra={child_errors.ERROR_FILE_ENV: str(path)})
+    proc = _python(
+        WAITS.format(grace=grace, ends_itself=ends_itself), env_extra={child_errors.ERROR_FILE_ENV: str(path)}
+    )
     assert proc.stdout.readline().strip() == "watching"
     start = time.monotonic()
     assert child_errors.record(str(path), "planted: another rank")
@@ -84,8 +87,13 @@ def test_the_watcher_leaves_a_process_that_ends_by_itself(tmp_path):
 
 def test_without_the_launcher_the_first_failing_rank_of_a_job_prints_the_line(tmp_path):
     code = "from llamafactory_macdrop.plugin import child_errors\nraise SystemExit(child_errors.report('boom'))"
-    job = {"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": f"test{os.getpid()}",
-           "TMPDIR": str(tmp_path), child_errors.ERROR_FILE_ENV: ""}
+    job = {
+        "TORCHELASTIC_RUN_ID": "none",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": f"test{os.getpid()}",
+        "TMPDIR": str(tmp_path),
+        child_errors.ERROR_FILE_ENV: "",
+    }
     results = [_python(code, env_extra=job).communicate(timeout=60) for _ in range(2)]  # same parent: one job
     assert [err.strip() for _, err in results] == ["[macdrop] error: boom", ""]
     later = {**job, "TORCHELASTIC_RESTART_COUNT": "1"}  # a restarted attempt speaks again

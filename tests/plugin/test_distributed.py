@@ -93,9 +93,17 @@ def _args(model_dir, data_dir, out, mode, stage="pt"):
     """LLaMA-Factory arguments; ``mode`` adds DeepSpeed (zero2/zero3) or 4-bit QLoRA (qlora)."""
     data = {"pt": dict(dataset="tiny_pt", cutoff_len=32), "dpo": dict(dataset="tiny_dpo", cutoff_len=48)}[stage]
     args = tiny.lf_train_args(
-        model_dir, data_dir, out, stage=stage, **data, max_steps=STEPS,
-        per_device_train_batch_size=1 if mode in ("ddp", "zero2", "zero3", "zero3_dora", "moe_zero3") or mode in FSDP_MODES else 2,
-        gradient_accumulation_steps=GA, seed=7,
+        model_dir,
+        data_dir,
+        out,
+        stage=stage,
+        **data,
+        max_steps=STEPS,
+        per_device_train_batch_size=1
+        if mode in ("ddp", "zero2", "zero3", "zero3_dora", "moe_zero3") or mode in FSDP_MODES
+        else 2,
+        gradient_accumulation_steps=GA,
+        seed=7,
     )
     if mode.startswith(("zero2", "zero3", "moe_zero3")):
         args["deepspeed"] = str(REPO / "yaml_configs" / f"ds_z{mode.split('zero')[1][0]}_config.json")
@@ -117,24 +125,54 @@ def _run(tmp_path, model_dir, data_dir, mode, stage="pt", oracle=None):
     if oracle is not None:  # where the planted massive weights of this model are (default: tests/helpers/tiny.py's)
         (work / "oracle.json").write_text(json.dumps(oracle))
         extra = [str(work / "oracle.json")]
-    cmd = [sys.executable, str(SCRIPT)] if mode in SINGLE_PROCESS else \
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT)]
+    cmd = (
+        [sys.executable, str(SCRIPT)]
+        if mode in SINGLE_PROCESS
+        else [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            str(SCRIPT),
+        ]
+    )
     # the repository first: a worktree must test its own package, not an editable install elsewhere
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu",
-           "PYTHONFAULTHANDLER": "1"}  # a rank that aborts prints where
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONFAULTHANDLER": "1",
+    }  # a rank that aborts prints where
     if mode in FSDP_MODES:
         config_name, overrides = FSDP_MODES[mode]
         env.update(fsdp_env(config_name, **overrides))
-    proc = subprocess.run(cmd + [str(work / "args.json"), str(work / "trace"), *extra], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        cmd + [str(work / "args.json"), str(work / "trace"), *extra],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
         (work / "stderr.txt").write_text(proc.stderr)
         # a torchrun child's own error is buried under the other rank's output: lift it out
-        causes = [line for line in proc.stderr.splitlines()
-                  if re.search(r"Error|error:|terminate|Abort|abort|Traceback|what\(\)", line)]
-        pytest.fail(f"{mode} exited {proc.returncode}\n" + "\n".join(causes[-40:]) + "\n--- stdout tail\n"
-                    + proc.stdout[-2000:] + "\n--- stderr tail\n" + proc.stderr[-4000:])
+        causes = [
+            line
+            for line in proc.stderr.splitlines()
+            if re.search(r"Error|error:|terminate|Abort|abort|Traceback|what\(\)", line)
+        ]
+        pytest.fail(
+            f"{mode} exited {proc.returncode}\n"
+            + "\n".join(causes[-40:])
+            + "\n--- stdout tail\n"
+            + proc.stdout[-2000:]
+            + "\n--- stderr tail\n"
+            + proc.stderr[-4000:]
+        )
     ranks = 1 if mode in SINGLE_PROCESS else 2
     traces = [torch.load(work / "trace" / f"rank{r}.pt") for r in range(ranks)]
     located = json.loads((work / "out" / "macdrop_locator.json").read_text())  # written by rank 0
@@ -177,9 +215,14 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(
     # QLoRA computes with the dequantized 4-bit weight (measured before the first step), the rest
     # with the checkpoint's
     original = None if mode == "qlora" else {"up": weights[up_name], "gate": weights[up_name.replace("up_", "gate_")]}
-    engine = {"zero2": "DeepSpeedEngine", "zero3": "DeepSpeedEngine", "zero3_dora": "DeepSpeedEngine",
-              "fsdp1": "FullyShardedDataParallel", "fsdp1_flat": "FullyShardedDataParallel",
-              "fsdp1_noshard": "FullyShardedDataParallel"}
+    engine = {
+        "zero2": "DeepSpeedEngine",
+        "zero3": "DeepSpeedEngine",
+        "zero3_dora": "DeepSpeedEngine",
+        "fsdp1": "FullyShardedDataParallel",
+        "fsdp1_flat": "FullyShardedDataParallel",
+        "fsdp1_noshard": "FullyShardedDataParallel",
+    }
     for trace in traces:
         assert trace["engine"] == engine.get(mode, trace["engine"]), trace["engine"]
         if mode == "fsdp2":
@@ -187,8 +230,16 @@ def test_data_parallel_is_algorithm1_on_the_global_batch(
         if mode == "qlora":  # LLaMA-Factory stores the 4-bit codes in a float tensor (quant_storage = compute dtype)
             assert trace["storage"]["up"]["quantized"], trace["storage"]
             assert trace["storage"]["up"]["dtype"] != "torch.uint8", trace["storage"]
-    verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA,
-           zero3=mode.startswith("zero3"), original=original)
+    verify(
+        traces,
+        layer=tiny.PLANTED_LAYER,
+        indices=tiny.PLANTED_INDICES,
+        seed=7,
+        steps=STEPS,
+        ga=GA,
+        zero3=mode.startswith("zero3"),
+        original=original,
+    )
 
     if mode == "qlora":  # a different model (4-bit base): only p must match
         assert [h["macdrop_p"] for h in log] == [h["macdrop_p"] for h in single[1]]
@@ -206,8 +257,7 @@ def test_dpo_reference_forward_sees_original_rows_under_fsdp(mode, tiny_llama_di
     """DPO's reference forward (same model, adapter off) runs between the masked forward and the
     masked recomputation: MacDrop restores the shards for it and re-applies the same M after."""
     traces, log = _run(tmp_path, tiny_llama_dir, tiny_data_dir, mode, stage="dpo")
-    verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA,
-           reference=True)
+    verify(traces, layer=tiny.PLANTED_LAYER, indices=tiny.PLANTED_INDICES, seed=7, steps=STEPS, ga=GA, reference=True)
     assert [h["macdrop_p"] for h in log] == pytest.approx([0.6, 0.4, 0.2, 0.0])
 
 

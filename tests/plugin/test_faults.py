@@ -63,24 +63,37 @@ def test_exported_merge_equals_merge_onto_the_untouched_base(tiny_llama_dir, tin
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    train_cfg = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, save_strategy="steps", save_steps=3,
-                                   macdrop_p0=0.9, macdrop_curriculum="constant")
+    train_cfg = tiny.lf_train_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        out,
+        save_strategy="steps",
+        save_steps=3,
+        macdrop_p0=0.9,
+        macdrop_curriculum="constant",
+    )
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(train_cfg))
     env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = run_cli(["llamafactory-cli", "train", str(tmp_path / "train.yaml")], cwd=tmp_path, env_extra=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checkpoint = sorted(out.glob("checkpoint-*"))[0]
     # a mid-run checkpoint holds only adapter weights: nothing of the masked base is ever saved
-    assert not any("base_layer" in k or ".mlp.up_proj.weight" in k
-                   for k in load_file(checkpoint / "adapter_model.safetensors"))
+    assert not any(
+        "base_layer" in k or ".mlp.up_proj.weight" in k for k in load_file(checkpoint / "adapter_model.safetensors")
+    )
 
     # docs/how-it-works.md: the training YAML without the trainer's keys (LLaMA-Factory's export refuses
     # them), plus the adapter and export_dir; the macdrop_* keys may stay (the plugin drops them)
     from llamafactory.hparams import TrainingArguments
 
     trainer_keys = {f.name for f in dataclasses.fields(TrainingArguments)}
-    export_cfg = {**{k: v for k, v in train_cfg.items() if k not in trainer_keys}, "adapter_name_or_path": str(out),
-                  "export_dir": str(tmp_path / "merged"), "export_size": 1, "export_device": "cpu"}
+    export_cfg = {
+        **{k: v for k, v in train_cfg.items() if k not in trainer_keys},
+        "adapter_name_or_path": str(out),
+        "export_dir": str(tmp_path / "merged"),
+        "export_size": 1,
+        "export_device": "cpu",
+    }
     assert {"macdrop", "macdrop_p0", "lora_rank", "template", "dataset"} <= set(export_cfg)
     (tmp_path / "export.yaml").write_text(yaml.safe_dump(export_cfg))
     proc = run_cli(["llamafactory-cli", "export", str(tmp_path / "export.yaml")], cwd=tmp_path, env_extra=env)
@@ -105,8 +118,9 @@ def test_macdrop_keys_without_the_plugin_name_the_keys(tiny_data_dir, tmp_path):
 
     cfg = tiny.lf_train_args(tmp_path / "no-model", tiny_data_dir, tmp_path / "out", macdrop_k=3)
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
-    proc = run_cli(["llamafactory-cli", "train", str(tmp_path / "x.yaml")], cwd=tmp_path,
-                   env_extra={"MACDROP_AUTOLOAD": "0"})
+    proc = run_cli(
+        ["llamafactory-cli", "train", str(tmp_path / "x.yaml")], cwd=tmp_path, env_extra={"MACDROP_AUTOLOAD": "0"}
+    )
     assert proc.returncode != 0
     assert "Some keys are not used by the HfArgumentParser" in proc.stderr
     assert "'macdrop_k'" in proc.stderr

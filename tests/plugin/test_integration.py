@@ -51,16 +51,19 @@ class Watcher(TrainerCallback):
         zeros_gate = (self.gate[self.idx] == 0) & (gate0[self.idx] != 0)
         others = torch.ones(self.up.shape[0], dtype=torch.bool)
         others[self.idx] = False
-        self.calls.append(dict(
-            training=self.model.training,
-            reference=bool(getattr(module, "disable_adapters", False)),
-            step=self.state.global_step + 1,
-            zeros_up=zeros_up, zeros_gate=zeros_gate,
-            rows_original=torch.equal(bits(self.up[self.idx]), bits(up0[self.idx]))
-            and torch.equal(bits(self.gate[self.idx]), bits(gate0[self.idx])),
-            others_original=torch.equal(bits(self.up[others]), bits(up0[others]))
-            and torch.equal(bits(self.gate[others]), bits(gate0[others])),
-        ))
+        self.calls.append(
+            dict(
+                training=self.model.training,
+                reference=bool(getattr(module, "disable_adapters", False)),
+                step=self.state.global_step + 1,
+                zeros_up=zeros_up,
+                zeros_gate=zeros_gate,
+                rows_original=torch.equal(bits(self.up[self.idx]), bits(up0[self.idx]))
+                and torch.equal(bits(self.gate[self.idx]), bits(gate0[self.idx])),
+                others_original=torch.equal(bits(self.up[others]), bits(up0[others]))
+                and torch.equal(bits(self.gate[others]), bits(gate0[others])),
+            )
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_end_clean.append(self.all_clean())
@@ -81,11 +84,23 @@ def run_in_process(args, callbacks):
     [("sft", "tiny_sft", False), ("sft", "tiny_sft", True), ("pt", "tiny_pt", False)],
     ids=["sft-lora", "sft-dora", "pt-lora"],
 )
-def test_masks_only_during_training_steps_and_restores_bitwise(tiny_llama_dir, tiny_data_dir, tmp_path, stage, dataset, dora):
+def test_masks_only_during_training_steps_and_restores_bitwise(
+    tiny_llama_dir, tiny_data_dir, tmp_path, stage, dataset, dora
+):
     originals = load_file(tiny_llama_dir / "model.safetensors")
     watcher = Watcher(originals)
-    args = lf_args(tiny_llama_dir, tiny_data_dir, tmp_path, stage=stage, dataset=dataset, use_dora=dora,
-                   val_size=0.125, eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4)
+    args = lf_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        tmp_path,
+        stage=stage,
+        dataset=dataset,
+        use_dora=dora,
+        val_size=0.125,
+        eval_strategy="steps",
+        eval_steps=3,
+        per_device_eval_batch_size=4,
+    )
     run_in_process(args, [watcher])
 
     state = json.loads((tmp_path / "trainer_state.json").read_text())
@@ -117,8 +132,16 @@ def test_masks_only_during_training_steps_and_restores_bitwise(tiny_llama_dir, t
 def test_dpo_reference_forward_sees_the_original_rows(tiny_llama_dir, tiny_data_dir, tmp_path):
     originals = load_file(tiny_llama_dir / "model.safetensors")
     watcher = Watcher(originals)
-    args = lf_args(tiny_llama_dir, tiny_data_dir, tmp_path, stage="dpo", dataset="tiny_dpo", num_train_epochs=1,
-                   macdrop_curriculum="constant", macdrop_p0=0.5)
+    args = lf_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        tmp_path,
+        stage="dpo",
+        dataset="tiny_dpo",
+        num_train_epochs=1,
+        macdrop_curriculum="constant",
+        macdrop_p0=0.5,
+    )
     run_in_process(args, [watcher])
     policy = [c for c in watcher.calls if c["training"] and not c["reference"]]
     reference = [c for c in watcher.calls if c["reference"]]
@@ -150,8 +173,10 @@ def test_macdrop_off_changes_nothing(tiny_llama_dir, tiny_data_dir, tmp_path):
         (dict(stage="ppo"), "stage='ppo' is not supported"),
         (dict(fsdp="shard_grad_op auto_wrap"), "FSDP1 fsdp_sharding_strategy=SHARD_GRAD_OP .* use FULL_SHARD"),
         (dict(fsdp="full_shard offload auto_wrap"), "FSDP CPU offload"),
-        (dict(fsdp="full_shard auto_wrap", fsdp_config={"fsdp_version": 2, "reshard_after_forward": False}),
-         "FSDP2 fsdp_reshard_after_forward=false"),
+        (
+            dict(fsdp="full_shard auto_wrap", fsdp_config={"fsdp_version": 2, "reshard_after_forward": False}),
+            "FSDP2 fsdp_reshard_after_forward=false",
+        ),
         (dict(fsdp="full_shard auto_wrap", quantization_bit=4), "FSDP and quantization_bit=4"),
         (dict(finetuning_type="full"), "finetuning_type='full' is not supported"),
         (dict(finetuning_type="freeze"), "finetuning_type='freeze' is not supported"),
@@ -159,15 +184,25 @@ def test_macdrop_off_changes_nothing(tiny_llama_dir, tiny_data_dir, tmp_path):
         (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="step"), "macdrop_p0=1.0 with use_dora=true"),
         (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="exp"), "macdrop_p0=1.0 with use_dora=true"),
         (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="epoch_after"), "macdrop_p0=1.0 with use_dora=true"),
-        (dict(macdrop_curriculum="epoch_after", num_train_epochs=1), "macdrop_curriculum='epoch_after'.*p = 0 throughout"),
-        (dict(macdrop_curriculum="epoch_before", num_train_epochs=0.5),
-         "macdrop_curriculum='epoch_before'.*p = macdrop_p0 throughout.*use macdrop_curriculum: step, exp or constant"),
+        (
+            dict(macdrop_curriculum="epoch_after", num_train_epochs=1),
+            "macdrop_curriculum='epoch_after'.*p = 0 throughout",
+        ),
+        (
+            dict(macdrop_curriculum="epoch_before", num_train_epochs=0.5),
+            "macdrop_curriculum='epoch_before'.*p = macdrop_p0 throughout.*use macdrop_curriculum: step, exp or constant",
+        ),
         (dict(macdrop_curriculum="epoch_after", streaming=True, max_steps=4), "no epoch count"),
         (dict(pissa_init=True), "pissa_init=true is not supported"),
-        (dict(deepspeed={"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}), "zero_hpz_partition_size=8"),
+        (
+            dict(deepspeed={"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}),
+            "zero_hpz_partition_size=8",
+        ),
         (dict(deepspeed={"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}), "zero_quantized_weights"),
-        (dict(deepspeed={"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}),
-         "offload_param.device=nvme"),
+        (
+            dict(deepspeed={"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}),
+            "offload_param.device=nvme",
+        ),
         (dict(macdrop_mask_per="per_step"), "macdrop_mask_per='per_step'"),
         (dict(macdrop_kk=3), "did you mean 'macdrop_k'"),
     ],
@@ -190,8 +225,9 @@ def test_layer_and_indices_are_checked_against_config_json_before_loading(tiny_d
     """Only config.json is there: a run that got past the check would fail in LF's loader instead."""
     folder = tmp_path / "config-only"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128, "hidden_size": 64}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128, "hidden_size": 64})
+    )
     args = lf_args(folder, tiny_data_dir, tmp_path / "out", **overrides)
     with pytest.raises(MacDropConfigError, match=fragment):
         run_in_process(args, [])
@@ -205,14 +241,23 @@ def test_hub_id_already_in_the_cache_is_checked_before_loading(tiny_data_dir, tm
     snapshot.mkdir(parents=True)
     (cache / "models--someorg--tiny" / "refs").mkdir()
     (cache / "models--someorg--tiny" / "refs" / "main").write_text("0123abcd")
-    (snapshot / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128, "hidden_size": 64,
-         "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    (snapshot / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "num_hidden_layers": 2,
+                "intermediate_size": 128,
+                "hidden_size": 64,
+                "quantization_config": {"quant_method": "gptq", "bits": 4},
+            }
+        )
+    )
     args = lf_args("someorg/tiny", tiny_data_dir, tmp_path / "out", cache_dir=str(cache))
     with pytest.raises(MacDropConfigError, match=r"someorg/tiny, a checkpoint quantized with quant_method=gptq"):
         run_in_process(args, [])
-    (snapshot / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128, "hidden_size": 64}))
+    (snapshot / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128, "hidden_size": 64})
+    )
     args = lf_args("someorg/tiny", tiny_data_dir, tmp_path / "out", cache_dir=str(cache), macdrop_layer=5)
     with pytest.raises(MacDropConfigError, match=r"macdrop_layer=5 is out of range: .*config.json has 2 layers"):
         run_in_process(args, [])

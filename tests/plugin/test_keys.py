@@ -10,14 +10,21 @@ from llamafactory_macdrop.plugin.keys import (
 def test_defaults_match_the_paper_recommendation():
     cfg = MacDropConfig()
     assert (cfg.macdrop, cfg.macdrop_k, cfg.macdrop_p0, cfg.macdrop_curriculum) == (False, 5, 0.8, "step")
-    assert (cfg.macdrop_alpha, cfg.macdrop_scope, cfg.macdrop_layer, cfg.macdrop_indices) == (0.01, "massive", None, None)
+    assert (cfg.macdrop_alpha, cfg.macdrop_scope, cfg.macdrop_layer, cfg.macdrop_indices) == (
+        0.01,
+        "massive",
+        None,
+        None,
+    )
     assert cfg.macdrop_mask_per == "optimizer_step"  # one mask per optimizer step, however the batch is split
     assert MacDropConfig.from_raw({"macdrop_mask_per": "micro_batch"}).macdrop_mask_per == "micro_batch"
 
 
 def test_yaml_and_command_line_values_are_coerced():
     yaml_cfg = MacDropConfig.from_raw({"macdrop": True, "macdrop_k": 3, "macdrop_p0": 0.5, "macdrop_indices": None})
-    cli_cfg = MacDropConfig.from_raw({"macdrop": "true", "macdrop_k": "3", "macdrop_p0": "0.5", "macdrop_indices": "null"})
+    cli_cfg = MacDropConfig.from_raw(
+        {"macdrop": "true", "macdrop_k": "3", "macdrop_p0": "0.5", "macdrop_indices": "null"}
+    )
     assert yaml_cfg == cli_cfg
     cfg = MacDropConfig.from_raw({"macdrop_indices": "1229, 1487", "macdrop_layer": "11"})
     assert cfg.macdrop_indices == (1229, 1487)
@@ -44,7 +51,10 @@ def test_yaml_and_command_line_values_are_coerced():
         ({"macdrop_indices": [-2]}, "macdrop_indices=[-2]"),
         ({"macdrop_indices": []}, "macdrop_indices=[]"),
         ({"macdrop": "maybe"}, "macdrop='maybe'"),
-        ({"macdrop_mask_per": "step"}, "macdrop_mask_per='step' is not allowed: expected one of optimizer_step, micro_batch"),
+        (
+            {"macdrop_mask_per": "step"},
+            "macdrop_mask_per='step' is not allowed: expected one of optimizer_step, micro_batch",
+        ),
         ({"macdrop_k": 4, "macdrop_indices": [1, 2]}, "macdrop_k=4 disagrees"),
     ],
 )

@@ -37,8 +37,9 @@ def llamaboard_mode(monkeypatch, tmp_path):
     signal.signal(signal.SIGABRT, abort)
 
 
-def test_macdrop_p_reaches_tensorboard_trainer_log_and_llamaboard(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch,
-                                                                   llamaboard_mode):
+def test_macdrop_p_reaches_tensorboard_trainer_log_and_llamaboard(
+    tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch, llamaboard_mode
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from llamafactory_macdrop.plugin import integration

@@ -29,8 +29,13 @@ def bits(t):
 def _peft(model, dora: bool):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
-                     use_dora=dora, lora_dropout=0.0)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        use_dora=dora,
+        lora_dropout=0.0,
+    )
     peft_model = get_peft_model(model, cfg)
     torch.manual_seed(0)
     with torch.no_grad():  # non-zero B so that every adapter matrix gets a gradient
@@ -85,8 +90,11 @@ def _run_both(tiny_llama, dora, checkpointing, scope="massive", steps=4, p0=0.8)
     result = locate_massive_weights(base, cfg.macdrop_k)
     run = MacDropRun(cfg, result, find_ffn_blocks(base), seed=123)
     assert (result.layer, result.indices[:5]) == (tiny.PLANTED_LAYER, tiny.PLANTED_INDICES)
-    rows = {"massive": torch.tensor(tiny.PLANTED_INDICES), "all": torch.arange(tiny.INTERMEDIATE),
-            "non_massive": torch.tensor([i for i in range(tiny.INTERMEDIATE) if i not in tiny.PLANTED_INDICES])}[scope]
+    rows = {
+        "massive": torch.tensor(tiny.PLANTED_INDICES),
+        "all": torch.arange(tiny.INTERMEDIATE),
+        "non_massive": torch.tensor([i for i in range(tiny.INTERMEDIATE) if i not in tiny.PLANTED_INDICES]),
+    }[scope]
     originals = [bits(w).clone() for w in _weights(base, result.layer)]
     for t, batch in enumerate(_batches(base.config.vocab_size, steps), start=1):
         base.zero_grad()
@@ -128,7 +136,7 @@ def test_masks_change_the_loss_so_the_comparison_has_power(tiny_llama):
     g = torch.Generator().manual_seed(0)
     keeps = [None] + [torch.rand(5, tiny.HIDDEN, generator=g) > 0.5 for _ in range(2)]
     losses = [float(oracle_step(model, tiny.PLANTED_LAYER, idx, k, batch)) for k in keeps]
-    assert min(abs(a - b) for i, a in enumerate(losses) for b in losses[i + 1:]) > 1e-4, losses
+    assert min(abs(a - b) for i, a in enumerate(losses) for b in losses[i + 1 :]) > 1e-4, losses
 
 
 @pytest.mark.parametrize("scope", ["all", "non_massive"])

@@ -32,8 +32,11 @@ def config_only(tiny_llama_dir, tmp_path_factory):
 
 def train(cfg: dict, tmp_path, name="run.yaml"):
     (tmp_path / name).write_text(yaml.safe_dump(cfg))
-    return run_cli(["llamafactory-cli", "train", str(tmp_path / name)], cwd=tmp_path,
-                   env_extra={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    return run_cli(
+        ["llamafactory-cli", "train", str(tmp_path / name)],
+        cwd=tmp_path,
+        env_extra={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )
 
 
 def resumable(out, broken: str):
@@ -45,22 +48,41 @@ def resumable(out, broken: str):
 
 CASES = [
     # issue 26, item 4: checked against config.json before anything loads
-    ("k", dict(macdrop_k=129), "macdrop_k=129 is out of range: {model}/config.json has intermediate_size 128 (allowed 1..128)"),
-    ("probe-id", dict(macdrop_probe_token=99999999),
-     "macdrop_probe_token=99999999 is outside the vocabulary: {model}/config.json has vocab_size 400 (token ids 0..399)"),
-    ("probe-empty", dict(macdrop_probe_token=""),
-     "macdrop_probe_token='' is not allowed: expected a token id >= 0, a non-empty text, or null"),
+    (
+        "k",
+        dict(macdrop_k=129),
+        "macdrop_k=129 is out of range: {model}/config.json has intermediate_size 128 (allowed 1..128)",
+    ),
+    (
+        "probe-id",
+        dict(macdrop_probe_token=99999999),
+        "macdrop_probe_token=99999999 is outside the vocabulary: {model}/config.json has vocab_size 400 (token ids 0..399)",
+    ),
+    (
+        "probe-empty",
+        dict(macdrop_probe_token=""),
+        "macdrop_probe_token='' is not allowed: expected a token id >= 0, a non-empty text, or null",
+    ),
     # item 6
-    ("kto", dict(stage="kto"),
-     "macdrop=true with stage='kto' is not supported (MacDrop is not implemented for KTO's trainer); supported stages: "
-     "sft, pt, dpo"),
+    (
+        "kto",
+        dict(stage="kto"),
+        "macdrop=true with stage='kto' is not supported (MacDrop is not implemented for KTO's trainer); supported stages: "
+        "sft, pt, dpo",
+    ),
     # item 2: a locator file that is valid JSON but no object, for an explicit and for LLaMA-Factory's own resume
-    ("resume", dict(resume_from_checkpoint="{out}/checkpoint-2", overwrite_output_dir=False),
-     "{out}/macdrop_locator.json is not a MacDrop locator file: it holds a JSON array, not an object with the located "
-     "layer and rows: delete {out}/macdrop_locator.json to locate again"),
-    ("auto-resume", dict(overwrite_output_dir=False),
-     "{out}/macdrop_locator.json is not a MacDrop locator file: it holds a JSON array, not an object with the located "
-     "layer and rows: delete {out}/macdrop_locator.json to locate again"),
+    (
+        "resume",
+        dict(resume_from_checkpoint="{out}/checkpoint-2", overwrite_output_dir=False),
+        "{out}/macdrop_locator.json is not a MacDrop locator file: it holds a JSON array, not an object with the located "
+        "layer and rows: delete {out}/macdrop_locator.json to locate again",
+    ),
+    (
+        "auto-resume",
+        dict(overwrite_output_dir=False),
+        "{out}/macdrop_locator.json is not a MacDrop locator file: it holds a JSON array, not an object with the located "
+        "layer and rows: delete {out}/macdrop_locator.json to locate again",
+    ),
 ]
 
 
@@ -85,8 +107,10 @@ def test_macdrop_off_ignores_its_keys_unchecked(tiny_llama_dir, tiny_data_dir, t
     proc = train(cfg, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     warnings = [line for line in proc.stderr.splitlines() if "|macdrop]" in line]
-    assert warnings == ["[WARNING|macdrop] MacDrop is off (no macdrop: true), so these keys are ignored (not checked): "
-                        "macdrop_k, macdrop_kk"]
+    assert warnings == [
+        "[WARNING|macdrop] MacDrop is off (no macdrop: true), so these keys are ignored (not checked): "
+        "macdrop_k, macdrop_kk"
+    ]
     assert "[macdrop] error" not in proc.stderr
     assert not (out / "macdrop_locator.json").exists()
     assert (out / "adapter_model.safetensors").is_file()
@@ -107,8 +131,14 @@ def test_config_json_bounds_for_moe_multimodal_and_per_layer_widths(tiny_data_di
     dense = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 400}
     folders = {
         # Qwen2-MoE style: dense layers 128 wide, experts 32, a shared expert 256
-        "moe": {**dense, "model_type": "qwen2_moe", "intermediate_size": 128, "moe_intermediate_size": 32,
-                "shared_expert_intermediate_size": 256, "num_experts": 4},
+        "moe": {
+            **dense,
+            "model_type": "qwen2_moe",
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 256,
+            "num_experts": 4,
+        },
         # a multimodal config: the decoder's numbers are in text_config
         "multimodal": {"model_type": "llava", "text_config": {**dense, "intermediate_size": 96, "vocab_size": 300}},
         # Gemma-3n style per-layer widths
@@ -119,13 +149,21 @@ def test_config_json_bounds_for_moe_multimodal_and_per_layer_widths(tiny_data_di
     def check(name, **keys):
         return integration.validate_args(tiny.lf_train_args(paths[name], tiny_data_dir, tmp_path / "out", **keys))
 
-    for name, fine_k, bad_k, key in (("moe", 256, 257, "shared_expert_intermediate_size 256"),
-                                     ("multimodal", 96, 97, "intermediate_size 96"),
-                                     ("per_layer", 160, 161, "intermediate_size 160")):
-        assert check(name, macdrop_k=fine_k)[1].macdrop_k == fine_k  # may still be too wide for the located layer: checked there
-        with pytest.raises(MacDropConfigError, match=rf"macdrop_k={bad_k} is out of range: .*{name}/config.json has {key} "):
+    for name, fine_k, bad_k, key in (
+        ("moe", 256, 257, "shared_expert_intermediate_size 256"),
+        ("multimodal", 96, 97, "intermediate_size 96"),
+        ("per_layer", 160, 161, "intermediate_size 160"),
+    ):
+        assert (
+            check(name, macdrop_k=fine_k)[1].macdrop_k == fine_k
+        )  # may still be too wide for the located layer: checked there
+        with pytest.raises(
+            MacDropConfigError, match=rf"macdrop_k={bad_k} is out of range: .*{name}/config.json has {key} "
+        ):
             check(name, macdrop_k=bad_k)
     with pytest.raises(MacDropConfigError, match=r"macdrop_probe_token=300 .* has vocab_size 300 \(token ids 0..299\)"):
         check("multimodal", macdrop_probe_token=300)
     assert check("multimodal", macdrop_probe_token=299)[1] is not None
-    assert check("multimodal", macdrop_probe_token=300, add_special_tokens="<x>")[1] is not None  # LF grows the vocabulary
+    assert (
+        check("multimodal", macdrop_probe_token=300, add_special_tokens="<x>")[1] is not None
+    )  # LF grows the vocabulary

@@ -67,7 +67,9 @@ class EffectiveWeightOracle(TrainerCallback):
         self.layouts.append({k: s.get("cpu_layout") for k, s in self.state.items()})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        found = {kind: m for name, m in model.named_modules() for kind, sfx in self.suffixes.items() if name.endswith(sfx)}
+        found = {
+            kind: m for name, m in model.named_modules() for kind, sfx in self.suffixes.items() if name.endswith(sfx)
+        }
         assert found.keys() == set(KINDS), list(found)
         self.modules, self.model, self.trainer_state = found, model, state
         self._remeasure()
@@ -76,8 +78,15 @@ class EffectiveWeightOracle(TrainerCallback):
             module.register_forward_pre_hook(lambda m, a, kind=kind: self._seen(kind, m))
 
     def _seen(self, kind, module):
-        self.forwards.append(dict(kind=kind, step=self.trainer_state.global_step + 1, training=self.model.training,
-                                  now=effective_weight(module), reference=self.reference[kind]))
+        self.forwards.append(
+            dict(
+                kind=kind,
+                step=self.trainer_state.global_step + 1,
+                training=self.model.training,
+                now=effective_weight(module),
+                reference=self.reference[kind],
+            )
+        )
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._remeasure()
@@ -90,8 +99,9 @@ class EffectiveWeightOracle(TrainerCallback):
         others = torch.ones(tiny.INTERMEDIATE, dtype=torch.bool)
         others[ROWS] = False
         training = [f for f in self.forwards if f["training"]]
-        out = dict(forwards=len(training), outside_changed=0, inside_not_zero_or_same=0, fractions=[],
-                   zero_patterns_agree=True)
+        out = dict(
+            forwards=len(training), outside_changed=0, inside_not_zero_or_same=0, fractions=[], zero_patterns_agree=True
+        )
         dropped = {}
         for i, f in enumerate(training):
             now, ref = f["now"], f["reference"]
@@ -118,9 +128,18 @@ def run_lf(args: dict, callbacks=()) -> None:
 
 
 def qlora_args(model_dir, data_dir, out, **overrides):
-    return tiny.lf_train_args(model_dir, data_dir, out, quantization_bit=4, macdrop_curriculum="constant",
-                              macdrop_p0=P, max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                              **overrides)
+    return tiny.lf_train_args(
+        model_dir,
+        data_dir,
+        out,
+        quantization_bit=4,
+        macdrop_curriculum="constant",
+        macdrop_p0=P,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        **overrides,
+    )
 
 
 def assert_algorithm1(oracle: EffectiveWeightOracle, summary: dict) -> None:
@@ -163,8 +182,18 @@ def qlora_with_eval(dense_rows_llama_dir, tiny_data_dir, tmp_path_factory):
     bitsandbytes repacks every 4-bit weight into its CPU layout then, and trains on in it)."""
     out = tmp_path_factory.mktemp("qlora")
     oracle = EffectiveWeightOracle()
-    run_lf(qlora_args(dense_rows_llama_dir, tiny_data_dir, out, val_size=0.25, eval_strategy="steps", eval_steps=2,
-                      per_device_eval_batch_size=4), [oracle])
+    run_lf(
+        qlora_args(
+            dense_rows_llama_dir,
+            tiny_data_dir,
+            out,
+            val_size=0.25,
+            eval_strategy="steps",
+            eval_steps=2,
+            per_device_eval_batch_size=4,
+        ),
+        [oracle],
+    )
     return oracle, out
 
 
@@ -172,9 +201,11 @@ def test_qlora_masks_exactly_the_planted_rows_in_every_layout(qlora_with_eval, c
     oracle, out = qlora_with_eval
     summary = oracle.summary()
     with capsys.disabled():
-        print(f"\n[qlora] forwards {summary['forwards']}, outside changed {summary['outside_changed']}, "
-              f"dropped fraction {min(summary['fractions']):.3f}..{max(summary['fractions']):.3f}, "
-              f"layouts {oracle.layouts}")
+        print(
+            f"\n[qlora] forwards {summary['forwards']}, outside changed {summary['outside_changed']}, "
+            f"dropped fraction {min(summary['fractions']):.3f}..{max(summary['fractions']):.3f}, "
+            f"layouts {oracle.layouts}"
+        )
     assert_algorithm1(oracle, summary)
     located = json.loads((out / "macdrop_locator.json").read_text())
     assert (located["layer"], located["indices"]) == (tiny.PLANTED_LAYER, ROWS)
@@ -205,8 +236,18 @@ def earlier_adapter(tiny_llama_dir, tiny_data_dir, tmp_path_factory):
     (only gate/up: an adapter on down_proj would let layer 0's decoy unit reach the residual
     stream, and the probe would then rightly find another layer)."""
     out = tmp_path_factory.mktemp("adapter")
-    run_lf(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, macdrop=False, max_steps=3, learning_rate=5e-2,
-                              lora_target="gate_proj,up_proj", save_strategy="no"))
+    run_lf(
+        tiny.lf_train_args(
+            tiny_llama_dir,
+            tiny_data_dir,
+            out,
+            macdrop=False,
+            max_steps=3,
+            learning_rate=5e-2,
+            lora_target="gate_proj,up_proj",
+            save_strategy="no",
+        )
+    )
     assert (out / "adapter_model.safetensors").exists()
     return out
 
@@ -219,9 +260,21 @@ def test_adapter_merged_into_the_base_is_what_the_probe_and_the_masks_see(
     from safetensors.torch import load_file
 
     oracle = EffectiveWeightOracle()
-    run_lf(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, adapter_name_or_path=str(earlier_adapter),
-                              create_new_adapter=True, macdrop_curriculum="constant", macdrop_p0=P, max_steps=4,
-                              per_device_train_batch_size=2, gradient_accumulation_steps=2), [oracle])
+    run_lf(
+        tiny.lf_train_args(
+            tiny_llama_dir,
+            tiny_data_dir,
+            tmp_path,
+            adapter_name_or_path=str(earlier_adapter),
+            create_new_adapter=True,
+            macdrop_curriculum="constant",
+            macdrop_p0=P,
+            max_steps=4,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+        ),
+        [oracle],
+    )
     original = load_file(tiny_llama_dir / "model.safetensors")
     up = original[f"model.layers.{tiny.PLANTED_LAYER}.mlp.up_proj.weight"]
     merged = oracle.checkpoint_reference["up_proj"]
@@ -241,7 +294,9 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_quantized_setups_without_an_exact_backend_are_refused_in_one_line(case, tiny_llama_dir, tiny_data_dir, tmp_path):
+def test_quantized_setups_without_an_exact_backend_are_refused_in_one_line(
+    case, tiny_llama_dir, tiny_data_dir, tmp_path
+):
     from llamafactory_macdrop.plugin import integration
     from llamafactory_macdrop.plugin.keys import MacDropConfigError
 
@@ -252,17 +307,21 @@ def test_quantized_setups_without_an_exact_backend_are_refused_in_one_line(case,
     integration.validate_args(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, quantization_bit=4))
 
 
-@pytest.mark.parametrize("quantization, refused", [
-    ({"quant_method": "gptq", "bits": 4}, "quant_method=gptq"),
-    ({"quant_method": "awq", "bits": 4}, "quant_method=awq"),
-    ({"quant_method": "hqq"}, "quant_method=hqq"),
-    ({"quant_method": "eetq"}, "quant_method=eetq"),
-    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit"),
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, None),
-    ({"quant_method": "fp8"}, None),  # LLaMA-Factory dequantizes FP8 / MXFP4 checkpoints at load
-])
-def test_prequantized_checkpoints_are_read_from_config_json(quantization, refused, tiny_llama_dir, tiny_data_dir,
-                                                            tmp_path):
+@pytest.mark.parametrize(
+    "quantization, refused",
+    [
+        ({"quant_method": "gptq", "bits": 4}, "quant_method=gptq"),
+        ({"quant_method": "awq", "bits": 4}, "quant_method=awq"),
+        ({"quant_method": "hqq"}, "quant_method=hqq"),
+        ({"quant_method": "eetq"}, "quant_method=eetq"),
+        ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, None),
+        ({"quant_method": "fp8"}, None),  # LLaMA-Factory dequantizes FP8 / MXFP4 checkpoints at load
+    ],
+)
+def test_prequantized_checkpoints_are_read_from_config_json(
+    quantization, refused, tiny_llama_dir, tiny_data_dir, tmp_path
+):
     from llamafactory_macdrop.plugin import integration
     from llamafactory_macdrop.plugin.keys import MacDropConfigError
 
@@ -283,8 +342,9 @@ def test_llamafactory_cli_prints_the_quantization_refusal_before_loading(tiny_ll
     from helpers.process import run_cli
 
     config = tmp_path / "int8.yaml"
-    config.write_text(yaml.safe_dump(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "out",
-                                                        quantization_bit=8)))
+    config.write_text(
+        yaml.safe_dump(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "out", quantization_bit=8))
+    )
     proc = run_cli(["llamafactory-cli", "train", str(config)], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("[macdrop] error:")]
@@ -302,20 +362,31 @@ def test_qlora_with_an_earlier_adapter_trains_it_further_on_the_masked_4bit_base
     from safetensors.torch import load_file
 
     with pytest.raises(ValueError, match="^Cannot create new adapter upon a quantized model.$"):
-        run_lf(qlora_args(dense_rows_llama_dir, tiny_data_dir, tmp_path, adapter_name_or_path=str(earlier_adapter),
-                          create_new_adapter=True))
+        run_lf(
+            qlora_args(
+                dense_rows_llama_dir,
+                tiny_data_dir,
+                tmp_path,
+                adapter_name_or_path=str(earlier_adapter),
+                create_new_adapter=True,
+            )
+        )
 
     saved = load_file(earlier_adapter / "adapter_model.safetensors")
 
     class AdapterAtStart(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             params = dict(model.named_parameters())
-            self.loaded = {k: torch.equal(params[k.replace(".weight", ".default.weight")].detach().cpu().float(),
-                                          v.float()) for k, v in saved.items()}
+            self.loaded = {
+                k: torch.equal(params[k.replace(".weight", ".default.weight")].detach().cpu().float(), v.float())
+                for k, v in saved.items()
+            }
 
     oracle, start = EffectiveWeightOracle(), AdapterAtStart()
-    run_lf(qlora_args(dense_rows_llama_dir, tiny_data_dir, tmp_path, adapter_name_or_path=str(earlier_adapter)),
-           [oracle, start])
+    run_lf(
+        qlora_args(dense_rows_llama_dir, tiny_data_dir, tmp_path, adapter_name_or_path=str(earlier_adapter)),
+        [oracle, start],
+    )
     assert start.loaded
     assert all(start.loaded.values())  # the earlier adapter, not a fresh one
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())

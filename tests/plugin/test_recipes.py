@@ -92,7 +92,10 @@ def test_recipe_parses_with_the_plugin_and_lf(path, monkeypatch):
     # the data: alpaca_gpt4_en through the shipped dataset_info.json, a template LF knows, BOS first
     (dataset,) = get_dataset_list(data_args.dataset, data_args.dataset_dir)
     assert (data_args.dataset, dataset.load_from, dataset.dataset_name) == (
-        ["alpaca_gpt4_en"], "hf_hub", "llamafactory/alpaca_gpt4_en")
+        ["alpaca_gpt4_en"],
+        "hf_hub",
+        "llamafactory/alpaca_gpt4_en",
+    )
     template = TEMPLATES[data_args.template]
     first_slots = template.format_prefix.slots or template.format_user.slots
     assert {"bos_token"} in first_slots, f"{data_args.template} does not start with BOS"
@@ -131,8 +134,12 @@ def _with_line(path: Path, tmp_path: Path, old: str, new: str) -> Path:
 
 
 def test_a_misspelt_lf_key_fails(tmp_path, monkeypatch):
-    bad = _with_line(REPO / "yaml_configs" / "llama3_8b_lora_macdrop.yaml", tmp_path,
-                     "gradient_accumulation_steps:", "gradient_accumulation_step:")
+    bad = _with_line(
+        REPO / "yaml_configs" / "llama3_8b_lora_macdrop.yaml",
+        tmp_path,
+        "gradient_accumulation_steps:",
+        "gradient_accumulation_step:",
+    )
     monkeypatch.delenv("ALLOW_EXTRA_ARGS", raising=False)
     with pytest.raises(ValueError, match="gradient_accumulation_step"):
         parse_recipe(bad, monkeypatch)
@@ -141,8 +148,9 @@ def test_a_misspelt_lf_key_fails(tmp_path, monkeypatch):
 def test_a_misspelt_macdrop_key_fails(tmp_path, monkeypatch):
     from llamafactory_macdrop.plugin.keys import MacDropConfigError
 
-    bad = _with_line(REPO / "yaml_configs" / "mistral_7b_dora_macdrop.yaml", tmp_path,
-                     "macdrop_curriculum:", "macdrop_curicculum:")
+    bad = _with_line(
+        REPO / "yaml_configs" / "mistral_7b_dora_macdrop.yaml", tmp_path, "macdrop_curriculum:", "macdrop_curicculum:"
+    )
     with pytest.raises(MacDropConfigError, match="macdrop_curicculum"):
         parse_recipe(bad, monkeypatch)
 

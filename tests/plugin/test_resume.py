@@ -26,8 +26,16 @@ def logged(state):
 
 
 def test_resumed_run_continues_the_curriculum_and_the_masks(tiny_llama_dir, tiny_data_dir, tmp_path):
-    base = dict(max_steps=6, gradient_accumulation_steps=1, num_train_epochs=1, save_strategy="steps", save_steps=3,
-                macdrop_curriculum="constant", macdrop_p0=0.5, lr_scheduler_type="constant")
+    base = dict(
+        max_steps=6,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        save_strategy="steps",
+        save_steps=3,
+        macdrop_curriculum="constant",
+        macdrop_p0=0.5,
+        lr_scheduler_type="constant",
+    )
     straight = logged(run(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "a", **base)))
 
     out = tmp_path / "b"
@@ -47,9 +55,18 @@ def test_resumed_run_continues_the_curriculum_and_the_masks(tiny_llama_dir, tiny
 @pytest.mark.parametrize("mask_per", ["optimizer_step", "micro_batch"])
 def test_resumed_run_with_straight_json_reproduces_the_losses(mask_per, tiny_llama_dir, tiny_data_dir, tmp_path):
     # gradient accumulation 2: both mask_per modes must re-draw every micro-batch's mask after the resume
-    base = dict(max_steps=6, gradient_accumulation_steps=2, per_device_train_batch_size=2, num_train_epochs=1,
-                save_strategy="steps", save_steps=3, macdrop_curriculum="constant", macdrop_p0=0.5,
-                lr_scheduler_type="constant", macdrop_mask_per=mask_per)
+    base = dict(
+        max_steps=6,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        num_train_epochs=1,
+        save_strategy="steps",
+        save_steps=3,
+        macdrop_curriculum="constant",
+        macdrop_p0=0.5,
+        lr_scheduler_type="constant",
+        macdrop_mask_per=mask_per,
+    )
     straight = logged(run(tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "a", **base)))
     out = tmp_path / "b"
     args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, **base)
@@ -61,14 +78,28 @@ def test_resumed_run_with_straight_json_reproduces_the_losses(mask_per, tiny_lla
 
 
 def test_a_json_from_another_model_is_refused(tiny_llama_dir, tiny_data_dir, tmp_path):
-    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, max_steps=2, gradient_accumulation_steps=1,
-                              save_strategy="steps", save_steps=1)
+    args = tiny.lf_train_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        tmp_path,
+        max_steps=2,
+        gradient_accumulation_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+    )
     run(args)
     locator = json.loads((tmp_path / "macdrop_locator.json").read_text())
     locator["model"] = "some/other-model"
     (tmp_path / "macdrop_locator.json").write_text(json.dumps(locator))
     with pytest.raises(LocatorError, match="was written for model 'some/other-model'"):
-        run({**args, "max_steps": 3, "overwrite_output_dir": False, "resume_from_checkpoint": str(tmp_path / "checkpoint-1")})
+        run(
+            {
+                **args,
+                "max_steps": 3,
+                "overwrite_output_dir": False,
+                "resume_from_checkpoint": str(tmp_path / "checkpoint-1"),
+            }
+        )
 
 
 @contextmanager
@@ -94,8 +125,17 @@ def test_resume_with_other_p0_or_curriculum_warns_naming_old_and_new(tiny_llama_
     """Each checkpoint records the MacDrop settings it was trained with (macdrop_settings.json); a
     resume whose settings give another p says so once, naming old and new, and trains on."""
     out = tmp_path / "out"
-    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, max_steps=4, gradient_accumulation_steps=1,
-                              save_strategy="steps", save_steps=2, macdrop_p0=0.8, macdrop_curriculum="step")
+    args = tiny.lf_train_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        out,
+        max_steps=4,
+        gradient_accumulation_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        macdrop_p0=0.8,
+        macdrop_curriculum="step",
+    )
     run(args)
     saved = json.loads((out / "checkpoint-2" / "macdrop_settings.json").read_text())
     assert (saved["macdrop_p0"], saved["macdrop_curriculum"], saved["total_steps"]) == (0.8, "step", 4)
@@ -109,8 +149,11 @@ def test_resume_with_other_p0_or_curriculum_warns_naming_old_and_new(tiny_llama_
     with warnings_logged() as longer:
         run({**resume, "max_steps": 8})  # step's p counts the run's steps: a longer run changes it too
     assert changed_settings(same) == []
-    assert changed_settings(other) == [prefix + "macdrop_p0 0.8 -> 0.5, macdrop_curriculum 'step' -> 'constant'; "
-                                       "p at step 3 is 0.5 (the checkpoint's settings give 0.2)"]
+    assert changed_settings(other) == [
+        prefix + "macdrop_p0 0.8 -> 0.5, macdrop_curriculum 'step' -> 'constant'; "
+        "p at step 3 is 0.5 (the checkpoint's settings give 0.2)"
+    ]
     assert logged(state)[3][0] == 0.5  # warned, not refused
-    assert changed_settings(longer) == [prefix + "optimizer steps 4 -> 8; p at step 3 is 0.5 (the checkpoint's "
-                                        "settings give 0.2)"]
+    assert changed_settings(longer) == [
+        prefix + "optimizer steps 4 -> 8; p at step 3 is 0.5 (the checkpoint's settings give 0.2)"
+    ]

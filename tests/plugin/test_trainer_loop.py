@@ -85,12 +85,23 @@ def distinct(patterns):
 def layouts(tiny_llama_dir, tiny_data_dir, tmp_path_factory):
     """Masks seen with the same global batch of 4 split as 4 x GA 1 and 2 x GA 2, per mask_per."""
     out = {}
-    for name, batch, accum, per in (("b4ga1", 4, 1, "optimizer_step"), ("b2ga2", 2, 2, "optimizer_step"),
-                                    ("b2ga2_micro", 2, 2, "micro_batch")):
+    for name, batch, accum, per in (
+        ("b4ga1", 4, 1, "optimizer_step"),
+        ("b2ga2", 2, 2, "optimizer_step"),
+        ("b2ga2_micro", 2, 2, "micro_batch"),
+    ):
         seen = SeenMasks()
-        args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path_factory.mktemp(name), max_steps=3,
-                                  per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-                                  macdrop_curriculum="constant", macdrop_p0=0.5, macdrop_mask_per=per)
+        args = tiny.lf_train_args(
+            tiny_llama_dir,
+            tiny_data_dir,
+            tmp_path_factory.mktemp(name),
+            max_steps=3,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            macdrop_curriculum="constant",
+            macdrop_p0=0.5,
+            macdrop_mask_per=per,
+        )
         if per == "optimizer_step":
             del args["macdrop_mask_per"]  # the default
         run_in_process(args, [seen])
@@ -135,8 +146,16 @@ def test_dora_rescales_the_kept_elements_of_a_masked_row(tiny_llama_dir, tiny_da
 
             layer.register_forward_pre_hook(hook)
 
-    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, use_dora=True, max_steps=1,
-                              gradient_accumulation_steps=1, macdrop_curriculum="constant", macdrop_p0=0.5)
+    args = tiny.lf_train_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        tmp_path,
+        use_dora=True,
+        max_steps=1,
+        gradient_accumulation_steps=1,
+        macdrop_curriculum="constant",
+        macdrop_p0=0.5,
+    )
     run_in_process(args, [DoraWeight()])
     original = load_file(tiny_llama_dir / "model.safetensors")[f"model.{UP}.weight"]
     base, dora = seen["base"], seen["dora"]
@@ -171,14 +190,24 @@ class PlantNaN(TrainerCallback):
 
 
 @pytest.mark.parametrize("grad_norm", ["available", "unavailable"])
-def test_a_non_finite_step_stops_the_run_before_its_checkpoint(grad_norm, monkeypatch, tiny_llama_dir, tiny_data_dir, tmp_path):
+def test_a_non_finite_step_stops_the_run_before_its_checkpoint(
+    grad_norm, monkeypatch, tiny_llama_dir, tiny_data_dir, tmp_path
+):
     if grad_norm == "unavailable":  # as under DeepSpeed with compute_grad_norm: false; the step losses decide
         from transformers import Trainer
 
         monkeypatch.setattr(Trainer, "_get_grad_norm", lambda self, model, grad_norm=None: None)
     plant = PlantNaN(at=3)
-    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, max_steps=5, save_strategy="steps", save_steps=1,
-                              macdrop_curriculum="constant", macdrop_p0=0.5)
+    args = tiny.lf_train_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        tmp_path,
+        max_steps=5,
+        save_strategy="steps",
+        save_steps=1,
+        macdrop_curriculum="constant",
+        macdrop_p0=0.5,
+    )
     with pytest.raises(RuntimeError) as info:
         run_in_process(args, [plant])
     message = str(info.value)
@@ -187,13 +216,17 @@ def test_a_non_finite_step_stops_the_run_before_its_checkpoint(grad_norm, monkey
     assert "non-finite at optimizer step 3" in message
     assert "macdrop_p=0.5" in message
     assert ("grad_norm=nan" if grad_norm == "available" else "training loss is nan/inf") in message
-    assert message.endswith(f"the last checkpoint, {tmp_path / 'checkpoint-2'}, was saved at step 2, before the first non-finite step")
+    assert message.endswith(
+        f"the last checkpoint, {tmp_path / 'checkpoint-2'}, was saved at step 2, before the first non-finite step"
+    )
     assert plant.steps_ended == [1, 2, 3]  # stopped right after step 3 ...
     assert (tmp_path / "checkpoint-2").is_dir()
     assert not (tmp_path / "checkpoint-3").exists()  # ... before saving it
 
 
-def test_fp16_loss_scaler_skips_are_exempt_unless_the_loss_is_non_finite(monkeypatch, tiny_llama_dir, tiny_data_dir, tmp_path):
+def test_fp16_loss_scaler_skips_are_exempt_unless_the_loss_is_non_finite(
+    monkeypatch, tiny_llama_dir, tiny_data_dir, tmp_path
+):
     """No fp16 training on a CPU: the loss scaler's verdict is simulated. Step 2 has an inf grad norm
     and is reported skipped by the scaler (finite loss): the run goes on. Step 3 is skipped too but
     its loss is NaN (planted): that is divergence, not an overflow of the scaled loss."""
@@ -213,11 +246,14 @@ def test_fp16_loss_scaler_skips_are_exempt_unless_the_loss_is_non_finite(monkeyp
 
     class FP16(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            args.fp16 = True  # what the exemption reads; on a CPU accelerate builds no loss scaler, so its skips are simulated
+            args.fp16 = (
+                True  # what the exemption reads; on a CPU accelerate builds no loss scaler, so its skips are simulated
+            )
 
     plant = PlantNaN(at=3)
-    args = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path, max_steps=5, macdrop_curriculum="constant",
-                              macdrop_p0=0.5)
+    args = tiny.lf_train_args(
+        tiny_llama_dir, tiny_data_dir, tmp_path, max_steps=5, macdrop_curriculum="constant", macdrop_p0=0.5
+    )
     with pytest.raises(RuntimeError, match="non-finite at optimizer step 3 .the training loss is nan/inf") as info:
         run_in_process(args, [FP16(), plant])
     assert str(info.value).endswith(f"{tmp_path} holds no checkpoint from before this step")  # save_strategy: no
@@ -248,8 +284,9 @@ def test_macdrop_off_warns_about_its_ignored_keys(tiny_llama_dir, tiny_data_dir,
     logger = logging.getLogger("llamafactory_macdrop")
     logger.addHandler(handler)
     try:
-        args = tiny.lf_train_args(tmp_path / "no-such-model", tiny_data_dir, tmp_path, macdrop=False,
-                                  macdrop_k=3, macdrop_p0=0.5)
+        args = tiny.lf_train_args(
+            tmp_path / "no-such-model", tiny_data_dir, tmp_path, macdrop=False, macdrop_k=3, macdrop_p0=0.5
+        )
         lf_only, config = integration.validate_args(args)
         assert config is None
         with pytest.raises(Exception):  # LF's own loader fails on the missing model, after the warning
@@ -257,25 +294,50 @@ def test_macdrop_off_warns_about_its_ignored_keys(tiny_llama_dir, tiny_data_dir,
     finally:
         logger.removeHandler(handler)
     lines = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-    assert lines == ["MacDrop is off (no macdrop: true), so these keys are ignored (not checked): macdrop_k, macdrop_p0"]
+    assert lines == [
+        "MacDrop is off (no macdrop: true), so these keys are ignored (not checked): macdrop_k, macdrop_p0"
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, overrides, fragment", [
-    ("mid-run", dict(max_steps=4, learning_rate=1e30, save_strategy="steps", save_steps=1),
-     "non-finite at optimizer step 2 (grad_norm=nan, macdrop_p=0.4)"),
-])
-def test_torchrun_children_report_a_plugin_error_in_one_line(case, overrides, fragment, tiny_llama_dir, tiny_data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "case, overrides, fragment",
+    [
+        (
+            "mid-run",
+            dict(max_steps=4, learning_rate=1e30, save_strategy="steps", save_steps=1),
+            "non-finite at optimizer step 2 (grad_norm=nan, macdrop_p=0.4)",
+        ),
+    ],
+)
+def test_torchrun_children_report_a_plugin_error_in_one_line(
+    case, overrides, fragment, tiny_llama_dir, tiny_data_dir, tmp_path
+):
     """FORCE_TORCHRUN=1 NPROC_PER_NODE=2 llamafactory-cli train: an error raised in both children
     reads as in one process: one line, exit 2 (mid-run: lr 1e30 makes step 2 non-finite, and both
     ranks must stop together on the global grad norm). Set-up errors take the same path."""
-    cfg = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "out", per_device_train_batch_size=1, **overrides)
+    cfg = tiny.lf_train_args(
+        tiny_llama_dir, tiny_data_dir, tmp_path / "out", per_device_train_batch_size=1, **overrides
+    )
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu",
-           "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(29500 + (os.getpid() + len(case)) % 1000)}
-    proc = subprocess.run([str(BIN / "llamafactory-cli"), "train", str(tmp_path / "x.yaml")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "DS_ACCELERATOR": "cpu",
+        "FORCE_TORCHRUN": "1",
+        "NPROC_PER_NODE": "2",
+        "MASTER_PORT": str(29500 + (os.getpid() + len(case)) % 1000),
+    }
+    proc = subprocess.run(
+        [str(BIN / "llamafactory-cli"), "train", str(tmp_path / "x.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     errors = [line for line in proc.stderr.splitlines() if "[macdrop] error:" in line]
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert len(errors) == 1, proc.stderr[-4000:]
@@ -323,8 +385,13 @@ def _rank1_fails(tmp_path, rank0_hangs=False):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(PLANT_RANK1_ERROR.format(rank0_hangs=rank0_hangs))
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(site), str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu"}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(site), str(REPO), str(REPO / "tests")]),
+        "DS_ACCELERATOR": "cpu",
+    }
 
 
 def _run_quickly(cmd, cwd, env, what):
@@ -345,8 +412,10 @@ def _run_quickly(cmd, cwd, env, what):
                 except psutil.NoSuchProcess:
                     pass
             stdout, stderr = child.communicate()
-            pytest.fail(f"{what}: still running after {GIVE_UP_S} s, the other rank waits in a collective for rank 1\n"
-                        f"{stderr[-3000:]}")
+            pytest.fail(
+                f"{what}: still running after {GIVE_UP_S} s, the other rank waits in a collective for rank 1\n"
+                f"{stderr[-3000:]}"
+            )
     return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr), time.monotonic() - start
 
 
@@ -361,10 +430,16 @@ def test_a_plugin_error_on_rank_1_alone_ends_every_rank_at_once(rank0, port, tin
     and torchrun with ChildFailedError, or, with the hang, the run never ended."""
     env = _rank1_fails(tmp_path, rank0_hangs=rank0 == "collective-hangs")
     env.update(FORCE_TORCHRUN="1", NPROC_PER_NODE="2", MASTER_PORT=str(29500 + (os.getpid() + port) % 1000))
-    cfg = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "out", per_device_train_batch_size=1, max_steps=2)
+    cfg = tiny.lf_train_args(
+        tiny_llama_dir, tiny_data_dir, tmp_path / "out", per_device_train_batch_size=1, max_steps=2
+    )
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
-    proc, wall = _run_quickly([str(BIN / "llamafactory-cli"), "train", str(tmp_path / "x.yaml")], tmp_path, env,
-                              f"llamafactory-cli train, rank 1 failing alone, rank 0's collective {rank0}")
+    proc, wall = _run_quickly(
+        [str(BIN / "llamafactory-cli"), "train", str(tmp_path / "x.yaml")],
+        tmp_path,
+        env,
+        f"llamafactory-cli train, rank 1 failing alone, rank 0's collective {rank0}",
+    )
     errors = [line for line in proc.stderr.splitlines() if "[macdrop] error:" in line]
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert errors == [PLANTED], proc.stderr[-4000:]
@@ -384,10 +459,19 @@ def test_a_plugin_error_on_rank_1_alone_under_plain_torchrun(tiny_llama_dir, tin
     env = _rank1_fails(tmp_path)
     (tmp_path / "tmp").mkdir()
     env["TMPDIR"] = str(tmp_path / "tmp")  # the job's claim file lands here, not in the machine's /tmp
-    cfg = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, tmp_path / "out", per_device_train_batch_size=1, max_steps=2)
+    cfg = tiny.lf_train_args(
+        tiny_llama_dir, tiny_data_dir, tmp_path / "out", per_device_train_batch_size=1, max_steps=2
+    )
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() + 13) % 1000),
-           llamafactory.launcher.__file__, str(tmp_path / "x.yaml")]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + (os.getpid() + 13) % 1000),
+        llamafactory.launcher.__file__,
+        str(tmp_path / "x.yaml"),
+    ]
     proc, wall = _run_quickly(cmd, tmp_path, env, "torchrun, rank 1 failing alone")
     errors = [line for line in proc.stderr.splitlines() if "[macdrop] error:" in line]
     assert proc.returncode != 0, proc.stderr[-4000:]
@@ -404,18 +488,39 @@ def test_resume_on_ranks_without_a_shared_filesystem(tiny_llama_dir, tiny_data_d
     """Only rank 0 has macdrop_locator.json: it alone decides to reuse it, and rank 1 follows
     (before, rank 1 located afresh while rank 0 did not: the two met in different collectives)."""
     out = tmp_path / "out"
-    base = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, max_steps=4, per_device_train_batch_size=2,
-                              save_strategy="steps", save_steps=2, macdrop_curriculum="constant", macdrop_p0=0.5)
+    base = tiny.lf_train_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        out,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        save_strategy="steps",
+        save_steps=2,
+        macdrop_curriculum="constant",
+        macdrop_p0=0.5,
+    )
     run_in_process(base)
     located = json.loads((out / "macdrop_locator.json").read_text())
     for name in ("optimizer.pt", "scheduler.pt"):  # CPU ranks cannot load them (map_location 'cpu:0'),
-        (out / "checkpoint-2" / name).unlink()     # MacDrop or not; the test is about the locator file
+        (out / "checkpoint-2" / name).unlink()  # MacDrop or not; the test is about the locator file
     args = {**base, "overwrite_output_dir": False, "resume_from_checkpoint": str(out / "checkpoint-2")}
     (tmp_path / "args.json").write_text(json.dumps(args))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu"}
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() + 3) % 1000),
-           str(REPO / "tests" / "resume_no_shared_fs.py"), str(tmp_path / "args.json")]
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "DS_ACCELERATOR": "cpu",
+    }
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + (os.getpid() + 3) % 1000),
+        str(REPO / "tests" / "resume_no_shared_fs.py"),
+        str(tmp_path / "args.json"),
+    ]
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:

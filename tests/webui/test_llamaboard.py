@@ -24,13 +24,18 @@ sys.path.insert(0, str(HERE.parent))
 from helpers import tiny  # noqa: E402
 
 BIN = Path(sys.executable).parent
-CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM, DRIVER = (
+    shutil.which("chromium") or "/usr/bin/chromium",
+    shutil.which("chromedriver") or "/usr/bin/chromedriver",
+)
 REQUIRED = os.environ.get("MACDROP_WEBUI_TEST") == "1"  # set by `make webui-test`: nothing may be skipped
 if not REQUIRED:
     pytest.importorskip("gradio")
     pytest.importorskip("selenium.webdriver")
     if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
-        pytest.skip("needs Debian's chromium and chromium-driver (make webui-test checks for them)", allow_module_level=True)
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver (make webui-test checks for them)", allow_module_level=True
+        )
 __import__("gradio")  # LlamaBoard's extras (make webui): fail here, not in the browser
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -66,11 +71,21 @@ def _free_port() -> int:
 def board(tmp_path_factory):
     work = tmp_path_factory.mktemp("board")
     port = _free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
     log = open(work / "webui.log", "w")
-    proc = subprocess.Popen([str(BIN / "llamafactory-cli"), "webui"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "llamafactory-cli"), "webui"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -96,10 +111,18 @@ def board(tmp_path_factory):
 def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage",  # a container's 64 MB /dev/shm is too small for this page
-                 "--window-size=1400,2200"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",  # a container's 64 MB /dev/shm is too small for this page
+        "--window-size=1400,2200",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     yield driver
@@ -107,8 +130,11 @@ def browser():
 
 
 def _textbox(driver, label):
-    return driver.find_element(By.XPATH, f"//span[@data-testid='block-info' and normalize-space()='{label}']"
-                                         "/ancestor::label[1]//*[self::textarea or self::input]")
+    return driver.find_element(
+        By.XPATH,
+        f"//span[@data-testid='block-info' and normalize-space()='{label}']"
+        "/ancestor::label[1]//*[self::textarea or self::input]",
+    )
 
 
 def _type(element, text):
@@ -121,8 +147,11 @@ def _type(element, text):
 
 def _choose(driver, label, value):
     """A gradio dropdown: type the value, pick it from the list (or keep it as a custom value)."""
-    box = driver.find_element(By.XPATH, f"//input[@aria-label='{label}'] | //span[@data-testid='block-info' and "
-                                        f"normalize-space()='{label}']/ancestor::label[1]//input")
+    box = driver.find_element(
+        By.XPATH,
+        f"//input[@aria-label='{label}'] | //span[@data-testid='block-info' and "
+        f"normalize-space()='{label}']/ancestor::label[1]//input",
+    )
     _type(box, value)
     time.sleep(0.5)
     options = [o for o in driver.find_elements(By.CSS_SELECTOR, "ul[role='listbox'] li") if o.is_displayed()]
@@ -152,9 +181,18 @@ def test_a_macdrop_run_started_from_llamaboard(board, browser, tmp_path_factory)
     _choose(driver, "Dataset", "tiny_sft")
     driver.find_element(By.XPATH, "//button[contains(normalize-space(), 'Extra configurations')]").click()
     time.sleep(0.5)
-    extra = {"macdrop": True, "macdrop_k": 3, "max_steps": 2, "per_device_train_batch_size": 2,
-             "preprocessing_num_workers": 1, "report_to": "none", "optim": "adamw_torch", "save_strategy": "no",
-             "bf16": False, "logging_steps": 1}  # Compute type bf16 (the default) needs a GPU
+    extra = {
+        "macdrop": True,
+        "macdrop_k": 3,
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "preprocessing_num_workers": 1,
+        "report_to": "none",
+        "optim": "adamw_torch",
+        "save_strategy": "no",
+        "bf16": False,
+        "logging_steps": 1,
+    }  # Compute type bf16 (the default) needs a GPU
     _type(_textbox(driver, "Extra arguments"), json.dumps(extra))
     _choose(driver, "Output dir", str(out))
     # a late change event (Model name -> Custom refills the path and template) must not have won
@@ -169,16 +207,18 @@ def test_a_macdrop_run_started_from_llamaboard(board, browser, tmp_path_factory)
         if "Failed." in driver.find_element(By.TAG_NAME, "body").text:  # LlamaBoard's alert for a failed run
             break
         time.sleep(2)
-    assert (out / "trainer_state.json").exists(), "the run did not finish: " + \
-        "\n".join(p.read_text()[-2000:] for p in (out / "running_log.txt", work / "webui.log") if p.exists())
+    assert (out / "trainer_state.json").exists(), "the run did not finish: " + "\n".join(
+        p.read_text()[-2000:] for p in (out / "running_log.txt", work / "webui.log") if p.exists()
+    )
     # LlamaBoard polls the running log every few seconds: wait until the finished run is on the page
     deadline = time.time() + 60
     while time.time() < deadline and "macdrop_p" not in driver.find_element(By.TAG_NAME, "body").text:
         time.sleep(2)
     page = driver.find_element(By.TAG_NAME, "body").text
     if SCREENSHOT:  # the loss plot with macdrop_p below Start, then the log box at the plugin's lines
-        driver.execute_script("arguments[0].scrollIntoView();",
-                              driver.find_element(By.XPATH, "//button[normalize-space()='Start']"))
+        driver.execute_script(
+            "arguments[0].scrollIntoView();", driver.find_element(By.XPATH, "//button[normalize-space()='Start']")
+        )
         time.sleep(1)
         driver.save_screenshot(SCREENSHOT)
         driver.execute_script(SCROLL_TO_TEXT, "MacDrop locator")
@@ -195,5 +235,9 @@ def test_a_macdrop_run_started_from_llamaboard(board, browser, tmp_path_factory)
     import yaml
 
     saved = yaml.safe_load((out / "training_args.yaml").read_text())  # what LlamaBoard handed llamafactory-cli train
-    assert (saved["model_name_or_path"], saved["dataset"], saved["macdrop"], saved["macdrop_k"]) == \
-        (str(model), "tiny_sft", True, 3)
+    assert (saved["model_name_or_path"], saved["dataset"], saved["macdrop"], saved["macdrop_k"]) == (
+        str(model),
+        "tiny_sft",
+        True,
+        3,
+    )

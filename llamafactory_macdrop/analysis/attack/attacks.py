@@ -185,19 +185,25 @@ class ModelAttacker:
         self.targets = targets
         self.blocks = {b.index: b for b in (blocks if blocks is not None else find_ffn_blocks(model))}
         if targets.layer not in self.blocks:
-            raise AttackError(f"--layer {targets.layer} is out of range: the model has layers 0..{len(self.blocks) - 1}")
+            raise AttackError(
+                f"--layer {targets.layer} is out of range: the model has layers 0..{len(self.blocks) - 1}"
+            )
         self.block = self.blocks[targets.layer]
         size = self.block.intermediate_size
         bad = [i for i in targets.indices if not 0 <= i < size]
         if bad or len(set(targets.indices)) != len(targets.indices):
-            raise AttackError(f"--indices {targets.indices}: need distinct units in 0..{size - 1} (layer {targets.layer})")
+            raise AttackError(
+                f"--indices {targets.indices}: need distinct units in 0..{size - 1} (layer {targets.layer})"
+            )
         self._watched = self.block.row_targets(torch.arange(size), expert=targets.expert)
         check_super_weights(self.blocks, targets.all_super_weights())
         for layer, col in dict.fromkeys((sw.layer, sw.col) for sw in targets.all_super_weights()):
             self._watched.append(self.blocks[layer].down_target([col]))
         # the unattacked values, for sw_restore's "what the zeroed weight wrote"
-        self._sw_values = {(sw.layer, sw.row, sw.col): float(self.blocks[sw.layer].down_target([sw.col]).read()[0, sw.row])
-                           for sw in targets.all_super_weights()}
+        self._sw_values = {
+            (sw.layer, sw.row, sw.col): float(self.blocks[sw.layer].down_target([sw.col]).read()[0, sw.row])
+            for sw in targets.all_super_weights()
+        }
         self._snapshot = [bits(t.read()).clone() for t in self._watched]
 
     # ------------------------------------------------------------------ checks
@@ -237,14 +243,17 @@ class ModelAttacker:
         """superweight: scale them; sw_restore: zero them and write the super activation back."""
         sws = self.targets.all_super_weights()
         if not sws:
-            raise AttackError(f"mode {setting.mode} needs a super weight (found by the probe or given as "
-                              "--super-weight L,ROW,COL)")
+            raise AttackError(
+                f"mode {setting.mode} needs a super weight (found by the probe or given as --super-weight L,ROW,COL)"
+            )
         scale = 0.0 if setting.mode == "sw_restore" else setting.scale
         with scaled_super_weights(self.blocks, sws, scale):
             if setting.mode == "superweight":
                 yield
             else:
-                with restored_super_activation(self.blocks, sws, [self._sw_values[(sw.layer, sw.row, sw.col)] for sw in sws]):
+                with restored_super_activation(
+                    self.blocks, sws, [self._sw_values[(sw.layer, sw.row, sw.col)] for sw in sws]
+                ):
                     yield
 
     def _edit(self, setting: AttackSetting) -> tuple[RowDropout, torch.Tensor]:
@@ -303,7 +312,9 @@ assert set(ModelAttacker._EDITS) == set(MODES), "every mode needs an edit"
 
 
 # ----------------------------------------------------------------------------- finding targets
-def super_weight_target(model: nn.Module, input_ids, blocks: Optional[Sequence[FFNBlock]] = None) -> Optional[SuperWeightTarget]:
+def super_weight_target(
+    model: nn.Module, input_ids, blocks: Optional[Sequence[FFNBlock]] = None
+) -> Optional[SuperWeightTarget]:
     """The first candidate of :func:`~llamafactory_macdrop.analysis.inspect.superweight.find_super_weights` that
     CREATES the massive activation (None if there is none)."""
     from ..inspect.superweight import find_super_weights
@@ -315,7 +326,9 @@ def super_weight_target(model: nn.Module, input_ids, blocks: Optional[Sequence[F
     return None
 
 
-def massive_activation_target(model: nn.Module, input_ids, blocks: Optional[Sequence[FFNBlock]] = None) -> Optional[MassiveActivationTarget]:
+def massive_activation_target(
+    model: nn.Module, input_ids, blocks: Optional[Sequence[FFNBlock]] = None
+) -> Optional[MassiveActivationTarget]:
     """The origin layer of the massive activations and their per-dimension means (None if none)."""
     from ..inspect.activations import activation_report
 
@@ -327,7 +340,6 @@ def massive_activation_target(model: nn.Module, input_ids, blocks: Optional[Sequ
     dims = sorted({m.dim for m in found})
     means = [sum(m.value for m in found if m.dim == d) / sum(1 for m in found if m.dim == d) for d in dims]
     return MassiveActivationTarget(origin, dims, means)
-
 
 
 # ----------------------------------------------------------------------------- several super weights
@@ -365,13 +377,16 @@ def scaled_super_weights(blocks: dict[int, FFNBlock], sws: Sequence[SuperWeightT
 
 
 @contextmanager
-def restored_super_activation(blocks: dict[int, FFNBlock], sws: Sequence[SuperWeightTarget],
-                              originals: Sequence[float]) -> Iterator[None]:
+def restored_super_activation(
+    blocks: dict[int, FFNBlock], sws: Sequence[SuperWeightTarget], originals: Sequence[float]
+) -> Iterator[None]:
     """Hooks that write the super activation back while the super weights are zeroed (``sw_restore``)."""
     missing = [str(sw) for sw in sws if sw.activation_cutoff is None]
     if missing:
-        raise AttackError(f"mode sw_restore needs the super activation's cutoff of {', '.join(missing)} "
-                          "(set_activation_cutoffs measures it on the probe input)")
+        raise AttackError(
+            f"mode sw_restore needs the super activation's cutoff of {', '.join(missing)} "
+            "(set_activation_cutoffs measures it on the probe input)"
+        )
     per_row: dict[tuple[int, int], list[tuple[int, float, float]]] = {}
     for sw, w in zip(sws, originals):
         per_row.setdefault((sw.layer, sw.row), []).append((sw.col, w, sw.activation_cutoff))
@@ -401,8 +416,13 @@ def restored_super_activation(blocks: dict[int, FFNBlock], sws: Sequence[SuperWe
             h.remove()
 
 
-def set_activation_cutoffs(model: nn.Module, input_ids, sws: Sequence[SuperWeightTarget],
-                           blocks: Optional[Sequence[FFNBlock]] = None, relative: float = 0.5) -> None:
+def set_activation_cutoffs(
+    model: nn.Module,
+    input_ids,
+    sws: Sequence[SuperWeightTarget],
+    blocks: Optional[Sequence[FFNBlock]] = None,
+    relative: float = 0.5,
+) -> None:
     """Set each super weight's ``activation_cutoff`` to ``relative`` x the largest |down output|
     in its row over ``input_ids`` (one probe forward): the super activation stands orders of
     magnitude above the rest of its row, so half of it separates it from everything else."""
@@ -430,8 +450,9 @@ def set_activation_cutoffs(model: nn.Module, input_ids, sws: Sequence[SuperWeigh
         sw.activation_cutoff = relative * peak[(sw.layer, sw.row)]
 
 
-def super_weight_targets(model: nn.Module, input_ids, which: str = "first",
-                         blocks: Optional[Sequence[FFNBlock]] = None) -> list[SuperWeightTarget]:
+def super_weight_targets(
+    model: nn.Module, input_ids, which: str = "first", blocks: Optional[Sequence[FFNBlock]] = None
+) -> list[SuperWeightTarget]:
     """``first``: the first candidate that creates the massive activation (what ``super_weight_target``
     returns); ``all``: every candidate of ``macdrop superweight`` (default rule), in its order."""
     if which == "first":
@@ -441,4 +462,6 @@ def super_weight_targets(model: nn.Module, input_ids, which: str = "first",
         raise AttackError(f"--super-weight {which!r} is not allowed: give LAYER,ROW,COL (repeatable) or all")
     from ..inspect.superweight import find_super_weights
 
-    return [SuperWeightTarget(c.layer, c.row, c.col) for c in find_super_weights(model, input_ids, blocks=blocks).candidates]
+    return [
+        SuperWeightTarget(c.layer, c.row, c.col) for c in find_super_weights(model, input_ids, blocks=blocks).candidates
+    ]

@@ -55,14 +55,20 @@ class Generation:
 def _check_value(entry: str, mode: str, value: str) -> None:
     """MODE:VALUE with a VALUE of the mode's kind (k an integer, a scale a number, a fill zero|mean)."""
     if mode in ("zero", "retain") and not value.strip().isdigit():
-        raise AttackError(f"--generate-settings {entry!r}: {value!r} is not an integer (the k of {mode}, e.g. {mode}:5)")
+        raise AttackError(
+            f"--generate-settings {entry!r}: {value!r} is not an integer (the k of {mode}, e.g. {mode}:5)"
+        )
     if mode == "superweight":
         try:
             float(value)
         except ValueError:
-            raise AttackError(f"--generate-settings {entry!r}: {value!r} is not a number (the scale, e.g. superweight:0)") from None
+            raise AttackError(
+                f"--generate-settings {entry!r}: {value!r} is not a number (the scale, e.g. superweight:0)"
+            ) from None
     if mode == "activation" and value not in ("zero", "mean"):
-        raise AttackError(f"--generate-settings {entry!r}: {value!r} is not a fill (zero or mean, e.g. activation:mean)")
+        raise AttackError(
+            f"--generate-settings {entry!r}: {value!r} is not a fill (zero or mean, e.g. activation:mean)"
+        )
 
 
 def _matches(setting: AttackSetting, entry: str) -> bool:
@@ -93,8 +99,10 @@ def select_settings(settings: Sequence[AttackSetting], spec: Optional[str]) -> l
     for entry in entries:
         mode, _, value = entry.partition(":")
         if entry != "all" and mode not in ("none", *ATTACK_MODES) and not any(entry == s.label for s in settings):
-            raise AttackError(f"--generate-settings {entry!r} is not allowed: give a setting label ({labels}) or "
-                              f"MODE[:VALUE] with MODE one of {', '.join(ATTACK_MODES)}")
+            raise AttackError(
+                f"--generate-settings {entry!r} is not allowed: give a setting label ({labels}) or "
+                f"MODE[:VALUE] with MODE one of {', '.join(ATTACK_MODES)}"
+            )
         if value and not any(entry == s.label for s in settings):
             _check_value(entry, mode, value)
         if not any(_matches(s, entry) for s in settings):
@@ -110,8 +118,9 @@ def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> tuple
     tokenizer puts before a text (core/text_prefix.py) + the prompt's tokens: no appended EOS,
     which would end the text the model is asked to continue."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                tokenize=True)
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         if hasattr(encoded, "keys"):
             encoded = encoded["input_ids"]
         return [int(i) for i in encoded], True
@@ -121,16 +130,20 @@ def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> tuple
 def end_tokens(model: nn.Module, tokenizer: Any) -> set[int]:
     """The tokens that end a generation: the tokenizer's EOS and the model's generation EOS(s)."""
     found = set()
-    for value in (getattr(tokenizer, "eos_token_id", None),
-                  getattr(getattr(unwrap_peft(model), "generation_config", None), "eos_token_id", None)):
-        for token in (value if isinstance(value, (list, tuple)) else [value]):
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(unwrap_peft(model), "generation_config", None), "eos_token_id", None),
+    ):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(token, int) and not isinstance(token, bool):
                 found.add(token)
     return found
 
 
 @torch.no_grad()
-def greedy_generate(model: nn.Module, input_ids: Sequence[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], str]:
+def greedy_generate(
+    model: nn.Module, input_ids: Sequence[int], max_new_tokens: int, stop: set[int]
+) -> tuple[list[int], str]:
     """Arg-max decoding with the KV cache; returns the new token ids (an end token included) and
     why it stopped. Eval mode during the loop; the training flag is restored."""
     ids = as_batch(model, list(input_ids))
@@ -144,8 +157,11 @@ def greedy_generate(model: nn.Module, input_ids: Sequence[int], max_new_tokens: 
             new.append(token)
             if token in stop:
                 return new, "eos"
-            out = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=out.past_key_values,
-                        use_cache=True)
+            out = model(
+                input_ids=torch.tensor([[token]], device=ids.device),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
     finally:
         model.train(was_training)
     return new, "max_new_tokens"
@@ -193,27 +209,42 @@ def generations_table(generations: Sequence[Generation]) -> str:
 
 def generations_markdown(generations: Sequence[Generation], prompt: str, title: str) -> str:
     """A markdown page with the texts next to each other: one column per setting."""
-    cells = [html.escape(g.text).replace("|", "&#124;").replace("\n", "<br>") or "<i>(nothing)</i>" for g in generations]
-    return "\n".join([
-        f"# {title}", "", f"Prompt: {prompt!r}", "",
-        "| " + " | ".join(g.setting for g in generations) + " |",
-        "|" + "---|" * len(generations),
-        "| " + " | ".join(cells) + " |", "",
-    ])
+    cells = [
+        html.escape(g.text).replace("|", "&#124;").replace("\n", "<br>") or "<i>(nothing)</i>" for g in generations
+    ]
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"Prompt: {prompt!r}",
+            "",
+            "| " + " | ".join(g.setting for g in generations) + " |",
+            "|" + "---|" * len(generations),
+            "| " + " | ".join(cells) + " |",
+            "",
+        ]
+    )
 
 
 def generations_html(generations: Sequence[Generation], prompt: str, title: str) -> str:
     """A standalone HTML page with one column per setting, side by side."""
     columns = "\n".join(
         f'<div class="col"><h2>{html.escape(g.setting)}</h2><pre>{html.escape(g.text)}</pre>'
-        f'<p class="meta">{g.new_tokens} new tokens, stopped at {g.stopped}</p></div>' for g in generations)
+        f'<p class="meta">{g.new_tokens} new tokens, stopped at {g.stopped}</p></div>'
+        for g in generations
+    )
     return (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title><style>"
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>' + html.escape(title) + "</title><style>"
         "body{font-family:sans-serif;margin:1.5em}.row{display:flex;gap:1em;align-items:flex-start}"
         ".col{flex:1;min-width:12em;border:1px solid #ccc;border-radius:4px;padding:0 .8em}"
         "pre{white-space:pre-wrap;font-size:.9em}h2{font-size:1em}.meta{color:#777;font-size:.8em}"
-        "</style></head><body>\n<h1>" + html.escape(title) + "</h1>\n<p>Prompt: <code>" + html.escape(prompt)
-        + "</code></p>\n<div class=\"row\">\n" + columns + "\n</div></body></html>\n"
+        "</style></head><body>\n<h1>"
+        + html.escape(title)
+        + "</h1>\n<p>Prompt: <code>"
+        + html.escape(prompt)
+        + '</code></p>\n<div class="row">\n'
+        + columns
+        + "\n</div></body></html>\n"
     )
 
 

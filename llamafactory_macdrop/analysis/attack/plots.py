@@ -45,7 +45,9 @@ def superweight_scaling_figure(report):
         ax.set_title(dataset, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    sws = report.targets.get("super_weights") or ([report.targets["super_weight"]] if report.targets.get("super_weight") else [])
+    sws = report.targets.get("super_weights") or (
+        [report.targets["super_weight"]] if report.targets.get("super_weight") else []
+    )
     names = ", ".join(f"L{s['layer']}[{s['row']},{s['col']}]" for s in sws)
     fig.suptitle(f"{report.model}: super weight scaling ({names})", fontsize=9)
     fig.tight_layout()
@@ -83,8 +85,14 @@ def quantization_figure(report):
                     pts = [(i, unit * v) for i, v in pts if v is not None]
                     if pts:
                         style = "-" if c == clips[0] else ["--", ":", "-."][(clips.index(c) - 1) % 3]
-                        ax.plot(*zip(*pts), marker=marker, ms=4, color=color, linestyle=style,
-                                label=f"protect {p}" + (f", clip {c}" if len(clips) > 1 else ""))
+                        ax.plot(
+                            *zip(*pts),
+                            marker=marker,
+                            ms=4,
+                            color=color,
+                            linestyle=style,
+                            label=f"protect {p}" + (f", clip {c}" if len(clips) > 1 else ""),
+                        )
             if base is not None:
                 ax.axhline(unit * base, color="black", linestyle="--", linewidth=1, label=f"{report.dtype}")
             ax.set_xticks(range(len(sizes)))
@@ -129,12 +137,17 @@ def attack_sweep_figure(report):
                 ax.plot(*zip(*points), marker=marker, ms=4, color=color, label=label)
         if base is not None:
             ax.axhline(scale * base, color="black", linestyle="--", linewidth=1, label="no attack")
-        others = {"superweight": iter(("tab:green", "tab:olive", "tab:cyan")), "activation": iter(("tab:purple", "tab:pink", "tab:brown"))}
+        others = {
+            "superweight": iter(("tab:green", "tab:olive", "tab:cyan")),
+            "activation": iter(("tab:purple", "tab:pink", "tab:brown")),
+        }
         for mode, _k, label in settings:
             if mode in others:
                 v = report.value(label, dataset, metric)
                 if v is not None:
-                    ax.axhline(scale * v, linestyle=":", linewidth=1.4, color=next(others[mode], "tab:gray"), label=label)
+                    ax.axhline(
+                        scale * v, linestyle=":", linewidth=1.4, color=next(others[mode], "tab:gray"), label=label
+                    )
         if metric == "ppl":
             ax.set_yscale("log")
         ax.set_xlabel("k (top-k massive weights)")
@@ -142,8 +155,9 @@ def attack_sweep_figure(report):
         ax.set_title(dataset, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{report.model}{' + ' + report.adapter if report.adapter else ''}: layer {report.targets['layer']}",
-                 fontsize=9)
+    fig.suptitle(
+        f"{report.model}{' + ' + report.adapter if report.adapter else ''}: layer {report.targets['layer']}", fontsize=9
+    )
     fig.tight_layout()
     return fig
 

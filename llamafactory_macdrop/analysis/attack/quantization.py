@@ -108,7 +108,7 @@ def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     s = x.sort(dim=1).values
     pos = q * (s.shape[1] - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
-    return s[:, lo:lo + 1] + (pos - lo) * (s[:, hi:hi + 1] - s[:, lo:lo + 1])
+    return s[:, lo : lo + 1] + (pos - lo) * (s[:, hi : hi + 1] - s[:, lo : lo + 1])
 
 
 def _clip_threshold(blocks: torch.Tensor, clip: ClipSpec) -> torch.Tensor:
@@ -125,7 +125,9 @@ def _clip_threshold(blocks: torch.Tensor, clip: ClipSpec) -> torch.Tensor:
     return t if clip.method == "block_pct" else t.expand(blocks.shape[0], 1)
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, block_size: Optional[int], clip: ClipSpec = ClipSpec()) -> torch.Tensor:
+def rtn_quantize(
+    weight: torch.Tensor, bits: int, block_size: Optional[int], clip: ClipSpec = ClipSpec()
+) -> torch.Tensor:
     """The fake-quantized copy of ``weight`` (same shape and dtype); ``block_size`` None = whole tensor."""
     if bits < 1:
         raise QuantizationError(f"--bits {bits} is not allowed: give 1..16")
@@ -140,7 +142,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, block_size: Optional[int], cli
     hi = blocks.amax(dim=1, keepdim=True)
     span = hi - lo
     flat_span = span > 0
-    levels = torch.full_like(span, 2 ** bits - 1)  # a true division (int / tensor is levels * (1/span) in torch)
+    levels = torch.full_like(span, 2**bits - 1)  # a true division (int / tensor is levels * (1/span) in torch)
     scale = levels / torch.where(flat_span, span, torch.ones_like(span))
     q = torch.round((blocks - lo) * scale) / scale + lo
     q = torch.where(flat_span, q, blocks)
@@ -179,8 +181,12 @@ class QuantSetting:
     def to_dict(self) -> dict[str, Any]:
         if not self.quantized:
             return {"bits": None, "block_size": None, "protect": None, "clip": None}
-        return {"bits": self.bits, "block_size": "tensor" if self.block_size is None else self.block_size,
-                "protect": self.protect, "clip": self.clip.label}
+        return {
+            "bits": self.bits,
+            "block_size": "tensor" if self.block_size is None else self.block_size,
+            "protect": self.protect,
+            "clip": self.clip.label,
+        }
 
 
 def parse_block_sizes(text: str) -> list[Optional[int]]:
@@ -216,12 +222,18 @@ def parse_protect(text: str) -> list[str]:
     values = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in values if p not in PROTECTIONS]
     if bad or not values:
-        raise QuantizationError(f"--protect {text!r} is not allowed: choose from {', '.join(PROTECTIONS)} (comma-separated)")
+        raise QuantizationError(
+            f"--protect {text!r} is not allowed: choose from {', '.join(PROTECTIONS)} (comma-separated)"
+        )
     return list(dict.fromkeys(values))
 
 
-def quant_settings(bits: Sequence[int], block_sizes: Sequence[Optional[int]], clips: Sequence[ClipSpec] = (ClipSpec(),),
-                   protects: Sequence[str] = ("none",)) -> list[QuantSetting]:
+def quant_settings(
+    bits: Sequence[int],
+    block_sizes: Sequence[Optional[int]],
+    clips: Sequence[ClipSpec] = (ClipSpec(),),
+    protects: Sequence[str] = ("none",),
+) -> list[QuantSetting]:
     """The unquantized baseline, then every bits x block size x clip x protection."""
     settings = [QuantSetting()]
     for b in bits:
@@ -269,9 +281,13 @@ class ModelQuantizer:
     protection is refused).
     """
 
-    def __init__(self, model: nn.Module, super_weights: Sequence[SuperWeightTarget] = (),
-                 massive: Optional[tuple] = None,
-                 blocks: Optional[Sequence[FFNBlock]] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        super_weights: Sequence[SuperWeightTarget] = (),
+        massive: Optional[tuple] = None,
+        blocks: Optional[Sequence[FFNBlock]] = None,
+    ) -> None:
         self.model = model
         self.blocks = list(blocks if blocks is not None else find_ffn_blocks(model))
         by_index = {b.index: b for b in self.blocks}
@@ -342,8 +358,10 @@ class ModelQuantizer:
     def verify_restored(self) -> None:
         changed = self.changed()
         if changed:
-            raise RuntimeError(f"weights not restored bitwise after quantization: {changed[:5]}"
-                               + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""))
+            raise RuntimeError(
+                f"weights not restored bitwise after quantization: {changed[:5]}"
+                + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            )
 
     @contextmanager
     def applied(self, setting: QuantSetting) -> Iterator[None]:
@@ -373,8 +391,12 @@ class QuantizationReport(SweepReport):
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "dtype": self.dtype, "rule": RULE, "weights": self.weights,
-            "super_weights": self.super_weights, "massive": self.massive,
+            "model": self.model,
+            "dtype": self.dtype,
+            "rule": RULE,
+            "weights": self.weights,
+            "super_weights": self.super_weights,
+            "massive": self.massive,
             "perplexity_protocol": self.perplexity_protocol,
             "probe_prefix": self.probe_prefix,
             "zeroshot": self.zeroshot_dict(),
@@ -390,7 +412,10 @@ class QuantizationReport(SweepReport):
         """Markdown: one line per setting, perplexity per corpus and accuracy (%) per task."""
         head = self.metric_head()
         lines = self.input_lines()
-        lines += ["| bits | block | clip | protect | " + " | ".join(head) + " |", "|---:|---:|---|---|" + "---:|" * len(head)]
+        lines += [
+            "| bits | block | clip | protect | " + " | ".join(head) + " |",
+            "|---:|---:|---|---|" + "---:|" * len(head),
+        ]
         for key in self.keys():
             b, bs, c, p = key
             cells = [f"{self.dtype} (unquantized)", "-", "-", "-"] if b is None else [str(b), str(bs), c, p]
@@ -443,21 +468,52 @@ def run_quantization_sweep(
     def record(setting: QuantSetting, dataset: str, res) -> None:
         extra: dict[str, Any] = {}
         if setting.quantized:
-            extra = {"tensor_fallback": quantizer.fallbacks(setting.block_size),
-                     "protected_values": quantizer.protected_values(setting.protect)}
+            extra = {
+                "tensor_fallback": quantizer.fallbacks(setting.block_size),
+                "protected_values": quantizer.protected_values(setting.protect),
+            }
         if hasattr(res, "ppl"):
-            report.rows.append({**setting.to_dict(), "dataset": dataset, "ppl": res.ppl, "nll": res.nll,
-                                "tokens": res.tokens, **extra, "seconds": round(res.seconds, 3)})
+            report.rows.append(
+                {
+                    **setting.to_dict(),
+                    "dataset": dataset,
+                    "ppl": res.ppl,
+                    "nll": res.nll,
+                    "tokens": res.tokens,
+                    **extra,
+                    "seconds": round(res.seconds, 3),
+                }
+            )
             if echo:
-                echo(f"  {tag(setting):<58} {dataset:<14} ppl {_ppl_text(res.ppl):>10}  "
-                     f"(quantized in {started[id(setting)]:.1f} s, evaluated in {res.seconds:.1f} s)")
+                echo(
+                    f"  {tag(setting):<58} {dataset:<14} ppl {_ppl_text(res.ppl):>10}  "
+                    f"(quantized in {started[id(setting)]:.1f} s, evaluated in {res.seconds:.1f} s)"
+                )
         else:
-            report.rows.append({**setting.to_dict(), "dataset": dataset, "acc": res.acc, "acc_norm": res.acc_norm,
-                                "n": res.n, "split": res.split, **extra})
+            report.rows.append(
+                {
+                    **setting.to_dict(),
+                    "dataset": dataset,
+                    "acc": res.acc,
+                    "acc_norm": res.acc_norm,
+                    "n": res.n,
+                    "split": res.split,
+                    **extra,
+                }
+            )
             if echo:
                 echo(f"  {tag(setting):<58} {dataset:<14} acc {100 * res.acc:6.1f}  (n={res.n}, {res.split})")
 
-    evaluate_settings(quantizer.model, Timed(), settings, corpora, zeroshot, on_result=record, label=tag,
-                      batch_size=batch_size, progress=progress)
+    evaluate_settings(
+        quantizer.model,
+        Timed(),
+        settings,
+        corpora,
+        zeroshot,
+        on_result=record,
+        label=tag,
+        batch_size=batch_size,
+        progress=progress,
+    )
     report.restored_bitwise = True
     return report

@@ -45,14 +45,20 @@ class PreparedCorpus:
 
     def protocol(self) -> dict[str, Any]:
         used = self.protocol_used or self.source.protocol
-        out = {"dataset": self.source.name, "origin": self.source.origin, **used.to_dict(),
-               "bos_requested": self.source.protocol.bos}
+        out = {
+            "dataset": self.source.name,
+            "origin": self.source.origin,
+            **used.to_dict(),
+            "bos_requested": self.source.protocol.bos,
+        }
         if self.prefix is not None:
             out.update(self.prefix.protocol())
         return {**out, "windows": self.windows.count, "predicted_tokens": self.windows.predicted_tokens}
 
 
-def prepare_corpus(source: TextSource, tokenizer: Any, protocol: PerplexityProtocol, prefix: TextPrefix) -> PreparedCorpus:
+def prepare_corpus(
+    source: TextSource, tokenizer: Any, protocol: PerplexityProtocol, prefix: TextPrefix
+) -> PreparedCorpus:
     """``source`` tokenized once (no special tokens) and cut into ``protocol``'s windows with ``prefix``
     (both from :func:`~.perplexity.resolve_protocol`)."""
     windows = make_windows(tokenize(tokenizer, source.text), protocol, prefix.token_ids)
@@ -91,8 +97,12 @@ class SweepReport(JsonReport, CsvRows):
     def zeroshot_dict(self) -> Optional[dict[str, Any]]:
         if not self.zeroshot_splits:
             return None
-        return {"splits": self.zeroshot_splits, "limit": self.zeroshot_limit, "harness": "lm-eval",
-                "prefix": self.zeroshot_prefix}
+        return {
+            "splits": self.zeroshot_splits,
+            "limit": self.zeroshot_limit,
+            "harness": "lm-eval",
+            "prefix": self.zeroshot_prefix,
+        }
 
     # ------------------------------------------------------------------ views
     @staticmethod
@@ -149,15 +159,18 @@ class AttackReport(SweepReport):
             extra["sw_restore_recovery"] = self.recovery
         if self.probe_prefix is not None:
             extra["probe_prefix"] = self.probe_prefix
-        return {**{
-            "model": self.model,
-            "adapter": self.adapter,
-            "targets": self.targets,
-            "perplexity_protocol": self.perplexity_protocol,
-            "zeroshot": self.zeroshot_dict(),
-            "restored_bitwise": self.restored_bitwise,
-            "results": self.rows,
-        }, **extra}
+        return {
+            **{
+                "model": self.model,
+                "adapter": self.adapter,
+                "targets": self.targets,
+                "perplexity_protocol": self.perplexity_protocol,
+                "zeroshot": self.zeroshot_dict(),
+                "restored_bitwise": self.restored_bitwise,
+                "results": self.rows,
+            },
+            **extra,
+        }
 
     @staticmethod
     def key(row: dict[str, Any]) -> str:
@@ -186,12 +199,17 @@ class AttackReport(SweepReport):
         return "\n".join(lines)
 
 
-def input_lines(perplexity_protocol: Sequence[dict[str, Any]], zeroshot_prefix: Optional[dict[str, Any]] = None,
-                probe_prefix: Optional[dict[str, Any]] = None) -> list[str]:
+def input_lines(
+    perplexity_protocol: Sequence[dict[str, Any]],
+    zeroshot_prefix: Optional[dict[str, Any]] = None,
+    probe_prefix: Optional[dict[str, Any]] = None,
+) -> list[str]:
     """Above a results table: what went before each corpus, the zero-shot prompts and the probe text."""
     out = [f"{p['dataset']}: {p['prefix_summary']}" for p in perplexity_protocol if p.get("prefix_summary")]
     if zeroshot_prefix:
-        out.append(f"zero-shot (lm-eval encodes with the tokenizer's special tokens): {zeroshot_prefix['prefix_summary']}")
+        out.append(
+            f"zero-shot (lm-eval encodes with the tokenizer's special tokens): {zeroshot_prefix['prefix_summary']}"
+        )
     if probe_prefix:
         out.append(f"probe text: {probe_prefix['prefix_summary']}")
     return [f"input: {line}" for line in out]
@@ -230,8 +248,14 @@ def evaluate_settings(
     for setting in settings:
         with editor.applied(setting):
             for corpus in corpora:
-                res = evaluate_perplexity(model, corpus.windows, f"{label(setting)} / {corpus.source.name}",
-                                          batch_size=batch_size, progress=progress, per_window=per_item)
+                res = evaluate_perplexity(
+                    model,
+                    corpus.windows,
+                    f"{label(setting)} / {corpus.source.name}",
+                    batch_size=batch_size,
+                    progress=progress,
+                    per_window=per_item,
+                )
                 on_result(setting, corpus.source.name, res)
             if zeroshot is not None and zeroshot_for(setting):
                 for res in zeroshot.evaluate(per_item=per_item) if per_item else zeroshot.evaluate():
@@ -260,17 +284,29 @@ def run_sweep(
 
     def record(setting: AttackSetting, dataset: str, res) -> None:
         if hasattr(res, "ppl"):
-            report.rows.append(_row(setting, dataset, ppl=res.ppl, nll=res.nll, tokens=res.tokens,
-                                    windows=res.windows, seconds=round(res.seconds, 3)))
+            report.rows.append(
+                _row(
+                    setting,
+                    dataset,
+                    ppl=res.ppl,
+                    nll=res.nll,
+                    tokens=res.tokens,
+                    windows=res.windows,
+                    seconds=round(res.seconds, 3),
+                )
+            )
             if echo:
-                echo(f"  {setting.label:<22} {dataset:<16} ppl {res.ppl:10.3f}  ({res.tokens} tokens, {res.seconds:.1f} s)")
+                echo(
+                    f"  {setting.label:<22} {dataset:<16} ppl {res.ppl:10.3f}  ({res.tokens} tokens, {res.seconds:.1f} s)"
+                )
         else:
             report.rows.append(_row(setting, dataset, acc=res.acc, acc_norm=res.acc_norm, n=res.n, split=res.split))
             if echo:
                 echo(f"  {setting.label:<22} {dataset:<16} acc {100 * res.acc:6.1f}  (n={res.n}, {res.split})")
 
-    evaluate_settings(model, attacker, settings, corpora, zeroshot, on_result=record, batch_size=batch_size,
-                      progress=progress)
+    evaluate_settings(
+        model, attacker, settings, corpora, zeroshot, on_result=record, batch_size=batch_size, progress=progress
+    )
     report.restored_bitwise = True
     return report
 
@@ -290,9 +326,14 @@ def loss_gap_recovery(report: AttackReport) -> list[dict[str, Any]]:
         if not (orig and zeroed and restored):
             continue
         gap = zeroed[key] - orig[key]
-        entry = {"dataset": dataset, "metric": "loss" if key == "nll" else "acc",
-                 "original": orig[key], "zeroed": zeroed[key], "restored": restored[key],
-                 "recovered": (zeroed[key] - restored[key]) / gap if gap else None}
+        entry = {
+            "dataset": dataset,
+            "metric": "loss" if key == "nll" else "acc",
+            "original": orig[key],
+            "zeroed": zeroed[key],
+            "restored": restored[key],
+            "recovered": (zeroed[key] - restored[key]) / gap if gap else None,
+        }
         if key == "nll":
             entry.update(ppl_original=orig["ppl"], ppl_zeroed=zeroed["ppl"], ppl_restored=restored["ppl"])
         out.append(entry)
@@ -300,14 +341,20 @@ def loss_gap_recovery(report: AttackReport) -> list[dict[str, Any]]:
 
 
 def recovery_table(recovery: list[dict[str, Any]]) -> str:
-    lines = ["| super activation restored | original | SW zeroed | SW zeroed + SA restored | gap recovered |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| super activation restored | original | SW zeroed | SW zeroed + SA restored | gap recovered |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for e in recovery:
         share = "-" if e["recovered"] is None else f"{100 * e['recovered']:.0f} %"
         if e["metric"] == "loss":
-            lines.append(f"| {e['dataset']} loss (ppl) | {e['original']:.4f} ({e['ppl_original']:.2f}) | "
-                         f"{e['zeroed']:.4f} ({e['ppl_zeroed']:.2f}) | {e['restored']:.4f} ({e['ppl_restored']:.2f}) | {share} |")
+            lines.append(
+                f"| {e['dataset']} loss (ppl) | {e['original']:.4f} ({e['ppl_original']:.2f}) | "
+                f"{e['zeroed']:.4f} ({e['ppl_zeroed']:.2f}) | {e['restored']:.4f} ({e['ppl_restored']:.2f}) | {share} |"
+            )
         else:
-            lines.append(f"| {e['dataset']} acc | {100 * e['original']:.1f} | {100 * e['zeroed']:.1f} | "
-                         f"{100 * e['restored']:.1f} | {share} |")
+            lines.append(
+                f"| {e['dataset']} acc | {100 * e['original']:.1f} | {100 * e['zeroed']:.1f} | "
+                f"{100 * e['restored']:.1f} | {share} |"
+            )
     return "\n".join(lines)

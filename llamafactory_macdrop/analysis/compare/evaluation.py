@@ -53,7 +53,9 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
     out = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         data = t.detach().contiguous().cpu()
-        out[name] = hashlib.sha256(data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest() if data.numel() else "empty"
+        out[name] = (
+            hashlib.sha256(data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest() if data.numel() else "empty"
+        )
     return out
 
 
@@ -65,9 +67,11 @@ def check_adapter(adapter_dir: Path) -> None:
     config = json.loads(path.read_text())
     for key in ("modules_to_save", "trainable_token_indices"):
         if config.get(key):
-            raise CompareError(f"{adapter_dir}: its adapter trains whole base modules ({key}={config[key]}, from "
-                               "LLaMA-Factory's additional_target/resize_vocab), which cannot be removed from one shared "
-                               "base; compare adapters without them")
+            raise CompareError(
+                f"{adapter_dir}: its adapter trains whole base modules ({key}={config[key]}, from "
+                "LLaMA-Factory's additional_target/resize_vocab), which cannot be removed from one shared "
+                "base; compare adapters without them"
+            )
 
 
 def _file_digest(path: Path) -> str:
@@ -157,7 +161,9 @@ class OneBaseEvaluator:
             def record(setting: AttackSetting, dataset: str, res) -> None:
                 if hasattr(res, "ppl"):
                     out[metric_name("ppl", dataset, setting.label)] = PerplexityItems(res.window_nll, res.window_tokens)
-                    self.echo(f"  {label:<28} {setting.label:<12} {dataset:<16} ppl {res.ppl:10.3f}  ({res.seconds:.1f} s)")
+                    self.echo(
+                        f"  {label:<28} {setting.label:<12} {dataset:<16} ppl {res.ppl:10.3f}  ({res.seconds:.1f} s)"
+                    )
                     return
                 tasks.setdefault(setting.label, []).append(AccuracyItems(res.items))
                 out[metric_name("acc", dataset, setting.label)] = tasks[setting.label][-1]
@@ -165,10 +171,19 @@ class OneBaseEvaluator:
                 if self.zeroshot is not None and len(tasks[setting.label]) == len(self.zeroshot.tasks) > 1:
                     out[metric_name("acc", "mean", setting.label)] = MeanAccuracyItems(tuple(tasks[setting.label]))
 
-            evaluate_settings(model, attacker, self.settings, self.corpora, self.zeroshot, on_result=record,
-                              label=lambda s: f"{label} / {s.label}", batch_size=self.batch_size,
-                              progress=self.progress, per_item=True,
-                              zeroshot_for=lambda s: s.mode == "none" or self.zeroshot_under_attack)
+            evaluate_settings(
+                model,
+                attacker,
+                self.settings,
+                self.corpora,
+                self.zeroshot,
+                on_result=record,
+                label=lambda s: f"{label} / {s.label}",
+                batch_size=self.batch_size,
+                progress=self.progress,
+                per_item=True,
+                zeroshot_for=lambda s: s.mode == "none" or self.zeroshot_under_attack,
+            )
         finally:
             if adapter_dir is not None:
                 self.base = model.unload()  # the original modules back, adapter gone
@@ -182,8 +197,10 @@ class OneBaseEvaluator:
         now = fingerprint(self.base)
         changed = [k for k in self._fingerprint if now.get(k) != self._fingerprint[k]]
         if changed or set(now) != set(self._fingerprint):
-            raise CompareError(f"the base model is not bit for bit the same after {after}: "
-                               f"{(changed or sorted(set(now) ^ set(self._fingerprint)))[:3]}; its results were not kept")
+            raise CompareError(
+                f"the base model is not bit for bit the same after {after}: "
+                f"{(changed or sorted(set(now) ^ set(self._fingerprint)))[:3]}; its results were not kept"
+            )
 
     # ------------------------------------------------------------------ cached
     def cache_key(self, adapter_dir: Optional[Path]) -> str:
@@ -197,11 +214,16 @@ class OneBaseEvaluator:
             marker = folder / MARKER
             adapter["marker"] = marker.read_text() if marker.is_file() else None
         base = hashlib.sha256(json.dumps(self._fingerprint, sort_keys=True).encode()).hexdigest()
-        blob = json.dumps({"protocol": self.protocol, "base": base, "versions": library_versions(), "adapter": adapter},
-                          sort_keys=True, default=str)
+        blob = json.dumps(
+            {"protocol": self.protocol, "base": base, "versions": library_versions(), "adapter": adapter},
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def evaluate_cached(self, cache_file: Path, adapter_dir: Optional[Path] = None, label: str = "base") -> tuple[dict[str, Any], bool]:
+    def evaluate_cached(
+        self, cache_file: Path, adapter_dir: Optional[Path] = None, label: str = "base"
+    ) -> tuple[dict[str, Any], bool]:
         """(items, reused): the cached items when the key matches, else a fresh evaluation (cached)."""
         key = self.cache_key(adapter_dir)
         if cache_file.is_file():
@@ -214,13 +236,16 @@ class OneBaseEvaluator:
         items = self.evaluate(adapter_dir, label)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "label": label, "items": {m: items_to_json(v) for m, v in items.items()}}))
+        tmp.write_text(
+            json.dumps({"key": key, "label": label, "items": {m: items_to_json(v) for m, v in items.items()}})
+        )
         tmp.replace(cache_file)
         return items, False
 
 
-def evaluate_runs(evaluator: OneBaseEvaluator, runs: Sequence, root: Path,
-                  echo: Callable[[str], None] = print) -> tuple[dict, dict]:
+def evaluate_runs(
+    evaluator: OneBaseEvaluator, runs: Sequence, root: Path, echo: Callable[[str], None] = print
+) -> tuple[dict, dict]:
     """(items, reused) keyed by ``(arm, seed)`` plus ``("base", None)``: the base alone first,
     then every run's adapter, each through the cache in ``root/eval/``."""
     items, reused = {}, {}
@@ -228,8 +253,9 @@ def evaluate_runs(evaluator: OneBaseEvaluator, runs: Sequence, root: Path,
     for i, run in enumerate(runs, 1):
         echo(f"[compare] evaluating {i}/{len(runs)}: {run.name}")
         key = (run.arm.name, run.seed)
-        items[key], reused[key] = evaluator.evaluate_cached(root / "eval" / f"{run.arm.name}-seed{run.seed}.json",
-                                                            run.output_dir, run.name)
+        items[key], reused[key] = evaluator.evaluate_cached(
+            root / "eval" / f"{run.arm.name}-seed{run.seed}.json", run.output_dir, run.name
+        )
         if reused[key]:
             echo("  (items reused from an earlier evaluation with the same protocol)")
     return items, reused
@@ -247,8 +273,10 @@ def trained_rows_note(run, targets: AttackTargets) -> Optional[str]:
     common = min(len(rows), len(targets.indices))
     if trained.get("layer") == targets.layer and set(rows[:common]) == set(targets.indices[:common]):
         return None
-    return (f"{run.name} dropped layer {trained.get('layer')} rows {rows}; the attacks use layer {targets.layer} "
-            f"rows {targets.indices} (located on the base here)")
+    return (
+        f"{run.name} dropped layer {trained.get('layer')} rows {rows}; the attacks use layer {targets.layer} "
+        f"rows {targets.indices} (located on the base here)"
+    )
 
 
 def text_digest(text: str) -> str:

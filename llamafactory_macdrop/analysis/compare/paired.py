@@ -181,8 +181,20 @@ def paired_difference(
     boot /= len(seeds)
     tail = (1 - confidence) / 2
     low, high = (float(x) for x in np.quantile(boot, [tail, 1 - tail]))
-    result = PairedDifference(metric, treatment_name, control_name, float(np.mean(per_seed)), low, high, n, seeds,
-                              per_seed, confidence, iterations, higher_is_better)
+    result = PairedDifference(
+        metric,
+        treatment_name,
+        control_name,
+        float(np.mean(per_seed)),
+        low,
+        high,
+        n,
+        seeds,
+        per_seed,
+        confidence,
+        iterations,
+        higher_is_better,
+    )
     result.direction, result.verdict = verdict(result)
     return result
 
@@ -201,8 +213,11 @@ def verdict(d: PairedDifference) -> tuple[str, str]:
     if not agree:
         return "none", f"the item interval excludes 0 but the seeds disagree in sign ({interval}): not detectable"
     good = (sign > 0) == d.higher_is_better
-    return ("better", f"{d.treatment} better than {d.control} ({interval})") if good else \
-        ("worse", f"{d.treatment} worse than {d.control} ({interval})")
+    return (
+        ("better", f"{d.treatment} better than {d.control} ({interval})")
+        if good
+        else ("worse", f"{d.treatment} worse than {d.control} ({interval})")
+    )
 
 
 def seed_spread(values: Sequence[float]) -> tuple[float, float]:

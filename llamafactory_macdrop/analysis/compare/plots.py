@@ -61,7 +61,7 @@ def plot_metrics(report, path: Path) -> Path:
         diffs = [d for d in report.paired if d.metric == metric]
         sub = "; ".join(f"Δ {scale * d.mean_diff:+.3g} [{scale * d.low:+.3g}, {scale * d.high:+.3g}]" for d in diffs)
         ax.set_title(f"{metric}{' (%)' if scale == 100 else ''}\n{sub}", fontsize=8)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
     return save_figure(fig, path)
@@ -83,9 +83,17 @@ def plot_paired(report, path: Path) -> Path:
             offset = (j - (len(treatments) - 1) / 2) * 0.25
             for d in (d for d in diffs if d.treatment == t):
                 y = labels.index(d.metric) + offset
-                ax.errorbar(scale * d.mean_diff, y, xerr=[[scale * (d.mean_diff - d.low)], [scale * (d.high - d.mean_diff)]],
-                            fmt="o", ms=4, capsize=3, color=colors[t], mfc=colors[t] if d.direction != "none" else "white",
-                            label=f"{t} − {d.control}" if d.metric == labels[0] else None)
+                ax.errorbar(
+                    scale * d.mean_diff,
+                    y,
+                    xerr=[[scale * (d.mean_diff - d.low)], [scale * (d.high - d.mean_diff)]],
+                    fmt="o",
+                    ms=4,
+                    capsize=3,
+                    color=colors[t],
+                    mfc=colors[t] if d.direction != "none" else "white",
+                    label=f"{t} − {d.control}" if d.metric == labels[0] else None,
+                )
         ax.axvline(0, color="grey", lw=1)
         ax.set_yticks(range(len(labels)), [m.split("/", 1)[1] for m in labels], fontsize=7)
         ax.invert_yaxis()
@@ -136,7 +144,7 @@ def plot_robustness(report, path: Path) -> Path:
             ax.set_yscale("log")
         ax.set_title(f"{dataset}: {mode}", fontsize=9)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
     return save_figure(fig, path)
@@ -154,13 +162,25 @@ def plot_losses(histories: dict[tuple[str, int], list[dict[str, Any]]], path: Pa
     for (arm, seed), history in histories.items():
         steps = [h for h in history if "loss" in h and "step" in h]
         if steps:
-            ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], color=colors[arm], ls=styles[seed], lw=1.2,
-                    label=f"{arm} seed {seed}")
+            ax.plot(
+                [h["step"] for h in steps],
+                [h["loss"] for h in steps],
+                color=colors[arm],
+                ls=styles[seed],
+                lw=1.2,
+                label=f"{arm} seed {seed}",
+            )
         ps = [h for h in history if "macdrop_p" in h]
         if ps:
             ax_p = ax_p or ax.twinx()
-            ax_p.plot([h["step"] for h in ps], [h["macdrop_p"] for h in ps], color=colors[arm], ls=styles[seed],
-                      lw=0.8, alpha=0.5)
+            ax_p.plot(
+                [h["step"] for h in ps],
+                [h["macdrop_p"] for h in ps],
+                color=colors[arm],
+                ls=styles[seed],
+                lw=0.8,
+                alpha=0.5,
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     if ax_p is not None:
@@ -170,4 +190,3 @@ def plot_losses(histories: dict[tuple[str, int], list[dict[str, Any]]], path: Pa
     ax.set_title("training loss per run; p of the MacDrop arms", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
-

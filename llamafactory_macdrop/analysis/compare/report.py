@@ -42,9 +42,18 @@ def pair_all(arms, seeds, items: dict, *, iterations: int, confidence: float) ->
         for metric in items[(arm.name, seeds[0])]:
             control = {s: items[(arm.control, s)][metric] for s in seeds}
             treatment = {s: items[(arm.name, s)][metric] for s in seeds}
-            out.append(paired_difference(metric, control, treatment, treatment_name=arm.name, control_name=arm.control,
-                                         higher_is_better=higher_is_better(metric), iterations=iterations,
-                                         confidence=confidence))
+            out.append(
+                paired_difference(
+                    metric,
+                    control,
+                    treatment,
+                    treatment_name=arm.name,
+                    control_name=arm.control,
+                    higher_is_better=higher_is_better(metric),
+                    iterations=iterations,
+                    confidence=confidence,
+                )
+            )
     return out
 
 
@@ -58,8 +67,14 @@ class RunRecord:
     evaluation_reused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arm": self.arm, "seed": self.seed, "output_dir": self.output_dir, "metrics": self.metrics,
-                "train": self.train, "evaluation_reused": self.evaluation_reused}
+        return {
+            "arm": self.arm,
+            "seed": self.seed,
+            "output_dir": self.output_dir,
+            "metrics": self.metrics,
+            "train": self.train,
+            "evaluation_reused": self.evaluation_reused,
+        }
 
 
 @dataclass
@@ -97,8 +112,17 @@ class CompareReport(JsonReport, CsvRows):
                 values = self.arm_values(arm, metric)
                 if values:
                     mean, sd = seed_spread(values)
-                    out.append({"arm": arm, "metric": metric, "mean": mean, "sd": sd, "seeds": len(values),
-                                "min": min(values), "max": max(values)})
+                    out.append(
+                        {
+                            "arm": arm,
+                            "metric": metric,
+                            "mean": mean,
+                            "sd": sd,
+                            "seeds": len(values),
+                            "min": min(values),
+                            "max": max(values),
+                        }
+                    )
         return out
 
     def verdicts(self) -> list[str]:
@@ -109,8 +133,10 @@ class CompareReport(JsonReport, CsvRows):
         for treatment in dict.fromkeys(d.treatment for d in self.paired):
             mine = [d for d in self.paired if d.treatment == treatment]
             parts = []
-            for title, group in (("clean", [d for d in mine if parse_metric(d.metric)[2] == "clean"]),
-                                 ("under attack", [d for d in mine if parse_metric(d.metric)[2] != "clean"])):
+            for title, group in (
+                ("clean", [d for d in mine if parse_metric(d.metric)[2] == "clean"]),
+                ("under attack", [d for d in mine if parse_metric(d.metric)[2] != "clean"]),
+            ):
                 if not group:
                     continue
                 better = [d.metric for d in group if d.direction == "better"]
@@ -118,13 +144,19 @@ class CompareReport(JsonReport, CsvRows):
                 if not better and not worse:
                     parts.append(f"{title}: no difference detectable on any of {len(group)} metrics")
                     continue
-                words = ([f"better on {', '.join(better)}"] if better else []) + \
-                    ([f"worse on {', '.join(worse)}"] if worse else [])
+                words = ([f"better on {', '.join(better)}"] if better else []) + (
+                    [f"worse on {', '.join(worse)}"] if worse else []
+                )
                 rest = len(group) - len(better) - len(worse)
-                parts.append(f"{title}: " + "; ".join(words) + (f" (not detectable on the other {rest})" if rest else ""))
+                parts.append(
+                    f"{title}: " + "; ".join(words) + (f" (not detectable on the other {rest})" if rest else "")
+                )
             seeds = len(mine[0].seeds)
-            lines.append(f"{treatment} vs {mine[0].control}: " + " | ".join(parts)
-                         + f" ({seeds} seed{'s' if seeds != 1 else ''})")
+            lines.append(
+                f"{treatment} vs {mine[0].control}: "
+                + " | ".join(parts)
+                + f" ({seeds} seed{'s' if seeds != 1 else ''})"
+            )
         return lines
 
     @property
@@ -133,8 +165,18 @@ class CompareReport(JsonReport, CsvRows):
         for r in ([self.base] if self.base else []) + self.runs:
             for metric, value in r.metrics.items():
                 kind, dataset, setting = parse_metric(metric)
-                out.append({"arm": r.arm, "seed": r.seed, "output_dir": r.output_dir, "metric": metric, "kind": kind,
-                            "dataset": dataset, "setting": setting, "value": value})
+                out.append(
+                    {
+                        "arm": r.arm,
+                        "seed": r.seed,
+                        "output_dir": r.output_dir,
+                        "metric": metric,
+                        "kind": kind,
+                        "dataset": dataset,
+                        "setting": setting,
+                        "value": value,
+                    }
+                )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,16 +217,20 @@ class CompareReport(JsonReport, CsvRows):
         return "\n".join(lines)
 
     def paired_table(self, metrics: Optional[list[str]] = None) -> str:
-        lines = ["| metric | arm − control | mean diff | interval | n | per seed | verdict |",
-                 "|---|---|---:|---:|---:|---|---|"]
+        lines = [
+            "| metric | arm − control | mean diff | interval | n | per seed | verdict |",
+            "|---|---|---:|---:|---:|---|---|",
+        ]
         for d in self.paired:
             if metrics and d.metric not in metrics:
                 continue
             conf = f"{round(100 * d.confidence)} %"
             per_seed = ", ".join(_fmt_diff(d.metric, x) for x in d.per_seed)
             word = {"better": "better", "worse": "worse", "none": "not detectable"}[d.direction]
-            lines.append(f"| {d.metric} | {d.treatment} − {d.control} | {_fmt_diff(d.metric, d.mean_diff)} | "
-                         f"{conf} [{_fmt_diff(d.metric, d.low)}, {_fmt_diff(d.metric, d.high)}] | {d.n} | {per_seed} | {word} |")
+            lines.append(
+                f"| {d.metric} | {d.treatment} − {d.control} | {_fmt_diff(d.metric, d.mean_diff)} | "
+                f"{conf} [{_fmt_diff(d.metric, d.low)}, {_fmt_diff(d.metric, d.high)}] | {d.n} | {per_seed} | {word} |"
+            )
         return "\n".join(lines)
 
     def headline_metrics(self) -> list[str]:
@@ -201,35 +247,65 @@ class CompareReport(JsonReport, CsvRows):
 
     def markdown(self, plots: Optional[dict[str, str]] = None) -> str:
         seeds = ", ".join(map(str, self.seeds))
-        out = [f"# macdrop compare: {self.base_yaml}", "",
-               f"Model `{self.model}`; arms {', '.join(self.arm_names())}; seeds {seeds}; runs under `{self.output_dir}`.",
-               "", "## Verdict", ""]
+        out = [
+            f"# macdrop compare: {self.base_yaml}",
+            "",
+            f"Model `{self.model}`; arms {', '.join(self.arm_names())}; seeds {seeds}; runs under `{self.output_dir}`.",
+            "",
+            "## Verdict",
+            "",
+        ]
         out += [f"- {line}" for line in self.verdicts()] or ["- (no paired comparison)"]
-        out += ["", "What the intervals mean: a paired bootstrap over evaluation items (perplexity windows, "
-                "zero-shot documents), one draw per iteration for both arms and every seed (the seeds score the "
-                "same items), the per-seed differences averaged over seeds; `n` = distinct items. It covers "
-                "evaluation-sample noise for these adapters, not another training seed: a difference counts only "
-                "if the interval excludes 0 and every seed agrees in sign. Each metric is judged on its own (no "
-                "correction for the number of metrics).",
-                "", "## Per arm (mean ± sd over seeds)", "", self.arms_table(), "",
-                "## Paired differences", "", self.paired_table(), ""]
+        out += [
+            "",
+            "What the intervals mean: a paired bootstrap over evaluation items (perplexity windows, "
+            "zero-shot documents), one draw per iteration for both arms and every seed (the seeds score the "
+            "same items), the per-seed differences averaged over seeds; `n` = distinct items. It covers "
+            "evaluation-sample noise for these adapters, not another training seed: a difference counts only "
+            "if the interval excludes 0 and every seed agrees in sign. Each metric is judged on its own (no "
+            "correction for the number of metrics).",
+            "",
+            "## Per arm (mean ± sd over seeds)",
+            "",
+            self.arms_table(),
+            "",
+            "## Paired differences",
+            "",
+            self.paired_table(),
+            "",
+        ]
         if plots:
             out += ["## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()] + [""]
-        inputs = [f"- {c['dataset']}: {c['prefix_summary']}" for c in self.protocol.get("corpora", []) if c.get("prefix_summary")]
+        inputs = [
+            f"- {c['dataset']}: {c['prefix_summary']}"
+            for c in self.protocol.get("corpora", [])
+            if c.get("prefix_summary")
+        ]
         zeroshot_prefix = (self.protocol.get("zeroshot") or {}).get("prefix")
         if zeroshot_prefix:
             inputs.append(f"- zero-shot (lm-eval, the tokenizer's special tokens): {zeroshot_prefix['prefix_summary']}")
         if inputs:
             out += ["## What went before each text", ""] + inputs + [""]
-        out += ["## Runs", "", "| arm | seed | output_dir | train s | steps | final loss |", "|---|---:|---|---:|---:|---:|"]
+        out += [
+            "## Runs",
+            "",
+            "| arm | seed | output_dir | train s | steps | final loss |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
         for r in self.runs:
             t = r.train
             loss = t.get("final_loss")
-            out.append(f"| {r.arm} | {r.seed} | `{r.output_dir}` | {t.get('seconds', '-')} | {t.get('steps', '-')} | "
-                       f"{'-' if loss is None else f'{loss:.4f}'} |")
+            out.append(
+                f"| {r.arm} | {r.seed} | `{r.output_dir}` | {t.get('seconds', '-')} | {t.get('steps', '-')} | "
+                f"{'-' if loss is None else f'{loss:.4f}'} |"
+            )
         if self.cost:
             out += ["", "Cost: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.cost.items())]
         if self.notes:
             out += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
-        out += ["", f"Base weights restored bit for bit after all adapters: {'yes' if self.restored_bitwise else 'no'}", ""]
+        out += [
+            "",
+            f"Base weights restored bit for bit after all adapters: {'yes' if self.restored_bitwise else 'no'}",
+            "",
+        ]
         return "\n".join(out)

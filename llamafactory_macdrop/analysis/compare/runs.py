@@ -62,14 +62,17 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         if not sep or not key or not values.strip():
             raise CompareError(f"--grid {item!r} is not allowed: write KEY=V1,V2 (e.g. macdrop_p0=0.5,0.8)")
         if key == "macdrop" or not (key.startswith("macdrop_") or key in SHARED_GRID_KEYS):
-            raise CompareError(f"--grid {key}: allowed are macdrop_* keys (MacDrop arms) and "
-                               f"{', '.join(SHARED_GRID_KEYS)} (both arms)")
+            raise CompareError(
+                f"--grid {key}: allowed are macdrop_* keys (MacDrop arms) and {', '.join(SHARED_GRID_KEYS)} (both arms)"
+            )
         if key in grid:
             raise CompareError(f"--grid {key} is given twice: put all its values in one --grid {key}=V1,V2")
         try:
             parsed = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
         except yaml.YAMLError:
-            raise CompareError(f"--grid {item!r}: a value is not a plain YAML scalar (write numbers, words, true/false)") from None
+            raise CompareError(
+                f"--grid {item!r}: a value is not a plain YAML scalar (write numbers, words, true/false)"
+            ) from None
         if len(set(map(str, parsed))) != len(parsed):
             raise CompareError(f"--grid {item!r}: a value is listed twice")
         if key in SHARED_GRID_KEYS and not all(isinstance(v, bool) for v in parsed):
@@ -79,7 +82,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
 
 
 def _label(key: str, value: Any) -> str:
-    short = key[len("macdrop_"):] if key.startswith("macdrop_") else key
+    short = key[len("macdrop_") :] if key.startswith("macdrop_") else key
     text = json.dumps(value) if not isinstance(value, str) else value
     return f"{short}_{text}".replace("/", "-").replace(" ", "")
 
@@ -95,8 +98,13 @@ class Arm:
     varied: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arm": self.name, "macdrop": self.macdrop, "control": self.control, "varied": self.varied,
-                "macdrop_keys": {k: v for k, v in self.config.items() if is_macdrop_key(k)}}
+        return {
+            "arm": self.name,
+            "macdrop": self.macdrop,
+            "control": self.control,
+            "varied": self.varied,
+            "macdrop_keys": {k: v for k, v in self.config.items() if is_macdrop_key(k)},
+        }
 
 
 def plan_arms(base: dict[str, Any], grid: Optional[dict[str, list[Any]]] = None) -> tuple[list[Arm], list[str]]:
@@ -121,13 +129,18 @@ def plan_arms(base: dict[str, Any], grid: Optional[dict[str, list[Any]]] = None)
         for values in itertools.product(*grid.values()) if grid else [()]:
             varied = {**shared_set, **dict(zip(grid, values))}
             name = "-".join(["macdrop"] + [_label(k, v) for k, v in varied.items()])
-            arms.append(Arm(name, {**mac_base, **shared_set, **dict(zip(grid, values))}, True,
-                            control=plain_name, varied=varied))
+            arms.append(
+                Arm(
+                    name, {**mac_base, **shared_set, **dict(zip(grid, values))}, True, control=plain_name, varied=varied
+                )
+            )
     names = [a.name for a in arms]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise CompareError(f"--grid gives two arms the same folder name {twice[0]!r}: use values that differ in "
-                           "more than '/' and spaces")
+        raise CompareError(
+            f"--grid gives two arms the same folder name {twice[0]!r}: use values that differ in "
+            "more than '/' and spaces"
+        )
     return arms, notes
 
 
@@ -168,9 +181,12 @@ class Run:
         mark, history = self.marker() or {}, read_log_history(self.output_dir)
         losses = [h for h in history if "loss" in h]
         ps = [h["macdrop_p"] for h in history if "macdrop_p" in h]
-        info = {"seconds": mark.get("train_seconds"), "steps": max((h.get("step", 0) for h in history), default=None),
-                "final_loss": losses[-1]["loss"] if losses else None,
-                "train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)}
+        info = {
+            "seconds": mark.get("train_seconds"),
+            "steps": max((h.get("step", 0) for h in history), default=None),
+            "final_loss": losses[-1]["loss"] if losses else None,
+            "train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
+        }
         if ps:
             info.update(p_first=ps[0], p_last=ps[-1])
         return info
@@ -198,8 +214,15 @@ def plan_runs(arms: Sequence[Arm], seeds: Sequence[int], root: Path) -> list[Run
     for arm in arms:
         for seed in seeds:
             folder = root / arm.name / f"seed{seed}"
-            runs.append(Run(arm, seed, folder, root / "configs" / f"{arm.name}-seed{seed}.yaml",
-                            root / "logs" / f"{arm.name}-seed{seed}.log"))
+            runs.append(
+                Run(
+                    arm,
+                    seed,
+                    folder,
+                    root / "configs" / f"{arm.name}-seed{seed}.yaml",
+                    root / "logs" / f"{arm.name}-seed{seed}.log",
+                )
+            )
     return runs
 
 
@@ -207,8 +230,10 @@ def write_yaml(run: Run) -> Path:
     import yaml
 
     run.yaml_path.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# macdrop compare: arm {run.arm.name}, seed {run.seed} (written by `macdrop compare`; train it by hand with\n" \
-             f"#   llamafactory-cli train {run.yaml_path})\n"
+    header = (
+        f"# macdrop compare: arm {run.arm.name}, seed {run.seed} (written by `macdrop compare`; train it by hand with\n"
+        f"#   llamafactory-cli train {run.yaml_path})\n"
+    )
     run.yaml_path.write_text(header + yaml.safe_dump(run.config(), sort_keys=False))
     return run.yaml_path
 
@@ -245,8 +270,14 @@ def _tee(proc: subprocess.Popen, log, echo_stream, echo_line: Optional[Callable[
                     echo_line(text)
 
 
-def train(run: Run, command: Sequence[str], *, echo: Callable[[str], None] = print, stream_output: bool = True,
-          env: Optional[dict[str, str]] = None) -> float:
+def train(
+    run: Run,
+    command: Sequence[str],
+    *,
+    echo: Callable[[str], None] = print,
+    stream_output: bool = True,
+    env: Optional[dict[str, str]] = None,
+) -> float:
     """Train one run with ``command + [yaml]``; the marker is written only if it succeeded.
 
     Returns the wall time in seconds; raises :class:`CompareError` (one line, the log's path and
@@ -263,18 +294,27 @@ def train(run: Run, command: Sequence[str], *, echo: Callable[[str], None] = pri
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         except FileNotFoundError:
             raise CompareError(f"--train-command {shlex.join(command)}: {command[0]} not found") from None
-        _tee(proc, log, sys.stdout.buffer if stream_output else None,
-             lambda line: echo(f"    {run.name}: {line}"))
+        _tee(proc, log, sys.stdout.buffer if stream_output else None, lambda line: echo(f"    {run.name}: {line}"))
         code = proc.wait()
     seconds = time.time() - start
     if code != 0:
-        raise CompareError(f"{run.name} failed (exit {code}): {last_error_line(run.log_path)} -- log: {run.log_path}; "
-                           "rerun the same command to restart it (its folder is moved aside)")
+        raise CompareError(
+            f"{run.name} failed (exit {code}): {last_error_line(run.log_path)} -- log: {run.log_path}; "
+            "rerun the same command to restart it (its folder is moved aside)"
+        )
     if not (run.output_dir / "adapter_config.json").is_file():
-        raise CompareError(f"{run.name} finished but left no adapter_config.json in {run.output_dir} "
-                           f"(finetuning_type must be lora); log: {run.log_path}")
-    mark = {"arm": run.arm.name, "seed": run.seed, "config": _jsonable(run.config()), "command": argv,
-            "train_seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        raise CompareError(
+            f"{run.name} finished but left no adapter_config.json in {run.output_dir} "
+            f"(finetuning_type must be lora); log: {run.log_path}"
+        )
+    mark = {
+        "arm": run.arm.name,
+        "seed": run.seed,
+        "config": _jsonable(run.config()),
+        "command": argv,
+        "train_seconds": round(seconds, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     tmp = run.output_dir / (MARKER + ".tmp")
     tmp.write_text(json.dumps(mark, indent=1) + "\n")
     tmp.replace(run.output_dir / MARKER)  # all or nothing: a kill mid-write leaves no marker
@@ -284,7 +324,9 @@ def train(run: Run, command: Sequence[str], *, echo: Callable[[str], None] = pri
 def last_error_line(log_path: Path) -> str:
     """The most telling line of a failed run's log: a [macdrop] error, else the last *Error line."""
     try:
-        lines = [ln.strip() for ln in log_path.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+        lines = [
+            ln.strip() for ln in log_path.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()
+        ]
     except OSError:
         return "(no log)"
     for pick in (lambda ln: "[macdrop] error" in ln, lambda ln: "Error" in ln.split(":")[0]):

@@ -63,7 +63,9 @@ class PerplexityProtocol:
     tokenizer adds); :func:`resolve_protocol` turns it into the placement used."""
 
     seq_len: int = 4096  # tokens per window (a window is one forward pass)
-    bos: Optional[str] = None  # none | stream (once before the stream) | window (opens every window) | None: the tokenizer's
+    bos: Optional[str] = (
+        None  # none | stream (once before the stream) | window (opens every window) | None: the tokenizer's
+    )
     max_windows: Optional[int] = None  # evaluate at most this many windows (None: all)
     drop_partial: bool = True  # drop a last window shorter than seq_len
     bos_token: Optional[int | str] = None  # --bos-token: this token first, even where the tokenizer adds none
@@ -101,9 +103,15 @@ class Corpus:
 
 
 CORPORA: dict[str, Corpus] = {
-    "wikitext": Corpus("wikitext", "wikitext", "wikitext-2-raw-v1", "test", None, "\n\n", PerplexityProtocol(corpus_bos="none")),
-    "c4": Corpus("c4", "NeelNanda/c4-10k", None, "train", 5000, " ", PerplexityProtocol(corpus_bos="stream", max_windows=100)),
-    "pg19": Corpus("pg19", "emozilla/pg19", None, "validation", 5, " ", PerplexityProtocol(corpus_bos="stream", max_windows=100)),
+    "wikitext": Corpus(
+        "wikitext", "wikitext", "wikitext-2-raw-v1", "test", None, "\n\n", PerplexityProtocol(corpus_bos="none")
+    ),
+    "c4": Corpus(
+        "c4", "NeelNanda/c4-10k", None, "train", 5000, " ", PerplexityProtocol(corpus_bos="stream", max_windows=100)
+    ),
+    "pg19": Corpus(
+        "pg19", "emozilla/pg19", None, "validation", 5, " ", PerplexityProtocol(corpus_bos="stream", max_windows=100)
+    ),
 }
 #: local text files: encoded as the tokenizer encodes a document (its BOS, if any, once at the
 #: start); a short file still counts
@@ -205,7 +213,10 @@ class Windows:
 
 
 def resolve_protocol(
-    protocol: PerplexityProtocol, tokenizer: Any, config_bos: Optional[int] = None, vocab_size: Optional[int] = None,
+    protocol: PerplexityProtocol,
+    tokenizer: Any,
+    config_bos: Optional[int] = None,
+    vocab_size: Optional[int] = None,
 ) -> tuple[PerplexityProtocol, TextPrefix]:
     """The protocol with ``bos`` set to the placement used, and the prefix that goes there.
 
@@ -222,7 +233,9 @@ def resolve_protocol(
     if prefix.source == "--bos-token" and placement == "none":
         placement = "stream"
     if placement == "none":
-        return replace(protocol, bos="none"), prefix.without_tokens("corpus protocol: no BOS on this corpus, as Sun et al.")
+        return replace(protocol, bos="none"), prefix.without_tokens(
+            "corpus protocol: no BOS on this corpus, as Sun et al."
+        )
     return replace(protocol, bos=placement), prefix
 
 
@@ -232,7 +245,9 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_windows(stream: torch.Tensor, protocol: PerplexityProtocol, prefix: Sequence[int] | int | None = ()) -> Windows:
+def make_windows(
+    stream: torch.Tensor, protocol: PerplexityProtocol, prefix: Sequence[int] | int | None = ()
+) -> Windows:
     """Cut a 1-D token stream into the protocol's windows (views of it where possible).
 
     ``protocol.bos`` is the placement (``none``/``stream``/``window``, see :func:`resolve_protocol`)
@@ -240,7 +255,9 @@ def make_windows(stream: torch.Tensor, protocol: PerplexityProtocol, prefix: Seq
     prefix = [prefix] if isinstance(prefix, int) else [int(t) for t in (prefix or ())]
     placement = protocol.bos if protocol.bos is not None else (protocol.corpus_bos if prefix else "none")
     if placement != "none" and not prefix:
-        raise PerplexityError(f"--bos {placement} needs a token to put first, and none was given: use --bos none or --bos-token")
+        raise PerplexityError(
+            f"--bos {placement} needs a token to put first, and none was given: use --bos none or --bos-token"
+        )
     if placement == "none":
         prefix = []
     head = torch.tensor(prefix, dtype=stream.dtype, device=stream.device)
@@ -248,12 +265,14 @@ def make_windows(stream: torch.Tensor, protocol: PerplexityProtocol, prefix: Seq
         stream = torch.cat([head, stream])
     body = protocol.seq_len - (len(prefix) if placement == "window" else 0)  # text tokens per window
     if body < 1:
-        raise PerplexityError(f"--seq-len {protocol.seq_len} leaves no room for text after the {len(prefix)} prefix token(s)")
+        raise PerplexityError(
+            f"--seq-len {protocol.seq_len} leaves no room for text after the {len(prefix)} prefix token(s)"
+        )
     n_full = stream.numel() // body
     if protocol.max_windows is not None:
         n_full = min(n_full, protocol.max_windows)
     full = stream[: n_full * body].view(n_full, body)
-    rest = stream[n_full * body:]
+    rest = stream[n_full * body :]
     room = protocol.max_windows is None or n_full < protocol.max_windows
     opens = len(prefix) if placement == "window" else 0
     keep_tail = room and not protocol.drop_partial and rest.numel() > 0 and rest.numel() + opens >= 2
@@ -292,7 +311,11 @@ class PerplexityResult:
 
 @torch.inference_mode()
 def evaluate_perplexity(
-    model: nn.Module, windows: Windows, name: str = "", batch_size: int = 1, progress: bool = True,
+    model: nn.Module,
+    windows: Windows,
+    name: str = "",
+    batch_size: int = 1,
+    progress: bool = True,
     per_window: bool = False,
 ) -> PerplexityResult:
     """Perplexity of ``model`` over ``windows``; ``batch_size`` full windows per forward pass.
@@ -330,8 +353,9 @@ def evaluate_perplexity(
     nll = nll_sum / tokens
     window_tokens = None
     if per_window:
-        window_tokens = (windows.full.shape[1] - 1,) * windows.full.shape[0] + \
-            ((windows.tail.shape[1] - 1,) if windows.tail is not None else ())
-    return PerplexityResult(name, math.exp(nll), nll, tokens, windows.count, time.perf_counter() - start,
-                            window_nll, window_tokens)
-
+        window_tokens = (windows.full.shape[1] - 1,) * windows.full.shape[0] + (
+            (windows.tail.shape[1] - 1,) if windows.tail is not None else ()
+        )
+    return PerplexityResult(
+        name, math.exp(nll), nll, tokens, windows.count, time.perf_counter() - start, window_nll, window_tokens
+    )

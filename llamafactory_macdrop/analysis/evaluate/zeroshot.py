@@ -90,7 +90,9 @@ def parse_tasks(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in OFFLINE_TASKS]
     if unknown or not names:
-        raise ZeroShotError(f"--zeroshot {text!r}: unknown task {', '.join(unknown) or '(none)'}; allowed: {', '.join(OFFLINE_TASKS)}")
+        raise ZeroShotError(
+            f"--zeroshot {text!r}: unknown task {', '.join(unknown) or '(none)'}; allowed: {', '.join(OFFLINE_TASKS)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -219,8 +221,9 @@ class ZeroShotEvaluator:
         """lm-eval's accuracy per task; ``per_item`` also keeps each document's 0/1 score."""
         from lm_eval.evaluator import evaluate
 
-        out = evaluate(self.lm, {"tasks": self.tasks, "groups": {}}, limit=self.limit, bootstrap_iters=0,
-                       log_samples=per_item)
+        out = evaluate(
+            self.lm, {"tasks": self.tasks, "groups": {}}, limit=self.limit, bootstrap_iters=0, log_samples=per_item
+        )
         results = []
         for name in self.tasks:
             metrics = out["results"][name]
@@ -229,7 +232,14 @@ class ZeroShotEvaluator:
             if per_item:
                 logged = sorted(out["samples"][name], key=lambda e: e["doc_id"])
                 items = tuple(float(e["acc"]) for e in logged)
-            results.append(ZeroShotResult(name, float(metrics["acc,none"]),
-                                          float(metrics["acc_norm,none"]) if "acc_norm,none" in metrics else None,
-                                          int(n), OFFLINE_TASKS[name].split, items))
+            results.append(
+                ZeroShotResult(
+                    name,
+                    float(metrics["acc,none"]),
+                    float(metrics["acc_norm,none"]) if "acc_norm,none" in metrics else None,
+                    int(n),
+                    OFFLINE_TASKS[name].split,
+                    items,
+                )
+            )
         return results

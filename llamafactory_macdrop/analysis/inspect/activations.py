@@ -148,14 +148,21 @@ class ActivationReport(JsonReport):
         ]
         for s in self.layers:
             h = s.hidden_top + [float("nan")] * (3 - len(s.hidden_top))
-            it = f"{s.intermediate_top[0]:10,.1f} {s.intermediate_median:8.3f}" if s.intermediate_top else f"{'-':>10} {'-':>8}"
+            it = (
+                f"{s.intermediate_top[0]:10,.1f} {s.intermediate_median:8.3f}"
+                if s.intermediate_top
+                else f"{'-':>10} {'-':>8}"
+            )
             where = f"  dims {s.massive_dims} pos {s.massive_positions}" if s.massive else ""
             lines.append(
                 f"  {s.layer:5d}  {h[0]:11,.1f} {h[1]:9,.1f} {h[2]:9,.1f} {s.hidden_median:8.3f}  {it}  {len(s.massive):7d}{where}"
             )
         origin = self.origin_layer
-        lines.append(f"  origin of the massive activations: layer {origin}" if origin is not None
-                     else "  no massive activations by this criterion")
+        lines.append(
+            f"  origin of the massive activations: layer {origin}"
+            if origin is not None
+            else "  no massive activations by this criterion"
+        )
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -183,6 +190,7 @@ def activation_report(
     def down_hook(i):
         def hook(module, args):
             inter[i] = per_position(args[0]).float().abs()
+
         return hook
 
     def layer_hook(i):
@@ -202,6 +210,7 @@ def activation_report(
                     peak = max(massive, key=lambda m: abs(m.value))
                     origin["row"] = u[peak.position].cpu()
             layers[i] = stats
+
         return hook
 
     def register():

@@ -134,20 +134,26 @@ class AttentionReport(JsonReport):
             mark = "  <- massive layer" if s.layer == self.massive_layer else ""
             top = f"{s.top_key}" + (f" {self.tokens[s.top_key]!r}" if self.tokens else "")
             lines.append(f"  {s.layer:5d}  {s.sink_share:10.3f}  {top:<18}  {s.residual_massive[0]:31,.1f}{mark}")
-        lines.append(f"  position experiment at layer {self.position_layer}: placement  probe position  "
-                     "|h| at the probe (max elsewhere)  attention on it")
+        lines.append(
+            f"  position experiment at layer {self.position_layer}: placement  probe position  "
+            "|h| at the probe (max elsewhere)  attention on it"
+        )
         for run in self.placements:
             i = [s.layer for s in self.layers].index(self.position_layer)
             res = run.residual_massive[i]
             if run.probe_position is None:
-                lines.append(f"    {run.placement:<7}  {'-':>5}  position 0 (the first token): {res[0]:,.1f}, "
-                             f"attention {run.share[i][0]:.3f}")
+                lines.append(
+                    f"    {run.placement:<7}  {'-':>5}  position 0 (the first token): {res[0]:,.1f}, "
+                    f"attention {run.share[i][0]:.3f}"
+                )
                 continue
             p = run.probe_position
             others = max((v for j, v in enumerate(res) if j != p), default=float("nan"))
             on = run.attention_on_probe[i]
-            lines.append(f"    {run.placement:<7}  {p:5d}  {res[p]:,.1f} ({others:,.1f})  "
-                         + (f"{on:.3f}" if on is not None else "- (last position)"))
+            lines.append(
+                f"    {run.placement:<7}  {p:5d}  {res[p]:,.1f} ({others:,.1f})  "
+                + (f"{on:.3f}" if on is not None else "- (last position)")
+            )
         return "\n".join(lines)
 
 
@@ -173,8 +179,10 @@ def eager_attention(model: nn.Module, notes: list[str]) -> Iterator[str]:
                 f"{type(root).__name__} runs {before} attention, which gives no attention probabilities, and cannot be "
                 "switched to eager attention in place: load it with attn_implementation='eager'"
             )
-        notes.append(f"the model runs {before} attention, which forms no probabilities: switched to eager attention "
-                     f"for this analysis (switched back to {before} afterwards)")
+        notes.append(
+            f"the model runs {before} attention, which forms no probabilities: switched to eager attention "
+            f"for this analysis (switched back to {before} afterwards)"
+        )
     try:
         yield "eager"
     finally:
@@ -200,6 +208,7 @@ def attention_pass(
             residual[i] = per_position(first_tensor(output)).float().abs().cpu()
             if progress is not None:
                 progress(len(residual), len(blocks))
+
         return record
 
     handles = [b.layer.register_forward_hook(hook(b.index)) for b in blocks]
@@ -282,14 +291,19 @@ def attention_report(
         raise AttentionError("the probe text is empty: give a text of at least one token")
     layer_ids = [b.index for b in blocks]
     if position_layer is not None and position_layer not in layer_ids:
-        raise AttentionError(f"--position-layer {position_layer} is out of range: the model has layers 0..{layer_ids[-1]}")
+        raise AttentionError(
+            f"--position-layer {position_layer} is out of range: the model has layers 0..{layer_ids[-1]}"
+        )
     notes: list[str] = []
     fed_first = None
     if located is None and probe_token is None and (tokenizer is not None or prefix is not None):
         prefix = prefix if prefix is not None else resolve_prefix(tokenizer)
         encoded = prefix.apply(words)
-        fed_first = ProbeToken(encoded[0], "what the tokenizer puts first" if prefix.token_ids else
-                               "the text's first token: nothing is put before it", token_text(tokenizer, encoded[0]))
+        fed_first = ProbeToken(
+            encoded[0],
+            "what the tokenizer puts first" if prefix.token_ids else "the text's first token: nothing is put before it",
+            token_text(tokenizer, encoded[0]),
+        )
         words = encoded[1:]
         if not words:
             raise AttentionError("the probe text is one token: give a text of at least two tokens")
@@ -301,9 +315,13 @@ def attention_report(
     notes += list(located.warnings)
     probe = int(located.probe_token_id) if fed_first is None else fed_first.token_id
     if fed_first is not None and located.probe_token_id != fed_first.token_id:
-        notes.append(f"the input's first token {fed_first.token_id} carries no massive activation alone: the massive "
-                     f"layer comes from the locator's next candidate {located.probe_token_id} ({located.probe_token_source})")
-    tokens_of = (lambda ids: [token_text(tokenizer, i) or str(i) for i in ids]) if tokenizer is not None else (lambda ids: None)
+        notes.append(
+            f"the input's first token {fed_first.token_id} carries no massive activation alone: the massive "
+            f"layer comes from the locator's next candidate {located.probe_token_id} ({located.probe_token_source})"
+        )
+    tokens_of = (
+        (lambda ids: [token_text(tokenizer, i) or str(i) for i in ids]) if tokenizer is not None else (lambda ids: None)
+    )
     runs = _placements(probe, words)
 
     with eager_attention(model, notes) as implementation:
@@ -324,8 +342,17 @@ def attention_report(
         if per_head:
             hs = key_share(p)
             heads = [HeadAttention(h, hs[h].tolist(), float(hs[h, 0]), int(hs[h].argmax())) for h in range(p.shape[0])]
-        layers.append(LayerAttention(index, float(share[0]), int(share.argmax()), share.tolist(), mean.tolist(),
-                                     r[:, d].max(dim=1).values.tolist(), heads))
+        layers.append(
+            LayerAttention(
+                index,
+                float(share[0]),
+                int(share.argmax()),
+                share.tolist(),
+                mean.tolist(),
+                r[:, d].max(dim=1).values.tolist(),
+                heads,
+            )
+        )
     if position_layer is None:
         after = [s for s in layers if s.layer > located.layer] or layers
         position_layer = max(after, key=lambda s: s.sink_share).layer
@@ -337,18 +364,36 @@ def attention_report(
         means = [p.mean(dim=0) for p in p_all]
         on = []
         for mean in means:
-            after = mean[pos + 1:, pos] if pos is not None else mean[:0, 0]
+            after = mean[pos + 1 :, pos] if pos is not None else mean[:0, 0]
             on.append(float(after.mean()) if after.numel() else None)
-        placements.append(PlacementRun(
-            name, ids, tokens_of(ids), pos,
-            [r[:, d].max(dim=1).values.tolist() for r in r_all],
-            [key_share(mean).tolist() for mean in means], on, means[at].tolist()))
+        placements.append(
+            PlacementRun(
+                name,
+                ids,
+                tokens_of(ids),
+                pos,
+                [r[:, d].max(dim=1).values.tolist() for r in r_all],
+                [key_share(mean).tolist() for mean in means],
+                on,
+                means[at].tolist(),
+            )
+        )
     return AttentionReport(
-        model=model_name(model), text=shown, input_ids=runs["start"][0], tokens=tokens_of(runs["start"][0]),
+        model=model_name(model),
+        text=shown,
+        input_ids=runs["start"][0],
+        tokens=tokens_of(runs["start"][0]),
         probe_token_id=probe,
         probe_token_text=fed_first.text if fed_first is not None else located.probe_token_text,
         probe_token_source=fed_first.source if fed_first is not None else located.probe_token_source,
-        massive_layer=located.layer, massive=located.massive, massive_dims=dims, attn_implementation=implementation,
-        layers=layers, position_layer=position_layer, placements=placements, num_heads=int(probs[0].shape[0]),
-        notes=notes, prefix=prefix.protocol() if prefix is not None else None,
+        massive_layer=located.layer,
+        massive=located.massive,
+        massive_dims=dims,
+        attn_implementation=implementation,
+        layers=layers,
+        position_layer=position_layer,
+        placements=placements,
+        num_heads=int(probs[0].shape[0]),
+        notes=notes,
+        prefix=prefix.protocol() if prefix is not None else None,
     )

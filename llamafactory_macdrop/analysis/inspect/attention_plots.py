@@ -62,15 +62,25 @@ def sink_curve_figure(report: AttentionReport):
     fig = Figure(figsize=(7.0, 3.4), dpi=110)
     ax = fig.subplots()
     x = [s.layer for s in report.layers]
-    ax.plot(x, [s.sink_share for s in report.layers], marker="o", ms=3, color="tab:blue", label="attention on position 0")
+    ax.plot(
+        x, [s.sink_share for s in report.layers], marker="o", ms=3, color="tab:blue", label="attention on position 0"
+    )
     ax.set_ylim(0, 1)
     ax.set_xlabel("layer (0-based)")
     ax.set_ylabel("sink share (heads, queries >= 1)", fontsize=8)
-    ax.axvline(report.massive_layer, color="black", linestyle=":", linewidth=1.2,
-               label=f"massive layer {report.massive_layer}")
+    ax.axvline(
+        report.massive_layer, color="black", linestyle=":", linewidth=1.2, label=f"massive layer {report.massive_layer}"
+    )
     right = ax.twinx()
-    right.plot(x, [s.residual_massive[0] for s in report.layers], marker=".", ms=3, color="tab:red", linestyle="--",
-               label=f"|h| at dims {report.massive_dims}, position 0")
+    right.plot(
+        x,
+        [s.residual_massive[0] for s in report.layers],
+        marker=".",
+        ms=3,
+        color="tab:red",
+        linestyle="--",
+        label=f"|h| at dims {report.massive_dims}, position 0",
+    )
     right.set_yscale("log")
     right.set_ylabel("|residual| at the massive dims", fontsize=8)
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
@@ -103,8 +113,9 @@ def position_figure(report: AttentionReport):
         top.set_title(f"probe token {run.placement}", fontsize=8)
         if col == 0:
             top.set_ylabel(f"|h| at dims {report.massive_dims}", fontsize=7)
-        image = _heatmap(axes[1][col], run.attention_at, labels, f"attention, layer {report.position_layer}",
-                         ylabel=col == 0)
+        image = _heatmap(
+            axes[1][col], run.attention_at, labels, f"attention, layer {report.position_layer}", ylabel=col == 0
+        )
     fig.colorbar(image, ax=list(axes[1]), shrink=0.8, label="attention probability")
     fig.suptitle(f"{report.model}: where the probe token stands (layer {report.position_layer})", fontsize=9)
     return fig
@@ -118,7 +129,9 @@ def routing_figure(located):
     fig = Figure(figsize=(1.2 + 0.5 * len(routes[0].probs), 1.4 + 0.3 * len(routes)), dpi=110)
     ax = fig.subplots()
     image = ax.imshow([r.probs for r in routes], vmin=0.0, vmax=1.0, cmap="magma", aspect="auto")
-    ax.set_yticks(range(len(routes)), [f"{r.layer}{' *' if r.layer == located.layer else ''}" for r in routes], fontsize=7)
+    ax.set_yticks(
+        range(len(routes)), [f"{r.layer}{' *' if r.layer == located.layer else ''}" for r in routes], fontsize=7
+    )
     ax.set_xticks(range(len(routes[0].probs)), [str(e) for e in range(len(routes[0].probs))], fontsize=7)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer (* massive)")

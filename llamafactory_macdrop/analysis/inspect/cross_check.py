@@ -27,16 +27,22 @@ from ...core.first_token import template_first_token
 from ...core.locator import LocatorResult, locate_massive_weights
 
 
-def locate_as_cli(model: nn.Module, tokenizer: Any, k: int = 5, blocks: Optional[Sequence[FFNBlock]] = None,
-                  probe_token: int | str | None = None) -> LocatorResult:
+def locate_as_cli(
+    model: nn.Module,
+    tokenizer: Any,
+    k: int = 5,
+    blocks: Optional[Sequence[FFNBlock]] = None,
+    probe_token: int | str | None = None,
+) -> LocatorResult:
     """The locator with ``macdrop locate``'s defaults (no template name: the tokenizer's own)."""
     first = template_first_token(tokenizer) if probe_token is None else None
-    return locate_massive_weights(model, k, tokenizer=tokenizer, first_token=first, probe_token=probe_token,
-                                  blocks=blocks)
+    return locate_massive_weights(
+        model, k, tokenizer=tokenizer, first_token=first, probe_token=probe_token, blocks=blocks
+    )
 
 
 def probe_label(located: LocatorResult) -> str:
-    """"probe 1 '<s>' (tokenizer prepends it)" for messages."""
+    """ "probe 1 '<s>' (tokenizer prepends it)" for messages."""
     if located.probe_token_id is None:
         return "layer and rows given"
     text = f" {located.probe_token_text!r}" if located.probe_token_text is not None else ""
@@ -58,17 +64,24 @@ class LayerAgreement:
         if self.locator_layer is None:
             return out
         if self.activations_layer is not None and self.activations_layer != self.locator_layer:
-            out.append(f"the massive activations start at layer {self.activations_layer} on {self.text}, "
-                       f"the locator names layer {self.locator_layer} ({self.locator_probe})")
+            out.append(
+                f"the massive activations start at layer {self.activations_layer} on {self.text}, "
+                f"the locator names layer {self.locator_layer} ({self.locator_probe})"
+            )
         if self.super_weight is not None and self.super_weight[0] != self.locator_layer:
-            out.append(f"the super weight {self.super_weight} on {self.text} is in layer {self.super_weight[0]}, "
-                       f"the locator names layer {self.locator_layer} ({self.locator_probe})")
+            out.append(
+                f"the super weight {self.super_weight} on {self.text} is in layer {self.super_weight[0]}, "
+                f"the locator names layer {self.locator_layer} ({self.locator_probe})"
+            )
         return out
 
     def line(self) -> str:
         sw = f"super weight {self.super_weight}" if self.super_weight else "no super weight"
-        act = f"massive activations from layer {self.activations_layer}" if self.activations_layer is not None \
+        act = (
+            f"massive activations from layer {self.activations_layer}"
+            if self.activations_layer is not None
             else "no massive activations"
+        )
         verdict = "agree" if not self.warnings() else "DISAGREE"
         return f"cross-check on {self.text}: {act}, {sw}; locator layer {self.locator_layer}: {verdict}"
 
@@ -79,8 +92,13 @@ class LayerAgreement:
         return out
 
 
-def cross_check(model: nn.Module, input_ids: torch.Tensor | Sequence[int], located: LocatorResult, text: str,
-                blocks: Optional[Sequence[FFNBlock]] = None) -> LayerAgreement:
+def cross_check(
+    model: nn.Module,
+    input_ids: torch.Tensor | Sequence[int],
+    located: LocatorResult,
+    text: str,
+    blocks: Optional[Sequence[FFNBlock]] = None,
+) -> LayerAgreement:
     """Run the activation and super-weight detectors on ``input_ids`` and compare with ``located``."""
     from .activations import activation_report
     from .superweight import find_super_weights
@@ -89,5 +107,10 @@ def cross_check(model: nn.Module, input_ids: torch.Tensor | Sequence[int], locat
     activations = activation_report(model, input_ids, blocks)
     sw = find_super_weights(model, input_ids, blocks)
     first = next((c for c in sw.candidates if c.creates), None)
-    return LayerAgreement(located.layer, probe_label(located), activations.origin_layer,
-                          (first.layer, first.row, first.col) if first else None, text)
+    return LayerAgreement(
+        located.layer,
+        probe_label(located),
+        activations.origin_layer,
+        (first.layer, first.row, first.col) if first else None,
+        text,
+    )

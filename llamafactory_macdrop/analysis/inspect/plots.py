@@ -39,9 +39,16 @@ def layer_profile_figure(report: ActivationReport, origin_layer: Optional[int] =
     fig = Figure(figsize=(7.0, 5.6), dpi=110)
     axes = fig.subplots(2, 1, sharex=True)
     panels = (
-        ("|hidden state| (layer output)", [s.hidden_top for s in report.layers], [s.hidden_median for s in report.layers]),
-        ("|intermediate| (down input)", [s.intermediate_top for s in report.layers],
-         [s.intermediate_median if s.intermediate_median is not None else float("nan") for s in report.layers]),
+        (
+            "|hidden state| (layer output)",
+            [s.hidden_top for s in report.layers],
+            [s.hidden_median for s in report.layers],
+        ),
+        (
+            "|intermediate| (down input)",
+            [s.intermediate_top for s in report.layers],
+            [s.intermediate_median if s.intermediate_median is not None else float("nan") for s in report.layers],
+        ),
     )
     for ax, (title, tops, medians) in zip(axes, panels):
         padded = [_nan_pad(t) for t in tops]
@@ -108,14 +115,22 @@ def stopword_figure(report):
     ax.bar([i - 0.2 for i in x], before, width=0.4, color="tab:blue", label="original")
     ax.bar([i + 0.2 for i in x], after, width=0.4, color="tab:red", label="super weight zeroed")
     for i, w in enumerate(words):
-        ax.annotate(f"x{w.ratio:.1f}", (i, max(w.p_original, w.p_zeroed)), textcoords="offset points", xytext=(0, 3),
-                    ha="center", fontsize=7)
+        ax.annotate(
+            f"x{w.ratio:.1f}",
+            (i, max(w.p_original, w.p_zeroed)),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+            fontsize=7,
+        )
     ax.set_xticks(x)
     ax.set_xticklabels([repr(w.word)[1:-1] for w in words], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("mean next-token probability")
-    ax.set_title(f"{report.model}: stop words when {report.super_weight_names()} is zeroed "
-                 f"({report.positions} positions)", fontsize=8)
+    ax.set_title(
+        f"{report.model}: stop words when {report.super_weight_names()} is zeroed ({report.positions} positions)",
+        fontsize=8,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -37,7 +37,9 @@ def stopword_token_ids(tokenizer: Any, words: Sequence[str]) -> dict[str, list[i
             if len(enc) == 1 and enc[0] not in ids:
                 ids.append(enc[0])
         if not ids:
-            raise AttackError(f"--stopword-tokens {word!r}: neither {word!r} nor {' ' + word!r} is a single token of this tokenizer")
+            raise AttackError(
+                f"--stopword-tokens {word!r}: neither {word!r} nor {' ' + word!r} is a single token of this tokenizer"
+            )
         out[word] = ids
     return out
 
@@ -67,9 +69,11 @@ class StopWordReport(JsonReport):
         return asdict(self)
 
     def table(self) -> str:
-        lines = [f"Stop words when the super weight(s) {self.super_weight_names()} are zeroed "
-                 f"({self.positions} positions of {', '.join(self.texts)})",
-                 f"  {'word':<8} {'token ids':<16} {'p original':>11} {'p zeroed':>11} {'ratio':>8}"]
+        lines = [
+            f"Stop words when the super weight(s) {self.super_weight_names()} are zeroed "
+            f"({self.positions} positions of {', '.join(self.texts)})",
+            f"  {'word':<8} {'token ids':<16} {'p original':>11} {'p zeroed':>11} {'ratio':>8}",
+        ]
         for w in self.words:
             ids = ",".join(map(str, w.token_ids))
             lines.append(f"  {repr(w.word):<8} {ids:<16} {w.p_original:11.5f} {w.p_zeroed:11.5f} {w.ratio:8.2f}")
@@ -122,8 +126,13 @@ def stopword_shift(
         model.train(was_training)
     if not all(torch.equal(bits(c.read()), b) for c, b in zip(columns, before)):
         raise RuntimeError("super weights not restored bitwise after the stop-word measurement")
-    report = StopWordReport(model=model_label, super_weights=[{"layer": s.layer, "row": s.row, "col": s.col} for s in super_weights],
-                            texts=list(texts), positions=n, restored_bitwise=True)
+    report = StopWordReport(
+        model=model_label,
+        super_weights=[{"layer": s.layer, "row": s.row, "col": s.col} for s in super_weights],
+        texts=list(texts),
+        positions=n,
+        restored_bitwise=True,
+    )
     for (word, tids), po, pz in zip(word_ids.items(), (orig / n).tolist(), (zeroed / n).tolist()):
         report.words.append(StopWordShift(word, tids, po, pz, pz / po if po > 0 else float("inf")))
     return report

@@ -95,7 +95,9 @@ def _weight_map(model_dir: Path) -> dict[str, Path]:
 
         with safe_open(str(single), "pt") as f:
             return dict.fromkeys(f.keys(), single)
-    raise LocatorError(f"{model_dir}: no model.safetensors or model.safetensors.index.json (layer-by-layer loading reads safetensors only)")
+    raise LocatorError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json (layer-by-layer loading reads safetensors only)"
+    )
 
 
 def checkpoint_bytes(model_dir: str | Path) -> int:
@@ -129,8 +131,8 @@ class LayerByLayerModel:
     def _checkpoint_name(self, name: str) -> Optional[str]:
         if name in self.weights:
             return name
-        if self._strip and name.startswith(self._strip) and name[len(self._strip):] in self.weights:
-            return name[len(self._strip):]  # checkpoints saved from the base model (old GPT-2)
+        if self._strip and name.startswith(self._strip) and name[len(self._strip) :] in self.weights:
+            return name[len(self._strip) :]  # checkpoints saved from the base model (old GPT-2)
         return None
 
     def _read(self, name: str) -> torch.Tensor:
@@ -195,6 +197,7 @@ class LayerByLayerModel:
         """Hooks that read each layer right before it runs and drop it right after."""
         handles, sizes = [], {}
         for block in self.blocks:
+
             def pre(module, args, kwargs, block=block, prefix=block.layer_prefix):
                 sizes[block.index] = self._materialise(module, prefix, layer=True)
                 self.stats.layers_loaded.append(block.index)
@@ -228,8 +231,15 @@ def locate_layer_by_layer(
         lazy.load_non_layer_parameters()
         handles = lazy.attach()
         result = locate_massive_weights(
-            lazy.model, k, probe_token=probe_token, tokenizer=tokenizer, first_token=first_token, layer=layer,
-            indices=indices, blocks=lazy.blocks, stop_early=True,
+            lazy.model,
+            k,
+            probe_token=probe_token,
+            tokenizer=tokenizer,
+            first_token=first_token,
+            layer=layer,
+            indices=indices,
+            blocks=lazy.blocks,
+            stop_early=True,
         )
     finally:
         for h in handles:

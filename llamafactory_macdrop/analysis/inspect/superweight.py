@@ -153,20 +153,27 @@ class SuperWeightReport(JsonReport):
             lines += [f"  warning: {w}" for w in self.warnings]
             return "\n".join(lines)
         checked = self.located is not None
-        lines.append(f"  {'layer':>5} {'row':>6} {'col':>6} {'weight':>9} {'in spike':>10} {'out spike':>11} "
-                     f"{'pos':>4} {'share':>6}  {'kind':<7}" + ("  col = massive row" if checked else ""))
+        lines.append(
+            f"  {'layer':>5} {'row':>6} {'col':>6} {'weight':>9} {'in spike':>10} {'out spike':>11} "
+            f"{'pos':>4} {'share':>6}  {'kind':<7}" + ("  col = massive row" if checked else "")
+        )
         for c in self.candidates:
             rank = ""
             if checked:
-                rank = "  " + (f"rank {c.massive_row_rank}" + (" (top-1)" if c.massive_row_rank == 1 else "")
-                               if c.massive_row_rank else "no")
+                rank = "  " + (
+                    f"rank {c.massive_row_rank}" + (" (top-1)" if c.massive_row_rank == 1 else "")
+                    if c.massive_row_rank
+                    else "no"
+                )
             lines.append(
                 f"  {c.layer:5d} {c.row:6d} {c.col:6d} {c.weight:9.4f} {c.input_spike:10,.1f} {c.output_spike:11,.1f} "
                 f"{c.position:4d} {c.share:6.2f}  {'creates' if c.creates else 'dampens':<7}{rank}"
             )
         if checked:
-            lines.append(f"  locator: massive layer {self.located['layer']}, rows {self.located['indices']}"
-                         + (f" ({self.located['probe']})" if self.located.get("probe") else ""))
+            lines.append(
+                f"  locator: massive layer {self.located['layer']}, rows {self.located['indices']}"
+                + (f" ({self.located['probe']})" if self.located.get("probe") else "")
+            )
         if self.published is not None:
             lines.append(f"  published: {self.published['message']}")
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -194,13 +201,16 @@ def find_super_weights(
     top: int = 3,
 ) -> SuperWeightReport:
     """Candidate super weights from one forward pass of ``input_ids`` (1 x T); see the module rule."""
-    blocks = [b for b in (blocks if blocks is not None else find_ffn_blocks(model)) if getattr(b, "down", None) is not None]
+    blocks = [
+        b for b in (blocks if blocks is not None else find_ffn_blocks(model)) if getattr(b, "down", None) is not None
+    ]
     ids = as_batch(model, input_ids)
     rec: dict[int, dict[str, Any]] = {b.index: {} for b in blocks}
 
     def down_pre(i):
         def hook(module, args):
             rec[i]["inter"] = per_position(args[0]).float()
+
         return hook
 
     def down_post(i):
@@ -211,12 +221,14 @@ def find_super_weights(
             r["out_spike"], r["out_pos"], r["row"] = _argmax2(out)
             r["out_value"] = float(out[r["out_pos"], r["row"]])
             r["unit"] = float(r.pop("inter")[r["out_pos"], r["col"]])  # the column's input at the spike
+
         return hook
 
     def layer_pre(i):
         def hook(module, args, kwargs):
             r = rec[i]
             r["h_in"] = per_position(args[0] if args else kwargs["hidden_states"])
+
         return hook
 
     def layer_post(i):
@@ -227,6 +239,7 @@ def find_super_weights(
                 pos, row = r["out_pos"], r["row"]
                 h_out = per_position(first_tensor(output))
                 r["res_in"], r["res_out"] = float(h_in[pos, row].abs()), float(h_out[pos, row].abs())
+
         return hook
 
     def register():
@@ -247,13 +260,23 @@ def find_super_weights(
 
     spikes = {
         b.index: DownSpikes(
-            b.index, r["in_spike"], r["in_pos"], r["col"], r["out_spike"], r["out_pos"], r["row"], r["res_in"], r["res_out"]
+            b.index,
+            r["in_spike"],
+            r["in_pos"],
+            r["col"],
+            r["out_spike"],
+            r["out_pos"],
+            r["row"],
+            r["res_in"],
+            r["res_out"],
         )
         for b, r in ((b, rec[b.index]) for b in blocks)
     }
     largest = max((s.output_spike for s in spikes.values()), default=0.0)
     cutoff = threshold if threshold is not None else RELATIVE * largest
-    kept = [s for s in spikes.values() if (s.output_spike > cutoff if threshold is not None else s.output_spike >= cutoff)]
+    kept = [
+        s for s in spikes.values() if (s.output_spike > cutoff if threshold is not None else s.output_spike >= cutoff)
+    ]
     kept.sort(key=lambda s: (not s.creates, -s.output_spike))
 
     names = {id(m): n for n, m in unwrap_peft(model).named_modules()}
@@ -264,14 +287,23 @@ def find_super_weights(
         weight = _weight_at(block, s.row, s.col)
         candidates.append(
             SuperWeight(
-                layer=s.layer, row=s.row, col=s.col, weight=weight, input_spike=s.input_spike,
-                output_spike=s.output_spike, position=s.output_position,
+                layer=s.layer,
+                row=s.row,
+                col=s.col,
+                weight=weight,
+                input_spike=s.input_spike,
+                output_spike=s.output_spike,
+                position=s.output_position,
                 share=r["unit"] * weight / r["out_value"] if r["out_value"] else 0.0,
-                creates=s.creates, module=names.get(id(base_layer(block.down)), "") + ".weight",
+                creates=s.creates,
+                module=names.get(id(base_layer(block.down)), "") + ".weight",
             )
         )
     return SuperWeightReport(
-        model=model_name(model), input_ids=ids[0].tolist(), threshold=threshold, candidates=candidates,
+        model=model_name(model),
+        input_ids=ids[0].tolist(),
+        threshold=threshold,
+        candidates=candidates,
         layers=[spikes[b.index] for b in blocks],
     )
 

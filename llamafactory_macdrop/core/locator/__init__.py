@@ -32,7 +32,28 @@ from .probe import probe_candidates, probe_ffn_states, resolve_probe_token, toke
 from .result import LOCATOR_FILE, CandidateResult, LayerStats, LocatorError, LocatorResult, ProbeToken, RouterProbs
 from .rule import KEEP_FRACTION, MASSIVE_ABS, MEDIAN_RATIO, MIN_JUMP, PERSIST_LAYERS, RULE, find_origin, is_massive
 
-__all__ = ["KEEP_FRACTION", "LOCATOR_FILE", "MASSIVE_ABS", "MEDIAN_RATIO", "MIN_JUMP", "PERSIST_LAYERS", "RULE",
-           "CandidateResult", "LayerStats", "LocatorError", "LocatorResult", "ProbeToken", "RouterProbs", "find_origin",
-           "is_massive", "locate_massive_weights", "probe_candidates", "probe_ffn_states", "read_locator_file",
-           "read_resumed_locator_file", "resolve_probe_token", "reuse_result", "token_text"]
+__all__ = [
+    "KEEP_FRACTION",
+    "LOCATOR_FILE",
+    "MASSIVE_ABS",
+    "MEDIAN_RATIO",
+    "MIN_JUMP",
+    "PERSIST_LAYERS",
+    "RULE",
+    "CandidateResult",
+    "LayerStats",
+    "LocatorError",
+    "LocatorResult",
+    "ProbeToken",
+    "RouterProbs",
+    "find_origin",
+    "is_massive",
+    "locate_massive_weights",
+    "probe_candidates",
+    "probe_ffn_states",
+    "read_locator_file",
+    "read_resumed_locator_file",
+    "resolve_probe_token",
+    "reuse_result",
+    "token_text",
+]

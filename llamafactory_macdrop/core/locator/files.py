@@ -15,8 +15,16 @@ from .result import LocatorError, LocatorResult
 
 #: what every locator file must hold, and of which JSON type (the rest is optional: older files lack it)
 _LOCATOR_REQUIRED = {"model": str, "layer": int, "indices": list, "modules": list, "source": str}
-_LOCATOR_OPTIONAL = {"magnitudes": list, "median": (int, float), "probe_token_id": int, "massiveness": (int, float),
-                     "layers": list, "candidates": list, "warnings": list, "routing": list}
+_LOCATOR_OPTIONAL = {
+    "magnitudes": list,
+    "median": (int, float),
+    "probe_token_id": int,
+    "massiveness": (int, float),
+    "layers": list,
+    "candidates": list,
+    "warnings": list,
+    "routing": list,
+}
 
 
 def read_locator_file(path: str | Path) -> LocatorResult:
@@ -25,6 +33,7 @@ def read_locator_file(path: str | Path) -> LocatorResult:
     The one reader of the file (``macdrop summary`` and a resumed run): anything that is not such a
     file (unreadable, not UTF-8, not JSON, truncated, not an object, keys missing or of the wrong
     type) is a :class:`LocatorError` in one line naming the file and what is wrong."""
+
     def bad(why: str) -> LocatorError:
         return LocatorError(f"{path} is not a MacDrop locator file: {why}")
 
@@ -39,7 +48,13 @@ def read_locator_file(path: str | Path) -> LocatorResult:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        ending = "; the file is empty" if not text.strip() else "; it looks cut short" if err.pos >= len(text.rstrip()) else ""
+        ending = (
+            "; the file is empty"
+            if not text.strip()
+            else "; it looks cut short"
+            if err.pos >= len(text.rstrip())
+            else ""
+        )
         raise bad(f"not valid JSON ({err}{ending})") from None
     if not isinstance(data, dict):
         raise bad(f"it holds a JSON {_json_kind(data)}, not an object with the located layer and rows")
@@ -53,7 +68,9 @@ def read_locator_file(path: str | Path) -> LocatorResult:
         if not isinstance(value, kind) or isinstance(value, bool):
             wanted = _json_kind(kind() if isinstance(kind, type) else 0)
             raise bad(f"'{key}' is a JSON {_json_kind(value)}, expected {'an' if wanted[0] in 'ao' else 'a'} {wanted}")
-    if not data["indices"] or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in data["indices"]):
+    if not data["indices"] or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in data["indices"]
+    ):
         raise bad(f"'indices' is {data['indices']!r}, expected a non-empty list of row indices >= 0")
     data = {k: v for k, v in data.items() if not (k in ("layers", "candidates", "warnings", "routing") and v is None)}
     data = {**data, **{k: None for k in ("magnitudes", "median", "probe_token_id", "massiveness") if k not in data}}
@@ -72,8 +89,15 @@ def read_resumed_locator_file(path: str | Path) -> LocatorResult:
 
 
 def _json_kind(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
-             type(None): "null"}
+    names = {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -99,9 +123,13 @@ def reuse_result(
     by_index = {b.index: b for b in blocks}
     block = by_index.get(result.layer)
     if block is None or block.module_names(result.expert) != result.modules:
-        raise LocatorError(f"{path} names weights {result.modules} that this model does not have at layer {result.layer}: {fix}")
+        raise LocatorError(
+            f"{path} names weights {result.modules} that this model does not have at layer {result.layer}: {fix}"
+        )
     if max(result.indices) >= block.intermediate_size:
-        raise LocatorError(f"{path}: indices {result.indices} exceed the intermediate size {block.intermediate_size}: {fix}")
+        raise LocatorError(
+            f"{path}: indices {result.indices} exceed the intermediate size {block.intermediate_size}: {fix}"
+        )
     for key, wanted, found in (
         ("macdrop_k", k, len(result.indices)),
         ("macdrop_layer", layer, result.layer),

@@ -14,8 +14,10 @@ from .rule import MASSIVE_ABS, MEDIAN_RATIO, MIN_JUMP, PERSIST_LAYERS, find_orig
 
 
 def _no_massive_warning(candidates: Sequence[CandidateResult], fallback: LayerStats) -> str:
-    tried = ", ".join(f"{c.token_id}{' ' + repr(c.text) if c.text is not None else ''} (max {c.residual_max:,.1f})"
-                      for c in candidates)
+    tried = ", ".join(
+        f"{c.token_id}{' ' + repr(c.text) if c.text is not None else ''} (max {c.residual_max:,.1f})"
+        for c in candidates
+    )
     return (
         f"no massive activation: for none of the probed first tokens [{tried}] does the residual stream "
         f"become massive (> {MASSIVE_ABS:g} and >= {MEDIAN_RATIO:g}x its median after a >= {MIN_JUMP:g}x jump, "
@@ -67,7 +69,11 @@ def locate_massive_weights(
         chosen, idx = layer, [int(i) for i in indices]
         mags = median = massiveness = None
         stats: list[LayerStats] = []
-        token = ProbeToken(probe_token, "override", token_text(tokenizer, probe_token)) if isinstance(probe_token, int) else None
+        token = (
+            ProbeToken(probe_token, "override", token_text(tokenizer, probe_token))
+            if isinstance(probe_token, int)
+            else None
+        )
         source = "override"
     else:
         tokens = probe_candidates(model, tokenizer, probe_token, first_token)
@@ -88,11 +94,22 @@ def locate_massive_weights(
         routes_of: dict[int, list[RouterProbs]] = {}
         for tok in tokens:
             routes: list[RouterProbs] = []
-            stats, inters, experts = probe_ffn_states(model, blocks, tok.token_id, stop_after=stop_after, routing=routes)
+            stats, inters, experts = probe_ffn_states(
+                model, blocks, tok.token_id, stop_after=stop_after, routing=routes
+            )
             origin = find_origin(stats, last) if layer is None else None
             top = max(stats, key=lambda s: s.out_max)
-            candidates.append(CandidateResult(tok.token_id, tok.text, tok.source, None if origin is None else stats[origin].layer,
-                                              top.out_max, top.layer, len(stats)))
+            candidates.append(
+                CandidateResult(
+                    tok.token_id,
+                    tok.text,
+                    tok.source,
+                    None if origin is None else stats[origin].layer,
+                    top.out_max,
+                    top.layer,
+                    len(stats),
+                )
+            )
             probes.append((tok, stats, inters, experts, origin))
             routes_of[id(stats)] = routes
             if stop_early and origin is not None:

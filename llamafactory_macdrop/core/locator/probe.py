@@ -41,6 +41,7 @@ def probe_ffn_states(
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             records[i]["in"] = first_position(hidden).detach().float().abs()
+
         return hook
 
     def post_layer(i):
@@ -71,6 +72,7 @@ def probe_ffn_states(
                 routing.append(RouterProbs(i, [float(p) for p in r["router_probs"]], r["expert"], r["router_prob"]))
             if stop_after is not None and stop_after(stats):
                 raise StopForward
+
         return hook
 
     def register():
@@ -109,13 +111,19 @@ def _config_token_ids(model: nn.Module) -> list[ProbeToken]:
     config = getattr(unwrap_peft(model), "config", None)
     views: list[Any] = []
     folder = str(getattr(config, "_name_or_path", "") or "")
-    found = read_config_json(folder) if folder and Path(folder).is_dir() else None  # the loaded folder's, not a cache copy
+    found = (
+        read_config_json(folder) if folder and Path(folder).is_dir() else None
+    )  # the loaded folder's, not a cache copy
     if found is not None:
         saved = found[1]
         views += [saved, saved.get("text_config") or {}]
     if config is not None:
         text_config = getattr(config, "get_text_config", lambda: None)()
-        views += [{a: getattr(c, a, None) for a in ("bos_token_id", "eos_token_id")} for c in (config, text_config) if c is not None]
+        views += [
+            {a: getattr(c, a, None) for a in ("bos_token_id", "eos_token_id")}
+            for c in (config, text_config)
+            if c is not None
+        ]
     out = []
     for attr in ("bos_token_id", "eos_token_id"):
         for view in views:
@@ -172,9 +180,17 @@ def probe_candidates(
     found += _config_token_ids(model)
     out: list[ProbeToken] = []
     for cand in found:
-        if cand.token_id in [c.token_id for c in out] or cand.token_id < 0 or (vocab is not None and cand.token_id >= vocab):
+        if (
+            cand.token_id in [c.token_id for c in out]
+            or cand.token_id < 0
+            or (vocab is not None and cand.token_id >= vocab)
+        ):
             continue
-        out.append(ProbeToken(cand.token_id, cand.source, cand.text if cand.text is not None else token_text(tokenizer, cand.token_id)))
+        out.append(
+            ProbeToken(
+                cand.token_id, cand.source, cand.text if cand.text is not None else token_text(tokenizer, cand.token_id)
+            )
+        )
     if not out:
         raise LocatorError(
             "the model has neither a BOS nor an EOS token: give macdrop_probe_token (or --probe-token), "

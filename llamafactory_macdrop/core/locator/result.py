@@ -144,14 +144,17 @@ class LocatorResult(JsonReport):
         lines.append(
             f"  paper-style: {self.model} | layer {self.paper_layer} (HF index {self.layer})"
             + (f" | expert {self.expert}" if self.expert is not None else "")
-            + " | " + ", ".join(map(str, self.indices))
+            + " | "
+            + ", ".join(map(str, self.indices))
         )
         if self.candidates:
             lines.append("  candidate first tokens: token  origin  residual max (layer)  source")
             for c in self.candidates:
                 text = f" {c.text!r}" if c.text is not None else ""
                 origin = str(c.origin_layer) if c.origin_layer is not None else "none"
-                lines.append(f"    {c.token_id}{text}  {origin}  {c.residual_max:,.1f} (layer {c.residual_max_layer})  {c.source}")
+                lines.append(
+                    f"    {c.token_id}{text}  {origin}  {c.residual_max:,.1f} (layer {c.residual_max_layer})  {c.source}"
+                )
         lines.extend(self.routing_table())
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
@@ -161,8 +164,10 @@ class LocatorResult(JsonReport):
         if not self.routing:
             return []
         n = len(self.routing[0].probs)
-        lines = ["  router probabilities of the probe token (softmax over experts, before top-k):",
-                 "    layer  " + " ".join(f"{'e' + str(e):>6}" for e in range(n)) + "   top"]
+        lines = [
+            "  router probabilities of the probe token (softmax over experts, before top-k):",
+            "    layer  " + " ".join(f"{'e' + str(e):>6}" for e in range(n)) + "   top",
+        ]
         for r in self.routing:
             mark = "  <- massive layer" if r.layer == self.layer else ""
             lines.append(f"    {r.layer:5d}  " + " ".join(f"{p:6.3f}" for p in r.probs) + f"   e{r.top_expert}{mark}")

@@ -38,7 +38,7 @@ def find_origin(stats: Sequence[LayerStats], last_layer: int) -> Optional[int]:
     for i, s in enumerate(stats):
         if not (is_massive(s) and s.jump >= MIN_JUMP):
             continue
-        window = stats[i + 1: i + 1 + PERSIST_LAYERS]
+        window = stats[i + 1 : i + 1 + PERSIST_LAYERS]
         if len(window) < PERSIST_LAYERS and stats[-1].layer != last_layer:
             return None  # undecided until more layers are seen
         if all(w.out_max >= KEEP_FRACTION * s.out_max for w in window):

@@ -42,8 +42,23 @@ from .fsdp import (
 from .zero3 import Zero3PartitionRows
 
 __all__ = [
-    "RowTarget", "bits", "logical_shape", "row_target", "UnsupportedStorageError", "is_packed_4bit",
-    "is_zero3_partitioned", "DenseRows", "Zero3PartitionRows", "FSDP1ShardRows", "FSDP2ShardRows", "Packed4bitRows",
-    "FSDPShard", "FSDP1Shard", "FSDP2Shard", "find_fsdp_shard", "readable_weights", "uses_fsdp",
+    "RowTarget",
+    "bits",
+    "logical_shape",
+    "row_target",
+    "UnsupportedStorageError",
+    "is_packed_4bit",
+    "is_zero3_partitioned",
+    "DenseRows",
+    "Zero3PartitionRows",
+    "FSDP1ShardRows",
+    "FSDP2ShardRows",
+    "Packed4bitRows",
+    "FSDPShard",
+    "FSDP1Shard",
+    "FSDP2Shard",
+    "find_fsdp_shard",
+    "readable_weights",
+    "uses_fsdp",
     "keep_canonical_4bit_layout",
 ]

@@ -47,8 +47,17 @@ class RowTarget:
     #: the FSDP storage (an :class:`~.fsdp.FSDPShard`) for the FSDP backends, else None
     shard: Any = None
 
-    def __init__(self, name: str, weight: torch.Tensor, rows, axis: int = 0, expert: Optional[int] = None,
-                 *, shape: Optional[torch.Size] = None, device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        rows,
+        axis: int = 0,
+        expert: Optional[int] = None,
+        *,
+        shape: Optional[torch.Size] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
         self.name, self.weight, self.axis, self.expert = name, weight, axis, expert
         full = torch.Size(shape if shape is not None else logical_shape(weight))
         self.rows = torch.as_tensor(rows, dtype=torch.long, device=device if device is not None else weight.device)
@@ -102,7 +111,9 @@ class RowTarget:
 
     def write(self, rows: torch.Tensor) -> None:
         """Write a (len(rows), d) tensor into the selected rows (backends that store values)."""
-        raise NotImplementedError(f"{self.name}: the {self.backend} backend can mask and restore rows, not overwrite them")
+        raise NotImplementedError(
+            f"{self.name}: the {self.backend} backend can mask and restore rows, not overwrite them"
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()} rows={self.rows.tolist()[:8]}>"

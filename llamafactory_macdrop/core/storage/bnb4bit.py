@@ -67,8 +67,7 @@ class Packed4bitRows(RowTarget):
 
     def describe(self) -> str:
         storage = getattr(self.weight, "quant_storage", self.weight.dtype)
-        return (f"{self.name} -> {self.backend} ({self.quant_type}, quant_storage {storage}, "
-                f"{self._layout} layout)")
+        return f"{self.name} -> {self.backend} ({self.quant_type}, quant_storage {storage}, {self._layout} layout)"
 
     def _codes(self) -> torch.Tensor:
         """The packed codes as a flat uint8 view of the weight's storage (whatever its dtype)."""
@@ -87,7 +86,9 @@ class Packed4bitRows(RowTarget):
         col = torch.arange(k, device=device)[None, :]
         if cpu:
             if n_rows % CPU_BLOCK_N or k % 2:
-                raise RuntimeError(f"{self.name}: bitsandbytes' CPU layout with shape {tuple(self.shape)} is not understood")
+                raise RuntimeError(
+                    f"{self.name}: bitsandbytes' CPU layout with shape {tuple(self.shape)} is not understood"
+                )
             e = 2 * (n % CPU_BLOCK_N) + col % 2
             byte = ((n // CPU_BLOCK_N) * (k // 2) + col // 2) * CPU_BLOCK_N + e % CPU_BLOCK_N
             shift = torch.where(e >= CPU_BLOCK_N, 4, 0)
@@ -107,7 +108,9 @@ class Packed4bitRows(RowTarget):
                 "%s: bitsandbytes repacked this 4-bit weight into its CPU inference layout (an eval/no-grad forward "
                 "on an AVX512-BF16 CPU); MacDrop follows the new layout. Note that bitsandbytes then computes with "
                 "bf16 block scales and passes no gradient through the layer's input (bitsandbytes 0.50.2), with or "
-                "without MacDrop.", self.name)
+                "without MacDrop.",
+                self.name,
+            )
         self._layout = "cpu" if cpu else "canonical"
         self._key = key
 

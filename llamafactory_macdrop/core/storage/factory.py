@@ -14,8 +14,9 @@ from .dense import DenseRows
 from .fsdp import FSDP1ShardRows, FSDP2ShardRows, FSDPShard, find_fsdp_shard, uses_fsdp
 from .zero3 import Zero3PartitionRows
 
-SUPPORTED = ("dense float tensors, DeepSpeed ZeRO-3 partitions, FSDP1/FSDP2 shards, "
-             "bitsandbytes 4-bit (quantization_bit: 4)")
+SUPPORTED = (
+    "dense float tensors, DeepSpeed ZeRO-3 partitions, FSDP1/FSDP2 shards, bitsandbytes 4-bit (quantization_bit: 4)"
+)
 
 
 class UnsupportedStorageError(MacDropError, ValueError):
@@ -54,9 +55,17 @@ def is_zero3_partitioned(weight: torch.Tensor) -> bool:
     return getattr(weight, "ds_tensor", None) is not None and hasattr(weight, "ds_numel")
 
 
-def row_target(name: str, weight: Optional[torch.Tensor], rows, axis: int = 0, expert: Optional[int] = None, *,
-               module: Optional[torch.nn.Module] = None, model: Optional[torch.nn.Module] = None,
-               shard: Optional[FSDPShard] = None) -> RowTarget:
+def row_target(
+    name: str,
+    weight: Optional[torch.Tensor],
+    rows,
+    axis: int = 0,
+    expert: Optional[int] = None,
+    *,
+    module: Optional[torch.nn.Module] = None,
+    model: Optional[torch.nn.Module] = None,
+    shard: Optional[FSDPShard] = None,
+) -> RowTarget:
     """The backend for rows ``rows`` of ``weight`` (the parameter ``module`` computes with).
 
     ``model``: the model as the trainer runs it; when FSDP wraps it, the weight's FSDP storage
@@ -93,8 +102,11 @@ def row_target(name: str, weight: Optional[torch.Tensor], rows, axis: int = 0, e
             raise _refuse(name, f"a ZeRO-3 partition of dtype {weight.ds_tensor.dtype}")
         return Zero3PartitionRows(name, weight, rows, axis, expert)
     if type(weight) not in (torch.Tensor, torch.nn.Parameter):
-        hint = " (an FSDP2 DTensor: build the targets with the model, inside readable_weights)" \
-            if type(weight).__name__ == "DTensor" else ""
+        hint = (
+            " (an FSDP2 DTensor: build the targets with the model, inside readable_weights)"
+            if type(weight).__name__ == "DTensor"
+            else ""
+        )
         raise _refuse(name, f"a weight of tensor type {type(weight).__module__}.{type(weight).__name__}{hint}")
     if not weight.is_floating_point():
         raise _refuse(name, f"a weight of dtype {weight.dtype} (quantized integer storage)")

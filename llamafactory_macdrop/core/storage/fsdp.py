@@ -75,9 +75,7 @@ class FSDP2Shard(FSDPShard):
             return None
         if state == self._states.UNSHARDED:
             return self.param.unsharded_param.data
-        raise RuntimeError(
-            f"FSDP2 parameter in state {state}: reshard_after_forward=<int> is not supported by MacDrop"
-        )
+        raise RuntimeError(f"FSDP2 parameter in state {state}: reshard_after_forward=<int> is not supported by MacDrop")
 
 
 class FSDP1Shard(FSDPShard):
@@ -112,8 +110,10 @@ class FSDP1Shard(FSDPShard):
         if self.handle._training_state == self._summoning:  # set-up reads the rows
             view = getattr(self.info.module, self.info.param_name).data
             if view.shape != self.shape:
-                raise RuntimeError(f"FSDP1 shows {self.info.module_name}.{self.info.param_name} with shape "
-                                   f"{tuple(view.shape)} in summon_full_params; expected {tuple(self.shape)}")
+                raise RuntimeError(
+                    f"FSDP1 shows {self.info.module_name}.{self.info.param_name} with shape "
+                    f"{tuple(view.shape)} in summon_full_params; expected {tuple(self.shape)}"
+                )
             return view
         if not self.handle.uses_sharded_strategy:
             # NO_SHARD (what FSDP1 makes of FULL_SHARD on a single rank): the flat parameter is

@@ -74,7 +74,9 @@ class SlicedRows(ValueRows):
 
     def matches(self, snapshot: torch.Tensor) -> bool:
         part = self._partition()
-        own = snapshot.reshape(-1).index_select(0, self._own.to(snapshot.device)).to(device=part.device, dtype=part.dtype)
+        own = (
+            snapshot.reshape(-1).index_select(0, self._own.to(snapshot.device)).to(device=part.device, dtype=part.dtype)
+        )
         if not torch.equal(bits(part.index_select(0, self._local)), bits(own)):
             return False
         full = self._gathered_matrix()

@@ -29,7 +29,11 @@ def lf_defaults() -> dict[str, Any]:
     """LLaMA-Factory's defaults for the arguments MacDrop's checks read (:data:`..run_args.DEFAULTS_NEEDED`)."""
     from llamafactory.hparams import FinetuningArguments, TrainingArguments
 
-    owner = {"stage": FinetuningArguments, "finetuning_type": FinetuningArguments, "num_train_epochs": TrainingArguments}
+    owner = {
+        "stage": FinetuningArguments,
+        "finetuning_type": FinetuningArguments,
+        "num_train_epochs": TrainingArguments,
+    }
     return {name: _default(owner[name], name) for name in DEFAULTS_NEEDED}
 
 

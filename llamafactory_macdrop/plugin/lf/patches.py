@@ -107,7 +107,9 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
         if ignored and os.environ.get("RANK", "0") == "0":
             from ..trainer import logger
 
-            logger.warning("MacDrop is off (no macdrop: true), so these keys are ignored (not checked): %s", ", ".join(ignored))
+            logger.warning(
+                "MacDrop is off (no macdrop: true), so these keys are ignored (not checked): %s", ", ".join(ignored)
+            )
         return original(lf_args, callbacks)
     from ..trainer import logger
 
@@ -120,8 +122,12 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
         logger.warning("tested with llamafactory==%s, found %s", SUPPORTED_LLAMAFACTORY, lf_version())
     logger.info(
         "MacDrop on: stage=%s k=%d p0=%g curriculum=%s%s scope=%s mask_per=%s",
-        stage, config.macdrop_k, config.macdrop_p0, config.macdrop_curriculum,
-        f" alpha={config.macdrop_alpha:g}" if config.macdrop_curriculum == "exp" else "", config.macdrop_scope,
+        stage,
+        config.macdrop_k,
+        config.macdrop_p0,
+        config.macdrop_curriculum,
+        f" alpha={config.macdrop_alpha:g}" if config.macdrop_curriculum == "exp" else "",
+        config.macdrop_scope,
         config.macdrop_mask_per,
     )
     with macdrop_trainers(config, stage):
@@ -148,8 +154,10 @@ def patch_tuner(tuner) -> None:
     except ImportError as err:  # a moved class costs LlamaBoard's macdrop_p only: say so, go on
         from ..trainer import logger
 
-        logger.warning(f"LLaMA-Factory's LogCallback not found ({err}): macdrop_p will be missing from "
-                       "trainer_log.jsonl and LlamaBoard; it is still in trainer_state.json")
+        logger.warning(
+            f"LLaMA-Factory's LogCallback not found ({err}): macdrop_p will be missing from "
+            "trainer_log.jsonl and LlamaBoard; it is still in trainer_state.json"
+        )
     else:
         llamaboard.patch_log_callback(LogCallback)
     read_args = getattr(tuner, "read_args", None)

@@ -11,7 +11,9 @@ def lf_template(name: str):
     try:
         from llamafactory.data.template import TEMPLATES
     except ImportError as err:
-        raise LocatorError(f"--template {name}: LLaMA-Factory's templates need llamafactory installed ({err})") from None
+        raise LocatorError(
+            f"--template {name}: LLaMA-Factory's templates need llamafactory installed ({err})"
+        ) from None
     if name not in TEMPLATES:
         raise LocatorError(f"--template {name}: not a LLaMA-Factory template; allowed: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[name]

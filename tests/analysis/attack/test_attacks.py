@@ -60,11 +60,23 @@ def residual_after(model, layer, ids):
 
 # ----------------------------------------------------------------------------- settings
 def test_sweep_settings_baseline_first_and_k0_only_once():
-    settings = sweep_settings(["zero", "retain", "superweight", "activation"], [0, 3, 1, 3], scales=[0.5, 2],
-                              fills=["zero", "mean"])
-    assert [s.label for s in settings] == ["none", "zero k=1", "zero k=3", "retain k=1", "retain k=3", "superweight x0.5",
-                                           "superweight x2", "activation := zero", "activation := mean"]
-    with pytest.raises(AttackError, match=r"--mode bogus is not allowed: choose from zero, retain, superweight, activation"):
+    settings = sweep_settings(
+        ["zero", "retain", "superweight", "activation"], [0, 3, 1, 3], scales=[0.5, 2], fills=["zero", "mean"]
+    )
+    assert [s.label for s in settings] == [
+        "none",
+        "zero k=1",
+        "zero k=3",
+        "retain k=1",
+        "retain k=3",
+        "superweight x0.5",
+        "superweight x2",
+        "activation := zero",
+        "activation := mean",
+    ]
+    with pytest.raises(
+        AttackError, match=r"--mode bogus is not allowed: choose from zero, retain, superweight, activation"
+    ):
         sweep_settings(["zero", "bogus"], [5])
     with pytest.raises(AttackError, match="--fill"):
         AttackSetting("activation", fill="median")

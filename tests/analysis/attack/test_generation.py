@@ -35,7 +35,11 @@ def test_greedy_under_attack_matches_an_independent_loop(tiny_llama_dir):
     settings = sweep_settings(["zero", "retain"], [5])
     gens = generate_under_attack(model, tok, attacker_for(model), settings, "the quick brown", max_new_tokens=12)
     assert_same_bits(model, before)
-    assert [(g.setting, g.mode, g.k) for g in gens] == [("none", "none", 0), ("zero k=5", "zero", 5), ("retain k=5", "retain", 5)]
+    assert [(g.setting, g.mode, g.k) for g in gens] == [
+        ("none", "none", 0),
+        ("zero k=5", "zero", 5),
+        ("retain k=5", "retain", 5),
+    ]
     assert tok.chat_template is None  # plain text: the tokenizer's own encoding
     ids = tok("the quick brown")["input_ids"]
 
@@ -54,13 +58,22 @@ def test_greedy_under_attack_matches_an_independent_loop(tiny_llama_dir):
 
 
 def test_select_settings_by_label_or_mode_filter():
-    settings = sweep_settings(["zero", "retain", "superweight", "activation"], [1, 2, 5], scales=[0, 2], fills=["zero", "mean"])
+    settings = sweep_settings(
+        ["zero", "retain", "superweight", "activation"], [1, 2, 5], scales=[0, 2], fills=["zero", "mean"]
+    )
     labels = lambda spec: [s.label for s in select_settings(settings, spec)]  # noqa: E731
     assert labels(None) == [s.label for s in settings]
     assert labels("zero:5,retain") == ["none", "zero k=5", "retain k=1", "retain k=2", "retain k=5"]
-    assert labels("zero k=2, superweight:0, activation:mean") == ["none", "zero k=2", "superweight x0", "activation := mean"]
+    assert labels("zero k=2, superweight:0, activation:mean") == [
+        "none",
+        "zero k=2",
+        "superweight x0",
+        "activation := mean",
+    ]
     assert labels("none") == ["none"]
-    with pytest.raises(AttackError, match=r"--generate-settings 'zero:7' matches no setting of this run \(settings: none, zero k=1"):
+    with pytest.raises(
+        AttackError, match=r"--generate-settings 'zero:7' matches no setting of this run \(settings: none, zero k=1"
+    ):
         select_settings(settings, "zero:7")
     with pytest.raises(AttackError, match=r"--generate-settings 'shuffle' is not allowed: give a setting label"):
         select_settings(settings, "shuffle")
@@ -71,7 +84,9 @@ def test_prompt_ids_apply_the_chat_template(smollm2_dir):
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     prompt = "What is the capital of France?"
-    chatml = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-              f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")  # SmolLM2's ChatML, written out
+    chatml = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    )  # SmolLM2's ChatML, written out
     assert prompt_ids(tok, prompt) == (tok(chatml, add_special_tokens=False)["input_ids"], True)
     assert prompt_ids(tok, prompt, chat_template=False) == (tok(prompt)["input_ids"], False)

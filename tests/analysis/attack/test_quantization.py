@@ -34,7 +34,7 @@ def scalar_rtn(values, bits, block, clip=None):
     not divide), optional clamp to [-t, t], min-max, round half to even, max == min unchanged."""
     values = [F32(v) for v in values]
     n = len(values)
-    blocks = [values[i:i + block] for i in range(0, n, block)] if block and n % block == 0 else [values]
+    blocks = [values[i : i + block] for i in range(0, n, block)] if block and n % block == 0 else [values]
     out = []
     for blk in blocks:
         if clip is not None:
@@ -44,19 +44,22 @@ def scalar_rtn(values, bits, block, clip=None):
         if hi == lo:
             out += blk
             continue
-        scale = F32(2 ** bits - 1) / F32(hi - lo)
+        scale = F32(2**bits - 1) / F32(hi - lo)
         out += [F32(F32(np.round(F32(F32(v - lo) * scale))) / scale) + lo for v in blk]
     return out
 
 
 def zscore(z):
-    return lambda blk, _: F32(z * statistics.stdev([abs(float(v)) for v in blk]) + statistics.fmean([abs(float(v)) for v in blk]))
+    return lambda blk, _: F32(
+        z * statistics.stdev([abs(float(v)) for v in blk]) + statistics.fmean([abs(float(v)) for v in blk])
+    )
 
 
 def top_pct(p, whole=False):
     def t(blk, values):
         pool = sorted((abs(float(v)) for v in (values if whole else blk)), reverse=True)
         return F32(pool[max(1, round(len(pool) * p / 100)) - 1])
+
     return t
 
 
@@ -64,6 +67,7 @@ def iqr(f):
     def t(blk, _):
         q1, _, q3 = statistics.quantiles([abs(float(v)) for v in blk], n=4, method="inclusive")
         return F32(q3 + f * (q3 - q1))
+
     return t
 
 
@@ -87,15 +91,20 @@ def test_rtn_is_the_scalar_rule_exactly(small, bits, block):
     if block == 8:  # row 2 is one block with max == min: left exactly as it was
         assert torch.equal(got[2], small[2])
         assert got[0, 3] == small[0, 3]  # the block max is a grid point: the outlier survives RTN
-        assert len(set(got[0].tolist())) <= 2 ** bits
+        assert len(set(got[0].tolist())) <= 2**bits
     if block in (5, None):
         assert torch.equal(got, rtn_quantize(small, bits, 48))  # one block of all 48 = the tensor fallback
 
 
-@pytest.mark.parametrize("spec, oracle", [
-    ("zscore:1.5", zscore(1.5)), ("block_pct:25", top_pct(25)), ("tensor_pct:10", top_pct(10, whole=True)),
-    ("iqr:1.5", iqr(1.5)),
-])
+@pytest.mark.parametrize(
+    "spec, oracle",
+    [
+        ("zscore:1.5", zscore(1.5)),
+        ("block_pct:25", top_pct(25)),
+        ("tensor_pct:10", top_pct(10, whole=True)),
+        ("iqr:1.5", iqr(1.5)),
+    ],
+)
 @pytest.mark.parametrize("block", [8, None])
 def test_clipping_is_the_scalar_rule(small, spec, oracle, block):
     got = rtn_quantize(small, 4, block, parse_clip(spec))
@@ -114,7 +123,9 @@ def test_all_zero_and_bf16_tensors():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("bad", ["zscore", "zscore:-1", "block_pct:0", "tensor_pct:100", "iqr:-2", "median:3", "none:1"])
+@pytest.mark.parametrize(
+    "bad", ["zscore", "zscore:-1", "block_pct:0", "tensor_pct:100", "iqr:-2", "median:3", "none:1"]
+)
 def test_bad_clip_specs_are_refused_in_one_line(bad, capsys):
     assert main(["quantize", "no-such-model", "--clip", bad, "--text-file", "x.txt"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -122,8 +133,10 @@ def test_bad_clip_specs_are_refused_in_one_line(bad, capsys):
     assert err[0].startswith("macdrop: error: --clip")
 
 
-@pytest.mark.parametrize("option, value", [("--bits", "0"), ("--bits", "8,x"), ("--block-size", "1"),
-                                           ("--block-size", "12a"), ("--protect", "sw,all")])
+@pytest.mark.parametrize(
+    "option, value",
+    [("--bits", "0"), ("--bits", "8,x"), ("--block-size", "1"), ("--block-size", "12a"), ("--protect", "sw,all")],
+)
 def test_bad_settings_are_refused_before_the_model_loads(option, value, capsys):
     assert main(["quantize", "no-such-model", option, value, "--text-file", "x.txt"]) == 2
     assert capsys.readouterr().err.startswith(f"macdrop: error: {option}")
@@ -136,8 +149,14 @@ def test_clipping_destroys_the_super_weight_and_protecting_it_restores_the_model
     sw = SuperWeightTarget(ts.SW_LAYER, ts.SW_ROW, ts.SW_COL)
     quantizer = ModelQuantizer(model, [sw], (ts.SW_LAYER, [ts.SW_COL]))
     clip = parse_clip("zscore:3")
-    settings = [QuantSetting(), QuantSetting(8, None, clip, "none"), QuantSetting(8, None, clip, "sw"),
-                QuantSetting(8, None, clip, "sw+massive"), QuantSetting(4, 64), QuantSetting(3, None)]
+    settings = [
+        QuantSetting(),
+        QuantSetting(8, None, clip, "none"),
+        QuantSetting(8, None, clip, "sw"),
+        QuantSetting(8, None, clip, "sw+massive"),
+        QuantSetting(4, 64),
+        QuantSetting(3, None),
+    ]
     down = model.model.layers[ts.SW_LAYER].mlp.down_proj.weight
     kept = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight")
     seen = {}
@@ -174,9 +193,31 @@ def test_quantize_command(super_weight_llama_dir, tmp_path, capsys):
     a.write_text(" ".join(tiny.corpus(12, seed=4)))
     b.write_text(" ".join(tiny.corpus(12, seed=5)))
     out = tmp_path / "q.json"
-    argv = ["quantize", str(super_weight_llama_dir), "--bits", "8", "--block-size", "tensor,64", "--clip", "zscore:3",
-            "--protect", "none,sw", "--text-file", str(a), str(b), "--seq-len", "64", "--keep-partial",
-            "--json", str(out), "--csv", str(tmp_path / "q.csv"), "--plot", str(tmp_path), "--no-progress"]
+    argv = [
+        "quantize",
+        str(super_weight_llama_dir),
+        "--bits",
+        "8",
+        "--block-size",
+        "tensor,64",
+        "--clip",
+        "zscore:3",
+        "--protect",
+        "none,sw",
+        "--text-file",
+        str(a),
+        str(b),
+        "--seq-len",
+        "64",
+        "--keep-partial",
+        "--json",
+        str(out),
+        "--csv",
+        str(tmp_path / "q.csv"),
+        "--plot",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"super weights: layer {ts.SW_LAYER} W_down[{ts.SW_ROW}, {ts.SW_COL}]" in printed  # found by the probe
@@ -185,8 +226,12 @@ def test_quantize_command(super_weight_llama_dir, tmp_path, capsys):
     data = json.loads(out.read_text())
     rows = data["results"]
     assert {(r["bits"], r["block_size"], r["protect"], r["clip"]) for r in rows} == {
-        (None, None, None, None), (8, "tensor", "none", "zscore:3"), (8, "tensor", "sw", "zscore:3"),
-        (8, 64, "none", "zscore:3"), (8, 64, "sw", "zscore:3")}
+        (None, None, None, None),
+        (8, "tensor", "none", "zscore:3"),
+        (8, "tensor", "sw", "zscore:3"),
+        (8, 64, "none", "zscore:3"),
+        (8, 64, "sw", "zscore:3"),
+    }
     assert len(rows) == 10
     assert {r["dataset"] for r in rows} == {"a.txt", "b.txt"}
     assert [p["seq_len"] for p in data["perplexity_protocol"]] == [64, 64]

@@ -68,8 +68,9 @@ def test_zeroing_top5_hurts_perplexity_far_more_than_retaining_top5(smollm2, att
     protocol, prefix = resolve_protocol(dataclasses.replace(source.protocol, bos_token=1), tokenizer, config_bos=1)
     assert (prefix.token_ids, protocol.bos) == ((1,), "stream")
     with attacker.applied(AttackSetting("none")):
-        with_im_start = evaluate_perplexity(model, make_windows(tokenize(tokenizer, source.text), protocol, prefix.token_ids),
-                                            progress=False).ppl
+        with_im_start = evaluate_perplexity(
+            model, make_windows(tokenize(tokenizer, source.text), protocol, prefix.token_ids), progress=False
+        ).ppl
     assert round(with_im_start, 2) == 26.76
 
 

@@ -43,11 +43,13 @@ def _oracle_nll(model, x, cutoff=None):
     saved = down.weight.detach().clone()
     handles = []
     if cutoff is not None:
+
         def put_back(m, a, o):
             o = o.clone()
             keep = rec["orig"].abs() > cutoff
             o[..., ts.SW_ROW] = torch.where(keep, rec["orig"], o[..., ts.SW_ROW])
             return o
+
         handles.append(down.register_forward_hook(put_back))
     try:
         with torch.no_grad():
@@ -86,7 +88,7 @@ def test_sw_restore_writes_the_super_activation_back(super_weight_llama):
     # a cutoff at the median magnitude: only the positions above it get their value back
     _, orig = _oracle_nll(model, x)
     mags = orig.abs().flatten().sort().values
-    sw.activation_cutoff = float(mags[len(mags) // 2: len(mags) // 2 + 2].mean())  # between two positions
+    sw.activation_cutoff = float(mags[len(mags) // 2 : len(mags) // 2 + 2].mean())  # between two positions
     expected, _ = _oracle_nll(model, x, cutoff=sw.activation_cutoff)
     with attacker.applied(AttackSetting("sw_restore")):
         got = evaluate_perplexity(model, corpus.windows, progress=False).nll
@@ -102,9 +104,16 @@ def test_several_super_weights_are_scaled_together_and_restored_bitwise(super_we
     blocks = {b.index: b for b in find_ffn_blocks(model)}
     down0 = model.model.layers[0].mlp.down_proj.weight
     down1 = model.model.layers[1].mlp.down_proj.weight
-    sws = [SuperWeightTarget(0, ts.SW_ROW, ts.SW_COL), SuperWeightTarget(0, 3, ts.SW_COL),  # same column
-           SuperWeightTarget(1, 2, 10)]
-    want = {(0, ts.SW_ROW, ts.SW_COL): ts.SW_VALUE * 0.5, (0, 3, ts.SW_COL): 0.0, (1, 2, 10): float(down1.detach()[2, 10]) * 0.5}
+    sws = [
+        SuperWeightTarget(0, ts.SW_ROW, ts.SW_COL),
+        SuperWeightTarget(0, 3, ts.SW_COL),  # same column
+        SuperWeightTarget(1, 2, 10),
+    ]
+    want = {
+        (0, ts.SW_ROW, ts.SW_COL): ts.SW_VALUE * 0.5,
+        (0, 3, ts.SW_COL): 0.0,
+        (1, 2, 10): float(down1.detach()[2, 10]) * 0.5,
+    }
     with scaled_super_weights(blocks, sws, 0.5):
         inside = ts.state_bits(model)
         for (layer, r, c), v in want.items():
@@ -147,9 +156,28 @@ def test_superweight_stopwords_and_attack_commands(super_weight_llama_dir, tmp_p
     text = tmp_path / "t.txt"
     text.write_text(" ".join(tiny.corpus(20, seed=3)))
     out = tmp_path / "stop.json"
-    assert main(["superweight", str(super_weight_llama_dir), "--stopwords", "--stopword-tokens", "the", "a", "fox",
-                 "--super-weight", "all", "--text-file", str(text), "--stopwords-json", str(out),
-                 "--plot", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "superweight",
+                str(super_weight_llama_dir),
+                "--stopwords",
+                "--stopword-tokens",
+                "the",
+                "a",
+                "fox",
+                "--super-weight",
+                "all",
+                "--text-file",
+                str(text),
+                "--stopwords-json",
+                str(out),
+                "--plot",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["super_weights"] == [{"layer": ts.SW_LAYER, "row": ts.SW_ROW, "col": ts.SW_COL}]
@@ -159,13 +187,37 @@ def test_superweight_stopwords_and_attack_commands(super_weight_llama_dir, tmp_p
     assert (tmp_path / "stopwords.png").stat().st_size > 0
 
     out = tmp_path / "attack.json"
-    assert main(["attack", str(super_weight_llama_dir), "--mode", "superweight,sw_restore", "--scale", "0,0.5,2",
-                 "--super-weight", f"{ts.SW_LAYER},{ts.SW_ROW},{ts.SW_COL}", "--text-file", str(text),
-                 "--json", str(out), "--plot", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "attack",
+                str(super_weight_llama_dir),
+                "--mode",
+                "superweight,sw_restore",
+                "--scale",
+                "0,0.5,2",
+                "--super-weight",
+                f"{ts.SW_LAYER},{ts.SW_ROW},{ts.SW_COL}",
+                "--text-file",
+                str(text),
+                "--json",
+                str(out),
+                "--plot",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert [r["setting"] for r in data["results"]] == ["none", "superweight x0", "superweight x0.5", "superweight x2",
-                                                      "superweight x0 + SA restored"]
+    assert [r["setting"] for r in data["results"]] == [
+        "none",
+        "superweight x0",
+        "superweight x0.5",
+        "superweight x2",
+        "superweight x0 + SA restored",
+    ]
     (rec,) = data["sw_restore_recovery"]
     assert rec["recovered"] == pytest.approx(1.0, abs=1e-3)
     assert "| 100 % |" in printed
@@ -177,7 +229,10 @@ def test_super_weight_option_values(capsys):
     from llamafactory_macdrop.cli.evaluation import super_weight_arg
 
     assert super_weight_arg("all") == "all"
-    assert [(s.layer, s.row, s.col) for s in super_weight_arg("11,507,1229,28,507,678")] == [(11, 507, 1229), (28, 507, 678)]
+    assert [(s.layer, s.row, s.col) for s in super_weight_arg("11,507,1229,28,507,678")] == [
+        (11, 507, 1229),
+        (28, 507, 678),
+    ]
     with pytest.raises(SystemExit):
         main(["attack", "m", "--super-weight", "1,2"])
     assert "expected LAYER,ROW,COL" in capsys.readouterr().err

@@ -23,16 +23,25 @@ def test_every_setting_gets_its_rows_and_its_table_line(tiny_llama):
     model = tiny_llama.eval()
     ids = torch.tensor([[1, 40, 41, 42]])
     located = locate_massive_weights(model, 5)
-    targets = AttackTargets(located.layer, located.indices, super_weight=super_weight_target(model, ids),
-                            activations=massive_activation_target(model, ids))
+    targets = AttackTargets(
+        located.layer,
+        located.indices,
+        super_weight=super_weight_target(model, ids),
+        activations=massive_activation_target(model, ids),
+    )
     attacker = ModelAttacker(model, targets)
     settings = sweep_settings(["zero", "superweight", "activation"], [0, 2, 5], scales=[0, 2], fills=["zero", "mean"])
     g = torch.Generator().manual_seed(1)
-    corpora = [PreparedCorpus(TextSource(name, "", "generated", TEXT_FILE_PROTOCOL),
-                              make_windows(torch.randint(4, 300, (n,), generator=g), TEXT_FILE_PROTOCOL, prefix=[1]))
-               for name, n in (("a", 40), ("b", 70))]
-    report = run_sweep(model, attacker, settings, corpora, report=AttackReport("tiny", None, targets.to_dict()),
-                       progress=False)
+    corpora = [
+        PreparedCorpus(
+            TextSource(name, "", "generated", TEXT_FILE_PROTOCOL),
+            make_windows(torch.randint(4, 300, (n,), generator=g), TEXT_FILE_PROTOCOL, prefix=[1]),
+        )
+        for name, n in (("a", 40), ("b", 70))
+    ]
+    report = run_sweep(
+        model, attacker, settings, corpora, report=AttackReport("tiny", None, targets.to_dict()), progress=False
+    )
     assert report.restored_bitwise
     assert [(r["setting"], r["dataset"]) for r in report.rows] == [(s.label, c) for s in settings for c in ("a", "b")]
     lines = report.table().splitlines()
@@ -51,7 +60,13 @@ def test_plot_draws_metric_against_k_for_both_attacks():
     from llamafactory_macdrop.analysis.attack.plots import attack_sweep_figure
 
     report = AttackReport("m", None, {"layer": 3})
-    for mode, k, ppl in (("none", 0, 10.0), ("zero", 1, 20.0), ("zero", 5, 80.0), ("retain", 1, 12.0), ("retain", 5, 11.0)):
+    for mode, k, ppl in (
+        ("none", 0, 10.0),
+        ("zero", 1, 20.0),
+        ("zero", 5, 80.0),
+        ("retain", 1, 12.0),
+        ("retain", 5, 11.0),
+    ):
         label = "none" if mode == "none" else f"{mode} k={k}"
         report.rows.append({"mode": mode, "k": k, "setting": label, "dataset": "wiki", "ppl": ppl, "tokens": 9})
     report.rows.append({"mode": "none", "k": 0, "setting": "none", "dataset": "piqa", "acc": 0.5, "n": 4})

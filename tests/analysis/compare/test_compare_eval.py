@@ -52,8 +52,16 @@ def copying_adapter(planted_with_spare):
     mlp = model.model.layers[PLANTED_LAYER].mlp
     rows = {n: getattr(mlp, n).weight[TOP].clone() for n in ("gate_proj", "up_proj")}
     col = mlp.down_proj.weight[:, TOP].clone()
-    peft_model = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, layers_to_transform=[PLANTED_LAYER],
-                                                  target_modules=["gate_proj", "up_proj", "down_proj"]))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=1,
+            lora_alpha=1,
+            lora_dropout=0.0,
+            layers_to_transform=[PLANTED_LAYER],
+            target_modules=["gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     layer = peft_model.base_model.model.model.layers[PLANTED_LAYER].mlp
     with torch.no_grad():
         for name in ("gate_proj", "up_proj"):
@@ -96,12 +104,23 @@ def test_attacks_are_seen_under_each_adapter(planted_with_spare, copying_adapter
     base_dir, _ = planted_with_spare
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    source = TextSource("planted.txt", " ".join(corpus(60, seed=9)), "test", PerplexityProtocol(seq_len=24, bos="stream", drop_partial=True))
+    source = TextSource(
+        "planted.txt",
+        " ".join(corpus(60, seed=9)),
+        "test",
+        PerplexityProtocol(seq_len=24, bos="stream", drop_partial=True),
+    )
     windows = make_windows(tokenize(tokenizer, source.text), source.protocol, tokenizer.bos_token_id)
     before = fingerprint(model)
-    evaluator = OneBaseEvaluator(model, str(base_dir), AttackTargets(PLANTED_LAYER, [TOP]),
-                                 [AttackSetting("none"), AttackSetting("zero", 1)], [PreparedCorpus(source, windows)],
-                                 progress=False, echo=None)
+    evaluator = OneBaseEvaluator(
+        model,
+        str(base_dir),
+        AttackTargets(PLANTED_LAYER, [TOP]),
+        [AttackSetting("none"), AttackSetting("zero", 1)],
+        [PreparedCorpus(source, windows)],
+        progress=False,
+        echo=None,
+    )
     base = evaluator.evaluate(None, "base")
     adapted = evaluator.evaluate(copying_adapter, "copy")
     again = evaluator.evaluate(None, "base again")
@@ -109,8 +128,11 @@ def test_attacks_are_seen_under_each_adapter(planted_with_spare, copying_adapter
 
     from llamafactory_macdrop.analysis.compare.paired import metric_value
 
-    value = {(label, m): metric_value(items) for label, got in (("base", base), ("copy", adapted), ("again", again))
-             for m, items in got.items()}
+    value = {
+        (label, m): metric_value(items)
+        for label, got in (("base", base), ("copy", adapted), ("again", again))
+        for m, items in got.items()
+    }
     clean, zero = "ppl/planted.txt/clean", "ppl/planted.txt/zero k=1"
     # independent numbers: HF's loss on the base, on a hand-attacked copy, and with the adapter by peft
     fresh = AutoModelForCausalLM.from_pretrained(base_dir).eval()
@@ -131,8 +153,9 @@ def test_attacks_are_seen_under_each_adapter(planted_with_spare, copying_adapter
     assert not any("lora" in n for n, _ in evaluator.base.named_parameters())
 
 
-def test_adapters_that_cannot_come_off_are_refused_and_the_cache_follows_the_adapter(planted_with_spare, copying_adapter,
-                                                                                      tmp_path):
+def test_adapters_that_cannot_come_off_are_refused_and_the_cache_follows_the_adapter(
+    planted_with_spare, copying_adapter, tmp_path
+):
     import json
     import shutil
 
@@ -142,8 +165,15 @@ def test_adapters_that_cannot_come_off_are_refused_and_the_cache_follows_the_ada
 
     base_dir, _ = planted_with_spare
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    evaluator = OneBaseEvaluator(model, str(base_dir), AttackTargets(PLANTED_LAYER, [TOP]), [AttackSetting("none")],
-                                 progress=False, echo=None, protocol={"p": 1})
+    evaluator = OneBaseEvaluator(
+        model,
+        str(base_dir),
+        AttackTargets(PLANTED_LAYER, [TOP]),
+        [AttackSetting("none")],
+        progress=False,
+        echo=None,
+        protocol={"p": 1},
+    )
     # an adapter that carries a trained copy of a base module (modules_to_save): unload would keep it
     odd = tmp_path / "odd"
     shutil.copytree(copying_adapter, odd)
@@ -160,5 +190,6 @@ def test_adapters_that_cannot_come_off_are_refused_and_the_cache_follows_the_ada
     weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
     assert evaluator.cache_key(again) != key
     evaluator.protocol = {"p": 2}
-    assert evaluator.cache_key(None) != OneBaseEvaluator(model, str(base_dir), AttackTargets(PLANTED_LAYER, [TOP]), [],
-                                                         progress=False, echo=None, protocol={"p": 1}).cache_key(None)
+    assert evaluator.cache_key(None) != OneBaseEvaluator(
+        model, str(base_dir), AttackTargets(PLANTED_LAYER, [TOP]), [], progress=False, echo=None, protocol={"p": 1}
+    ).cache_key(None)

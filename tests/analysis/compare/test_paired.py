@@ -127,10 +127,15 @@ def test_unpairable_items_are_refused():
     with pytest.raises(PairedError, match="different items"):
         paired_difference("acc/t/clean", {0: _acc([1, 0])}, {0: _acc([1, 0, 1])}, higher_is_better=True)
     with pytest.raises(PairedError, match="seed 1 vs seed 0"):  # the seeds must score the same items
-        paired_difference("acc/t/clean", {0: _acc([1, 0]), 1: _acc([1])}, {0: _acc([0, 0]), 1: _acc([0])},
-                          higher_is_better=True)
+        paired_difference(
+            "acc/t/clean", {0: _acc([1, 0]), 1: _acc([1])}, {0: _acc([0, 0]), 1: _acc([0])}, higher_is_better=True
+        )
     with pytest.raises(PairedError, match="share no seed"):
         paired_difference("acc/t/clean", {0: _acc([1])}, {1: _acc([1])}, higher_is_better=True)
     with pytest.raises(PairedError, match="not the same windows"):
-        paired_difference("ppl/t/clean", {0: PerplexityItems((1.0,), (3,))}, {0: PerplexityItems((1.0,), (4,))},
-                          higher_is_better=False)
+        paired_difference(
+            "ppl/t/clean",
+            {0: PerplexityItems((1.0,), (3,))},
+            {0: PerplexityItems((1.0,), (4,))},
+            higher_is_better=False,
+        )

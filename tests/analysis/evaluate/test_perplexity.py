@@ -51,7 +51,11 @@ def test_windows_follow_the_bos_policy_and_limits():
 def test_sun_et_al_defaults_are_the_documented_ones():
     # where the TOKENIZER's BOS goes (Sun et al. encode wikitext without special tokens, C4/PG-19 with)
     assert CORPORA["wikitext"].protocol == PerplexityProtocol(seq_len=4096, corpus_bos="none", max_windows=None)
-    assert (CORPORA["wikitext"].path, CORPORA["wikitext"].config, CORPORA["wikitext"].split) == ("wikitext", "wikitext-2-raw-v1", "test")
+    assert (CORPORA["wikitext"].path, CORPORA["wikitext"].config, CORPORA["wikitext"].split) == (
+        "wikitext",
+        "wikitext-2-raw-v1",
+        "test",
+    )
     for name in ("c4", "pg19"):
         assert CORPORA[name].protocol.max_windows == 100
         assert CORPORA[name].protocol.corpus_bos == "stream"
@@ -97,11 +101,17 @@ def test_text_files_and_local_dataset_folders(tmp_path):
         load_text_file(empty)
     src = tmp_path / "a.txt"
     src.write_text("hello world")
-    assert load_text_file(src, {"seq_len": 64}).protocol == PerplexityProtocol(seq_len=64, corpus_bos="stream", drop_partial=False)
+    assert load_text_file(src, {"seq_len": 64}).protocol == PerplexityProtocol(
+        seq_len=64, corpus_bos="stream", drop_partial=False
+    )
 
     texts = tiny.corpus(8)
-    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts}),
-                          "train": datasets.Dataset.from_dict({"text": ["not this"]})}).save_to_disk(tmp_path / "wiki")
+    datasets.DatasetDict(
+        {
+            "test": datasets.Dataset.from_dict({"text": texts}),
+            "train": datasets.Dataset.from_dict({"text": ["not this"]}),
+        }
+    ).save_to_disk(tmp_path / "wiki")
     local = load_corpus(f"wikitext={tmp_path / 'wiki'}")
     assert local.text == "\n\n".join(texts)  # the test split, joined as Sun et al. join wikitext
     assert local.protocol == CORPORA["wikitext"].protocol
@@ -110,5 +120,7 @@ def test_text_files_and_local_dataset_folders(tmp_path):
     assert plain.name == "wiki"
     assert plain.protocol.corpus_bos == "stream"
     assert plain.protocol.bos is None
-    with pytest.raises(PerplexityError, match=r"--dataset 'wikitext103' is not allowed: choose from wikitext, c4, pg19"):
+    with pytest.raises(
+        PerplexityError, match=r"--dataset 'wikitext103' is not allowed: choose from wikitext, c4, pg19"
+    ):
         load_corpus("wikitext103")

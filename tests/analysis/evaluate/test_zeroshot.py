@@ -48,7 +48,9 @@ def test_packaged_tasks_are_lm_evals_stock_prompts_on_the_validation_sets():
 
 
 def test_unknown_task_and_missing_folder(tmp_path):
-    with pytest.raises(ZeroShotError, match=r"--zeroshot 'arc_easy,hellaswag': unknown task hellaswag; allowed: arc_easy, "):
+    with pytest.raises(
+        ZeroShotError, match=r"--zeroshot 'arc_easy,hellaswag': unknown task hellaswag; allowed: arc_easy, "
+    ):
         parse_tasks("arc_easy,hellaswag")
     with pytest.raises(ZeroShotError, match="no saved dataset at"):
         build_task("piqa", data_root=tmp_path)
@@ -71,8 +73,9 @@ def test_lm_eval_scores_the_attacked_model_in_memory(tiny_llama, tiny_llama_dir,
     agree = sum(a == b for a, b in zip(base_pref, attacked_pref))
     assert 0 < agree < len(docs), "the tiny attack should flip some answers, or this test shows nothing"
 
-    evaluator = ZeroShotEvaluator(model, tokenizer, ["arc_easy"], data_root=write_arc_folder(tmp_path, docs),
-                                  batch_size=4)
+    evaluator = ZeroShotEvaluator(
+        model, tokenizer, ["arc_easy"], data_root=write_arc_folder(tmp_path, docs), batch_size=4
+    )
     (base,) = evaluator.evaluate()
     with attacker.applied(AttackSetting("zero", 5)):
         (attacked,) = evaluator.evaluate()
@@ -89,4 +92,3 @@ def test_lm_eval_scores_the_attacked_model_in_memory(tiny_llama, tiny_llama_dir,
     assert per_doc.acc == base.acc
     limited = ZeroShotEvaluator(model, tokenizer, ["arc_easy"], data_root=tmp_path, limit=5).evaluate()[0]
     assert limited.n == 5
-

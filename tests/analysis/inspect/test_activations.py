@@ -172,8 +172,9 @@ def test_intermediate_bars_highlight_the_top_k(tmp_path):
 def test_activations_subcommand(tiny_llama_dir, tmp_path, capsys):
     parser = build_parser()
     out = tmp_path / "act.json"
-    args = parser.parse_args(["activations", str(tiny_llama_dir), "--text", TEXT, "--json", str(out),
-                              "--plot", str(tmp_path / "plots")])
+    args = parser.parse_args(
+        ["activations", str(tiny_llama_dir), "--text", TEXT, "--json", str(out), "--plot", str(tmp_path / "plots")]
+    )
     assert (args.dtype, args.abs_threshold, args.median_ratio) == ("float32", 100.0, 1000.0)
     assert args.func(args) == 0
     data = json.loads(out.read_text())
@@ -184,8 +185,9 @@ def test_activations_subcommand(tiny_llama_dir, tmp_path, capsys):
     assert "origin of the massive activations: layer 1" in capsys.readouterr().out
     for name in ("activations_layers.png", "activations_intermediate.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG
-    strict = parser.parse_args(["activations", str(tiny_llama_dir), "--abs-threshold", "5000", "--json", str(out),
-                                "--dtype", "bfloat16"])
+    strict = parser.parse_args(
+        ["activations", str(tiny_llama_dir), "--abs-threshold", "5000", "--json", str(out), "--dtype", "bfloat16"]
+    )
     assert strict.func(strict) == 0
     assert json.loads(out.read_text())["massive_layers"] == []
 
@@ -204,7 +206,9 @@ def test_smollm2_massive_activation_is_dim_507_at_bos_from_layer_11(smollm2):
     assert sorted({m.dim for m in plain.massive}) == [507]
     assert {m.position for m in plain.massive} == {0}
     # with <|im_start|> first (--bos-token 1), the figures of docs/analysis.md
-    ids = probe_input_ids(tokenizer, "The quick brown fox jumps over the lazy dog.", resolve_prefix(tokenizer, bos_token=1))
+    ids = probe_input_ids(
+        tokenizer, "The quick brown fox jumps over the lazy dog.", resolve_prefix(tokenizer, bos_token=1)
+    )
     assert ids[0, 0] == 1
     report = activation_report(model, ids)
     assert report.origin_layer == 11

@@ -27,9 +27,12 @@ def softmax_attention_oracle(model, ids):
     heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     inputs = {}
-    hooks = [layer.self_attn.register_forward_pre_hook(
-        lambda m, a, kw, i=i: inputs.__setitem__(i, kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
-        for i, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: inputs.__setitem__(i, kw.get("hidden_states", a[0] if a else None)), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
     try:
         model(input_ids=torch.tensor([ids]))
     finally:
@@ -86,7 +89,7 @@ def test_planted_sink_starts_right_after_the_massive_layer():
         assert s.share == pytest.approx(uniform, abs=1e-6)
         assert s.sink_share == pytest.approx(uniform[0], abs=1e-6)
         assert s.top_key == 0
-    for s in report.layers[tiny_archs.SINK_FROM:]:
+    for s in report.layers[tiny_archs.SINK_FROM :]:
         assert s.sink_share > 0.99
         assert s.top_key == 0
     assert report.position_layer >= tiny_archs.SINK_FROM

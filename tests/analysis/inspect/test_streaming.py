@@ -36,8 +36,10 @@ def test_same_answer_as_the_full_load_and_stops_after_the_origin(sharded):
     # the rule decides PERSIST_LAYERS (2) layers after the origin: nothing after that was read
     assert stats.layers_loaded == [0, 1, 2, 3]
     assert [s.layer for s in streamed.layers] == [0, 1, 2, 3]
-    assert all(a.layer == b.layer and a.out_max == pytest.approx(b.out_max, rel=1e-5)
-               for a, b in zip(streamed.layers, full.layers))
+    assert all(
+        a.layer == b.layer and a.out_max == pytest.approx(b.out_max, rel=1e-5)
+        for a, b in zip(streamed.layers, full.layers)
+    )
     # memory: never more than one decoder layer at a time, plus the non-layer parameters
     layer_bytes = sum(p.numel() * 4 for p in find_layer(model, 0).parameters())
     non_layer = sum(p.numel() * 4 for n, p in model.named_parameters() if ".layers." not in n and ".h." not in n)

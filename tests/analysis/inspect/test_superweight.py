@@ -129,7 +129,9 @@ def test_smollm2_super_weight_is_layer_11_row_507_col_1229(smollm2):
 
     model, tokenizer = smollm2
     text = "The quick brown fox jumps over the lazy dog."
-    plain = find_super_weights(model, probe_input_ids(tokenizer, text)).candidates[0]  # nothing first: SmolLM2's tokenizer
+    plain = find_super_weights(model, probe_input_ids(tokenizer, text)).candidates[
+        0
+    ]  # nothing first: SmolLM2's tokenizer
     assert (plain.layer, plain.row, plain.col, plain.position) == (11, 507, 1229, 0)
     # with <|im_start|> first (--bos-token 1): the figures of docs/analysis.md and REFERENCE
     report = find_super_weights(model, probe_input_ids(tokenizer, text, resolve_prefix(tokenizer, bos_token=1)))
