@@ -1,10 +1,11 @@
-# The two README commands: `make demo` (set-up + main job) and `make test`. Also:
+# The two README commands: `make demo` (set-up + main job) and `make test` (ruff lint + format check, then the suite). Also:
+#   make lint        ruff check + ruff format --check ([tool.ruff] in pyproject.toml)
 #   make compat      the wheel into a fresh LLaMA-Factory venv at the OLDEST declared versions (.venv-compat/)
 #   make webui       LlamaBoard's extras (gradio) into .venv
 #   make webui-test  LlamaBoard in headless Chromium (needs Debian's chromium + chromium-driver)
 #   make bench       the CPU benchmark set (docs/benchmarks.md) into bench-results/
 SHELL := /bin/bash
-.PHONY: setup demo test compat webui webui-test bench
+.PHONY: setup demo test lint compat webui webui-test bench
 
 setup:
 	bash scripts/setup.sh
@@ -12,8 +13,12 @@ setup:
 demo:
 	bash scripts/demo.sh
 
-test: setup
+test: setup lint
 	.venv/bin/python -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 compat:
 	bash scripts/compat.sh
