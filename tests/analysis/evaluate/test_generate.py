@@ -43,11 +43,12 @@ def _requests(prompts=PROMPTS, budgets=BUDGETS):
     return [GenerationRequest(str(i), (p,), m) for i, (p, m) in enumerate(zip(prompts, budgets))]
 
 
-@pytest.mark.parametrize("arch", ["planted_llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["planted_llama", "qwen2", "gpt2", "opt", "gemma3"])
 def test_batched_equals_one_by_one(arch, tiny_llama_dir, plain_tok):
     if arch == "planted_llama":
         model, tok = _load(tiny_llama_dir)
-    else:  # random weights; gpt2's learned absolute positions show any position-id error at once
+    else:  # random weights; gpt2's and opt's learned positions show any position-id error at once, gemma3 has
+        # sliding-window layers
         model, tok = tiny_archs.build(arch, vocab=len(plain_tok)), plain_tok
     requests = _requests()
     results = BatchedGenerator(model, tok, batch_size=3).generate(requests)
@@ -59,7 +60,8 @@ def test_batched_equals_one_by_one(arch, tiny_llama_dir, plain_tok):
         lengths.add(len(ids))
         want = argmax_loop(model, ids, request.max_new_tokens, eos)
         assert list(result.turns[0].token_ids) == want, request.id
-        assert list(result.turns[0].token_ids) == greedy_generate(model, ids, request.max_new_tokens, {eos})[0]
+        if arch == "planted_llama":  # and attack --generate's own loop
+            assert list(result.turns[0].token_ids) == greedy_generate(model, ids, request.max_new_tokens, {eos})[0]
         assert result.turns[0].prompt_tokens == len(ids) and result.chat_template is False
         assert result.text == tok.decode([t for t in want if t != eos], skip_special_tokens=True)
     assert len(lengths) >= 5  # mixed lengths: the batches are padded
