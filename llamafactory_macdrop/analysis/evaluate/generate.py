@@ -37,7 +37,16 @@ Batched equals one by one: on the test models (fp32, CPU) the tokens are those o
 model they can differ: a padded batch runs the matmuls with other shapes and the attention over
 more (masked, exactly zero) keys, so logits differ in the last bits, and where the two best
 tokens are that close the arg-max flips and the rest of the text differs. Measured on
-SmolLM2-135M-Instruct, fp32, CPU (benchmarks/generation.py): see docs/generation.md.
+SmolLM2-135M-Instruct, fp32, CPU, batch 16, chat template, no stop strings
+(benchmarks/generation.py, results in benchmarks/results/cpu_generation_*.json): 0 of 176 items
+differ (nq_open 96 x 50 tokens, squad 48 x 50, gsm8k 32 x 256; 8,770 generated tokens), so the
+rate is below about 1.7 % of items (95 % upper bound for 0/176); the rate is not zero in
+principle, and bf16 or a GPU kernel can flip more often.
+
+Speed (same benchmark, 2 CPU cores): batched at 16 vs one by one is 7.7x on the tiny planted
+Llama and 5.9x on SmolLM2 for gsm8k (256-token answers); for short answers (nq_open, <= 32
+tokens) 3.2-3.5x, because the prompt's forward pass, the same compute in both arms, is then a
+third of the batched time.
 """
 
 from __future__ import annotations
