@@ -1,1 +1,1 @@
-"""Scoring a model: perplexity and zero-shot accuracy, on the model in memory (docs/layout.md)."""
+"""Scoring a model: perplexity, zero-shot accuracy, generation tasks and a judge, on the model in memory (docs/layout.md)."""
