@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 
 from .common import DEFAULT_TEXT, check_model, indices_arg, load_model, load_tokenizer, text_prefix, token_arg
-from .evaluation import add_corpus_options, add_super_weight_option, add_zeroshot_options, resolve_super_weights
+from .evaluation import (
+    add_corpus_options,
+    add_generation_options,
+    add_super_weight_option,
+    add_zeroshot_options,
+    resolve_super_weights,
+)
 
 
 def _ks(text: str) -> list[int]:
@@ -33,7 +39,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from ..core.architectures import find_ffn_blocks
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
-    from .evaluation import prepare_corpora, quiet_progress, read_sources, resolve_sources, zeroshot_evaluator
+    from .evaluation import (
+        gen_items_path,
+        generation_suite,
+        prepare_corpora,
+        quiet_progress,
+        read_generation,
+        read_sources,
+        resolve_sources,
+        zeroshot_evaluator,
+    )
 
     # everything that can be checked before the model loads
     ks = args.k_sweep if args.k_sweep is not None else [args.k]
@@ -46,8 +61,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     settings = sweep_settings(modes, ks, scales=scales, fills=fills)
     generating = _generation_plan(args, settings)
     sources, tasks = read_sources(args, need_text=False)
-    if not (sources or tasks or generating):
-        raise AttackError("nothing to evaluate: give --text-file, --dataset, --zeroshot or --generate")
+    gen_tasks, judge = read_generation(args)
+    if not (sources or tasks or generating or gen_tasks):
+        raise AttackError("nothing to evaluate: give --text-file, --dataset, --zeroshot, --gen-tasks or --generate")
     if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
         raise AttackError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
     check_model(args.model)
@@ -112,6 +128,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     corpora = prepare_corpora(sources, model, tokenizer, resolved=resolved)
     zeroshot = zeroshot_evaluator(args, tasks, model, tokenizer)
+    suite = generation_suite(args, gen_tasks, judge, model, tokenizer)
 
     report = AttackReport(
         model=args.model,
@@ -129,6 +146,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         echo=print,
+        generation=suite,
     )
     gens = _generate(args, model, tokenizer, attacker, generating, report) if generating else []
     print()
@@ -139,6 +157,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
         report.recovery = loss_gap_recovery(report)
         print(recovery_table(report.recovery))
+    if report.gen_rows:
+        print()
+        print(report.gen_table(lambda r: r["setting"], str))
     if generating:
         from ..analysis.attack.generation import generations_table
 
@@ -146,6 +167,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     print("weights restored bitwise after the sweep: yes")
     if args.json:
         print(f"written to {report.write_json(args.json)}")
+    items = gen_items_path(args)
+    if report.gen_items and items is not None:
+        print(f"written to {report.write_gen_items(items)}")
     if args.csv:
         print(f"written to {report.write_csv(args.csv)}")
     if generating and args.generate_report:
@@ -163,6 +187,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
             from ..analysis.attack.plots import plot_superweight_scaling
 
             print(f"plot written to {plot_superweight_scaling(report, Path(args.plot) / 'superweight_scaling.png')}")
+    if args.plot and report.gen_rows:
+        from ..analysis.attack.plots import plot_generation_sweep
+
+        print(f"plot written to {plot_generation_sweep(report, Path(args.plot) / 'generation_sweep.png')}")
     return 0
 
 
@@ -218,7 +246,7 @@ def _generate(args, model, tokenizer, attacker, settings, report) -> list:
         echo=None if args.no_progress else print,
     )
     report.generations = [g.to_dict() for g in gens]
-    report.generation = {
+    report.generate_protocol = {
         "prompt": args.generate,
         "chat_template": templated,
         "max_new_tokens": args.max_new_tokens,
@@ -261,6 +289,7 @@ def register(sub) -> None:
     p.add_argument("--adapter", type=Path, default=None, help="LoRA/DoRA adapter folder evaluated on top of MODEL")
     add_corpus_options(p)
     add_zeroshot_options(p)
+    add_generation_options(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--json", type=Path, default=None)

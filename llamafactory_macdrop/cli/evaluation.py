@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def super_weight_arg(text: str):
@@ -82,7 +82,12 @@ def add_corpus_options(p, seq_len_help: str = "tokens per window (default 4096)"
 
 def add_zeroshot_options(p) -> None:
     p.add_argument("--zeroshot", default=None, help="comma-separated: arc_easy,arc_challenge,boolq,piqa,winogrande")
-    p.add_argument("--limit", type=int, default=None, help="zero-shot: at most N documents per task")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="zero-shot and generation tasks: the first N documents / items of each task",
+    )
     p.add_argument(
         "--zeroshot-data",
         type=Path,
@@ -184,3 +189,89 @@ def quiet_progress() -> None:
 
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
+
+
+def add_generation_options(p) -> None:
+    """--gen-tasks and the judge: generation tasks under every setting (docs/generation.md)."""
+    g = p.add_argument_group("generation tasks (docs/generation.md)")
+    g.add_argument(
+        "--gen-tasks", default=None, help="comma-separated: gsm8k, nq_open, squad, or Spec-Bench question.jsonl files"
+    )
+    g.add_argument("--gen-batch-size", type=int, default=16, help="generation: prompts per batch (default 16)")
+    g.add_argument("--gen-max-new-tokens", type=int, default=None, help="generation: override every task's budget")
+    g.add_argument(
+        "--gen-no-chat-template",
+        action="store_true",
+        help="generation tasks: plain prompts (default: the tokenizer's chat template when it has one)",
+    )
+    g.add_argument(
+        "--gen-items",
+        type=Path,
+        default=None,
+        help="per-item JSONL: prompt, output, references, scores, judgement (default: next to --json)",
+    )
+    g.add_argument(
+        "--judge",
+        type=Path,
+        default=None,
+        metavar="MODEL_DIR",
+        help="a local judge model (Prometheus-2 format, loaded once)",
+    )
+    g.add_argument("--judge-url", default=None, metavar="URL", help="an OpenAI-compatible chat endpoint as the judge")
+    g.add_argument("--judge-model", default=None, metavar="NAME", help="the model name --judge-url serves")
+    g.add_argument("--judge-dtype", default="auto", help="--judge: float32, bfloat16, float16 or auto (its own)")
+    g.add_argument("--judge-device", default="auto", help="--judge: cpu, cuda, ... or auto")
+
+
+def read_generation(args: argparse.Namespace):
+    """(tasks, judge) the options name, loaded and checked before the model under test loads (None, None without)."""
+    from ..analysis.evaluate.judge import make_judge
+    from ..analysis.evaluate.tasks import load_tasks, parse_task_list
+    from .common import OptionError
+
+    judging = args.judge is not None or args.judge_url is not None or args.judge_model is not None
+    if args.gen_tasks is None:
+        if judging:
+            raise OptionError("--judge / --judge-url grade generation tasks: give --gen-tasks too")
+        return None, None
+    if args.gen_batch_size < 1:
+        raise OptionError(f"--gen-batch-size {args.gen_batch_size} is not allowed: give a number >= 1")
+    tasks = load_tasks(parse_task_list(args.gen_tasks), args.limit, max_new_tokens=args.gen_max_new_tokens)
+    options = {}
+    if args.judge is not None:
+        options = {"dtype": args.judge_dtype, "device": args.judge_device}
+    judge = make_judge(str(args.judge) if args.judge is not None else None, args.judge_url, args.judge_model, **options)
+    if judge is not None:
+        judge.check()  # a judge that cannot load or answer fails here, before any generation
+    return tasks, judge
+
+
+def generation_suite(args: argparse.Namespace, tasks, judge, model, tokenizer, echo=print):
+    """The generation runner on the loaded model (None without tasks)."""
+    if not tasks:
+        return None
+    from ..analysis.evaluate.gen_tasks import GenerationSuite
+
+    suite = GenerationSuite(
+        model,
+        tokenizer,
+        tasks,
+        judge=judge,
+        batch_size=args.gen_batch_size,
+        chat_template=not args.gen_no_chat_template,
+    )
+    echo(
+        "  generation tasks: "
+        + ", ".join(f"{t.name} {len(t.items)} of {t.available} items" for t in tasks)
+        + f"; greedy, {'chat template' if suite.generator.chat_template else 'plain prompts'}"
+        + (f"; judge {judge.protocol().get('model') or judge.protocol().get('backend', '')}" if judge else "")
+    )
+    return suite
+
+
+def gen_items_path(args: argparse.Namespace) -> Optional[Path]:
+    """Where the per-item JSONL goes: --gen-items, else next to --json (``NAME.generation.jsonl``)."""
+    if args.gen_items is not None:
+        return args.gen_items
+    json_path = getattr(args, "json", None)
+    return json_path.with_name(json_path.stem + ".generation.jsonl") if json_path is not None else None

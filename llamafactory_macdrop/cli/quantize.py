@@ -8,10 +8,14 @@ from pathlib import Path
 from .common import DEFAULT_TEXT, check_model, load_model, load_tokenizer, text_prefix
 from .evaluation import (
     add_corpus_options,
+    add_generation_options,
     add_super_weight_option,
     add_zeroshot_options,
+    gen_items_path,
+    generation_suite,
     prepare_corpora,
     quiet_progress,
+    read_generation,
     read_sources,
     resolve_sources,
     resolve_super_weights,
@@ -45,7 +49,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     if args.k < 1:
         raise QuantizationError(f"--k {args.k} is not allowed: give a number >= 1")
-    sources, tasks = read_sources(args)
+    sources, tasks = read_sources(args, need_text=False)
+    gen_tasks, judge = read_generation(args)
+    if not (sources or tasks or gen_tasks):
+        raise QuantizationError("nothing to evaluate: give --text-file, --dataset, --zeroshot or --gen-tasks")
     check_model(args.model)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
@@ -96,6 +103,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"  probe text: {prefix.describe()} + {args.probe_text!r}")
     corpora = prepare_corpora(sources, model, tokenizer, resolved=resolved)
     zeroshot = zeroshot_evaluator(args, tasks, model, tokenizer)
+    suite = generation_suite(args, gen_tasks, judge, model, tokenizer)
 
     report = QuantizationReport(
         model=args.model,
@@ -114,15 +122,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         echo=print,
+        generation=suite,
     )
     print()
-    print(report.table())
+    if report.rows:
+        print(report.table())
+    if report.gen_rows:
+        print()
+        print(report.gen_table(report.key, lambda key: report.setting_label(key)))
     print("weights restored bitwise after every setting: yes")
     if args.json:
         print(f"written to {report.write_json(args.json)}")
     if args.csv:
         print(f"written to {report.write_csv(args.csv)}")
-    if args.plot:
+    items = gen_items_path(args)
+    if report.gen_items and items is not None:
+        print(f"written to {report.write_gen_items(items)}")
+    if args.plot and report.rows:
         from ..analysis.attack.plots import plot_quantization
 
         print(f"plot written to {plot_quantization(report, Path(args.plot) / 'quantize.png')}")
@@ -162,6 +178,7 @@ def register(sub) -> None:
     )
     add_corpus_options(p)
     add_zeroshot_options(p)
+    add_generation_options(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--json", type=Path, default=None)

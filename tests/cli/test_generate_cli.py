@@ -60,7 +60,7 @@ def test_generate_alone_side_by_side(tiny_llama_dir, lora_dir, tmp_path, capsys)
     ]
     assert report["results"] == []
     assert report["restored_bitwise"] is True
-    assert report["generation"] == {
+    assert report["generate_protocol"] == {
         "prompt": PROMPT,
         "chat_template": False,
         "max_new_tokens": 10,

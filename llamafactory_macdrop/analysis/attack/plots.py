@@ -165,3 +165,56 @@ def attack_sweep_figure(report):
 def plot_attack_sweep(report, path) -> Path:
     """Save :func:`attack_sweep_figure` as a PNG at ``path``."""
     return save_figure(attack_sweep_figure(report), path)
+
+
+# ----------------------------------------------------------------------------- generation tasks
+def generation_sweep_figure(report):
+    """One panel per generation task: each metric against k for top-k zeroing and retaining (the
+    unattacked value and the other modes as horizontal lines), the judge on its own 1-5 axis."""
+    from matplotlib.figure import Figure
+
+    rows = report.gen_rows
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig = Figure(figsize=(4.2 * max(1, len(tasks)), 3.4), dpi=110)
+    axes = fig.subplots(1, max(1, len(tasks)), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        mine = [r for r in rows if r["task"] == task and r["value"] == r["value"]]  # nan: nothing scored
+        metrics = list(dict.fromkeys(r["metric"] for r in mine if r["metric"] != "judge"))
+        judge_ax = ax.twinx() if any(r["metric"] == "judge" for r in mine) else None
+        for i, metric in enumerate(metrics + (["judge"] if judge_ax is not None else [])):
+            target = judge_ax if metric == "judge" else ax
+            color = f"C{i}"
+            points = {r["setting"]: r for r in mine if r["metric"] == metric}
+            base = points.get("none")
+            for mode, marker, style in (("zero", "o", "-"), ("retain", "s", "--")):
+                ks = sorted(r["k"] for r in points.values() if r["mode"] == mode)
+                xy = ([(0, base["value"])] if base else []) + [(k, points[f"{mode} k={k}"]["value"]) for k in ks]
+                if ks:
+                    target.plot(
+                        *zip(*xy), marker=marker, ms=4, linestyle=style, color=color, label=f"{metric} ({mode})"
+                    )
+            for r in points.values():
+                if r["mode"] not in ("none", "zero", "retain"):
+                    target.axhline(
+                        r["value"], linestyle=":", linewidth=1.2, color=color, label=f"{metric} {r['setting']}"
+                    )
+        ax.set_xlabel("k (top-k massive weights)")
+        ax.set_ylabel("reference metric")
+        if judge_ax is not None:
+            judge_ax.set_ylim(1, 5)
+            judge_ax.set_ylabel("judge (1-5)")
+        ax.set_title(task, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        handles = ax.get_legend_handles_labels()
+        if judge_ax is not None:
+            more = judge_ax.get_legend_handles_labels()
+            handles = (handles[0] + more[0], handles[1] + more[1])
+        ax.legend(*handles, fontsize=6)
+    fig.suptitle(f"{report.model}: generation tasks under attack", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_generation_sweep(report, path) -> Path:
+    """Save :func:`generation_sweep_figure` as a PNG at ``path``."""
+    return save_figure(generation_sweep_figure(report), path)

@@ -402,11 +402,18 @@ class QuantizationReport(SweepReport):
             "zeroshot": self.zeroshot_dict(),
             "restored_bitwise": self.restored_bitwise,
             "results": self.rows,
+            **({"generation": self.gen_rows, "generation_protocol": self.gen_protocol} if self.gen_rows else {}),
         }
 
     @staticmethod
     def key(row: dict[str, Any]) -> tuple:
         return (row["bits"], row["block_size"], row["clip"], row["protect"])
+
+    def setting_label(self, key: tuple) -> str:
+        bits, block, clip, protect = key
+        if bits is None:
+            return f"{self.dtype} (unquantized)"
+        return f"{bits}-bit block {block if block is not None else 'tensor'}, clip {clip}, protect {protect}"
 
     def table(self) -> str:
         """Markdown: one line per setting, perplexity per corpus and accuracy (%) per task."""
@@ -437,6 +444,7 @@ def run_quantization_sweep(
     batch_size: int = 1,
     progress: bool = True,
     echo=None,
+    generation=None,
 ) -> QuantizationReport:
     """Evaluate every setting on every corpus (:class:`~.sweep.PreparedCorpus`) and zero-shot task.
 
@@ -465,7 +473,16 @@ def run_quantization_sweep(
     def tag(setting: QuantSetting) -> str:
         return f"[{numbered[id(setting)]}/{len(settings)}] {setting.label}"
 
+    if generation is not None:
+        report.gen_protocol = generation.protocol()
+
     def record(setting: QuantSetting, dataset: str, res) -> None:
+        if hasattr(res, "items") and hasattr(res, "metrics"):  # a generation task
+            report.record_generation(setting.to_dict(), res)
+            if echo:
+                shown = ", ".join(f"{m} {a['mean']:.3f}" for m, a in res.metrics.items())
+                echo(f"  {tag(setting):<58} {dataset:<14} {shown}  ({res.new_tokens} tokens, {res.seconds:.1f} s)")
+            return
         extra: dict[str, Any] = {}
         if setting.quantized:
             extra = {
@@ -514,6 +531,8 @@ def run_quantization_sweep(
         label=tag,
         batch_size=batch_size,
         progress=progress,
+        generation=generation,
+        echo=echo if progress else None,
     )
     report.restored_bitwise = True
     return report

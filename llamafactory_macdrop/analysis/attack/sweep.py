@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from torch import nn
@@ -85,6 +86,72 @@ class SweepReport(JsonReport, CsvRows):
     probe_prefix: Optional[dict[str, Any]] = None  # what went before the probe text
     rows: list[dict[str, Any]] = field(default_factory=list)
     restored_bitwise: bool = False
+    #: generation tasks: one row per setting x task x metric (``setting``, ``task``, ``metric``, ``value``, ``n``;
+    #: ``unparsed`` for the judge), the per-item records (``--gen-items`` JSONL) and the tasks' protocol
+    gen_rows: list[dict[str, Any]] = field(default_factory=list)
+    gen_items: list[dict[str, Any]] = field(default_factory=list)
+    gen_protocol: Optional[dict[str, Any]] = None
+
+    def record_generation(self, key: dict[str, Any], res) -> None:
+        """A :class:`~..evaluate.gen_tasks.GenTaskResult` of the setting ``key`` (the row's identifying keys)."""
+        for metric, agg in res.metrics.items():
+            self.gen_rows.append(
+                {
+                    **key,
+                    "task": res.task,
+                    "metric": metric,
+                    "value": agg["mean"],
+                    "n": agg["n"],
+                    "seconds": round(res.seconds, 3),
+                    "new_tokens": res.new_tokens,
+                }
+            )
+        if res.judge is not None:
+            self.gen_rows.append(
+                {
+                    **key,
+                    "task": res.task,
+                    "metric": "judge",
+                    "value": res.judge["mean"],
+                    "n": res.judge["n"],
+                    "unparsed": res.judge["unparsed"],
+                    "seconds": round(res.judge_seconds, 3),
+                }
+            )
+        self.gen_items += [{**key, **item} for item in res.items]
+
+    def write_gen_items(self, path) -> Path:
+        """Per item and setting: prompt turns, outputs, references, scores, judgement (JSON lines)."""
+        import json
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(item) + "\n" for item in self.gen_items))
+        return path
+
+    def gen_table(self, key_of: Callable[[dict[str, Any]], Any], label: Callable[[Any], str]) -> str:
+        """Markdown: one line per setting, one column per task x metric (judge: mean 1-5, unparsed)."""
+        cols = list(dict.fromkeys((r["task"], r["metric"]) for r in self.gen_rows))
+        head = [f"{t} {m}" for t, m in cols]
+        lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+        for key in dict.fromkeys(key_of(r) for r in self.gen_rows):
+            cells = []
+            for t, m in cols:
+                row = next((r for r in self.gen_rows if key_of(r) == key and r["task"] == t and r["metric"] == m), None)
+                if row is None or row["value"] != row["value"]:  # missing, or nan (nothing scored)
+                    cells.append(
+                        "-"
+                        if row is None
+                        else f"- (n=0{', unparsed ' + str(row['unparsed']) if row.get('unparsed') else ''})"
+                    )
+                elif m == "judge":
+                    cells.append(
+                        f"{row['value']:.2f}" + (f" ({row['unparsed']} unparsed)" if row.get("unparsed") else "")
+                    )
+                else:
+                    cells.append(f"{row['value']:.3f}" if row["value"] <= 1 else f"{row['value']:.1f}")
+            lines.append(f"| {label(key)} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
 
     def record_inputs(self, corpora: Sequence["PreparedCorpus"], zeroshot=None) -> None:
         """The protocol of every corpus and of the zero-shot tasks, before the first row."""
@@ -150,11 +217,18 @@ class AttackReport(SweepReport):
     adapter: Optional[str]
     targets: dict[str, Any]
     generations: list[dict[str, Any]] = field(default_factory=list)  # --generate: analysis/attack/generation.py
-    generation: Optional[dict[str, Any]] = None  # how they were generated
+    generate_protocol: Optional[dict[str, Any]] = None  # how they were generated
     recovery: list[dict[str, Any]] = field(default_factory=list)  # sw_restore: see loss_gap_recovery
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {"generation": self.generation, "generations": self.generations} if self.generation else {}
+        extra = (
+            {"generate_protocol": self.generate_protocol, "generations": self.generations}
+            if self.generate_protocol
+            else {}
+        )
+        if self.gen_rows:
+            extra["generation"] = self.gen_rows
+            extra["generation_protocol"] = self.gen_protocol
         if self.recovery:
             extra["sw_restore_recovery"] = self.recovery
         if self.probe_prefix is not None:
@@ -238,13 +312,20 @@ def evaluate_settings(
     progress: bool = True,
     per_item: bool = False,
     zeroshot_for: Callable[[Any], bool] = lambda s: True,
+    generation=None,
+    generation_for: Callable[[Any], bool] = lambda s: True,
+    echo: Optional[Callable[[str], None]] = None,
 ) -> None:
-    """THE sweep: for every setting, ``editor.applied(setting)``, every corpus's perplexity and (where
-    ``zeroshot_for(setting)``) the zero-shot tasks, each result handed to ``on_result(setting,
-    dataset, result)`` as it comes in (a :class:`~.perplexity.PerplexityResult` or a
-    :class:`~.zeroshot.ZeroShotResult`); undone after each setting, verified bit for bit at the end.
+    """THE sweep: for every setting, ``editor.applied(setting)``, every corpus's perplexity, (where
+    ``zeroshot_for(setting)``) the zero-shot tasks and (where ``generation_for(setting)``) the
+    generation tasks, each result handed to ``on_result(setting, dataset, result)`` as it comes in
+    (a :class:`~..evaluate.perplexity.PerplexityResult`, a :class:`~..evaluate.zeroshot.ZeroShotResult`
+    or a :class:`~..evaluate.gen_tasks.GenTaskResult`); undone after each setting, verified bit for
+    bit at the end.
 
-    ``per_item``: per-window NLLs and per-document scores too (paired statistics)."""
+    ``per_item``: per-window NLLs and per-document scores too (paired statistics); generation
+    results always carry their items. ``generation``: a :class:`~..evaluate.gen_tasks.GenerationSuite`;
+    ``echo`` gets its progress lines."""
     for setting in settings:
         with editor.applied(setting):
             for corpus in corpora:
@@ -260,6 +341,9 @@ def evaluate_settings(
             if zeroshot is not None and zeroshot_for(setting):
                 for res in zeroshot.evaluate(per_item=per_item) if per_item else zeroshot.evaluate():
                     on_result(setting, res.task, res)
+            if generation is not None and generation_for(setting):
+                for res in generation.evaluate(label(setting), echo=echo):
+                    on_result(setting, res.task, res)
     editor.verify_restored()
 
 
@@ -274,6 +358,7 @@ def run_sweep(
     batch_size: int = 1,
     progress: bool = True,
     echo=None,
+    generation=None,
 ) -> AttackReport:
     """Evaluate every setting; rows are appended to ``report`` (returned) as they come in.
 
@@ -282,7 +367,21 @@ def run_sweep(
     """
     report.record_inputs(corpora, zeroshot)
 
+    if generation is not None:
+        report.gen_protocol = generation.protocol()
+
     def record(setting: AttackSetting, dataset: str, res) -> None:
+        if hasattr(res, "items") and hasattr(res, "metrics"):  # a generation task
+            report.record_generation({k: v for k, v in _row(setting, "").items() if k != "dataset"}, res)
+            if echo:
+                shown = ", ".join(f"{m} {a['mean']:.3f}" for m, a in res.metrics.items())
+                if res.judge is not None:
+                    shown += f", judge {res.judge['mean']:.2f} ({res.judge['unparsed']} unparsed)"
+                echo(
+                    f"  {setting.label:<22} {dataset:<16} {shown}  ({len(res.items)} items, {res.new_tokens} tokens, "
+                    f"{res.seconds:.1f} s, {res.tokens_per_s:.1f} tokens/s)"
+                )
+            return
         if hasattr(res, "ppl"):
             report.rows.append(
                 _row(
@@ -305,7 +404,16 @@ def run_sweep(
                 echo(f"  {setting.label:<22} {dataset:<16} acc {100 * res.acc:6.1f}  (n={res.n}, {res.split})")
 
     evaluate_settings(
-        model, attacker, settings, corpora, zeroshot, on_result=record, batch_size=batch_size, progress=progress
+        model,
+        attacker,
+        settings,
+        corpora,
+        zeroshot,
+        on_result=record,
+        batch_size=batch_size,
+        progress=progress,
+        generation=generation,
+        echo=echo if progress else None,
     )
     report.restored_bitwise = True
     return report

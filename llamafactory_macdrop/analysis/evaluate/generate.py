@@ -61,12 +61,13 @@ from torch import nn
 
 from ...core.probing import unwrap_peft
 from ...core.text_prefix import TextPrefix, resolve_prefix
+from ...errors import MacDropError
 from ..attack.generation import end_tokens
 
 STOPPED = ("eos", "stop", "max_new_tokens")
 
 
-class GenerationError(ValueError):
+class GenerationError(MacDropError, ValueError):
     """A request that cannot be generated (one line naming the request and what is allowed)."""
 
 

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
+from ...errors import MacDropError
+
 SYSTEM_PROMPT = (
     "You are a fair and careful evaluator. You judge a response only by the score rubric you are given, "
     "write clear and objective feedback, and keep to absolute standards of quality."
@@ -121,7 +123,7 @@ RUBRICS: dict[str, Rubric] = {
 }
 
 
-class JudgeError(RuntimeError):
+class JudgeError(MacDropError, RuntimeError):
     """A judge that cannot load, connect or answer (one line)."""
 
 

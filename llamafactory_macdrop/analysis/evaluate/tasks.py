@@ -61,6 +61,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from ...errors import MacDropError
 from .generate import GenerationRequest
 
 #: what an item asks for; picks the judge rubric (judge.RUBRICS)
@@ -72,7 +73,7 @@ CATEGORY_KINDS = {"math_reasoning": "math", "math": "math", "qa": "short_qa", "r
 JSONL_MAX_NEW_TOKENS = 256
 
 
-class TaskError(ValueError):
+class TaskError(MacDropError, ValueError):
     """A task that cannot be loaded (one line: the task or file, and what is wrong or allowed)."""
 
 

@@ -1,0 +1,121 @@
+"""Loading a model to analyse: one line for what cannot be loaded, before anything heavy runs.
+
+Why here and not in the CLI: ``macdrop compare`` evaluates adapters on a base it loads itself,
+notebooks load models the same way, and the checks (a folder without config.json, a tokenizer
+folder that is not one, an adapter trained on another base) must read the same everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from ...errors import MacDropError
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class ModelPathError(MacDropError, FileNotFoundError):
+    """MODEL names no model this command can load (one line, exit 2)."""
+
+
+def check_model(path: str) -> None:
+    """One line, before anything loads, when MODEL is not a model folder (or a hub id that resolves).
+
+    A local path must be a folder with config.json; a name that is no local path is tried as a hub
+    id (transformers' own config lookup, which answers at once offline)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelPathError(f"{path}: no config.json in that folder: give a Hugging Face model folder "
+                                 "(config.json and weights; `macdrop convert-gguf` makes one from a GGUF file)")
+        return
+    if folder.exists():
+        raise ModelPathError(f"{path} is a file, not a model folder: give the folder that holds config.json")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelPathError(f"{path}: no such folder, and not a model the hub serves here ({reason[:160]})") from None
+
+
+def load_model(path: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    check_model(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).eval()
+    except OSError as err:  # a folder whose weights are missing or unreadable
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelPathError(f"{path}: the model does not load ({reason[:200]})") from None
+
+
+def config_facts(path: str) -> tuple:
+    """(config bos_token_id, vocab_size) from the checkpoint's config.json, before the model loads
+    (Nones when it cannot be read): what the prefix checks name and bound."""
+    from ...core.model_config import read_config_json, vocab_size
+    from ...core.text_prefix import config_bos_token_id
+
+    found = read_config_json(path)
+    if found is None:
+        return None, None
+    return config_bos_token_id(found[1]), vocab_size(found[1])
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer, or None. A local folder without tokenizer files gets None: transformers
+    would build an empty tokenizer of the model type there, whose special-token ids are not the model's."""
+    from transformers import AutoTokenizer
+
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def attach_adapter(model: nn.Module, adapter_dir: str | Path, model_path: str = "") -> nn.Module:
+    """``model`` + the LoRA/DoRA adapter in ``adapter_dir`` (a PeftModel, adapter active).
+
+    The attacks then edit the frozen base weights under the adapter, which is what the paper's
+    robustness comparison does. An adapter trained on another base is refused in one line: by
+    its recorded base model's config when that folder is here, else by peft's shape check.
+    """
+    import json
+
+    from ..attack.attacks import AttackError
+
+    folder = Path(adapter_dir)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise AttackError(f"--adapter {folder}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+    recorded = json.loads(config_file.read_text()).get("base_model_name_or_path") or "?"
+    base_config = Path(recorded) / "config.json"
+    mine = getattr(model, "config", None)
+    if base_config.is_file() and mine is not None:
+        theirs = json.loads(base_config.read_text())
+        keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+        diff = [k for k in keys if k in theirs and theirs[k] != getattr(mine, k, None)]
+        if diff:
+            k = diff[0]
+            raise AttackError(
+                f"--adapter {folder} was trained on {recorded} ({k}={theirs[k]}), not on {model_path or 'this model'} "
+                f"({k}={getattr(mine, k, None)})"
+            )
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AttackError(f"--adapter {folder} does not fit {model_path or 'this model'} (trained on {recorded}): {first}") from None
