@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .evaluation import add_corpus_options, add_zeroshot_options
+from .evaluation import add_corpus_options, add_generation_options, add_zeroshot_options
 
 
 def _default_train_command() -> list[str]:
@@ -63,6 +63,23 @@ def _check_ks(base: dict, ks: list[int]) -> None:
         raise CompareError(f"--k-sweep {max(ks)} is larger than the intermediate size {width}: allowed 1..{width}")
 
 
+FAMILIES = ("ppl", "zeroshot", "gen")
+
+
+def _robustness(text: str) -> str:
+    """``all`` or comma-separated families measured under the attacks (ppl is always among them)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in (*FAMILIES, "all")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give all or comma-separated families of {', '.join(FAMILIES)}")
+    return text
+
+
+def _families(text: str) -> set[str]:
+    names = {t.strip() for t in text.split(",") if t.strip()}
+    return set(FAMILIES) if "all" in names else names | {"ppl"}
+
+
 def _read_base(path: Path) -> dict:
     import yaml
 
@@ -110,7 +127,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     from ..plugin.keys import MacDropConfigError
     from ..plugin.lf.arguments import check_train_config
-    from .evaluation import read_sources
+    from .evaluation import read_generation, read_sources
 
     if args.no_progress:  # first: tqdm reads TQDM_DISABLE when it is imported (LLaMA-Factory's checks import it)
         from .evaluation import quiet_progress
@@ -126,7 +143,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     command = shlex.split(args.train_command) if args.train_command else _default_train_command()
     sources, tasks, settings = [], [], []
     if not args.no_eval:
-        sources, tasks = read_sources(args)
+        sources, tasks = read_sources(args, need_text=False)
+        gen_tasks, judge = read_generation(args)
+        if not (sources or tasks or gen_tasks):
+            raise CompareError(
+                "nothing to evaluate: give --text-file, --dataset, --zeroshot or --gen-tasks (or --no-eval)"
+            )
         modes = [m.strip() for m in args.mode.split(",") if m.strip()]
         if any(m not in ("zero", "retain") for m in modes):
             raise CompareError(
@@ -188,7 +210,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.no_eval:
         print("[compare] --no-eval: every run is trained; rerun without --no-eval to evaluate")
         return 0
-    return _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, notes, trained_for)
+    return _evaluate(
+        args, base, root, arms, runs, seeds, sources, tasks, settings, notes, trained_for, gen_tasks, judge
+    )
 
 
 def _check_base_inputs(base: dict, sources) -> None:
@@ -207,7 +231,9 @@ def _check_base_inputs(base: dict, sources) -> None:
         resolve_sources(sources, tokenizer, str(model_path))
 
 
-def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, notes, trained_for) -> int:
+def _evaluate(
+    args, base, root, arms, runs, seeds, sources, tasks, settings, notes, trained_for, gen_tasks=None, judge=None
+) -> int:
     import torch
 
     from ..analysis.attack.attacks import AttackError, AttackTargets
@@ -223,7 +249,7 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
     from .common import load_model, load_tokenizer
-    from .evaluation import prepare_corpora, zeroshot_evaluator
+    from .evaluation import generation_suite, prepare_corpora, zeroshot_evaluator
 
     model_path = str(base["model_name_or_path"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,6 +274,7 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
     print(f"  attacks: the base model's massive rows, layer {targets.layer} (0-based), rows {targets.indices}")
     corpora = prepare_corpora(sources, model, tokenizer)
     zeroshot = zeroshot_evaluator(args, tasks, model, tokenizer)
+    suite = generation_suite(args, gen_tasks, judge, model, tokenizer)
     protocol = {
         "model": model_path,
         "dtype": args.dtype,
@@ -265,6 +292,7 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
             "data": str(args.zeroshot_data) if args.zeroshot_data else "packaged",
             "batch_size": args.zeroshot_batch_size,
         },
+        "generation": suite.protocol() if suite is not None else None,
     }
     evaluator = OneBaseEvaluator(
         model,
@@ -276,7 +304,9 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
         batch_size=args.batch_size,
         progress=not args.no_progress,
         protocol=protocol,
-        zeroshot_under_attack=args.robustness == "all",
+        zeroshot_under_attack="zeroshot" in _families(args.robustness),
+        generation=suite,
+        generation_under_attack="gen" in _families(args.robustness),
     )
     items, reused = evaluate_runs(evaluator, runs, root, echo=lambda line: print(line, flush=True))
     eval_seconds = time.time() - eval_start
@@ -313,6 +343,7 @@ def _evaluate(args, base, root, arms, runs, seeds, sources, tasks, settings, not
             "training (sum over runs)": train_total,
             "training (this call)": trained_for,
             "evaluation (this call)": eval_seconds,
+            **({"of which generation tasks (this call)": evaluator.gen_seconds} if suite is not None else {}),
         },
     )
     headline = report.headline_metrics()
@@ -393,14 +424,16 @@ def register(sub) -> None:
     )
     add_corpus_options(p)
     add_zeroshot_options(p)
+    add_generation_options(p, items_option=False)
     p.add_argument(
         "--mode", default="zero,retain", help="robustness attacks on the base's massive rows (default zero,retain)"
     )
     p.add_argument(
         "--robustness",
-        choices=("all", "ppl"),
+        type=_robustness,
         default="all",
-        help="what is measured under the attacks: every metric (default) or perplexity only (zero-shot clean only)",
+        help="which families are measured under the attacks: all (default), or comma-separated ppl, zeroshot, gen "
+        "(the others on the clean model only; generation is the expensive one)",
     )
     p.add_argument(
         "--k-sweep", type=_ks, default=[1, 3, 5], help="k values of the attacks (default 1,3,5; none: clean only)"

@@ -191,8 +191,9 @@ def quiet_progress() -> None:
     datasets.disable_progress_bars()
 
 
-def add_generation_options(p) -> None:
-    """--gen-tasks and the judge: generation tasks under every setting (docs/generation.md)."""
+def add_generation_options(p, items_option: bool = True) -> None:
+    """--gen-tasks and the judge: generation tasks under every setting (docs/generation.md).
+    ``items_option``: ``--gen-items`` (compare writes its per-item files under DIR/eval/ instead)."""
     g = p.add_argument_group("generation tasks (docs/generation.md)")
     g.add_argument(
         "--gen-tasks", default=None, help="comma-separated: gsm8k, nq_open, squad, or Spec-Bench question.jsonl files"
@@ -204,12 +205,13 @@ def add_generation_options(p) -> None:
         action="store_true",
         help="generation tasks: plain prompts (default: the tokenizer's chat template when it has one)",
     )
-    g.add_argument(
-        "--gen-items",
-        type=Path,
-        default=None,
-        help="per-item JSONL: prompt, output, references, scores, judgement (default: next to --json)",
-    )
+    if items_option:
+        g.add_argument(
+            "--gen-items",
+            type=Path,
+            default=None,
+            help="per-item JSONL: prompt, output, references, scores, judgement (default: next to --json)",
+        )
     g.add_argument(
         "--judge",
         type=Path,

@@ -152,7 +152,7 @@ def test_bad_input_gives_one_clear_line(tiny_llama_dir, text_file, gpt2_adapter,
             ["--text-file", str(text_file), "--mode", "zero,shuffle"],
             "--mode shuffle is not allowed: choose from zero, retain, superweight, activation, sw_restore",
         ),
-        ([], "nothing to evaluate: give --text-file, --dataset, --zeroshot or --generate"),
+        ([], "nothing to evaluate: give --text-file, --dataset, --zeroshot, --gen-tasks or --generate"),
     ]
     for extra, message in cases:
         assert one_error_line(run_cli(attack + extra, cwd=tmp_path)) == message

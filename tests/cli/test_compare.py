@@ -194,6 +194,58 @@ def test_rerun_skips_finished_runs_and_restarts_a_crashed_one(compared):
     assert after[("plain", 1)]["evaluation_reused"] is False
 
 
+def test_generation_tasks_are_paired_from_the_per_item_files(compared):
+    """--gen-tasks on the finished runs (nothing retrains): the paired differences of the reference
+    metric equal what the per-item files give, and chrF is what sacrebleu gives for each output."""
+    import sacrebleu
+
+    cwd, _, _ = compared
+    rows = [
+        {
+            "question_id": i,
+            "category": "writing",
+            "turns": [f"describe {w}"],
+            "reference": [f"the {w} is green and blue"],
+        }
+        for i, w in enumerate(["sky", "grass", "snow", "coal", "tree", "bird"])
+    ]
+    (cwd / "spec.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = _compare(
+        cwd,
+        "--gen-tasks",
+        "spec.jsonl",
+        "--gen-max-new-tokens",
+        "8",
+        "--robustness",
+        "ppl,zeroshot",
+        "--json",
+        "gen.json",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(re.findall(r"\] \d/4 training ", proc.stdout)) == 0
+    report = json.loads((cwd / "gen.json").read_text())
+    names = {m for r in report["runs"] for m in r["metrics"]}
+    assert "gen/spec/chrf/clean" in names
+    assert not any(m.startswith("gen/") and not m.endswith("/clean") for m in names)  # gen not under attack
+    eval_dir = cwd / "runs" / "tiny-compare" / "eval"
+    per_run = {}
+    for arm in ("plain", "macdrop"):
+        for seed in (0, 1):
+            items = [
+                json.loads(line) for line in (eval_dir / f"{arm}-seed{seed}.generation.jsonl").read_text().splitlines()
+            ]
+            assert [it["id"] for it in items] == [str(i) for i in range(6)]
+            for it in items:  # the library itself on what the model wrote
+                want = sacrebleu.sentence_chrf(it["outputs"][0], it["references"][0]).score
+                assert it["scores"]["chrf"] == pytest.approx(want)
+            per_run[(arm, seed)] = sum(it["scores"]["chrf"] for it in items) / len(items)
+    paired = next(p for p in report["paired"] if p["metric"] == "gen/spec/chrf/clean")
+    want = sum(per_run[("macdrop", s)] - per_run[("plain", s)] for s in (0, 1)) / 2
+    assert paired["mean_diff"] == pytest.approx(want, abs=1e-9)
+    assert paired["n"] == 6
+    assert paired["higher_is_better"] is True
+
+
 def test_refusals_come_before_anything_trains(compared, tmp_path):
     cwd, _, _ = compared
     base = yaml.safe_load((cwd / "base.yaml").read_text())

@@ -33,12 +33,13 @@ from torch import nn
 
 from ..attack.attacks import AttackSetting, AttackTargets, ModelAttacker
 from ..attack.sweep import evaluate_settings
-from .paired import AccuracyItems, MeanAccuracyItems, PerplexityItems
+from .paired import AccuracyItems, MeanAccuracyItems, PerplexityItems, ScoreItems
 from .runs import MARKER, CompareError
 
 
 def metric_name(kind: str, dataset: str, setting: str) -> str:
-    """``ppl/english.txt/clean``, ``acc/arc_easy/zero k=5``, ``acc/mean/retain k=1``."""
+    """``ppl/english.txt/clean``, ``acc/arc_easy/zero k=5``, ``acc/mean/retain k=1``,
+    ``gen/nq_open/f1/clean``, ``judge/nq_open/zero k=5``."""
     return f"{kind}/{dataset}/{'clean' if setting == 'none' else setting}"
 
 
@@ -96,6 +97,8 @@ def library_versions() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- item (de)serialisation
 def items_to_json(items) -> dict[str, Any]:
+    if isinstance(items, ScoreItems):
+        return {"kind": "gen", "scores": [None if v != v else v for v in items.scores]}
     if isinstance(items, PerplexityItems):
         return {"kind": "ppl", "nll": list(items.nll), "tokens": list(items.tokens)}
     if isinstance(items, AccuracyItems):
@@ -104,6 +107,8 @@ def items_to_json(items) -> dict[str, Any]:
 
 
 def items_from_json(data: dict[str, Any]):
+    if data["kind"] == "gen":
+        return ScoreItems(tuple(float("nan") if v is None else float(v) for v in data["scores"]))
     if data["kind"] == "ppl":
         return PerplexityItems(tuple(data["nll"]), tuple(data["tokens"]))
     if data["kind"] == "acc":
@@ -128,6 +133,8 @@ class OneBaseEvaluator:
         echo: Optional[Callable[[str], None]] = print,
         protocol: Optional[dict[str, Any]] = None,
         zeroshot_under_attack: bool = True,
+        generation=None,
+        generation_under_attack: bool = True,
     ) -> None:
         self.base = model
         self.model_path = model_path
@@ -140,6 +147,10 @@ class OneBaseEvaluator:
         self.echo = echo or (lambda _: None)
         self.protocol = protocol or {}
         self.zeroshot_under_attack = zeroshot_under_attack  # False: zero-shot on the clean model only
+        self.generation = generation  # a GenerationSuite, or None
+        self.generation_under_attack = generation_under_attack  # False: generation tasks on the clean model only
+        self.last_gen_items: list[dict[str, Any]] = []  # per item of the last evaluation (JSONL beside the cache)
+        self.gen_seconds = 0.0  # generation and judging, over every evaluation of this call
         self._fingerprint = fingerprint(model)
 
     # ------------------------------------------------------------------ one model
@@ -156,9 +167,24 @@ class OneBaseEvaluator:
             attacker = ModelAttacker(model, self.targets, find_ffn_blocks(model))
             if self.zeroshot is not None:
                 self.zeroshot.rebind(model)
+            if self.generation is not None:
+                self.generation.rebind(model)
+            self.last_gen_items = []
             tasks: dict[str, list] = {}
 
             def record(setting: AttackSetting, dataset: str, res) -> None:
+                if hasattr(res, "items") and hasattr(res, "metrics"):  # a generation task
+                    for m in res.metrics:
+                        scores = tuple(float("nan") if v is None else float(v) for v in res.item_scores(m))
+                        out[metric_name("gen", f"{dataset}/{m}", setting.label)] = ScoreItems(scores)
+                    if res.judge is not None:
+                        scores = tuple(float("nan") if v is None else float(v) for v in res.item_scores("judge"))
+                        out[metric_name("judge", dataset, setting.label)] = ScoreItems(scores)
+                    self.last_gen_items += [{"run": label, "setting": setting.label, **item} for item in res.items]
+                    self.gen_seconds += res.seconds + res.judge_seconds
+                    shown = ", ".join(f"{m} {a['mean']:.3f}" for m, a in res.metrics.items())
+                    self.echo(f"  {label:<28} {setting.label:<12} {dataset:<16} {shown}  ({res.seconds:.1f} s)")
+                    return
                 if hasattr(res, "ppl"):
                     out[metric_name("ppl", dataset, setting.label)] = PerplexityItems(res.window_nll, res.window_tokens)
                     self.echo(
@@ -183,6 +209,9 @@ class OneBaseEvaluator:
                 progress=self.progress,
                 per_item=True,
                 zeroshot_for=lambda s: s.mode == "none" or self.zeroshot_under_attack,
+                generation=self.generation,
+                generation_for=lambda s: s.mode == "none" or self.generation_under_attack,
+                echo=self.echo if self.progress else None,
             )
         finally:
             if adapter_dir is not None:
@@ -235,6 +264,9 @@ class OneBaseEvaluator:
                 return {m: items_from_json(v) for m, v in data["items"].items()}, True
         items = self.evaluate(adapter_dir, label)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
+        if self.last_gen_items:
+            gen_file = cache_file.with_name(cache_file.stem + ".generation.jsonl")
+            gen_file.write_text("".join(json.dumps(item) + "\n" for item in self.last_gen_items))
         tmp = cache_file.with_suffix(".tmp")
         tmp.write_text(
             json.dumps({"key": key, "label": label, "items": {m: items_to_json(v) for m, v in items.items()}})

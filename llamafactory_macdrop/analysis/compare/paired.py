@@ -18,7 +18,9 @@ both: an interval that excludes 0 and the same sign in every seed.
 
 Metrics are computed from item values by their own rule: perplexity = exp(sum NLL / sum tokens)
 over the chosen windows, accuracy = mean of 0/1 scores, a mean over tasks = mean of the task
-accuracies (each task resampled on its own).
+accuracies (each task resampled on its own), a generation metric = mean of the item scores over
+the items every run scored (a judge answer that did not parse in one run leaves that item out of
+every run's pair; their number is reported as ``items_unscored_in_some_run``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,30 @@ class AccuracyItems:
     def value(self, idx: Optional[np.ndarray] = None) -> np.ndarray | float:
         s = np.asarray(self.scores, dtype=np.float64)
         return float(s.mean()) if idx is None else s[idx].mean(axis=-1)
+
+
+@dataclass(frozen=True)
+class ScoreItems:
+    """Per-item scores of one generation task and metric (exact match, F1, ROUGE-L, chrF, the
+    judge's 1-5, ...); NaN where an item has no score (the judge's answer did not parse). Pairing
+    keeps the items every run scored (:func:`paired_difference`), so both arms and every seed
+    still rest on the same items."""
+
+    scores: tuple[float, ...]
+
+    kind = "gen"
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def value(self, idx: Optional[np.ndarray] = None) -> np.ndarray | float:
+        s = np.asarray(self.scores, dtype=np.float64)
+        if idx is None:
+            return float(np.nanmean(s)) if np.isfinite(s).any() else float("nan")
+        return np.nanmean(s[idx], axis=-1)
+
+    def kept(self, keep: np.ndarray) -> "ScoreItems":
+        return ScoreItems(tuple(np.asarray(self.scores, dtype=np.float64)[keep].tolist()))
 
 
 @dataclass(frozen=True)
@@ -167,6 +193,20 @@ def paired_difference(
     if not seeds:
         raise PairedError(f"{metric}: {treatment_name} and {control_name} share no seed")
     rng = np.random.default_rng(seed)
+    dropped = 0
+    if isinstance(control[seeds[0]], ScoreItems):  # the items every run scored, so the pairs are real pairs
+        for s in seeds:
+            _check_pair(metric, control[s], treatment[s])
+            _check_pair(f"{metric} (seed {s} vs seed {seeds[0]})", control[seeds[0]], control[s])
+        keep = np.all(
+            [np.isfinite(np.asarray(x.scores, dtype=np.float64)) for s in seeds for x in (control[s], treatment[s])],
+            axis=0,
+        )
+        dropped = int((~keep).sum())
+        if not keep.any():
+            raise PairedError(f"{metric}: no item was scored in every run ({dropped} items unscored somewhere)")
+        control = {s: control[s].kept(keep) for s in seeds}
+        treatment = {s: treatment[s].kept(keep) for s in seeds}
     first = control[seeds[0]]
     per_seed, boot = [], np.zeros(iterations)
     for s in seeds:
@@ -195,6 +235,8 @@ def paired_difference(
         iterations,
         higher_is_better,
     )
+    if dropped:
+        result.extra["items_unscored_in_some_run"] = dropped
     result.direction, result.verdict = verdict(result)
     return result
 

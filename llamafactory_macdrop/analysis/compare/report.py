@@ -20,7 +20,7 @@ from .paired import PairedDifference, paired_difference, seed_spread
 
 
 def higher_is_better(metric: str) -> bool:
-    return parse_metric(metric)[0] == "acc"
+    return parse_metric(metric)[0] in ("acc", "gen", "judge")
 
 
 def _fmt(metric: str, value: Optional[float]) -> str:

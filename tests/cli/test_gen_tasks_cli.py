@@ -1,0 +1,117 @@
+"""``macdrop attack --gen-tasks`` as a user runs it: a planted model whose answers are known, a
+judge behind a real local HTTP server (OpenAI-compatible), the JSON rows, the per-item file, and
+the one-line refusals before anything generates."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from helpers.process import BIN, run_cli
+from helpers.tiny_answers import build_successor_llama
+
+pytestmark = pytest.mark.slow
+ENV = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+#: planted chains: a prompt ending in "sky" is answered " blue", one ending in "grass" " green"
+CHAINS = [["Ġsky", "Ġblue", "</s>"], ["Ġgrass", "Ġgreen", "</s>"]]
+ITEMS = [
+    {"question_id": 1, "category": "qa", "turns": ["the colour of the sky"], "reference": ["blue"]},
+    {"question_id": 2, "category": "qa", "turns": ["the colour of the grass"], "reference": ["red"]},
+]
+
+
+class Judge(BaseHTTPRequestHandler):
+    """Scores 5 when the response under judgement says "blue", and answers nonsense otherwise."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):  # noqa: N802 - the http.server hook
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = body["messages"][-1]["content"]
+        if "###Response to evaluate:" not in user:  # the start-up check: any answer will do
+            text = "ok"
+        else:
+            response = user.split("###Response to evaluate:")[1].split("###")[0]
+            text = "Feedback: it names the colour. [RESULT] 5" if "blue" in response else "I cannot grade this."
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    folder = build_successor_llama(tmp_path_factory.mktemp("successor"), CHAINS)
+    tasks = folder / "colours.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
+    return folder, tasks
+
+
+def test_generation_tasks_under_the_sweep_with_a_url_judge(planted, judge_url, tmp_path):
+    folder, tasks = planted
+    out = tmp_path / "attack.json"
+    proc = run_cli(
+        ["macdrop", "attack", str(folder), "--mode", "retain", "--k", "1", "--layer", "0", "--indices", "3",
+         "--gen-tasks", str(tasks), "--gen-max-new-tokens", "4", "--judge-url", judge_url, "--judge-model", "fake",
+         "--json", str(out), "--no-progress"],
+        cwd=tmp_path, env_extra=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["setting"], r["metric"]): r for r in report["generation"]}
+    clean = {m: r for (s, m), r in rows.items() if s == "none"}
+    # the planted model answers " blue" and " green": ROUGE-L 1 and 0 against "blue" / "red"
+    assert clean["rouge_l"]["value"] == pytest.approx(0.5)
+    assert clean["rouge_l"]["n"] == 2
+    assert clean["rouge_l"]["task"] == "colours"
+    # the judge parsed one answer (5) and not the other, which is counted, not scored
+    assert clean["judge"]["value"] == 5.0
+    assert clean["judge"]["n"] == 1
+    assert clean["judge"]["unparsed"] == 1
+    assert {s for s, _ in rows} == {"none", "retain k=1"}
+    assert report["generation_protocol"]["judge"]["model"] == "fake"
+    items = [json.loads(line) for line in (tmp_path / "attack.generation.jsonl").read_text().splitlines()]
+    first = next(it for it in items if it["setting"] == "none" and it["id"] == "1")
+    assert [o.strip() for o in first["outputs"]] == ["blue"]
+    assert first["judge_score"] == 5.0
+    assert "names the colour" in first["judgements"][0]["feedback"]
+    second = next(it for it in items if it["setting"] == "none" and it["id"] == "2")
+    assert second["judge_score"] is None
+    assert second["judgements"][0]["unparsed"]
+    assert "colours judge" in proc.stdout  # the table's column
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--gen-tasks", "gsm9k"], "unknown task 'gsm9k': choose from gsm8k, nq_open, squad"),
+        (["--gen-tasks", "nq_open", "--limit", "0"], "--limit 0 is not allowed"),
+        (["--gen-tasks", "nq_open", "--judge-url", "http://127.0.0.1:9", "--judge-model", "x"], "http://127.0.0.1:9"),
+        (["--judge-url", "http://127.0.0.1:9"], "give --gen-tasks too"),
+    ],
+    ids=["unknown-task", "limit-0", "judge-unreachable", "judge-without-tasks"],
+)
+def test_bad_generation_options_are_one_line_before_anything_generates(extra, fragment, planted, tmp_path):
+    folder, _ = planted
+    proc = run_cli(["macdrop", "attack", str(folder), *extra], cwd=tmp_path, env_extra=ENV, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("macdrop: error: ")
+    assert fragment in lines[0]
+    assert "attack:" not in proc.stdout  # the model under test never loaded
