@@ -61,7 +61,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     settings = sweep_settings(modes, ks, scales=scales, fills=fills)
     generating = _generation_plan(args, settings)
     sources, tasks = read_sources(args, need_text=False)
-    gen_tasks, judge = read_generation(args)
+    gen_tasks, judge = read_generation(args, args.model)
     if not (sources or tasks or generating or gen_tasks):
         raise AttackError("nothing to evaluate: give --text-file, --dataset, --zeroshot, --gen-tasks or --generate")
     if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
@@ -160,6 +160,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if report.gen_rows:
         print()
         print(report.gen_table(lambda r: r["setting"], str))
+        grid = report.grid_table(lambda r: r["setting"], str)
+        if grid:
+            print()
+            print(grid)
     if generating:
         from ..analysis.attack.generation import generations_table
 
@@ -191,6 +195,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         from ..analysis.attack.plots import plot_generation_sweep
 
         print(f"plot written to {plot_generation_sweep(report, Path(args.plot) / 'generation_sweep.png')}")
+        if any("length" in r for r in report.gen_rows):
+            from ..analysis.attack.plots import plot_needle_heatmap
+
+            print(f"plot written to {plot_needle_heatmap(report, Path(args.plot) / 'needle_heatmap.png')}")
     return 0
 
 

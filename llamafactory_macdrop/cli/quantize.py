@@ -50,7 +50,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise QuantizationError(f"--k {args.k} is not allowed: give a number >= 1")
     sources, tasks = read_sources(args, need_text=False)
-    gen_tasks, judge = read_generation(args)
+    gen_tasks, judge = read_generation(args, args.model)
     if not (sources or tasks or gen_tasks):
         raise QuantizationError("nothing to evaluate: give --text-file, --dataset, --zeroshot or --gen-tasks")
     check_model(args.model)
@@ -130,6 +130,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if report.gen_rows:
         print()
         print(report.gen_table(report.key, lambda key: report.setting_label(key)))
+        grid = report.grid_table(report.key, lambda key: report.setting_label(key))
+        if grid:
+            print()
+            print(grid)
     print("weights restored bitwise after every setting: yes")
     if args.json:
         print(f"written to {report.write_json(args.json)}")
@@ -142,6 +146,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from ..analysis.attack.plots import plot_quantization
 
         print(f"plot written to {plot_quantization(report, Path(args.plot) / 'quantize.png')}")
+    if args.plot and any("length" in r for r in report.gen_rows):
+        from ..analysis.attack.plots import plot_needle_heatmap
+
+        label = lambda r: report.setting_label(report.key(r))  # noqa: E731
+        print(f"plot written to {plot_needle_heatmap(report, Path(args.plot) / 'needle_heatmap.png', label)}")
     return 0
 
 

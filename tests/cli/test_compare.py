@@ -213,7 +213,13 @@ def test_generation_tasks_are_paired_from_the_per_item_files(compared):
     proc = _compare(
         cwd,
         "--gen-tasks",
-        "spec.jsonl",
+        "spec.jsonl,needle",
+        "--needle-lengths",
+        "200,256",
+        "--needle-depths",
+        "0,100",
+        "--needle-samples",
+        "2",
         "--gen-max-new-tokens",
         "8",
         "--robustness",
@@ -234,16 +240,29 @@ def test_generation_tasks_are_paired_from_the_per_item_files(compared):
             items = [
                 json.loads(line) for line in (eval_dir / f"{arm}-seed{seed}.generation.jsonl").read_text().splitlines()
             ]
-            assert [it["id"] for it in items] == [str(i) for i in range(6)]
-            for it in items:  # the library itself on what the model wrote
+            spec = [it for it in items if it["task"] == "spec"]
+            assert [it["id"] for it in spec] == [str(i) for i in range(6)]
+            for it in spec:  # the library itself on what the model wrote
                 want = sacrebleu.sentence_chrf(it["outputs"][0], it["references"][0]).score
                 assert it["scores"]["chrf"] == pytest.approx(want)
-            per_run[(arm, seed)] = sum(it["scores"]["chrf"] for it in items) / len(items)
+            per_run[(arm, seed)] = sum(it["scores"]["chrf"] for it in spec) / len(spec)
+            for length in (200, 256):  # the needle per length: the first number said is the key, or not
+                mine = [it for it in items if it["task"] == "needle" and it["length"] == length]
+                assert len(mine) == 4
+                firsts = [re.search(r"\d+", it["outputs"][0]) for it in mine]
+                hits = [float(f is not None and f.group(0) == it["references"][0][0]) for f, it in zip(firsts, mine)]
+                assert [it["scores"]["needle_match"] for it in mine] == hits
+                per_run[(arm, seed, length)] = sum(hits) / len(hits)
     paired = next(p for p in report["paired"] if p["metric"] == "gen/spec/chrf/clean")
     want = sum(per_run[("macdrop", s)] - per_run[("plain", s)] for s in (0, 1)) / 2
     assert paired["mean_diff"] == pytest.approx(want, abs=1e-9)
     assert paired["n"] == 6
     assert paired["higher_is_better"] is True
+    for length in (200, 256):
+        paired = next(p for p in report["paired"] if p["metric"] == f"gen/needle@{length}/needle_match/clean")
+        want = sum(per_run[("macdrop", s, length)] - per_run[("plain", s, length)] for s in (0, 1)) / 2
+        assert paired["mean_diff"] == pytest.approx(want, abs=1e-9)
+        assert paired["n"] == 4
 
 
 def test_refusals_come_before_anything_trains(compared, tmp_path):

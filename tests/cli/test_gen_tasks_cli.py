@@ -103,8 +103,22 @@ def test_generation_tasks_under_the_sweep_with_a_url_judge(planted, judge_url, t
         (["--gen-tasks", "nq_open", "--limit", "0"], "--limit 0 is not allowed"),
         (["--gen-tasks", "nq_open", "--judge-url", "http://127.0.0.1:9", "--judge-model", "x"], "http://127.0.0.1:9"),
         (["--judge-url", "http://127.0.0.1:9"], "give --gen-tasks too"),
+        (
+            ["--gen-tasks", "needle", "--needle-lengths", "256,4096"],
+            "--needle-lengths 4096 is longer than the model's max_position_embeddings (512)",
+        ),
+        (["--gen-tasks", "needle", "--needle-depths", "0,abc"], "--needle-depths '0,abc': 'abc' is not an integer"),
+        (["--gen-tasks", "longbench_hotpotqa", "--longbench-dir", "no-such-dir"], "hotpotqa.jsonl"),
     ],
-    ids=["unknown-task", "limit-0", "judge-unreachable", "judge-without-tasks"],
+    ids=[
+        "unknown-task",
+        "limit-0",
+        "judge-unreachable",
+        "judge-without-tasks",
+        "needle-too-long",
+        "needle-depth",
+        "longbench-missing",
+    ],
 )
 def test_bad_generation_options_are_one_line_before_anything_generates(extra, fragment, planted, tmp_path):
     folder, _ = planted
@@ -115,3 +129,92 @@ def test_bad_generation_options_are_one_line_before_anything_generates(extra, fr
     assert lines[0].startswith("macdrop: error: ")
     assert fragment in lines[0]
     assert "attack:" not in proc.stdout  # the model under test never loaded
+
+
+def test_needle_grid_under_the_sweep(planted, tmp_path):
+    """The needle through ``macdrop attack``: one row per setting x length x depth (and the overall
+    row), prompts of the asked length, the grid table, the heat map, the memory in the rows."""
+    folder, _ = planted
+    out = tmp_path / "needle.json"
+    proc = run_cli(
+        ["macdrop", "attack", str(folder), "--mode", "zero", "--k", "1", "--layer", "0", "--indices", "3",
+         "--gen-tasks", "needle", "--needle-lengths", "256,512", "--needle-depths", "0,100", "--needle-samples", "2",
+         "--json", str(out), "--plot", str(tmp_path), "--no-progress"],
+        cwd=tmp_path, env_extra=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cells = [r for r in report["generation"] if "length" in r]
+    assert sorted((r["setting"], r["length"], r["depth"]) for r in cells) == sorted(
+        (s, n, d) for s in ("none", "zero k=1") for n in (256, 512) for d in (0, 100)
+    )
+    assert all(r["n"] == 2 and r["metric"] == "needle_match" and r["value"] in (0.0, 0.5, 1.0) for r in cells)
+    overall = [r for r in report["generation"] if "length" not in r]
+    assert [r["n"] for r in overall] == [8, 8]
+    assert all(r["peak_memory_mb"] > 0 for r in overall)
+    (task,) = report["generation_protocol"]["tasks"]
+    assert task["task"] == "needle"
+    assert task["metrics"] == ["needle_match"]
+    items = [json.loads(line) for line in (tmp_path / "needle.generation.jsonl").read_text().splitlines()]
+    assert len(items) == 16
+    assert all(it["length"] - 8 <= it["prompt_tokens"] <= it["length"] for it in items)
+    assert "| length \\ depth % | 0 | 100 |" in proc.stdout
+    assert (tmp_path / "needle_heatmap.png").stat().st_size > 5000
+
+
+def test_longbench_from_local_files_under_the_sweep(tmp_path):
+    """LongBench's JSONL files through ``macdrop attack``: lm-eval's prompts, LongBench's scores
+    (lm-eval's metrics.py on what the model wrote), the few-shot task without the chat template."""
+    from helpers.lm_eval_longbench import lm_eval_metrics
+
+    chains = [["Ġsky", "Ġblue", "<|im_end|>"], ["Ġgrass", "Ġgreen", "<|im_end|>"]]
+    folder = build_successor_llama(tmp_path / "model", chains, tokenizer="chatml")
+    data = tmp_path / "lb"
+    data.mkdir()
+    classes = ["City", "Animal", "Other"]
+    rows = {
+        "hotpotqa": [
+            {"_id": "h1", "input": "Which colour is the sky?", "context": "Passage 1:\nthe sky is blue",
+             "answers": ["blue"], "all_classes": None, "length": 5},
+            {"_id": "h2", "input": "Which colour is the grass?", "context": "Passage 1:\nthe grass is green " * 40,
+             "answers": ["green grass", "red"], "all_classes": None, "length": 160},
+        ],
+        "trec": [
+            {"_id": "t1", "input": "What is a fox?", "context": "Question: What is a dog?\nType: Animal",
+             "answers": ["Animal"], "all_classes": classes, "length": 9},
+            {"_id": "t2", "input": "Where is Paris?", "context": "Question: Where is Rome?\nType: City",
+             "answers": ["City"], "all_classes": classes, "length": 9},
+        ],
+    }  # fmt: skip
+    for name, items in rows.items():
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    out = tmp_path / "lb.json"
+    proc = run_cli(
+        ["macdrop", "attack", str(folder), "--mode", "zero", "--k", "1", "--layer", "0", "--indices", "3",
+         "--gen-tasks", "longbench_hotpotqa,longbench_trec", "--longbench-dir", str(data), "--max-length", "64",
+         "--gen-max-new-tokens", "4", "--json", str(out), "--no-progress"],
+        cwd=tmp_path, env_extra=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    protocol = report["generation_protocol"]
+    assert protocol["plain_prompt_tasks"] == ["longbench_trec"]
+    assert protocol["chat_template"] is True
+    items = [json.loads(line) for line in (tmp_path / "lb.generation.jsonl").read_text().splitlines()]
+    assert len(items) == 8  # 2 tasks x 2 items x 2 settings
+    long_prompt = next(it for it in items if it["id"] == "h2")["turns"][0]
+    assert "Which colour is the grass?" in long_prompt  # the question at the end survives the middle cut
+    assert long_prompt.count("the grass is green") < 40
+    oracle = lm_eval_metrics()
+    for it in items:
+        prediction, answers = it["outputs"][0], it["references"][0]
+        if it["task"] == "longbench_hotpotqa":
+            want = max(oracle.qa_f1_score(prediction, a) for a in answers)
+            assert it["scores"]["longbench_qa_f1"] == pytest.approx(want)
+        else:
+            first = prediction.lstrip("\n").split("\n")[0]
+            want = max(oracle.classification_score(first, a, all_classes=classes) for a in answers)
+            assert it["scores"]["longbench_classification:trec"] == pytest.approx(want)
+    rows_out = {(r["setting"], r["task"]): r for r in report["generation"]}
+    assert set(rows_out) == {(s, t) for s in ("none", "zero k=1") for t in ("longbench_hotpotqa", "longbench_trec")}
+    assert all(r["n"] == 2 for r in rows_out.values())

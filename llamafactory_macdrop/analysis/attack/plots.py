@@ -173,7 +173,7 @@ def generation_sweep_figure(report):
     unattacked value and the other modes as horizontal lines), the judge on its own 1-5 axis."""
     from matplotlib.figure import Figure
 
-    rows = report.gen_rows
+    rows = [r for r in report.gen_rows if "length" not in r]  # the needle's cells: needle_heatmap_figure
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig = Figure(figsize=(4.2 * max(1, len(tasks)), 3.4), dpi=110)
     axes = fig.subplots(1, max(1, len(tasks)), squeeze=False)[0]
@@ -218,3 +218,43 @@ def generation_sweep_figure(report):
 def plot_generation_sweep(report, path) -> Path:
     """Save :func:`generation_sweep_figure` as a PNG at ``path``."""
     return save_figure(generation_sweep_figure(report), path)
+
+
+def needle_heatmap_figure(report, setting_label=lambda r: r["setting"]):
+    """One heat map per setting: needle accuracy by prompt length (rows) and depth (columns), each
+    cell annotated with its accuracy (0 dark, 1 light)."""
+    from matplotlib.figure import Figure
+
+    grid = [r for r in report.gen_rows if "length" in r]
+    settings = list(dict.fromkeys(setting_label(r) for r in grid))
+    fig = Figure(figsize=(3.3 * max(1, len(settings)) + 0.8, 3.2), dpi=110)
+    axes = fig.subplots(1, max(1, len(settings)), squeeze=False)[0]
+    image = None
+    for ax, setting in zip(axes, settings):
+        mine = [r for r in grid if setting_label(r) == setting]
+        lengths = sorted({r["length"] for r in mine})
+        depths = sorted({r["depth"] for r in mine})
+        values = [[float("nan")] * len(depths) for _ in lengths]
+        for r in mine:
+            values[lengths.index(r["length"])][depths.index(r["depth"])] = r["value"]
+        image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                if v == v:
+                    ax.text(
+                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white"
+                    )
+        ax.set_xticks(range(len(depths)), [str(d) for d in depths], fontsize=7)
+        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_xlabel("needle depth (%)", fontsize=8)
+        ax.set_title(setting, fontsize=9)
+    axes[0].set_ylabel("prompt tokens", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label="pass-key accuracy")
+    fig.suptitle(f"{report.model}: needle retrieval", fontsize=9)
+    return fig
+
+
+def plot_needle_heatmap(report, path, setting_label=lambda r: r["setting"]) -> Path:
+    """Save :func:`needle_heatmap_figure` as a PNG at ``path``."""
+    return save_figure(needle_heatmap_figure(report, setting_label), path)

@@ -104,8 +104,22 @@ class SweepReport(JsonReport, CsvRows):
                     "n": agg["n"],
                     "seconds": round(res.seconds, 3),
                     "new_tokens": res.new_tokens,
+                    **({"peak_memory_mb": res.peak_memory_mb} if res.peak_memory_mb is not None else {}),
                 }
             )
+        for cell in res.cells:  # the needle's length x depth grid
+            for metric, agg in cell["metrics"].items():
+                self.gen_rows.append(
+                    {
+                        **key,
+                        "task": res.task,
+                        "metric": metric,
+                        "length": cell["length"],
+                        "depth": cell["depth"],
+                        "value": agg["mean"],
+                        "n": agg["n"],
+                    }
+                )
         if res.judge is not None:
             self.gen_rows.append(
                 {
@@ -131,13 +145,14 @@ class SweepReport(JsonReport, CsvRows):
 
     def gen_table(self, key_of: Callable[[dict[str, Any]], Any], label: Callable[[Any], str]) -> str:
         """Markdown: one line per setting, one column per task x metric (judge: mean 1-5, unparsed)."""
-        cols = list(dict.fromkeys((r["task"], r["metric"]) for r in self.gen_rows))
+        overall = [r for r in self.gen_rows if "length" not in r]
+        cols = list(dict.fromkeys((r["task"], r["metric"]) for r in overall))
         head = [f"{t} {m}" for t, m in cols]
         lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
-        for key in dict.fromkeys(key_of(r) for r in self.gen_rows):
+        for key in dict.fromkeys(key_of(r) for r in overall):
             cells = []
             for t, m in cols:
-                row = next((r for r in self.gen_rows if key_of(r) == key and r["task"] == t and r["metric"] == m), None)
+                row = next((r for r in overall if key_of(r) == key and r["task"] == t and r["metric"] == m), None)
                 if row is None or row["value"] != row["value"]:  # missing, or nan (nothing scored)
                     cells.append(
                         "-"
@@ -152,6 +167,29 @@ class SweepReport(JsonReport, CsvRows):
                     cells.append(f"{row['value']:.3f}" if row["value"] <= 1 else f"{row['value']:.1f}")
             lines.append(f"| {label(key)} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def grid_table(self, key_of: Callable[[dict[str, Any]], Any], label: Callable[[Any], str]) -> str:
+        """Markdown, per setting and grid task (the needle): accuracy per length (rows) x depth (columns)."""
+        grid = [r for r in self.gen_rows if "length" in r]
+        blocks = []
+        for key in dict.fromkeys(key_of(r) for r in grid):
+            for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in grid if key_of(r) == key):
+                rows = [r for r in grid if key_of(r) == key and r["task"] == task and r["metric"] == metric]
+                depths = sorted({r["depth"] for r in rows})
+                lines = [
+                    f"{task} {metric}, {label(key)}:",
+                    "| length \\ depth % | " + " | ".join(str(d) for d in depths) + " |",
+                    "|---:|" + "---:|" * len(depths),
+                ]
+                for length in sorted({r["length"] for r in rows}):
+                    cell = {r["depth"]: r["value"] for r in rows if r["length"] == length}
+                    lines.append(
+                        f"| {length} | "
+                        + " | ".join(f"{cell[d]:.2f}" if d in cell and cell[d] == cell[d] else "-" for d in depths)
+                        + " |"
+                    )
+                blocks.append("\n".join(lines))
+        return "\n\n".join(blocks)
 
     def record_inputs(self, corpora: Sequence["PreparedCorpus"], zeroshot=None) -> None:
         """The protocol of every corpus and of the zero-shot tasks, before the first row."""

@@ -39,7 +39,8 @@ from .runs import MARKER, CompareError
 
 def metric_name(kind: str, dataset: str, setting: str) -> str:
     """``ppl/english.txt/clean``, ``acc/arc_easy/zero k=5``, ``acc/mean/retain k=1``,
-    ``gen/nq_open/f1/clean``, ``judge/nq_open/zero k=5``."""
+    ``gen/nq_open/f1/clean``, ``judge/nq_open/zero k=5``, ``gen/needle@4096/needle_match/clean``
+    (the needle's items of one length)."""
     return f"{kind}/{dataset}/{'clean' if setting == 'none' else setting}"
 
 
@@ -177,6 +178,10 @@ class OneBaseEvaluator:
                     for m in res.metrics:
                         scores = tuple(float("nan") if v is None else float(v) for v in res.item_scores(m))
                         out[metric_name("gen", f"{dataset}/{m}", setting.label)] = ScoreItems(scores)
+                        lengths = [it.get("length") for it in res.items]
+                        for length in dict.fromkeys(n for n in lengths if n is not None):  # the needle, per length
+                            mine = tuple(v for v, n in zip(scores, lengths) if n == length)
+                            out[metric_name("gen", f"{dataset}@{length}/{m}", setting.label)] = ScoreItems(mine)
                     if res.judge is not None:
                         scores = tuple(float("nan") if v is None else float(v) for v in res.item_scores("judge"))
                         out[metric_name("judge", dataset, setting.label)] = ScoreItems(scores)

@@ -255,7 +255,9 @@ class BatchedGenerator:
     ``end``: the ids that end an answer (default :func:`~..generation.end_tokens`). ``prefix``:
     what goes before a text when no chat template is applied (default: the tokenizer's own,
     core/text_prefix.py). ``prune``: drop finished rows from the batch (and the KV cache); off,
-    they stay, fed a pad (the same tokens; for comparison). The model is put in eval mode during
+    they stay, fed a pad (the same tokens; for comparison). ``max_batch_tokens``: a cap on rows x
+    (longest prompt + budget) per batch, so long prompts (the needle, LongBench) batch by length
+    and the memory peak stays bounded. The model is put in eval mode during
     a call and its flag restored.
     """
 
@@ -269,9 +271,15 @@ class BatchedGenerator:
         end: Optional[set[int]] = None,
         prefix: Optional[TextPrefix] = None,
         prune: bool = True,
+        max_batch_tokens: Optional[int] = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise GenerationError(f"batch_size {batch_size!r} is not allowed (an integer >= 1)")
+        if max_batch_tokens is not None and (
+            isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
+        ):
+            raise GenerationError(f"max_batch_tokens {max_batch_tokens!r} is not allowed (an integer >= 1)")
+        self.max_batch_tokens = max_batch_tokens
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.chat_template = uses_chat_template(tokenizer, chat_template)
         self.end = set(end) if end is not None else end_tokens(model, tokenizer)
@@ -309,8 +317,7 @@ class BatchedGenerator:
                 if len(r.turns) > turn
             ]
             order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j].ids))  # stable: ties keep input order
-            for start in range(0, len(order), self.batch_size):
-                batch = [jobs[j] for j in order[start : start + self.batch_size]]
+            for batch in self._batches([jobs[j] for j in order]):
                 self._decode(batch)
                 for job in batch:
                     answers[job.request].append(self._output(job))
@@ -319,6 +326,21 @@ class BatchedGenerator:
                 if progress:
                     progress(GenerationProgress(done, total, tokens, time.perf_counter() - clock))
         return [GenerationResult(r.id, tuple(a), self.chat_template) for r, a in zip(requests, answers)]
+
+    def _batches(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """Jobs (longest prompt first) cut into batches of at most ``batch_size`` rows and, with
+        ``max_batch_tokens``, at most that many padded tokens (prompt + budget) per batch: long
+        prompts go fewer at a time, a single one always goes."""
+        out: list[list[_Job]] = []
+        for job in jobs:
+            batch = out[-1] if out else None
+            if batch is not None and len(batch) < self.batch_size:
+                width = len(batch[0].ids) + max(j.max_new_tokens for j in (*batch, job))
+                if self.max_batch_tokens is None or (len(batch) + 1) * width <= self.max_batch_tokens:
+                    batch.append(job)
+                    continue
+            out.append([job])
+        return out
 
     # ------------------------------------------------------------------------- decoding
     def _text(self, tokens: Sequence[int]) -> str:

@@ -141,18 +141,37 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
 }
 
 
+def needle_match(prediction: str, golds: Sequence[str]) -> float:
+    """The long-context probe's score (needle.py: the first number said is the key)."""
+    from .needle import needle_match as match
+
+    return match(prediction, golds)
+
+
+METRICS["needle_match"] = needle_match
+
+
+def metric(name: str) -> Callable[[str, Sequence[str]], float]:
+    """A metric by name: :data:`METRICS`, or LongBench's (``longbench_*``: lm-eval's functions, longbench.py)."""
+    if name in METRICS:
+        return METRICS[name]
+    if name.startswith("longbench_"):
+        from .longbench import metric as longbench_metric
+
+        return longbench_metric(name)
+    raise ValueError(f"unknown metric {name}; known: {', '.join(METRICS)} and longbench_*")
+
+
 # ----------------------------------------------------------------------------- items and tasks
 def score_turns(
     metrics: Sequence[str], outputs: Sequence[str], references: Sequence[Sequence[str]]
 ) -> dict[str, Optional[float]]:
     """Each metric over the turns that have references (mean), None where no turn has one."""
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric {', '.join(unknown)}; known: {', '.join(METRICS)}")
+    functions = {name: metric(name) for name in metrics}
     scored = [(out, golds) for out, golds in zip(outputs, references) if golds]
     out: dict[str, Optional[float]] = {}
     for name in metrics:
-        values = [METRICS[name](text, list(golds)) for text, golds in scored]
+        values = [functions[name](text, list(golds)) for text, golds in scored]
         out[name] = sum(values) / len(values) if values else None
     return out
 

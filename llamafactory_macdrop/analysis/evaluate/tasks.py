@@ -59,7 +59,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ...errors import MacDropError
 from .generate import GenerationRequest
@@ -88,6 +88,8 @@ class TaskItem:
     kind: str
     judge_references: tuple[Optional[str], ...] = ()
     category: Optional[str] = None
+    #: what places the item in a grid (the needle's ``length``, ``depth``, ...): kept in its records and rows
+    meta: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self) -> None:
         refs = tuple(self.references) + ((),) * (len(self.turns) - len(self.references))
@@ -108,6 +110,7 @@ class GenerationTask:
     source: str  # the file (and split) read
     prompt_format: str  # one line saying how a prompt is built
     available: int = field(default=0)  # items in the source before ``limit``
+    chat_template: Optional[bool] = None  # False: always plain prompts (LongBench's few-shot/code tasks)
 
     def requests(self) -> list[GenerationRequest]:
         return [GenerationRequest(item.id, item.turns, self.max_new_tokens, self.stop) for item in self.items]
@@ -122,6 +125,7 @@ class GenerationTask:
             "stop": list(self.stop),
             "metrics": list(self.metrics),
             "prompt_format": self.prompt_format,
+            **({"chat_template": False} if self.chat_template is False else {}),
         }
 
 
@@ -345,7 +349,8 @@ def load_task(
         task = load_jsonl_task(name)
     else:
         raise TaskError(
-            f"unknown task {name!r}: choose from {', '.join(BUILTIN_TASKS)}, or give a Spec-Bench-style .jsonl file"
+            f"unknown task {name!r}: choose from {', '.join(BUILTIN_TASKS)}, needle, longbench, longbench_<dataset>, "
+            "or give a Spec-Bench-style .jsonl file"
         )
     task = replace(task, available=len(task.items))
     if limit is not None:

