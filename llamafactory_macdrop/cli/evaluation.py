@@ -290,6 +290,8 @@ def read_generation(args: argparse.Namespace, model_path: Optional[str] = None):
         return None, None
     if args.gen_batch_size < 1:
         raise OptionError(f"--gen-batch-size {args.gen_batch_size} is not allowed: give a number >= 1")
+    if args.gen_max_new_tokens is not None and args.gen_max_new_tokens < 1:
+        raise OptionError(f"--gen-max-new-tokens {args.gen_max_new_tokens} is not allowed: give a number >= 1")
     if args.gen_batch_tokens < 1:
         raise OptionError(f"--gen-batch-tokens {args.gen_batch_tokens} is not allowed: give a number >= 1")
     names = parse_task_list(args.gen_tasks)
@@ -310,6 +312,7 @@ def read_generation(args: argparse.Namespace, model_path: Optional[str] = None):
         longbench_dir=args.longbench_dir,
         max_length=args.max_length,
         limit=args.limit,
+        max_new_tokens=args.gen_max_new_tokens,
     )
     if long_context:
         found = read_config_json(model_path) if model_path else None

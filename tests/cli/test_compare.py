@@ -210,10 +210,25 @@ def test_generation_tasks_are_paired_from_the_per_item_files(compared):
         for i, w in enumerate(["sky", "grass", "snow", "coal", "tree", "bird"])
     ]
     (cwd / "spec.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lb = cwd / "lb"
+    lb.mkdir(exist_ok=True)
+    for name, answers in (("hotpotqa", ["sky", "grass"]), ("passage_retrieval_en", ["Paragraph 1", "Paragraph 2"])):
+        lines = [
+            {
+                "_id": f"{name}{i}",
+                "input": f"the {w} colour",
+                "context": f"Paragraph 1: the {w} is blue",
+                "answers": [a],
+            }
+            for i, (w, a) in enumerate(zip(["sky", "snow", "coal"], answers * 2))
+        ]
+        (lb / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     proc = _compare(
         cwd,
         "--gen-tasks",
-        "spec.jsonl,needle",
+        "spec.jsonl,needle,longbench_hotpotqa,longbench_passage_retrieval_en",
+        "--longbench-dir",
+        "lb",
         "--needle-lengths",
         "200,256",
         "--needle-depths",
@@ -258,6 +273,25 @@ def test_generation_tasks_are_paired_from_the_per_item_files(compared):
     assert paired["mean_diff"] == pytest.approx(want, abs=1e-9)
     assert paired["n"] == 6
     assert paired["higher_is_better"] is True
+    # LongBench's average: the mean of the two tasks' means, per run, then the paired difference
+    averages = {}
+    for arm in ("plain", "macdrop"):
+        for seed in (0, 1):
+            items = [
+                json.loads(line) for line in (eval_dir / f"{arm}-seed{seed}.generation.jsonl").read_text().splitlines()
+            ]
+            means = []
+            for task, metric in (
+                ("longbench_hotpotqa", "longbench_qa_f1"),
+                ("longbench_passage_retrieval_en", "longbench_retrieval"),
+            ):
+                scores = [it["scores"][metric] for it in items if it["task"] == task]
+                assert len(scores) == 3
+                means.append(sum(scores) / 3)
+            averages[(arm, seed)] = sum(means) / 2
+    paired = next(p for p in report["paired"] if p["metric"] == "gen/longbench/average/clean")
+    want = sum(averages[("macdrop", s)] - averages[("plain", s)] for s in (0, 1)) / 2
+    assert paired["mean_diff"] == pytest.approx(want, abs=1e-9)
     for length in (200, 256):
         paired = next(p for p in report["paired"] if p["metric"] == f"gen/needle@{length}/needle_match/clean")
         want = sum(per_run[("macdrop", s, length)] - per_run[("plain", s, length)] for s in (0, 1)) / 2

@@ -216,5 +216,12 @@ def test_longbench_from_local_files_under_the_sweep(tmp_path):
             want = max(oracle.classification_score(first, a, all_classes=classes) for a in answers)
             assert it["scores"]["longbench_classification:trec"] == pytest.approx(want)
     rows_out = {(r["setting"], r["task"]): r for r in report["generation"]}
-    assert set(rows_out) == {(s, t) for s in ("none", "zero k=1") for t in ("longbench_hotpotqa", "longbench_trec")}
-    assert all(r["n"] == 2 for r in rows_out.values())
+    tasks = ("longbench_hotpotqa", "longbench_trec", "longbench")
+    assert set(rows_out) == {(s, t) for s in ("none", "zero k=1") for t in tasks}
+    for setting in ("none", "zero k=1"):
+        assert rows_out[(setting, "longbench_hotpotqa")]["n"] == 2
+        average = rows_out[(setting, "longbench")]
+        assert (average["metric"], average["n"]) == ("average", 2)  # the paper's headline: the mean of the tasks
+        mine = [it for it in items if it["setting"] == setting]
+        per_task = [sum(next(iter(it["scores"].values())) for it in mine if it["task"] == t) / 2 for t in tasks[:2]]
+        assert average["value"] == pytest.approx(sum(per_task) / 2)

@@ -174,6 +174,13 @@ class OneBaseEvaluator:
             tasks: dict[str, list] = {}
 
             def record(setting: AttackSetting, dataset: str, res) -> None:
+                if getattr(res, "components", None):  # LongBench's average: each task resampled on its own
+                    tasks_items = tuple(AccuracyItems(tuple(v)) for v in res.components.values())
+                    out[metric_name("gen", f"{res.task}/average", setting.label)] = MeanAccuracyItems(tasks_items)
+                    self.echo(
+                        f"  {label:<28} {setting.label:<12} {res.task:<16} average {res.metrics['average']['mean']:.3f}"
+                    )
+                    return
                 if hasattr(res, "items") and hasattr(res, "metrics"):  # a generation task
                     for m in res.metrics:
                         scores = tuple(float("nan") if v is None else float(v) for v in res.item_scores(m))

@@ -35,6 +35,8 @@ class GenTaskResult:
     #: per grid cell (the needle's length x depth): {"length", "depth", metric -> {"mean", "n"}}
     cells: list[dict[str, Any]] = field(default_factory=list)
     peak_memory_mb: Optional[float] = None  # while generating (protocol's ``peak_memory`` says which)
+    #: an average over tasks (LongBench's): task -> its items' scores on its own metric
+    components: dict[str, list[float]] = field(default_factory=dict)
 
     def item_scores(self, metric: str) -> list[Optional[float]]:
         """Per item, in task order: the metric's score (``judge``: the judge's), None where it has none."""
@@ -166,7 +168,29 @@ class GenerationSuite:
                     peak_memory_mb=peak,
                 )
             )
+        average = longbench_average(self.tasks, out)
+        if average is not None:
+            out.append(average)
         return out
+
+
+def longbench_average(tasks: Sequence[GenerationTask], results: Sequence[GenTaskResult]) -> Optional[GenTaskResult]:
+    """LongBench's headline: the unweighted mean over its tasks of each task's own metric (the
+    paper's "average"), as a result named ``longbench`` with metric ``average`` (``n``: the tasks);
+    None with fewer than two LongBench tasks."""
+    mine = [(t, r) for t, r in zip(tasks, results) if t.name.startswith("longbench_")]
+    if len(mine) < 2:
+        return None
+    components = {t.name: [float(v) for v in r.item_scores(t.metrics[0])] for t, r in mine}
+    means = [sum(v) / len(v) for v in components.values() if v]
+    return GenTaskResult(
+        "longbench",
+        {"average": {"mean": sum(means) / len(means) if means else float("nan"), "n": len(means)}},
+        None,
+        seconds=sum(r.seconds for _, r in mine),
+        new_tokens=sum(r.new_tokens for _, r in mine),
+        components=components,
+    )
 
 
 # ----------------------------------------------------------------------------- grids and memory

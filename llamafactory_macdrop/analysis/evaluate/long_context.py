@@ -13,7 +13,7 @@ Names: ``needle`` (needle.py), ``longbench`` (the 16 English datasets) and ``lon
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -35,7 +35,8 @@ class LongContextTasks:
     longbench: list[str] = field(default_factory=list)
     longbench_dir: Optional[Path] = None
     max_length: Optional[int] = None
-    limit: Optional[int] = None
+    limit: Optional[int] = None  # LongBench: the first N rows of each file (the needle's grid is its own size)
+    max_new_tokens: Optional[int] = None  # --gen-max-new-tokens: every task's budget
 
     def __bool__(self) -> bool:
         return self.needle is not None or bool(self.longbench)
@@ -70,4 +71,6 @@ class LongContextTasks:
                 max_length=self.longbench_length,
                 limit=self.limit,
             )
+        if self.max_new_tokens is not None:
+            out = [replace(task, max_new_tokens=self.max_new_tokens) for task in out]
         return out
