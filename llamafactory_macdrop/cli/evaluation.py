@@ -87,7 +87,8 @@ def add_zeroshot_options(p) -> None:
         "--limit",
         type=int,
         default=None,
-        help="zero-shot and generation tasks: the first N documents / items of each task",
+        help="zero-shot and generation tasks: the first N documents / items of each task (not the needle: "
+        "its grid is its size)",
     )
     p.add_argument(
         "--zeroshot-data",
@@ -297,6 +298,7 @@ def read_generation(args: argparse.Namespace, model_path: Optional[str] = None):
     names = parse_task_list(args.gen_tasks)
     tasks = load_tasks([n for n in names if not is_long_context(n)], args.limit, max_new_tokens=args.gen_max_new_tokens)
     long_names = [n for n in names if is_long_context(n)]
+    _refuse_unused_long_context_options(args, long_names)
     long_context = LongContextTasks(
         needle=NeedleSpec(
             lengths=parse_lengths(args.needle_lengths) if args.needle_lengths is not None else None,
@@ -305,6 +307,7 @@ def read_generation(args: argparse.Namespace, model_path: Optional[str] = None):
             seed=args.needle_seed,
             haystack=str(args.needle_haystack) if args.needle_haystack is not None else None,
             max_length=args.max_length,
+            **({"max_new_tokens": args.gen_max_new_tokens} if args.gen_max_new_tokens is not None else {}),
         )
         if "needle" in long_names
         else None,
@@ -316,7 +319,7 @@ def read_generation(args: argparse.Namespace, model_path: Optional[str] = None):
     )
     if long_context:
         found = read_config_json(model_path) if model_path else None
-        long_context.check(found[1] if found else None)
+        long_context.check(found[1] if found else None, _early_encoder(args, model_path, long_context))
     options = {}
     if args.judge is not None:
         options = {"dtype": args.judge_dtype, "device": args.judge_device}
@@ -324,6 +327,44 @@ def read_generation(args: argparse.Namespace, model_path: Optional[str] = None):
     if judge is not None:
         judge.check()  # a judge that cannot load or answer fails here, before any generation
     return GenerationPlan(tasks, long_context if long_context else None), judge
+
+
+NEEDLE_OPTIONS = {  # option -> its default: given without --gen-tasks needle, refused
+    "needle_lengths": None,
+    "needle_depths": "0,25,50,75,100",
+    "needle_samples": 5,
+    "needle_seed": 0,
+    "needle_haystack": None,
+}
+
+
+def _refuse_unused_long_context_options(args: argparse.Namespace, long_names: list[str]) -> None:
+    """An option of a task that is not asked for is a mistake, not a no-op (as --judge without tasks)."""
+    from .common import OptionError
+
+    if "needle" not in long_names:
+        given = [k for k, default in NEEDLE_OPTIONS.items() if getattr(args, k) != default]
+        if given:
+            raise OptionError(f"--{given[0].replace('_', '-')} sets up the needle: add needle to --gen-tasks")
+    if not any(n != "needle" for n in long_names) and args.longbench_dir is not None:
+        raise OptionError("--longbench-dir is for LongBench: add longbench or longbench_<dataset> to --gen-tasks")
+    if not long_names and args.max_length is not None:
+        raise OptionError("--max-length is for the long-context tasks: add needle or longbench to --gen-tasks")
+
+
+def _early_encoder(args: argparse.Namespace, model_path: Optional[str], long_context):
+    """How the runner will encode a one-turn prompt, from the tokenizer alone (None when it does not
+    load here): the needle's fixed parts are measured before the model loads."""
+    if long_context.needle is None or not model_path:
+        return None
+    from ..analysis.evaluate.generate import encode_conversation
+    from .common import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    if tokenizer is None:
+        return None
+    chat = not args.gen_no_chat_template
+    return lambda text: encode_conversation(tokenizer, [text], chat_template=chat)[0]
 
 
 def generation_suite(args: argparse.Namespace, plan, judge, model, tokenizer, echo=print):

@@ -229,8 +229,10 @@ def test_generation_tasks_are_paired_from_the_per_item_files(compared):
         "spec.jsonl,needle,longbench_hotpotqa,longbench_passage_retrieval_en",
         "--longbench-dir",
         "lb",
+        "--max-length",
+        "240",
         "--needle-lengths",
-        "200,256",
+        "200,240",
         "--needle-depths",
         "0,100",
         "--needle-samples",
@@ -261,7 +263,7 @@ def test_generation_tasks_are_paired_from_the_per_item_files(compared):
                 want = sacrebleu.sentence_chrf(it["outputs"][0], it["references"][0]).score
                 assert it["scores"]["chrf"] == pytest.approx(want)
             per_run[(arm, seed)] = sum(it["scores"]["chrf"] for it in spec) / len(spec)
-            for length in (200, 256):  # the needle per length: the first number said is the key, or not
+            for length in (200, 240):  # the needle per length: the first number said is the key, or not
                 mine = [it for it in items if it["task"] == "needle" and it["length"] == length]
                 assert len(mine) == 4
                 firsts = [re.search(r"\d+", it["outputs"][0]) for it in mine]
@@ -292,7 +294,7 @@ def test_generation_tasks_are_paired_from_the_per_item_files(compared):
     paired = next(p for p in report["paired"] if p["metric"] == "gen/longbench/average/clean")
     want = sum(averages[("macdrop", s)] - averages[("plain", s)] for s in (0, 1)) / 2
     assert paired["mean_diff"] == pytest.approx(want, abs=1e-9)
-    for length in (200, 256):
+    for length in (200, 240):
         paired = next(p for p in report["paired"] if p["metric"] == f"gen/needle@{length}/needle_match/clean")
         want = sum(per_run[("macdrop", s, length)] - per_run[("plain", s, length)] for s in (0, 1)) / 2
         assert paired["mean_diff"] == pytest.approx(want, abs=1e-9)

@@ -105,10 +105,11 @@ def test_generation_tasks_under_the_sweep_with_a_url_judge(planted, judge_url, t
         (["--judge-url", "http://127.0.0.1:9"], "give --gen-tasks too"),
         (
             ["--gen-tasks", "needle", "--needle-lengths", "256,4096"],
-            "--needle-lengths 4096 is longer than the model's max_position_embeddings (512)",
+            "--needle-lengths 4096 is longer than the model's max_position_embeddings (512) less the 16-token answer",
         ),
         (["--gen-tasks", "needle", "--needle-depths", "0,abc"], "--needle-depths '0,abc': 'abc' is not an integer"),
         (["--gen-tasks", "longbench_hotpotqa", "--longbench-dir", "no-such-dir"], "hotpotqa.jsonl"),
+        (["--gen-tasks", "nq_open", "--needle-depths", "0,50"], "--needle-depths sets up the needle"),
     ],
     ids=[
         "unknown-task",
@@ -118,6 +119,7 @@ def test_generation_tasks_under_the_sweep_with_a_url_judge(planted, judge_url, t
         "needle-too-long",
         "needle-depth",
         "longbench-missing",
+        "needle-option-without-needle",
     ],
 )
 def test_bad_generation_options_are_one_line_before_anything_generates(extra, fragment, planted, tmp_path):
@@ -138,7 +140,7 @@ def test_needle_grid_under_the_sweep(planted, tmp_path):
     out = tmp_path / "needle.json"
     proc = run_cli(
         ["macdrop", "attack", str(folder), "--mode", "zero", "--k", "1", "--layer", "0", "--indices", "3",
-         "--gen-tasks", "needle", "--needle-lengths", "256,512", "--needle-depths", "0,100", "--needle-samples", "2",
+         "--gen-tasks", "needle", "--needle-lengths", "256,496", "--needle-depths", "0,100", "--needle-samples", "2",
          "--json", str(out), "--plot", str(tmp_path), "--no-progress"],
         cwd=tmp_path, env_extra=ENV,
     )  # fmt: skip
@@ -146,7 +148,7 @@ def test_needle_grid_under_the_sweep(planted, tmp_path):
     report = json.loads(out.read_text())
     cells = [r for r in report["generation"] if "length" in r]
     assert sorted((r["setting"], r["length"], r["depth"]) for r in cells) == sorted(
-        (s, n, d) for s in ("none", "zero k=1") for n in (256, 512) for d in (0, 100)
+        (s, n, d) for s in ("none", "zero k=1") for n in (256, 496) for d in (0, 100)
     )
     assert all(r["n"] == 2 and r["metric"] == "needle_match" and r["value"] in (0.0, 0.5, 1.0) for r in cells)
     overall = [r for r in report["generation"] if "length" not in r]
@@ -188,6 +190,16 @@ def test_longbench_from_local_files_under_the_sweep(tmp_path):
     }  # fmt: skip
     for name, items in rows.items():
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    # LongBench's default 7,500 tokens do not fit this model's 512 positions: one line, nothing loads
+    proc = run_cli(
+        ["macdrop", "attack", str(folder), "--gen-tasks", "longbench_hotpotqa", "--longbench-dir", str(data)],
+        cwd=tmp_path, env_extra=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "macdrop: error: --max-length 7500 + a 32-token answer is more than the model's 512 positions: "
+        "give --max-length 480 or less"
+    )
     out = tmp_path / "lb.json"
     proc = run_cli(
         ["macdrop", "attack", str(folder), "--mode", "zero", "--k", "1", "--layer", "0", "--indices", "3",

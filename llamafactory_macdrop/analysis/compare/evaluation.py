@@ -175,7 +175,7 @@ class OneBaseEvaluator:
 
             def record(setting: AttackSetting, dataset: str, res) -> None:
                 if getattr(res, "components", None):  # LongBench's average: each task resampled on its own
-                    tasks_items = tuple(AccuracyItems(tuple(v)) for v in res.components.values())
+                    tasks_items = tuple(AccuracyItems(tuple(v)) for v in res.components.values() if v)
                     out[metric_name("gen", f"{res.task}/average", setting.label)] = MeanAccuracyItems(tasks_items)
                     self.echo(
                         f"  {label:<28} {setting.label:<12} {res.task:<16} average {res.metrics['average']['mean']:.3f}"

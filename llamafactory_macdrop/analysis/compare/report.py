@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ...core.probing import CsvRows, JsonReport
 from .evaluation import parse_metric
-from .paired import PairedDifference, paired_difference, seed_spread
+from .paired import PairedDifference, PairedError, paired_difference, seed_spread
 
 
 def higher_is_better(metric: str) -> bool:
@@ -40,6 +40,13 @@ def pair_all(arms, seeds, items: dict, *, iterations: int, confidence: float) ->
         if not arm.macdrop or arm.control is None:
             continue
         for metric in items[(arm.name, seeds[0])]:
+            missing = [(a, s) for a in (arm.name, arm.control) for s in seeds if metric not in items[(a, s)]]
+            if missing:
+                a, s = missing[0]
+                raise PairedError(
+                    f"{metric}: not measured for {a} seed {s} although it is for {arm.name} seed {seeds[0]} "
+                    "(results of another version in the eval cache?): delete the comparison's eval/ folder and rerun"
+                )
             control = {s: items[(arm.control, s)][metric] for s in seeds}
             treatment = {s: items[(arm.name, s)][metric] for s in seeds}
             out.append(

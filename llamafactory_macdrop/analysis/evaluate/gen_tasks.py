@@ -181,15 +181,13 @@ def longbench_average(tasks: Sequence[GenerationTask], results: Sequence[GenTask
     mine = [(t, r) for t, r in zip(tasks, results) if t.name.startswith("longbench_")]
     if len(mine) < 2:
         return None
-    components = {t.name: [float(v) for v in r.item_scores(t.metrics[0])] for t, r in mine}
+    components = {t.name: [float(v) for v in r.item_scores(t.metrics[0]) if v is not None] for t, r in mine}
     means = [sum(v) / len(v) for v in components.values() if v]
     return GenTaskResult(
         "longbench",
         {"average": {"mean": sum(means) / len(means) if means else float("nan"), "n": len(means)}},
         None,
-        seconds=sum(r.seconds for _, r in mine),
-        new_tokens=sum(r.new_tokens for _, r in mine),
-        components=components,
+        components=components,  # no seconds or tokens of its own: the tasks' rows have them
     )
 
 

@@ -45,14 +45,21 @@ class LongContextTasks:
     def longbench_length(self) -> int:
         return self.max_length if self.max_length is not None else DEFAULT_LONGBENCH_LENGTH
 
-    def check(self, config: Optional[dict]) -> None:
-        """Everything that can be refused from config.json and the files alone."""
+    def check(self, config: Optional[dict], encode: Optional[Callable[[str], Sequence[int]]] = None) -> None:
+        """Everything that can be refused from config.json, the files and (``encode``: the
+        tokenizer, as the runner will feed a prompt) the prompt's fixed parts."""
         if self.needle is not None:
-            self.needle.check(config)
+            self.needle.check(config, encode)
         if self.longbench:
             from .longbench import check_longbench
 
-            check_longbench(self.longbench, self.longbench_dir)
+            check_longbench(
+                self.longbench,
+                self.longbench_dir,
+                max_length=self.longbench_length,
+                max_positions=max_positions(config),
+                max_new_tokens=self.max_new_tokens,
+            )
 
     def build(
         self, tokenizer: Any, encode: Callable[[str], Sequence[int]], config: Optional[dict]

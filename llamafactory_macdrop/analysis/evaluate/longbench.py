@@ -527,6 +527,8 @@ def _checked_row(where: str, row: Any) -> dict[str, Any]:
     answers = row["answers"]
     if not isinstance(answers, list) or not all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in answers):
         raise LongBenchError(f"{where}: answers {answers!r} is not a list of strings")
+    if not answers:
+        raise LongBenchError(f"{where}: answers is empty (every LongBench row has at least one)")
     return row
 
 
@@ -703,12 +705,30 @@ def _limit(limit: Optional[int]) -> Optional[int]:
     return limit
 
 
-def check_longbench(names: Sequence[str], data_dir: Optional[Path] = None) -> None:
+def check_longbench(
+    names: Sequence[str],
+    data_dir: Optional[Path] = None,
+    *,
+    max_length: Any = DEFAULT_MAX_LENGTH,
+    max_positions: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
+) -> None:
     """Refuse (one line) before any model loads: unknown names, lm-eval's configs or metrics that do
-    not load, a metric package missing for a task, or data files not found. Reads no rows."""
+    not load, a metric package missing for a task, data files not found, a ``max_length`` that is
+    no integer >= 2, or one whose prompt and answer budget do not fit the model's positions
+    (``max_positions``; the chat template's few tokens come on top). Reads no rows."""
+    max_length = _max_length(max_length)
     tasks = expand_names(names)
-    _check_packages([lm_eval_config(_dataset(task)) for task in tasks])
+    configs = [lm_eval_config(_dataset(task)) for task in tasks]
+    _check_packages(configs)
     _locate(tasks, Path(data_dir) if data_dir is not None else None)
+    if max_positions is not None:
+        budget = max(max_new_tokens or c.max_gen_toks for c in configs)
+        if max_length + budget > max_positions:
+            raise LongBenchError(
+                f"--max-length {max_length} + a {budget}-token answer is more than the model's "
+                f"{max_positions} positions: give --max-length {max_positions - budget} or less"
+            )
 
 
 def load_longbench(

@@ -33,6 +33,7 @@ model loads), as is one too short to hold the instruction, needle and question.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -142,7 +143,8 @@ def read_haystack(path: Optional[str | Path]) -> tuple[str, str]:
 class NeedleSpec:
     """What the options ask for; :meth:`build` makes the items once the tokenizer is loaded.
 
-    ``lengths`` None: :func:`default_lengths` up to ``max_length`` (None: the model's positions)."""
+    ``lengths`` None: :func:`default_lengths` up to ``max_length`` (None: the model's positions
+    less the answer budget). ``max_new_tokens``: the answer budget (``--gen-max-new-tokens``)."""
 
     lengths: Optional[tuple[int, ...]] = None
     depths: tuple[int, ...] = DEFAULT_DEPTHS
@@ -150,6 +152,7 @@ class NeedleSpec:
     seed: int = 0
     haystack: Optional[str] = None
     max_length: Optional[int] = None
+    max_new_tokens: int = MAX_NEW_TOKENS
     name: str = "needle"
 
     def __post_init__(self) -> None:
@@ -159,30 +162,36 @@ class NeedleSpec:
             raise NeedleError(f"--max-length {self.max_length} is not allowed: an integer >= 1")
 
     def resolved_lengths(self, max_positions: Optional[int]) -> tuple[int, ...]:
-        """The lengths to build; refuses one above the model's positions or ``--max-length``."""
-        cap = self.max_length if self.max_length is not None else max_positions
+        """The lengths to build. A prompt of L tokens and its answer need L + budget positions, so
+        a length above the model's positions less the budget (or above ``--max-length``) is refused."""
+        room = max_positions - self.max_new_tokens if max_positions else None
         if self.lengths is None:
-            if cap is None:
+            caps = [c for c in (self.max_length, room) if c is not None]
+            if not caps:
                 raise NeedleError(
                     "needle: the model's config names no max_position_embeddings: give --needle-lengths or --max-length"
                 )
-            return default_lengths(min(cap, max_positions) if max_positions else cap)
-        for option, limit in (
-            ("the model's max_position_embeddings", max_positions),
-            ("--max-length", self.max_length),
-        ):
-            if limit is not None and max(self.lengths) > limit:
-                raise NeedleError(
-                    f"--needle-lengths {max(self.lengths)} is longer than {option} ({limit}): "
-                    f"allowed {MIN_LENGTH if limit >= MIN_LENGTH else 1}..{limit}"
-                )
+            return default_lengths(min(caps))
+        if room is not None and max(self.lengths) > room:
+            raise NeedleError(
+                f"--needle-lengths {max(self.lengths)} is longer than the model's max_position_embeddings "
+                f"({max_positions}) less the {self.max_new_tokens}-token answer: allowed 1..{room}"
+            )
+        if self.max_length is not None and max(self.lengths) > self.max_length:
+            raise NeedleError(
+                f"--needle-lengths {max(self.lengths)} is longer than --max-length ({self.max_length}): "
+                f"allowed 1..{self.max_length}"
+            )
         return self.lengths
 
-    def check(self, config: Optional[dict]) -> None:
-        """Before the model loads: the lengths against config.json, the haystack file."""
-        self.resolved_lengths(max_positions(config))
-        if self.haystack is not None:
-            read_haystack(self.haystack)
+    def check(self, config: Optional[dict], encode=None) -> None:
+        """Before the model loads: the lengths against config.json, the haystack; with ``encode``
+        (the tokenizer's, as the runner will feed a prompt), that the shortest length holds the
+        instruction, the needle and the question."""
+        lengths = self.resolved_lengths(max_positions(config))
+        read_haystack(self.haystack)
+        if encode is not None:
+            _overhead(encode, min(lengths))
 
     def build(self, encode, tokenizer: Any, max_positions_: Optional[int]) -> GenerationTask:
         """The items. ``encode(text) -> ids`` is how the runner will feed a one-turn prompt."""
@@ -198,16 +207,20 @@ class NeedleSpec:
                     item, times = _item(encode, tokenizer, corpus, length, depth, sample, self.seed)
                     items.append(item)
                     repeats = max(repeats, times)
-        source = f"{origin}; seed {self.seed}" + (f"; text repeated up to {repeats}x" if repeats > 1 else "")
+        source = f"{origin}; seed {self.seed}" + (
+            f"; the text is shorter than a haystack, read up to {repeats} times" if repeats > 1 else ""
+        )
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
         return GenerationTask(
             self.name,
             tuple(items),
-            MAX_NEW_TOKENS,
+            self.max_new_tokens,
             STOP,
             ("needle_match",),
             source,
             "instruction + haystack with the pass-key sentence at the depth + question, at most L tokens as fed",
             available=len(items),
+            extra_protocol={**self.protocol(), "lengths": list(lengths), "haystack_sha256_16": digest},
         )
 
     def protocol(self) -> dict[str, Any]:
@@ -222,32 +235,48 @@ class NeedleSpec:
         }
 
 
+#: config.json keys that give a model's positions (Llama-like, GPT-2, MPT)
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
+
+
 def max_positions(config: Optional[dict]) -> Optional[int]:
-    """The model's ``max_position_embeddings`` from config.json (a multimodal config: its text part)."""
+    """The model's positions from config.json (a multimodal config: its text part), or None."""
     if not config:
         return None
     from ...core.model_config import decoder_config
 
-    value = decoder_config(config).get("max_position_embeddings")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    cfg = decoder_config(config)
+    for key in POSITION_KEYS:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _word_start(tokenizer: Any, hay: list[int], at: int) -> int:
-    """``at`` moved back (at most 32 tokens) to a token whose text starts with whitespace."""
+    """``at`` moved back (at most 32 tokens) to a token that starts a word: its piece carries the
+    tokenizer's space marker (``Ġ`` byte-level, ``▁`` SentencePiece; decoding one such token alone
+    drops the space in SentencePiece) or decodes to leading whitespace."""
     for pos in range(at, max(at - 32, 0) - 1, -1):
-        if pos in (0, len(hay)) or tokenizer.decode(hay[pos : pos + 1])[:1].isspace():
+        if pos in (0, len(hay)):
+            return pos
+        piece = tokenizer.convert_ids_to_tokens(hay[pos])
+        if (isinstance(piece, str) and piece[:1] in ("Ġ", "▁", "Ċ")) or tokenizer.decode(hay[pos : pos + 1])[
+            :1
+        ].isspace():
             return pos
     return at
 
 
 def _haystack(corpus: list[int], start: int, size: int) -> tuple[list[int], int]:
-    """``size`` tokens of ``corpus`` from ``start``, wrapping around; and how often it was read."""
+    """``size`` tokens of ``corpus`` from ``start``, wrapping around to its start; and how many
+    times the text is needed (more than once only when it is shorter than ``size``)."""
     out, pos = [], start
     while len(out) < size:
         take = corpus[pos : pos + size - len(out)]
         out += take
         pos = 0
-    return out, (start + size + len(corpus) - 1) // len(corpus)
+    return out, -(-size // len(corpus))
 
 
 def _prompt(tokenizer: Any, hay: list[int], depth: int, key: str) -> tuple[str, float]:
@@ -259,26 +288,31 @@ def _prompt(tokenizer: Any, hay: list[int], depth: int, key: str) -> tuple[str, 
     return f"{INSTRUCTION}\n\n{body}\n\n{QUESTION}", (at / len(hay) if hay else 0.0)
 
 
-def _item(encode, tokenizer, corpus: list[int], length: int, depth: int, sample: int, seed: int):
-    rng = random.Random(f"{seed}/{length}/{depth}/{sample}")
-    key = str(rng.randint(10000, 99999))
-    start = rng.randrange(len(corpus))
-    empty, _ = _prompt(tokenizer, [], depth, key)
+def _overhead(encode, length: int, key: str = "00000") -> int:
+    """The tokens of everything but the haystack, as fed; refuses a length that cannot hold them."""
+    empty = f"{INSTRUCTION}\n\n{NEEDLE.format(key=key)}\n\n{QUESTION}"
     overhead = len(encode(empty))
     if length - overhead < 1:
         raise NeedleError(
             f"--needle-lengths {length} is too short: the instruction, the pass-key sentence and the question "
             f"take {overhead} tokens as fed"
         )
-    size, best = length - overhead, None
+    return overhead
+
+
+def _item(encode, tokenizer, corpus: list[int], length: int, depth: int, sample: int, seed: int):
+    rng = random.Random(f"{seed}/{length}/{depth}/{sample}")
+    key = str(rng.randint(10000, 99999))
+    start = rng.randrange(len(corpus))
+    size, best = length - _overhead(encode, length, key), None
     for _ in range(8):  # the haystack's tokens re-encode to about as many tokens in context
         hay, times = _haystack(corpus, start, size)
         text, at = _prompt(tokenizer, hay, depth, key)
         n = len(encode(text))
-        if n <= length:
+        if n <= length and (best is None or n > best[2]):  # the closest fit from below
             best = (text, at, n, times)
-            if n >= length - SLACK:
-                break
+        if length - SLACK <= n <= length:
+            break
         size = max(1, size + length - n)
     if best is None:
         raise NeedleError(f"needle: could not fit a {length}-token prompt (got {n} tokens); report this")

@@ -111,6 +111,7 @@ class GenerationTask:
     prompt_format: str  # one line saying how a prompt is built
     available: int = field(default=0)  # items in the source before ``limit``
     chat_template: Optional[bool] = None  # False: always plain prompts (LongBench's few-shot/code tasks)
+    extra_protocol: Optional[Mapping[str, Any]] = None  # what else defines the items (the needle's grid)
 
     def requests(self) -> list[GenerationRequest]:
         return [GenerationRequest(item.id, item.turns, self.max_new_tokens, self.stop) for item in self.items]
@@ -126,7 +127,19 @@ class GenerationTask:
             "metrics": list(self.metrics),
             "prompt_format": self.prompt_format,
             **({"chat_template": False} if self.chat_template is False else {}),
+            **(dict(self.extra_protocol) if self.extra_protocol else {}),
+            "items_sha256_16": self.items_digest(),
         }
+
+    def items_digest(self) -> str:
+        """A digest of every item's id, turns and references: two runs with the same digest asked
+        the same questions (compare's cache key holds it, so a changed file or grid re-evaluates)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for item in self.items:
+            h.update(json.dumps([item.id, list(item.turns), [list(r) for r in item.references]]).encode("utf-8"))
+        return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- data files

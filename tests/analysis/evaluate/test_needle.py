@@ -145,6 +145,12 @@ def test_options_are_refused_in_one_line(tok, haystack):
         NeedleSpec(samples=0)
     with pytest.raises(NeedleError, match=r"--needle-lengths 4096 is longer than the model's max_position_embeddings"):
         NeedleSpec(lengths=(1024, 4096)).check({"max_position_embeddings": 2048})
+    with pytest.raises(NeedleError, match=r"less the 16-token answer: allowed 1..2032"):  # L + answer must fit
+        NeedleSpec(lengths=(2048,)).check({"max_position_embeddings": 2048})
+    with pytest.raises(NeedleError, match=r"less the 16-token answer: allowed 1..1008"):  # GPT-2's n_positions
+        NeedleSpec(lengths=(1024,)).check({"n_positions": 1024})
+    with pytest.raises(NeedleError, match=r"--needle-lengths 64 is too short"):  # before the model: the tokenizer
+        NeedleSpec(lengths=(64, 1024), haystack=haystack).check({"max_position_embeddings": 4096}, encoder(tok))
     with pytest.raises(NeedleError, match=r"--needle-lengths 64 is too short: .* take \d+ tokens as fed"):
         NeedleSpec(lengths=(64,), haystack=haystack).build(encoder(tok), tok, 4096)
     with pytest.raises(NeedleError, match=r"--needle-haystack .*: no such file"):
@@ -156,5 +162,24 @@ def test_options_are_refused_in_one_line(tok, haystack):
 def test_default_lengths_double_up_to_the_model_positions():
     assert default_lengths(8192) == (512, 1024, 2048, 4096, 8192)
     assert default_lengths(7500) == (512, 1024, 2048, 4096, 7500)
-    assert NeedleSpec().resolved_lengths(2048) == (512, 1024, 2048)
+    assert NeedleSpec().resolved_lengths(2048) == (512, 1024, 2032)  # 2048 positions less the 16-token answer
     assert NeedleSpec(max_length=1024).resolved_lengths(8192) == (512, 1024)
+
+
+def test_the_needle_never_splits_a_word_with_a_sentencepiece_tokenizer():
+    """SentencePiece decodes one token without its space, so a word start is read from the piece."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from llamafactory_macdrop.analysis.evaluate.needle import _word_start
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(tiny.corpus(200), vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    ids = tok(" ".join(tiny.corpus(20, seed=3)), add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert sum(not p.startswith("▁") for p in pieces) > len(pieces) // 4  # words really are split
+    for at in range(1, len(ids)):
+        pos = _word_start(tok, ids, at)
+        assert pos <= at
+        assert pieces[pos].startswith("▁"), (at, pos, pieces[pos])
