@@ -3,7 +3,6 @@ plugin is installed from its WHEEL: this checkout must not be importable here (t
 ignores this folder in the normal run)."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,12 +15,6 @@ sys.path.insert(0, str(HERE.parent))  # tests/helpers/tiny.py: planted models, n
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 from helpers import tiny  # noqa: E402
-
-
-def run(cmd, cwd, **env):
-    full = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **env}
-    full.pop("PYTHONPATH", None)
-    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="session")

@@ -19,3 +19,11 @@ def run_cli(
     env.update(env_extra or {})
     exe = BIN / args[0]
     return subprocess.run([str(exe), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with this environment's executables first on PATH and no PYTHONPATH (the compat
+    venv must import the installed wheel, not this checkout); ``env`` adds variables."""
+    full = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **env}
+    full.pop("PYTHONPATH", None)
+    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=900)
