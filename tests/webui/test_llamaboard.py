@@ -210,9 +210,10 @@ def test_a_macdrop_run_started_from_llamaboard(board, browser, tmp_path_factory)
     assert (out / "trainer_state.json").exists(), "the run did not finish: " + "\n".join(
         p.read_text()[-2000:] for p in (out / "running_log.txt", work / "webui.log") if p.exists()
     )
-    # LlamaBoard polls the running log every few seconds: wait until the finished run is on the page
-    deadline = time.time() + 60
-    while time.time() < deadline and "macdrop_p" not in driver.find_element(By.TAG_NAME, "body").text:
+    # LlamaBoard polls the running log every few seconds: wait until the plugin's step line is on the
+    # page (the loss plot's "macdrop_p" legend can come first, so waiting for that word is a race)
+    deadline = time.time() + 90
+    while time.time() < deadline and "step 1: macdrop_p" not in driver.find_element(By.TAG_NAME, "body").text:
         time.sleep(2)
     page = driver.find_element(By.TAG_NAME, "body").text
     if SCREENSHOT:  # the loss plot with macdrop_p below Start, then the log box at the plugin's lines
