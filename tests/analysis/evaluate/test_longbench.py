@@ -9,22 +9,20 @@ functions use none of them). ROUGE and code-similarity cases run where ``rouge``
 ``fuzzywuzzy`` are installed (requirements/runtime.txt installs both).
 """
 
-import importlib.util
 import json
 import re
 import sys
 import zipfile
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import yaml
 from helpers import tiny
+from helpers.lm_eval_longbench import LONGBENCH, lm_eval_metrics
 
 from llamafactory_macdrop.analysis.evaluate import longbench as lb
 from llamafactory_macdrop.analysis.evaluate.tasks import TaskError
 
-LONGBENCH = Path(list(importlib.util.find_spec("lm_eval").submodule_search_locations)[0]) / "tasks" / "longbench"
 CHINESE = {"multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh"}
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees".split()
 TREC_CLASSES = ["Other", "Other location", "City", "Animal", "Definition of something"]
@@ -85,12 +83,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm_metrics():
     """lm-eval's tasks/longbench/metrics.py itself (the oracle), not the module's wrappers."""
-    absent = {name: mock.MagicMock() for name in ("jieba", "fuzzywuzzy", "rouge") if not importlib.util.find_spec(name)}
-    with mock.patch.dict(sys.modules, absent):
-        spec = importlib.util.spec_from_file_location("lm_eval_longbench_metrics_oracle", LONGBENCH / "metrics.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module
+    return lm_eval_metrics()
 
 
 def _yaml(name):
