@@ -28,7 +28,15 @@ _LAZY = {
     "MacDropConfig": "plugin.keys",
     "activate": "plugin.integration",
     "validate_args": "plugin.integration",
-    # analysis
+    # the analysis commands as functions (docs/api.md)
+    "locate": "api",
+    "activations": "api",
+    "superweight": "api",
+    "attention": "api",
+    "attack": "api",
+    "quantize": "api",
+    "compare": "api",
+    # analysis building blocks
     "activation_report": "analysis.inspect.activations",
     "find_super_weights": "analysis.inspect.superweight",
     "attention_report": "analysis.inspect.attention",

@@ -1,74 +1,14 @@
-"""What the command groups share: model/tokenizer loading and argument types."""
+"""What the command groups share: argument types and the prefix options."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..analysis.models.loading import (
-    TOKENIZER_FILES,
-    ModelPathError,
-    check_model,
-    config_facts,
-    load_model,
-    load_tokenizer,
-    torch_dtype,
-)
-from ..errors import MacDropError
+from ..analysis.models.loading import load_tokenizer
+from ..api.checks import DEFAULT_TEXT, OptionError
 
-#: what the commands import from here (loading lives in analysis/models/loading.py)
-__all__ = [
-    "DEFAULT_TEXT",
-    "TOKENIZER_FILES",
-    "ModelPathError",
-    "OptionError",
-    "add_prefix_options",
-    "check_at_least",
-    "check_k",
-    "check_model",
-    "check_text",
-    "config_facts",
-    "indices_arg",
-    "load_model",
-    "load_tokenizer",
-    "text_prefix",
-    "token_arg",
-    "torch_dtype",
-]
-
-DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
-
-
-class OptionError(MacDropError, ValueError):
-    """A command-line value outside the range its help states (one line, exit 2)."""
-
-
-def check_at_least(option: str, value, low, *, above: bool = False) -> None:
-    """``value`` >= ``low`` (``above``: > ``low``), and finite; else one line naming the option."""
-    import math
-
-    if value is None:
-        return
-    fine = math.isfinite(value) and (value > low if above else value >= low)
-    if not fine:
-        raise OptionError(f"{option} {value:g} is not allowed: give a number {'>' if above else '>='} {low:g}")
-
-
-def check_text(option: str, text) -> None:
-    """A probe text must hold something to tokenize (an empty one has no position to look at)."""
-    if text is not None and not text.strip():
-        raise OptionError(f"{option} {text!r} is not allowed: give a text of at least one token")
-
-
-def check_k(option: str, k: int, model: str) -> None:
-    """``k`` rows: at least 1 and, where config.json tells before loading, at most the widest FFN."""
-    from ..core.model_config import ffn_widths, read_config_json
-
-    check_at_least(option, k, 1)
-    found = read_config_json(model)
-    widths = ffn_widths(found[1]) if found is not None else {}
-    if widths and k > max(widths.values()):
-        key, width = max(widths.items(), key=lambda kv: kv[1])
-        raise OptionError(f"{option} {k} is not allowed: give 1..{width} ({key} {width} in {found[0]})")
+#: what the commands import from here (the checks live in api/checks.py, loading in analysis/models/)
+__all__ = ["DEFAULT_TEXT", "OptionError", "add_prefix_options", "indices_arg", "load_tokenizer", "token_arg"]
 
 
 def add_prefix_options(p, corpora: bool = False) -> None:
@@ -93,21 +33,6 @@ def add_prefix_options(p, corpora: bool = False) -> None:
     )
 
 
-def text_prefix(args, tokenizer, model_path: str):
-    """The prefix of the probe texts, from --bos / --bos-token (checked before the model loads)."""
-    from ..core.text_prefix import resolve_prefix
-
-    bos = getattr(args, "bos", None)
-    config_bos, vocab = config_facts(model_path)
-    return resolve_prefix(
-        tokenizer,
-        "stream" if bos == "window" else bos,
-        getattr(args, "bos_token", None),
-        config_bos=config_bos,
-        vocab_size=vocab,
-    )
-
-
 def token_arg(text: str) -> int | str:
     """A token id (digits) or a text."""
     if not text:
@@ -117,3 +42,30 @@ def token_arg(text: str) -> int | str:
 
 def indices_arg(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def run_api(command: str, args: argparse.Namespace, positional):
+    """``md.COMMAND(positional, **what the command line parsed)``, progress lines printed."""
+    import importlib
+
+    from ..api.options import cli_options
+
+    func = getattr(importlib.import_module("llamafactory_macdrop.api"), command)
+    return func(positional, echo=lambda line: print(line, flush=True), **cli_options(command, args))
+
+
+def write_outputs(report, args: argparse.Namespace) -> None:
+    """What the output options ask for: --json, --csv, the per-item JSONL, --plot's figures."""
+    if getattr(args, "json", None):
+        print(f"written to {report.write_json(args.json)}")
+    if getattr(args, "csv", None):
+        print(f"written to {report.write_csv(args.csv)}")
+    if getattr(report, "gen_items", None) and hasattr(args, "gen_items"):
+        from .evaluation import gen_items_path
+
+        items = gen_items_path(args)
+        if items is not None:
+            print(f"written to {report.write_gen_items(items)}")
+    if getattr(args, "plot", None):
+        for path in report.plot(args.plot):
+            print(f"plot written to {path}")

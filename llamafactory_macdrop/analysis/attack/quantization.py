@@ -41,6 +41,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -415,7 +416,19 @@ class QuantizationReport(SweepReport):
             return f"{self.dtype} (unquantized)"
         return f"{bits}-bit block {block if block is not None else 'tensor'}, clip {clip}, protect {protect}"
 
-    def table(self) -> str:
+    def plot(self, folder: str | Path) -> list[Path]:
+        """quantize.png (metric vs block size) and needle_heatmap.png where the report has what they draw."""
+        from .plots import plot_needle_heatmap, plot_quantization
+
+        folder, out = Path(folder), []
+        if self.rows:
+            out.append(plot_quantization(self, folder / "quantize.png"))
+        if any("length" in r for r in self.gen_rows):
+            label = lambda r: self.setting_label(self.key(r))  # noqa: E731
+            out.append(plot_needle_heatmap(self, folder / "needle_heatmap.png", label))
+        return out
+
+    def results_table(self) -> str:
         """Markdown: one line per setting, perplexity per corpus and accuracy (%) per task."""
         head = self.metric_head()
         lines = self.input_lines()

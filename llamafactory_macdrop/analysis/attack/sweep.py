@@ -246,6 +246,42 @@ class SweepReport(JsonReport, CsvRows):
     def input_lines(self) -> list[str]:
         return input_lines(self.perplexity_protocol, self.zeroshot_prefix, self.probe_prefix)
 
+    # ------------------------------------------------------------------ what the command prints and draws
+    restored_when = "after every setting"  # the restore check's words in :meth:`table`
+
+    def results_table(self) -> str:
+        """Markdown: one line per setting (the subclass's columns)."""
+        raise NotImplementedError
+
+    def setting_label(self, key: Any) -> str:
+        """How a setting is named in the tables (the attack's label, the quantization's description)."""
+        return str(key)
+
+    def extra_tables(self) -> list[str]:
+        """Blocks after the results (the attack's super-activation recovery)."""
+        return []
+
+    def closing_blocks(self) -> list[str]:
+        """Blocks after the generation tables (the attack's greedy texts)."""
+        return []
+
+    def table(self) -> str:
+        """Everything the command prints after the sweep: results, generation tables, the restore check."""
+        parts = [self.results_table()] if self.rows else []
+        parts += self.extra_tables()
+        if self.gen_rows:
+            parts.append(self.gen_table(self.key, self.setting_label))
+            grid = self.grid_table(self.key, self.setting_label)
+            if grid:
+                parts.append(grid)
+        parts += self.closing_blocks()
+        parts.append(
+            f"weights restored bitwise {self.restored_when}: yes"
+            if self.restored_bitwise
+            else "weights restored bitwise: not verified (the sweep did not finish)"
+        )
+        return "\n\n".join(parts)
+
 
 @dataclass
 class AttackReport(SweepReport):
@@ -257,6 +293,7 @@ class AttackReport(SweepReport):
     generations: list[dict[str, Any]] = field(default_factory=list)  # --generate: analysis/attack/generation.py
     generate_protocol: Optional[dict[str, Any]] = None  # how they were generated
     recovery: list[dict[str, Any]] = field(default_factory=list)  # sw_restore: see loss_gap_recovery
+    restored_when = "after the sweep"
 
     def to_dict(self) -> dict[str, Any]:
         extra = (
@@ -295,7 +332,41 @@ class AttackReport(SweepReport):
             seen.setdefault(r["setting"], (r["mode"], r["k"]))
         return [(mode, k, label) for label, (mode, k) in seen.items()]
 
-    def table(self) -> str:
+    def extra_tables(self) -> list[str]:
+        return [recovery_table(self.recovery)] if self.recovery else []
+
+    def closing_blocks(self) -> list[str]:
+        if not self.generate_protocol:
+            return []
+        from .generation import Generation, generations_table
+
+        return [generations_table([Generation(**g) for g in self.generations])]
+
+    def write_generate_report(self, path: str | Path) -> Path:
+        """``--generate-report``: the greedy texts side by side (.md, or .html/.htm)."""
+        from .generation import Generation, write_generation_report
+
+        title = f"{self.model}{' + adapter ' + self.adapter if self.adapter else ''}: greedy generation under attack"
+        gens = [Generation(**g) for g in self.generations]
+        return write_generation_report(path, gens, self.generate_protocol["prompt"], title)
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """attack_sweep.png (metric vs k), superweight_scaling.png (several scales), generation_sweep.png
+        and needle_heatmap.png where the report has what they draw."""
+        from .plots import plot_attack_sweep, plot_generation_sweep, plot_needle_heatmap, plot_superweight_scaling
+
+        folder, out = Path(folder), []
+        if self.rows:
+            out.append(plot_attack_sweep(self, folder / "attack_sweep.png"))
+            if sum(mode == "superweight" for mode, _, _ in self.settings()) > 1:
+                out.append(plot_superweight_scaling(self, folder / "superweight_scaling.png"))
+        if self.gen_rows:
+            out.append(plot_generation_sweep(self, folder / "generation_sweep.png"))
+            if any("length" in r for r in self.gen_rows):
+                out.append(plot_needle_heatmap(self, folder / "needle_heatmap.png"))
+        return out
+
+    def results_table(self) -> str:
         """Markdown: one line per setting, perplexity per corpus, accuracy (%) per task and mean."""
         tasks = [d for d, m in self.columns() if m == "acc"]
         head = self.metric_head() + (["mean acc"] if len(tasks) > 1 else [])

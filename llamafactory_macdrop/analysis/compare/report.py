@@ -12,6 +12,7 @@ names are ``KIND/DATASET/SETTING``: ``ppl/english.txt/clean``, ``acc/arc_easy/ze
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from ...core.probing import CsvRows, JsonReport
@@ -203,6 +204,46 @@ class CompareReport(JsonReport, CsvRows):
             "restored_bitwise": self.restored_bitwise,
             "cost_seconds": self.cost,
         }
+
+    # ------------------------------------------------------------------ what the command prints and draws
+    def table(self) -> str:
+        """stdout: the headline metrics per arm, their paired differences, the verdicts, the restore check."""
+        headline = self.headline_metrics()
+        lines = ["per arm (mean ± sd over seeds):", self.arms_table(headline), ""]
+        lines += ["paired difference (arm − control):", self.paired_table(headline), ""]
+        lines += [f"verdict: {line}" for line in self.verdicts()]
+        restored = "yes" if self.restored_bitwise else "not verified"
+        lines.append(f"base weights restored bitwise after every adapter (SHA-256 of every tensor): {restored}")
+        return "\n".join(lines)
+
+    def plots(self, folder: str | Path) -> dict[str, Path]:
+        """compare_metrics.png, compare_paired.png, compare_robustness.png (with attacks) and
+        compare_loss.png (read from the runs' trainer_state.json), by name."""
+        from .plots import plot_losses, plot_metrics, plot_paired, plot_robustness
+        from .runs import read_log_history
+
+        folder = Path(folder)
+        out = {"metrics": plot_metrics(self, folder / "compare_metrics.png")}
+        if self.paired:
+            out["paired"] = plot_paired(self, folder / "compare_paired.png")
+        if any(" k=" in m for m in self.metric_names()):
+            out["robustness"] = plot_robustness(self, folder / "compare_robustness.png")
+        histories = {(r.arm, r.seed): read_log_history(Path(r.output_dir)) for r in self.runs}
+        out["loss"] = plot_losses(histories, folder / "compare_loss.png")
+        return out
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        return list(self.plots(folder).values())
+
+    def write_markdown(self, path: str | Path, plots: Optional[dict[str, Path]] = None) -> Path:
+        """report.md, its figures linked relative to it."""
+        import os
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rel = {k: os.path.relpath(Path(v).resolve(), path.parent.resolve()) for k, v in (plots or {}).items()}
+        path.write_text(self.markdown(rel))
+        return path
 
     # ------------------------------------------------------------------ tables
     def arms_table(self, metrics: Optional[list[str]] = None) -> str:

@@ -26,6 +26,7 @@ seen as its pre-trained base); the training flag is restored.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -136,6 +137,18 @@ class ActivationReport(JsonReport):
             **({"cross_check": self.cross_check} if self.cross_check is not None else {}),
             "warnings": list(self.warnings),
         }
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """activations_layers.png (the layer profile) and activations_intermediate.png (the origin layer's bars)."""
+        from .plots import plot_intermediate_bars, plot_layer_profile
+
+        folder = Path(folder)
+        out = [plot_layer_profile(self, folder / "activations_layers.png")]
+        if self.origin_intermediate is not None:
+            values = self.origin_intermediate
+            top = values.topk(min(5, values.numel())).indices.tolist()
+            out.append(plot_intermediate_bars(values, top, folder / "activations_intermediate.png", self.origin_layer))
+        return out
 
     def table(self) -> str:
         """One line per layer: hidden top-1/2/3 and median, intermediate top-1 and median, #massive."""

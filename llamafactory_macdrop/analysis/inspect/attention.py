@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -111,12 +112,34 @@ class AttentionReport(JsonReport):
     notes: list[str] = field(default_factory=list)
     prefix: Optional[dict[str, Any]] = None  # what was put before the text (core/text_prefix.py)
     adapter: Optional[str] = None  # --adapter: measured with it (the massive layer located on the base)
+    #: the layers of attention_heatmaps.png (``--heatmap-layers``; None: massive, massive + 1, last)
+    heatmap_layers: Optional[list[int]] = field(default=None, repr=False)
 
     def layer(self, index: int) -> LayerAttention:
         return next(s for s in self.layers if s.layer == index)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("heatmap_layers")
+        return out
+
+    def default_heatmap_layers(self) -> list[int]:
+        """The massive layer, the one after it (where the sink starts) and the last layer."""
+        ids = [s.layer for s in self.layers]
+        wanted = [self.massive_layer, self.massive_layer + 1, ids[-1]]
+        return [layer for layer in dict.fromkeys(wanted) if layer in ids]
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """attention_heatmaps.png, attention_sink.png, attention_position.png."""
+        from .attention_plots import plot_attention_heatmaps, plot_position, plot_sink_curve
+
+        folder = Path(folder)
+        layers = self.heatmap_layers or self.default_heatmap_layers()
+        return [
+            plot_attention_heatmaps(self, layers, folder / "attention_heatmaps.png"),
+            plot_sink_curve(self, folder / "attention_sink.png"),
+            plot_position(self, folder / "attention_position.png"),
+        ]
 
     def table(self) -> str:
         """One line per layer: sink share, most-attended key, residual max at the massive dims at position 0."""

@@ -34,6 +34,7 @@ the activation report: eval, no grad, adapters disabled, training flag restored.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -110,9 +111,12 @@ class SuperWeightReport(JsonReport):
     located: Optional[dict[str, Any]] = None
     published: Optional[dict[str, Any]] = None  # the published position, where the model matches one
     warnings: list[str] = field(default_factory=list)
+    #: the stop-word shift with the super weight(s) zeroed (``--stopwords``; its own JSON, ``--stopwords-json``)
+    stopwords: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out.pop("stopwords")
         out["prefix"] = self.prefix.protocol() if self.prefix is not None else None
         for spikes, d in zip(self.layers, out["layers"]):
             d["creates"] = spikes.creates
@@ -145,6 +149,20 @@ class SuperWeightReport(JsonReport):
             )
 
     def table(self) -> str:
+        """The candidates (and, with the stop words measured, their shift)."""
+        if self.stopwords is None:
+            return self.candidates_table()
+        return f"{self.candidates_table()}\n\n{self.stopwords.table()}\nsuper weights restored bitwise: yes"
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """stopwords.png where the stop words were measured (the candidates have no figure)."""
+        if self.stopwords is None:
+            return []
+        from .plots import plot_stopwords
+
+        return [plot_stopwords(self.stopwords, Path(folder) / "stopwords.png")]
+
+    def candidates_table(self) -> str:
         lines = [f"Super weights: {self.model} ({len(self.input_ids)} tokens)", f"  rule: {self.rule}"]
         if self.prefix is not None:
             lines.append(f"  input: {self.prefix.describe()} + the text")

@@ -44,7 +44,7 @@ def test_every_setting_gets_its_rows_and_its_table_line(tiny_llama):
     )
     assert report.restored_bitwise
     assert [(r["setting"], r["dataset"]) for r in report.rows] == [(s.label, c) for s in settings for c in ("a", "b")]
-    lines = report.table().splitlines()
+    lines = report.results_table().splitlines()
     assert lines[0] == "| setting | a ppl | b ppl |"
     assert [line.split(" | ")[0][2:] for line in lines[2:]] == [s.label for s in settings]
     ppl = {r["setting"]: r["ppl"] for r in report.rows if r["dataset"] == "a"}
