@@ -59,8 +59,8 @@ def batched(model, tokenizer, texts, max_new_tokens: int, batch_size: int) -> di
 
 
 def one_by_one(model, tokenizer, texts, max_new_tokens: int) -> dict:
+    from llamafactory_macdrop.analysis.attack.generation import end_tokens, greedy_generate
     from llamafactory_macdrop.analysis.evaluate.generate import BatchedGenerator
-    from llamafactory_macdrop.analysis.generation import end_tokens, greedy_generate
 
     encode = BatchedGenerator(model, tokenizer).encode
     stop = end_tokens(model, tokenizer)

@@ -1,10 +1,10 @@
 """The architecture the folders claim (docs/layout.md), checked from outside the package:
 
-* ``core/`` and ``analysis/`` import with LLaMA-Factory made unimportable, and ``core/`` imports
-  neither ``plugin/`` nor ``analysis/``;
+* ``core/``, ``analysis/``, ``api/`` and ``cli/`` import with LLaMA-Factory made unimportable, and
+  ``core/`` imports neither ``plugin/`` nor ``analysis/``;
 * only the modules of ``plugin/lf/`` import LLaMA-Factory;
-* the start-up hook's import path (``_autoload`` for old ``.pth`` files, ``plugin.startup`` for
-  new ones) loads the standard library only;
+* the start-up hook's import path (``plugin.startup``, what the ``.pth`` imports) loads the
+  standard library only;
 * every module, name and file the docs, scripts, benchmarks and the GPU check mention exists (no
   test runs benchmarks/ or tests/gpu/, so a move would otherwise break them silently), and those
   scripts import as modules.
@@ -61,7 +61,7 @@ def _python(code: str, *flags: str) -> subprocess.CompletedProcess:
 
 
 def test_core_and_analysis_import_without_llamafactory():
-    mods = _modules("core") + _modules("analysis") + _modules("cli")
+    mods = _modules("core") + _modules("analysis") + _modules("api") + _modules("cli")
     code = (
         BLOCK_LF
         + f"""
@@ -93,7 +93,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("{NAME}."))))
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    hook = {f"{NAME}._autoload", f"{NAME}.plugin", f"{NAME}.plugin.startup"}  # the .pth loads these first
+    hook = {f"{NAME}.plugin", f"{NAME}.plugin.startup"}  # the .pth loads these first
     shared = {f"{NAME}.errors"}  # the stdlib-only error family every layer derives from
     assert [m for m in loaded if not m.startswith(f"{NAME}.core") and m not in hook | shared] == [], loaded
 
@@ -125,7 +125,6 @@ def test_the_startup_hook_loads_the_standard_library_only():
 import sys, json
 sys.path.insert(0, {str(REPO)!r})
 before = set(sys.modules)
-import {NAME}._autoload
 import {NAME}.plugin.startup
 new = sorted(set(sys.modules) - before)
 print(json.dumps(new))
@@ -135,7 +134,7 @@ print(any(type(f).__name__ == "_LlamaFactoryFinder" for f in sys.meta_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     new, registered = json.loads(lines[-2]), lines[-1] == "True"
-    ours = {NAME, f"{NAME}._autoload", f"{NAME}.plugin", f"{NAME}.plugin.startup"}
+    ours = {NAME, f"{NAME}.plugin", f"{NAME}.plugin.startup"}
     foreign = [m for m in new if m not in ours and m.split(".")[0] not in sys.stdlib_module_names]
     assert foreign == []
     assert ours <= set(new)

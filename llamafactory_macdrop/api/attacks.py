@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .model_input import ModelInput, attach, detach, refuse_load_options
+from .model_input import ModelInput, refuse_load_options
 from .options import namespace
 
 Echo = Optional[Callable[[str], None]]
@@ -94,69 +94,66 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     max_k = max(s.k for s in settings)
     if max_k > size:
         raise AttackError(f"--k {max_k} is larger than the intermediate size {size}: allowed 1..{size}")
-    if args.adapter is not None:
-        loaded = attach(source, loaded, args.adapter)
-        blocks = find_ffn_blocks(loaded)
-    try:
-        with source.in_use(loaded):
-            first = template_first_token(tok) if args.probe_token is None else None  # as `macdrop locate` probes
-            located = locate_massive_weights(
-                loaded,
-                max(max_k, 1) if args.indices is None else len(args.indices),
-                tokenizer=tok,
-                layer=args.layer,
-                indices=args.indices,
-                probe_token=args.probe_token,
-                first_token=first,
-                blocks=blocks,
-            )
-            if args.indices is not None and max_k > len(args.indices):
-                raise AttackError(f"--k {max_k} exceeds the {len(args.indices)} rows given by --indices")
-            targets = AttackTargets(located.layer, located.indices, expert=located.expert)
-            if probes:
-                ids = probe_input_ids(tok, args.probe_text, prefix)
-                if any(s.mode in ("superweight", "sw_restore") for s in settings):
-                    targets.super_weights = resolve_super_weights(args.super_weight, loaded, ids, blocks)
-                    targets.super_weight = targets.super_weights[0] if targets.super_weights else None
-                if any(s.mode == "sw_restore" for s in settings) and targets.super_weights:
-                    set_activation_cutoffs(loaded, ids, targets.super_weights, blocks)
-                if any(s.mode == "activation" for s in settings):
-                    targets.activations = massive_activation_target(loaded, ids, blocks)
-            attacker = ModelAttacker(loaded, targets, blocks)
-            say(
-                f"attack: {source.label}{' + adapter ' + str(args.adapter) if args.adapter else ''} on {device}; "
-                f"massive layer {targets.layer} (0-based), rows {targets.indices}"
-                + (f", expert {targets.expert}" if targets.expert is not None else "")
-                + (f"; super weight {', '.join(map(str, targets.super_weights))}" if targets.super_weights else "")
-            )
-            if prefix is not None:
-                say(f"  probe text: {prefix.describe()} + {args.probe_text!r}")
+    with source.in_use(loaded):
+        if args.adapter is not None:
+            loaded = source.attach(loaded, args.adapter)
+            blocks = find_ffn_blocks(loaded)
+        first = template_first_token(tok) if args.probe_token is None else None  # as `macdrop locate` probes
+        located = locate_massive_weights(
+            loaded,
+            max(max_k, 1) if args.indices is None else len(args.indices),
+            tokenizer=tok,
+            layer=args.layer,
+            indices=args.indices,
+            probe_token=args.probe_token,
+            first_token=first,
+            blocks=blocks,
+        )
+        if args.indices is not None and max_k > len(args.indices):
+            raise AttackError(f"--k {max_k} exceeds the {len(args.indices)} rows given by --indices")
+        targets = AttackTargets(located.layer, located.indices, expert=located.expert)
+        if probes:
+            ids = probe_input_ids(tok, args.probe_text, prefix)
+            if any(s.mode in ("superweight", "sw_restore") for s in settings):
+                targets.super_weights = resolve_super_weights(args.super_weight, loaded, ids, blocks)
+                targets.super_weight = targets.super_weights[0] if targets.super_weights else None
+            if any(s.mode == "sw_restore" for s in settings) and targets.super_weights:
+                set_activation_cutoffs(loaded, ids, targets.super_weights, blocks)
+            if any(s.mode == "activation" for s in settings):
+                targets.activations = massive_activation_target(loaded, ids, blocks)
+        attacker = ModelAttacker(loaded, targets, blocks)
+        say(
+            f"attack: {source.label}{' + adapter ' + str(args.adapter) if args.adapter else ''} on {device}; "
+            f"massive layer {targets.layer} (0-based), rows {targets.indices}"
+            + (f", expert {targets.expert}" if targets.expert is not None else "")
+            + (f"; super weight {', '.join(map(str, targets.super_weights))}" if targets.super_weights else "")
+        )
+        if prefix is not None:
+            say(f"  probe text: {prefix.describe()} + {args.probe_text!r}")
 
-            corpora = prepare_corpora(sources, loaded, tok, echo=say, resolved=resolved)
-            zeroshot = zeroshot_evaluator(args, tasks, loaded, tok, echo=say)
-            suite = generation_suite(args, gen_tasks, judge, loaded, tok, echo=say)
-            report = AttackReport(
-                model=source.label,
-                adapter=str(args.adapter) if args.adapter else None,
-                targets=targets.to_dict(),
-                probe_prefix=prefix.protocol() if prefix is not None else None,
-            )
-            run_sweep(
-                loaded,
-                attacker,
-                settings,
-                corpora,
-                zeroshot,
-                report=report,
-                batch_size=args.batch_size,
-                progress=not args.no_progress,
-                echo=echo,
-                generation=suite,
-            )
-            if generating:
-                _generate(args, loaded, tok, attacker, generating, report, echo)
-    finally:
-        detach(source, loaded)
+        corpora = prepare_corpora(sources, loaded, tok, echo=say, resolved=resolved)
+        zeroshot = zeroshot_evaluator(args, tasks, loaded, tok, echo=say)
+        suite = generation_suite(args, gen_tasks, judge, loaded, tok, echo=say)
+        report = AttackReport(
+            model=source.label,
+            adapter=str(args.adapter) if args.adapter else None,
+            targets=targets.to_dict(),
+            probe_prefix=prefix.protocol() if prefix is not None else None,
+        )
+        run_sweep(
+            loaded,
+            attacker,
+            settings,
+            corpora,
+            zeroshot,
+            report=report,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            echo=echo,
+            generation=suite,
+        )
+        if generating:
+            _generate(args, loaded, tok, attacker, generating, report, echo)
     if any(s.mode == "sw_restore" for s in settings):
         report.recovery = loss_gap_recovery(report)
     return report

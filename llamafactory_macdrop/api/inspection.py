@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..core.probing import JsonReport
-from .model_input import ModelInput, attach, detach, refuse_load_options
+from .model_input import ModelInput, refuse_load_options
 from .options import namespace
 
 Echo = Optional[Callable[[str], None]]
@@ -131,7 +131,7 @@ def locate(model, *, tokenizer=None, echo: Echo = print, **options) -> LocateRep
     result.model = source.label
     report.result = result
     if entry is not None and result.indices:
-        from ..core.published import compare_massive
+        from ..analysis.inspect.published import compare_massive
 
         report.published = compare_massive(entry, result.layer, result.indices, result.expert)
     return report
@@ -140,7 +140,7 @@ def locate(model, *, tokenizer=None, echo: Echo = print, **options) -> LocateRep
 def published_entry(files, source: ModelInput):
     """The published position this model's config matches (packaged table + ``published`` files), or
     None. User files are read (and refused in one line) before the model loads."""
-    from ..core.published import load_published, match_config
+    from ..analysis.inspect.published import load_published, match_config
 
     entries = load_published(files or [])
     config = source.config()
@@ -237,7 +237,7 @@ def superweight(model, *, tokenizer=None, echo: Echo = print, **options):
         located = locate_as_cli(loaded, source.tokenizer, args.k)
         report.check_against(located.layer, located.indices, probe_label(located))
         if entry is not None and report.candidates:
-            from ..core.published import compare_super_weights
+            from ..analysis.inspect.published import compare_super_weights
 
             comparison = compare_super_weights(entry, [(c.layer, c.row, c.col) for c in report.candidates])
             if comparison.reported:
@@ -249,8 +249,8 @@ def superweight(model, *, tokenizer=None, echo: Echo = print, **options):
 
 def _stopwords(args, source: ModelInput, model, ids):
     """The stop-word shift when the super weight(s) are zeroed (docs/superweights.md)."""
+    from ..analysis.attack.stopwords import stopword_shift, stopword_token_ids
     from ..analysis.evaluate.perplexity import load_text_file, make_windows, resolve_protocol, tokenize
-    from ..analysis.inspect.stopwords import stopword_shift, stopword_token_ids
     from ..core.architectures import find_ffn_blocks
     from .evaluation import resolve_super_weights
 
@@ -307,11 +307,11 @@ def attention(model, *, tokenizer=None, echo: Echo = print, **options):
     source.require_tokenizer("the probe text needs one")
     prefix = text_prefix(args, source) if args.probe_token is None else None  # before loading
     loaded = source.load(args.dtype)
-    if args.adapter is not None:
-        loaded = attach(source, loaded, args.adapter)
     bars = _LayerBars(not args.no_progress)
-    try:
-        with source.in_use(loaded):
+    with source.in_use(loaded):
+        if args.adapter is not None:
+            loaded = source.attach(loaded, args.adapter)
+        try:
             text = {} if args.text is None else {"text": args.text}
             report = attention_report(
                 loaded,
@@ -323,9 +323,8 @@ def attention(model, *, tokenizer=None, echo: Echo = print, **options):
                 position_layer=args.position_layer,
                 progress=bars.update,
             )
-    finally:
-        bars.close()
-        detach(source, loaded)
+        finally:
+            bars.close()
     report.model = source.label
     report.adapter = str(args.adapter) if args.adapter is not None else None
     report.heatmap_layers = args.heatmap_layers

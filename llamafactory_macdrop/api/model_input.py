@@ -26,6 +26,8 @@ class ModelInput:
         self.path: Optional[str] = None if self.module is not None else str(model)
         self._tokenizer = tokenizer
         self._tokenizer_loaded = tokenizer is not None
+        self._was_training = self.module.training if self.module is not None else False
+        self._attached: Optional[nn.Module] = None
 
     def check(self) -> "ModelInput":
         """One line, before anything loads, when a folder is no model folder (a loaded model passes)."""
@@ -94,27 +96,24 @@ class ModelInput:
 
     @contextmanager
     def in_use(self, model: nn.Module) -> Iterator[nn.Module]:
-        """``model`` in eval mode for the analysis; a given model gets its train/eval mode back after."""
-        was_training = model.training
+        """``model`` in eval mode for the analysis; afterwards a model the user gave is theirs again:
+        an adapter attached for the call taken out (:func:`attach`), its train/eval mode back."""
         model.eval()
         try:
             yield model
         finally:
             if self.module is not None:
-                model.train(was_training)
+                if self._attached is not None:
+                    self._attached.unload()  # peft takes its layers out of the user's modules
+                self.module.train(self._was_training)
+            self._attached = None
 
+    def attach(self, model: nn.Module, adapter) -> nn.Module:
+        """``model`` + the adapter folder (a PeftModel); call inside :meth:`in_use`, which takes it out again."""
+        from ..analysis.models.loading import attach_adapter
 
-def attach(source: ModelInput, model: nn.Module, adapter) -> nn.Module:
-    """``model`` + the adapter folder (a PeftModel). On a given model, call :func:`detach` after."""
-    from ..analysis.models.loading import attach_adapter
-
-    return attach_adapter(model, adapter, source.label)
-
-
-def detach(source: ModelInput, model: nn.Module) -> None:
-    """Take an attached adapter's layers out of a model the user gave (theirs again, as it came)."""
-    if source.module is not None and hasattr(model, "peft_config"):
-        model.unload()
+        self._attached = attach_adapter(model, adapter, self.label)
+        return self._attached
 
 
 def refuse_load_options(source: ModelInput, given: dict, names=("dtype", "device")) -> None:

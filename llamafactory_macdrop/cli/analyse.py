@@ -131,12 +131,12 @@ def _published_option(p) -> None:
         default=None,
         metavar="FILE",
         help="also compare with the positions in FILE (repeatable; the format of the packaged "
-        "core/published_positions.json, docs/locator.md)",
+        "analysis/inspect/published_positions.json, docs/locator.md)",
     )
 
 
 def _stopword_options(p) -> None:
-    from ..analysis.inspect.stopwords import STOP_WORDS
+    from ..analysis.attack.stopwords import STOP_WORDS
     from .evaluation import add_super_weight_option
 
     p.add_argument(

@@ -163,7 +163,7 @@ def test_a_failed_mask_write_leaves_no_weight_masked(tiny_llama):
 
 
 def test_a_failed_attack_write_leaves_no_weight_changed(tiny_llama, monkeypatch):
-    from llamafactory_macdrop.analysis import attacks
+    from llamafactory_macdrop.analysis.attack import attacks
 
     class Breaking(attacks.RowDropout):
         def __init__(self, targets):

@@ -46,6 +46,8 @@ from ...core.architectures import FFNBlock, find_ffn_blocks
 from ...core.masking import RowDropout, bits
 from ...core.probing import first_tensor
 from ...errors import MacDropError
+from ..inspect.activations import activation_report
+from ..inspect.superweight import find_super_weights
 
 MODES = ("none", "zero", "retain", "superweight", "activation", "sw_restore")
 ATTACK_MODES = MODES[1:]
@@ -317,8 +319,6 @@ def super_weight_target(
 ) -> Optional[SuperWeightTarget]:
     """The first candidate of :func:`~llamafactory_macdrop.analysis.inspect.superweight.find_super_weights` that
     CREATES the massive activation (None if there is none)."""
-    from ..inspect.superweight import find_super_weights
-
     report = find_super_weights(model, input_ids, blocks=blocks)
     for c in report.candidates:
         if c.creates:
@@ -330,8 +330,6 @@ def massive_activation_target(
     model: nn.Module, input_ids, blocks: Optional[Sequence[FFNBlock]] = None
 ) -> Optional[MassiveActivationTarget]:
     """The origin layer of the massive activations and their per-dimension means (None if none)."""
-    from ..inspect.activations import activation_report
-
     report = activation_report(model, input_ids, blocks=blocks)
     origin = report.origin_layer
     if origin is None:
@@ -460,8 +458,6 @@ def super_weight_targets(
         return [sw] if sw is not None else []
     if which != "all":
         raise AttackError(f"--super-weight {which!r} is not allowed: give LAYER,ROW,COL (repeatable) or all")
-    from ..inspect.superweight import find_super_weights
-
     return [
         SuperWeightTarget(c.layer, c.row, c.col) for c in find_super_weights(model, input_ids, blocks=blocks).candidates
     ]

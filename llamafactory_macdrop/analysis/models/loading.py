@@ -23,6 +23,10 @@ class ModelPathError(MacDropError, FileNotFoundError):
     """MODEL names no model this command can load (one line, exit 2)."""
 
 
+class AdapterError(MacDropError, ValueError):
+    """An adapter folder that is not one, or that was trained on another base (one line, exit 2)."""
+
+
 def check_model(path: str) -> None:
     """One line, before anything loads, when MODEL is not a model folder (or a hub id that resolves).
 
@@ -93,12 +97,10 @@ def attach_adapter(model: nn.Module, adapter_dir: str | Path, model_path: str = 
     """
     import json
 
-    from ..attack.attacks import AttackError
-
     folder = Path(adapter_dir)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        raise AttackError(f"--adapter {folder}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+        raise AdapterError(f"--adapter {folder}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
     recorded = json.loads(config_file.read_text()).get("base_model_name_or_path") or "?"
     base_config = Path(recorded) / "config.json"
     mine = getattr(model, "config", None)
@@ -108,7 +110,7 @@ def attach_adapter(model: nn.Module, adapter_dir: str | Path, model_path: str = 
         diff = [k for k in keys if k in theirs and theirs[k] != getattr(mine, k, None)]
         if diff:
             k = diff[0]
-            raise AttackError(
+            raise AdapterError(
                 f"--adapter {folder} was trained on {recorded} ({k}={theirs[k]}), not on {model_path or 'this model'} "
                 f"({k}={getattr(mine, k, None)})"
             )
@@ -118,4 +120,4 @@ def attach_adapter(model: nn.Module, adapter_dir: str | Path, model_path: str = 
         return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AttackError(f"--adapter {folder} does not fit {model_path or 'this model'} (trained on {recorded}): {first}") from None
+        raise AdapterError(f"--adapter {folder} does not fit {model_path or 'this model'} (trained on {recorded}): {first}") from None

@@ -11,7 +11,7 @@ Lifecycle, as seen from ``llamafactory-cli train x.yaml``:
    swaps the stage's trainer class for a subclass with :class:`MacDropTrainerMixin` in front.
    ``export_model`` is wrapped to ignore ``macdrop_*`` keys, so they may stay in an export YAML.
 
-Both patches are triggered by the ``.pth`` start-up hook (``_autoload``); :func:`activate` applies
+Both patches are triggered by the ``.pth`` start-up hook (``plugin.startup``); :func:`activate` applies
 them in-process for notebooks and tests. If LLaMA-Factory's internals are not where this module
 expects them, a MacDrop run fails with the version found and the version supported; runs without
 ``macdrop_*`` keys are passed through untouched. A torchrun child's plugin error ends the job in

@@ -8,13 +8,13 @@ from helpers import tiny, tiny_archs
 from helpers.lm_oracle import argmax_loop
 from helpers.tiny_answers import build_successor_llama
 
+from llamafactory_macdrop.analysis.attack.generation import end_tokens, greedy_generate
 from llamafactory_macdrop.analysis.evaluate.generate import (
     BatchedGenerator,
     GenerationError,
     GenerationRequest,
     encode_conversation,
 )
-from llamafactory_macdrop.analysis.generation import end_tokens, greedy_generate
 
 PROMPTS = [" ".join(text.split()[:n]) for text, n in zip(tiny.corpus(7, seed=5), [1, 9, 3, 5, 12, 2, 7])]
 BUDGETS = [6, 14, 3, 10, 8, 12, 1]
@@ -130,7 +130,7 @@ def test_chat_template_and_conversations_turn_by_turn(tmp_path):
             assert out.text == answer
             messages.append({"role": "assistant", "content": answer})
     # one turn under the template: the ids attack --generate feeds
-    from llamafactory_macdrop.analysis.generation import prompt_ids
+    from llamafactory_macdrop.analysis.attack.generation import prompt_ids
 
     assert encode_conversation(tok, ["blue"]) == prompt_ids(tok, "blue")
 

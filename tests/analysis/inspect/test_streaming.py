@@ -63,7 +63,7 @@ def test_explicit_layer_is_reached_and_missing_files_fail_clearly(sharded, tmp_p
 
 
 def test_the_output_head_is_never_read_and_dropped_layers_are_freed(sharded):
-    from llamafactory_macdrop.analysis import streaming
+    from llamafactory_macdrop.analysis.inspect import streaming
 
     name, model, folder = sharded
     if model.get_output_embeddings() is None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ...core.architectures import FFNBlock, find_ffn_blocks
 from ...core.probing import JsonReport, unwrap_peft
-from ..attack.attacks import AttackError, SuperWeightTarget, check_super_weights, scaled_super_weights
+from .attacks import AttackError, SuperWeightTarget, check_super_weights, scaled_super_weights
 
 STOP_WORDS = ("the", ".", ",", "and", "of", "a", "to", "in", "is")
 

@@ -35,7 +35,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from ..errors import MacDropError
+from ...errors import MacDropError
 
 PACKAGED_FILE = "published_positions.json"
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""core/published.py: the packaged table, the config matcher, the comparison rule, user files.
+"""analysis/inspect/published.py: the packaged table, the config matcher, the comparison rule, user files.
 
 Every expected value below is written out from the papers / REFERENCE.md (House of Cards Table 6,
 paper layers 1-based; LLMSuperWeight's coordinates, layers 0-based) and from real config.json
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from llamafactory_macdrop.core.published import (
+from llamafactory_macdrop.analysis.inspect.published import (
     Comparison,
     PublishedFileError,
     compare_massive,
