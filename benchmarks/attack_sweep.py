@@ -4,17 +4,16 @@
     python benchmarks/attack_sweep.py --model models/SmolLM2-135M-Instruct --text-file tests/data/english.txt
     python benchmarks/attack_sweep.py --preset gpu --device cuda
 
-(a) **One load vs reload per setting.** The 6-setting k-sweep of ``macdrop attack --mode zero
---k-sweep 0,1,2,3,5,8`` (the baseline and top-k zeroing at k = 1, 2, 3, 5, 8) on one corpus,
-run through the project's own path (``from_pretrained`` -> ``locate_massive_weights`` ->
-``ModelAttacker`` -> ``sweep.run_sweep``) twice per pair, alternating: ONCE for all six
-settings (what ``macdrop attack`` does), and the obvious naive way, the same path once PER
-setting (load, locate, one setting). The naive arm reloads in the same process, so it does not
-pay the interpreter and imports a separate ``macdrop attack`` per setting would: the ratio is a
-lower bound for that. The perplexities of the two arms must be identical (they are compared).
-With L = load + locate and E = one setting's evaluation, the ratio is
-6(L + E) / (L + 6E): it approaches 6 when loading dominates and 1 when evaluation does, so the
-script prints L and E next to it (>= 5x needs L >= 24 E).
+(a) **One load vs a load per k, in one process.** The 6-setting k-sweep of ``macdrop attack --mode
+zero --k-sweep 0,1,2,3,5,8`` (the baseline and top-k zeroing at k = 1, 2, 3, 5, 8) on one text,
+through the Python API the command calls (``md.attack``), twice per pair, alternating: ONE call
+for the whole sweep, and one call per k (K = 1, 2, 3, 5, 8: load, locate, the baseline and zero
+k=K), as a notebook user looping over k would. The calls run in one process, so they do not pay
+the interpreter and imports five separate ``macdrop attack`` runs would (that is (c)). The
+perplexities of the two arms must be identical (they are compared). With L = what a call spends
+outside its evaluations (load + locate + set-up) and E = one setting's evaluation, the ratio is
+5(L + 2E) / (L + 6E): it approaches 5 when loading dominates and 10/6 when evaluation does, so
+the script prints L and E next to it.
 
 (c) **As a user runs it** (``--cli``): ONE ``macdrop attack MODEL --mode zero --k-sweep
 0,1,2,3,5,8 --text-file F`` process vs the five processes ``macdrop attack MODEL --mode zero
@@ -79,49 +78,47 @@ def load(model_dir: Path, dtype: str, device: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
 
 
-def sweep(model_dir: Path, dtype: str, device: str, settings, corpus) -> tuple[dict, float, list[float]]:
-    """load -> locate -> sweep ``settings``: {label: ppl}, seconds of load + locate, per-setting seconds."""
-    from llamafactory_macdrop.analysis.attack.attacks import AttackTargets, ModelAttacker
-    from llamafactory_macdrop.analysis.attack.sweep import AttackReport, run_sweep
-    from llamafactory_macdrop.core.locator import locate_massive_weights
+def sweep(
+    model_dir: Path, dtype: str, device: str, ks, text_file: Path, seq_len: int
+) -> tuple[dict, float, list[float]]:
+    """``md.attack`` (the API ``macdrop attack`` calls) with a zero k-sweep ``ks``: {label: ppl},
+    seconds outside the evaluations (load + locate + set-up), per-setting evaluation seconds."""
+    import llamafactory_macdrop as md
 
     with Clock(device == "cuda") as c:
-        model = load(model_dir, dtype, device)
-        located = locate_massive_weights(model, max(KS))
-        targets = AttackTargets(located.layer, located.indices)
-        attacker = ModelAttacker(model, targets)
-    report = run_sweep(
-        model,
-        attacker,
-        settings,
-        [corpus],
-        report=AttackReport(str(model_dir), None, targets.to_dict()),
-        progress=False,
-    )
+        report = md.attack(
+            str(model_dir),
+            mode="zero",
+            k_sweep=ks,
+            text_file=[text_file],
+            seq_len=seq_len,
+            dtype=dtype,
+            device=device,
+            no_progress=True,
+            echo=None,
+        )
     assert report.restored_bitwise
-    return {r["setting"]: r["ppl"] for r in report.rows}, c.seconds, [r["seconds"] for r in report.rows]
+    evals = [r["seconds"] for r in report.rows]
+    return {r["setting"]: r["ppl"] for r in report.rows}, c.seconds - sum(evals), evals
 
 
-def one_load_vs_reload(model_dir: Path, dtype: str, device: str, corpus, repeats: int) -> dict:
-    from llamafactory_macdrop.analysis.attack.attacks import sweep_settings
-
-    settings = sweep_settings(["zero"], KS)
-    assert len(settings) == 6
+def one_load_vs_reload(model_dir: Path, dtype: str, device: str, text_file: Path, seq_len: int, repeats: int) -> dict:
+    """(a): ONE ``md.attack`` call for the whole k-sweep vs one call per k (each with its baseline)."""
 
     def one_load():
         with Clock(device == "cuda") as c:
-            ppl, load_s, evals = sweep(model_dir, dtype, device, settings, corpus)
-        return {"seconds": c.seconds, "ppl": ppl, "load_locate_s": [load_s], "eval_s": evals}
+            ppl, outside, evals = sweep(model_dir, dtype, device, KS, text_file, seq_len)
+        return {"seconds": c.seconds, "ppl": ppl, "load_locate_s": [outside], "eval_s": evals}
 
     def reload():
-        ppl, loads, evals = {}, [], []
+        ppl, outside, evals = {}, [], []
         with Clock(device == "cuda") as c:
-            for setting in settings:
-                one, load_s, ev = sweep(model_dir, dtype, device, [setting], corpus)
+            for k in KS[1:]:
+                one, o, ev = sweep(model_dir, dtype, device, [k], text_file, seq_len)
                 ppl.update(one)
-                loads.append(load_s)
+                outside.append(o)
                 evals += ev
-        return {"seconds": c.seconds, "ppl": ppl, "load_locate_s": loads, "eval_s": evals}
+        return {"seconds": c.seconds, "ppl": ppl, "load_locate_s": outside, "eval_s": evals}
 
     one_load()  # warm-up (first load, kernels)
     pairs = benchlib.alternate({"one_load": one_load, "reload": reload}, repeats)
@@ -130,15 +127,16 @@ def one_load_vs_reload(model_dir: Path, dtype: str, device: str, corpus, repeats
     identical = all(p["one_load"]["ppl"] == p["reload"]["ppl"] for p in pairs)
     load_s = median(x for p in pairs for arm in ("one_load", "reload") for x in p[arm]["load_locate_s"])
     eval_s = median(x for p in pairs for arm in ("one_load", "reload") for x in p[arm]["eval_s"])
+    n = len(KS) - 1  # calls of the reload arm, each evaluating the baseline and one k
     return {
-        "settings": [s.label for s in settings],
+        "settings": list(pairs[0]["one_load"]["ppl"]),
         "pairs": pairs,
         "median_ratio": median(p["ratio"] for p in pairs),
         "one_load_s": median(p["one_load"]["seconds"] for p in pairs),
         "reload_s": median(p["reload"]["seconds"] for p in pairs),
         "load_locate_s": load_s,
         "eval_per_setting_s": eval_s,
-        "model_ratio": 6 * (load_s + eval_s) / (load_s + 6 * eval_s),
+        "model_ratio": n * (load_s + 2 * eval_s) / (load_s + len(KS) * eval_s),
         "identical_ppl": identical,
         "ppl": pairs[0]["one_load"]["ppl"],
     }
@@ -255,11 +253,8 @@ def main() -> int:
 
     import torch
 
-    from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
     from llamafactory_macdrop.analysis.evaluate.perplexity import (
-        TEXT_FILE_PROTOCOL,
         PerplexityProtocol,
-        TextSource,
         make_windows,
         tokenize,
     )
@@ -296,34 +291,24 @@ def main() -> int:
     print(f"[bench] {what}; text: {text}", flush=True)
 
     a = b = c = None
+    text_file = Path(opts.text_file) if opts.text_file else model_dir / "bench_text.txt"
+    if not opts.text_file:  # random words the model's tokenizer knows, ~sweep_tokens of them
+        import random
+
+        from helpers import tiny
+
+        rng = random.Random(0)
+        text_file.write_text(" ".join(rng.choice(tiny._WORDS) for _ in range(cfg["sweep_tokens"])))
     if opts.cli:
-        text_file = Path(opts.text_file) if opts.text_file else model_dir / "bench_text.txt"
-        if not opts.text_file:  # random words the model's tokenizer knows, ~sweep_tokens of them
-            import random
-
-            from helpers import tiny
-
-            rng = random.Random(0)
-            text_file.write_text(" ".join(rng.choice(tiny._WORDS) for _ in range(cfg["sweep_tokens"])))
         print(f"[bench] (c) one `macdrop attack --k-sweep` process vs one process per k, on {text_file}", flush=True)
         c = cli_processes(model_dir, text_file, opts.device, opts.cli_repeats)
     if not opts.skip_sweep:
-        if opts.text_file:
-            proto, sweep_stream = TEXT_FILE_PROTOCOL, stream  # what `macdrop attack --text-file` does
-        else:
-            proto, sweep_stream = (
-                PerplexityProtocol(seq_len=cfg["sweep_tokens"], bos="stream"),
-                stream[: cfg["sweep_tokens"] - 1],
-            )
-        windows = make_windows(sweep_stream, proto, prefix=[1])
-        corpus = PreparedCorpus(TextSource("bench", "", text, proto), windows)
         print(
-            f"[bench] (a) 6-setting k-sweep {KS}: one load vs a reload per setting; "
-            f"{windows.count} window(s), {windows.predicted_tokens} predicted tokens",
+            f"[bench] (a) 6-setting k-sweep {KS} through md.attack: one call vs one call per k, on {text_file} "
+            f"(windows of {cfg['sweep_tokens']} tokens)",
             flush=True,
         )
-        a = one_load_vs_reload(model_dir, dtype, opts.device, corpus, opts.repeats)
-        a["corpus"] = {"windows": windows.count, "predicted_tokens": windows.predicted_tokens}
+        a = one_load_vs_reload(model_dir, dtype, opts.device, text_file, cfg["sweep_tokens"], opts.repeats)
     if not opts.skip_ppl:
         proto = PerplexityProtocol(seq_len=cfg["ppl_seq"], bos="none", max_windows=cfg["ppl_windows"])
         windows = make_windows(stream, proto)
@@ -339,15 +324,15 @@ def main() -> int:
     print(f"machine: {benchlib.describe(rec)}")
     if a:
         print(
-            f"\n(a) k-sweep {', '.join(a['settings'])} on {a['corpus']['predicted_tokens']} predicted tokens; "
+            f"\n(a) k-sweep {', '.join(a['settings'])}; "
             f"{opts.repeats} alternating pairs, median; perplexities identical: {'yes' if a['identical_ppl'] else 'NO'}\n"
         )
-        print("| | one load (macdrop attack) | reload per setting | ratio |")
+        print("| | one md.attack call (--k-sweep) | one call per k (5) | ratio |")
         print("|---|---|---|---|")
         print(f"| sweep wall time | {a['one_load_s']:.2f} s | {a['reload_s']:.2f} s | **{a['median_ratio']:.2f}** |")
         print(
             f"\nL = load + locate {a['load_locate_s']:.2f} s, E = one setting's evaluation {a['eval_per_setting_s']:.2f} s: "
-            f"6(L+E)/(L+6E) = {a['model_ratio']:.2f}"
+            f"5(L+2E)/(L+6E) = {a['model_ratio']:.2f}"
         )
     if c:
         print(f"\n(c) `macdrop attack` processes, {opts.cli_repeats} alternating pairs, median\n")
