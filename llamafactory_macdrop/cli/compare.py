@@ -79,6 +79,29 @@ def register(sub) -> None:
         "settings such as FORCE_TORCHRUN pass through the environment)",
     )
     p.add_argument("--plan-only", action="store_true", help="check every arm and print the plan; train nothing")
+    side = p.add_argument_group("runs side by side (docs/compare.md)")
+    side.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train and evaluate N runs at a time, each in its own processes (default 1: one after another)",
+    )
+    side.add_argument(
+        "--devices",
+        default=None,
+        metavar="GROUPS",
+        help="GPU groups, one run per group at a time, e.g. '0,1;2,3' (CUDA_VISIBLE_DEVICES per run)",
+    )
+    side.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="submit each run as a task to the Ray cluster at ADDRESS (the output folder on a shared filesystem)",
+    )
+    side.add_argument(
+        "--gpus-per-run", type=float, default=None, metavar="G", help="--ray: GPUs each run's task asks for (default 0)"
+    )
     p.add_argument("--no-eval", action="store_true", help="train the runs only")
     p.add_argument(
         "--quiet-train",

@@ -456,3 +456,65 @@ def test_dora_arms_with_zero_shot_on_one_seed(workdir, tmp_path, tiny_llama_dir)
     assert paired["acc/arc_easy/clean"]["treatment"] == "macdrop-use_dora_true"
     assert "one seed" in paired["acc/arc_easy/clean"]["verdict"]
     assert result["restored_bitwise"] is True
+
+
+def test_runs_side_by_side_equal_the_sequential_ones(compared, tmp_path):
+    """--parallel 2: the four runs train and evaluate two at a time, in their own processes, and
+    every number equals the sequential comparison's (same seeds); the jobs really overlapped."""
+    cwd, _, sequential = compared
+    out = tmp_path / "side"
+    proc = _compare(
+        cwd, "--parallel", "2", "--output-dir", str(out), "--json", str(out / "c.json"), "--csv", str(out / "c.csv")
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    side = json.loads((out / "c.json").read_text())
+    before = {(r["arm"], r["seed"]): r["metrics"] for r in sequential["runs"]}
+    after = {(r["arm"], r["seed"]): r["metrics"] for r in side["runs"]}
+    assert after == before
+    assert side["base"]["metrics"] == sequential["base"]["metrics"]
+    assert [(d["metric"], d["mean_diff"]) for d in side["paired"]] == [
+        (d["metric"], d["mean_diff"]) for d in sequential["paired"]
+    ]
+    jobs = {j["job"]: j for j in side["schedule"]}
+    assert set(jobs) == {"base", "plain-seed0", "plain-seed1", "macdrop-seed0", "macdrop-seed1"}
+    assert all(j["ok"] and j["trained"] for name, j in jobs.items() if name != "base")
+    spans = sorted((j["started"], j["ended"]) for j in jobs.values())
+    assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:]))  # two ran at once
+    assert {j["where"] for j in jobs.values()} == {"slot 0", "slot 1"}
+    assert "wall (this call)" in side["cost_seconds"]
+    for name in jobs:  # each job's own log, and its cache where the sequential comparison keeps it
+        assert (out / "logs" / f"{name}.job.log").is_file()
+        assert (out / "eval" / f"{name}.json").is_file()
+
+
+def test_a_failed_run_is_one_line_while_the_others_finish(workdir, tmp_path):
+    """One run's training fails: one line names it and its log, the other run is trained and
+    evaluated all the same (its marker and cache are there for the rerun), exit 2."""
+    cwd = workdir
+    wrapper = tmp_path / "train.sh"
+    wrapper.write_text(
+        '#!/usr/bin/env bash\nif grep -q "^macdrop: true" "$1"; then echo "ValueError: no GPU left" >&2; exit 3; fi\n'
+        f'exec "{Path(__import__("sys").executable).parent / "llamafactory-cli"}" train "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    out = tmp_path / "failing"
+    proc = _compare(
+        cwd,
+        "--seeds",
+        "0",
+        "--parallel",
+        "2",
+        "--output-dir",
+        str(out),
+        "--train-command",
+        str(wrapper),
+        "--json",
+        str(out / "c.json"),
+    )
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert "1 of 3 jobs failed (macdrop-seed0 failed (exit 2)" in line
+    assert "ValueError: no GPU left" in line and str(out / "logs" / "macdrop-seed0.job.log") in line
+    assert (out / "plain" / "seed0" / "macdrop_compare_run.json").is_file()
+    assert (out / "eval" / "plain-seed0.json").is_file() and (out / "eval" / "base.json").is_file()
+    assert not (out / "c.json").exists()

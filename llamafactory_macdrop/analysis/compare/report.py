@@ -99,6 +99,8 @@ class CompareReport(JsonReport, CsvRows):
     notes: list[str] = field(default_factory=list)
     restored_bitwise: bool = False
     cost: dict[str, float] = field(default_factory=dict)
+    #: runs side by side (--parallel/--devices/--ray): one entry per job, where it ran, its times
+    schedule: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ views
     def metric_names(self) -> list[str]:
@@ -203,6 +205,7 @@ class CompareReport(JsonReport, CsvRows):
             "notes": self.notes,
             "restored_bitwise": self.restored_bitwise,
             "cost_seconds": self.cost,
+            **({"schedule": self.schedule} if self.schedule else {}),
         }
 
     # ------------------------------------------------------------------ what the command prints and draws
@@ -214,6 +217,12 @@ class CompareReport(JsonReport, CsvRows):
         lines += [f"verdict: {line}" for line in self.verdicts()]
         restored = "yes" if self.restored_bitwise else "not verified"
         lines.append(f"base weights restored bitwise after every adapter (SHA-256 of every tensor): {restored}")
+        if self.cost:
+            lines.append("cost: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.cost.items()))
+        for j in self.schedule:
+            trained = f"trained {j['train_seconds']:.0f} s" if j.get("trained") and j.get("train_seconds") else "-"
+            evaluated = "evaluation reused" if j.get("reused") else f"evaluated {j.get('eval_seconds', 0):.0f} s"
+            lines.append(f"  {j['job']:<28} {j['where']:<24} {trained:<16} {evaluated:<20} {j['seconds']:.0f} s wall")
         return "\n".join(lines)
 
     def plots(self, folder: str | Path) -> dict[str, Path]:
@@ -349,6 +358,18 @@ class CompareReport(JsonReport, CsvRows):
             )
         if self.cost:
             out += ["", "Cost: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.cost.items())]
+        if self.schedule:
+            out += [
+                "",
+                "Jobs side by side:",
+                "",
+                "| job | where | train s | evaluate s | wall s |",
+                "|---|---|---:|---:|---:|",
+            ]
+            for j in self.schedule:
+                trained = f"{j['train_seconds']:.0f}" if j.get("trained") and j.get("train_seconds") else "-"
+                evaluated = "reused" if j.get("reused") else f"{j.get('eval_seconds', 0):.0f}"
+                out.append(f"| {j['job']} | {j['where']} | {trained} | {evaluated} | {j['seconds']:.0f} |")
         if self.notes:
             out += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         out += [
