@@ -14,6 +14,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMER
 "$PY" benchmarks/locator_cost.py --preset cpu --work "$WORK" $THREADS --json "$OUT/locator_cost.json"
 "$PY" benchmarks/attack_sweep.py --preset cpu --work "$WORK" $THREADS --cli --json "$OUT/attack_sweep.json"
 "$PY" benchmarks/compare_eval.py --preset cpu --work "$WORK" $THREADS --json "$OUT/compare_eval.json"
+"$PY" benchmarks/compare_parallel.py --work "$WORK/compare" --json "$OUT/compare_parallel.json"
 "$PY" benchmarks/generation.py --preset cpu $THREADS --json "$OUT/generation.json"
 "$PY" benchmarks/train_overhead.py --preset cpu --work "$WORK/train" --json "$OUT/train_overhead.json"
 "$PY" benchmarks/train_overhead.py --preset cpu --work "$WORK/train" --steps 30 --nproc 2 \

@@ -14,12 +14,22 @@ from typing import Optional, Sequence
 
 from . import analyse, attack, attention, compare, models, quantize, runs
 
-DESCRIPTION = "``macdrop``: the analysis command line (thin: parse, call the core, print)."
+DESCRIPTION = (
+    "Find, attack and measure the massive weights, massive activations and super weights of a model, "
+    "and compare plain LoRA with MacDrop (training itself stays `llamafactory-cli train x.yaml`)."
+)
+EPILOG = (
+    "Every command prints a short table and can write JSON; `macdrop COMMAND --help` shows its options "
+    "and an example. Reference: docs/cli.md; the same commands as Python functions: docs/api.md."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="macdrop", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="macdrop", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"macdrop (llamafactory-macdrop) {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (analyse, attention, attack, quantize, compare, models, runs):  # the order of `macdrop --help`
         group.register(sub)
     return parser

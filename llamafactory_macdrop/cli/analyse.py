@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_TEXT, add_prefix_options, indices_arg, run_api, token_arg, write_outputs
+from .common import (
+    DEFAULT_TEXT,
+    add_dtype_option,
+    add_prefix_options,
+    command,
+    indices_arg,
+    run_api,
+    token_arg,
+    write_outputs,
+)
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
@@ -34,7 +43,12 @@ def cmd_superweight(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser("locate", help="find the massive layer and top-k massive weights of a model")
+    p = command(
+        sub,
+        "locate",
+        "find the massive layer and top-k massive weights of a model",
+        "macdrop locate models/SmolLM2-135M-Instruct --json locator.json --plot plots",
+    )
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
     p.add_argument("--k", type=int, default=5, help="how many rows: 1..intermediate size (default 5)")
     p.add_argument("--layer", type=int, default=None, help="0-based layer override")
@@ -52,7 +66,7 @@ def register(sub) -> None:
         help="LLaMA-Factory template NAME (as in the training YAML): its first token is the first "
         "candidate (default: the tokenizer's chat template, else a BOS the tokenizer prepends)",
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_dtype_option(p)
     p.add_argument(
         "--json",
         type=Path,
@@ -74,14 +88,26 @@ def register(sub) -> None:
         default=None,
         help="read one layer at a time from safetensors (default: when the checkpoint exceeds half the free memory)",
     )
-    group.add_argument("--full-load", dest="layer_by_layer", action="store_false")
+    group.add_argument(
+        "--full-load", dest="layer_by_layer", action="store_false", help="load the whole model (however large)"
+    )
     p.set_defaults(func=cmd_locate)
 
-    for name, func, text in (
-        ("activations", cmd_activations, "per-layer activation magnitudes and massive activations (Sun et al.)"),
-        ("superweight", cmd_superweight, "candidate super weights of the down projections (Yu et al.)"),
+    for name, func, text, example in (
+        (
+            "activations",
+            cmd_activations,
+            "per-layer activation magnitudes and massive activations (Sun et al.)",
+            "macdrop activations models/SmolLM2-135M-Instruct --json activations.json --plot plots",
+        ),
+        (
+            "superweight",
+            cmd_superweight,
+            "candidate super weights of the down projections (Yu et al.)",
+            "macdrop superweight models/SmolLM2-135M-Instruct --json superweight.json",
+        ),
     ):
-        p = sub.add_parser(name, help=text)
+        p = command(sub, name, text, example)
         p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
         p.add_argument(
             "--text",
@@ -90,7 +116,7 @@ def register(sub) -> None:
         )
         add_prefix_options(p)
         p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
-        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+        add_dtype_option(p)
         p.set_defaults(func=func)
         if name == "activations":
             p.add_argument(

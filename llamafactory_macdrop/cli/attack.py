@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_TEXT, indices_arg, run_api, token_arg, write_outputs
+from .common import DEFAULT_TEXT, add_dtype_option, command, indices_arg, run_api, token_arg, write_outputs
 from .evaluation import add_corpus_options, add_generation_options, add_super_weight_option, add_zeroshot_options
 
 
@@ -36,8 +36,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser(
-        "attack", help="top-k zeroing/retaining (and super-weight, activation) attacks: perplexity and zero-shot"
+    p = command(
+        sub,
+        "attack",
+        "top-k zeroing/retaining (and super-weight, activation) attacks: perplexity, zero-shot, generation",
+        "macdrop attack models/SmolLM2-135M-Instruct --mode zero,retain --k-sweep 0,1,2,5 "
+        "--text-file tests/data/english.txt --csv attack.csv --plot plots --no-progress",
     )
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
     p.add_argument(
@@ -69,10 +73,10 @@ def register(sub) -> None:
     add_corpus_options(p)
     add_zeroshot_options(p)
     add_generation_options(p)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_dtype_option(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--csv", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the report as JSON here (docs/cli.md lists its keys)")
+    p.add_argument("--csv", type=Path, default=None, help="write the result rows as CSV here")
     p.add_argument("--plot", type=Path, default=None, help="folder for attack_sweep.png (metric vs k)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen = p.add_argument_group("generation under attack (docs/attacks.md)")

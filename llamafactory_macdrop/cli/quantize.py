@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_TEXT, run_api, write_outputs
+from .common import DEFAULT_TEXT, add_dtype_option, command, run_api, write_outputs
 from .evaluation import add_corpus_options, add_generation_options, add_super_weight_option, add_zeroshot_options
 
 
@@ -20,9 +20,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser(
+    p = command(
+        sub,
         "quantize",
-        help="round-to-nearest fake quantization (blocks, clipping, super weights kept): perplexity and zero-shot",
+        "round-to-nearest fake quantization (blocks, clipping, super weights kept): perplexity and zero-shot",
+        "macdrop quantize models/SmolLM2-135M-Instruct --bits 8 --block-size 4096 --protect none "
+        "--text-file tests/data/english.txt --no-progress",
     )
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
     p.add_argument("--bits", default="8,6,4", help="comma-separated bit widths (default 8,6,4)")
@@ -52,10 +55,10 @@ def register(sub) -> None:
     add_corpus_options(p)
     add_zeroshot_options(p)
     add_generation_options(p)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_dtype_option(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--csv", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the report as JSON here (docs/cli.md lists its keys)")
+    p.add_argument("--csv", type=Path, default=None, help="write the result rows as CSV here")
     p.add_argument("--plot", type=Path, default=None, help="folder for quantize.png (metric vs block size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)

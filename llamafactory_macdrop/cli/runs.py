@@ -101,12 +101,19 @@ def plot_run(steps: list[dict], result, path: Path) -> Path:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``macdrop`` parser."""
-    p = sub.add_parser("summary", help="show the locator result and the p/loss log of a training output_dir")
-    p.add_argument("output_dir", type=Path)
-    p.add_argument("--json", type=Path, default=None)
+    from .common import command
+
+    p = command(
+        sub,
+        "summary",
+        "show the locator result and the p/loss log of a training output_dir",
+        "macdrop summary outputs/smollm2-lora-macdrop --json summary.json --plot p.png",
+    )
+    p.add_argument("output_dir", type=Path, help="a MacDrop training run's output_dir (macdrop_locator.json inside)")
+    p.add_argument("--json", type=Path, default=None, help="write the locator result and the p/loss log as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="PNG of p and loss per step")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("keys", help="list the macdrop_* YAML keys")
-    p.add_argument("--json", action="store_true")
+    p = command(sub, "keys", "list the macdrop_* YAML keys", "macdrop keys")
+    p.add_argument("--json", action="store_true", help="print the keys as JSON instead of a table")
     p.set_defaults(func=cmd_keys)

@@ -140,6 +140,23 @@ def test_every_option_is_in_the_reference():
     assert not missing, f"options missing from docs/cli.md: {missing}"
 
 
+def test_help_has_an_example_per_command_from_this_page_and_every_option_says_what_it_does():
+    """`macdrop COMMAND --help` ends with one of this page's examples (so the test above runs it), and
+    no option is listed without a help text; `macdrop --version` names the package's version."""
+    from llamafactory_macdrop import __version__
+    from llamafactory_macdrop.cli import build_parser
+
+    commands = {cmd for cmd, _ in examples()}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        example = parser.epilog.split("\n", 1)[1].strip()
+        assert example in commands, f"{name}: its --help example is not one of docs/cli.md's: {example}"
+        silent = [a.option_strings or a.dest for a in parser._actions if a.dest != "help" and not a.help]
+        assert not silent, f"{name}: options without help: {silent}"
+    proc = run_cli(["macdrop", "--version"], cwd=REPO)
+    assert proc.stdout.strip() == f"macdrop (llamafactory-macdrop) {__version__}"
+
+
 def test_the_matcher_fails_on_a_wrong_page():
     printed = ["a 1,229 rows", "b 26.762 ppl", "c done"]
     assert shown_in(["a 1,229 rows", "b 26.76 ppl"], printed) is None
