@@ -36,6 +36,7 @@ _LAZY = {
     "attack": "api",
     "quantize": "api",
     "compare": "api",
+    "figure_style": "analysis.figures",
     # analysis building blocks
     "activation_report": "analysis.inspect.activations",
     "find_super_weights": "analysis.inspect.superweight",

@@ -24,7 +24,7 @@ from ..errors import MacDropError
 #: options of the command line that only say where the CLI writes or what it prints: the API
 #: returns a report instead (``report.write_json(path)``, ``report.plot(folder)``, ...)
 OUTPUT_OPTIONS = frozenset(
-    {"json", "csv", "plot", "no_plot", "gen_items", "generate_report", "stopwords_json", "report"}
+    {"json", "csv", "plot", "no_plot", "gen_items", "generate_report", "stopwords_json", "report", "title", "format"}
 )
 
 

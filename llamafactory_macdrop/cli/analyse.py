@@ -8,6 +8,7 @@ from pathlib import Path
 from .common import (
     DEFAULT_TEXT,
     add_dtype_option,
+    add_figure_options,
     add_prefix_options,
     command,
     indices_arg,
@@ -80,6 +81,7 @@ def register(sub) -> None:
         default=None,
         help="folder for a bar plot of the intermediate state (and, for MoE models, the routing heatmap)",
     )
+    add_figure_options(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--layer-by-layer",
@@ -122,6 +124,7 @@ def register(sub) -> None:
             p.add_argument(
                 "--plot", type=Path, default=None, help="folder for the layer profile and intermediate bar plots"
             )
+            add_figure_options(p)
             p.add_argument(
                 "--abs-threshold", type=float, default=100.0, help="massive: |a| above this; >= 0 (default 100)"
             )
@@ -188,3 +191,4 @@ def _stopword_options(p) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="--stopwords: tokens per window (default 4096)")
     p.add_argument("--stopwords-json", type=Path, default=None, help="write the stop-word report as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="--stopwords: folder for stopwords.png")
+    add_figure_options(p)

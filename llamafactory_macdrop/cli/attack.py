@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_TEXT, add_dtype_option, command, indices_arg, run_api, token_arg, write_outputs
+from .common import (
+    DEFAULT_TEXT,
+    add_dtype_option,
+    add_figure_options,
+    command,
+    indices_arg,
+    run_api,
+    token_arg,
+    write_outputs,
+)
 from .evaluation import add_corpus_options, add_generation_options, add_super_weight_option, add_zeroshot_options
 
 
@@ -78,6 +87,7 @@ def register(sub) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here (docs/cli.md lists its keys)")
     p.add_argument("--csv", type=Path, default=None, help="write the result rows as CSV here")
     p.add_argument("--plot", type=Path, default=None, help="folder for attack_sweep.png (metric vs k)")
+    add_figure_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen = p.add_argument_group("generation under attack (docs/attacks.md)")
     gen.add_argument(

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_dtype_option, add_prefix_options, command, indices_arg, run_api, token_arg, write_outputs
+from .common import (
+    add_dtype_option,
+    add_figure_options,
+    add_prefix_options,
+    command,
+    indices_arg,
+    run_api,
+    token_arg,
+    write_outputs,
+)
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
@@ -64,5 +73,6 @@ def register(sub) -> None:
         default=None,
         help="folder for attention_heatmaps.png, attention_sink.png, attention_position.png",
     )
+    add_figure_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_attention)

@@ -12,6 +12,7 @@ __all__ = [
     "DEFAULT_TEXT",
     "OptionError",
     "add_dtype_option",
+    "add_figure_options",
     "add_prefix_options",
     "command",
     "indices_arg",
@@ -73,11 +74,29 @@ def indices_arg(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def add_figure_options(p) -> None:
+    """--title and --format: what every figure of the command is called and which files it becomes."""
+    p.add_argument(
+        "--title", default=None, help="the title of every figure (default: the model's name and what it shows)"
+    )
+    p.add_argument(
+        "--format",
+        default="png",
+        metavar="FORMATS",
+        help="comma-separated figure formats: png, pdf, svg (default png; one file per format)",
+    )
+
+
 def run_api(command: str, args: argparse.Namespace, positional):
     """``md.COMMAND(positional, **what the command line parsed)``, progress lines printed."""
     import importlib
 
     from ..api.options import cli_options
+
+    if getattr(args, "format", None) is not None:  # before anything loads
+        from ..analysis.figures import parse_formats
+
+        parse_formats(args.format)
 
     func = getattr(importlib.import_module("llamafactory_macdrop.api"), command)
     return func(positional, echo=lambda line: print(line, flush=True), **cli_options(command, args))
@@ -96,5 +115,9 @@ def write_outputs(report, args: argparse.Namespace) -> None:
         if items is not None:
             print(f"written to {report.write_gen_items(items)}")
     if getattr(args, "plot", None):
-        for path in report.plot(args.plot):
-            print(f"plot written to {path}")
+        from ..analysis.figures import figure_style
+
+        with figure_style(getattr(args, "title", None), getattr(args, "format", "png")) as style:
+            for path in report.plot(args.plot):
+                others = [path.with_suffix(f".{fmt}").name for fmt in style.formats[1:]]
+                print(f"plot written to {path}" + (f" (and {', '.join(others)})" if others else ""))

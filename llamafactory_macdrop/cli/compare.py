@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..api.comparison import FAMILIES
-from .common import add_dtype_option, command, run_api
+from .common import add_dtype_option, add_figure_options, command, run_api
 from .evaluation import add_corpus_options, add_generation_options, add_zeroshot_options
 
 
@@ -41,7 +41,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print()
     print(report.table())
     root = Path(report.output_dir)
-    plots = {} if args.no_plot else report.plots(args.plot or (root / "plots"))
+    plots = {}
+    if not args.no_plot:
+        from ..analysis.figures import figure_style
+
+        with figure_style(args.title, args.format):
+            plots = report.plots(args.plot or (root / "plots"))
     for path in plots.values():
         print(f"plot written to {path}")
     print(f"report written to {report.write_markdown(args.report or (root / 'report.md'), plots)}")
@@ -138,6 +143,7 @@ def register(sub) -> None:
     p.add_argument("--csv", type=Path, default=None, help="write one line per run and metric as CSV here")
     p.add_argument("--report", type=Path, default=None, help="markdown report (default: DIR/report.md)")
     p.add_argument("--plot", type=Path, default=None, help="folder for the figures (default: DIR/plots)")
+    add_figure_options(p)
     p.add_argument("--no-plot", action="store_true", help="draw no figures")
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bars (evaluation, and the training runs' own)"

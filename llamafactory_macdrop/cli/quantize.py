@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_TEXT, add_dtype_option, command, run_api, write_outputs
+from .common import DEFAULT_TEXT, add_dtype_option, add_figure_options, command, run_api, write_outputs
 from .evaluation import add_corpus_options, add_generation_options, add_super_weight_option, add_zeroshot_options
 
 
@@ -60,5 +60,6 @@ def register(sub) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here (docs/cli.md lists its keys)")
     p.add_argument("--csv", type=Path, default=None, help="write the result rows as CSV here")
     p.add_argument("--plot", type=Path, default=None, help="folder for quantize.png (metric vs block size)")
+    add_figure_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..figures import save_figure
+from ..figures import finish, model_label, save_figure, wilson
 
 PROTECT_STYLES = {"none": ("tab:red", "o"), "sw": ("tab:blue", "s"), "sw+massive": ("tab:green", "^")}
 
@@ -49,8 +49,7 @@ def superweight_scaling_figure(report):
         [report.targets["super_weight"]] if report.targets.get("super_weight") else []
     )
     names = ", ".join(f"L{s['layer']}[{s['row']},{s['col']}]" for s in sws)
-    fig.suptitle(f"{report.model}: super weight scaling ({names})", fontsize=9)
-    fig.tight_layout()
+    finish(fig, f"{model_label(report.model)}: super weight scaling ({names})")
     return fig
 
 
@@ -75,14 +74,25 @@ def quantization_figure(report):
     axes = fig.subplots(max(1, len(columns)), max(1, len(bits)), squeeze=False)
     for row, (dataset, metric) in enumerate(columns):
         base = report.value((None, None, None, None), dataset, metric)
+        n = next((r.get("n") for r in report.rows if r["dataset"] == dataset and "acc" in r), None)
         for col, b in enumerate(bits):
             ax = axes[row][col]
             unit = _metric_axis(ax, metric)
             for c in clips:
                 for p in protects:
                     color, marker = PROTECT_STYLES.get(p, ("tab:gray", "x"))
-                    pts = [(i, report.value((b, s, c, p), dataset, metric)) for i, s in enumerate(sizes)]
-                    pts = [(i, unit * v) for i, v in pts if v is not None]
+                    raw = [(i, report.value((b, s, c, p), dataset, metric)) for i, s in enumerate(sizes)]
+                    raw = [(i, v) for i, v in raw if v is not None]
+                    pts = [(i, unit * v) for i, v in raw]
+                    if pts and metric == "acc" and n:  # Wilson 95 % intervals over the documents
+                        low, high = zip(*(wilson(v, n) for _, v in raw))
+                        ax.fill_between(
+                            [i for i, _ in raw],
+                            [unit * v for v in low],
+                            [unit * v for v in high],
+                            color=color,
+                            alpha=0.12,
+                        )
                     if pts:
                         style = "-" if c == clips[0] else ["--", ":", "-."][(clips.index(c) - 1) % 3]
                         ax.plot(
@@ -98,11 +108,15 @@ def quantization_figure(report):
             ax.set_xticks(range(len(sizes)))
             ax.set_xticklabels([str(s) for s in sizes], fontsize=7)
             ax.set_xlabel("block size (elements)")
-            ax.set_title(f"{b}-bit RTN, {dataset}" + ("" if len(clips) > 1 else f", clip {clips[0]}"), fontsize=9)
+            ax.set_title(
+                f"{b}-bit RTN, {dataset}"
+                + (f" (n = {n})" if n else "")
+                + ("" if len(clips) > 1 else f", clip {clips[0]}"),
+                fontsize=9,
+            )
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"{report.model}: round-to-nearest quantization", fontsize=9)
-    fig.tight_layout()
+    finish(fig, f"{model_label(report.model)}: round-to-nearest quantization")
     return fig
 
 
@@ -127,14 +141,20 @@ def attack_sweep_figure(report):
     for ax, (dataset, metric) in zip(axes, columns):
         scale = 1.0 if metric == "ppl" else 100.0
         base = report.value("none", dataset, metric)
+        n = next((r.get("n") for r in report.rows if r["dataset"] == dataset and "acc" in r), None)
         for mode, (label, color, marker) in SWEEP_STYLES.items():
             ks = sorted(k for m, k, _ in settings if m == mode)
             if not ks:
                 continue
-            points = [(0, base)] + [(k, report.value(f"{mode} k={k}", dataset, metric)) for k in ks]
-            points = [(x, scale * y) for x, y in points if y is not None]  # a setting may lack this column
+            labels = ["none"] + [f"{mode} k={k}" for k in ks]
+            points = [(x, report.value(s, dataset, metric)) for x, s in zip([0] + ks, labels)]
+            points = [(x, y) for x, y in points if y is not None]  # a setting may lack this column
             if points:
-                ax.plot(*zip(*points), marker=marker, ms=4, color=color, label=label)
+                xs, ys = zip(*points)
+                ax.plot(xs, [scale * y for y in ys], marker=marker, ms=4, color=color, label=label)
+                if metric == "acc" and n:  # Wilson 95 % intervals over the documents
+                    low, high = zip(*(wilson(y, n) for y in ys))
+                    ax.fill_between(xs, [scale * v for v in low], [scale * v for v in high], color=color, alpha=0.15)
         if base is not None:
             ax.axhline(scale * base, color="black", linestyle="--", linewidth=1, label="no attack")
         others = {
@@ -151,14 +171,12 @@ def attack_sweep_figure(report):
         if metric == "ppl":
             ax.set_yscale("log")
         ax.set_xlabel("k (top-k massive weights)")
-        ax.set_ylabel("perplexity" if metric == "ppl" else "accuracy (%)")
-        ax.set_title(dataset, fontsize=9)
+        ax.set_ylabel("perplexity" if metric == "ppl" else "accuracy (%), 95 % Wilson band")
+        ax.set_title(dataset + (f" (n = {n})" if n else ""), fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(
-        f"{report.model}{' + ' + report.adapter if report.adapter else ''}: layer {report.targets['layer']}", fontsize=9
-    )
-    fig.tight_layout()
+    adapter = f" + {model_label(report.adapter)}" if report.adapter else ""
+    finish(fig, f"{model_label(report.model)}{adapter}: attacks on layer {report.targets['layer']}")
     return fig
 
 
@@ -188,11 +206,21 @@ def generation_sweep_figure(report):
             base = points.get("none")
             for mode, marker, style in (("zero", "o", "-"), ("retain", "s", "--")):
                 ks = sorted(r["k"] for r in points.values() if r["mode"] == mode)
-                xy = ([(0, base["value"])] if base else []) + [(k, points[f"{mode} k={k}"]["value"]) for k in ks]
+                used = ([(0, base)] if base else []) + [(k, points[f"{mode} k={k}"]) for k in ks]
                 if ks:
+                    xs = [x for x, _ in used]
                     target.plot(
-                        *zip(*xy), marker=marker, ms=4, linestyle=style, color=color, label=f"{metric} ({mode})"
+                        xs,
+                        [r["value"] for _, r in used],
+                        marker=marker,
+                        ms=4,
+                        linestyle=style,
+                        color=color,
+                        label=f"{metric} ({mode})",
                     )
+                    if is_proportion(metric):  # Wilson 95 % intervals over the items
+                        low, high = zip(*(wilson(r["value"], r.get("n") or 0) for _, r in used))
+                        target.fill_between(xs, low, high, color=color, alpha=0.12)
             for r in points.values():
                 if r["mode"] not in ("none", "zero", "retain"):
                     target.axhline(
@@ -203,16 +231,22 @@ def generation_sweep_figure(report):
         if judge_ax is not None:
             judge_ax.set_ylim(1, 5)
             judge_ax.set_ylabel("judge (1-5)")
-        ax.set_title(task, fontsize=9)
+        n = max((r.get("n") or 0 for r in mine), default=0)
+        ax.set_title(task + (f" (n = {n})" if n else ""), fontsize=9)
         ax.grid(True, alpha=0.3)
         handles = ax.get_legend_handles_labels()
         if judge_ax is not None:
             more = judge_ax.get_legend_handles_labels()
             handles = (handles[0] + more[0], handles[1] + more[1])
         ax.legend(*handles, fontsize=6)
-    fig.suptitle(f"{report.model}: generation tasks under attack", fontsize=9)
-    fig.tight_layout()
+    finish(fig, f"{model_label(report.model)}: generation tasks under attack")
     return fig
+
+
+def is_proportion(metric: str) -> bool:
+    """A metric that is a share of items right (each item 0 or 1), so a binomial interval applies."""
+    name = metric.split(",")[0]
+    return name.startswith("acc") or "match" in name or name in ("em", "exact")
 
 
 def plot_generation_sweep(report, path) -> Path:
@@ -251,7 +285,7 @@ def needle_heatmap_figure(report, setting_label=lambda r: r["setting"]):
     axes[0].set_ylabel("prompt tokens", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=list(axes), shrink=0.8, label="pass-key accuracy")
-    fig.suptitle(f"{report.model}: needle retrieval", fontsize=9)
+    finish(fig, f"{model_label(report.model)}: needle retrieval")
     return fig
 
 

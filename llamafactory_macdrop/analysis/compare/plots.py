@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..figures import save_figure
+from ..figures import finish, model_label, save_figure
 from .evaluation import parse_metric
 from .paired import seed_spread
 
@@ -32,9 +32,9 @@ def _colors(arms: Sequence[str]) -> dict[str, Any]:
     return {a: cycle[i % len(cycle)] for i, a in enumerate(arms)}
 
 
-def plot_metrics(report, path: Path) -> Path:
-    """Clean metrics: one panel each, seeds as dots and mean as a bar per arm; the paired
-    difference's interval written under the panel title."""
+def metrics_figure(report):
+    """Clean metrics: one panel each, seeds as dots and mean as a bar per arm, the base as a dashed
+    line; the paired difference's interval and its n written under the panel title."""
     metrics = [m for m in report.metric_names() if parse_metric(m)[2] == "clean"] or report.metric_names()[:1]
     arms = report.arm_names()
     colors = _colors(arms)
@@ -54,20 +54,29 @@ def plot_metrics(report, path: Path) -> Path:
             ax.axhline(scale * report.base.metrics[metric], color="grey", ls="--", lw=1, label="base")
             ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=7, ha="right")
-        lo = min(scale * v for a in arms for v in report.arm_values(a, metric))
-        hi = max(scale * v for a in arms for v in report.arm_values(a, metric))
+        shown = [scale * v for a in arms for v in report.arm_values(a, metric)]
+        if report.base is not None and metric in report.base.metrics:
+            shown.append(scale * report.base.metrics[metric])  # the base line stays on the axis
+        lo, hi = min(shown), max(shown)
         pad = (hi - lo) * 0.6 or abs(hi) * 0.05 or 1
         ax.set_ylim(lo - pad, hi + pad)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")  # values as they are, no "+5.8494"
         diffs = [d for d in report.paired if d.metric == metric]
-        sub = "; ".join(f"Δ {scale * d.mean_diff:+.3g} [{scale * d.low:+.3g}, {scale * d.high:+.3g}]" for d in diffs)
+        sub = "; ".join(
+            f"Δ {scale * d.mean_diff:+.3g} [{scale * d.low:+.3g}, {scale * d.high:+.3g}], n = {d.n}" for d in diffs
+        )
         ax.set_title(f"{metric}{' (%)' if scale == 100 else ''}\n{sub}", fontsize=8)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
-    fig.tight_layout()
-    return save_figure(fig, path)
+    finish(fig, f"{model_label(report.model)}: clean metrics per arm (dots: seeds; bars: mean ± sd)")
+    return fig
 
 
-def plot_paired(report, path: Path) -> Path:
+def plot_metrics(report, path: Path) -> Path:
+    return save_figure(metrics_figure(report), path)
+
+
+def paired_figure(report):
     """Every paired difference (arm - control) with its bootstrap interval, one panel per metric
     kind, one row per metric; filled markers where the verdict is a detectable difference."""
     kinds = list(dict.fromkeys(parse_metric(d.metric)[0] for d in report.paired))
@@ -101,12 +110,18 @@ def plot_paired(report, path: Path) -> Path:
         ax.set_xlabel(f"difference in {kind}{' (points)' if scale == 100 else ''} ({better})")
         ax.legend(fontsize=7)
         conf = round(100 * diffs[0].confidence)
-        ax.set_title(f"paired differences, {conf} % bootstrap intervals (filled: detectable)", fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
+        ax.set_title(
+            f"{conf} % bootstrap intervals over n = {max(d.n for d in diffs)} items (filled: detectable)", fontsize=8
+        )
+    finish(fig, f"{model_label(report.model)}: paired differences (arm − control)")
+    return fig
 
 
-def plot_robustness(report, path: Path) -> Path:
+def plot_paired(report, path: Path) -> Path:
+    return save_figure(paired_figure(report), path)
+
+
+def robustness_figure(report):
     """Per corpus/task and attack mode: the metric vs k for each arm (mean over seeds, min-max band)."""
     curves: dict[tuple[str, str, str], dict[int, str]] = {}
     for metric in report.metric_names():
@@ -146,11 +161,15 @@ def plot_robustness(report, path: Path) -> Path:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    fig.tight_layout()
-    return save_figure(fig, path)
+    finish(fig, f"{model_label(report.model)}: robustness to the base's massive rows (band: min–max over seeds)")
+    return fig
 
 
-def plot_losses(histories: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> Path:
+def plot_robustness(report, path: Path) -> Path:
+    return save_figure(robustness_figure(report), path)
+
+
+def losses_figure(histories: dict[tuple[str, int], list[dict[str, Any]]]):
     """Training loss per run (colour: arm, line style: seed) and macdrop_p on a second axis."""
     arms = list(dict.fromkeys(a for a, _ in histories))
     colors = _colors(arms)
@@ -187,6 +206,9 @@ def plot_losses(histories: dict[tuple[str, int], list[dict[str, Any]]], path: Pa
         ax_p.set_ylabel("macdrop_p (thin lines)")
         ax_p.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
-    ax.set_title("training loss per run; p of the MacDrop arms", fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    finish(fig, "training loss per run; p of the MacDrop arms")
+    return fig
+
+
+def plot_losses(histories: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> Path:
+    return save_figure(losses_figure(histories), path)

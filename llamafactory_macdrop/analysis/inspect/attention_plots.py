@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..figures import save_figure
+from ..figures import finish, model_label, save_figure
 from .attention import AttentionReport
 
 
@@ -50,7 +50,7 @@ def attention_heatmaps_figure(report: AttentionReport, layers: Sequence[int]):
         tag = " (massive)" if index == report.massive_layer else ""
         image = _heatmap(ax, s.attention, labels, f"layer {index}{tag}: sink {s.sink_share:.2f}", ylabel=ax is axes[0])
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="attention probability")
-    fig.suptitle(f"{report.model}: head-averaged attention", fontsize=9)
+    finish(fig, f"{model_label(report.model)}: head-averaged attention")
     return fig
 
 
@@ -86,8 +86,7 @@ def sink_curve_figure(report: AttentionReport):
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"{report.model}: attention sink per layer", fontsize=9)
-    fig.tight_layout()
+    finish(fig, f"{model_label(report.model)}: attention sink per layer")
     return fig
 
 
@@ -117,7 +116,7 @@ def position_figure(report: AttentionReport):
             axes[1][col], run.attention_at, labels, f"attention, layer {report.position_layer}", ylabel=col == 0
         )
     fig.colorbar(image, ax=list(axes[1]), shrink=0.8, label="attention probability")
-    fig.suptitle(f"{report.model}: where the probe token stands (layer {report.position_layer})", fontsize=9)
+    finish(fig, f"{model_label(report.model)}: where the probe token stands (layer {report.position_layer})")
     return fig
 
 
@@ -135,9 +134,8 @@ def routing_figure(located):
     ax.set_xticks(range(len(routes[0].probs)), [str(e) for e in range(len(routes[0].probs))], fontsize=7)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer (* massive)")
-    ax.set_title(f"router probability of the probe token {located.probe_token_id}", fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.05)
-    fig.tight_layout()
+    finish(fig, f"router probability of the probe token {located.probe_token_id}", fontsize=8)
     return fig
 
 

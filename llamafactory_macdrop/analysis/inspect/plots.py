@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..figures import save_figure
+from ..figures import finish, model_label, save_figure
 from .activations import ActivationReport
 
 TOP_STYLES = (("top-1", "tab:red"), ("top-2", "tab:orange"), ("top-3", "tab:olive"))
@@ -61,9 +61,8 @@ def layer_profile_figure(report: ActivationReport, origin_layer: Optional[int] =
         ax.set_ylabel(title, fontsize=8)
         ax.grid(True, which="major", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=3, loc="upper left")
-    axes[0].set_title(f"{report.model}: {len(report.input_ids)} tokens, all positions", fontsize=9)
     axes[1].set_xlabel("layer (0-based)")
-    fig.tight_layout()
+    finish(fig, f"{model_label(report.model)}: activation magnitudes per layer ({len(report.input_ids)} tokens)")
     return fig
 
 
@@ -84,9 +83,8 @@ def intermediate_bars_figure(values: torch.Tensor | Sequence[float], topk_indice
     ax.set_xlim(-0.5, v.numel() - 0.5)
     ax.set_xlabel("intermediate unit")
     ax.set_ylabel("|act(gate(x)) * up(x)|")
-    ax.set_title(f"layer {layer}: intermediate state, top-{len(idx)} = {idx}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
+    finish(fig, f"layer {layer}: intermediate state, top-{len(idx)} = {idx}")
     return fig
 
 
@@ -127,12 +125,12 @@ def stopword_figure(report):
     ax.set_xticklabels([repr(w.word)[1:-1] for w in words], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("mean next-token probability")
-    ax.set_title(
-        f"{report.model}: stop words when {report.super_weight_names()} is zeroed ({report.positions} positions)",
-        fontsize=8,
-    )
     ax.legend(fontsize=7)
-    fig.tight_layout()
+    finish(
+        fig,
+        f"{model_label(report.model)}: stop words when {report.super_weight_names()} is zeroed "
+        f"({report.positions} positions)",
+    )
     return fig
 
 
