@@ -151,12 +151,40 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
             progress=not args.no_progress,
             echo=echo,
             generation=suite,
+            checkpoint=sweep_checkpoint(args, source, loaded, report, settings, corpora, zeroshot, suite, device, say),
         )
         if generating:
             _generate(args, loaded, tok, attacker, generating, report, echo)
     if any(s.mode == "sw_restore" for s in settings):
         report.recovery = loss_gap_recovery(report)
     return report
+
+
+def sweep_checkpoint(args, source, model, report, settings, corpora, zeroshot, suite, device, say):
+    """The sweep's checkpoint (``checkpoint`` option), keyed on everything its rows depend on; None without one."""
+    if args.checkpoint is None:
+        return None
+    from ..analysis.attack.checkpoint import SweepCheckpoint
+    from ..analysis.models.identity import digest, fingerprint, folder_identity, library_versions
+
+    report.record_inputs(corpora, zeroshot)
+    report.gen_protocol = suite.protocol() if suite is not None else None
+    identity = folder_identity(source.path) if not source.loaded else digest(fingerprint(model))
+    protocol = {
+        "report": report.to_dict(),
+        "settings": [s.label for s in settings],
+        "model": identity,
+        "adapter": folder_identity(getattr(args, "adapter", None)),
+        "versions": library_versions(),
+        "batch_size": args.batch_size,
+        "zeroshot_batch_size": args.zeroshot_batch_size,
+        "dtype": str(next(model.parameters()).dtype),
+        "device": device,
+    }
+    checkpoint = SweepCheckpoint(args.checkpoint, protocol, say)
+    if checkpoint.done:
+        say(f"  checkpoint {args.checkpoint}: {len(checkpoint.done)} of {len(settings)} settings finished before")
+    return checkpoint
 
 
 def _generation_plan(args, settings):

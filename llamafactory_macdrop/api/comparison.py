@@ -476,9 +476,10 @@ def _evaluator(prep: Prepared, say):
 
 def _evaluate(prep: Prepared, trained_for: float, say):
     """Every run's adapter on the one base (each through the evaluation cache), then the pairs."""
-    from ..analysis.compare.evaluation import evaluate_runs, library_versions, trained_rows_note
+    from ..analysis.compare.evaluation import evaluate_runs, trained_rows_note
     from ..analysis.compare.paired import metric_value
     from ..analysis.compare.report import CompareReport, RunRecord, pair_all
+    from ..analysis.models.identity import library_versions
 
     args, plan = prep.args, prep.plan
     root, runs, arms, seeds, notes = plan.root, plan.runs, plan.arms, plan.seeds, plan.notes

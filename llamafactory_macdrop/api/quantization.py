@@ -30,6 +30,7 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
     from ..analysis.inspect.activations import probe_input_ids
     from ..cli.evaluation import generation_suite, read_generation
     from ..core.architectures import find_ffn_blocks
+    from .attacks import sweep_checkpoint
     from .evaluation import (
         device_for,
         prepare_corpora,
@@ -127,5 +128,6 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
             progress=not args.no_progress,
             echo=echo,
             generation=suite,
+            checkpoint=sweep_checkpoint(args, source, loaded, report, settings, corpora, zeroshot, suite, device, say),
         )
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..analysis.models.loading import load_tokenizer
 from ..api.checks import DEFAULT_TEXT, OptionError
@@ -98,6 +99,8 @@ def run_api(command: str, args: argparse.Namespace, positional):
 
         parse_formats(args.format)
 
+    if hasattr(args, "checkpoint") and args.checkpoint is None and getattr(args, "json", None) is not None:
+        args.checkpoint = args.json.with_name(args.json.name + ".partial")  # a killed sweep keeps its work
     func = getattr(importlib.import_module("llamafactory_macdrop.api"), command)
     return func(positional, echo=lambda line: print(line, flush=True), **cli_options(command, args))
 
@@ -106,6 +109,8 @@ def write_outputs(report, args: argparse.Namespace) -> None:
     """What the output options ask for: --json, --csv, the per-item JSONL, --plot's figures."""
     if getattr(args, "json", None):
         print(f"written to {report.write_json(args.json)}")
+        if getattr(args, "checkpoint", None) is not None:  # the report is complete: nothing left to resume
+            Path(args.checkpoint).unlink(missing_ok=True)
     if getattr(args, "csv", None):
         print(f"written to {report.write_csv(args.csv)}")
     if getattr(report, "gen_items", None) and hasattr(args, "gen_items"):

@@ -166,3 +166,48 @@ def test_bad_input_gives_one_clear_line(tiny_llama_dir, text_file, gpt2_adapter,
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     msg = one_error_line(run_cli(attack + ["--text-file", str(text_file), "--adapter", str(adapter)], cwd=tmp_path))
     assert msg.startswith(f"--adapter {adapter} does not fit {model} (trained on {tmp_path / 'gone'}): ")
+
+
+def test_a_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tiny_llama_dir, text_file, tmp_path):
+    """`macdrop attack --json` keeps every finished setting in JSON.partial; killed (SIGKILL) after
+    two settings and rerun, it evaluates only the others and writes what an uninterrupted run
+    writes; a rerun with another protocol starts afresh."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers.process import BIN
+
+    data = write_arc_folder(tmp_path / "tasks", tiny_docs(12))
+    args = [str(tiny_llama_dir), "--mode", "zero,retain", "--k-sweep", "0,1,2,3,5", "--text-file", str(text_file)]
+    args += ["--seq-len", "32", "--zeroshot", "arc_easy", "--zeroshot-data", str(data), "--limit", "6", "--no-progress"]
+    whole = run_cli(["macdrop", "attack", *args, "--json", str(tmp_path / "whole.json")], cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out, partial = tmp_path / "killed.json", tmp_path / "killed.json.partial"
+    proc = subprocess.Popen([str(BIN / "macdrop"), "attack", *args, "--json", str(out)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if partial.is_file() and len(json.loads(partial.read_text())["settings"]) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    assert not out.exists()
+    kept = len(json.loads(partial.read_text())["settings"])
+    assert 2 <= kept < 9
+
+    resumed = run_cli(["macdrop", "attack", *args, "--json", str(out)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{kept} of 9 settings finished before" in resumed.stdout
+    assert resumed.stdout.count(f"resumed from {partial}") == kept
+    strip = lambda doc: [{k: v for k, v in r.items() if k != "seconds"} for r in doc["results"]]  # noqa: E731
+    assert strip(json.loads(out.read_text())) == strip(json.loads((tmp_path / "whole.json").read_text()))
+    assert not partial.exists()  # the report is complete: nothing left to resume
+
+    partial.write_text(json.dumps({"key": "an earlier protocol", "settings": {'"none"': {}}}))
+    again = run_cli(["macdrop", "attack", *args, "--json", str(out)], cwd=tmp_path)
+    assert again.returncode == 0 and "another protocol" in again.stdout and "resumed from" not in again.stdout

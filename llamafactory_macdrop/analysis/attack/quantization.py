@@ -458,11 +458,13 @@ def run_quantization_sweep(
     progress: bool = True,
     echo=None,
     generation=None,
+    checkpoint=None,
 ) -> QuantizationReport:
     """Evaluate every setting on every corpus (:class:`~.sweep.PreparedCorpus`) and zero-shot task.
 
     ``echo`` (e.g. ``print``) gets one line per measurement, numbered by setting, so a long sweep
-    shows where it is; every setting is undone and checked bit for bit before the next.
+    shows where it is; every setting is undone and checked bit for bit before the next;
+    ``checkpoint`` keeps every finished setting (:class:`~.checkpoint.SweepCheckpoint`).
     """
     for s in settings:
         quantizer.check(s)
@@ -546,6 +548,12 @@ def run_quantization_sweep(
         progress=progress,
         generation=generation,
         echo=echo if progress else None,
+        resumed=(lambda s: checkpoint.restore(report, report.key(s.to_dict()), s.label))
+        if checkpoint is not None
+        else (lambda s: False),
+        finished=(lambda s: checkpoint.save(report, report.key(s.to_dict())))
+        if checkpoint is not None
+        else (lambda s: None),
     )
     report.restored_bitwise = True
     return report

@@ -424,6 +424,8 @@ def evaluate_settings(
     generation=None,
     generation_for: Callable[[Any], bool] = lambda s: True,
     echo: Optional[Callable[[str], None]] = None,
+    resumed: Callable[[Any], bool] = lambda s: False,
+    finished: Callable[[Any], None] = lambda s: None,
 ) -> None:
     """THE sweep: for every setting, ``editor.applied(setting)``, every corpus's perplexity, (where
     ``zeroshot_for(setting)``) the zero-shot tasks and (where ``generation_for(setting)``) the
@@ -434,8 +436,11 @@ def evaluate_settings(
 
     ``per_item``: per-window NLLs and per-document scores too (paired statistics); generation
     results always carry their items. ``generation``: a :class:`~..evaluate.gen_tasks.GenerationSuite`;
-    ``echo`` gets its progress lines."""
+    ``echo`` gets its progress lines. ``resumed(setting)`` True skips a setting whose results the
+    caller already has (a checkpoint); ``finished(setting)`` is called after each evaluated one."""
     for setting in settings:
+        if resumed(setting):
+            continue
         with editor.applied(setting):
             for corpus in corpora:
                 res = evaluate_perplexity(
@@ -453,6 +458,7 @@ def evaluate_settings(
             if generation is not None and generation_for(setting):
                 for res in generation.evaluate(label(setting), echo=echo):
                     on_result(setting, res.task, res)
+        finished(setting)
     editor.verify_restored()
 
 
@@ -468,11 +474,14 @@ def run_sweep(
     progress: bool = True,
     echo=None,
     generation=None,
+    checkpoint=None,
 ) -> AttackReport:
     """Evaluate every setting; rows are appended to ``report`` (returned) as they come in.
 
     ``zeroshot`` is a :class:`~.zeroshot.ZeroShotEvaluator` or None; ``echo`` (e.g. ``print``)
-    gets one line per finished measurement, so long sweeps show where they are.
+    gets one line per finished measurement, so long sweeps show where they are; ``checkpoint`` (a
+    :class:`~.checkpoint.SweepCheckpoint`) keeps every finished setting and restores the ones a
+    killed run of the same protocol finished.
     """
     report.record_inputs(corpora, zeroshot)
 
@@ -523,6 +532,10 @@ def run_sweep(
         progress=progress,
         generation=generation,
         echo=echo if progress else None,
+        resumed=(lambda s: checkpoint.restore(report, s.label, s.label))
+        if checkpoint is not None
+        else (lambda s: False),
+        finished=(lambda s: checkpoint.save(report, s.label)) if checkpoint is not None else (lambda s: None),
     )
     report.restored_bitwise = True
     return report

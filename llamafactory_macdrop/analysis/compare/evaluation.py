@@ -28,11 +28,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import torch
 from torch import nn
 
 from ..attack.attacks import AttackSetting, AttackTargets, ModelAttacker
 from ..attack.sweep import evaluate_settings
+from ..models.identity import file_digest, fingerprint, library_versions
 from .paired import AccuracyItems, MeanAccuracyItems, PerplexityItems, ScoreItems
 from .runs import MARKER, CompareError
 
@@ -50,17 +50,6 @@ def parse_metric(name: str) -> tuple[str, str, str]:
     return kind, dataset, setting
 
 
-def fingerprint(model: nn.Module) -> dict[str, str]:
-    """SHA-256 of the raw bytes of every parameter and buffer (bitwise identity, any dtype)."""
-    out = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        data = t.detach().contiguous().cpu()
-        out[name] = (
-            hashlib.sha256(data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest() if data.numel() else "empty"
-        )
-    return out
-
-
 def check_adapter(adapter_dir: Path) -> None:
     """Refuse adapters whose removal would not give the base back (see the module docstring)."""
     path = Path(adapter_dir) / "adapter_config.json"
@@ -74,26 +63,6 @@ def check_adapter(adapter_dir: Path) -> None:
                 "LLaMA-Factory's additional_target/resize_vocab), which cannot be removed from one shared "
                 "base; compare adapters without them"
             )
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "lm_eval"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "missing"
-    return out
 
 
 # ----------------------------------------------------------------------------- item (de)serialisation
@@ -251,7 +220,7 @@ class OneBaseEvaluator:
         adapter = None
         if adapter_dir is not None:
             folder = Path(adapter_dir)
-            adapter = {f.name: _file_digest(f) for f in sorted(folder.glob("adapter_*")) if f.is_file()}
+            adapter = {f.name: file_digest(f) for f in sorted(folder.glob("adapter_*")) if f.is_file()}
             marker = folder / MARKER
             adapter["marker"] = marker.read_text() if marker.is_file() else None
         base = hashlib.sha256(json.dumps(self._fingerprint, sort_keys=True).encode()).hexdigest()
