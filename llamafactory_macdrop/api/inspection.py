@@ -25,13 +25,15 @@ Echo = Optional[Callable[[str], None]]
 class LocateReport(JsonReport):
     """The locator's answer, the other detectors' cross-check and the published position, if any."""
 
+    schema = "macdrop.locator/1"
+
     result: Any  # core.locator.LocatorResult
     cross_check: Any = None  # analysis.inspect.cross_check.LayerAgreement
     published: Any = None  # core.published comparison
     layer_by_layer: Optional[str] = None  # what reading one layer at a time cost
 
-    def to_dict(self) -> dict[str, Any]:
-        out = self.result.to_dict()
+    def payload(self) -> dict[str, Any]:
+        out = self.result.payload()
         if self.cross_check is not None:
             out["cross_check"] = self.cross_check.to_dict()
         if self.published is not None:

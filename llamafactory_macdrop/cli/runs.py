@@ -14,7 +14,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     rows = MacDropConfig.key_reference()
     if args.json:
-        print(json.dumps([{"key": k, "type": t, "default": d, "help": h} for k, t, d, h in rows], indent=1))
+        from .. import __version__
+
+        keys = [{"key": k, "type": t, "default": d, "help": h} for k, t, d, h in rows]
+        print(json.dumps({"schema": "macdrop.keys/1", "macdrop_version": __version__, "keys": keys}, indent=1))
         return 0
     table = [("key", "type", "default", "help")] + [(k, t, json.dumps(d), h) for k, t, d, h in rows]
     widths = [max(len(row[i]) for row in table) for i in range(3)]  # every column as wide as its widest entry
@@ -48,7 +51,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 f"  {h['step']:4d}  {h.get('epoch', 0):5.2f}  {h['macdrop_p']:9.4f}  {h.get('loss', float('nan')):6.3f}"
             )
     if args.json:
-        args.json.write_text(json.dumps({"locator": result.to_dict(), "log": steps}, indent=1) + "\n")
+        from .. import __version__
+
+        doc = {"schema": "macdrop.summary/1", "macdrop_version": __version__, "locator": result.to_dict(), "log": steps}
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"written to {args.json}")
     if args.plot:
         if not steps:

@@ -14,7 +14,7 @@ import io
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -89,10 +89,21 @@ def forward_with_hooks(model: nn.Module, input_ids: torch.Tensor, register: Call
 
 
 class JsonReport:
-    """Mixin for the reports every command can write with ``--json`` (they define ``to_dict``)."""
+    """Mixin for the reports every command can write with ``--json`` (they define ``payload``).
+
+    Every document opens with ``schema`` (what it is and the version of its keys, e.g.
+    ``macdrop.attack/1``: a reader checks it before reading the keys; docs/cli.md lists each
+    document's keys) and ``macdrop_version`` (the package that wrote it)."""
+
+    schema: ClassVar[str] = ""
+
+    def payload(self) -> dict[str, Any]:
+        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        from .. import __version__
+
+        return {"schema": self.schema, "macdrop_version": __version__, **self.payload()}
 
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)

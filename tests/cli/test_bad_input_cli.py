@@ -118,7 +118,7 @@ def test_keys_table_keeps_its_columns(tmp_path):
     assert proc.returncode == 0, proc.stderr
     header, *rows = proc.stdout.splitlines()
     starts = [header.index(word) for word in ("type", "default", "help")]
-    keys = {row["key"]: row for row in json.loads(run_cli(["macdrop", "keys", "--json"], cwd=tmp_path).stdout)}
+    keys = {row["key"]: row for row in json.loads(run_cli(["macdrop", "keys", "--json"], cwd=tmp_path).stdout)["keys"]}
     assert len(rows) == len(keys)
     for row in rows:
         key = row.split()[0]

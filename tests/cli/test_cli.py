@@ -152,7 +152,7 @@ def test_macdrop_locate_and_keys(tiny_llama_dir, tiny_data_dir, tmp_path):
     assert streamed.returncode == 0, streamed.stderr
     assert "layer by layer: read layers 0..1," in streamed.stdout
     assert json.loads((tmp_path / "s.json").read_text())["indices"] == tiny.PLANTED_INDICES
-    keys = json.loads(run_cli(["macdrop", "keys", "--json"], cwd=tmp_path).stdout)
+    keys = json.loads(run_cli(["macdrop", "keys", "--json"], cwd=tmp_path).stdout)["keys"]
     assert [k["key"] for k in keys][:3] == ["macdrop", "macdrop_k", "macdrop_p0"]
 
 

@@ -384,13 +384,15 @@ class ModelQuantizer:
 class QuantizationReport(SweepReport):
     """Rows of a quantization sweep (``results``) and what was quantized, kept and measured."""
 
+    schema = "macdrop.quantize/1"
+
     model: str
     dtype: str
     weights: dict[str, Any]
     super_weights: list[dict[str, Any]] = field(default_factory=list)
     massive: Optional[dict[str, Any]] = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "dtype": self.dtype,

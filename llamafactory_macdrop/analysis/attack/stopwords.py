@@ -55,6 +55,7 @@ class StopWordShift:
 
 @dataclass
 class StopWordReport(JsonReport):
+    schema = "macdrop.stopwords/1"
     model: str
     super_weights: list[dict[str, int]]
     texts: list[str]
@@ -65,7 +66,7 @@ class StopWordReport(JsonReport):
     def super_weight_names(self) -> str:
         return ", ".join(f"L{s['layer']}[{s['row']},{s['col']}]" for s in self.super_weights)
 
-    def to_dict(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> str:

@@ -287,6 +287,8 @@ class SweepReport(JsonReport, CsvRows):
 class AttackReport(SweepReport):
     """Rows of an attack sweep and how they were measured."""
 
+    schema = "macdrop.attack/1"
+
     model: str
     adapter: Optional[str]
     targets: dict[str, Any]
@@ -295,7 +297,7 @@ class AttackReport(SweepReport):
     recovery: list[dict[str, Any]] = field(default_factory=list)  # sw_restore: see loss_gap_recovery
     restored_when = "after the sweep"
 
-    def to_dict(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         extra = (
             {"generate_protocol": self.generate_protocol, "generations": self.generations}
             if self.generate_protocol

@@ -87,6 +87,7 @@ class RunRecord:
 
 @dataclass
 class CompareReport(JsonReport, CsvRows):
+    schema = "macdrop.compare/1"
     base_yaml: str
     output_dir: str
     seeds: list[int]
@@ -189,7 +190,7 @@ class CompareReport(JsonReport, CsvRows):
                 )
         return out
 
-    def to_dict(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         return {
             "base_yaml": self.base_yaml,
             "output_dir": self.output_dir,

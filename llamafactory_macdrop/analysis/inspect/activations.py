@@ -95,6 +95,8 @@ class LayerActivations:
 class ActivationReport(JsonReport):
     """Per-layer activation magnitudes and Sun et al.'s massive activations for one input."""
 
+    schema = "macdrop.activations/1"
+
     model: str
     input_ids: list[int]
     abs_threshold: float
@@ -121,7 +123,7 @@ class ActivationReport(JsonReport):
         layers = self.massive_layers
         return layers[0] if layers else None
 
-    def to_dict(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "input_ids": self.input_ids,

@@ -94,6 +94,8 @@ class PlacementRun:
 class AttentionReport(JsonReport):
     """Attention sinks per layer and the position experiment for one model."""
 
+    schema = "macdrop.attention/1"
+
     model: str
     text: str
     input_ids: list[int]
@@ -118,7 +120,7 @@ class AttentionReport(JsonReport):
     def layer(self, index: int) -> LayerAttention:
         return next(s for s in self.layers if s.layer == index)
 
-    def to_dict(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("heatmap_layers")
         return out

@@ -100,6 +100,7 @@ class SuperWeight:
 
 @dataclass
 class SuperWeightReport(JsonReport):
+    schema = "macdrop.superweight/1"
     model: str
     input_ids: list[int]
     threshold: Optional[float]
@@ -114,7 +115,7 @@ class SuperWeightReport(JsonReport):
     #: the stop-word shift with the super weight(s) zeroed (``--stopwords``; its own JSON, ``--stopwords-json``)
     stopwords: Any = field(default=None, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("stopwords")
         out["prefix"] = self.prefix.protocol() if self.prefix is not None else None

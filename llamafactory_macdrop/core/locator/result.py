@@ -74,6 +74,8 @@ class RouterProbs:
 class LocatorResult(JsonReport):
     """Where the massive weights are; serialised as ``macdrop_locator.json``."""
 
+    schema = "macdrop.locator/1"
+
     model: str
     layer: int  # 0-based HF module index
     indices: list[int]  # largest first
@@ -101,7 +103,7 @@ class LocatorResult(JsonReport):
         """The layer counted from 1, as the paper's tables do."""
         return self.layer + 1
 
-    def to_dict(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("intermediate")
         out["paper_layer"] = self.paper_layer
