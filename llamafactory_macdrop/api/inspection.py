@@ -335,7 +335,8 @@ def attention(model, *, tokenizer=None, echo: Echo = print, **options):
 
 @dataclass
 class _LayerBars:
-    """One progress bar per forward pass, layer by layer (stderr)."""
+    """ONE progress bar over every forward pass (the input, then each placement of the position
+    experiment), layer by layer (stderr); its total grows as each pass starts."""
 
     enabled: bool
     bar: Any = field(default=None)
@@ -343,14 +344,15 @@ class _LayerBars:
     def update(self, what, done, total) -> None:
         if not self.enabled:
             return
-        if done == 1:
+        if self.bar is None:
             import sys
 
             from tqdm.auto import tqdm
 
-            self.close()
-            label = "input" if what == "start" else f"probe token {what}"
-            self.bar = tqdm(total=total, desc=f"attention ({label})", unit="layer", leave=False, file=sys.stderr)
+            self.bar = tqdm(total=0, desc="attention", unit="layer", leave=False, file=sys.stderr)
+        if done == 1:
+            self.bar.total += total
+            self.bar.set_description(f"attention ({'input' if what == 'start' else f'probe token {what}'})")
         self.bar.update(1)
 
     def close(self) -> None:

@@ -35,9 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: lines other libraries log at import on a CPU machine that say nothing about the user's run:
+#: DeepSpeed naming the accelerator it picked, bitsandbytes missing an optional 4-bit CPU kernel
+#: (no 4-bit matmul runs in an analysis). Only these exact messages are dropped.
+KNOWN_NOISE = {
+    "DeepSpeed": "Setting accelerator to CPU",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+}
+
+
+def quiet_known_noise() -> None:
+    import logging
+
+    for name, start in KNOWN_NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, start=start: not str(record.msg).startswith(start))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..errors import MacDropError
 
+    quiet_known_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
