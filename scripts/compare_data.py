@@ -31,6 +31,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     source = args.out / "alpaca_en_demo.json"
     if not source.is_file():
+        print(
+            f"[compare_data] downloading the {SDIST} source distribution from PyPI (pip builds its metadata "
+            "from source: about a minute, silent) to take data/alpaca_en_demo.json out of it",
+            flush=True,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run(
                 [

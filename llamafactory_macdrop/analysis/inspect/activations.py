@@ -178,6 +178,10 @@ class ActivationReport(JsonReport):
             if origin is not None
             else "  no massive activations by this criterion"
         )
+        if self.cross_check is not None:
+            located = self.cross_check.get("locator_layer")
+            verdict = "agree" if located == origin else "DISAGREE"
+            lines.append(f"  locator's massive layer: {located} ({self.cross_check.get('locator_probe')}): {verdict}")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
