@@ -55,11 +55,11 @@ def plugin_errors() -> tuple[type, ...]:
 
 # ----------------------------------------------------------------------------- trainer swap
 def macdrop_trainer_class(base: type, config: MacDropConfig) -> type:
-    """``base`` with the MacDrop mixin in front, carrying ``config``."""
-    from ..trainer import MacDropDPOTrainerMixin, MacDropTrainerMixin
+    """``base`` with the MacDrop mixin in front, carrying ``config``: the host-independent
+    :func:`~llamafactory_macdrop.integrations.transformers.trainer.with_macdrop`, as any host uses it."""
+    from ...integrations.transformers.trainer import with_macdrop
 
-    mixin = MacDropDPOTrainerMixin if hasattr(base, "compute_reference_log_probs") else MacDropTrainerMixin
-    return type(f"MacDrop{base.__name__}", (mixin, base), {"macdrop_config": config, "__module__": __name__})
+    return with_macdrop(base, config=config)
 
 
 @contextmanager
@@ -105,13 +105,13 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
     if config is None:
         ignored = ignored_macdrop_keys(args)
         if ignored and os.environ.get("RANK", "0") == "0":
-            from ..trainer import logger
+            from ...integrations.transformers.trainer import logger
 
             logger.warning(
                 "MacDrop is off (no macdrop: true), so these keys are ignored (not checked): %s", ", ".join(ignored)
             )
         return original(lf_args, callbacks)
-    from ..trainer import logger
+    from ...integrations.transformers.trainer import logger
 
     if watch:
         child_errors.start_watcher()
@@ -152,7 +152,7 @@ def patch_tuner(tuner) -> None:
     try:
         from llamafactory.train.callbacks import LogCallback
     except ImportError as err:  # a moved class costs LlamaBoard's macdrop_p only: say so, go on
-        from ..trainer import logger
+        from ...integrations.transformers.trainer import logger
 
         logger.warning(
             f"LLaMA-Factory's LogCallback not found ({err}): macdrop_p will be missing from "
