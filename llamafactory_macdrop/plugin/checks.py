@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Optional
+from typing import Mapping, Optional
 
 from .keys import MacDropConfig, MacDropConfigError
 from .run_args import RunArgs
@@ -260,6 +260,26 @@ def check_resumed_locator_file(args: RunArgs, config: MacDropConfig) -> None:
             read_resumed_locator_file(path)
         except LocatorError as err:
             raise MacDropConfigError(str(err)) from None
+
+
+#: LLaMA-Factory's environment switches whose code paths never build the trainer classes MacDrop
+#: extends (plugin/lf/patches.py): a MacDrop run there would train without it
+SKIPPING_SWITCHES = {
+    "USE_V1": "LLaMA-Factory's v1 trainers (their own loop, whose callbacks only observe and come from LLaMA-Factory)",
+    "USE_MCA": "the mcore_adapter (Megatron-Core) trainers (LLaMA-Factory sets use_mca from this variable, "
+    "whatever the YAML says)",
+    "USE_MEGATRON_BRIDGE": "the Megatron-Bridge trainers",
+}
+
+
+def check_skipping_switches(enabled: Mapping[str, str]) -> None:
+    """``enabled``: the :data:`SKIPPING_SWITCHES` set in this environment (LLaMA-Factory's reading)
+    and their values."""
+    for name, value in enabled.items():
+        raise MacDropConfigError(
+            f"macdrop=true with {name}={value} is not supported: that path runs {SKIPPING_SWITCHES[name]}, which never "
+            f"get MacDrop; unset {name}, or remove macdrop: true"
+        )
 
 
 #: in the order a user meets them: what the run is, how it is distributed, what the weights are

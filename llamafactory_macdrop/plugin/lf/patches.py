@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 
 from .. import child_errors
 from ..keys import MacDropConfig, split_macdrop_args
-from .arguments import ignored_macdrop_keys, validate_args, validate_command_line
+from .arguments import ignored_macdrop_keys, refuse_skipping_switches, validate_args, validate_command_line
 from .errors import SUPPORTED_LLAMAFACTORY, internals_error, lf_version
 
 #: stage -> (module, attribute) of the trainer class its workflow instantiates. sft/pt import the
@@ -204,10 +204,37 @@ def patch_launcher(launcher) -> None:
     launcher.launch = launch
 
 
+#: the v1 launcher's training commands (``USE_V1=1 llamafactory-cli sft x.yaml``)
+V1_TRAIN_COMMANDS = ("train", "sft", "dpo", "rm")
+
+
+def patch_v1_launcher(launcher) -> None:
+    """Wrap the v1 launcher's ``launch`` (``USE_V1=1``): its trainers are LLaMA-Factory's own loop,
+    which MacDrop cannot enter, so a MacDrop run is refused in one line before anything loads."""
+    original = getattr(launcher, "launch", None)
+    if original is None or getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def launch():
+        if len(sys.argv) > 1 and sys.argv[1] in V1_TRAIN_COMMANDS:
+            try:
+                refuse_skipping_switches(list(sys.argv))
+            except plugin_errors() as err:
+                print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
+                sys.exit(2)
+        return original()
+
+    setattr(launch, _PATCHED, True)
+    launcher.launch = launch
+
+
 def on_module_loaded(module) -> None:
     """Called by the start-up hook right after a watched LLaMA-Factory module executed."""
     if module.__name__ == "llamafactory.launcher":
         patch_launcher(module)
+    elif module.__name__ == "llamafactory.v1.launcher":
+        patch_v1_launcher(module)
     elif module.__name__ == "llamafactory.train.tuner":
         patch_tuner(module)
     elif module.__name__ == "llamafactory.extras.ploting":
