@@ -38,7 +38,7 @@ import logging
 import math
 import os
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -206,30 +206,60 @@ def check_epoch_count(config: MacDropConfig, state: Any) -> None:
 
 
 def guard_reference_forwards(model: torch.nn.Module, dropout: RowDropout) -> int:
-    """While a peft model's adapter is disabled, show the ORIGINAL rows: returns the models guarded.
+    """While a peft model does not run the adapter being trained, show the ORIGINAL rows; returns the
+    models guarded.
 
-    A forward with the adapter off is a reference forward: DPO's reference log-probs come from the
-    same model with its adapter disabled (LLaMA-Factory's ``compute_reference_log_probs``, TRL
-    0.2x's ``null_ref_context``, TRL 1.x's ``use_adapter(model, None)``: all of them enter
-    ``PeftModel.disable_adapter()``). It runs inside the training step, while the rows are masked;
-    the guard restores them for it and re-applies the very same mask after (``RowDropout.unmasked``),
-    whatever the trainer class, so no host has to be recognised by name.
+    A forward with the trained adapter switched off is a reference forward: DPO's reference
+    log-probs come from the same model with its adapter disabled (LLaMA-Factory's
+    ``compute_reference_log_probs``, TRL 0.2x's ``null_ref_context``, TRL 1.x's
+    ``use_adapter(model, None)``: all enter ``PeftModel.disable_adapter()``) or, where TRL 1.x was
+    given a model that already carries an adapter, with a frozen copy of it made active
+    (``use_adapter(model, "ref")``: ``PeftModel.set_adapter("ref")``). It runs inside the training
+    step, while the rows are masked; the guard restores them for it and re-applies the very same
+    mask after (``RowDropout.unmasked``), whatever the trainer class, so no host is recognised by name.
     """
     guarded = 0
     for module in model.modules():
-        method = getattr(type(module), "disable_adapter", None)
-        if method is None or not hasattr(module, "peft_config"):
-            continue
-        original = method.__get__(module)  # the class's, not an earlier run's guard
-
-        @contextmanager
-        def disable_adapter(*args: Any, _original=original, **kwargs: Any):
-            with dropout.unmasked(), _original(*args, **kwargs) as value:
-                yield value
-
-        module.disable_adapter = disable_adapter
-        guarded += 1
+        if (
+            hasattr(type(module), "disable_adapter")
+            and hasattr(type(module), "set_adapter")
+            and hasattr(module, "peft_config")
+        ):
+            _guard_peft_model(module, dropout)
+            guarded += 1
     return guarded
+
+
+def _guard_peft_model(peft_model: torch.nn.Module, dropout: RowDropout) -> None:
+    disable, switch = (
+        type(peft_model).disable_adapter.__get__(peft_model),
+        type(peft_model).set_adapter.__get__(peft_model),
+    )
+    trained = set(_adapter_names(peft_model.active_adapters))
+    away: list[ExitStack] = []  # the unmasked state entered by switching to another adapter
+
+    @contextmanager
+    def disable_adapter(*args: Any, **kwargs: Any):
+        with dropout.unmasked(), disable(*args, **kwargs) as value:
+            yield value
+
+    def set_adapter(adapter_name: Any, *args: Any, **kwargs: Any):
+        result = switch(adapter_name, *args, **kwargs)
+        other = set(_adapter_names(adapter_name)) != trained
+        if other and not away:
+            stack = ExitStack()
+            stack.enter_context(dropout.unmasked())
+            away.append(stack)
+        elif not other and away:
+            away.pop().close()
+        return result
+
+    peft_model.disable_adapter = disable_adapter
+    peft_model.set_adapter = set_adapter
+
+
+def _adapter_names(names: Any) -> list[str]:
+    return [names] if isinstance(names, str) else list(names or [])
 
 
 def build_run(trainer: Any, config: MacDropConfig, first_inputs: Any = None) -> MacDropRun:
