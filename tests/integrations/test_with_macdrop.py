@@ -187,8 +187,8 @@ def test_unsupported_trl_trainers_are_refused(trl_trainers_import):
 
 
 def test_what_the_model_config_refuses_stops_at_trainer_creation(tiny_llama_dir, tmp_path):
-    """The checks every host runs, as the Trainer is created, before any step: the model's config
-    ranges (macdrop_layer 2 of a 2-layer model, k above the FFN width, a probe token id outside the
+    """The checks every host runs, as the Trainer is created, before any step: a model without an
+    adapter (full fine-tuning would train the rows MacDrop drops), the model's config ranges (macdrop_layer 2 of a 2-layer model, k above the FFN width, a probe token id outside the
     vocabulary) and DoRA at p0 = 1."""
     from transformers import Trainer
 
