@@ -270,3 +270,21 @@ def test_macdrop_false_returns_the_class_and_says_so(caplog):
         "MacDrop is off, the class is returned unchanged; these keys are ignored (not checked): macdrop_p0"
         in caplog.text
     )
+
+
+def test_quantized_models_are_read_as_transformers_keeps_them(tiny_llama_dir, tmp_path):
+    """The live config holds quant_method as an enum: a bitsandbytes 8-bit model is refused, a
+    4-bit one is not (QLoRA: tests/plugin/test_quantized.py trains it)."""
+    from types import SimpleNamespace
+
+    from transformers import BitsAndBytesConfig
+
+    from llamafactory_macdrop.integrations.transformers.checks import check_trainer
+
+    model = hf_trainer.lora_model(tiny_llama_dir)
+    args = SimpleNamespace(fsdp=[], fsdp_config={}, deepspeed=None, hf_deepspeed_config=None)
+    model.config.quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    with pytest.raises(MacDropConfigError, match="quant_method=bitsandbytes is not supported: its bitsandbytes 8-bit"):
+        check_trainer(SimpleNamespace(args=args, model=model), MacDropConfig(macdrop=True))
+    model.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True)
+    check_trainer(SimpleNamespace(args=args, model=model), MacDropConfig(macdrop=True))

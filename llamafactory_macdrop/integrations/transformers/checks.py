@@ -74,11 +74,8 @@ def host_run_args(args: Any, model: Any) -> RunArgs:
     """The values MacDrop's host-independent checks read, from a Trainer's arguments and model."""
     peft = _peft_config(model)
     init = str(getattr(peft, "init_lora_weights", "") or "").lower()
-    quantized = getattr(getattr(model, "config", None), "quantization_config", None)
-    bit = None
-    if quantized is not None:
-        data = quantized.to_dict() if hasattr(quantized, "to_dict") else dict(quantized)
-        bit = "4" if data.get("load_in_4bit") else "8" if data.get("load_in_8bit") else None
+    data = _quantization(model) or {}
+    bit = "4" if data.get("load_in_4bit") else "8" if data.get("load_in_8bit") else None
     return RunArgs(
         stage="sft",  # not read by the host checks
         finetuning_type="lora",  # not read by the host checks
@@ -91,13 +88,22 @@ def host_run_args(args: Any, model: Any) -> RunArgs:
     )
 
 
+def _quantization(model: Any) -> Optional[dict]:
+    """The model's ``quantization_config`` as config.json has it (transformers keeps the method as
+    an enum in the live config: its value, e.g. ``bitsandbytes``)."""
+    quantized = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quantized is None:
+        return None
+    data = dict(quantized.to_dict() if hasattr(quantized, "to_dict") else quantized)
+    method = data.get("quant_method")
+    data["quant_method"] = getattr(method, "value", method)
+    return data or None
+
+
 def check_quantized_model(model: Any) -> None:
     """A model loaded from a checkpoint quantized in a way MacDrop cannot mask exactly (GPTQ, AWQ,
     bitsandbytes 8-bit, ...), named by its ``quantization_config``."""
-    quantized = getattr(getattr(model, "config", None), "quantization_config", None)
-    if quantized is None:
-        return
-    data = quantized.to_dict() if hasattr(quantized, "to_dict") else dict(quantized)
+    data = _quantization(model)
     reason = unsupported_checkpoint_reason(data) if data else None
     if reason:
         raise MacDropConfigError(
