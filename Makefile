@@ -1,11 +1,12 @@
 # The two README commands: `make demo` (set-up + main job) and `make test` (ruff lint + format check, then the suite). Also:
 #   make lint        ruff check + ruff format --check ([tool.ruff] in pyproject.toml)
 #   make compat      the wheel into a fresh LLaMA-Factory venv at the OLDEST declared versions (.venv-compat/)
+#   make axolotl-test the wheel into an axolotl 0.19.0 venv (.venv-axolotl/): its plugin, TRL 1.9 (docs/hosts.md)
 #   make webui       LlamaBoard's extras (gradio) into .venv
 #   make webui-test  LlamaBoard in headless Chromium (needs Debian's chromium + chromium-driver)
 #   make bench       the CPU benchmark set (docs/benchmarks.md) into bench-results/
 SHELL := /bin/bash
-.PHONY: setup demo test lint compat webui webui-test bench
+.PHONY: setup demo test lint compat axolotl-test webui webui-test bench
 
 setup:
 	bash scripts/setup.sh
@@ -22,6 +23,9 @@ lint: setup
 
 compat:
 	bash scripts/compat.sh
+
+axolotl-test:
+	bash scripts/axolotl.sh
 
 webui: setup
 	@# pip's resolver notes about LLaMA-Factory's extras left out on purpose (docs/install.md) are noise here

@@ -71,7 +71,7 @@ import json, sys, time
 import torch
 from transformers import TrainerCallback
 from llamafactory_macdrop.plugin import integration
-from llamafactory_macdrop.plugin.trainer import MacDropTrainerMixin
+from llamafactory_macdrop.integrations.transformers.trainer import MacDropTrainerMixin
 from llamafactory.train import tuner
 
 spec = json.load(open(sys.argv[1]))
@@ -285,8 +285,8 @@ def mask_cost_us(
     from llamafactory_macdrop.core.architectures import find_ffn_blocks
     from llamafactory_macdrop.core.curriculum import Progress
     from llamafactory_macdrop.core.locator import LocatorResult
+    from llamafactory_macdrop.integrations.transformers.trainer import MacDropRun
     from llamafactory_macdrop.plugin.keys import MacDropConfig
-    from llamafactory_macdrop.plugin.trainer import MacDropRun
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if cfg["bf16"] else torch.float32

@@ -1,7 +1,7 @@
 """MacDrop: curriculum dropout on the massive weights of an LLM, for LLaMA-Factory.
 
-The folders are ``core`` (the method), ``plugin`` (the LLaMA-Factory plugin), ``analysis`` (measuring
-a model) and ``cli`` (the ``macdrop`` command); the module map is docs/layout.md. The names below
+The folders are ``core`` (the method), ``plugin`` (the LLaMA-Factory plugin), ``integrations`` (any
+transformers Trainer, axolotl), ``analysis`` (measuring a model) and ``cli`` (the ``macdrop`` command); the module map is docs/layout.md. The names below
 are the public Python surface, imported on first use: this module runs at every interpreter start
 (through the ``.pth`` hook), so it must import nothing heavy itself (tests/test_layout.py checks).
 """
@@ -28,6 +28,9 @@ _LAZY = {
     "MacDropConfig": "plugin.keys",
     "activate": "plugin.integration",
     "validate_args": "plugin.integration",
+    # other hosts
+    "with_macdrop": "integrations.transformers.trainer",
+    "MacDropCallback": "integrations.transformers.callback",
     # the analysis commands as functions (docs/api.md)
     "locate": "api",
     "activations": "api",

@@ -61,7 +61,9 @@ def _python(code: str, *flags: str) -> subprocess.CompletedProcess:
 
 
 def test_core_and_analysis_import_without_llamafactory():
-    mods = _modules("core") + _modules("analysis") + _modules("api") + _modules("cli")
+    mods = (
+        _modules("core") + _modules("analysis") + _modules("api") + _modules("cli") + _modules("integrations/transformers")
+    )
     code = (
         BLOCK_LF
         + f"""
@@ -119,6 +121,39 @@ def test_only_the_seam_imports_llamafactory():
     assert {"plugin/lf/arguments.py", "plugin/lf/patches.py", "plugin/lf/templates.py"} <= set(importers)
 
 
+#: what integrations/ may use of plugin/: the keys and the checks, which know no host
+HOST_FREE_PLUGIN = {f"{NAME}.plugin.{m}" for m in ("keys", "checks", "run_args", "prequantized")}
+
+
+def _package_imports(path) -> list[str]:
+    """The modules (and imported names, as ``module.name``) ``path`` imports, relative imports resolved."""
+    package = list(path.relative_to(REPO).with_suffix("").parts[:-1])  # a module's, or an __init__'s own
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            out += [module] + [f"{module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+    return out
+
+
+def test_integrations_use_only_the_host_free_plugin_modules():
+    """integrations/ -> the keys and checks of plugin/ -> core/, and plugin/lf/ -> integrations/: no cycle,
+    and axolotl is imported in integrations/axolotl/ alone."""
+    for path in sorted((PACKAGE / "integrations").rglob("*.py")):
+        used = {m for m in _package_imports(path) if m.startswith(f"{NAME}.plugin.")}
+        used = {m for m in used if not any(m.startswith(h + ".") for h in HOST_FREE_PLUGIN)}
+        assert used <= HOST_FREE_PLUGIN, f"{path.relative_to(PACKAGE)} uses {sorted(used - HOST_FREE_PLUGIN)}"
+    for name in HOST_FREE_PLUGIN:
+        path = PACKAGE / "plugin" / (name.rsplit(".", 1)[1] + ".py")
+        assert not [m for m in _package_imports(path) if m.startswith(f"{NAME}.integrations")], path
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if any(n == "axolotl" or n.startswith("axolotl.") for n in _imported(ast.parse(path.read_text()))):
+            assert path.is_relative_to(PACKAGE / "integrations" / "axolotl"), path
+
+
 def test_the_startup_hook_loads_the_standard_library_only():
     # -S: no site-packages and no .pth, so only what the import itself pulls in is measured
     code = f"""
@@ -149,6 +184,8 @@ MENTIONING = [
     "tests/gpu/*.py",
     "scripts/*.sh",
     "examples/*.py",
+    "examples/hosts/*.py",
+    "examples/hosts/*.yml",
     "pyproject.toml",
     "Makefile",
     "llamafactory_macdrop.pth",
@@ -166,8 +203,40 @@ def _mentioning_files():
     return out
 
 
+def _axolotl_installed() -> bool:
+    """axolotl the package (tests/axolotl/ on the path is only a namespace folder of that name)."""
+    spec = importlib.util.find_spec("axolotl")
+    return spec is not None and spec.origin is not None and spec.origin.endswith("__init__.py")
+
+
+def _defined_in_source(dotted: str) -> bool:
+    """``dotted`` under integrations/axolotl/ (which imports axolotl) read from the source: a module
+    file, or a name its module defines or imports at the top level."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        base = REPO.joinpath(*parts[:cut])
+        path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        if not path.is_file():
+            continue
+        rest = parts[cut:]
+        if len(rest) != 1:
+            return not rest
+        names = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.Assign):
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        return rest[0] in names
+    return False
+
+
 def _resolves(dotted: str) -> bool:
     """A module, or an attribute of the longest importable prefix (``x.y.activate``, ``x.cli:main``)."""
+    if dotted.startswith(f"{NAME}.integrations.axolotl") and not _axolotl_installed():
+        return _defined_in_source(dotted.replace(":", "."))
     parts = dotted.replace(":", ".").split(".")
     for cut in range(len(parts), 0, -1):
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from typing import Mapping, Optional
 
 from .keys import MacDropConfig, MacDropConfigError
 from .run_args import RunArgs
@@ -181,18 +182,11 @@ def check_epoch_curriculum(args: RunArgs, config: MacDropConfig) -> None:
 
 
 def check_model_ranges(args: RunArgs, config: MacDropConfig) -> None:
-    """What the model's config.json already refuses, before the model (and the data) load.
-
-    ``macdrop_layer``: ``num_hidden_layers`` (GPT-2: ``n_layer``). ``macdrop_indices``:
-    ``intermediate_size`` (the width of W_up; Phi-3's fused gate_up_proj holds two halves of that
-    size), OPT's ``ffn_dim``, GPT-2's ``n_inner``; skipped for MoE configs, whose expert widths have
-    their own keys. ``macdrop_k``: the widest FFN any width key names (``ffn_widths``: dense,
-    expert and shared-expert widths, a per-layer list by its widest entry), so no layer can hold k
-    rows. ``macdrop_probe_token`` (an id): ``vocab_size``, unless LLaMA-Factory grows the vocabulary
-    (``add_tokens``, ``add_special_tokens``, ``resize_vocab``, ...). A multimodal config is read in its
-    ``text_config``. Anything not decided here is checked on the loaded model at the first step.
-    """
-    from ..core.model_config import decoder_config, ffn_widths, read_config_json, vocab_size
+    """What the model's config.json already refuses, before the model (and the data) load
+    (:func:`check_model_config`, on the file LLaMA-Factory will load). ``macdrop_probe_token`` is
+    not compared with ``vocab_size`` when LLaMA-Factory grows the vocabulary (``add_tokens``,
+    ``add_special_tokens``, ``resize_vocab``, ...)."""
+    from ..core.model_config import read_config_json
 
     found = (
         read_config_json(args.model_name_or_path, args.cache_dir, args.model_revision)
@@ -202,10 +196,31 @@ def check_model_ranges(args: RunArgs, config: MacDropConfig) -> None:
     if found is None:
         return
     path, full = found
+    check_model_config(full, config, path, grows_vocabulary=args.grows_vocabulary)
+
+
+def check_model_config(
+    full: dict, config: MacDropConfig, path: str, grows_vocabulary: bool = False, vocab: Optional[int] = None
+) -> None:
+    """The ``macdrop_*`` keys against a model's config.json (``full``, read from ``path``), for every host.
+
+    ``macdrop_layer``: ``num_hidden_layers`` (GPT-2: ``n_layer``). ``macdrop_indices``:
+    ``intermediate_size`` (the width of W_up; Phi-3's fused gate_up_proj holds two halves of that
+    size), OPT's ``ffn_dim``, GPT-2's ``n_inner``; skipped for MoE configs, whose expert widths have
+    their own keys. ``macdrop_k``: the widest FFN any width key names (``ffn_widths``: dense,
+    expert and shared-expert widths, a per-layer list by its widest entry), so no layer can hold k
+    rows. ``macdrop_probe_token`` (an id): ``vocab`` where the host knows the live vocabulary (its
+    embedding rows), else config.json's ``vocab_size`` unless ``grows_vocabulary``. A multimodal
+    config is read in its ``text_config``. Anything not decided here is checked on the loaded
+    model at the first step.
+    """
+    from ..core.model_config import decoder_config, ffn_widths, vocab_size
+
     cfg = decoder_config(full)
     token = config.macdrop_probe_token
-    vocab = vocab_size(full)
-    if isinstance(token, int) and vocab is not None and token >= vocab and not args.grows_vocabulary:
+    if vocab is None and not grows_vocabulary:
+        vocab = vocab_size(full)
+    if isinstance(token, int) and vocab is not None and token >= vocab:
         raise MacDropConfigError(
             f"macdrop_probe_token={token} is outside the vocabulary: {path} has vocab_size {vocab} (token ids 0..{vocab - 1})"
         )
@@ -245,6 +260,26 @@ def check_resumed_locator_file(args: RunArgs, config: MacDropConfig) -> None:
             read_resumed_locator_file(path)
         except LocatorError as err:
             raise MacDropConfigError(str(err)) from None
+
+
+#: LLaMA-Factory's environment switches whose code paths never build the trainer classes MacDrop
+#: extends (plugin/lf/patches.py): a MacDrop run there would train without it
+SKIPPING_SWITCHES = {
+    "USE_V1": "LLaMA-Factory's v1 trainers (their own loop, whose callbacks only observe and come from LLaMA-Factory)",
+    "USE_MCA": "the mcore_adapter (Megatron-Core) trainers (LLaMA-Factory sets use_mca from this variable, "
+    "whatever the YAML says)",
+    "USE_MEGATRON_BRIDGE": "the Megatron-Bridge trainers",
+}
+
+
+def check_skipping_switches(enabled: Mapping[str, str]) -> None:
+    """``enabled``: the :data:`SKIPPING_SWITCHES` set in this environment (LLaMA-Factory's reading)
+    and their values."""
+    for name, value in enabled.items():
+        raise MacDropConfigError(
+            f"macdrop=true with {name}={value} is not supported: that path runs {SKIPPING_SWITCHES[name]}, which never "
+            f"get MacDrop; unset {name}, or remove macdrop: true"
+        )
 
 
 #: in the order a user meets them: what the run is, how it is distributed, what the weights are

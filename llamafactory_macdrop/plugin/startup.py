@@ -19,8 +19,13 @@ import importlib.abc
 import os
 import sys
 
-#: Modules whose loading triggers the integration (the last one: LlamaBoard's loss plot).
-WATCHED_MODULES = ("llamafactory.launcher", "llamafactory.train.tuner", "llamafactory.extras.ploting")
+#: Modules whose loading triggers the integration (LlamaBoard's loss plot; the v1 launcher, to refuse it).
+WATCHED_MODULES = (
+    "llamafactory.launcher",
+    "llamafactory.train.tuner",
+    "llamafactory.extras.ploting",
+    "llamafactory.v1.launcher",
+)
 
 
 class _PatchingLoader(importlib.abc.Loader):

@@ -17,8 +17,8 @@ from helpers import tiny
 from llamafactory_macdrop.core.architectures import find_ffn_blocks
 from llamafactory_macdrop.core.curriculum import Progress
 from llamafactory_macdrop.core.locator import locate_massive_weights
+from llamafactory_macdrop.integrations.transformers.trainer import MacDropRun
 from llamafactory_macdrop.plugin.keys import MacDropConfig
-from llamafactory_macdrop.plugin.trainer import MacDropRun
 
 
 def bits(t):

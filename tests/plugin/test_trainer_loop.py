@@ -350,7 +350,7 @@ def test_torchrun_children_report_a_plugin_error_in_one_line(
 
 
 #: a test-only sitecustomize.py, first on the children's PYTHONPATH: on rank 1 the locator the
-#: trainer module calls at the first training step raises a plugin error that no other rank
+#: trainer module (integrations/transformers/trainer.py) calls at the first training step raises a plugin error that no other rank
 #: raises; with RANK0_HANGS rank 0 then never returns from its next collective (the broadcast of
 #: the locator result), as under NCCL, where a peer that has gone is not noticed
 PLANT_RANK1_ERROR = """
@@ -358,14 +358,14 @@ import os, time
 RANK0_HANGS = {rank0_hangs!r}
 if os.environ.get("RANK") == "1":
     from llamafactory_macdrop.core.locator import LocatorError
-    from llamafactory_macdrop.plugin import trainer
+    from llamafactory_macdrop.integrations.transformers import trainer
 
     def _planted(*args, **kwargs):
         raise LocatorError("planted: rank 1 only")
 
     trainer.locate_massive_weights = _planted
 elif os.environ.get("RANK") == "0" and RANK0_HANGS:
-    from llamafactory_macdrop.plugin import trainer
+    from llamafactory_macdrop.integrations.transformers import trainer
 
     def _waits_for_ever(result):
         while True:

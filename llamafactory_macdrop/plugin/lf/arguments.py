@@ -9,10 +9,13 @@ compare``'s arms. The checks themselves are plain functions over values (:mod:`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
-from ..checks import run_checks
+from ..checks import SKIPPING_SWITCHES, check_skipping_switches, run_checks
 from ..keys import MacDropConfig, MacDropConfigError, split_macdrop_args
 from ..run_args import DEFAULTS_NEEDED, RunArgs, read_run_args
 from .errors import internals_error
@@ -53,8 +56,47 @@ def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | li
     if not MacDropConfig.switched_on(raw):  # MacDrop off: the other keys are ignored, not validated
         return lf_args, None
     config = MacDropConfig.from_raw(raw)
+    check_skipping_switches(skipping_switches())
     run_checks(run_args(lf_args), config)
     return lf_args, config
+
+
+def skipping_switches() -> dict[str, str]:
+    """The :data:`..checks.SKIPPING_SWITCHES` set in this environment (read with LLaMA-Factory's own
+    rule) and their values."""
+    from llamafactory.extras.misc import is_env_enabled
+
+    return {name: os.environ[name] for name in SKIPPING_SWITCHES if is_env_enabled(name)}
+
+
+def command_line_switches_macdrop_on(argv: list[str]) -> bool:
+    """Whether ``llamafactory-cli COMMAND ...`` (``argv``) turns MacDrop on, read as LLaMA-Factory's
+    ``read_args`` reads it (a YAML/JSON file merged with ``key=value`` overrides by OmegaConf, else
+    ``--key value`` pairs) WITHOUT importing ``llamafactory.hparams``: under ``USE_MCA=1`` without
+    mcore_adapter that package refuses to import, and the switch must be refused first."""
+    from omegaconf import OmegaConf
+
+    rest = argv[2:]
+    if rest and rest[0].endswith((".yaml", ".yml", ".json")):
+        path = Path(rest[0]).absolute()
+        loaded = (
+            OmegaConf.load(path) if not rest[0].endswith(".json") else OmegaConf.create(json.loads(path.read_text()))
+        )
+        args = OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(rest[1:])))
+    else:
+        args = rest
+    _, raw = split_macdrop_args(args if isinstance(args, (dict, list)) else {})
+    try:
+        return MacDropConfig.switched_on(raw)
+    except MacDropConfigError:
+        return True  # a bad 'macdrop' value: the full validation names it
+
+
+def refuse_skipping_switches(argv: list[str]) -> None:
+    """The launcher's first check: a switch that skips MacDrop's trainers, with MacDrop on, in one line."""
+    enabled = skipping_switches()
+    if enabled and command_line_switches_macdrop_on(argv):
+        check_skipping_switches(enabled)
 
 
 def check_train_config(args: dict[str, Any]) -> Optional[MacDropConfig]:
@@ -87,6 +129,7 @@ def ignored_macdrop_keys(args: dict[str, Any] | list[str]) -> list[str]:
 
 def validate_command_line(argv: list[str]) -> None:
     """Validate ``llamafactory-cli train ...`` arguments in the launching process."""
+    refuse_skipping_switches(argv)
     from llamafactory.hparams.parser import read_args
 
     saved = sys.argv

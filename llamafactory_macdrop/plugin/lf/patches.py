@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 
 from .. import child_errors
 from ..keys import MacDropConfig, split_macdrop_args
-from .arguments import ignored_macdrop_keys, validate_args, validate_command_line
+from .arguments import ignored_macdrop_keys, refuse_skipping_switches, validate_args, validate_command_line
 from .errors import SUPPORTED_LLAMAFACTORY, internals_error, lf_version
 
 #: stage -> (module, attribute) of the trainer class its workflow instantiates. sft/pt import the
@@ -55,11 +55,11 @@ def plugin_errors() -> tuple[type, ...]:
 
 # ----------------------------------------------------------------------------- trainer swap
 def macdrop_trainer_class(base: type, config: MacDropConfig) -> type:
-    """``base`` with the MacDrop mixin in front, carrying ``config``."""
-    from ..trainer import MacDropDPOTrainerMixin, MacDropTrainerMixin
+    """``base`` with the MacDrop mixin in front, carrying ``config``: the host-independent
+    :func:`~llamafactory_macdrop.integrations.transformers.trainer.with_macdrop`, as any host uses it."""
+    from ...integrations.transformers.trainer import with_macdrop
 
-    mixin = MacDropDPOTrainerMixin if hasattr(base, "compute_reference_log_probs") else MacDropTrainerMixin
-    return type(f"MacDrop{base.__name__}", (mixin, base), {"macdrop_config": config, "__module__": __name__})
+    return with_macdrop(base, config=config)
 
 
 @contextmanager
@@ -105,13 +105,13 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
     if config is None:
         ignored = ignored_macdrop_keys(args)
         if ignored and os.environ.get("RANK", "0") == "0":
-            from ..trainer import logger
+            from ...integrations.transformers.trainer import logger
 
             logger.warning(
                 "MacDrop is off (no macdrop: true), so these keys are ignored (not checked): %s", ", ".join(ignored)
             )
         return original(lf_args, callbacks)
-    from ..trainer import logger
+    from ...integrations.transformers.trainer import logger
 
     if watch:
         child_errors.start_watcher()
@@ -152,7 +152,7 @@ def patch_tuner(tuner) -> None:
     try:
         from llamafactory.train.callbacks import LogCallback
     except ImportError as err:  # a moved class costs LlamaBoard's macdrop_p only: say so, go on
-        from ..trainer import logger
+        from ...integrations.transformers.trainer import logger
 
         logger.warning(
             f"LLaMA-Factory's LogCallback not found ({err}): macdrop_p will be missing from "
@@ -204,10 +204,37 @@ def patch_launcher(launcher) -> None:
     launcher.launch = launch
 
 
+#: the v1 launcher's training commands (``USE_V1=1 llamafactory-cli sft x.yaml``)
+V1_TRAIN_COMMANDS = ("train", "sft", "dpo", "rm")
+
+
+def patch_v1_launcher(launcher) -> None:
+    """Wrap the v1 launcher's ``launch`` (``USE_V1=1``): its trainers are LLaMA-Factory's own loop,
+    which MacDrop cannot enter, so a MacDrop run is refused in one line before anything loads."""
+    original = getattr(launcher, "launch", None)
+    if original is None or getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def launch():
+        if len(sys.argv) > 1 and sys.argv[1] in V1_TRAIN_COMMANDS:
+            try:
+                refuse_skipping_switches(list(sys.argv))
+            except plugin_errors() as err:
+                print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
+                sys.exit(2)
+        return original()
+
+    setattr(launch, _PATCHED, True)
+    launcher.launch = launch
+
+
 def on_module_loaded(module) -> None:
     """Called by the start-up hook right after a watched LLaMA-Factory module executed."""
     if module.__name__ == "llamafactory.launcher":
         patch_launcher(module)
+    elif module.__name__ == "llamafactory.v1.launcher":
+        patch_v1_launcher(module)
     elif module.__name__ == "llamafactory.train.tuner":
         patch_tuner(module)
     elif module.__name__ == "llamafactory.extras.ploting":
