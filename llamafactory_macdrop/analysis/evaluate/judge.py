@@ -8,7 +8,8 @@ evaluate:``, ``###Reference Answer (Score 5):`` (only when there is one), ``###S
 (the criterion in brackets and one line per score 1..5) and ``###Feedback:``, where the judge
 continues. The wording of the task description and rubrics is this module's own (the
 ``prometheus-eval`` package holds the original templates but pulls in litellm; it is not used).
-A system message asks for a fair, rubric-bound judgement.
+A system message asks for a fair, rubric-bound judgement (a chat template that refuses a system role
+gets none: lm-eval's ``apply_chat_template`` drops it).
 
 Rubrics, one per kind of item (:data:`RUBRICS`; tasks.py gives each item its kind):
 
@@ -33,7 +34,7 @@ the last "[RESULT]", a leading "Feedback:" removed) and the raw text are kept pe
 
 Backends behind one interface (:class:`JudgeBackend`: ``check()``, ``complete(pairs)``):
 :class:`LocalJudge` (a causal LM loaded once from a folder, its own dtype and device, greedy,
-its chat template, batched by evaluate/generate.py) and :class:`URLJudge` (an OpenAI-compatible
+its chat template, through lm-eval's HFLM as every generation here: harness.py) and :class:`URLJudge` (an OpenAI-compatible
 ``/v1/chat/completions`` endpoint such as a vLLM server: temperature 0, stdlib ``urllib``, a
 timeout, one-line errors). ``check()`` loads or connects, so a judge that cannot is refused
 before anything generates.
@@ -210,19 +211,14 @@ def _conversation(turns: Sequence[str], answers: Sequence[str]) -> str:
     return "\n\n".join(lines) + "\n\n(Evaluate the assistant's answer to the last user turn.)"
 
 
-def judge_requests(item: Any, result: Any) -> list[JudgeRequest]:
-    """One request per turn of a task item (tasks.TaskItem) and its generation result."""
-    answers = [t.text for t in result.turns]
+def judge_requests(
+    item_id: str, kind: str, turns: Sequence[str], answers: Sequence[str], references: Sequence[Optional[str]] = ()
+) -> list[JudgeRequest]:
+    """One request per turn of an item: the conversation so far, that turn's answer, its reference."""
+    refs = list(references) + [None] * (len(turns) - len(references))
     return [
-        JudgeRequest(
-            item.id,
-            i,
-            item.kind,
-            _conversation(item.turns[: i + 1], answers[:i]),
-            answers[i],
-            item.judge_references[i] if i < len(item.judge_references) else None,
-        )
-        for i in range(len(item.turns))
+        JudgeRequest(item_id, i, kind, _conversation(turns[: i + 1], answers[:i]), answers[i], refs[i])
+        for i in range(len(turns))
     ]
 
 
@@ -290,7 +286,7 @@ class LocalJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .generate import BatchedGenerator
+        from .harness import LoadedLM
 
         if self.dtype != "auto" and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise JudgeError(f"--judge-dtype {self.dtype!r} is not allowed: auto, float32, bfloat16 or float16")
@@ -305,17 +301,15 @@ class LocalJudge:
                 f"{type(err).__name__}: {_one_line(err)}"
             ) from None
         self._device = device
-        self._generator = BatchedGenerator(model, tokenizer, batch_size=self.batch_size, chat_template=True)
+        self._generator = LoadedLM(model, tokenizer, batch_size=self.batch_size)
 
     def complete(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
-        from .generate import GenerationRequest
-
         self.check()
-        requests = [
-            GenerationRequest(str(i), (user,), self.max_new_tokens, system=system)
-            for i, (system, user) in enumerate(prompts)
+        lm = self._generator
+        contexts = [
+            lm.prompt([{"role": "system", "content": s}, {"role": "user", "content": u}], True) for s, u in prompts
         ]
-        return [r.text for r in self._generator.generate(requests)]
+        return lm.generate(contexts, max_gen_toks=self.max_new_tokens)
 
     def protocol(self) -> dict[str, Any]:
         out = {
@@ -328,7 +322,7 @@ class LocalJudge:
         if self._generator is not None:
             out.update(
                 device=self._device,
-                chat_template=self._generator.chat_template,
+                chat_template=bool(getattr(self._generator.tokenizer, "chat_template", None)),
                 loaded_dtype=str(next(self._generator.model.parameters()).dtype).replace("torch.", ""),
             )
         return out

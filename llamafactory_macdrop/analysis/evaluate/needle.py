@@ -3,7 +3,7 @@
 Why this probe: massive activations are the attention sink (docs/analysis.md), so the question
 "does zeroing the massive rows break long-range retrieval first, and does a model trained with
 MacDrop read long inputs better?" needs inputs whose length and evidence position are controlled.
-LongBench (:mod:`.longbench`) needs data from the hub; this probe is built here, from a local text,
+LongBench (:mod:`.longbench`) needs its data files; this probe is built here, from a local text,
 deterministically from a seed.
 
 One item (``length`` L, ``depth`` d in percent, ``sample`` s):
@@ -18,7 +18,7 @@ One item (``length`` L, ``depth`` d in percent, ``sample`` s):
   starts a word (at most 32 tokens), so no word is split; 0 puts it first, 100 last;
 * the prompt: ``INSTRUCTION``, a blank line, the haystack with the needle, a blank line,
   ``QUESTION``; fed as every generation task is (the chat template when the tokenizer has one and
-  it is on, else what the tokenizer itself puts first: generate.py);
+  it is on, else the text as the tokenizer encodes it: lm-eval's HFLM, harness.py);
 * H is chosen so that the whole prompt, AS THE MODEL IS FED IT (template, prefix, instruction,
   needle and question included), has at most L tokens and at least L - 8 (``prompt_tokens`` per
   item says how many);
