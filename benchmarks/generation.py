@@ -73,6 +73,31 @@ def one_by_one(model, tokenizer, texts, max_new_tokens: int) -> dict:
     return {"seconds": c.seconds, "tokens": tokens, "texts": texts_out, "prompt_tokens": [len(i) for i in ids]}
 
 
+def previous_engine(rev: str):
+    """The batched decoder this engine replaced (evaluate/generate.py, deleted), read from git at ``rev``."""
+    import subprocess
+    import types
+
+    path = "llamafactory_macdrop/analysis/evaluate/generate.py"
+    source = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=benchlib.REPO, capture_output=True, text=True, check=True
+    ).stdout
+    module = types.ModuleType("llamafactory_macdrop.analysis.evaluate._previous_generate")
+    module.__package__ = "llamafactory_macdrop.analysis.evaluate"  # its relative imports resolve as they did
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def previous(model, tokenizer, texts, max_new_tokens: int, batch_size: int, module) -> dict:
+    generator = module.BatchedGenerator(model, tokenizer, batch_size=batch_size)
+    requests = [module.GenerationRequest(str(i), (t,), max_new_tokens) for i, t in enumerate(texts)]
+    with Clock() as c:
+        results = generator.generate(requests)
+    outputs = [r.turns[0].text for r in results]
+    tokens = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
+    return {"seconds": c.seconds, "tokens": tokens, "texts": outputs}
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -92,6 +117,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--previous",
+        default=None,
+        metavar="REV",
+        help="a third arm: the batched decoder the engine replaced, read from git at REV (e.g. 72c83dd)",
+    )
     args = parser.parse_args(argv)
     if (args.preset is None) == (args.model is None):
         parser.error("give --preset cpu or --model DIR")
@@ -110,6 +141,9 @@ def main(argv=None) -> int:
             "batched": lambda: batched(model, tokenizer, texts, args.max_new_tokens, args.batch_size),
             "one_by_one": lambda: one_by_one(model, tokenizer, texts, args.max_new_tokens),
         }
+        if args.previous:
+            module = previous_engine(args.previous)
+            arms["previous"] = lambda: previous(model, tokenizer, texts, args.max_new_tokens, args.batch_size, module)
         record = benchlib.machine()
         pairs = benchlib.alternate(arms, args.repeats)
     record = benchlib.finish_record(record)
@@ -120,6 +154,9 @@ def main(argv=None) -> int:
     same_across_pairs = all(p["batched"]["texts"] == last["batched"]["texts"] for p in pairs)
     rates = {arm: [sum(map(len, p[arm]["tokens"])) / p[arm]["seconds"] for p in pairs] for arm in arms}
     ratio = median(r_b / r_s for r_b, r_s in zip(rates["batched"], rates["one_by_one"]))
+    if args.previous:  # lm-eval's batches against the decoder they replaced, per pair
+        versus = median(b / p for b, p in zip(rates["batched"], rates["previous"]))
+        same = sum(a == b for a, b in zip(last["batched"]["texts"], last["previous"]["texts"]))
     report = {
         "model": str(model_dir) if args.model else "tests/helpers/tiny.py planted Llama (2 layers, hidden 64)",
         "dtype": args.dtype,
@@ -141,6 +178,18 @@ def main(argv=None) -> int:
         "first_difference_at": {str(i): first_difference(batch[i], single[i]) for i in differ},
         "deterministic_across_pairs": same_across_pairs,
         "pairs": [{arm: round(p[arm]["seconds"], 3) for arm in arms} for p in pairs],
+        **(
+            {
+                "previous": {
+                    "rev": args.previous,
+                    "tokens_per_s_ratio_lm_eval_over_previous": round(versus, 3),
+                    "items_per_s": {a: round(median(len(texts) / p[a]["seconds"] for p in pairs), 3) for a in arms},
+                    "items_with_the_same_text": same,
+                }
+            }
+            if args.previous
+            else {}
+        ),
         "machine": record,
     }
     print(
@@ -155,6 +204,11 @@ def main(argv=None) -> int:
         f"[bench] items whose tokens differ: {len(differ)}/{len(texts)}"
         + (f" (first differing position: {report['first_difference_at']})" if differ else "")
     )
+    if args.previous:
+        print(
+            f"[bench] lm-eval HFLM vs the previous decoder ({args.previous}): {versus:.2f}x tokens/s, items/s "
+            f"{report['previous']['items_per_s']}, same text {same}/{len(texts)}"
+        )
     print(f"[bench] {benchlib.describe(record)}")
     benchlib.write_json(args.json, report)
     return 0

@@ -261,7 +261,8 @@ def add_generation_options(p, items_option: bool = True) -> None:
         "--longbench-dir",
         type=Path,
         default=None,
-        help="LongBench: the folder of its JSONL files (hotpotqa.jsonl, ...); default: the Hugging Face cache",
+        help="LongBench: the folder of its JSONL files (hotpotqa.jsonl, ...); default: lm-eval's stock dataset "
+        "(offline: from the Hugging Face cache)",
     )
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 from torch import nn
 
 from .harness import LoadedLM, uses_chat_template
@@ -232,32 +233,23 @@ def _cells(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**dict(zip(GRID_KEYS, key)), "metrics": aggregate(group)} for key, group in groups.items()]
 
 
+def _on_cuda(model: nn.Module) -> bool:
+    return any(p.is_cuda for p in list(model.parameters())[:1])
+
+
 def _memory_kind(model: nn.Module) -> str:
     return "cuda max_memory_allocated" if _on_cuda(model) else "process peak RSS (CPU; since the process started)"
 
 
-def _on_cuda(model: nn.Module) -> bool:
-    try:
-        return next(model.parameters()).is_cuda
-    except (StopIteration, AttributeError):
-        return False
-
-
 def _reset_peak(model: nn.Module) -> None:
     if _on_cuda(model):
-        import torch
-
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_mb(model: nn.Module) -> Optional[float]:
-    """MiB: the GPU's peak allocation since the task began, or the process's peak RSS on CPU."""
+def _peak_mb(model: nn.Module) -> float:
+    """MiB: the GPU's peak allocation since the task began, or the process's peak RSS on CPU (Linux: KiB)."""
     if _on_cuda(model):
-        import torch
-
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     import resource
-    import sys
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1)

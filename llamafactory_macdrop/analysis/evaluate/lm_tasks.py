@@ -261,7 +261,7 @@ def sample_items(
             s["doc_id"],
             {
                 "task": name,
-                "id": str(s["doc"].get("id", s["doc"].get("_id", s["doc_id"]))),
+                "id": str(next((s["doc"][k] for k in ("id", "_id") if s["doc"].get(k) is not None), s["doc_id"])),
                 "prompt": doc_to_text(s["doc"]),
                 "turns": [s["arguments"][0][0]],
                 "outputs": [text],
