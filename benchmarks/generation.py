@@ -84,6 +84,7 @@ def previous_engine(rev: str):
     ).stdout
     module = types.ModuleType("llamafactory_macdrop.analysis.evaluate._previous_generate")
     module.__package__ = "llamafactory_macdrop.analysis.evaluate"  # its relative imports resolve as they did
+    sys.modules[module.__name__] = module  # its dataclasses look their module up
     exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     return module
 

