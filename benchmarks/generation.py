@@ -78,12 +78,13 @@ def previous_engine(rev: str):
     import subprocess
     import types
 
-    path = "llamafactory_macdrop/analysis/evaluate/generate.py"
+    package = "llamafactory_macdrop.analysis.evaluate"
+    path = package.replace(".", "/") + "/generate.py"  # deleted from the tree: only git history has it
     source = subprocess.run(
         ["git", "show", f"{rev}:{path}"], cwd=benchlib.REPO, capture_output=True, text=True, check=True
     ).stdout
-    module = types.ModuleType("llamafactory_macdrop.analysis.evaluate._previous_generate")
-    module.__package__ = "llamafactory_macdrop.analysis.evaluate"  # its relative imports resolve as they did
+    module = types.ModuleType(package + "._previous_generate")
+    module.__package__ = package  # its relative imports resolve as they did
     sys.modules[module.__name__] = module  # its dataclasses look their module up
     exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     return module
