@@ -104,10 +104,10 @@ def warm_page_cache(folder: Path) -> int:
 
 # ----------------------------------------------------------------------------- A/B
 def alternate(arms: dict[str, Callable[[], dict]], repeats: int, log: Callable[[str], None] = print) -> list[dict]:
-    """Run two arms ``repeats`` times, the order flipped every pair; one dict per pair
-    (``{arm: result}``); each result must carry ``seconds``."""
+    """Run the arms (two, or more) ``repeats`` times, the order flipped every round; one dict per
+    round (``{arm: result}``); each result must carry ``seconds``."""
     names = list(arms)
-    assert len(names) == 2
+    assert len(names) >= 2
     pairs = []
     for r in range(repeats):
         order = names if r % 2 == 0 else names[::-1]

@@ -97,14 +97,17 @@ def add_generation_options(p, items_option: bool = True) -> None:
     ``items_option``: ``--gen-items`` (compare writes its per-item files under DIR/eval/ instead)."""
     g = p.add_argument_group("generation tasks (docs/generation.md)")
     g.add_argument(
-        "--gen-tasks", default=None, help="comma-separated: gsm8k, nq_open, squad, or Spec-Bench question.jsonl files"
+        "--gen-tasks",
+        default=None,
+        help="comma-separated: lm-eval's gsm8k, nq_open, squadv2 (or squad), or Spec-Bench question.jsonl files",
     )
     g.add_argument("--gen-batch-size", type=int, default=16, help="generation: prompts per batch (default 16)")
     g.add_argument("--gen-max-new-tokens", type=int, default=None, help="generation: override every task's budget")
     g.add_argument(
         "--gen-no-chat-template",
         action="store_true",
-        help="generation tasks: plain prompts (default: the tokenizer's chat template when it has one)",
+        help="generation tasks: plain prompts (default: the tokenizer's chat template when it has one; "
+        "lm-eval's apply_chat_template)",
     )
     if items_option:
         g.add_argument(
@@ -157,7 +160,8 @@ def add_generation_options(p, items_option: bool = True) -> None:
         "--longbench-dir",
         type=Path,
         default=None,
-        help="LongBench: the folder of its JSONL files (hotpotqa.jsonl, ...); default: the Hugging Face cache",
+        help="LongBench: the folder of its JSONL files (hotpotqa.jsonl, ...); default: lm-eval's stock dataset "
+        "(offline: from the Hugging Face cache)",
     )
 
 
@@ -256,14 +260,13 @@ def _early_encoder(args: argparse.Namespace, model_path: Optional[str], long_con
     load here): the needle's fixed parts are measured before the model loads."""
     if long_context.needle is None or not model_path:
         return None
-    from ..analysis.evaluate.generate import encode_conversation
+    from ..analysis.evaluate.harness import encode_prompt
     from .common import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     if tokenizer is None:
         return None
-    chat = not args.gen_no_chat_template
-    return lambda text: encode_conversation(tokenizer, [text], chat_template=chat)[0]
+    return lambda text: encode_prompt(tokenizer, text, not args.gen_no_chat_template)
 
 
 def generation_suite(args: argparse.Namespace, plan, judge, model, tokenizer, echo=print):
@@ -283,12 +286,11 @@ def generation_suite(args: argparse.Namespace, plan, judge, model, tokenizer, ec
     )
     if plan.long_context is not None:
         config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None
-        suite.add_tasks(plan.long_context.build(tokenizer, lambda text: suite.generator.encode([text]), config))
-    tasks = suite.tasks
+        suite.add_tasks(plan.long_context.build(tokenizer, suite.encode, config))
     echo(
-        "  generation tasks: "
-        + ", ".join(f"{t.name} {len(t.items)} of {t.available} items" for t in tasks)
-        + f"; greedy, {'chat template' if suite.generator.chat_template else 'plain prompts'}"
+        "  generation tasks (lm-eval HFLM): "
+        + ", ".join(f"{p['task']} {p['items']} of {p['available']} items" for p in suite.protocol()["tasks"])
+        + f"; greedy, {'chat template' if suite.chat_template else 'plain prompts'}"
         + (f"; judge {judge.protocol().get('model') or judge.protocol().get('backend', '')}" if judge else "")
     )
     return suite

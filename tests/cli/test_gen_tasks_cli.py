@@ -99,7 +99,7 @@ def test_generation_tasks_under_the_sweep_with_a_url_judge(planted, judge_url, t
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        (["--gen-tasks", "gsm9k"], "unknown task 'gsm9k': choose from gsm8k, nq_open, squad"),
+        (["--gen-tasks", "gsm9k"], "unknown task 'gsm9k': choose from gsm8k, nq_open, squadv2"),
         (["--gen-tasks", "nq_open", "--limit", "0"], "--limit 0 is not allowed"),
         (["--gen-tasks", "nq_open", "--judge-url", "http://127.0.0.1:9", "--judge-model", "x"], "http://127.0.0.1:9"),
         (["--judge-url", "http://127.0.0.1:9"], "give --gen-tasks too"),
@@ -165,8 +165,9 @@ def test_needle_grid_under_the_sweep(planted, tmp_path):
 
 
 def test_longbench_from_local_files_under_the_sweep(tmp_path):
-    """LongBench's JSONL files through ``macdrop attack``: lm-eval's prompts, LongBench's scores
-    (lm-eval's metrics.py on what the model wrote), the few-shot task without the chat template."""
+    """LongBench's JSONL files through ``macdrop attack``: lm-eval's longbench_* tasks, their scores
+    (lm-eval's metrics.py on what the model wrote), the few-shot task without the chat template,
+    LongBench's middle truncation."""
     from helpers.lm_eval_longbench import lm_eval_metrics
 
     chains = [["Ġsky", "Ġblue", "<|im_end|>"], ["Ġgrass", "Ġgreen", "<|im_end|>"]]
@@ -217,16 +218,13 @@ def test_longbench_from_local_files_under_the_sweep(tmp_path):
     long_prompt = next(it for it in items if it["id"] == "h2")["turns"][0]
     assert "Which colour is the grass?" in long_prompt  # the question at the end survives the middle cut
     assert long_prompt.count("the grass is green") < 40
-    oracle = lm_eval_metrics()
+    oracle = lm_eval_metrics()  # lm-eval's own process_results, on what the model wrote
     for it in items:
-        prediction, answers = it["outputs"][0], it["references"][0]
-        if it["task"] == "longbench_hotpotqa":
-            want = max(oracle.qa_f1_score(prediction, a) for a in answers)
-            assert it["scores"]["longbench_qa_f1"] == pytest.approx(want)
-        else:
-            first = prediction.lstrip("\n").split("\n")[0]
-            want = max(oracle.classification_score(first, a, all_classes=classes) for a in answers)
-            assert it["scores"]["longbench_classification:trec"] == pytest.approx(want)
+        doc = {"answers": it["references"][0], "all_classes": classes if it["task"] == "longbench_trec" else None}
+        process = (
+            oracle.get_qa_f1_with_score if it["task"] == "longbench_hotpotqa" else oracle.get_classification_with_score
+        )
+        assert it["scores"]["score,none"] == pytest.approx(process(doc, [it["outputs"][0]])["score"])
     rows_out = {(r["setting"], r["task"]): r for r in report["generation"]}
     tasks = ("longbench_hotpotqa", "longbench_trec", "longbench")
     assert set(rows_out) == {(s, t) for s in ("none", "zero k=1") for t in tasks}
@@ -235,5 +233,5 @@ def test_longbench_from_local_files_under_the_sweep(tmp_path):
         average = rows_out[(setting, "longbench")]
         assert (average["metric"], average["n"]) == ("average", 2)  # the paper's headline: the mean of the tasks
         mine = [it for it in items if it["setting"] == setting]
-        per_task = [sum(next(iter(it["scores"].values())) for it in mine if it["task"] == t) / 2 for t in tasks[:2]]
+        per_task = [sum(it["scores"]["score,none"] for it in mine if it["task"] == t) / 2 for t in tasks[:2]]
         assert average["value"] == pytest.approx(sum(per_task) / 2)

@@ -10,8 +10,8 @@ the question's own "The pass key is" at the very end, whose continuation is the 
 prompt: EOS at once, no number. So needle accuracy is 1 exactly where the needle's marker is
 within ``window`` tokens of the prompt's end: a hand-computable grid.
 
-It speaks the interface the batched generator uses (input_ids, attention_mask, position_ids,
-past_key_values with ``batch_select_indices``, use_cache, logits_to_keep) and nothing else.
+It speaks what lm-eval's HFLM asks of a model in memory: ``config`` (``model_type``, positions),
+``device``, ``tie_weights``, ``generate`` (greedy over its own forward, with HF's ``stopping_criteria``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ class WindowReader(nn.Module):
         super().__init__()
         self.vocab_size, self.eos_id, self.marker, self.window = vocab_size, eos_id, list(marker), window
         self.weight = nn.Parameter(torch.zeros(1))  # a device for the generator
-        self.config = SimpleNamespace(max_position_embeddings=100_000, _attn_implementation="none", _name_or_path="")
+        self.config = SimpleNamespace(
+            max_position_embeddings=100_000, _attn_implementation="none", _name_or_path="", model_type="llama"
+        )
         self.generation_config = SimpleNamespace(eos_token_id=eos_id)
 
     def _answer(self, real: list[int], prompt_length: int) -> int:
@@ -71,3 +73,23 @@ class WindowReader(nn.Module):
             real = history.ids[row][attention_mask[row].bool()].tolist()
             logits[row, 0, self._answer(real, history.prompt_lengths[row])] = 1e4
         return SimpleNamespace(logits=logits, past_key_values=history)
+
+    def tie_weights(self) -> None:  # HFLM calls it; nothing is tied here
+        pass
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, max_length, stopping_criteria=(), **_):
+        """Greedy, all rows together, until ``max_length`` or every row's criteria say stop."""
+        out = self(input_ids, attention_mask)
+        ids, mask = input_ids, attention_mask
+        while ids.shape[1] < max_length:
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+            if stopping_criteria and all(bool(torch.as_tensor(c(ids, None)).all()) for c in stopping_criteria):
+                break
+            out = self(token, mask, past_key_values=out.past_key_values)
+        return ids

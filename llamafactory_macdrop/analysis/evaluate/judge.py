@@ -1,42 +1,25 @@
 """A judge that grades answers 1-5 in Prometheus-2's absolute-grading (direct assessment) format.
 
-The format is Prometheus-2's published one (Kim et al. 2024; the judge models Prometheus-2-7B /
-8x7B, M-Prometheus, Flow-Judge, Selene-1-Mini were trained or tuned on it), so a prompt keeps its
-structure: a task description telling the judge to write feedback strictly on the rubric and
-end with "[RESULT] n", then sections headed ``###The instruction to evaluate:``, ``###Response to
-evaluate:``, ``###Reference Answer (Score 5):`` (only when there is one), ``###Score Rubrics:``
-(the criterion in brackets and one line per score 1..5) and ``###Feedback:``, where the judge
-continues. The wording of the task description and rubrics is this module's own (the
-``prometheus-eval`` package holds the original templates but pulls in litellm; it is not used).
-A system message asks for a fair, rubric-bound judgement.
+Why this format: the judge models (Prometheus-2-7B / 8x7B, M-Prometheus, Flow-Judge, Selene-1-Mini)
+were trained on it, so a prompt keeps its structure: a task description (feedback strictly on the
+rubric, then "[RESULT] n"), ``###The instruction to evaluate:``, ``###Response to evaluate:``,
+``###Reference Answer (Score 5):`` (when there is one), ``###Score Rubrics:`` and ``###Feedback:``
+where the judge continues. The wording is this module's own (``prometheus-eval`` holds the original
+templates but pulls in litellm). A system message asks for a fair judgement (a chat template that
+refuses a system role gets none: lm-eval's ``apply_chat_template`` drops it). One rubric per kind
+of item (:data:`RUBRICS`: ``math``, ``short_qa``, ``context_qa``, ``open``).
 
-Rubrics, one per kind of item (:data:`RUBRICS`; tasks.py gives each item its kind):
+A conversation is judged turn by turn (the conversation so far, that turn's answer); an item's
+score is the mean of its turns', ``unparsed`` when any turn's is. The score is the integer after
+the LAST "[RESULT]" (a colon, brackets, "/5" or "out of 5" allowed); anything else (none, no
+integer, "4.5", "4/10", outside 1..5) is unparsed with its reason, counted, never scored, never
+dropped; feedback and raw text are kept per item.
 
-* ``math`` (gsm8k, Spec-Bench math_reasoning): is the final answer right and the reasoning sound;
-* ``short_qa`` (nq_open, Spec-Bench qa): is the short answer correct and to the point;
-* ``context_qa`` (squad, Spec-Bench rag): is the answer correct and supported by the given text;
-* ``open`` (MT-bench, translation, summarization, any other category): does the response follow
-  the instruction helpfully, accurately and coherently (consistent with the earlier turns).
-
-A conversation is judged turn by turn (:func:`judge_requests`): the instruction shown is the
-conversation so far (earlier user turns and the model's answers, then the current turn), the
-response that turn's answer; an item's score is the mean of its turns' scores, and the item is
-``unparsed`` when any turn's judgement is.
-
-Parsing (:func:`parse_judgement`): the score is the integer after the LAST "[RESULT]" (any case;
-the judge may echo the format line before its verdict), allowing a colon, brackets or
-parentheses around it and "/5" or "out of 5" after it: "[RESULT] 4", "[RESULT]: 4", "[RESULT] (4)",
-"[RESULT] 4/5". Anything else is unparsed and says why: no "[RESULT]", no integer after it, a
-non-integer ("4.5"), another scale ("4/10"), or an integer outside 1..5. Unparsed judgements are
-counted per task (``unparsed``), never scored and never dropped; the feedback (the text before
-the last "[RESULT]", a leading "Feedback:" removed) and the raw text are kept per item.
-
-Backends behind one interface (:class:`JudgeBackend`: ``check()``, ``complete(pairs)``):
-:class:`LocalJudge` (a causal LM loaded once from a folder, its own dtype and device, greedy,
-its chat template, batched by evaluate/generate.py) and :class:`URLJudge` (an OpenAI-compatible
-``/v1/chat/completions`` endpoint such as a vLLM server: temperature 0, stdlib ``urllib``, a
-timeout, one-line errors). ``check()`` loads or connects, so a judge that cannot is refused
-before anything generates.
+Backends: :class:`LocalJudge` (a causal LM loaded once, its own dtype and device, greedy, its chat
+template, on the same lm-eval HFLM bridge as every generation here: harness.py) and
+:class:`URLJudge` (an OpenAI-compatible ``/v1/chat/completions`` endpoint, temperature 0, stdlib
+``urllib``). ``check()`` loads or connects, so a judge that cannot is refused before anything
+generates.
 """
 
 from __future__ import annotations
@@ -210,19 +193,14 @@ def _conversation(turns: Sequence[str], answers: Sequence[str]) -> str:
     return "\n\n".join(lines) + "\n\n(Evaluate the assistant's answer to the last user turn.)"
 
 
-def judge_requests(item: Any, result: Any) -> list[JudgeRequest]:
-    """One request per turn of a task item (tasks.TaskItem) and its generation result."""
-    answers = [t.text for t in result.turns]
+def judge_requests(
+    item_id: str, kind: str, turns: Sequence[str], answers: Sequence[str], references: Sequence[Optional[str]] = ()
+) -> list[JudgeRequest]:
+    """One request per turn of an item: the conversation so far, that turn's answer, its reference."""
+    refs = list(references) + [None] * (len(turns) - len(references))
     return [
-        JudgeRequest(
-            item.id,
-            i,
-            item.kind,
-            _conversation(item.turns[: i + 1], answers[:i]),
-            answers[i],
-            item.judge_references[i] if i < len(item.judge_references) else None,
-        )
-        for i in range(len(item.turns))
+        JudgeRequest(item_id, i, kind, _conversation(turns[: i + 1], answers[:i]), answers[i], refs[i])
+        for i in range(len(turns))
     ]
 
 
@@ -290,7 +268,7 @@ class LocalJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .generate import BatchedGenerator
+        from .harness import LoadedLM
 
         if self.dtype != "auto" and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise JudgeError(f"--judge-dtype {self.dtype!r} is not allowed: auto, float32, bfloat16 or float16")
@@ -305,17 +283,15 @@ class LocalJudge:
                 f"{type(err).__name__}: {_one_line(err)}"
             ) from None
         self._device = device
-        self._generator = BatchedGenerator(model, tokenizer, batch_size=self.batch_size, chat_template=True)
+        self._generator = LoadedLM(model, tokenizer, batch_size=self.batch_size)
 
     def complete(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
-        from .generate import GenerationRequest
-
         self.check()
-        requests = [
-            GenerationRequest(str(i), (user,), self.max_new_tokens, system=system)
-            for i, (system, user) in enumerate(prompts)
+        lm = self._generator
+        contexts = [
+            lm.prompt([{"role": "system", "content": s}, {"role": "user", "content": u}], True) for s, u in prompts
         ]
-        return [r.text for r in self._generator.generate(requests)]
+        return lm.generate(contexts, max_gen_toks=self.max_new_tokens)
 
     def protocol(self) -> dict[str, Any]:
         out = {
@@ -328,7 +304,7 @@ class LocalJudge:
         if self._generator is not None:
             out.update(
                 device=self._device,
-                chat_template=self._generator.chat_template,
+                chat_template=bool(getattr(self._generator.tokenizer, "chat_template", None)),
                 loaded_dtype=str(next(self._generator.model.parameters()).dtype).replace("torch.", ""),
             )
         return out

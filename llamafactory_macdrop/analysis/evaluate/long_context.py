@@ -4,8 +4,8 @@ Why two steps: their prompts are cut in tokens (the needle's length as fed, Long
 truncation), so they need the tokenizer and the generator's encoding (chat template or not),
 which exist only after the model loads; but a length above the model's positions, a missing
 LongBench file or a bad option must fail in one line BEFORE the model loads. :meth:`check` runs
-on config.json and the files; :meth:`build` makes the :class:`~.tasks.GenerationTask` s the
-generation runner then treats like any other task.
+on config.json and the files; :meth:`build` makes the tasks the generation runner then treats
+like any other.
 
 Names: ``needle`` (needle.py), ``longbench`` (the 16 English datasets) and ``longbench_<dataset>``
 (longbench.py).
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .needle import NeedleSpec, max_positions
-from .tasks import GenerationTask
 
 DEFAULT_LONGBENCH_LENGTH = 7500  # the paper's v2 budget (LongBench's own for 8k models)
 
@@ -61,23 +60,20 @@ class LongContextTasks:
                 max_new_tokens=self.max_new_tokens,
             )
 
-    def build(
-        self, tokenizer: Any, encode: Callable[[str], Sequence[int]], config: Optional[dict]
-    ) -> list[GenerationTask]:
-        """The tasks, in the order: needle, then LongBench's."""
-        out = []
+    def build(self, tokenizer: Any, encode: Callable[[str], Sequence[int]], config: Optional[dict]) -> list:
+        """The tasks, in the order: needle, then LongBench's (``encode``: how a one-turn prompt is fed)."""
+        out: list = []
         if self.needle is not None:
             out.append(self.needle.build(encode, tokenizer, max_positions(config)))
         if self.longbench:
             from .longbench import load_longbench
 
-            out += load_longbench(
+            tasks = load_longbench(
                 self.longbench,
                 tokenizer=tokenizer,
                 data_dir=self.longbench_dir,
                 max_length=self.longbench_length,
-                limit=self.limit,
+                max_new_tokens=self.max_new_tokens,
             )
-        if self.max_new_tokens is not None:
-            out = [replace(task, max_new_tokens=self.max_new_tokens) for task in out]
+            out += [replace(t, limit=self.limit) for t in tasks]
         return out

