@@ -62,7 +62,11 @@ def _python(code: str, *flags: str) -> subprocess.CompletedProcess:
 
 def test_core_and_analysis_import_without_llamafactory():
     mods = (
-        _modules("core") + _modules("analysis") + _modules("api") + _modules("cli") + _modules("integrations/transformers")
+        _modules("core")
+        + _modules("analysis")
+        + _modules("api")
+        + _modules("cli")
+        + _modules("integrations/transformers")
     )
     code = (
         BLOCK_LF
@@ -152,6 +156,37 @@ def test_integrations_use_only_the_host_free_plugin_modules():
     for path in sorted(PACKAGE.rglob("*.py")):
         if any(n == "axolotl" or n.startswith("axolotl.") for n in _imported(ast.parse(path.read_text()))):
             assert path.is_relative_to(PACKAGE / "integrations" / "axolotl"), path
+
+
+#: what each analysis/ folder may import of the others: measuring (inspect) and evaluating (evaluate)
+#: stand alone, attacks use both, compare uses everything; models/ (loading, identity) and the
+#: figures are shared by all
+ANALYSIS_USES = {
+    "inspect": set(),
+    "evaluate": set(),
+    "models": set(),
+    "attack": {"inspect", "evaluate", "models"},
+    "compare": {"inspect", "evaluate", "models", "attack"},
+}
+
+
+def test_analysis_imports_point_one_way_and_never_up():
+    """analysis/ imports neither api/ nor cli/, its folders only in the direction ANALYSIS_USES gives
+    (no cycle, no lazy import around one), and api/ takes of cli/ its option parsers alone."""
+    for path in sorted((PACKAGE / "analysis").rglob("*.py")):
+        rel = path.relative_to(PACKAGE / "analysis")
+        used = _package_imports(path)
+        up = [m for m in used if m.startswith((f"{NAME}.api", f"{NAME}.cli", f"{NAME}.plugin", f"{NAME}.integrations"))]
+        assert not up, f"analysis/{rel} imports {up}"
+        if len(rel.parts) < 2:
+            continue
+        mine = rel.parts[0]
+        others = {m.split(".")[2] for m in used if m.startswith(f"{NAME}.analysis.") and len(m.split(".")) > 3}
+        others -= {mine, "figures"}
+        assert others <= ANALYSIS_USES[mine], f"analysis/{rel} imports analysis/{sorted(others - ANALYSIS_USES[mine])}"
+    for path in sorted((PACKAGE / "api").rglob("*.py")):
+        cli = [m for m in _package_imports(path) if m.startswith(f"{NAME}.cli")]
+        assert not cli or path.name == "options.py", f"api/{path.name} imports {cli}"
 
 
 def test_the_startup_hook_loads_the_standard_library_only():

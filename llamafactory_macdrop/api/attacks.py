@@ -36,14 +36,15 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     )
     from ..analysis.attack.sweep import AttackReport, loss_gap_recovery, run_sweep
     from ..analysis.inspect.activations import probe_input_ids
-    from ..cli.evaluation import generation_suite, read_generation
     from ..core.architectures import find_ffn_blocks
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
     from .evaluation import (
         device_for,
+        generation_suite,
         prepare_corpora,
         quiet_progress,
+        read_generation,
         read_sources,
         resolve_sources,
         resolve_super_weights,
@@ -71,7 +72,7 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     settings = sweep_settings(modes, ks, scales=scales, fills=fills)
     generating = _generation_plan(args, settings)
     sources, tasks = read_sources(args, need_text=False)
-    gen_tasks, judge = read_generation(args, source.path)
+    gen_tasks, judge = read_generation(args, source)
     if not (sources or tasks or generating or gen_tasks):
         raise AttackError("nothing to evaluate: give --text-file, --dataset, --zeroshot, --gen-tasks or --generate")
     if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():

@@ -175,10 +175,10 @@ def prepare(config, options: dict) -> Prepared:
     before anything trains or loads."""
     from ..analysis.attack.attacks import sweep_settings
     from ..analysis.compare.runs import CompareError, parse_grid, parse_seeds, plan_arms, plan_runs
-    from ..cli.evaluation import read_generation
     from ..plugin.keys import MacDropConfigError
     from ..plugin.lf.arguments import check_train_config
-    from .evaluation import quiet_progress, read_sources
+    from .evaluation import quiet_progress, read_generation, read_sources
+    from .model_input import ModelInput
 
     args = namespace("compare", {"config": Path(config)}, options)
     if args.no_progress:  # first: tqdm reads TQDM_DISABLE when it is imported (LLaMA-Factory's checks import it)
@@ -194,7 +194,7 @@ def prepare(config, options: dict) -> Prepared:
     _check_schedule(args)
     if not args.no_eval:
         prep.sources, prep.tasks = read_sources(args, need_text=False)
-        prep.gen_tasks, prep.judge = read_generation(args, str(base["model_name_or_path"]))
+        prep.gen_tasks, prep.judge = read_generation(args, ModelInput(str(base["model_name_or_path"])))
         if not (prep.sources or prep.tasks or prep.gen_tasks):
             raise CompareError(
                 "nothing to evaluate: give --text-file, --dataset, --zeroshot or --gen-tasks (or --no-eval)"
@@ -407,10 +407,9 @@ def _evaluator(prep: Prepared, say):
     """The base loaded once, its massive rows located, every evaluator built: (evaluator, suite)."""
     from ..analysis.attack.attacks import AttackTargets
     from ..analysis.compare.evaluation import OneBaseEvaluator, text_digest
-    from ..cli.evaluation import generation_suite
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
-    from .evaluation import device_for, prepare_corpora, zeroshot_evaluator
+    from .evaluation import device_for, generation_suite, prepare_corpora, zeroshot_evaluator
     from .model_input import ModelInput
 
     args, base, settings = prep.args, prep.base, prep.settings

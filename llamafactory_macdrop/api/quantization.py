@@ -28,13 +28,14 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
         run_quantization_sweep,
     )
     from ..analysis.inspect.activations import probe_input_ids
-    from ..cli.evaluation import generation_suite, read_generation
     from ..core.architectures import find_ffn_blocks
     from .attacks import sweep_checkpoint
     from .evaluation import (
         device_for,
+        generation_suite,
         prepare_corpora,
         quiet_progress,
+        read_generation,
         read_sources,
         resolve_sources,
         resolve_super_weights,
@@ -57,7 +58,7 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
     if args.k < 1:
         raise QuantizationError(f"--k {args.k} is not allowed: give a number >= 1")
     sources, tasks = read_sources(args, need_text=False)
-    gen_tasks, judge = read_generation(args, source.path)
+    gen_tasks, judge = read_generation(args, source)
     if not (sources or tasks or gen_tasks):
         raise QuantizationError("nothing to evaluate: give --text-file, --dataset, --zeroshot or --gen-tasks")
     tok = source.require_tokenizer("the evaluation needs one")

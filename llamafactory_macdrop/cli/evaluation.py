@@ -8,9 +8,8 @@ definition keeps their names, defaults and checks the same.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 
 def super_weight_arg(text: str):
@@ -163,137 +162,6 @@ def add_generation_options(p, items_option: bool = True) -> None:
         help="LongBench: the folder of its JSONL files (hotpotqa.jsonl, ...); default: lm-eval's stock dataset "
         "(offline: from the Hugging Face cache)",
     )
-
-
-@dataclass
-class GenerationPlan:
-    """What ``--gen-tasks`` names: the tasks ready now, and the long-context ones built once the
-    tokenizer is loaded (analysis/evaluate/long_context.py)."""
-
-    ready: list = field(default_factory=list)
-    long_context: Any = None
-
-    def __bool__(self) -> bool:
-        return bool(self.ready) or bool(self.long_context)
-
-
-def read_generation(args: argparse.Namespace, model_path: Optional[str] = None):
-    """(plan, judge): the tasks the options name, loaded and checked (long-context ones against the
-    model's config.json) before the model under test loads; (None, None) without --gen-tasks."""
-    from ..analysis.evaluate.judge import make_judge
-    from ..analysis.evaluate.long_context import LongContextTasks, is_long_context
-    from ..analysis.evaluate.needle import NeedleSpec, parse_depths, parse_lengths
-    from ..analysis.evaluate.tasks import load_tasks, parse_task_list
-    from ..core.model_config import read_config_json
-    from .common import OptionError
-
-    judging = args.judge is not None or args.judge_url is not None or args.judge_model is not None
-    if args.gen_tasks is None:
-        if judging:
-            raise OptionError("--judge / --judge-url grade generation tasks: give --gen-tasks too")
-        return None, None
-    if args.gen_batch_size < 1:
-        raise OptionError(f"--gen-batch-size {args.gen_batch_size} is not allowed: give a number >= 1")
-    if args.gen_max_new_tokens is not None and args.gen_max_new_tokens < 1:
-        raise OptionError(f"--gen-max-new-tokens {args.gen_max_new_tokens} is not allowed: give a number >= 1")
-    if args.gen_batch_tokens < 1:
-        raise OptionError(f"--gen-batch-tokens {args.gen_batch_tokens} is not allowed: give a number >= 1")
-    names = parse_task_list(args.gen_tasks)
-    tasks = load_tasks([n for n in names if not is_long_context(n)], args.limit, max_new_tokens=args.gen_max_new_tokens)
-    long_names = [n for n in names if is_long_context(n)]
-    _refuse_unused_long_context_options(args, long_names)
-    long_context = LongContextTasks(
-        needle=NeedleSpec(
-            lengths=parse_lengths(args.needle_lengths) if args.needle_lengths is not None else None,
-            depths=parse_depths(args.needle_depths),
-            samples=args.needle_samples,
-            seed=args.needle_seed,
-            haystack=str(args.needle_haystack) if args.needle_haystack is not None else None,
-            max_length=args.max_length,
-            **({"max_new_tokens": args.gen_max_new_tokens} if args.gen_max_new_tokens is not None else {}),
-        )
-        if "needle" in long_names
-        else None,
-        longbench=[n for n in long_names if n != "needle"],
-        longbench_dir=args.longbench_dir,
-        max_length=args.max_length,
-        limit=args.limit,
-        max_new_tokens=args.gen_max_new_tokens,
-    )
-    if long_context:
-        found = read_config_json(model_path) if model_path else None
-        long_context.check(found[1] if found else None, _early_encoder(args, model_path, long_context))
-    options = {}
-    if args.judge is not None:
-        options = {"dtype": args.judge_dtype, "device": args.judge_device}
-    judge = make_judge(str(args.judge) if args.judge is not None else None, args.judge_url, args.judge_model, **options)
-    if judge is not None:
-        judge.check()  # a judge that cannot load or answer fails here, before any generation
-    return GenerationPlan(tasks, long_context if long_context else None), judge
-
-
-NEEDLE_OPTIONS = {  # option -> its default: given without --gen-tasks needle, refused
-    "needle_lengths": None,
-    "needle_depths": "0,25,50,75,100",
-    "needle_samples": 5,
-    "needle_seed": 0,
-    "needle_haystack": None,
-}
-
-
-def _refuse_unused_long_context_options(args: argparse.Namespace, long_names: list[str]) -> None:
-    """An option of a task that is not asked for is a mistake, not a no-op (as --judge without tasks)."""
-    from .common import OptionError
-
-    if "needle" not in long_names:
-        given = [k for k, default in NEEDLE_OPTIONS.items() if getattr(args, k) != default]
-        if given:
-            raise OptionError(f"--{given[0].replace('_', '-')} sets up the needle: add needle to --gen-tasks")
-    if not any(n != "needle" for n in long_names) and args.longbench_dir is not None:
-        raise OptionError("--longbench-dir is for LongBench: add longbench or longbench_<dataset> to --gen-tasks")
-    if not long_names and args.max_length is not None:
-        raise OptionError("--max-length is for the long-context tasks: add needle or longbench to --gen-tasks")
-
-
-def _early_encoder(args: argparse.Namespace, model_path: Optional[str], long_context):
-    """How the runner will encode a one-turn prompt, from the tokenizer alone (None when it does not
-    load here): the needle's fixed parts are measured before the model loads."""
-    if long_context.needle is None or not model_path:
-        return None
-    from ..analysis.evaluate.harness import encode_prompt
-    from .common import load_tokenizer
-
-    tokenizer = load_tokenizer(model_path)
-    if tokenizer is None:
-        return None
-    return lambda text: encode_prompt(tokenizer, text, not args.gen_no_chat_template)
-
-
-def generation_suite(args: argparse.Namespace, plan, judge, model, tokenizer, echo=print):
-    """The generation runner on the loaded model (None without tasks); long-context tasks built here."""
-    if not plan:
-        return None
-    from ..analysis.evaluate.gen_tasks import GenerationSuite
-
-    suite = GenerationSuite(
-        model,
-        tokenizer,
-        plan.ready,
-        judge=judge,
-        batch_size=args.gen_batch_size,
-        chat_template=not args.gen_no_chat_template,
-        max_batch_tokens=args.gen_batch_tokens,
-    )
-    if plan.long_context is not None:
-        config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None
-        suite.add_tasks(plan.long_context.build(tokenizer, suite.encode, config))
-    echo(
-        "  generation tasks (lm-eval HFLM): "
-        + ", ".join(f"{p['task']} {p['items']} of {p['available']} items" for p in suite.protocol()["tasks"])
-        + f"; greedy, {'chat template' if suite.chat_template else 'plain prompts'}"
-        + (f"; judge {judge.protocol().get('model') or judge.protocol().get('backend', '')}" if judge else "")
-    )
-    return suite
 
 
 def gen_items_path(args: argparse.Namespace) -> Optional[Path]:
