@@ -23,8 +23,10 @@ must be the checkpoint's after every step. On this machine LLaMA-Factory 0.9.5's
 one change, made by that same test-only file: without GPUs it reserves one 10-CPU placement-group
 bundle per CPU of the cluster and waits for ever, MacDrop or not (docs/distributed.md).
 
-Cost on 2 shared cores: about 5 min for the module under a load average of 8 (torchrun runs 20-35 s
-each, Ray runs 40-55 s each: a local Ray instance starts per run, as on one machine a user's does).
+Cost on 2 shared cores: 4 min for the module at a load average of 4-5 (31 s the 1-node run, 84 s
+the two-node DDP runs and their resume, 47 s ZeRO-3, 56 s the two Ray runs, 22 s the Ray error),
+6 min at a load average of 8. Each Ray run starts a local Ray instance of its own, as a user's
+does on one machine.
 """
 
 from __future__ import annotations
