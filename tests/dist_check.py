@@ -281,6 +281,7 @@ def verify(
     per: str = "optimizer_step",
     located: dict | None = None,
     original: dict | None = None,
+    first_step: int = 1,
 ) -> list[str]:
     """Assert Algorithm 1 on every rank's trace; returns what was checked (for printing).
 
@@ -289,7 +290,8 @@ def verify(
     with ``recompute`` the gradient-checkpoint recomputation in backward (masked again).
     ``located``: the run's macdrop_locator.json, whose layer/indices must be the planted ones.
     ``original``: the weights the run must start from (e.g. read from the checkpoint file);
-    default: each rank's own measurement before the first step."""
+    default: each rank's own measurement before the first step. ``first_step``: the first step
+    this run trained (a run resumed after step N trains from N + 1 on)."""
     located = located or traces[0].get("located")
     if located is not None:
         assert located["layer"] == layer, located
@@ -304,7 +306,7 @@ def verify(
             for key in start:
                 assert torch.equal(start[key], original[key]), f"rank {rank}: {key} before training != checkpoint"
         shape = (len(rows), next(iter(start.values())).shape[1])
-        expected = expected_masks(seed, steps, ga, p0, shape, trace["device"], per)
+        expected = [m for m in expected_masks(seed, steps, ga, p0, shape, trace["device"], per) if m[0] >= first_step]
         seen = trace["forward"]
         assert len(seen) == per_micro * len(expected), (len(seen), len(expected))
         for i, (step, keep) in enumerate(expected):
@@ -314,7 +316,7 @@ def verify(
                     check_forward(weights, start, rows, keep if kind == "masked" else None)
                 except AssertionError as err:
                     raise AssertionError(f"rank {rank} step {step} micro {i % ga} {kind}: {err}") from None
-        assert [s for s, _ in trace["bytes_after"]] == list(range(1, steps + 1))
+        assert [s for s, _ in trace["bytes_after"]] == list(range(first_step, steps + 1))
         for step, after in trace["bytes_after"]:
             for key, before in trace["bytes_before"].items():
                 assert torch.equal(after[key], before), f"rank {rank}: {key} storage not restored after step {step}"
@@ -330,7 +332,7 @@ def verify(
         f"(outside the rows bitwise unchanged, {drops} dropped elements exactly 0, the rest original)"
         + (", the reference forwards the original" if reference else ""),
         "same weights in every forward on every rank" if len(traces) > 1 else "single rank",
-        "storage bytes bitwise restored after each of %d optimizer steps" % steps,
+        "storage bytes bitwise restored after each of %d optimizer steps" % (steps - first_step + 1),
         "ZeRO-3 partitioned targets" if zero3 else "unpartitioned targets",
     ]
 

@@ -121,7 +121,7 @@ class RunArgs:
 
     stage: str
     finetuning_type: str
-    bypasses_trainer: tuple[str, ...] = ()  # use_ray / use_mca / use_hyper_parallel set true
+    bypasses_trainer: tuple[str, ...] = ()  # use_mca / use_hyper_parallel set true
     fsdp: Optional[dict[str, Any]] = None  # fsdp_setup()
     deepspeed: Optional[dict] = None
     quantization_bit: Optional[str] = None  # None: no on-the-fly quantization
@@ -176,7 +176,9 @@ def read_run_args(
     return RunArgs(
         stage=str(get("stage", defaults["stage"])),
         finetuning_type=str(get("finetuning_type", defaults["finetuning_type"])),
-        bypasses_trainer=tuple(k for k in ("use_ray", "use_mca", "use_hyper_parallel") if truthy(get(k, False))),
+        # not use_ray: LLaMA-Factory takes it from USE_RAY in the environment only (its parser refuses the
+        # key), and its Ray workers run the HF trainer, where MacDrop acts (plugin/lf/patches.py)
+        bypasses_trainer=tuple(k for k in ("use_mca", "use_hyper_parallel") if truthy(get(k, False))),
         fsdp=fsdp_setup(get("fsdp", ""), get("fsdp_config"), environ),
         deepspeed=deepspeed_config(get("deepspeed")),
         quantization_bit=None if bit in ("", "None", "none") else bit,

@@ -45,6 +45,14 @@ def run_args(lf_args: dict[str, Any] | list[str]) -> RunArgs:
     return read_run_args(lf_args, lf_defaults())
 
 
+def uses_ray() -> bool:
+    """Whether this run takes LLaMA-Factory's Ray path: its own rule (``USE_RAY`` in the environment,
+    read by ``RayArguments.__post_init__``; a ``use_ray`` YAML key is not one of its arguments)."""
+    from llamafactory.extras.misc import use_ray
+
+    return bool(use_ray())
+
+
 def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | list[str], Optional[MacDropConfig]]:
     """Split and validate; returns (LF's own args, config or None when MacDrop is off).
 

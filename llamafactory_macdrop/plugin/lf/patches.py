@@ -10,6 +10,12 @@ Lifecycle, as seen from ``llamafactory-cli train x.yaml``:
    unknown keys), validates them into a :class:`MacDropConfig`, and for the duration of the run
    swaps the stage's trainer class for a subclass with :class:`MacDropTrainerMixin` in front.
    ``export_model`` is wrapped to ignore ``macdrop_*`` keys, so they may stay in an export YAML.
+3. Under LLaMA-Factory's Ray path (``USE_RAY=1``) ``run_exp`` runs in the driver, which trains
+   nothing: it starts ``ray_num_workers`` Ray actors, each calling ``tuner._training_function`` in
+   its own interpreter (where the start-up hook patched the tuner as in a torchrun child). The
+   driver validates the keys and hands them on with the run's arguments; the wrapped
+   ``_training_function`` (:func:`_wrap_training_function`) splits them off and swaps the
+   trainer class in each worker.
 
 Both patches are triggered by the ``.pth`` start-up hook (``plugin.startup``); :func:`activate` applies
 them in-process for notebooks and tests. If LLaMA-Factory's internals are not where this module
@@ -30,7 +36,7 @@ from typing import Any, Iterator, Optional
 
 from .. import child_errors
 from ..keys import MacDropConfig, split_macdrop_args
-from .arguments import ignored_macdrop_keys, refuse_skipping_switches, validate_args, validate_command_line
+from .arguments import ignored_macdrop_keys, refuse_skipping_switches, uses_ray, validate_args, validate_command_line
 from .errors import SUPPORTED_LLAMAFACTORY, internals_error, lf_version
 
 #: stage -> (module, attribute) of the trainer class its workflow instantiates. sft/pt import the
@@ -130,8 +136,34 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
         config.macdrop_scope,
         config.macdrop_mask_per,
     )
+    if uses_ray():
+        # the driver trains nothing: the keys travel with the arguments to the Ray workers, whose
+        # _training_function (wrapped below) swaps the trainer class in their own interpreter
+        return original(args, callbacks)
     with macdrop_trainers(config, stage):
         return original(lf_args, callbacks)
+
+
+def _wrap_training_function(original):
+    """``tuner._training_function`` with the ``macdrop_*`` keys applied, for the run that reaches it
+    with them: a Ray worker's (``run_exp`` removes them on every other path, so there this is a
+    pass-through). Each worker validates them again, as every torchrun child does."""
+
+    @functools.wraps(original)
+    def _training_function(config: dict[str, Any]) -> None:
+        args = config.get("args")
+        if args is None or not split_macdrop_args(args)[1]:
+            return original(config)
+        lf_args, macdrop = validate_args(args)
+        if macdrop is None:  # macdrop: false; the driver has already warned about the other keys
+            return original({**config, "args": lf_args})
+        from .arguments import run_args
+
+        with macdrop_trainers(macdrop, run_args(lf_args).stage):
+            return original({**config, "args": lf_args})
+
+    setattr(_training_function, _PATCHED, True)
+    return _training_function
 
 
 def _wrap_export(original, read_args):
@@ -166,6 +198,11 @@ def patch_tuner(tuner) -> None:
         if fn is None or read_args is None or getattr(fn, _PATCHED, False):
             continue  # a missing function surfaces as LF's own 'keys are not used' error
         setattr(tuner, name, wrap(fn, read_args))
+    # a Ray worker's entry point; a worker whose tuner is NOT patched (start-up hook switched off
+    # there) is loud too: LLaMA-Factory's parser refuses the macdrop_* keys the driver hands on
+    training_function = getattr(tuner, "_training_function", None)
+    if training_function is not None and not getattr(training_function, _PATCHED, False):
+        tuner._training_function = _wrap_training_function(training_function)
 
 
 def patch_launcher(launcher) -> None:
@@ -197,7 +234,9 @@ def patch_launcher(launcher) -> None:
                     print(f"[macdrop] error: {message}", file=sys.stderr, flush=True)
                     sys.exit(2)
         except plugin_errors() as err:
-            print(f"[macdrop] error: {err}", file=sys.stderr, flush=True)
+            # a Ray worker's error reaches the driver wrapped (ray.exceptions.RayTaskError, an
+            # instance of the worker's exception class too); its cause holds the one line
+            print(f"[macdrop] error: {getattr(err, 'cause', None) or err}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     setattr(launch, _PATCHED, True)
