@@ -30,7 +30,7 @@ if [ ! -f "$VENV/.compat-stamp" ] || [ "$(cat "$VENV/.compat-stamp")" != "$stamp
     echo "torch==2.13.0" >> "$constraints"
     "${PIP[@]}" --no-deps -c "$constraints" llamafactory 2>&1 | quiet
     # LLaMA-Factory's runtime dependencies (as scripts/setup.sh), pinned low; no deepspeed/bitsandbytes/lm-eval
-    grep -v -E '^(lm-eval|deepspeed|bitsandbytes|gguf|pytest|tokenizers|tensorboard|rouge|fuzzywuzzy)' requirements/runtime.txt > "$constraints.req"
+    grep -v -E '^(lm-eval|deepspeed|bitsandbytes|gguf|pytest|tokenizers|tensorboard|rouge|fuzzywuzzy|jieba)' requirements/runtime.txt > "$constraints.req"
     "${PIP[@]}" -c "$constraints" -r "$constraints.req" pytest 2>&1 | quiet
     "${PIP[@]}" ./install/torchaudio-placeholder 2>&1 | quiet
     echo "$stamp" > "$VENV/.compat-stamp"
