@@ -76,5 +76,5 @@ def test_plot_draws_metric_against_k_for_both_attacks():
     assert lines["top-k zeroing"] == ([0, 1, 5], [10.0, 20.0, 80.0])
     assert lines["top-k retaining"] == ([0, 1, 5], [10.0, 12.0, 11.0])
     assert wiki.get_yscale() == "log"
-    assert piqa.get_ylabel() == "accuracy (%)"
+    assert piqa.get_ylabel() == "accuracy (%), 95 % Wilson band"
     assert [list(line.get_ydata()) for line in piqa.get_lines() if line.get_label() == "no attack"] == [[50.0, 50.0]]
