@@ -41,6 +41,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 
 from ..core.architectures import FFNBlock, find_ffn_blocks
+from ..core.atomic_write import write_text_atomic
 from ..core.curriculum import Progress, build_curriculum, epoch_curriculum_problem
 from ..core.first_token import batch_first_token
 from ..core.locator import (
@@ -67,6 +68,12 @@ logger.propagate = False
 SETTINGS_FILE = "macdrop_settings.json"
 #: what decides p and the masks after a resume (k, layer and indices are checked against the locator file)
 RESUME_KEYS = ("macdrop_p0", "macdrop_curriculum", "macdrop_alpha", "macdrop_scope", "macdrop_mask_per")
+#: what else a resume warns about: the masks are drawn from the seed; the rows are reused from the
+#: locator file, so a changed probe token is not used
+RESUME_NOTES = {
+    "seed": "the masks are drawn from it: they differ from the interrupted run's from here on",
+    "macdrop_probe_token": "not used: the rows are reused from macdrop_locator.json",
+}
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for seed mixing
 _MASK64 = (1 << 63) - 1
@@ -81,6 +88,11 @@ def scope_rows(scope: str, indices: Sequence[int], intermediate_size: int) -> to
     if scope == "non_massive":
         keep = torch.ones(intermediate_size, dtype=torch.bool)
         keep[torch.tensor(list(indices), dtype=torch.long)] = False
+        if not keep.any():
+            raise MacDropConfigError(
+                f"macdrop_scope='non_massive' leaves no row to drop: the layer is {intermediate_size} wide and all "
+                f"{len(indices)} massive rows are kept; use fewer rows (macdrop_k), or another scope"
+            )
         return keep.nonzero().flatten()
     raise ValueError(f"unknown scope {scope!r}")
 
@@ -234,6 +246,10 @@ class MacDropTrainerMixin:
                 for w in result.warnings:
                     logger.warning(w)
         self._macdrop_run = MacDropRun(cfg, result, blocks, seed=self.args.seed, model=model)
+        if self._macdrop_run.dropout.trainable and getattr(self, "is_deepspeed_enabled", False):
+            from .checks import trainable_rows_refusal
+
+            raise MacDropConfigError(trainable_rows_refusal(self._macdrop_run.dropout.trainable_names(), "DeepSpeed"))
         if self.is_world_process_zero():
             logger.info("MacDrop storage: %s", "; ".join(t.describe() for t in self._macdrop_run.dropout.targets))
         return self._macdrop_run
@@ -292,14 +308,15 @@ class MacDropTrainerMixin:
                 **self.macdrop_config.to_dict(),
                 "total_steps": progress.total_steps,
                 "num_epochs": progress.num_epochs,
+                "seed": self.args.seed,
             }
-            with open(os.path.join(folder, SETTINGS_FILE), "w", encoding="utf-8") as f:
-                json.dump(saved, f, indent=1)
+            write_text_atomic(os.path.join(folder, SETTINGS_FILE), json.dumps(saved, indent=1))
 
     def _macdrop_warn_changed_settings(self) -> None:
         """A resumed run whose p differs from what the checkpoint's run would have used (other p0,
         curriculum, alpha, or, where the curriculum counts them, other total steps or epochs), or
-        whose scope or mask_per differ: one warning naming old and new. The checkpoint's settings
+        whose scope or mask_per differ, or whose seed (the masks) or probe token (unused on resume)
+        differ: one warning naming old and new. The checkpoint's settings
         are in its ``macdrop_settings.json`` (checkpoints saved before it existed are not checked)."""
         checkpoint = getattr(self, "_macdrop_resumed_from", None)
         if checkpoint is True:
@@ -329,6 +346,12 @@ class MacDropTrainerMixin:
         p_new = self._macdrop_run.probability(progress)
         same_p = math.isclose(p_old, p_new, rel_tol=1e-9, abs_tol=1e-12)
         changed = [f"{k} {old[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if old[k] != now[k]]
+        now_notes = {"seed": self.args.seed, "macdrop_probe_token": now["macdrop_probe_token"]}
+        changed += [
+            f"{k} {saved[k]!r} -> {now_notes[k]!r} ({why})"
+            for k, why in RESUME_NOTES.items()
+            if k in saved and saved[k] != now_notes[k]
+        ]
         if not same_p:
             changed += [
                 f"{what} {a} -> {b}"
