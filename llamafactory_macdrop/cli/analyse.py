@@ -12,9 +12,11 @@ from .common import (
     OptionError,
     add_prefix_options,
     check_at_least,
+    check_indices,
     check_k,
     check_model,
     check_text,
+    check_text_files,
     indices_arg,
     load_model,
     load_tokenizer,
@@ -44,6 +46,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
 
     check_model(args.model)
     check_k("--k", args.k, args.model)
+    check_indices("--indices", args.indices, args.model)
     entry = _published_entry(args)
     tokenizer = load_tokenizer(args.model)
     if args.template is not None and tokenizer is None:
@@ -200,6 +203,8 @@ def cmd_superweight(args: argparse.Namespace) -> int:
     check_at_least("--threshold", args.threshold, 0)
     check_model(args.model)
     check_k("--k", args.k, args.model)
+    if args.stopwords:
+        check_text_files(args.text_file)
     tokenizer = _need_tokenizer(args)
     prefix = text_prefix(args, tokenizer, args.model)  # before the model loads
     entry = _published_entry(args)

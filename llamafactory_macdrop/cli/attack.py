@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_TEXT, check_model, indices_arg, load_model, load_tokenizer, text_prefix, token_arg
+from .common import (
+    DEFAULT_TEXT,
+    check_indices,
+    check_model,
+    indices_arg,
+    load_model,
+    load_tokenizer,
+    text_prefix,
+    token_arg,
+)
 from .evaluation import (
     add_corpus_options,
     add_generation_options,
@@ -64,9 +73,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     gen_tasks, judge = read_generation(args, args.model)
     if not (sources or tasks or generating or gen_tasks):
         raise AttackError("nothing to evaluate: give --text-file, --dataset, --zeroshot, --gen-tasks or --generate")
-    if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
-        raise AttackError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+    if args.adapter is not None:
+        from ..analysis.models.loading import check_adapter
+
+        check_adapter(args.adapter)  # config and weights file readable, before anything loads
     check_model(args.model)
+    check_indices("--indices", args.indices, args.model)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise AttackError(f"{args.model}: no tokenizer found next to the model")

@@ -61,8 +61,10 @@ def cmd_attention(args: argparse.Namespace) -> int:
         raise AttentionError(f"--text {args.text!r} is not allowed: give a text of at least one token")
     if args.probe_token is not None and (args.bos is not None or args.bos_token is not None):
         raise AttentionError("--probe-token puts its token first: give it, or --bos/--bos-token, not both")
-    if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
-        raise AttentionError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+    if args.adapter is not None:
+        from ..analysis.models.loading import check_adapter
+
+        check_adapter(args.adapter)  # config and weights file readable, before anything loads
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ModelPathError(f"{args.model}: no tokenizer found next to the model (the probe text needs one)")

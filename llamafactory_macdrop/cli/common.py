@@ -23,9 +23,11 @@ __all__ = [
     "OptionError",
     "add_prefix_options",
     "check_at_least",
+    "check_indices",
     "check_k",
     "check_model",
     "check_text",
+    "check_text_files",
     "config_facts",
     "indices_arg",
     "load_model",
@@ -57,6 +59,26 @@ def check_text(option: str, text) -> None:
     """A probe text must hold something to tokenize (an empty one has no position to look at)."""
     if text is not None and not text.strip():
         raise OptionError(f"{option} {text!r} is not allowed: give a text of at least one token")
+
+
+def check_text_files(paths, option: str = "--text-file") -> None:
+    """Text files are read as UTF-8: one that is missing or is not UTF-8 is one line naming the
+    byte, before any model loads (not a UnicodeDecodeError traceback, after it)."""
+    from pathlib import Path
+
+    for path in paths or ():
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise OptionError(f"{option} {path} cannot be read ({err.strerror or type(err).__name__})") from None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise OptionError(
+                f"{option} {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}): "
+                "convert it, e.g. iconv -f latin1 -t utf-8"
+            ) from None
 
 
 def check_k(option: str, k: int, model: str) -> None:
@@ -108,12 +130,44 @@ def text_prefix(args, tokenizer, model_path: str):
     )
 
 
+def _ascii_int(text: str) -> bool:
+    """ASCII digits only: ``int()`` and ``str.isdigit()`` also take '٣' (3) and '²'."""
+    text = text.strip()
+    return text.isascii() and text.isdigit()
+
+
 def token_arg(text: str) -> int | str:
-    """A token id (digits) or a text."""
+    """A token id (ASCII digits) or a text."""
     if not text:
         raise argparse.ArgumentTypeError("'' is not allowed: give a token id or a text")
-    return int(text) if text.strip().isdigit() else text
+    return int(text) if _ascii_int(text) else text
 
 
 def indices_arg(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """Comma-separated row indices, ASCII digits (checked further by :func:`check_indices`)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or not all(_ascii_int(x) for x in items):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not allowed: give comma-separated row indices >= 0, e.g. 1229,1487"
+        )
+    return [int(x) for x in items]
+
+
+def check_indices(option: str, indices, model: str) -> None:
+    """Row indices: distinct (a repeated row would count twice in k and be dropped twice) and, where
+    config.json tells before loading, inside the widest FFN."""
+    from ..core.model_config import ffn_widths, read_config_json
+
+    if indices is None:
+        return
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        shown = ",".join(map(str, indices))
+        raise OptionError(f"{option} {shown} is not allowed: rows {repeated} repeat (give distinct row indices)")
+    found = read_config_json(model)
+    widths = ffn_widths(found[1]) if found is not None else {}
+    if widths and max(indices) >= max(widths.values()):
+        key, width = max(widths.items(), key=lambda kv: kv[1])
+        raise OptionError(
+            f"{option} {max(indices)} is not allowed: give rows 0..{width - 1} ({key} {width} in {found[0]})"
+        )

@@ -8,6 +8,7 @@ definition keeps their names, defaults and checks the same.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,7 @@ def read_sources(args: argparse.Namespace, need_text: bool = True) -> tuple[list
     """The corpora and zero-shot tasks the options name, checked before any model loads."""
     from ..analysis.evaluate.perplexity import PerplexityProtocol, load_corpus, load_text_file
     from ..analysis.evaluate.zeroshot import parse_tasks
-    from .common import OptionError
+    from .common import OptionError, check_text_files
 
     overrides = corpus_overrides(args)
     PerplexityProtocol(**{k: v for k, v in overrides.items() if v is not None})  # validates the knobs
@@ -112,6 +113,7 @@ def read_sources(args: argparse.Namespace, need_text: bool = True) -> tuple[list
         raise OptionError(f"--limit {args.limit} is not allowed: give a number >= 1")
     if args.batch_size < 1:
         raise OptionError(f"--batch-size {args.batch_size} is not allowed: give a number >= 1")
+    check_text_files(args.text_file)
     sources = [load_text_file(f, overrides) for f in args.text_file]
     if need_text and not (sources or args.dataset or tasks):
         raise OptionError("nothing to evaluate: give --text-file, --dataset or --zeroshot")
@@ -223,6 +225,13 @@ def add_generation_options(p, items_option: bool = True) -> None:
     )
     g.add_argument("--judge-url", default=None, metavar="URL", help="an OpenAI-compatible chat endpoint as the judge")
     g.add_argument("--judge-model", default=None, metavar="NAME", help="the model name --judge-url serves")
+    g.add_argument(
+        "--judge-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="--judge-url: the most one request may take, connect to last byte (default 120)",
+    )
     g.add_argument("--judge-dtype", default="auto", help="--judge: float32, bfloat16, float16 or auto (its own)")
     g.add_argument("--judge-device", default="auto", help="--judge: cpu, cuda, ... or auto")
     g.add_argument(
@@ -323,6 +332,10 @@ def read_generation(args: argparse.Namespace, model_path: Optional[str] = None):
     options = {}
     if args.judge is not None:
         options = {"dtype": args.judge_dtype, "device": args.judge_device}
+    if args.judge_url is not None:
+        if not (args.judge_timeout > 0 and math.isfinite(args.judge_timeout)):
+            raise OptionError(f"--judge-timeout {args.judge_timeout:g} is not allowed: give a number of seconds > 0")
+        options = {"timeout": args.judge_timeout}
     judge = make_judge(str(args.judge) if args.judge is not None else None, args.judge_url, args.judge_model, **options)
     if judge is not None:
         judge.check()  # a judge that cannot load or answer fails here, before any generation
