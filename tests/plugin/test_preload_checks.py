@@ -120,12 +120,6 @@ CASES += [
         "whole rows get dropped, DoRA's row norm becomes 0 and every loss NaN; use macdrop_p0 < 1",
     ),
     (
-        "dora-1",
-        dict(use_dora=1, macdrop_p0=1.0),
-        "macdrop_p0=1.0 with use_dora=true is not supported: near p = 1 (the first steps of every curriculum at p0 = 1) "
-        "whole rows get dropped, DoRA's row norm becomes 0 and every loss NaN; use macdrop_p0 < 1",
-    ),
-    (
         "pissa-1",
         dict(pissa_init=1),
         "macdrop=true with pissa_init=true is not supported: PiSSA moves the principal part of every base weight "
@@ -153,11 +147,6 @@ CASES += [
         "dashed-key",
         {"macdrop-k": 3},
         "unknown key 'macdrop-k': did you mean 'macdrop_k'? (macdrop keys are lower case, with underscores)",
-    ),
-    (
-        "capital-key",
-        {"MACDROP_K": 3},
-        "unknown key 'MACDROP_K': did you mean 'macdrop_k'? (macdrop keys are lower case, with underscores)",
     ),
     # item 11: quantization_bit 3 is not the 8-bit case; duplicates named with a k mismatch
     (
@@ -319,3 +308,16 @@ def test_command_line_values_read_as_llamafactory_reads_them(tiny_llama_dir, tin
     assert json.loads((out / "macdrop_locator.json").read_text())["probe_token_id"] == first
     three = integration.validate_args(command_line(cfg)[2:] + ["--macdrop_probe_token", "٣"])[1]
     assert three.macdrop_probe_token == "٣"  # a text, not the id 3
+
+
+def test_other_spellings_read_in_process(config_only, tiny_data_dir, tmp_path):
+    """The same rules as the command-line cases above, in-process (no process each): use_dora: 1 is
+    on to LLaMA-Factory, a capitalised key gets its spelling, optim lomo is refused for trained rows."""
+    base = tiny.lf_train_args(config_only, tiny_data_dir, tmp_path / "out")
+    with pytest.raises(MacDropConfigError, match=r"^macdrop_p0=1.0 with use_dora=true is not supported"):
+        integration.validate_args({**base, "use_dora": 1, "macdrop_p0": 1.0})
+    with pytest.raises(MacDropConfigError, match=r"^unknown key 'MACDROP_K': did you mean 'macdrop_k'\?"):
+        integration.validate_args({**base, "MACDROP_K": 3})
+    with pytest.raises(MacDropConfigError, match=r"^macdrop=true with optim=lomo is not supported when the masked"):
+        integration.validate_args({**base, "finetuning_type": "full", "optim": "lomo"})
+    assert integration.validate_args({**base, "use_dora": 0, "macdrop_p0": 1.0})[1] is not None
