@@ -39,6 +39,7 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     from ..core.architectures import find_ffn_blocks
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
+    from .checks import check_indices
     from .evaluation import (
         device_for,
         generation_suite,
@@ -75,9 +76,12 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     gen_tasks, judge = read_generation(args, source)
     if not (sources or tasks or generating or gen_tasks):
         raise AttackError("nothing to evaluate: give --text-file, --dataset, --zeroshot, --gen-tasks or --generate")
-    if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
-        raise AttackError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+    if args.adapter is not None:
+        from ..analysis.models.loading import check_adapter
+
+        check_adapter(args.adapter)  # config and weights file readable, before anything loads
     tok = source.require_tokenizer("the evaluation needs one")
+    check_indices("--indices", args.indices, source.config(), source.config_source())
     resolved = resolve_sources(sources, tok, source.facts())
     probes = any(s.mode in ("superweight", "activation", "sw_restore") for s in settings)
     prefix = text_prefix(args, source) if probes else None

@@ -8,11 +8,12 @@ groups); what those options turn into is built once, here, for all three.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .checks import OptionError
+from .checks import OptionError, check_text_files
 
 
 def resolve_super_weights(given, model, input_ids, blocks) -> list:
@@ -53,6 +54,7 @@ def read_sources(args, need_text: bool = True) -> tuple[list, list[str]]:
         raise OptionError(f"--limit {args.limit} is not allowed: give a number >= 1")
     if args.batch_size < 1:
         raise OptionError(f"--batch-size {args.batch_size} is not allowed: give a number >= 1")
+    check_text_files(args.text_file)
     sources = [load_text_file(f, overrides) for f in args.text_file]
     if need_text and not (sources or args.dataset or tasks):
         raise OptionError("nothing to evaluate: give --text-file, --dataset or --zeroshot")
@@ -206,6 +208,10 @@ def read_generation(args, source=None):
     options = {}
     if args.judge is not None:
         options = {"dtype": args.judge_dtype, "device": args.judge_device}
+    if args.judge_url is not None:
+        if not (args.judge_timeout > 0 and math.isfinite(args.judge_timeout)):
+            raise OptionError(f"--judge-timeout {args.judge_timeout:g} is not allowed: give a number of seconds > 0")
+        options = {"timeout": args.judge_timeout}
     judge = make_judge(str(args.judge) if args.judge is not None else None, args.judge_url, args.judge_model, **options)
     if judge is not None:
         judge.check()  # a judge that cannot load or answer fails here, before any generation

@@ -91,7 +91,7 @@ def locate(model, *, tokenizer=None, echo: Echo = print, **options) -> LocateRep
     from ..analysis.models.loading import ModelPathError, torch_dtype
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
-    from .checks import check_k
+    from .checks import check_indices, check_k
 
     source = ModelInput(model, tokenizer)
     args = namespace("locate", {"model": source.label}, options)
@@ -100,6 +100,7 @@ def locate(model, *, tokenizer=None, echo: Echo = print, **options) -> LocateRep
     if source.loaded and options.get("layer_by_layer"):
         raise ModelPathError("layer_by_layer=True reads a folder one layer at a time: give the folder, not a model")
     check_k("--k", args.k, source.config(), source.config_source())
+    check_indices("--indices", args.indices, source.config(), source.config_source())
     entry = published_entry(args.published, source)
     tok = source.tokenizer
     if args.template is not None and tok is None:
@@ -219,7 +220,7 @@ def superweight(model, *, tokenizer=None, echo: Echo = print, **options):
     from ..analysis.inspect.activations import probe_input_ids
     from ..analysis.inspect.cross_check import locate_as_cli, probe_label
     from ..analysis.inspect.superweight import find_super_weights
-    from .checks import check_at_least, check_k, check_text
+    from .checks import check_at_least, check_k, check_text, check_text_files
 
     source = ModelInput(model, tokenizer)
     args = namespace("superweight", {"model": source.label}, options)
@@ -228,6 +229,8 @@ def superweight(model, *, tokenizer=None, echo: Echo = print, **options):
     check_at_least("--top", args.top, 1)
     check_at_least("--threshold", args.threshold, 0)
     check_k("--k", args.k, source.config(), source.config_source())
+    if args.stopwords:
+        check_text_files(args.text_file)
     source.require_tokenizer("the probe text needs one")
     prefix = text_prefix(args, source)  # before the model loads
     entry = published_entry(args.published, source)
@@ -304,8 +307,10 @@ def attention(model, *, tokenizer=None, echo: Echo = print, **options):
         raise AttentionError(f"--text {args.text!r} is not allowed: give a text of at least one token")
     if args.probe_token is not None and (args.bos is not None or args.bos_token is not None):
         raise AttentionError("--probe-token puts its token first: give it, or --bos/--bos-token, not both")
-    if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
-        raise AttentionError(f"--adapter {args.adapter}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+    if args.adapter is not None:
+        from ..analysis.models.loading import check_adapter
+
+        check_adapter(args.adapter)  # config and weights file readable, before anything loads
     source.require_tokenizer("the probe text needs one")
     prefix = text_prefix(args, source) if args.probe_token is None else None  # before loading
     loaded = source.load(args.dtype)

@@ -64,15 +64,27 @@ def add_prefix_options(p, corpora: bool = False) -> None:
     )
 
 
+def _ascii_int(text: str) -> bool:
+    """ASCII digits only: ``int()`` and ``str.isdigit()`` also take '٣' (3) and '²'."""
+    text = text.strip()
+    return text.isascii() and text.isdigit()
+
+
 def token_arg(text: str) -> int | str:
-    """A token id (digits) or a text."""
+    """A token id (ASCII digits) or a text."""
     if not text:
         raise argparse.ArgumentTypeError("'' is not allowed: give a token id or a text")
-    return int(text) if text.strip().isdigit() else text
+    return int(text) if _ascii_int(text) else text
 
 
 def indices_arg(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """Comma-separated row indices, ASCII digits (checked further by :func:`~..api.checks.check_indices`)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or not all(_ascii_int(x) for x in items):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not allowed: give comma-separated row indices >= 0, e.g. 1229,1487"
+        )
+    return [int(x) for x in items]
 
 
 def add_figure_options(p) -> None:

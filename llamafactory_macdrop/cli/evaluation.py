@@ -124,6 +124,13 @@ def add_generation_options(p, items_option: bool = True) -> None:
     )
     g.add_argument("--judge-url", default=None, metavar="URL", help="an OpenAI-compatible chat endpoint as the judge")
     g.add_argument("--judge-model", default=None, metavar="NAME", help="the model name --judge-url serves")
+    g.add_argument(
+        "--judge-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="--judge-url: the most one request may take, connect to last byte (default 120)",
+    )
     g.add_argument("--judge-dtype", default="auto", help="--judge: float32, bfloat16, float16 or auto (its own)")
     g.add_argument("--judge-device", default="auto", help="--judge: cpu, cuda, ... or auto")
     g.add_argument(

@@ -39,6 +39,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
     result = read_locator_file(locator_path)
     history = _log_history(state_path) if state_path.is_file() else []
     print(result.table())
+    if not state_path.is_file():
+        print(
+            f"\n  no p/loss log: {state_path} not found (the run saved no trainer state yet: it stopped "
+            "before its first save, or is still running)"
+        )
     steps = [
         h
         for h in history
@@ -58,7 +63,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(f"written to {args.json}")
     if args.plot:
         if not steps:
-            raise RunFileError(f"{state_path} has no macdrop_p entries to plot")
+            missing = "" if state_path.is_file() else " (the file does not exist)"
+            raise RunFileError(f"{state_path} has no macdrop_p entries to plot{missing}")
         print(f"plot written to {plot_run(steps, result, args.plot)}")
     return 0
 

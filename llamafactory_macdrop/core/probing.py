@@ -106,10 +106,10 @@ class JsonReport:
         return {"schema": self.schema, "macdrop_version": __version__, **self.payload()}
 
     def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        """Atomically (a reader never finds a cut file; a symlink at ``path`` is replaced, not followed)."""
+        from .atomic_write import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 class CsvRows:

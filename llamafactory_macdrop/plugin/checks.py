@@ -2,10 +2,11 @@
 taking the parsed arguments (:class:`.run_args.RunArgs`) and the typed keys (:class:`.keys.MacDropConfig`)
 and raising :class:`.keys.MacDropConfigError` with one line. :func:`run_checks` runs them in order.
 
-Why plain functions over values: what MacDrop can or cannot do exactly (FSDP variants, ZeRO-3
-variants, quantization, DoRA at p0 = 1, PiSSA, epoch curricula, the model's own ranges, a resumed
-locator file) is knowledge about MacDrop, not about LLaMA-Factory; the seam (:mod:`.lf.arguments`)
-only reads LLaMA-Factory's arguments and defaults. Nothing here imports LLaMA-Factory.
+Why plain functions over values: what MacDrop can or cannot do exactly (trained rows, FSDP variants,
+ZeRO-3 variants, quantization, DoRA at p0 = 1, PiSSA, epoch curricula, the model's own ranges, a
+resumed locator file) is knowledge about MacDrop, not about LLaMA-Factory; the seam
+(:mod:`.lf.arguments`) only reads LLaMA-Factory's arguments, with LLaMA-Factory's own parser.
+Nothing here imports LLaMA-Factory.
 """
 
 from __future__ import annotations
@@ -37,14 +38,83 @@ def check_stage(args: RunArgs, config: MacDropConfig) -> None:
         )
 
 
+#: the finetuning types MacDrop runs under: LoRA/DoRA (the paper's: frozen rows), and full / freeze
+#: fine-tuning, whose rows the optimizer trains (kept exactly: core/masking.py, docs/how-it-works.md)
+SUPPORTED_FINETUNING = ("lora", "full", "freeze")
+#: module names whose ``additional_target`` entry makes LoRA train the FFN rows MacDrop masks in full
+#: (peft's modules_to_save copies them): the gate/up projections of every layout core/architectures.py knows
+FFN_ROW_MODULES = (
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "c_fc",
+    "fc1",
+    "dense_h_to_4h",
+    "w1",
+    "w3",
+    "experts",
+    "mlp",
+    "feed_forward",
+    "block_sparse_moe",
+)
+
+
 def check_finetuning(args: RunArgs, config: MacDropConfig) -> None:
-    if args.finetuning_type != "lora":
+    if args.finetuning_type not in SUPPORTED_FINETUNING:
         raise MacDropConfigError(
-            f"macdrop=true with finetuning_type={args.finetuning_type!r} is not supported: MacDrop drops rows of "
-            "FROZEN pre-trained weights, so it needs finetuning_type=lora (LoRA or DoRA via use_dora)"
+            f"macdrop=true with finetuning_type={args.finetuning_type!r} is not supported: use "
+            + ", ".join(SUPPORTED_FINETUNING)
+            + " (MacDrop masks the base layer under LoRA/DoRA adapters, or the trained weights themselves)"
         )
     for key in args.bypasses_trainer:
         raise MacDropConfigError(f"macdrop=true with {key}=true is not supported (that path bypasses the HF trainer)")
+
+
+def trainable_rows_refusal(names, where: str) -> str:
+    """The one line for trainable rows under a set-up whose optimizer step MacDrop cannot keep."""
+    return (
+        f"macdrop=true with {where} is not supported when the masked rows are trained ({', '.join(names)}): the "
+        "optimizer steps inside the masked span there (or on a copy MacDrop does not see), so MacDrop could not keep "
+        "their update exactly; train them with plain DDP or a single process, or keep them frozen "
+        "(LoRA without gate/up projections in additional_target)"
+    )
+
+
+def trained_rows(args: RunArgs) -> Optional[str]:
+    """Why the rows MacDrop masks will be trained, where the YAML already says so (else None:
+    with ``freeze`` it depends on the located layer, decided at the first step)."""
+    if args.finetuning_type == "full":
+        return "finetuning_type=full"
+    names = [
+        t for t in args.additional_target if t.split(".")[-1] in FFN_ROW_MODULES and not any(c.isdigit() for c in t)
+    ]
+    if args.finetuning_type == "lora" and names:
+        return f"additional_target={','.join(args.additional_target)}"
+    return None
+
+
+def check_trainable_rows(args: RunArgs, config: MacDropConfig) -> None:
+    """Trained rows need the optimizer to step after MacDrop's restore, on the very tensor it
+    masked (core/masking.py). DeepSpeed steps inside the training step on its own master copy,
+    FSDP and ZeRO-3 hold shards, layer-wise GaLore/APOLLO step inside backward and LOMO/AdaLomo
+    fuse the update into backward: refused here when the YAML says the rows are trained, and at
+    the first step (one line) when only the located layer tells (freeze fine-tuning)."""
+    why = trained_rows(args)
+    if why is None:
+        return
+    where = (
+        "DeepSpeed"
+        if args.deepspeed is not None
+        else "FSDP"
+        if args.fsdp is not None
+        else args.layerwise_optimizer
+        if args.layerwise_optimizer
+        else f"optim={args.optim}"
+        if args.optim in ("lomo", "adalomo")
+        else None
+    )
+    if where is not None:
+        raise MacDropConfigError(trainable_rows_refusal([why], where))
 
 
 def check_fsdp(args: RunArgs, config: MacDropConfig) -> None:
@@ -75,7 +145,7 @@ def check_fsdp(args: RunArgs, config: MacDropConfig) -> None:
         )
     if args.quantization_bit is not None:
         raise MacDropConfigError(
-            f"macdrop=true with FSDP and quantization_bit={args.given.get('quantization_bit')} is not "
+            f"macdrop=true with FSDP and quantization_bit={args.quantization_bit} is not "
             "supported (FSDP shards the packed 4-bit codes); use DeepSpeed ZeRO-3 or no quantization"
         )
 
@@ -127,10 +197,16 @@ def check_quantization(args: RunArgs, config: MacDropConfig) -> None:
             "supported: its layers store packed codes MacDrop cannot mask exactly; use quantization_method: bnb with "
             "quantization_bit: 4"
         )
-    if bit != "4":
+    if bit == 8:
         raise MacDropConfigError(
-            f"macdrop=true with quantization_bit={bit} is not supported: MacDrop masks bitsandbytes 4-bit weights "
+            "macdrop=true with quantization_bit=8 is not supported: MacDrop masks bitsandbytes 4-bit weights "
             "(quantization_bit: 4, QLoRA) exactly, not 8-bit LLM.int8 ones; use quantization_bit: 4 or none"
+        )
+    if bit != 4 or isinstance(bit, bool):
+        raise MacDropConfigError(
+            f"quantization_bit={bit!r} is not allowed with quantization_method: bnb: LLaMA-Factory quantizes with "
+            "bitsandbytes only at 4 or 8 (the integer), and would load this model unquantized; MacDrop supports "
+            "quantization_bit: 4, or none"
         )
     if args.zero_stage == 3:
         raise MacDropConfigError(
@@ -230,6 +306,18 @@ def check_model_config(
         raise MacDropConfigError(
             f"macdrop_k={config.macdrop_k} is out of range: {path} has {key} {width} (allowed 1..{width})"
         )
+    n_rows = len(config.macdrop_indices) if config.macdrop_indices is not None else config.macdrop_k
+    if config.macdrop_scope == "non_massive" and widths and n_rows >= max(widths.values()):
+        key, width = max(widths.items(), key=lambda kv: kv[1])
+        given = (
+            f"macdrop_indices ({n_rows} rows)"
+            if config.macdrop_indices is not None
+            else f"macdrop_k={config.macdrop_k}"
+        )
+        raise MacDropConfigError(
+            f"macdrop_scope='non_massive' with {given} leaves no row to drop: {path} has {key} {width}, and "
+            f"non_massive drops every row but the {n_rows} massive ones; use fewer than {width} rows, or another scope"
+        )
     layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer") if isinstance(cfg.get(k), int)), None)
     if config.macdrop_layer is not None and layers is not None and config.macdrop_layer >= layers:
         raise MacDropConfigError(
@@ -249,17 +337,25 @@ def check_model_config(
 def check_resumed_locator_file(args: RunArgs, config: MacDropConfig) -> None:
     """A run resumed from a checkpoint reuses ``output_dir/macdrop_locator.json``: a file that is
     not one (truncated, not JSON, not an object, ...) is refused before the model loads, with the
-    same line the trainer would print at the first step. Whether it fits the model is checked there."""
+    same line the trainer would print at the first step, and so is a file written for another model
+    folder (or hub id) than this run's (:func:`~..core.locator.files.model_differs`: the same
+    folder written differently is the same model). Whether it fits the loaded model is checked there."""
     from ..core.locator import LOCATOR_FILE, LocatorError, read_resumed_locator_file
+    from ..core.locator.files import model_differs
 
     if not args.output_dir or not args.resumes:
         return
     path = os.path.join(args.output_dir, LOCATOR_FILE)
     if os.path.isfile(path):
         try:
-            read_resumed_locator_file(path)
+            result = read_resumed_locator_file(path)
         except LocatorError as err:
             raise MacDropConfigError(str(err)) from None
+        model = args.model_name_or_path
+        if model and model_differs(result.model, model):  # the line the first step would print, before load
+            raise MacDropConfigError(
+                f"{path} was written for model {result.model!r}, this run trains {model!r}: delete {path} to locate again"
+            )
 
 
 #: LLaMA-Factory's environment switches whose code paths never build the trainer classes MacDrop
@@ -286,6 +382,7 @@ def check_skipping_switches(enabled: Mapping[str, str]) -> None:
 CHECKS = (
     check_stage,
     check_finetuning,
+    check_trainable_rows,
     check_fsdp,
     check_zero3_variants,
     check_quantization,

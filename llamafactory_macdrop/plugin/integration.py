@@ -10,7 +10,14 @@ use: ``activate()``, ``validate_args``, ``check_train_config``, ``lf_template``,
 
 from .checks import SUPPORTED_STAGES, UNSUPPORTED_STAGE_REASON
 from .child_errors import ERROR_FILE_ENV
-from .lf.arguments import check_train_config, ignored_macdrop_keys, lf_defaults, run_args, validate_args
+from .lf.arguments import (
+    check_train_config,
+    fsdp_settings,
+    ignored_macdrop_keys,
+    lf_defaults,
+    run_args,
+    validate_args,
+)
 from .lf.errors import SUPPORTED_LLAMAFACTORY, IntegrationError
 from .lf.patches import (
     TRAINER_SLOTS,
@@ -23,7 +30,6 @@ from .lf.patches import (
     plugin_errors,
 )
 from .lf.templates import lf_template
-from .run_args import fsdp_settings
 
 __all__ = [
     "ERROR_FILE_ENV",

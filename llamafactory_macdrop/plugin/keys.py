@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Optional, Union
@@ -106,12 +107,20 @@ class MacDropConfig:
                 raise MacDropConfigError(f"unknown key '{key}'{hint} Allowed macdrop keys: {', '.join(known)}")
             values[key] = _coerce(key, value)
         if "macdrop_indices" in values and values["macdrop_indices"] is not None:
-            n = len(values["macdrop_indices"])
+            indices = values["macdrop_indices"]
+            n = len(indices)
+            problems = []
+            if len(set(indices)) != n:  # named with the mismatch, not hidden behind it
+                problems.append(
+                    f"macdrop_indices={list(indices)!r} is not allowed: expected distinct row indices (found duplicates)"
+                )
             if "macdrop_k" in values and values["macdrop_k"] != n:
-                raise MacDropConfigError(
+                problems.append(
                     f"macdrop_k={values['macdrop_k']} disagrees with macdrop_indices (length {n}): "
                     "give one of them, or make them agree"
                 )
+            if problems:
+                raise MacDropConfigError("; ".join(problems))
             values["macdrop_k"] = n
         return cls(**values)
 
@@ -185,14 +194,29 @@ def _fail(key: str, value: Any, allowed: str, suggest_from: tuple[str, ...] = ()
     raise MacDropConfigError(f"{key}={value!r} is not allowed: expected {allowed}{hint}")
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NULL = {"null", "none", "~"}  # not "": an empty value is refused, not read as null
 
 
+class _BareFlag:
+    """A ``--macdrop_...`` command-line key with no value after it (``--macdrop`` alone is true)."""
+
+    def __repr__(self) -> str:
+        return "(no value)"
+
+
+BARE_FLAG = _BareFlag()
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Turn a YAML/CLI value into the field's type, or fail with one line."""
     kind = _kinds()[key]
+    if value is BARE_FLAG:
+        if kind == "bool":
+            return True
+        raise MacDropConfigError(f"--{key} was given without a value: expected {kind} after it (e.g. --{key} VALUE)")
     if isinstance(value, str):
         text = value.strip()
         if kind.endswith("| null") and text.lower() in _NULL:
@@ -214,7 +238,7 @@ def _coerce(key: str, value: Any) -> Any:
     if kind == "int | str | null":  # a token id, or a text ("1" on the command line is the id 1)
         if isinstance(value, bool):
             _fail(key, value, "a token id or a text")
-        if isinstance(value, int) or (text is not None and text.lstrip("-").isdigit()):
+        if isinstance(value, int) or (text is not None and _ASCII_INT.fullmatch(text)):  # "٣", "²": texts
             token = _as_int(key, value)
             if token < 0:
                 _fail(key, value, "a token id >= 0 or a text")
@@ -251,18 +275,33 @@ def _as_int(key: str, value: Any) -> int:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    _fail(key, value, "an integer")
+    if isinstance(value, str) and _ASCII_INT.fullmatch(value.strip()):  # int() would also take "٣" as 3
+        return int(value.strip())
+    _fail(key, value, "an integer (ASCII digits)")
     raise AssertionError  # unreachable
 
 
 # ---------------------------------------------------------------------- argument splitting
 def is_macdrop_key(key: str) -> bool:
     return key == KEY_PREFIX or key.startswith(KEY_PREFIX + "_")
+
+
+def check_key_spelling(args: dict[str, Any] | list[str]) -> None:
+    """A key that is a macdrop key written with dashes or capitals (``macdrop-k``, ``MACDROP_K``,
+    ``--macdrop-k``): one line naming the spelling to use, instead of LLaMA-Factory's 'keys are not
+    used' traceback (or, were MacDrop to accept it, two spellings of one key)."""
+    names = (
+        [str(k) for k in args]
+        if isinstance(args, dict)
+        else [a[2:].split("=", 1)[0] for a in args if isinstance(a, str) and a.startswith("--")]
+    )
+    for name in names:
+        spelled = name.strip().lower().replace("-", "_")
+        if spelled != name and is_macdrop_key(spelled):
+            known = [f.name for f in fields(MacDropConfig)]
+            close = difflib.get_close_matches(spelled, known, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"macdrop keys are: {', '.join(known)}"
+            raise MacDropConfigError(f"unknown key '{name}': {hint} (macdrop keys are lower case, with underscores)")
 
 
 def split_macdrop_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | list[str], dict[str, Any]]:
@@ -289,8 +328,9 @@ def split_macdrop_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any]
             elif i + 1 < len(args) and not args[i + 1].startswith("--"):
                 key, value = name, args[i + 1]
                 i += 1
-            else:  # bare flag, e.g. --macdrop
-                key, value = name, "true"
+            else:  # bare flag: --macdrop alone is true, any other key needs its value (checked in _coerce)
+                key = name
+                value = "true" if _kinds().get(key) == "bool" else BARE_FLAG
             raw[key] = value
         else:
             rest_list.append(item)

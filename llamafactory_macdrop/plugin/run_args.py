@@ -1,52 +1,67 @@
-"""The LLaMA-Factory arguments MacDrop's checks read, parsed ONCE into a small typed shape.
+"""The LLaMA-Factory arguments MacDrop's checks read, as LLaMA-Factory itself reads them, in one
+small typed shape.
 
 Why: the checks (:mod:`.checks`) need a dozen of LLaMA-Factory's training arguments (stage,
 finetuning type, FSDP / DeepSpeed set-up, quantization, DoRA, PiSSA, epochs, resuming, the model
-folder). They arrive as a YAML dict or a ``--key value`` list, before LLaMA-Factory parses them;
-reading each one once, here, with LLaMA-Factory's own defaults handed in by the seam
-(:mod:`.lf.arguments`), lets every check take plain values and be tested without LLaMA-Factory.
-Nothing here imports LLaMA-Factory.
+folder). What a value MEANS is LLaMA-Factory's business: the seam (:mod:`.lf.arguments`) parses the
+YAML dict or the ``--key value`` list with LLaMA-Factory's own ``HfArgumentParser`` over its own
+dataclasses (its defaults, its string-to-bool rules for the command line, a YAML value handed over
+as written, its ``__post_init__`` conversions), and hands the parsed values here. A flag is then
+on exactly when LLaMA-Factory's code would see it on: Python truth (``use_dora: "false"`` is a
+non-empty string, which LLaMA-Factory and peft read as DoRA on). Nothing here imports LLaMA-Factory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 #: LLaMA-Factory arguments that grow the vocabulary beyond config.json's vocab_size
 VOCAB_GROWING = ("add_tokens", "add_special_tokens", "new_special_tokens_config", "resize_vocab")
-#: what the seam must supply: LLaMA-Factory's defaults for the arguments the checks need
-DEFAULTS_NEEDED = ("stage", "finetuning_type", "num_train_epochs")
+#: every LLaMA-Factory argument the checks read (the seam parses these with LLaMA-Factory's parser)
+FIELDS_READ = (
+    "stage",
+    "finetuning_type",
+    "use_ray",  # not a field: LLaMA-Factory sets it from the environment (USE_RAY)
+    "use_mca",
+    "use_hyper_parallel",
+    "fsdp",
+    "fsdp_config",
+    "deepspeed",
+    "quantization_bit",
+    "quantization_method",
+    "model_name_or_path",
+    "cache_dir",
+    "model_revision",
+    "use_dora",
+    "pissa_init",
+    "streaming",
+    "max_steps",
+    "num_train_epochs",
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "additional_target",
+    "optim",
+    "use_galore",
+    "galore_layerwise",
+    "use_apollo",
+    "apollo_layerwise",
+    "seed",
+    *VOCAB_GROWING,
+)
 
 
-def raw_value(lf_args: Mapping[str, Any] | list[str], key: str, default: Any = None) -> Any:
-    """A LLaMA-Factory argument's value as the user gave it (dict or CLI list), else default."""
-    if isinstance(lf_args, Mapping):
-        return lf_args.get(key, default)
-    for i, item in enumerate(lf_args):
-        if item == f"--{key}":
-            nxt = lf_args[i + 1] if i + 1 < len(lf_args) else "true"
-            return "true" if nxt.startswith("--") else nxt
-        if item.startswith(f"--{key}="):
-            return item.split("=", 1)[1]
-    return default
+def flag(value: Any) -> bool:
+    """A string flag as transformers and accelerate read their FSDP settings and environment
+    variables (``str_to_bool``: y/yes/t/true/on/1, n/no/f/false/off/0, anything else refused)."""
+    if isinstance(value, bool):
+        return value
+    from accelerate.utils import str_to_bool
 
-
-def truthy(value: Any) -> bool:
-    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"))
-
-
-def number(value: Any, default: float) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def _unset(value: Any) -> bool:
-    return value in (None, False, "", "null", "None", "none", "false", "False")
+    return bool(str_to_bool(str(value).strip().lower()))
 
 
 def fsdp_setup(fsdp: Any, fsdp_config: Any, environ: Mapping[str, str] = os.environ) -> Optional[dict[str, Any]]:
@@ -78,11 +93,11 @@ def fsdp_setup(fsdp: Any, fsdp_config: Any, environ: Mapping[str, str] = os.envi
         return {
             "version": version,
             "strategy": strategy.upper(),
-            "reshard_after_forward": truthy(str(strategy != "shard_grad_op" if reshard is None else reshard).lower()),
-            "offload": "offload" in options or truthy(str(config.get("offload_params", False))),
+            "reshard_after_forward": flag(strategy != "shard_grad_op" if reshard is None else reshard),
+            "offload": "offload" in options or flag(config.get("offload_params", False)),
             "where": "fsdp / fsdp_config",
         }
-    if not truthy(environ.get("ACCELERATE_USE_FSDP")):
+    if not flag(environ.get("ACCELERATE_USE_FSDP", "false")):
         return None
     strategy = environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
     names = ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"]  # accelerate's order
@@ -91,17 +106,10 @@ def fsdp_setup(fsdp: Any, fsdp_config: Any, environ: Mapping[str, str] = os.envi
     return {
         "version": environ.get("FSDP_VERSION", "1"),
         "strategy": strategy,
-        "reshard_after_forward": truthy(environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")),
-        "offload": truthy(environ.get("FSDP_OFFLOAD_PARAMS", "false")),
+        "reshard_after_forward": flag(environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")),
+        "offload": flag(environ.get("FSDP_OFFLOAD_PARAMS", "false")),
         "where": "the accelerate config (fsdp_config:)",
     }
-
-
-def fsdp_settings(
-    lf_args: Mapping[str, Any] | list[str], environ: Mapping[str, str] = os.environ
-) -> Optional[dict[str, Any]]:
-    """:func:`fsdp_setup` of a run's arguments (``fsdp``, ``fsdp_config``) and environment."""
-    return fsdp_setup(raw_value(lf_args, "fsdp", ""), raw_value(lf_args, "fsdp_config"), environ)
 
 
 def deepspeed_config(value: Any) -> Optional[dict]:
@@ -117,14 +125,14 @@ def deepspeed_config(value: Any) -> Optional[dict]:
 
 @dataclass(frozen=True)
 class RunArgs:
-    """What the checks read of one run's LLaMA-Factory arguments (LLaMA-Factory's defaults filled in)."""
+    """What the checks read of one run's LLaMA-Factory arguments (as LLaMA-Factory parsed them)."""
 
     stage: str
     finetuning_type: str
     bypasses_trainer: tuple[str, ...] = ()  # use_mca / use_hyper_parallel set true
     fsdp: Optional[dict[str, Any]] = None  # fsdp_setup()
     deepspeed: Optional[dict] = None
-    quantization_bit: Optional[str] = None  # None: no on-the-fly quantization
+    quantization_bit: Any = None  # None: no on-the-fly quantization; else as LLaMA-Factory holds it
     quantization_method: str = "bnb"
     model_name_or_path: Optional[str] = None
     cache_dir: Optional[str] = None
@@ -138,7 +146,10 @@ class RunArgs:
     overwrite_output_dir: bool = False
     resume_from_checkpoint: Optional[str] = None
     grows_vocabulary: bool = False
-    given: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the raw values, for messages
+    additional_target: tuple[str, ...] = ()  # LoRA's modules trained in full (peft's modules_to_save)
+    optim: str = ""
+    layerwise_optimizer: Optional[str] = None  # use_galore + galore_layerwise, use_apollo + apollo_layerwise
+    seed: int = 42
 
     @property
     def zero_stage(self) -> Optional[int]:
@@ -160,40 +171,55 @@ class RunArgs:
         )
 
 
-def read_run_args(
-    lf_args: Mapping[str, Any] | list[str], defaults: Mapping[str, Any], environ: Mapping[str, str] = os.environ
-) -> RunArgs:
-    """Parse the arguments once (``defaults``: LLaMA-Factory's, for :data:`DEFAULTS_NEEDED`)."""
-
-    def get(key: str, default: Any = None) -> Any:
-        return raw_value(lf_args, key, default)
-
-    bit = str(get("quantization_bit") or "").strip()
-    revision = get("model_revision")
-    resume = get("resume_from_checkpoint")
-    model = get("model_name_or_path")
-    out = get("output_dir")
-    return RunArgs(
-        stage=str(get("stage", defaults["stage"])),
-        finetuning_type=str(get("finetuning_type", defaults["finetuning_type"])),
-        # not use_ray: LLaMA-Factory takes it from USE_RAY in the environment only (its parser refuses the
-        # key), and its Ray workers run the HF trainer, where MacDrop acts (plugin/lf/patches.py)
-        bypasses_trainer=tuple(k for k in ("use_mca", "use_hyper_parallel") if truthy(get(k, False))),
-        fsdp=fsdp_setup(get("fsdp", ""), get("fsdp_config"), environ),
-        deepspeed=deepspeed_config(get("deepspeed")),
-        quantization_bit=None if bit in ("", "None", "none") else bit,
-        quantization_method=str(get("quantization_method", "bnb") or "bnb").strip().lower(),
-        model_name_or_path=str(model) if model else None,
-        cache_dir=get("cache_dir"),
-        model_revision=None if revision in (None, "main") else str(revision),
-        use_dora=truthy(get("use_dora", False)),
-        pissa_init=truthy(get("pissa_init", False)),
-        streaming=truthy(get("streaming", False)),
-        max_steps=number(get("max_steps", -1), -1),
-        num_train_epochs=number(get("num_train_epochs", defaults["num_train_epochs"]), 3.0),
-        output_dir=str(out) if out else None,
-        overwrite_output_dir=truthy(str(get("overwrite_output_dir", False)).lower()),
-        resume_from_checkpoint=None if _unset(resume) else str(resume),
-        grows_vocabulary=any(not _unset(get(key)) for key in VOCAB_GROWING),
-        given={"quantization_bit": get("quantization_bit")},
+def read_run_args(values: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> RunArgs:
+    """:class:`RunArgs` from the values LLaMA-Factory's parser gave (``values``: every name in
+    :data:`FIELDS_READ`, LLaMA-Factory's defaults filled in, its types)."""
+    v = values
+    method = v["quantization_method"]
+    revision = v["model_revision"]
+    layerwise = next(
+        (
+            f"{on}+{lw}"
+            for on, lw in (("use_galore", "galore_layerwise"), ("use_apollo", "apollo_layerwise"))
+            if v[on] and v[lw]
+        ),
+        None,
     )
+    return RunArgs(
+        stage=str(v["stage"]),
+        finetuning_type=str(v["finetuning_type"]),
+        # not use_ray: its Ray workers run the HF trainer, where MacDrop acts (plugin/lf/patches.py)
+        bypasses_trainer=tuple(k for k in ("use_mca", "use_hyper_parallel") if v[k]),
+        fsdp=fsdp_setup(v["fsdp"], v["fsdp_config"], environ),
+        deepspeed=deepspeed_config(v["deepspeed"]),
+        quantization_bit=v["quantization_bit"],
+        quantization_method=str(getattr(method, "value", method) or "bnb").strip().lower(),
+        model_name_or_path=str(v["model_name_or_path"]) if v["model_name_or_path"] else None,
+        cache_dir=v["cache_dir"],
+        model_revision=None if revision in (None, "main") else str(revision),
+        use_dora=bool(v["use_dora"]),
+        pissa_init=bool(v["pissa_init"]),
+        streaming=bool(v["streaming"]),
+        max_steps=_number(v, "max_steps"),
+        num_train_epochs=_number(v, "num_train_epochs"),
+        output_dir=str(v["output_dir"]) if v["output_dir"] else None,
+        overwrite_output_dir=bool(v["overwrite_output_dir"]),
+        resume_from_checkpoint=str(v["resume_from_checkpoint"]) if v["resume_from_checkpoint"] else None,
+        grows_vocabulary=any(bool(v[key]) for key in VOCAB_GROWING),
+        additional_target=tuple(str(t) for t in (v["additional_target"] or ())),
+        optim=str(getattr(v["optim"], "value", v["optim"]) or ""),
+        layerwise_optimizer=layerwise,
+        seed=int(_number(v, "seed")),
+    )
+
+
+def _number(values: Mapping[str, Any], key: str) -> float:
+    value = values[key]
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        from .keys import MacDropConfigError
+
+        raise MacDropConfigError(f"{key}={value!r} is not allowed: expected a number") from None

@@ -53,6 +53,23 @@ def run_files(tmp_path, tiny_llama_dir) -> dict:
         (tmp_path / name / "macdrop_locator.json").write_bytes(data)
         out[name] = tmp_path / name
     (tmp_path / "model.gguf").write_text("not a gguf file\n")
+    # adapters that are not readable ones, and a text file that is not UTF-8 (issue 32, item 6)
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(tiny_llama_dir), "r": 4})
+    for name, cfg in (("cut_config", config[: len(config) // 2]), ("list_config", "[1, 2]"), ("no_weights", config)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(cfg)
+        out[name] = tmp_path / name
+    (tmp_path / "cut_weights").mkdir()
+    (tmp_path / "cut_weights" / "adapter_config.json").write_text(config)
+    save_file({"w": torch.zeros(64, 64)}, str(tmp_path / "whole.safetensors"))
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "cut_weights" / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    out["cut_weights"] = tmp_path / "cut_weights"
+    (tmp_path / "eval.txt").write_text("a text to evaluate, in UTF-8\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     return out
 
 
@@ -91,6 +108,42 @@ CASES = [
     ),
     (["activations", "{model}", "--median-ratio", "0.5"], "--median-ratio 0.5 is not allowed: give a number > 1"),
     (["superweight", "{model}", "--top", "0"], "--top 0 is not allowed: give a number >= 1"),
+    # issue 32, item 6: adapters and text files that cannot be read, before anything loads
+    (
+        ["attack", "{model}", "--text-file", "{tmp}/eval.txt", "--adapter", "{cut_config}"],
+        "--adapter {cut_config}: adapter_config.json is not valid JSON (",
+    ),
+    (
+        ["attack", "{model}", "--text-file", "{tmp}/eval.txt", "--adapter", "{list_config}"],
+        "--adapter {list_config}: adapter_config.json holds an array, not peft's adapter config (a JSON object)",
+    ),
+    (
+        ["attack", "{model}", "--text-file", "{tmp}/eval.txt", "--adapter", "{no_weights}"],
+        "--adapter {no_weights}: no adapter weights there (adapter_model.safetensors or adapter_model.bin): give "
+        "the output_dir of a finished LoRA/DoRA run, or one of its checkpoint-N folders",
+    ),
+    (
+        ["attention", "{model}", "--adapter", "{cut_weights}"],
+        "--adapter {cut_weights}/adapter_model.safetensors cannot be read (Error while deserializing header: "
+        "incomplete metadata, file not fully covered): is the file complete?",
+    ),
+    (
+        ["attack", "{model}", "--text-file", "{tmp}/latin1.txt"],
+        "--text-file {tmp}/latin1.txt is not UTF-8 text (byte 0xe9 at offset 3): convert it, e.g. iconv -f latin1 -t utf-8",
+    ),
+    (
+        ["superweight", "{model}", "--stopwords", "--text-file", "{tmp}/latin1.txt"],
+        "--text-file {tmp}/latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)",
+    ),
+    # item 11: repeated rows; rows outside the FFN
+    (
+        ["locate", "{model}", "--indices", "1,1"],
+        "--indices 1,1 is not allowed: rows [1] repeat (give distinct row indices)",
+    ),
+    (
+        ["locate", "{model}", "--indices", "3,128"],
+        "--indices 128 is not allowed: give rows 0..127 (intermediate_size 128 in {model}/config.json)",
+    ),
 ]
 
 
@@ -126,3 +179,34 @@ def test_keys_table_keeps_its_columns(tmp_path):
         cells = [entry["type"], json.dumps(entry["default"]), entry["help"]]
         assert [row[s : s + len(c)] for s, c in zip(starts, cells)] == cells, row
         assert all(row[s - 1] == " " for s in starts), row  # a blank before every column
+
+
+def test_summary_without_trainer_state_says_so(tmp_path, tiny_llama_dir):
+    """issue 32, item 11: a run folder with its locator file but no trainer_state.json (stopped before
+    its first save): the table, then one line saying why no p/loss log follows."""
+    folder = run_files(tmp_path, tiny_llama_dir)["truncated"].parent / "no_state"
+    folder.mkdir()
+    good = {"model": "m", "layer": 1, "indices": [97, 13], "modules": ["a"], "source": "probe"}
+    (folder / "macdrop_locator.json").write_text(json.dumps(good))
+    proc = run_cli(["macdrop", "summary", str(folder)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"no p/loss log: {folder}/trainer_state.json not found" in proc.stdout
+    proc = run_cli(["macdrop", "summary", str(folder), "--plot", str(tmp_path / "p.png")], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"{ERROR}{folder}/trainer_state.json has no macdrop_p entries to plot (the file does not exist)"
+    ]
+
+
+def test_a_probe_token_of_other_digits_is_a_text(tiny_llama_dir, tmp_path):
+    """issue 32, item 10: '٣' (Arabic-Indic three) is a text, not the token id 3; ASCII digits are ids."""
+    from transformers import AutoTokenizer
+
+    first = AutoTokenizer.from_pretrained(tiny_llama_dir)("٣", add_special_tokens=False)["input_ids"][0]
+    for token, want in (("٣", first), ("3", 3)):
+        proc = run_cli(
+            ["macdrop", "locate", str(tiny_llama_dir), "--probe-token", token, "--json", str(tmp_path / "l.json")],
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((tmp_path / "l.json").read_text())["probe_token_id"] == want

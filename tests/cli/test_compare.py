@@ -194,6 +194,30 @@ def test_rerun_skips_finished_runs_and_restarts_a_crashed_one(compared):
     assert after[("plain", 1)]["evaluation_reused"] is False
 
 
+def test_too_few_windows_give_no_verdict(compared):
+    """One perplexity window: the bootstrap's "interval" is a point, so there is no verdict, and the
+    reason is said (the finished runs are evaluated on a short text, nothing retrains)."""
+    cwd, _, _ = compared
+    (cwd / "short.txt").write_text(" ".join(corpus(2, seed=3)))  # fewer than SEQ tokens: one window
+    proc = run_cli(
+        ["macdrop", "compare", "base.yaml", "--seeds", "0,1", "--text-file", "short.txt", "--seq-len", str(SEQ)]
+        + ["--k-sweep", "1", "--quiet-train", "--no-progress", "--json", "short.json"],
+        cwd=cwd,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    paired = json.loads((cwd / "short.json").read_text())["paired"]
+    assert paired
+    for p in paired:
+        assert p["n"] == 1
+        assert p["direction"] == "none"
+        assert p["verdict"].startswith(
+            "no verdict: too few items for an interval: 1 paired windows (at least 10); evaluate on more"
+        ), p["verdict"]
+    assert "no verdict: too few items" in proc.stdout
+    assert "better on" not in proc.stdout and "worse on" not in proc.stdout
+
+
 def test_generation_tasks_are_paired_from_the_per_item_files(compared):
     """--gen-tasks on the finished runs (nothing retrains): the paired differences of the reference
     metric equal what the per-item files give, and chrF is what sacrebleu gives for each output."""

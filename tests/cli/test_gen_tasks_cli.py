@@ -235,3 +235,55 @@ def test_longbench_from_local_files_under_the_sweep(tmp_path):
         mine = [it for it in items if it["setting"] == setting]
         per_task = [sum(it["scores"]["score,none"] for it in mine if it["task"] == t) / 2 for t in tasks[:2]]
         assert average["value"] == pytest.approx(sum(per_task) / 2)
+
+
+class Trickle(BaseHTTPRequestHandler):
+    """Answers with headers at once, then one byte of the body every 0.2 s: no single read waits
+    long, so a per-read timeout never fires."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):  # noqa: N802 - the http.server hook
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                threading.Event().wait(0.2)
+        except OSError:  # the client hung up: what it should do
+            pass
+
+
+def test_a_judge_that_trickles_bytes_is_cut_off_at_the_total_deadline(planted, tmp_path):
+    """issue 32, item 9: --judge-timeout bounds the whole request, connect to last byte."""
+    import time
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    folder, tasks = planted
+    try:
+        start = time.monotonic()
+        proc = run_cli(
+            ["macdrop", "attack", str(folder), "--gen-tasks", str(tasks), "--judge-url", url]
+            + ["--judge-model", "x", "--judge-timeout", "3"],
+            cwd=tmp_path,
+            env_extra=ENV,
+            timeout=300,
+        )
+        elapsed = time.monotonic() - start
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"macdrop: error: judge at {url}/v1/chat/completions: no answer within 3 s "
+        "(the limit covers the whole request, connect to last byte)"
+    ]
+    assert "attack:" not in proc.stdout  # refused before the model under test loaded
+    assert elapsed < 60  # not the 200 s the trickle would take, nor for ever

@@ -4,6 +4,7 @@ from helpers.storage import Shard, effective, fsdp1_shards, fsdp2_shards, linear
 
 from llamafactory_macdrop.core.masking import (
     RowDropout,
+    UnsupportedStorageError,
     bits,
     draw_keep_mask,
     row_target,
@@ -395,3 +396,54 @@ def test_factory_refuses_storage_no_backend_claims():
             row_target("model.layers.1.mlp.up_proj.weight", weight, [1], module=GPTQish())
         assert "\n" not in str(err.value)
         assert str(err.value).startswith("model.layers.1.mlp.up_proj.weight: ")
+
+
+# ----------------------------------------------------------------------------- trainable rows
+def test_trainable_rows_are_masked_from_their_current_values_and_get_the_chain_rule_gradient():
+    """A weight the optimizer trains: every mask starts from the rows as they are now (the last
+    step's update included), the dropped elements get no gradient, and the optimizer's step after
+    the restore lands on the unmasked rows (docs/how-it-works.md, "Trainable rows")."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 8, bias=False)
+    rows = [5, 1, 2]
+    drop = RowDropout([row_target("w", layer.weight, rows)])
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(4, 6)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        before = layer.weight.detach().clone()
+        with drop.masked(0.5, g) as keep:
+            assert torch.equal(layer.weight.detach()[rows], before[rows] * keep)  # the CURRENT rows, masked
+            layer(x).pow(2).sum().backward()
+        assert torch.equal(layer.weight.detach(), before)  # restored to this step's start, bitwise
+        grad = layer.weight.grad[rows]
+        assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))  # d(W*M)/dW = M
+        assert (grad[keep] != 0).all()
+        opt.step()
+        opt.zero_grad()
+        assert torch.equal(layer.weight.detach()[rows][~keep], before[rows][~keep])
+        assert not torch.equal(layer.weight.detach()[rows][keep], before[rows][keep])  # the update stays
+
+
+def test_an_update_inside_the_masked_span_stops_the_run():
+    """An optimizer that steps while the rows are masked (DeepSpeed inside training_step, layer-wise
+    GaLore inside backward): the restore would write the old rows over its update, so it says so."""
+    from llamafactory_macdrop.core.masking import RowsUpdatedWhileMaskedError
+
+    layer = torch.nn.Linear(6, 8, bias=False)
+    drop = RowDropout([row_target("w", layer.weight, [0, 3])])
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with pytest.raises(RowsUpdatedWhileMaskedError, match=r"^w was updated in place while MacDrop had its rows masked"):
+        with drop.masked(0.5, torch.Generator().manual_seed(0)):
+            layer(torch.randn(2, 6)).sum().backward()
+            opt.step()
+
+
+def test_trainable_rows_are_refused_where_the_update_cannot_be_kept():
+    full = torch.randn(23, 13)
+    shards, _ = fsdp2_shards(full, 3)
+    shards[0].gathered = full.clone()
+    with pytest.raises(
+        UnsupportedStorageError, match=r"^w: its rows are trainable \(requires_grad\) and stored as fsdp2-shard"
+    ):
+        RowDropout([row_target("w", full.clone().requires_grad_(), [1, 2], shard=shards[0])])

@@ -170,7 +170,7 @@ def test_macdrop_off_changes_nothing(tiny_llama_dir, tiny_data_dir, tmp_path):
     [
         (dict(stage="rm"), "stage='rm' is not supported"),
         (dict(stage="kto"), "stage='kto' is not supported"),
-        (dict(stage="ppo"), "stage='ppo' is not supported"),
+        (dict(stage="ppo", reward_model="some/reward-model"), "stage='ppo' is not supported"),  # LF needs the RM
         (dict(fsdp="shard_grad_op auto_wrap"), "FSDP1 fsdp_sharding_strategy=SHARD_GRAD_OP .* use FULL_SHARD"),
         (dict(fsdp="full_shard offload auto_wrap"), "FSDP CPU offload"),
         (
@@ -178,8 +178,11 @@ def test_macdrop_off_changes_nothing(tiny_llama_dir, tiny_data_dir, tmp_path):
             "FSDP2 fsdp_reshard_after_forward=false",
         ),
         (dict(fsdp="full_shard auto_wrap", quantization_bit=4), "FSDP and quantization_bit=4"),
-        (dict(finetuning_type="full"), "finetuning_type='full' is not supported"),
-        (dict(finetuning_type="freeze"), "finetuning_type='freeze' is not supported"),
+        (dict(finetuning_type="oft"), "finetuning_type='oft' is not supported: use lora, full, freeze"),
+        (
+            dict(finetuning_type="full", deepspeed={"zero_optimization": {"stage": 2}}),
+            "DeepSpeed is not supported when the masked rows are trained \\(finetuning_type=full\\)",
+        ),
         (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="constant"), "macdrop_p0=1.0 with use_dora=true"),
         (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="step"), "macdrop_p0=1.0 with use_dora=true"),
         (dict(use_dora=True, macdrop_p0=1.0, macdrop_curriculum="exp"), "macdrop_p0=1.0 with use_dora=true"),

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
 #: LLaMA-Factory's first words when it starts loading the tokenizer, the model or the data
 LOADING = ("loading configuration file", "Loading dataset", "Loading weights")
 BROKEN_LOCATOR = "[1, 2, 3]"
+#: a well-formed locator file (its "model" is set per case)
+LOCATOR = {"layer": 1, "indices": [97, 13, 64, 5, 120], "modules": ["a", "b"], "source": "probe"}
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +88,92 @@ CASES = [
 ]
 
 
+TRAINED = (
+    "macdrop=true with {where} is not supported when the masked rows are trained ({why}): the optimizer steps "
+    "inside the masked span there (or on a copy MacDrop does not see), so MacDrop could not keep their update "
+    "exactly; train them with plain DDP or a single process, or keep them frozen (LoRA without gate/up "
+    "projections in additional_target)"
+)
+
+CASES += [
+    # issue 32, item 1: rows the optimizer trains, where the set-up cannot keep their update
+    (
+        "trained-deepspeed",
+        dict(lora_target="q_proj", additional_target="gate_proj,up_proj", deepspeed="{ds}"),
+        TRAINED.format(where="DeepSpeed", why="additional_target=gate_proj,up_proj"),
+    ),
+    (
+        "trained-fsdp",
+        dict(finetuning_type="full", fsdp="full_shard"),
+        TRAINED.format(where="FSDP", why="finetuning_type=full"),
+    ),
+    (
+        "trained-lomo",
+        dict(finetuning_type="full", optim="adalomo"),
+        TRAINED.format(where="optim=adalomo", why="finetuning_type=full"),
+    ),
+    # item 2: LLaMA-Factory's reading of its own flags (a YAML value as written: "false" is a non-empty string)
+    (
+        "dora-string-false",
+        dict(use_dora="false", macdrop_p0=1.0),
+        "macdrop_p0=1.0 with use_dora=true is not supported: near p = 1 (the first steps of every curriculum at p0 = 1) "
+        "whole rows get dropped, DoRA's row norm becomes 0 and every loss NaN; use macdrop_p0 < 1",
+    ),
+    (
+        "pissa-1",
+        dict(pissa_init=1),
+        "macdrop=true with pissa_init=true is not supported: PiSSA moves the principal part of every base weight "
+        "into the adapter, so the frozen rows MacDrop would locate and drop are no longer the pre-trained ones; "
+        "use pissa_init: false",
+    ),
+    ("lf-own-refusal", dict(finetuning_type="lorra"), "LLaMA-Factory refuses it: Invalid fine-tuning method."),
+    # item 3: the locator file of a resumed run names another model folder
+    (
+        "resume-other-model",
+        dict(resume_from_checkpoint="{out}/checkpoint-2", overwrite_output_dir=False),
+        "{out}/macdrop_locator.json was written for model '{other}', this run trains '{model}': delete "
+        "{out}/macdrop_locator.json to locate again",
+    ),
+    # item 7
+    (
+        "non-massive-all-rows",
+        dict(macdrop_scope="non_massive", macdrop_k=128),
+        "macdrop_scope='non_massive' with macdrop_k=128 leaves no row to drop: {model}/config.json has "
+        "intermediate_size 128, and non_massive drops every row but the 128 massive ones; use fewer than 128 rows, "
+        "or another scope",
+    ),
+    # item 10: a macdrop key spelled with dashes or capitals
+    (
+        "dashed-key",
+        {"macdrop-k": 3},
+        "unknown key 'macdrop-k': did you mean 'macdrop_k'? (macdrop keys are lower case, with underscores)",
+    ),
+    # item 11: quantization_bit 3 is not the 8-bit case; duplicates named with a k mismatch
+    (
+        "quantization-3",
+        dict(quantization_bit=3),
+        "quantization_bit=3 is not allowed with quantization_method: bnb: LLaMA-Factory quantizes with bitsandbytes "
+        "only at 4 or 8 (the integer), and would load this model unquantized; MacDrop supports quantization_bit: 4, "
+        "or none",
+    ),
+    (
+        "indices-duplicates-and-k",
+        dict(macdrop_indices=[5, 5], macdrop_k=3),
+        "macdrop_indices=[5, 5] is not allowed: expected distinct row indices (found duplicates); macdrop_k=3 "
+        "disagrees with macdrop_indices (length 2): give one of them, or make them agree",
+    ),
+]
+
+
 @pytest.mark.parametrize("case, overrides, message", CASES, ids=[c[0] for c in CASES])
 def test_refused_in_one_line_before_anything_loads(case, overrides, message, config_only, tiny_data_dir, tmp_path):
     out = resumable(tmp_path / "out", BROKEN_LOCATOR) if "resume" in case else tmp_path / "out"
-    names = {"model": config_only, "out": out}
+    other = tmp_path / "other_model"
+    other.mkdir()
+    if case == "resume-other-model":
+        (out / "macdrop_locator.json").write_text(json.dumps({**LOCATOR, "model": str(other)}))
+    (tmp_path / "ds_z2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}))
+    names = {"model": config_only, "out": out, "other": other, "ds": tmp_path / "ds_z2.json"}
     overrides = {k: v.format(**names) if isinstance(v, str) else v for k, v in overrides.items()}
     proc = train(tiny.lf_train_args(config_only, tiny_data_dir, out, **overrides), tmp_path)
     errors = [line for line in proc.stderr.splitlines() if "[macdrop] error" in line]
@@ -167,3 +251,73 @@ def test_config_json_bounds_for_moe_multimodal_and_per_layer_widths(tiny_data_di
     assert (
         check("multimodal", macdrop_probe_token=300, add_special_tokens="<x>")[1] is not None
     )  # LF grows the vocabulary
+
+
+def command_line(cfg: dict) -> list[str]:
+    """``llamafactory-cli train --key value ...``: the command-line form, every value a string."""
+    out = ["llamafactory-cli", "train"]
+    for key, value in cfg.items():
+        out += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return out
+
+
+def cli_train(argv: list[str], tmp_path):
+    return run_cli(argv, cwd=tmp_path, env_extra={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--macdrop_probe_token"],
+            "--macdrop_probe_token was given without a value: expected int | str | null after it "
+            "(e.g. --macdrop_probe_token VALUE)",
+        ),
+        (
+            ["--macdrop-k", "3"],
+            "unknown key 'macdrop-k': did you mean 'macdrop_k'? (macdrop keys are lower case, with underscores)",
+        ),
+        (["--use_dora", "maybe"], "LLaMA-Factory refuses it: argument --use_dora/--use-dora: Truthy value expected"),
+    ],
+    ids=["bare-key", "dashed-key", "lf-bool"],
+)
+def test_command_line_keys_refused_in_one_line(extra, message, config_only, tiny_data_dir, tmp_path):
+    """issue 32, item 10 (and 2): the ``--key value`` form, before anything loads."""
+    argv = command_line(tiny.lf_train_args(config_only, tiny_data_dir, tmp_path / "out")) + extra
+    proc = cli_train(argv, tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if "[macdrop] error" in line]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith(f"[macdrop] error: {message}"), errors
+    assert "Traceback" not in proc.stderr
+    assert not any(word in proc.stdout + proc.stderr for word in LOADING)
+
+
+def test_command_line_values_read_as_llamafactory_reads_them(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """``--use_dora false`` is False to LLaMA-Factory's parser, so p0 = 1 is no DoRA problem; a probe
+    token of non-ASCII digits is a text ('²' was refused as "expected an integer", '٣' read as id 3)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    cfg = tiny.lf_train_args(tiny_llama_dir, tiny_data_dir, out, max_steps=1, gradient_accumulation_steps=1)
+    argv = command_line(cfg) + ["--use_dora", "false", "--macdrop_p0", "1.0", "--macdrop_probe_token", "²"]
+    proc = cli_train(argv, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is False
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    first = tokenizer("²", add_special_tokens=False)["input_ids"][0]
+    assert json.loads((out / "macdrop_locator.json").read_text())["probe_token_id"] == first
+    three = integration.validate_args(command_line(cfg)[2:] + ["--macdrop_probe_token", "٣"])[1]
+    assert three.macdrop_probe_token == "٣"  # a text, not the id 3
+
+
+def test_other_spellings_read_in_process(config_only, tiny_data_dir, tmp_path):
+    """The same rules as the command-line cases above, in-process (no process each): use_dora: 1 is
+    on to LLaMA-Factory, a capitalised key gets its spelling, optim lomo is refused for trained rows."""
+    base = tiny.lf_train_args(config_only, tiny_data_dir, tmp_path / "out")
+    with pytest.raises(MacDropConfigError, match=r"^macdrop_p0=1.0 with use_dora=true is not supported"):
+        integration.validate_args({**base, "use_dora": 1, "macdrop_p0": 1.0})
+    with pytest.raises(MacDropConfigError, match=r"^unknown key 'MACDROP_K': did you mean 'macdrop_k'\?"):
+        integration.validate_args({**base, "MACDROP_K": 3})
+    with pytest.raises(MacDropConfigError, match=r"^macdrop=true with optim=lomo is not supported when the masked"):
+        integration.validate_args({**base, "finetuning_type": "full", "optim": "lomo"})
+    assert integration.validate_args({**base, "use_dora": 0, "macdrop_p0": 1.0})[1] is not None

@@ -173,7 +173,8 @@ def test_accelerate_config_loads_and_macdrop_accepts_it(path, monkeypatch):
     assert settings is not None
     assert str(settings["version"]) == str(config.fsdp_config.get("fsdp_version", 1))
     assert settings["strategy"] in names[:1] + names[2:3] or str(settings["version"]) == "2"
-    validate_args({"stage": "sft", "finetuning_type": "lora", "macdrop": True})  # must not raise
+    run = {"model_name_or_path": "some/model", "stage": "sft", "finetuning_type": "lora", "macdrop": True}
+    validate_args(run)  # must not raise
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")  # and the rules do bite on this environment
     with pytest.raises(Exception, match="offload"):
-        validate_args({"stage": "sft", "finetuning_type": "lora", "macdrop": True})
+        validate_args(run)

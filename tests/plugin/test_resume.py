@@ -157,3 +157,61 @@ def test_resume_with_other_p0_or_curriculum_warns_naming_old_and_new(tiny_llama_
     assert changed_settings(longer) == [
         prefix + "optimizer steps 4 -> 8; p at step 3 is 0.5 (the checkpoint's settings give 0.2)"
     ]
+
+
+def test_resume_with_the_model_path_written_differently(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """The same folder written with a trailing '/' (or through a symlink) is the same model: the
+    resume reuses the locator file instead of refusing it after the model loaded."""
+    out = tmp_path / "out"
+    args = tiny.lf_train_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        out,
+        max_steps=2,
+        gradient_accumulation_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    run(args)
+    written = json.loads((out / "macdrop_locator.json").read_text())
+    link = tmp_path / "model_link"
+    link.symlink_to(tiny_llama_dir)
+    for spelled in (f"{tiny_llama_dir}/", str(link)):
+        state = run(
+            {
+                **args,
+                "model_name_or_path": spelled,
+                "max_steps": 3,
+                "overwrite_output_dir": False,
+                "resume_from_checkpoint": str(out / "checkpoint-1"),
+            }
+        )
+        assert state["global_step"] == 3
+        assert json.loads((out / "macdrop_locator.json").read_text()) == written  # reused, not re-located
+
+
+def test_resume_with_other_seed_or_probe_token_warns(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """The masks are drawn from the seed, and a resume reuses the located rows: a changed seed or
+    probe token is named in the one warning, as p0 is."""
+    out = tmp_path / "out"
+    args = tiny.lf_train_args(
+        tiny_llama_dir,
+        tiny_data_dir,
+        out,
+        max_steps=4,
+        gradient_accumulation_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        seed=0,
+    )
+    run(args)
+    assert json.loads((out / "checkpoint-2" / "macdrop_settings.json").read_text())["seed"] == 0
+    resume = {**args, "overwrite_output_dir": False, "resume_from_checkpoint": str(out / "checkpoint-2")}
+    with warnings_logged() as records:
+        run({**resume, "seed": 7, "macdrop_probe_token": "the"})
+    assert changed_settings(records) == [
+        f"resuming {out / 'checkpoint-2'} with other MacDrop settings than it was trained with: "
+        "seed 0 -> 7 (the masks are drawn from it: they differ from the interrupted run's from here on), "
+        "macdrop_probe_token None -> 'the' (not used: the rows are reused from macdrop_locator.json); "
+        "p at step 3 stays 0.2"
+    ]

@@ -52,10 +52,14 @@ def parse_metric(name: str) -> tuple[str, str, str]:
 
 def check_adapter(adapter_dir: Path) -> None:
     """Refuse adapters whose removal would not give the base back (see the module docstring)."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
+    from ..models.loading import AdapterError, read_adapter_config
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise CompareError(f"{adapter_dir}: no adapter_config.json (finetuning_type must be lora)")
-    config = json.loads(path.read_text())
+    try:
+        config = read_adapter_config(adapter_dir, option="adapter")
+    except AdapterError as err:
+        raise CompareError(str(err)) from None
     for key in ("modules_to_save", "trainable_token_indices"):
         if config.get(key):
             raise CompareError(

@@ -38,6 +38,13 @@ class PairedError(MacDropError, ValueError):
     """Two arms whose items cannot be paired."""
 
 
+#: the fewest paired items a bootstrap interval (and so a verdict) rests on. Below it the resampling
+#: distribution is a handful of atoms: one item resamples to itself (the "interval" is a point),
+#: two to three values; its percentile interval then covers far less often than it says. Fewer
+#: items give the mean difference and no verdict, with the reason.
+MIN_ITEMS = 10
+
+
 @dataclass(frozen=True)
 class PerplexityItems:
     """Per-window NLL sums (nats) and predicted-token counts of one corpus."""
@@ -237,13 +244,26 @@ def paired_difference(
     )
     if dropped:
         result.extra["items_unscored_in_some_run"] = dropped
+    fewest = min(len(t) for t in first.tasks) if isinstance(first, MeanAccuracyItems) else n
+    if fewest < MIN_ITEMS:
+        what = "items in a task" if isinstance(first, MeanAccuracyItems) else f"paired {_item_word(first)}"
+        result.extra["no_interval"] = (
+            f"too few items for an interval: {fewest} {what} (at least {MIN_ITEMS}); evaluate on more "
+            "(a longer text or more windows for perplexity, a larger --limit for tasks)"
+        )
     result.direction, result.verdict = verdict(result)
     return result
+
+
+def _item_word(items) -> str:
+    return {"ppl": "windows", "acc": "documents", "gen": "items"}.get(getattr(items, "kind", ""), "items")
 
 
 def verdict(d: PairedDifference) -> tuple[str, str]:
     """(better | worse | none, one sentence): a difference counts only if the interval excludes 0
     AND every seed's difference has the interval's sign."""
+    if d.extra.get("no_interval"):
+        return "none", f"no verdict: {d.extra['no_interval']} (mean difference {d.mean_diff:+.4g})"
     excludes = d.low > 0 or d.high < 0
     sign = 1 if d.low > 0 else -1
     agree = all((x > 0) if sign > 0 else (x < 0) for x in d.per_seed)

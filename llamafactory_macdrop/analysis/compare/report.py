@@ -152,6 +152,12 @@ class CompareReport(JsonReport, CsvRows):
                     continue
                 better = [d.metric for d in group if d.direction == "better"]
                 worse = [d.metric for d in group if d.direction == "worse"]
+                few = [d.metric for d in group if d.extra.get("no_interval")]
+                if few:
+                    parts.append(f"{title}: no verdict on {', '.join(few)} (too few items for an interval)")
+                    group = [d for d in group if not d.extra.get("no_interval")]
+                    if not group:
+                        continue
                 if not better and not worse:
                     parts.append(f"{title}: no difference detectable on any of {len(group)} metrics")
                     continue
@@ -285,9 +291,12 @@ class CompareReport(JsonReport, CsvRows):
             conf = f"{round(100 * d.confidence)} %"
             per_seed = ", ".join(_fmt_diff(d.metric, x) for x in d.per_seed)
             word = {"better": "better", "worse": "worse", "none": "not detectable"}[d.direction]
+            interval = f"{conf} [{_fmt_diff(d.metric, d.low)}, {_fmt_diff(d.metric, d.high)}]"
+            if d.extra.get("no_interval"):
+                word, interval = "no verdict: too few items", "–"
             lines.append(
                 f"| {d.metric} | {d.treatment} − {d.control} | {_fmt_diff(d.metric, d.mean_diff)} | "
-                f"{conf} [{_fmt_diff(d.metric, d.low)}, {_fmt_diff(d.metric, d.high)}] | {d.n} | {per_seed} | {word} |"
+                f"{interval} | {d.n} | {per_seed} | {word} |"
             )
         return "\n".join(lines)
 

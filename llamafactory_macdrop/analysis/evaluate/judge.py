@@ -18,14 +18,18 @@ dropped; feedback and raw text are kept per item.
 Backends: :class:`LocalJudge` (a causal LM loaded once, its own dtype and device, greedy, its chat
 template, on the same lm-eval HFLM bridge as every generation here: harness.py) and
 :class:`URLJudge` (an OpenAI-compatible ``/v1/chat/completions`` endpoint, temperature 0, stdlib
-``urllib``). ``check()`` loads or connects, so a judge that cannot is refused before anything
+``urllib``, one deadline per request covering connect, wait and read, so a server that trickles
+bytes cannot hold a request past it). ``check()`` loads or connects, so a judge that cannot is refused before anything
 generates.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
+import socket
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -320,6 +324,56 @@ def chat_completions_url(url: str) -> str:
     return url + "/v1/chat/completions"
 
 
+class _Sockets:
+    """The sockets one request opened, so a timer can end it (``shut``) when its time is up."""
+
+    def __init__(self) -> None:
+        self.open: list = []
+        self.expired = False
+        self._lock = threading.Lock()
+
+    def add(self, sock) -> None:
+        with self._lock:
+            self.open.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def shut(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self.open:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # a blocked recv returns at once
+        except OSError:
+            pass
+
+
+def _opener(sockets: _Sockets) -> urllib.request.OpenerDirector:
+    """urllib's opener (proxies, redirects as usual) whose HTTP(S) connections report their sockets."""
+
+    def tracked(base):
+        class Connection(base):
+            def connect(self):
+                super().connect()
+                sockets.add(self.sock)
+
+        return Connection
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(tracked(http.client.HTTPConnection), req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(tracked(http.client.HTTPSConnection), req, context=self._context)
+
+    return urllib.request.build_opener(HTTP(), HTTPS())
+
+
 class URLJudge:
     """An OpenAI-compatible chat endpoint (vLLM's ``serve``, llama.cpp's server, ...).
 
@@ -357,18 +411,33 @@ class URLJudge:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
         where = f"judge at {self.url}"
+        late = (
+            f"{where}: no answer within {self.timeout:g} s (the limit covers the whole request, connect to last byte)"
+        )
+        # urlopen's timeout bounds each socket read, so a server that trickles bytes would hold a
+        # request for ever: a timer closes the connection when the request's total time is up
+        sockets = _Sockets()
+        timer = threading.Timer(self.timeout, sockets.shut)
+        timer.daemon = True
+        timer.start()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _opener(sockets).open(request, timeout=self.timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as err:
+            if sockets.expired:
+                raise JudgeError(late) from None
             detail = err.read().decode("utf-8", "replace") if err.fp else ""
             raise JudgeError(f"{where}: HTTP {err.code} {err.reason}: {_one_line(detail) or '(no body)'}") from None
-        except urllib.error.URLError as err:
-            raise JudgeError(f"{where}: cannot connect ({_one_line(err.reason)})") from None
-        except TimeoutError:
-            raise JudgeError(f"{where}: no answer within {self.timeout:g} s") from None
-        except OSError as err:
+        except (OSError, http.client.HTTPException) as err:
+            if sockets.expired or isinstance(err, TimeoutError):
+                raise JudgeError(late) from None
+            if isinstance(err, urllib.error.URLError):
+                raise JudgeError(f"{where}: cannot connect ({_one_line(err.reason)})") from None
             raise JudgeError(f"{where}: {type(err).__name__}: {_one_line(err)}") from None
+        finally:
+            timer.cancel()
+        if sockets.expired:  # the timer fired as the last bytes came: the answer may be cut
+            raise JudgeError(late)
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):

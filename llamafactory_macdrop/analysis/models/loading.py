@@ -7,9 +7,11 @@ folder that is not one, an adapter trained on another base) must read the same e
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import nn
+
 from ...errors import MacDropError
 
 
@@ -88,26 +90,78 @@ def load_tokenizer(path: str):
         return None
 
 
+#: the weight files peft saves an adapter in, the one it prefers first
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def read_adapter_config(adapter_dir: str | Path, option: str = "--adapter") -> dict:
+    """``adapter_dir/adapter_config.json`` as a dict, or one line saying what is wrong with it
+    (missing, not UTF-8, not JSON or cut short, not an object): the one reader of that file."""
+    folder = Path(adapter_dir)
+    path = folder / "adapter_config.json"
+    where = f"{option} {folder}"
+    if not path.is_file():
+        raise AdapterError(f"{where}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AdapterError(f"{where}: adapter_config.json is not UTF-8 text (byte offset {err.start})") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        cut = "; it looks cut short" if err.pos >= len(text.rstrip()) else ""
+        raise AdapterError(f"{where}: adapter_config.json is not valid JSON ({err}{cut})") from None
+    if not isinstance(config, dict):
+        kind = {list: "an array", str: "a string"}.get(type(config), type(config).__name__)
+        raise AdapterError(f"{where}: adapter_config.json holds {kind}, not peft's adapter config (a JSON object)")
+    return config
+
+
+def check_adapter(adapter_dir: str | Path, option: str = "--adapter") -> dict:
+    """Everything about an adapter folder that can be checked before any model loads: its config
+    (:func:`read_adapter_config`) and its weights file (there, and a safetensors file whose header
+    covers the file: a truncated copy fails here, not inside peft). Returns the config."""
+    folder = Path(adapter_dir)
+    config = read_adapter_config(folder, option)
+    weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()), None)
+    if weights is None:
+        raise AdapterError(
+            f"{option} {folder}: no adapter weights there ({' or '.join(ADAPTER_WEIGHTS)}): give the output_dir "
+            "of a finished LoRA/DoRA run, or one of its checkpoint-N folders"
+        )
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors' own error type (SafetensorError) is not importable by name
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise AdapterError(f"{option} {weights} cannot be read ({first}): is the file complete?") from None
+    return config
+
+
 def attach_adapter(model: nn.Module, adapter_dir: str | Path, model_path: str = "") -> nn.Module:
     """``model`` + the LoRA/DoRA adapter in ``adapter_dir`` (a PeftModel, adapter active).
 
     The attacks then edit the frozen base weights under the adapter, which is what the paper's
-    robustness comparison does. An adapter trained on another base is refused in one line: by
-    its recorded base model's config when that folder is here, else by peft's shape check.
+    robustness comparison does. A folder that is no readable adapter is refused in one line
+    (:func:`check_adapter`); an adapter trained on another base too: by its recorded base model's
+    config when that folder is here, else by peft's shape check.
     """
-    import json
-
     folder = Path(adapter_dir)
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterError(f"--adapter {folder}: no adapter_config.json there (give a LoRA/DoRA output_dir)")
-    recorded = json.loads(config_file.read_text()).get("base_model_name_or_path") or "?"
-    base_config = Path(recorded) / "config.json"
+    config = check_adapter(folder)
+    recorded = config.get("base_model_name_or_path") or "?"
+    base_config = Path(str(recorded)) / "config.json"
     mine = getattr(model, "config", None)
     if base_config.is_file() and mine is not None:
-        theirs = json.loads(base_config.read_text())
+        try:
+            theirs = json.loads(base_config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            theirs = None  # peft's shape check below decides
         keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
-        diff = [k for k in keys if k in theirs and theirs[k] != getattr(mine, k, None)]
+        diff = [k for k in keys if isinstance(theirs, dict) and k in theirs and theirs[k] != getattr(mine, k, None)]
         if diff:
             k = diff[0]
             raise AdapterError(
@@ -120,4 +174,6 @@ def attach_adapter(model: nn.Module, adapter_dir: str | Path, model_path: str = 
         return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AdapterError(f"--adapter {folder} does not fit {model_path or 'this model'} (trained on {recorded}): {first}") from None
+        raise AdapterError(
+            f"--adapter {folder} does not fit {model_path or 'this model'} (trained on {recorded}): {first}"
+        ) from None

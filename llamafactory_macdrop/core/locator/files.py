@@ -4,6 +4,7 @@ pre-load check), and the resume rule that the file is authoritative for the run 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -101,6 +102,31 @@ def _json_kind(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def same_model(recorded: str, given: str) -> bool:
+    """Whether two spellings name the same model: equal strings, the same local folder however
+    written (a trailing ``/``, ``./``, ``~``, a symlink: compared resolved), or the same hub id up
+    to a trailing ``/``. A folder and a hub id are different models here (a resume that switches
+    from one to the other should say so)."""
+    if recorded == given:
+        return True
+
+    def resolved(name: str) -> tuple[str, str]:
+        folder = os.path.expanduser(name)
+        if os.path.isdir(folder):
+            return "folder", os.path.realpath(folder)
+        return "id", name.strip().rstrip("/")
+
+    return resolved(recorded) == resolved(given)
+
+
+def model_differs(recorded: str, given: str) -> bool:
+    """Whether two spellings certainly name different models BEFORE anything loads: both local
+    folders (resolved) or both hub ids, and different. A folder against an id is left to the check
+    on the loaded model (LLaMA-Factory may resolve an id to a downloaded folder)."""
+    kinds = [os.path.isdir(os.path.expanduser(x)) for x in (recorded, given)]
+    return kinds[0] == kinds[1] and not same_model(recorded, given)
+
+
 def reuse_result(
     path: str | Path,
     model: nn.Module,
@@ -118,7 +144,7 @@ def reuse_result(
     fix = f"delete {path} to locate again"
     result = read_resumed_locator_file(path)
     name = model_name(model)
-    if result.model != name:
+    if not same_model(result.model, name):
         raise LocatorError(f"{path} was written for model {result.model!r}, this run trains {name!r}: {fix}")
     by_index = {b.index: b for b in blocks}
     block = by_index.get(result.layer)

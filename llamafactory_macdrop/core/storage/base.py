@@ -33,12 +33,21 @@ class RowTarget:
     (already offset for fused matrices such as Phi-3's ``gate_up_proj``). ``expert`` picks one
     matrix of a 3-D weight (fused MoE experts, [E, out, in]).
 
-    What :class:`~llamafactory_macdrop.core.masking.RowDropout` uses: ``snapshot()`` once (the state
+    What :class:`~llamafactory_macdrop.core.masking.RowDropout` uses: ``snapshot()`` (the state
     ``restore`` puts back), then per micro-batch ``apply_mask(snapshot, keep)`` (rows := original
     rows * keep, no rescaling) and ``restore(snapshot)``; ``matches(snapshot)`` checks bitwise
     restoration. ``read()`` returns the rows as the layer computes with them (set-up, checks).
     Backends make the per-step calls cheap: index tensors are computed once at construction.
+
+    Trainable rows (the weight has ``requires_grad``: peft's ``modules_to_save``, full or freeze
+    fine-tuning, a user's own trainer) change between micro-batches, so their snapshot must be
+    retaken at every mask and the gradient of the dropped elements cut (``masked_grad``): only
+    backends with ``keeps_updates`` can do both exactly; :class:`RowDropout` refuses the others.
     """
+
+    #: whether the snapshot is cheap enough to retake at every mask (a local read of k rows, no
+    #: collective) and ``masked_grad`` is implemented: what trainable rows need (docs/how-it-works.md)
+    keeps_updates: bool = False
 
     #: the backend's name, as :func:`~.factory.row_target` reports it
     backend: str = ""
@@ -86,6 +95,11 @@ class RowTarget:
         """Whether this rank holds only part of the weight (ZeRO-3 partition or FSDP shard)."""
         return False
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the optimizer updates this weight (it requires a gradient) right now."""
+        return bool(getattr(self.weight, "requires_grad", False))
+
     def describe(self) -> str:
         """One line: the weight and the backend that edits it (logged at set-up)."""
         return f"{self.name} -> {self.backend}"
@@ -108,6 +122,11 @@ class RowTarget:
     def read(self) -> torch.Tensor:
         """The selected rows as a (len(rows), d) tensor (a copy), as the layer computes with them."""
         raise NotImplementedError
+
+    def masked_grad(self, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``grad`` (the whole weight's gradient) with the dropped elements of the selected rows set
+        to 0: the chain rule through ``rows * keep`` (backends with ``keeps_updates``)."""
+        raise NotImplementedError(f"{self.name}: the {self.backend} backend cannot mask trainable rows")
 
     def write(self, rows: torch.Tensor) -> None:
         """Write a (len(rows), d) tensor into the selected rows (backends that store values)."""

@@ -12,6 +12,7 @@ class DenseRows(ValueRows):
     rank holds whole. Writes go through ``.data`` so autograd's version counter is not bumped."""
 
     backend = "dense"
+    keeps_updates = True
 
     def _matrix(self) -> torch.Tensor:
         data = self.weight.data
@@ -28,3 +29,15 @@ class DenseRows(ValueRows):
     def matches(self, snapshot: torch.Tensor) -> bool:
         seen = self.read()
         return torch.equal(bits(seen), bits(snapshot.to(device=seen.device, dtype=seen.dtype)))
+
+    def masked_grad(self, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        out = grad.clone()  # a tensor hook must not modify the gradient it is handed
+        matrix = out if self.expert is None else out[self.expert]
+        rows = self.rows.to(matrix.device)
+        seen = matrix.index_select(self.axis, rows)
+        kept = keep.to(matrix.device)
+        kept = kept if self.axis == 0 else kept.t()
+        matrix.index_copy_(
+            self.axis, rows, torch.where(kept, seen, torch.zeros((), dtype=seen.dtype, device=seen.device))
+        )
+        return out

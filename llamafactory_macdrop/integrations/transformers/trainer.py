@@ -44,6 +44,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 
 from ...core.architectures import FFNBlock, find_ffn_blocks
+from ...core.atomic_write import write_text_atomic
 from ...core.curriculum import Progress, build_curriculum, epoch_curriculum_problem
 from ...core.first_token import batch_first_token
 from ...core.locator import (
@@ -70,6 +71,12 @@ logger.propagate = False
 SETTINGS_FILE = "macdrop_settings.json"
 #: what decides p and the masks after a resume (k, layer and indices are checked against the locator file)
 RESUME_KEYS = ("macdrop_p0", "macdrop_curriculum", "macdrop_alpha", "macdrop_scope", "macdrop_mask_per")
+#: what else a resume warns about: the masks are drawn from the seed; the rows are reused from the
+#: locator file, so a changed probe token is not used
+RESUME_NOTES = {
+    "seed": "the masks are drawn from it: they differ from the interrupted run's from here on",
+    "macdrop_probe_token": "not used: the rows are reused from macdrop_locator.json",
+}
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for seed mixing
 _MASK64 = (1 << 63) - 1
@@ -84,6 +91,11 @@ def scope_rows(scope: str, indices: Sequence[int], intermediate_size: int) -> to
     if scope == "non_massive":
         keep = torch.ones(intermediate_size, dtype=torch.bool)
         keep[torch.tensor(list(indices), dtype=torch.long)] = False
+        if not keep.any():
+            raise MacDropConfigError(
+                f"macdrop_scope='non_massive' leaves no row to drop: the layer is {intermediate_size} wide and all "
+                f"{len(indices)} massive rows are kept; use fewer rows (macdrop_k), or another scope"
+            )
         return keep.nonzero().flatten()
     raise ValueError(f"unknown scope {scope!r}")
 
@@ -302,6 +314,10 @@ def build_run(trainer: Any, config: MacDropConfig, first_inputs: Any = None) -> 
             for w in result.warnings:
                 logger.warning(w)
     run = MacDropRun(config, result, blocks, seed=trainer.args.seed, model=model)
+    if run.dropout.trainable and getattr(trainer, "is_deepspeed_enabled", False):
+        from ...plugin.checks import trainable_rows_refusal
+
+        raise MacDropConfigError(trainable_rows_refusal(run.dropout.trainable_names(), "DeepSpeed"))
     guard_reference_forwards(model, run.dropout)
     if rank0:
         logger.info("MacDrop storage: %s", "; ".join(t.describe() for t in run.dropout.targets))
@@ -338,9 +354,13 @@ def write_settings(trainer: Any, config: MacDropConfig) -> None:
     folder = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
     if trainer.is_world_process_zero() and os.path.isdir(folder):
         progress = progress_of(trainer.state)
-        saved = {**config.to_dict(), "total_steps": progress.total_steps, "num_epochs": progress.num_epochs}
-        with open(os.path.join(folder, SETTINGS_FILE), "w", encoding="utf-8") as f:
-            json.dump(saved, f, indent=1)
+        saved = {
+            **config.to_dict(),
+            "total_steps": progress.total_steps,
+            "num_epochs": progress.num_epochs,
+            "seed": trainer.args.seed,
+        }
+        write_text_atomic(os.path.join(folder, SETTINGS_FILE), json.dumps(saved, indent=1))
 
 
 class MacDropTrainerMixin:
@@ -393,7 +413,8 @@ class MacDropTrainerMixin:
     def _macdrop_warn_changed_settings(self) -> None:
         """A resumed run whose p differs from what the checkpoint's run would have used (other p0,
         curriculum, alpha, or, where the curriculum counts them, other total steps or epochs), or
-        whose scope or mask_per differ: one warning naming old and new. The checkpoint's settings
+        whose scope or mask_per differ, or whose seed (the masks) or probe token (unused on resume)
+        differ: one warning naming old and new. The checkpoint's settings
         are in its ``macdrop_settings.json`` (checkpoints saved before it existed are not checked)."""
         checkpoint = getattr(self, "_macdrop_resumed_from", None)
         if checkpoint is True:
@@ -423,6 +444,12 @@ class MacDropTrainerMixin:
         p_new = self._macdrop_run.probability(progress)
         same_p = math.isclose(p_old, p_new, rel_tol=1e-9, abs_tol=1e-12)
         changed = [f"{k} {old[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if old[k] != now[k]]
+        now_notes = {"seed": self.args.seed, "macdrop_probe_token": now["macdrop_probe_token"]}
+        changed += [
+            f"{k} {saved[k]!r} -> {now_notes[k]!r} ({why})"
+            for k, why in RESUME_NOTES.items()
+            if k in saved and saved[k] != now_notes[k]
+        ]
         if not same_p:
             changed += [
                 f"{what} {a} -> {b}"

@@ -9,16 +9,21 @@ compare``'s arms. The checks themselves are plain functions over values (:mod:`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
+import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from ..checks import SKIPPING_SWITCHES, check_skipping_switches, run_checks
-from ..keys import MacDropConfig, MacDropConfigError, split_macdrop_args
-from ..run_args import DEFAULTS_NEEDED, RunArgs, read_run_args
+from ..keys import MacDropConfig, MacDropConfigError, check_key_spelling, split_macdrop_args
+from ..run_args import FIELDS_READ, RunArgs, fsdp_setup, read_run_args
 from .errors import internals_error
+
+#: what :func:`lf_defaults` reports (kept for callers of the integration module)
+DEFAULTS_REPORTED = ("stage", "finetuning_type", "num_train_epochs")
 
 
 def _default(cls: type, name: str) -> Any:
@@ -29,7 +34,7 @@ def _default(cls: type, name: str) -> Any:
 
 
 def lf_defaults() -> dict[str, Any]:
-    """LLaMA-Factory's defaults for the arguments MacDrop's checks read (:data:`..run_args.DEFAULTS_NEEDED`)."""
+    """LLaMA-Factory's defaults of a few arguments (stage, finetuning_type, num_train_epochs)."""
     from llamafactory.hparams import FinetuningArguments, TrainingArguments
 
     owner = {
@@ -37,12 +42,91 @@ def lf_defaults() -> dict[str, Any]:
         "finetuning_type": FinetuningArguments,
         "num_train_epochs": TrainingArguments,
     }
-    return {name: _default(owner[name], name) for name in DEFAULTS_NEEDED}
+    return {name: _default(owner[name], name) for name in DEFAULTS_REPORTED}
+
+
+def _fields_of(cls: type) -> type:
+    """A dataclass with ``cls``'s fields (names, resolved types, defaults, help) and none of its
+    ``__post_init__``: what LLaMA-Factory's parser makes of a value without building the class.
+    Used for ``TrainingArguments``, whose ``__post_init__`` sets up devices, DeepSpeed and the
+    distributed state (which the launching process must not do, and a torchrun child must do once)."""
+    hints = typing.get_type_hints(cls)
+    spec = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        kw: dict[str, Any] = {"metadata": f.metadata}
+        if f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kw["default_factory"] = f.default_factory
+        spec.append((f.name, hints[f.name], dataclasses.field(**kw)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Fields", spec)
+
+
+class _ParseError(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _parser():
+    """LLaMA-Factory's train-argument parser (``hparams/parser.py``'s ``_TRAIN_ARGS``, in its order),
+    with ``TrainingArguments`` read field by field (:func:`_fields_of`) and argparse's exit turned
+    into an exception. The same option set as LLaMA-Factory's, so ``--key`` abbreviations and
+    ``--no_key`` complements resolve as they do there."""
+    from llamafactory.hparams import (
+        DataArguments,
+        FinetuningArguments,
+        GeneratingArguments,
+        ModelArguments,
+        TrainingArguments,
+    )
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse would print its usage and exit
+            raise _ParseError(message)
+
+    return Parser(
+        [ModelArguments, DataArguments, _fields_of(TrainingArguments), FinetuningArguments, GeneratingArguments]
+    )
+
+
+def lf_values(lf_args: Mapping[str, Any] | list[str]) -> dict[str, Any]:
+    """The arguments the checks read (:data:`..run_args.FIELDS_READ`), parsed by LLaMA-Factory's own
+    parser: a YAML dict is handed to its dataclasses as written (``HfArgumentParser.parse_dict``), a
+    command line goes through its argparse types (``--use_dora false`` is False, a bare ``--use_dora``
+    True); its defaults fill the rest and its ``__post_init__`` runs (``additional_target`` split,
+    its own refusals). What LLaMA-Factory refuses is one line here, before anything loads."""
+    parser = _parser()
+    try:
+        if isinstance(lf_args, Mapping):
+            parsed = parser.parse_dict(dict(lf_args), allow_extra_keys=True)
+        else:
+            *parsed, _rest = parser.parse_args_into_dataclasses(args=list(lf_args), return_remaining_strings=True)
+    except (_ParseError, ValueError, TypeError, AssertionError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MacDropConfigError(f"LLaMA-Factory refuses it: {first}") from None
+    merged: dict[str, Any] = {"use_ray": uses_ray()}  # RayArguments.__post_init__ reads USE_RAY, not the YAML
+    for obj in parsed:
+        merged.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name in FIELDS_READ})
+    missing = [name for name in FIELDS_READ if name not in merged]
+    if missing:
+        raise internals_error(f"LLaMA-Factory's arguments have no {', '.join(missing)}")
+    return merged
 
 
 def run_args(lf_args: dict[str, Any] | list[str]) -> RunArgs:
-    """LLaMA-Factory's arguments of this run, parsed once."""
-    return read_run_args(lf_args, lf_defaults())
+    """LLaMA-Factory's arguments of this run, parsed once, by LLaMA-Factory's parser."""
+    return read_run_args(lf_values(lf_args))
+
+
+def fsdp_settings(
+    lf_args: Mapping[str, Any] | list[str], environ: Mapping[str, str] = os.environ
+) -> Optional[dict[str, Any]]:
+    """The FSDP set-up (:func:`..run_args.fsdp_setup`) of a run's arguments and environment."""
+    values = lf_values(lf_args) if lf_args else {"fsdp": "", "fsdp_config": None}
+    return fsdp_setup(values["fsdp"], values["fsdp_config"], environ)
 
 
 def uses_ray() -> bool:
@@ -58,6 +142,7 @@ def validate_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | li
 
     Raises :class:`MacDropConfigError` with a one-line message for any bad key or combination.
     """
+    check_key_spelling(args)
     lf_args, raw = split_macdrop_args(args)
     if not raw:
         return args, None
@@ -135,8 +220,10 @@ def ignored_macdrop_keys(args: dict[str, Any] | list[str]) -> list[str]:
     return [k for k in raw if k != "macdrop"]
 
 
-def validate_command_line(argv: list[str]) -> None:
-    """Validate ``llamafactory-cli train ...`` arguments in the launching process."""
+def validate_command_line(argv: list[str]) -> Optional[str]:
+    """Validate ``llamafactory-cli train ...`` arguments in the launching process (a switch that
+    skips MacDrop's trainers first); returns the output dir a MacDrop run will claim (None when
+    MacDrop is off)."""
     refuse_skipping_switches(argv)
     from llamafactory.hparams.parser import read_args
 
@@ -146,4 +233,5 @@ def validate_command_line(argv: list[str]) -> None:
         args = read_args(None)
     finally:
         sys.argv = saved
-    validate_args(args)
+    lf_args, config = validate_args(args)
+    return run_args(lf_args).output_dir if config is not None else None

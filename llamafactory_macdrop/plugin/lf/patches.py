@@ -36,6 +36,7 @@ from typing import Any, Iterator, Optional
 
 from .. import child_errors
 from ..keys import MacDropConfig, split_macdrop_args
+from ..output_dir import claimed
 from .arguments import ignored_macdrop_keys, refuse_skipping_switches, uses_ray, validate_args, validate_command_line
 from .errors import SUPPORTED_LLAMAFACTORY, internals_error, lf_version
 
@@ -123,7 +124,8 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
         child_errors.start_watcher()
     from .arguments import run_args
 
-    stage = run_args(lf_args).stage
+    parsed = run_args(lf_args)
+    stage = parsed.stage
     if lf_version() != SUPPORTED_LLAMAFACTORY:
         logger.warning("tested with llamafactory==%s, found %s", SUPPORTED_LLAMAFACTORY, lf_version())
     logger.info(
@@ -137,10 +139,11 @@ def _run_exp(original, args: dict[str, Any] | list[str], callbacks: Optional[lis
         config.macdrop_mask_per,
     )
     if uses_ray():
-        # the driver trains nothing: the keys travel with the arguments to the Ray workers, whose
-        # _training_function (wrapped below) swaps the trainer class in their own interpreter
+        # the driver trains nothing (the launcher holds the output dir): the keys travel with the
+        # arguments to the Ray workers, whose _training_function (wrapped below) swaps the trainer
+        # class in their own interpreter
         return original(args, callbacks)
-    with macdrop_trainers(config, stage):
+    with claimed(parsed.output_dir), macdrop_trainers(config, stage):  # writable and ours, before loading
         return original(lf_args, callbacks)
 
 
@@ -221,13 +224,15 @@ def patch_launcher(launcher) -> None:
     def launch():
         error_file = None
         try:
+            output_dir = None
             if len(sys.argv) > 1 and sys.argv[1] == "train":
-                validate_command_line(list(sys.argv))
+                output_dir = validate_command_line(list(sys.argv))
                 fd, error_file = tempfile.mkstemp(prefix="macdrop-error-", suffix=".txt")
                 os.close(fd)
                 os.environ[ERROR_FILE_ENV] = error_file
             try:
-                return original()
+                with claimed(output_dir):  # held for the torchrun children too
+                    return original()
             finally:
                 message = child_errors.read_and_remove(error_file)
                 if message:

@@ -139,3 +139,21 @@ def test_unpairable_items_are_refused():
             {0: PerplexityItems((1.0,), (4,))},
             higher_is_better=False,
         )
+
+
+def test_too_few_items_give_no_verdict():
+    """One window, whatever the difference: the bootstrap resamples it to itself (a point "interval"),
+    so no verdict; from MIN_ITEMS items on the interval decides again."""
+    from llamafactory_macdrop.analysis.compare.paired import MIN_ITEMS
+
+    low = {0: PerplexityItems((1.0,), (4,))}
+    high = {0: PerplexityItems((3.0,), (4,))}
+    d = paired_difference("ppl/t/clean", low, high, higher_is_better=False, iterations=200)
+    assert (d.direction, d.n) == ("none", 1)
+    assert d.verdict.startswith("no verdict: too few items for an interval: 1 paired windows (at least 10)")
+    many_low = {0: PerplexityItems((1.0,) * MIN_ITEMS, (4,) * MIN_ITEMS)}
+    many_high = {0: PerplexityItems((3.0,) * MIN_ITEMS, (4,) * MIN_ITEMS)}
+    assert paired_difference("ppl/t/clean", many_low, many_high, higher_is_better=False).direction == "worse"
+    few_docs = {0: MeanAccuracyItems((_acc([1.0] * 30), _acc([1.0, 0.0])))}  # one task of two documents
+    d = paired_difference("acc/mean/clean", few_docs, few_docs, higher_is_better=True, iterations=200)
+    assert d.verdict.startswith("no verdict: too few items for an interval: 2 items in a task")
