@@ -57,8 +57,8 @@ def corpus(model_dir: Path, text_file: Path | None, tokens: int):
     import torch
     from transformers import AutoTokenizer
 
-    from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
     from llamafactory_macdrop.analysis.evaluate.perplexity import PerplexityProtocol, TextSource, make_windows, tokenize
+    from llamafactory_macdrop.analysis.sweep.loop import PreparedCorpus
 
     protocol = PerplexityProtocol(seq_len=256, bos="stream", max_windows=max(1, tokens // 256))
     if text_file is not None:

@@ -47,8 +47,8 @@ _LAZY = {
     "ModelAttacker": "analysis.attack.attacks",
     "AttackSetting": "analysis.attack.attacks",
     "AttackTargets": "analysis.attack.attacks",
-    "evaluate_settings": "analysis.attack.sweep",
-    "ModelQuantizer": "analysis.attack.quantization",
+    "evaluate_settings": "analysis.sweep.loop",
+    "ModelQuantizer": "analysis.quantize.quantizer",
     "evaluate_perplexity": "analysis.evaluate.perplexity",
     "ZeroShotEvaluator": "analysis.evaluate.zeroshot",
 }

@@ -159,14 +159,16 @@ def test_integrations_use_only_the_host_free_plugin_modules():
 
 
 #: what each analysis/ folder may import of the others: measuring (inspect) and evaluating (evaluate)
-#: stand alone, attacks use both, compare uses everything; models/ (loading, identity) and the
-#: figures are shared by all
+#: stand alone, the sweep machinery evaluates, attacks and quantization sweep, compare uses the
+#: attacks; models/ (loading, identity) and the figures are shared by all
 ANALYSIS_USES = {
     "inspect": set(),
     "evaluate": set(),
     "models": set(),
-    "attack": {"inspect", "evaluate", "models"},
-    "compare": {"inspect", "evaluate", "models", "attack"},
+    "sweep": {"evaluate", "models"},
+    "attack": {"inspect", "evaluate", "models", "sweep"},
+    "quantize": {"attack", "evaluate", "models", "sweep"},
+    "compare": {"inspect", "evaluate", "models", "sweep", "attack"},
 }
 
 

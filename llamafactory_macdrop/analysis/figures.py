@@ -100,3 +100,14 @@ def save_figure(fig, path) -> Path:
     for out, fmt in zip(written, formats):
         fig.savefig(out, format=fmt)
     return written[0]
+
+
+def metric_axis(ax, metric: str) -> float:
+    """Perplexity on a log axis (an attack moves it by orders of magnitude), accuracy in %: the factor
+    the metric is drawn with."""
+    if metric == "ppl":
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity")
+        return 1.0
+    ax.set_ylabel("accuracy (%)")
+    return 100.0

@@ -2,7 +2,7 @@
 
 The order is the command line's: every option checked (and the tokenizer read) before the model
 loads; then locate, build the targets, prepare every evaluator once, run THE sweep
-(analysis/attack/sweep.py), and greedy generation under attack if asked. The report is returned:
+(analysis/sweep/loop.py), and greedy generation under attack if asked. The report is returned:
 ``.table()`` is what ``macdrop attack`` prints, ``.to_dict()`` its ``--json``, ``.plot(folder)``
 its ``--plot`` figures.
 """
@@ -25,7 +25,7 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     ``mode=["zero", "retain"]``, ``k=5`` or ``k=[0, 1, 5]`` (a sweep, as ``--k-sweep``),
     ``text_file=["wiki.txt"]``, ``zeroshot=["arc_easy"]``, ``gen_tasks=["nq_open"]``, ``limit=50``.
     ``echo`` gets the progress lines (None: silent). Returns an
-    :class:`~..analysis.attack.sweep.AttackReport`."""
+    :class:`~..analysis.attack.report.AttackReport`."""
     from ..analysis.attack.attacks import (
         AttackError,
         AttackTargets,
@@ -34,7 +34,7 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
         set_activation_cutoffs,
         sweep_settings,
     )
-    from ..analysis.attack.sweep import AttackReport, loss_gap_recovery, run_sweep
+    from ..analysis.attack.report import AttackReport, loss_gap_recovery, run_sweep
     from ..analysis.inspect.activations import probe_input_ids
     from ..core.architectures import find_ffn_blocks
     from ..core.first_token import template_first_token
@@ -169,8 +169,8 @@ def sweep_checkpoint(args, source, model, report, settings, corpora, zeroshot, s
     """The sweep's checkpoint (``checkpoint`` option), keyed on everything its rows depend on; None without one."""
     if args.checkpoint is None:
         return None
-    from ..analysis.attack.checkpoint import SweepCheckpoint
     from ..analysis.models.identity import digest, fingerprint, folder_identity, library_versions
+    from ..analysis.sweep.checkpoint import SweepCheckpoint
 
     report.record_inputs(corpora, zeroshot)
     report.gen_protocol = suite.protocol() if suite is not None else None

@@ -84,10 +84,10 @@ def resolve_sources(sources, tokenizer, facts: tuple) -> list:
 
 
 def prepare_corpora(sources, model, tokenizer, echo: Callable[[str], None] | None = print, resolved=None) -> list:
-    """Each source tokenized and cut into windows once (:class:`~..analysis.attack.sweep.PreparedCorpus`),
+    """Each source tokenized and cut into windows once (:class:`~..analysis.sweep.loop.PreparedCorpus`),
     with the prefix :func:`resolve_sources` chose (resolved here from the model's config if not given)."""
-    from ..analysis.attack.sweep import prepare_corpus
     from ..analysis.evaluate.perplexity import resolve_protocol
+    from ..analysis.sweep.loop import prepare_corpus
     from ..core.probing import unwrap_peft
     from ..core.text_prefix import config_bos_token_id
 

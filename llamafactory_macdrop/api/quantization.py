@@ -15,19 +15,18 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
 
     ``options``: ``macdrop quantize``'s options by name (docs/cli.md), e.g. ``bits=[8, 4]``,
     ``block_size=["tensor", 4096]``, ``protect="none,sw"``, ``text_file=["wiki.txt"]``. Returns a
-    :class:`~..analysis.attack.quantization.QuantizationReport`."""
-    from ..analysis.attack.quantization import (
-        ModelQuantizer,
+    :class:`~..analysis.quantize.report.QuantizationReport`."""
+    from ..analysis.inspect.activations import probe_input_ids
+    from ..analysis.quantize.quantizer import ModelQuantizer
+    from ..analysis.quantize.report import QuantizationReport, run_quantization_sweep
+    from ..analysis.quantize.rtn import (
         QuantizationError,
-        QuantizationReport,
         parse_bits,
         parse_block_sizes,
         parse_clip,
         parse_protect,
         quant_settings,
-        run_quantization_sweep,
     )
-    from ..analysis.inspect.activations import probe_input_ids
     from ..core.architectures import find_ffn_blocks
     from .attacks import sweep_checkpoint
     from .evaluation import (

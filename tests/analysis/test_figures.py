@@ -14,13 +14,14 @@ from pathlib import Path
 
 import llamafactory_macdrop as md
 from llamafactory_macdrop.analysis.attack import plots as attack_plots
-from llamafactory_macdrop.analysis.attack.sweep import AttackReport
+from llamafactory_macdrop.analysis.attack.report import AttackReport
 from llamafactory_macdrop.analysis.compare import plots as compare_plots
 from llamafactory_macdrop.analysis.compare.paired import AccuracyItems, PerplexityItems, paired_difference
 from llamafactory_macdrop.analysis.compare.report import CompareReport, RunRecord
 from llamafactory_macdrop.analysis.figures import figure_style
 from llamafactory_macdrop.analysis.inspect import attention_plots
 from llamafactory_macdrop.analysis.inspect import plots as inspect_plots
+from llamafactory_macdrop.analysis.sweep import plots as sweep_plots
 
 #: a path long enough to overflow any title that printed it
 LONG = "/home/someone/experiments/2026-12/checkpoints/a-rather-long-folder-name-for-a-model/SmolLM2-135M-Instruct"
@@ -106,8 +107,8 @@ def test_sweep_figures_fit_name_the_model_and_show_intervals():
     report = attack_report()
     for figure in (
         attack_plots.attack_sweep_figure(report),
-        attack_plots.generation_sweep_figure(report),
-        attack_plots.needle_heatmap_figure(report),
+        sweep_plots.generation_sweep_figure(report),
+        sweep_plots.needle_heatmap_figure(report),
     ):
         fits(figure)
         assert "SmolLM2-135M-Instruct" in figure._suptitle.get_text()

@@ -549,3 +549,44 @@ def test_a_failed_run_is_one_line_while_the_others_finish(workdir, tmp_path):
     assert (out / "plain" / "seed0" / "macdrop_compare_run.json").is_file()
     assert (out / "eval" / "plain-seed0.json").is_file() and (out / "eval" / "base.json").is_file()
     assert not (out / "c.json").exists()
+
+
+def test_runs_as_tasks_on_a_ray_cluster_equal_the_sequential_ones(compared, tmp_path):
+    """--ray ADDRESS: each run (train + evaluate) is a task on a Ray cluster (here a local one this
+    test starts with `ray start --head`); the numbers are the sequential comparison's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    cwd, _, sequential = compared
+    ray = Path(sys.executable).parent / "ray"
+    if not ray.is_file():
+        pytest.skip("Ray is not installed (make ray)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [str(ray), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+             f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"]  # fmt: skip
+    started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        out = tmp_path / "ray-runs"
+        proc = run_cli(
+            ["macdrop", "compare", "base.yaml", "--seeds", "0", "--text-file", "eval.txt", "--seq-len", str(SEQ)]
+            + ["--k-sweep", "1,3", "--quiet-train", "--no-progress", "--no-plot", "--output-dir", str(out)]
+            + ["--json", str(out / "c.json"), "--ray", f"127.0.0.1:{port}"],
+            cwd=cwd,
+            env_extra={"RAY_AUTH_MODE": "disabled"},
+            timeout=900,
+        )
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "c.json").read_text())
+    before = {(r["arm"], r["seed"]): r["metrics"] for r in sequential["runs"] if r["seed"] == 0}
+    assert {(r["arm"], r["seed"]): r["metrics"] for r in doc["runs"]} == before
+    assert doc["base"]["metrics"] == sequential["base"]["metrics"]
+    assert all(j["where"].startswith("ray node ") and j["ok"] for j in doc["schedule"])
+    assert "submitted to Ray at 127.0.0.1:" in proc.stdout

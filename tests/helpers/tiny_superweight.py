@@ -113,8 +113,8 @@ def state_bits(model) -> dict:
 
 def planted_corpus(tokenizer, seed: int = 3):
     """A PreparedCorpus of the tiny corpus: one window of BOS + 20 sentences (~175 tokens)."""
-    from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
     from llamafactory_macdrop.analysis.evaluate.perplexity import PerplexityProtocol, TextSource, make_windows, tokenize
+    from llamafactory_macdrop.analysis.sweep.loop import PreparedCorpus
 
     text = " ".join(tiny.corpus(20, seed=seed))
     protocol = PerplexityProtocol(seq_len=256, bos="stream", drop_partial=False)

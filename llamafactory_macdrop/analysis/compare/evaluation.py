@@ -31,8 +31,8 @@ from typing import Any, Callable, Optional, Sequence
 from torch import nn
 
 from ..attack.attacks import AttackSetting, AttackTargets, ModelAttacker
-from ..attack.sweep import evaluate_settings
 from ..models.identity import file_digest, fingerprint, library_versions
+from ..sweep.loop import evaluate_settings
 from .paired import AccuracyItems, MeanAccuracyItems, PerplexityItems, ScoreItems
 from .runs import MARKER, CompareError
 

@@ -1,7 +1,7 @@
 """Generation tasks on ONE loaded model, through lm-eval's HFLM: stock tasks, our own tasks, the judge.
 
 Why one runner: ``macdrop attack`` and ``macdrop quantize`` run the tasks under every setting of a
-sweep (:func:`~..attack.sweep.evaluate_settings` hands the runner each edited model), ``macdrop
+sweep (:func:`~..sweep.loop.evaluate_settings` hands the runner each edited model), ``macdrop
 compare`` under every adapter; all want per task the aggregate, the per-item records (so two runs
 pair item by item), the judge's scores and the cost. The stock tasks (lm_tasks.py, longbench.py)
 are run by lm-eval's ``evaluate`` (its prompts, batching, filters, metrics; per-item records from

@@ -20,8 +20,8 @@ from llamafactory_macdrop.analysis.attack.attacks import (
     set_activation_cutoffs,
     sweep_settings,
 )
+from llamafactory_macdrop.analysis.attack.report import AttackReport, loss_gap_recovery, run_sweep
 from llamafactory_macdrop.analysis.attack.stopwords import stopword_shift, stopword_token_ids
-from llamafactory_macdrop.analysis.attack.sweep import AttackReport, loss_gap_recovery, run_sweep
 from llamafactory_macdrop.analysis.evaluate.perplexity import evaluate_perplexity
 from llamafactory_macdrop.cli import main
 from llamafactory_macdrop.core.architectures import find_ffn_blocks

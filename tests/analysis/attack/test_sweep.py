@@ -10,12 +10,13 @@ from llamafactory_macdrop.analysis.attack.attacks import (
     super_weight_target,
     sweep_settings,
 )
-from llamafactory_macdrop.analysis.attack.sweep import AttackReport, PreparedCorpus, run_sweep
+from llamafactory_macdrop.analysis.attack.report import AttackReport, run_sweep
 from llamafactory_macdrop.analysis.evaluate.perplexity import (
     TEXT_FILE_PROTOCOL,
     TextSource,
     make_windows,
 )
+from llamafactory_macdrop.analysis.sweep.loop import PreparedCorpus
 from llamafactory_macdrop.core.locator import locate_massive_weights
 
 

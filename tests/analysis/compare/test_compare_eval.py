@@ -18,9 +18,9 @@ import torch
 from helpers.tiny import PLANTED_INDICES, PLANTED_LAYER, build_planted_llama, corpus
 
 from llamafactory_macdrop.analysis.attack.attacks import AttackSetting, AttackTargets
-from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
 from llamafactory_macdrop.analysis.compare.evaluation import OneBaseEvaluator, fingerprint
 from llamafactory_macdrop.analysis.evaluate.perplexity import PerplexityProtocol, TextSource, make_windows, tokenize
+from llamafactory_macdrop.analysis.sweep.loop import PreparedCorpus
 
 TOP, SPARE = PLANTED_INDICES[0], 3
 

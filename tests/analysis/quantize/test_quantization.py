@@ -13,16 +13,11 @@ from helpers import tiny
 from helpers import tiny_superweight as ts
 
 from llamafactory_macdrop.analysis.attack.attacks import SuperWeightTarget
-from llamafactory_macdrop.analysis.attack.quantization import (
-    ModelQuantizer,
-    QuantizationReport,
-    QuantSetting,
-    parse_clip,
-    rtn_quantize,
-    run_quantization_sweep,
-)
-from llamafactory_macdrop.analysis.attack.sweep import PreparedCorpus
 from llamafactory_macdrop.analysis.evaluate.perplexity import make_windows, tokenize
+from llamafactory_macdrop.analysis.quantize.quantizer import ModelQuantizer
+from llamafactory_macdrop.analysis.quantize.report import QuantizationReport, run_quantization_sweep
+from llamafactory_macdrop.analysis.quantize.rtn import QuantSetting, parse_clip, rtn_quantize
+from llamafactory_macdrop.analysis.sweep.loop import PreparedCorpus
 from llamafactory_macdrop.cli import main
 
 F32 = np.float32
