@@ -21,7 +21,7 @@ _LAZY = {
     "find_ffn_blocks": "core.architectures",
     "build_curriculum": "core.curriculum",
     "RowDropout": "core.masking",
-    "row_target": "core.masking",
+    "row_target": "core.storage",
     "resolve_prefix": "core.text_prefix",
     "tokenizer_prefix": "core.text_prefix",
     # the plugin

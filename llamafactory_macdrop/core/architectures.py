@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from ..errors import MacDropError
-from .masking import RowTarget, logical_shape, row_target
 from .probing import first_position, unwrap_peft
+from .storage import RowTarget, logical_shape, row_target
 
 
 class UnsupportedArchitectureError(MacDropError, ValueError):

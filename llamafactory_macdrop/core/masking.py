@@ -51,50 +51,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..errors import MacDropError
-from .storage import (  # re-exported: the storage backends live in .storage
-    DenseRows,
-    FSDP1Shard,
-    FSDP1ShardRows,
-    FSDP2Shard,
-    FSDP2ShardRows,
-    FSDPShard,
-    Packed4bitRows,
-    RowTarget,
-    UnsupportedStorageError,
-    Zero3PartitionRows,
-    bits,
-    find_fsdp_shard,
-    is_packed_4bit,
-    is_zero3_partitioned,
-    logical_shape,
-    readable_weights,
-    row_target,
-    uses_fsdp,
-)
-
-__all__ = [
-    "RowDropout",
-    "RowsUpdatedWhileMaskedError",
-    "draw_keep_mask",
-    "bits",
-    "row_target",
-    "RowTarget",
-    "UnsupportedStorageError",
-    "DenseRows",
-    "Zero3PartitionRows",
-    "FSDP1ShardRows",
-    "FSDP2ShardRows",
-    "Packed4bitRows",
-    "FSDPShard",
-    "FSDP1Shard",
-    "FSDP2Shard",
-    "find_fsdp_shard",
-    "uses_fsdp",
-    "readable_weights",
-    "logical_shape",
-    "is_packed_4bit",
-    "is_zero3_partitioned",
-]
+from .storage import RowTarget, UnsupportedStorageError
 
 
 def draw_keep_mask(

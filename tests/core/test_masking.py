@@ -2,13 +2,8 @@ import pytest
 import torch
 from helpers.storage import Shard, effective, fsdp1_shards, fsdp2_shards, linear4bit, partitioned, storage_bytes
 
-from llamafactory_macdrop.core.masking import (
-    RowDropout,
-    UnsupportedStorageError,
-    bits,
-    draw_keep_mask,
-    row_target,
-)
+from llamafactory_macdrop.core.masking import RowDropout, draw_keep_mask
+from llamafactory_macdrop.core.storage import UnsupportedStorageError, bits, row_target
 
 
 def _weights(seed=0, out=32, inp=16):
@@ -367,7 +362,7 @@ def test_factory_names_the_backend_of_each_storage(monkeypatch):
 
 def test_factory_refuses_storage_no_backend_claims():
     """One line naming the weight and what it is, instead of falling into the dense path."""
-    from llamafactory_macdrop.core.masking import UnsupportedStorageError
+    from llamafactory_macdrop.core.storage import UnsupportedStorageError
 
     bnb = pytest.importorskip("bitsandbytes")
     int8 = bnb.nn.Int8Params(torch.randn(32, 16), requires_grad=False, has_fp16_weights=False).to("cpu")

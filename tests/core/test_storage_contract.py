@@ -11,7 +11,8 @@ import pytest
 import torch
 from helpers.storage import CASES
 
-from llamafactory_macdrop.core.masking import bits, draw_keep_mask
+from llamafactory_macdrop.core.masking import draw_keep_mask
+from llamafactory_macdrop.core.storage import bits
 
 
 @pytest.fixture(params=list(CASES))

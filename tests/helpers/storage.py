@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from llamafactory_macdrop.core.masking import FSDPShard, RowDropout, bits, row_target
+from llamafactory_macdrop.core.masking import RowDropout
+from llamafactory_macdrop.core.storage import FSDPShard, bits, row_target
 
 
 # ----------------------------------------------------------------------------- ZeRO-3 partitions

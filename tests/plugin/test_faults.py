@@ -10,7 +10,7 @@ from helpers.process import BIN, run_cli
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from llamafactory_macdrop.core.masking import bits
+from llamafactory_macdrop.core.storage import bits
 from llamafactory_macdrop.plugin import integration
 
 pytestmark = pytest.mark.slow

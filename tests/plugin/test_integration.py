@@ -13,7 +13,7 @@ from helpers import tiny
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from llamafactory_macdrop.core.masking import bits
+from llamafactory_macdrop.core.storage import bits
 from llamafactory_macdrop.plugin import integration
 from llamafactory_macdrop.plugin.keys import MacDropConfigError
 

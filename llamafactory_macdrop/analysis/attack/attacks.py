@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 from ...core.architectures import FFNBlock, find_ffn_blocks
-from ...core.masking import RowDropout, bits
+from ...core.masking import RowDropout
 from ...core.probing import first_tensor
+from ...core.storage import bits
 from ...errors import MacDropError
 from ..inspect.activations import activation_report
 from ..inspect.superweight import find_super_weights

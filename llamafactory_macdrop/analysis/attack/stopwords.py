@@ -108,7 +108,7 @@ def stopword_shift(
     """Mean next-token probability of each stop word, original vs super weights zeroed.
 
     ``windows``: input-id tensors [batch, T] (e.g. a :class:`~.perplexity.Windows`' full/tail)."""
-    from ...core.masking import bits
+    from ...core.storage import bits
 
     if not super_weights:
         raise AttackError("the stop-word shift needs a super weight (found by the probe or given as --super-weight)")

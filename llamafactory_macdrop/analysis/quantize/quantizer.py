@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...core.architectures import FFNBlock, base_layer, find_ffn_blocks
-from ...core.masking import bits as bit_view
+from ...core.storage import bits as bit_view
 from ..attack.attacks import SuperWeightTarget, check_super_weights
 from .rtn import QuantizationError, QuantSetting, falls_back, rtn_quantize
 

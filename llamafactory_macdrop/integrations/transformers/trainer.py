@@ -54,7 +54,8 @@ from ...core.locator import (
     locate_massive_weights,
     reuse_result,
 )
-from ...core.masking import RowDropout, readable_weights
+from ...core.masking import RowDropout
+from ...core.storage import readable_weights
 from ...errors import MacDropError
 from ...plugin.keys import MacDropConfig, MacDropConfigError
 

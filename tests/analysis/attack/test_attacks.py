@@ -15,8 +15,8 @@ from llamafactory_macdrop.analysis.attack.attacks import (
 )
 from llamafactory_macdrop.core.architectures import find_ffn_blocks
 from llamafactory_macdrop.core.locator import locate_massive_weights, probe_ffn_states
-from llamafactory_macdrop.core.masking import bits
 from llamafactory_macdrop.core.probing import as_batch, first_tensor
+from llamafactory_macdrop.core.storage import bits
 
 
 def state_bits(model):
