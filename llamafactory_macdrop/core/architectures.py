@@ -82,7 +82,7 @@ class FFNBlock:
 
     def row_targets(self, rows, expert: Optional[int] = None, model: Optional[nn.Module] = None) -> list[RowTarget]:
         """The weight rows that produce intermediate units ``rows`` (what MacDrop masks), each
-        edited by the storage backend :func:`~.masking.row_target` picks for its weight.
+        edited by the storage backend :func:`~.storage.row_target` picks for its weight.
         ``model``: the model as the trainer runs it (needed under FSDP, see ``row_target``)."""
         raise NotImplementedError
 

@@ -12,7 +12,7 @@ per-rank traces:
   and FSDP that is the GATHERED weight, assembled from each rank's partition/shard edits;
 * after every optimizer step, and at the end, the weights are bitwise what they were before;
 * QLoRA (4-bit, bitsandbytes on CPU): the dequantized rows the layer computes with are exactly
-  ``dequant(W) * M`` (masking edits the 4-bit codes, see masking.Packed4bitRowTarget);
+  ``dequant(W) * M`` (masking edits the 4-bit codes, see storage.Packed4bitRows);
 * loss, grad norm and macdrop_p per step equal the single-process run's;
 * ZeRO-3 with DoRA (a shipped recipe): the same, against a single-process DoRA run;
 * DPO under FSDP1/FSDP2: the reference forward (adapter off) sees the original rows between the
