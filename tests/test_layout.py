@@ -99,7 +99,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("{NAME}."))))
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    hook = {f"{NAME}.plugin", f"{NAME}.plugin.startup"}  # the .pth loads these first
+    hook = {f"{NAME}.plugin", f"{NAME}.plugin.startup"}  # the .pth loads these first (and core.values)
     shared = {f"{NAME}.errors"}  # the stdlib-only error family every layer derives from
     assert [m for m in loaded if not m.startswith(f"{NAME}.core") and m not in hook | shared] == [], loaded
 
@@ -206,7 +206,7 @@ print(any(type(f).__name__ == "_LlamaFactoryFinder" for f in sys.meta_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     new, registered = json.loads(lines[-2]), lines[-1] == "True"
-    ours = {NAME, f"{NAME}.plugin", f"{NAME}.plugin.startup"}
+    ours = {NAME, f"{NAME}.plugin", f"{NAME}.plugin.startup", f"{NAME}.core", f"{NAME}.core.values"}
     foreign = [m for m in new if m not in ours and m.split(".")[0] not in sys.stdlib_module_names]
     assert foreign == []
     assert ours <= set(new)

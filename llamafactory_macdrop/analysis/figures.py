@@ -42,9 +42,10 @@ def _style() -> FigureStyle:
 
 def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
     """``png,pdf`` (or a list) -> ("png", "pdf"); one line naming what is allowed otherwise."""
+    from ..core.values import comma_list
     from ..errors import MacDropError
 
-    names = [f.strip().lower() for f in (text.split(",") if isinstance(text, str) else text) if str(f).strip()]
+    names = [f.lower() for f in (comma_list(text) if isinstance(text, str) else map(str, text)) if f.strip()]
     bad = [f for f in names if f not in FORMATS]
     if bad or not names:
         raise MacDropError(f"--format {text!r} is not allowed: give comma-separated {', '.join(FORMATS)}")

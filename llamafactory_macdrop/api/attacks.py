@@ -39,6 +39,7 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     from ..core.architectures import find_ffn_blocks
     from ..core.first_token import template_first_token
     from ..core.locator import locate_massive_weights
+    from ..core.values import comma_list
     from .checks import check_indices
     from .evaluation import (
         device_for,
@@ -64,12 +65,12 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
 
     # everything that can be checked before the model loads
     ks = args.k_sweep if args.k_sweep is not None else [args.k]
-    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    modes = comma_list(args.mode)
     try:
-        scales = [float(x) for x in args.scale.split(",") if x.strip()]
+        scales = [float(x) for x in comma_list(args.scale)]
     except ValueError:
         raise AttackError(f"--scale {args.scale!r} is not allowed: give comma-separated numbers, e.g. 0,2") from None
-    fills = [f.strip() for f in args.fill.split(",") if f.strip()]
+    fills = comma_list(args.fill)
     settings = sweep_settings(modes, ks, scales=scales, fills=fills)
     generating = _generation_plan(args, settings)
     sources, tasks = read_sources(args, need_text=False)

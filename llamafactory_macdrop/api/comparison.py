@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..core.values import comma_list
 from .options import namespace
 
 Echo = Optional[Callable[[str], None]]
@@ -84,7 +85,7 @@ def child_env() -> dict:
 
 
 def families(text: str) -> set[str]:
-    names = {t.strip() for t in text.split(",") if t.strip()}
+    names = set(comma_list(text))
     return set(FAMILIES) if "all" in names else names | {"ppl"}
 
 
@@ -199,7 +200,7 @@ def prepare(config, options: dict) -> Prepared:
             raise CompareError(
                 "nothing to evaluate: give --text-file, --dataset, --zeroshot or --gen-tasks (or --no-eval)"
             )
-        modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+        modes = comma_list(args.mode)
         if any(m not in ("zero", "retain") for m in modes):
             raise CompareError(
                 f"--mode {args.mode!r} is not allowed: compare's robustness attacks are zero and/or retain"

@@ -28,6 +28,7 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
         quant_settings,
     )
     from ..core.architectures import find_ffn_blocks
+    from ..core.values import comma_list
     from .attacks import sweep_checkpoint
     from .evaluation import (
         device_for,
@@ -51,7 +52,7 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
     settings = quant_settings(
         parse_bits(args.bits),
         parse_block_sizes(args.block_size),
-        [parse_clip(c) for c in args.clip.split(",") if c.strip()] or [parse_clip("none")],
+        [parse_clip(c) for c in comma_list(args.clip)] or [parse_clip("none")],
         parse_protect(args.protect),
     )
     if args.k < 1:

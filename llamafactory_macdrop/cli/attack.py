@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..core.values import comma_ints
 from .common import (
     DEFAULT_TEXT,
     add_dtype_option,
@@ -20,7 +21,7 @@ from .evaluation import add_corpus_options, add_generation_options, add_super_we
 
 def _ks(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return comma_ints(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1,2,3,5,10") from None
 

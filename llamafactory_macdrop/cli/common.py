@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..analysis.models.loading import load_tokenizer
 from ..api.checks import DEFAULT_TEXT, OptionError
+from ..core.values import comma_list
 
 #: what the commands import from here (the checks live in api/checks.py, loading in analysis/models/)
 __all__ = [
@@ -79,7 +80,7 @@ def token_arg(text: str) -> int | str:
 
 def indices_arg(text: str) -> list[int]:
     """Comma-separated row indices, ASCII digits (checked further by :func:`~..api.checks.check_indices`)."""
-    items = [x.strip() for x in text.split(",") if x.strip()]
+    items = comma_list(text)
     if not items or not all(_ascii_int(x) for x in items):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not allowed: give comma-separated row indices >= 0, e.g. 1229,1487"

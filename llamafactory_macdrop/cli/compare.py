@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..api.comparison import FAMILIES
+from ..core.values import comma_ints, comma_list
 from .common import add_dtype_option, add_figure_options, command, run_api
 from .evaluation import add_corpus_options, add_generation_options, add_zeroshot_options
 
@@ -14,7 +15,7 @@ def _ks(text: str) -> list[int]:
     if text.strip().lower() == "none":
         return []
     try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
+        ks = comma_ints(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected comma-separated integers >= 1 (e.g. 1,3,5) or none"
@@ -26,7 +27,7 @@ def _ks(text: str) -> list[int]:
 
 def _robustness(text: str) -> str:
     """``all`` or comma-separated families measured under the attacks (ppl is always among them)."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = comma_list(text)
     bad = [n for n in names if n not in (*FAMILIES, "all")]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"{text!r}: give all or comma-separated families of {', '.join(FAMILIES)}")

@@ -11,6 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
+from ..core.values import comma_ints
+
 
 def super_weight_arg(text: str):
     """``all``, or ``LAYER,ROW,COL`` (several: a multiple of three integers, e.g. ``11,507,1229,28,507,678``)."""
@@ -19,7 +21,7 @@ def super_weight_arg(text: str):
     if text.strip() == "all":
         return "all"
     try:
-        parts = [int(x) for x in text.split(",") if x.strip()]
+        parts = comma_ints(text)
     except ValueError:
         parts = []
     if not parts or len(parts) % 3:

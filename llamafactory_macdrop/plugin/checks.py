@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Mapping, Optional
 
+from ..core.values import parse_flag
 from .keys import MacDropConfig, MacDropConfigError
 from .run_args import RunArgs
 
@@ -161,7 +162,7 @@ def check_zero3_variants(args: RunArgs, config: MacDropConfig) -> None:
     reasons = []
     if str(hpz).isdigit() and int(hpz) > 1:
         reasons.append(f"zero_hpz_partition_size={hpz} (ZeRO++ hpZ: backward gathers from a secondary partition copy)")
-    if str(zero.get("zero_quantized_weights", False)).strip().lower() in ("true", "1", "yes", "on"):
+    if parse_flag(zero.get("zero_quantized_weights", False)):
         reasons.append("zero_quantized_weights=true (ZeRO++ qwZ: forward gathers a quantized copy)")
     if str((zero.get("offload_param") or {}).get("device", "none")).lower() == "nvme":
         reasons.append("offload_param.device=nvme (partitions are swapped out to NVMe)")

@@ -17,6 +17,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
+from ..core.values import comma_list, parse_flag
 from ..errors import MacDropError
 
 #: the allowed values ARE the annotations (typing.get_args reads them back), as LLaMA-Factory's hparams do
@@ -195,8 +196,6 @@ def _fail(key: str, value: Any, allowed: str, suggest_from: tuple[str, ...] = ()
 
 
 _ASCII_INT = re.compile(r"[+-]?[0-9]+")
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
 _NULL = {"null", "none", "~"}  # not "": an empty value is refused, not read as null
 
 
@@ -228,11 +227,10 @@ def _coerce(key: str, value: Any) -> Any:
             return None
         _fail(key, value, f"a value of type {kind}")
     if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if text is not None and text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
-        _fail(key, value, "true or false")
+        flag = parse_flag(value) if isinstance(value, (bool, str)) else None  # YAML's 1 is an int: refused
+        if flag is None:
+            _fail(key, value, "true or false")
+        return flag
     if kind in ("int", "int | null"):
         return _as_int(key, value)
     if kind == "int | str | null":  # a token id, or a text ("1" on the command line is the id 1)
@@ -259,7 +257,7 @@ def _coerce(key: str, value: Any) -> Any:
         return text
     if kind == "list[int] | null":
         if text is not None:  # "1,2,3" or "[1, 2, 3]" from the command line
-            items = [s for s in text.strip("[]").split(",") if s.strip()]
+            items = comma_list(text.strip("[]"))
         elif isinstance(value, (list, tuple)):
             items = list(value)
         else:

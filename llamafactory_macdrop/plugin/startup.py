@@ -66,7 +66,9 @@ class _LlamaFactoryFinder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Register the finder once (idempotent)."""
-    if os.environ.get("MACDROP_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
+    from ..core.values import parse_flag
+
+    if parse_flag(os.environ.get("MACDROP_AUTOLOAD", "1")) is False:
         return
     if not any(isinstance(finder, _LlamaFactoryFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _LlamaFactoryFinder())

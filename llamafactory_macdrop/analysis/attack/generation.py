@@ -31,6 +31,7 @@ from torch import nn
 
 from ...core.probing import as_batch, unwrap_peft
 from ...core.text_prefix import resolve_prefix
+from ...core.values import comma_list
 from .attacks import ATTACK_MODES, AttackError, AttackSetting, ModelAttacker
 
 
@@ -94,7 +95,7 @@ def select_settings(settings: Sequence[AttackSetting], spec: Optional[str]) -> l
     Refuses an entry that names no setting of the run, listing what the run has."""
     if spec is None or not spec.strip():
         return list(settings)
-    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    entries = comma_list(spec)
     labels = ", ".join(s.label for s in settings)
     for entry in entries:
         mode, _, value = entry.partition(":")

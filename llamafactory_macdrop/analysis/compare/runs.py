@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ...core.values import comma_ints, comma_list, parse_flag
 from ...errors import MacDropError
 
 MARKER = "macdrop_compare_run.json"
@@ -43,7 +44,7 @@ def is_macdrop_key(key: str) -> bool:
 
 def parse_seeds(text: str) -> list[int]:
     try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
+        seeds = comma_ints(text)
     except ValueError:
         raise CompareError(f"--seeds {text!r} is not allowed: give comma-separated integers, e.g. 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
@@ -68,7 +69,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         if key in grid:
             raise CompareError(f"--grid {key} is given twice: put all its values in one --grid {key}=V1,V2")
         try:
-            parsed = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
+            parsed = [yaml.safe_load(v) for v in comma_list(values)]
         except yaml.YAMLError:
             raise CompareError(
                 f"--grid {item!r}: a value is not a plain YAML scalar (write numbers, words, true/false)"
@@ -117,7 +118,7 @@ def plan_arms(base: dict[str, Any], grid: Optional[dict[str, list[Any]]] = None)
     notes: list[str] = []
     plain_base = {k: v for k, v in base.items() if not is_macdrop_key(k)}
     mac_base = dict(base)
-    if str(base.get("macdrop", "")).lower() not in ("true", "1", "yes"):
+    if not parse_flag(base.get("macdrop")):
         mac_base["macdrop"] = True
         notes.append("the base YAML has no `macdrop: true`: the MacDrop arm adds it (default macdrop_* keys otherwise)")
     shared = {k: grid.pop(k) for k in list(grid) if k in SHARED_GRID_KEYS}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ...core.values import comma_list
 from .runs import CompareError, last_error_line
 
 
@@ -75,12 +76,12 @@ class Outcome:
 def parse_devices(text: str) -> list[str]:
     """``"0,1;2,3"`` -> ``["0,1", "2,3"]``: one device group per slot, each a CUDA_VISIBLE_DEVICES value."""
     groups = [g.replace(" ", "") for g in text.split(";") if g.strip()]
-    bad = [g for g in groups if not all(d.isdigit() for d in g.split(","))]
+    bad = [g for g in groups if not all(d.isascii() and d.isdigit() for d in comma_list(g))]
     if not groups or bad:
         raise CompareError(
             f"--devices {text!r} is not allowed: give device groups of GPU indices, ';' between groups, e.g. '0,1;2,3'"
         )
-    seen = [d for g in groups for d in g.split(",")]
+    seen = [d for g in groups for d in comma_list(g)]
     twice = sorted({d for d in seen if seen.count(d) > 1})
     if twice:
         raise CompareError(f"--devices {text!r}: GPU {twice[0]} is in two groups (two runs would share it)")

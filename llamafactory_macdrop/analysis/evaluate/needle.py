@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ...core.values import comma_list
 from .tasks import GenerationTask, TaskError, TaskItem, data_root
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -62,9 +63,7 @@ def default_lengths(longest: int) -> tuple[int, ...]:
 def _int_list(text: str, option: str, low: int, high: Optional[int] = None) -> tuple[int, ...]:
     allowed = f"integers >= {low}" + (f" and <= {high}" if high is not None else "")
     values = []
-    for part in (p.strip() for p in str(text).split(",")):
-        if not part:
-            continue
+    for part in comma_list(text):
         try:
             value = int(part)
         except ValueError:

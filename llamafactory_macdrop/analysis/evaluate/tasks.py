@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ...core.values import comma_list
 from .lm_tasks import ALIASES, BUILTIN_TASKS, TaskError, data_root, load_stock
 
 __all__ = ["TaskError", "data_root", "TaskItem", "GenerationTask", "load_tasks", "parse_task_list"]
@@ -197,7 +198,7 @@ def load_jsonl_task(path: str | Path, max_new_tokens: int = JSONL_MAX_NEW_TOKENS
 # ----------------------------------------------------------------------------- choosing tasks
 def parse_task_list(text: str) -> list[str]:
     """``gsm8k,nq_open,FILE.jsonl`` -> names in order, duplicates dropped; refuses an empty list."""
-    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    names = list(dict.fromkeys(comma_list(text)))
     if not names:
         raise TaskError(f"--gen-tasks {text!r}: no task named; choose from {', '.join(BUILTIN_TASKS)} or .jsonl files")
     return names

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 from torch import nn
 
 from ...core.text_prefix import resolve_prefix
+from ...core.values import comma_list
 from ...errors import MacDropError
 from .harness import LoadedLM, saved_split, stock_task
 
@@ -84,7 +85,7 @@ PAPER_TASKS = tuple(OFFLINE_TASKS)
 
 
 def parse_tasks(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = comma_list(text)
     unknown = [t for t in names if t not in OFFLINE_TASKS]
     if unknown or not names:
         raise ZeroShotError(

@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ...core.values import comma_ints, comma_list
 from ...errors import MacDropError
 
 CLIP_METHODS = ("none", "zscore", "block_pct", "tensor_pct", "iqr")
@@ -185,7 +186,7 @@ class QuantSetting:
 def parse_block_sizes(text: str) -> list[Optional[int]]:
     """``128,4096,tensor`` -> [128, 4096, None]."""
     out = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
+    for part in comma_list(text):
         if part == "tensor":
             out.append(None)
             continue
@@ -203,7 +204,7 @@ def parse_block_sizes(text: str) -> list[Optional[int]]:
 
 def parse_bits(text: str) -> list[int]:
     try:
-        values = [int(p) for p in text.split(",") if p.strip()]
+        values = comma_ints(text)
     except ValueError:
         values = [0]
     if not values or any(not 1 <= b <= 16 for b in values):
@@ -212,7 +213,7 @@ def parse_bits(text: str) -> list[int]:
 
 
 def parse_protect(text: str) -> list[str]:
-    values = [p.strip() for p in text.split(",") if p.strip()]
+    values = comma_list(text)
     bad = [p for p in values if p not in PROTECTIONS]
     if bad or not values:
         raise QuantizationError(
