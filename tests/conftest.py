@@ -17,9 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from helpers import tiny  # noqa: E402
 from helpers.process import REPO  # noqa: E402
 
-#: tests/compat runs inside .venv-compat/ against the installed wheel (`make compat`), and
-#: tests/webui in a headless browser (`make webui-test`), not here
-collect_ignore = ["compat", "webui"]
+#: tests/compat runs inside .venv-compat/ against the installed wheel (`make compat`), tests/axolotl
+#: inside .venv-axolotl/ (`make axolotl-test`), and tests/webui in a headless browser (`make webui-test`),
+#: not here
+collect_ignore = ["compat", "axolotl", "webui"]
 
 
 @pytest.fixture(scope="session")

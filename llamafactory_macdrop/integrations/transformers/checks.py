@@ -75,7 +75,7 @@ def host_run_args(args: Any, model: Any) -> RunArgs:
     peft = _peft_config(model)
     init = str(getattr(peft, "init_lora_weights", "") or "").lower()
     data = _quantization(model) or {}
-    bit = "4" if data.get("load_in_4bit") else "8" if data.get("load_in_8bit") else None
+    bit = 4 if data.get("load_in_4bit") else 8 if data.get("load_in_8bit") else None
     return RunArgs(
         stage="sft",  # not read by the host checks
         finetuning_type="lora",  # not read by the host checks
@@ -84,7 +84,6 @@ def host_run_args(args: Any, model: Any) -> RunArgs:
         quantization_bit=bit,
         use_dora=bool(getattr(peft, "use_dora", False)),
         pissa_init=init.startswith("pissa"),
-        given={"quantization_bit": bit},
     )
 
 
