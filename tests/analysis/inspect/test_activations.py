@@ -163,7 +163,7 @@ def test_intermediate_bars_highlight_the_top_k(tmp_path):
     assert list(top.get_xdata()) == [7, 3, 30]
     assert list(top.get_ydata()) == [9.0, 6.0, 4.0]
     assert [t.get_text() for t in ax.texts] == ["7", "3", "30"]
-    assert "layer 4" in ax.get_title()
+    assert "layer 4" in fig._suptitle.get_text()
     path = plot_intermediate_bars(values.tolist(), [7], tmp_path / "bars.png", 4)
     assert path.read_bytes()[:8] == PNG
 
