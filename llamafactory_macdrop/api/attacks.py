@@ -16,6 +16,9 @@ from .options import namespace
 
 Echo = Optional[Callable[[str], None]]
 
+#: ``--generate``'s budget when ``max_new_tokens`` is not given (the generation tasks keep their own)
+GENERATE_MAX_NEW_TOKENS = 40
+
 
 def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     """Every attack setting x corpus / zero-shot task / generation task on one loaded model.
@@ -153,7 +156,7 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
             corpora,
             zeroshot,
             report=report,
-            batch_size=args.batch_size,
+            batch_size=args.ppl_batch_size,
             progress=not args.no_progress,
             echo=echo,
             generation=suite,
@@ -182,7 +185,7 @@ def sweep_checkpoint(args, source, model, report, settings, corpora, zeroshot, s
         "model": identity,
         "adapter": folder_identity(getattr(args, "adapter", None)),
         "versions": library_versions(),
-        "batch_size": args.batch_size,
+        "batch_size": args.ppl_batch_size,
         "zeroshot_batch_size": args.zeroshot_batch_size,
         "dtype": str(next(model.parameters()).dtype),
         "device": device,
@@ -198,21 +201,14 @@ def _generation_plan(args, settings):
     from ..analysis.attack.attacks import AttackError
     from ..analysis.attack.generation import select_settings
 
-    given = [
-        o
-        for o, v in (
-            ("--generate-settings", args.generate_settings),
-            ("--no-chat-template", args.no_chat_template or None),
-        )
-        if v is not None
-    ]
+    given = ["--generate-settings"] if args.generate_settings is not None else []
     if args.generate is None:
         if given:
             raise AttackError(f"{given[0]} needs --generate PROMPT")
         return None
     if not args.generate.strip():
         raise AttackError("--generate '' is not allowed: give a prompt")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise AttackError(f"--max-new-tokens {args.max_new_tokens} is not allowed: give a number >= 1")
     return select_settings(settings, args.generate_settings)
 
@@ -221,10 +217,11 @@ def _generate(args, model, tokenizer, attacker, settings, report, echo) -> None:
     """Greedy generation for each chosen setting into ``report.generations`` (bitwise restore checked after each)."""
     from ..analysis.attack.generation import generate_under_attack, prompt_ids
 
+    budget = args.max_new_tokens if args.max_new_tokens is not None else GENERATE_MAX_NEW_TOKENS
     _, templated = prompt_ids(tokenizer, args.generate, not args.no_chat_template)
     if echo:
         echo(
-            f"  generate: greedy, at most {args.max_new_tokens} new tokens, "
+            f"  generate: greedy, at most {budget} new tokens, "
             + (
                 "chat template applied"
                 if templated
@@ -238,7 +235,7 @@ def _generate(args, model, tokenizer, attacker, settings, report, echo) -> None:
         attacker,
         settings,
         args.generate,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=budget,
         chat_template=not args.no_chat_template,
         echo=None if args.no_progress else echo,
     )
@@ -246,6 +243,6 @@ def _generate(args, model, tokenizer, attacker, settings, report, echo) -> None:
     report.generate_protocol = {
         "prompt": args.generate,
         "chat_template": templated,
-        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": budget,
         "decoding": "greedy",
     }

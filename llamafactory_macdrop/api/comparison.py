@@ -443,7 +443,7 @@ def _evaluator(prep: Prepared, say):
         "device": device,
         "settings": [s.label for s in settings],
         "targets": targets.to_dict(),
-        "batch_size": args.batch_size,
+        "batch_size": args.ppl_batch_size,
         "robustness": args.robustness,
         "corpora": [{**c.protocol(), "text_sha256_16": text_digest(c.source.text)} for c in corpora],
         "zeroshot": {
@@ -463,7 +463,7 @@ def _evaluator(prep: Prepared, say):
         settings,
         corpora,
         zeroshot,
-        batch_size=args.batch_size,
+        batch_size=args.ppl_batch_size,
         progress=not args.no_progress,
         echo=say,
         protocol=protocol,

@@ -52,8 +52,8 @@ def read_sources(args, need_text: bool = True) -> tuple[list, list[str]]:
         need_lm_eval("--zeroshot")
     if getattr(args, "limit", None) is not None and args.limit < 1:
         raise OptionError(f"--limit {args.limit} is not allowed: give a number >= 1")
-    if args.batch_size < 1:
-        raise OptionError(f"--batch-size {args.batch_size} is not allowed: give a number >= 1")
+    if args.ppl_batch_size < 1:
+        raise OptionError(f"--ppl-batch-size {args.ppl_batch_size} is not allowed: give a number >= 1")
     check_text_files(args.text_file)
     sources = [load_text_file(f, overrides) for f in args.text_file]
     if need_text and not (sources or args.dataset or tasks):
@@ -176,23 +176,23 @@ def read_generation(args, source=None):
     need_lm_eval("--gen-tasks")
     if args.gen_batch_size < 1:
         raise OptionError(f"--gen-batch-size {args.gen_batch_size} is not allowed: give a number >= 1")
-    if args.gen_max_new_tokens is not None and args.gen_max_new_tokens < 1:
-        raise OptionError(f"--gen-max-new-tokens {args.gen_max_new_tokens} is not allowed: give a number >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise OptionError(f"--max-new-tokens {args.max_new_tokens} is not allowed: give a number >= 1")
     if args.gen_batch_tokens < 1:
         raise OptionError(f"--gen-batch-tokens {args.gen_batch_tokens} is not allowed: give a number >= 1")
     names = parse_task_list(args.gen_tasks)
-    tasks = load_tasks([n for n in names if not is_long_context(n)], args.limit, max_new_tokens=args.gen_max_new_tokens)
+    tasks = load_tasks([n for n in names if not is_long_context(n)], args.limit, max_new_tokens=args.max_new_tokens)
     long_names = [n for n in names if is_long_context(n)]
     _refuse_unused_long_context_options(args, long_names)
     long_context = LongContextTasks(
         needle=NeedleSpec(
             lengths=parse_lengths(args.needle_lengths) if args.needle_lengths is not None else None,
             depths=parse_depths(args.needle_depths),
-            samples=args.needle_samples,
+            samples=min(args.needle_samples, args.limit) if args.limit is not None else args.needle_samples,
             seed=args.needle_seed,
             haystack=str(args.needle_haystack) if args.needle_haystack is not None else None,
             max_length=args.max_length,
-            **({"max_new_tokens": args.gen_max_new_tokens} if args.gen_max_new_tokens is not None else {}),
+            **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}),
         )
         if "needle" in long_names
         else None,
@@ -200,7 +200,7 @@ def read_generation(args, source=None):
         longbench_dir=args.longbench_dir,
         max_length=args.max_length,
         limit=args.limit,
-        max_new_tokens=args.gen_max_new_tokens,
+        max_new_tokens=args.max_new_tokens,
     )
     if long_context:
         config = source.config() if source is not None else None
@@ -250,7 +250,7 @@ def _early_encoder(args, source, long_context):
     tokenizer = source.tokenizer
     if tokenizer is None:
         return None
-    return lambda text: encode_prompt(tokenizer, text, not args.gen_no_chat_template)
+    return lambda text: encode_prompt(tokenizer, text, not args.no_chat_template)
 
 
 def generation_suite(args, plan, judge, model, tokenizer, echo: Callable[[str], None] | None = print):
@@ -265,7 +265,7 @@ def generation_suite(args, plan, judge, model, tokenizer, echo: Callable[[str], 
         plan.ready,
         judge=judge,
         batch_size=args.gen_batch_size,
-        chat_template=not args.gen_no_chat_template,
+        chat_template=not args.no_chat_template,
         max_batch_tokens=args.gen_batch_tokens,
     )
     if plan.long_context is not None:

@@ -188,14 +188,14 @@ def activations(model, *, tokenizer=None, echo: Echo = print, **options):
     source = ModelInput(model, tokenizer)
     args = namespace("activations", {"model": source.label}, options)
     refuse_load_options(source, options, ("dtype",))
-    check_text("--text", args.text)
+    check_text("--probe-text", args.probe_text)
     check_at_least("--abs-threshold", args.abs_threshold, 0)
     check_at_least("--median-ratio", args.median_ratio, 1, above=True)
     source.require_tokenizer("the probe text needs one")
     prefix = text_prefix(args, source)  # before the model loads
     loaded = source.load(args.dtype)
     with source.in_use(loaded):
-        ids = probe_input_ids(source.tokenizer, args.text, prefix)
+        ids = probe_input_ids(source.tokenizer, args.probe_text, prefix)
         report = activation_report(
             loaded, ids, abs_threshold=args.abs_threshold, median_ratio=args.median_ratio, tokenizer=source.tokenizer
         )
@@ -225,7 +225,7 @@ def superweight(model, *, tokenizer=None, echo: Echo = print, **options):
     source = ModelInput(model, tokenizer)
     args = namespace("superweight", {"model": source.label}, options)
     refuse_load_options(source, options, ("dtype",))
-    check_text("--text", args.text)
+    check_text("--probe-text", args.probe_text)
     check_at_least("--top", args.top, 1)
     check_at_least("--threshold", args.threshold, 0)
     check_k("--k", args.k, source.config(), source.config_source())
@@ -236,7 +236,7 @@ def superweight(model, *, tokenizer=None, echo: Echo = print, **options):
     entry = published_entry(args.published, source)
     loaded = source.load(args.dtype)
     with source.in_use(loaded):
-        ids = probe_input_ids(source.tokenizer, args.text, prefix)
+        ids = probe_input_ids(source.tokenizer, args.probe_text, prefix)
         report = find_super_weights(loaded, ids, threshold=args.threshold, top=args.top)
         report.model, report.prefix = source.label, prefix
         located = locate_as_cli(loaded, source.tokenizer, args.k)
@@ -272,7 +272,7 @@ def _stopwords(args, source: ModelInput, model, ids):
         windows += (list(w.full.split(1)) if w.full.shape[0] else []) + ([w.tail] if w.tail is not None else [])
         names.append(src.name)
     if not windows:
-        windows, names = [ids], ["--text"]
+        windows, names = [ids], ["--probe-text"]
     return stopword_shift(model, windows, words, sws, blocks, texts=names, model_label=source.label)
 
 
@@ -303,8 +303,8 @@ def attention(model, *, tokenizer=None, echo: Echo = print, **options):
     refuse_load_options(source, options, ("dtype",))
     source.check()
     _check_layers(args, source.config())
-    if args.text is not None and not args.text.strip():
-        raise AttentionError(f"--text {args.text!r} is not allowed: give a text of at least one token")
+    if args.probe_text is not None and not args.probe_text.strip():
+        raise AttentionError(f"--probe-text {args.probe_text!r} is not allowed: give a text of at least one token")
     if args.probe_token is not None and (args.bos is not None or args.bos_token is not None):
         raise AttentionError("--probe-token puts its token first: give it, or --bos/--bos-token, not both")
     if args.adapter is not None:
@@ -319,7 +319,7 @@ def attention(model, *, tokenizer=None, echo: Echo = print, **options):
         if args.adapter is not None:
             loaded = source.attach(loaded, args.adapter)
         try:
-            text = {} if args.text is None else {"text": args.text}
+            text = {} if args.probe_text is None else {"text": args.probe_text}
             report = attention_report(
                 loaded,
                 source.tokenizer,

@@ -107,9 +107,30 @@ def cli_options(command: str, args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names}
 
 
+def _renamed(command: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Old keyword spellings (the options' old names, cli/common.py's RENAMED) as the new ones,
+    with a FutureWarning once; a keyword given under both names is refused."""
+    import warnings
+
+    from ..cli.common import RENAMED
+
+    actions = _actions(command)
+    out = dict(options)
+    for old, new in RENAMED.items():
+        old_kw, new_kw = old[2:].replace("-", "_"), new[2:].replace("-", "_")
+        if old_kw in out and old_kw not in actions and new_kw in actions:
+            if new_kw in out:
+                raise ApiOptionError(f"{command}() got {old_kw}= and {new_kw}=: give {new_kw}= only")
+            warnings.warn(f"{command}(): {old_kw}= is now {new_kw}= (the old name still works)", FutureWarning, 3)
+            out[new_kw] = out.pop(old_kw)
+    return out
+
+
 def namespace(command: str, positional: Mapping[str, Any], options: Mapping[str, Any]) -> argparse.Namespace:
     """The namespace ``macdrop COMMAND`` would parse: the defaults, then ``positional`` and ``options``
-    converted; an unknown keyword is one line naming the ones allowed."""
+    converted (old keyword spellings accepted, with a warning); an unknown keyword is one line naming
+    the ones allowed."""
+    options = _renamed(command, options)
     actions = _actions(command)
     unknown = [k for k in options if k not in actions or k in OUTPUT_OPTIONS]
     if unknown:

@@ -125,7 +125,7 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
             corpora,
             zeroshot,
             report=report,
-            batch_size=args.batch_size,
+            batch_size=args.ppl_batch_size,
             progress=not args.no_progress,
             echo=echo,
             generation=suite,

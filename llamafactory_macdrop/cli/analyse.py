@@ -10,6 +10,7 @@ from .common import (
     add_dtype_option,
     add_figure_options,
     add_prefix_options,
+    add_renamed,
     command,
     indices_arg,
     run_api,
@@ -111,8 +112,9 @@ def register(sub) -> None:
     ):
         p = command(sub, name, text, example)
         p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
-        p.add_argument(
-            "--text",
+        add_renamed(
+            p,
+            "--probe-text",
             default=DEFAULT_TEXT,
             help="probe text, not empty; the input is what the tokenizer puts first (if anything) + its tokens",
         )

@@ -105,8 +105,6 @@ def register(sub) -> None:
         metavar="PROMPT",
         help="greedy continuation of PROMPT for the original model and each setting, side by side",
     )
-    gen.add_argument("--max-new-tokens", type=int, default=40, help="generation: at most N new tokens (default 40)")
-    gen.add_argument("--no-chat-template", action="store_true", help="generation: feed the prompt as plain text")
     gen.add_argument(
         "--generate-settings",
         default=None,

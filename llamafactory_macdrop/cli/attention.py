@@ -9,6 +9,7 @@ from .common import (
     add_dtype_option,
     add_figure_options,
     add_prefix_options,
+    add_renamed,
     command,
     indices_arg,
     run_api,
@@ -34,8 +35,11 @@ def register(sub) -> None:
         "macdrop attention models/SmolLM2-135M-Instruct --json attention.json --no-progress",
     )
     p.add_argument("model", help="local Hugging Face model folder (or hub id when online)")
-    p.add_argument(
-        "--text", default=None, help="probe text after the probe token (default 'Summer is warm. Winter is cold.')"
+    add_renamed(
+        p,
+        "--probe-text",
+        default=None,
+        help="probe text after the probe token (default 'Summer is warm. Winter is cold.')",
     )
     p.add_argument(
         "--probe-token",

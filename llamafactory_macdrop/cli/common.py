@@ -34,6 +34,43 @@ def command(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
     )
 
 
+#: old option spellings -> the one name the options have now (docs/cli.md, "One naming scheme")
+RENAMED = {
+    "--text": "--probe-text",
+    "--gen-max-new-tokens": "--max-new-tokens",
+    "--gen-no-chat-template": "--no-chat-template",
+    "--batch-size": "--ppl-batch-size",
+}
+_NOTED: set[str] = set()
+
+
+def renamed_action(base: type[argparse.Action]) -> type[argparse.Action]:
+    """``base`` that, reached through an old spelling (:data:`RENAMED`), says the new one once, on
+    stderr, and then does what the new one does."""
+
+    class Renamed(base):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):
+            if option_string in RENAMED and option_string not in _NOTED:
+                _NOTED.add(option_string)
+                import sys
+
+                print(
+                    f"macdrop: note: {option_string} is now {RENAMED[option_string]} (the old spelling still works)",
+                    file=sys.stderr,
+                )
+            super().__call__(parser, namespace, values, option_string)
+
+    return Renamed
+
+
+def add_renamed(p, new: str, **kwargs) -> argparse.Action:
+    """``new`` and, where it had one, its old spelling (:data:`RENAMED`), one option, one dest."""
+    old = [o for o, n in RENAMED.items() if n == new]
+    flag = kwargs.pop("action", None)
+    base = {None: argparse._StoreAction, "store_true": argparse._StoreTrueAction}[flag]
+    return p.add_argument(new, *old, action=renamed_action(base), **kwargs)
+
+
 def add_dtype_option(p) -> None:
     p.add_argument(
         "--dtype",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.values import comma_ints
+from .common import add_renamed
 
 
 def super_weight_arg(text: str):
@@ -43,7 +44,7 @@ def add_super_weight_option(
 
 
 def add_corpus_options(p, seq_len_help: str = "tokens per window (default 4096)") -> None:
-    """--text-file, --dataset, --seq-len, --bos, --bos-token, --max-windows, --keep-partial/--drop-partial, --batch-size."""
+    """--text-file, --dataset, --seq-len, --bos, --bos-token, --max-windows, --keep-partial/--drop-partial, --ppl-batch-size."""
     from .common import add_prefix_options
 
     p.add_argument("--text-file", type=Path, nargs="+", default=[], help="local text files (one corpus each)")
@@ -70,7 +71,9 @@ def add_corpus_options(p, seq_len_help: str = "tokens per window (default 4096)"
         action="store_false",
         help="leave out a last window shorter than --seq-len",
     )
-    p.add_argument("--batch-size", type=int, default=1, help="full windows per forward pass")
+    add_renamed(
+        p, "--ppl-batch-size", type=int, default=1, help="perplexity: full windows per forward pass (default 1)"
+    )
 
 
 def add_zeroshot_options(p) -> None:
@@ -79,8 +82,8 @@ def add_zeroshot_options(p) -> None:
         "--limit",
         type=int,
         default=None,
-        help="zero-shot and generation tasks: the first N documents / items of each task (not the needle: "
-        "its grid is its size)",
+        help="zero-shot and generation tasks: the first N documents / items of each task (the needle: at most N "
+        "needles per length x depth cell)",
     )
     p.add_argument(
         "--zeroshot-data",
@@ -103,12 +106,19 @@ def add_generation_options(p, items_option: bool = True) -> None:
         help="comma-separated: lm-eval's gsm8k, nq_open, squadv2 (or squad), or Spec-Bench question.jsonl files",
     )
     g.add_argument("--gen-batch-size", type=int, default=16, help="generation: prompts per batch (default 16)")
-    g.add_argument("--gen-max-new-tokens", type=int, default=None, help="generation: override every task's budget")
-    g.add_argument(
-        "--gen-no-chat-template",
+    add_renamed(
+        g,
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation: at most N new tokens (default: each task's own budget; --generate: 40)",
+    )
+    add_renamed(
+        g,
+        "--no-chat-template",
         action="store_true",
-        help="generation tasks: plain prompts (default: the tokenizer's chat template when it has one; "
-        "lm-eval's apply_chat_template)",
+        help="generation: plain prompts (default: the tokenizer's chat template when it has one; lm-eval's "
+        "apply_chat_template)",
     )
     if items_option:
         g.add_argument(

@@ -48,8 +48,8 @@ def fits(fig) -> None:
 def attack_report() -> AttackReport:
     """Perplexity and accuracy rows of a k-sweep, generation rows with a needle grid."""
     report = AttackReport(model=LONG, adapter=None, targets={"layer": 11, "indices": [1229, 1487]})
-    for mode, k, ppl, acc in (("none", 0, 26.3, 0.52), ("zero", 2, 40.1, 0.40), ("zero", 5, 51.9, 0.31)):
-        label = "none" if mode == "none" else f"{mode} k={k}"
+    for mode, k, ppl, acc in (("clean", 0, 26.3, 0.52), ("zero", 2, 40.1, 0.40), ("zero", 5, 51.9, 0.31)):
+        label = "clean" if mode == "clean" else f"{mode} k={k}"
         report.rows.append({"mode": mode, "k": k, "setting": label, "dataset": "english.txt", "ppl": ppl})
         report.rows.append({"mode": mode, "k": k, "setting": label, "dataset": "arc_easy", "acc": acc, "n": 570})
         for task, metric, value in (("nq_open", "exact_match", acc / 4), ("needle", "needle_match", acc)):

@@ -67,7 +67,7 @@ def test_attack_with_perplexity_zeroshot_and_a_generation_task_returns_the_cli_d
     cli = cli_json(
         ["attack", str(tiny_llama_dir), "--mode", "zero", "--k-sweep", "0,5", "--text-file", str(text)]
         + ["--seq-len", "32", "--zeroshot", "arc_easy", "--zeroshot-data", str(data), "--limit", "4"]
-        + ["--gen-tasks", str(tasks), "--gen-max-new-tokens", "3", "--no-progress"],
+        + ["--gen-tasks", str(tasks), "--max-new-tokens", "3", "--no-progress"],
         tmp_path,
     )
     lines = []
@@ -81,7 +81,7 @@ def test_attack_with_perplexity_zeroshot_and_a_generation_task_returns_the_cli_d
         zeroshot_data=data,
         limit=4,
         gen_tasks=[tasks],
-        gen_max_new_tokens=3,
+        max_new_tokens=3,
         no_progress=True,
         echo=lines.append,
     )

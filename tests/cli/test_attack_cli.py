@@ -59,7 +59,7 @@ def test_sweep_writes_rows_table_csv_and_plot(tiny_llama_dir, text_file, lora_di
     report = json.loads((tmp_path / "a.json").read_text())
     rows = report["results"]
     settings = list(dict.fromkeys((r["mode"], r["k"]) for r in rows))
-    assert settings == [("none", 0), ("zero", 2), ("zero", 5), ("retain", 2), ("retain", 5)]
+    assert settings == [("clean", 0), ("zero", 2), ("zero", 5), ("retain", 2), ("retain", 5)]
     assert report["restored_bitwise"] is True
     assert report["targets"]["layer"] == tiny.PLANTED_LAYER
     assert report["targets"]["indices"] == tiny.PLANTED_INDICES
@@ -71,8 +71,8 @@ def test_sweep_writes_rows_table_csv_and_plot(tiny_llama_dir, text_file, lora_di
     assert len(ppl) == 5
     assert len(acc) == 5
     assert all(r["n"] == 6 and r["split"] == "validation" for r in acc)
-    assert ppl[("zero", 5)] != ppl[("none", 0)]
-    assert ppl[("retain", 2)] != ppl[("none", 0)]
+    assert ppl[("zero", 5)] != ppl[("clean", 0)]
+    assert ppl[("retain", 2)] != ppl[("clean", 0)]
     assert all(r["tokens"] == protocol["predicted_tokens"] for r in rows if "ppl" in r)
     with open(tmp_path / "a.csv") as fh:
         table = list(csv.DictReader(fh))
@@ -105,7 +105,7 @@ def test_sweep_writes_rows_table_csv_and_plot(tiny_llama_dir, text_file, lora_di
     assert adapted["adapter"] == str(lora_dir)
     assert adapted["restored_bitwise"] is True
     assert adapted["targets"]["indices"] == tiny.PLANTED_INDICES  # located on the base, adapter disabled
-    assert adapted["results"][0]["ppl"] != pytest.approx(ppl[("none", 0)], rel=1e-3)  # the adapter is active
+    assert adapted["results"][0]["ppl"] != pytest.approx(ppl[("clean", 0)], rel=1e-3)  # the adapter is active
     # peft imports bitsandbytes, whose missing optional CPU kernel is not the user's business
     assert "gemm_4bit_forward" not in proc.stderr and "Setting accelerator to CPU" not in proc.stderr
 
@@ -210,6 +210,6 @@ def test_a_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tiny_llama_dir,
     assert strip(json.loads(out.read_text())) == strip(json.loads((tmp_path / "whole.json").read_text()))
     assert not partial.exists()  # the report is complete: nothing left to resume
 
-    partial.write_text(json.dumps({"key": "an earlier protocol", "settings": {'"none"': {}}}))
+    partial.write_text(json.dumps({"key": "an earlier protocol", "settings": {'"clean"': {}}}))
     again = run_cli(["macdrop", "attack", *args, "--json", str(out)], cwd=tmp_path)
     assert again.returncode == 0 and "another protocol" in again.stdout and "resumed from" not in again.stdout

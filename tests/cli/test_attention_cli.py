@@ -24,7 +24,7 @@ def test_attention_cli_on_a_planted_sink(sink_dir, tmp_path, capsys):
             [
                 "attention",
                 str(sink_dir),
-                "--text",
+                "--probe-text",
                 "the quick brown fox",
                 "--json",
                 str(tmp_path / "a.json"),
@@ -66,7 +66,7 @@ def test_bad_layer_options_fail_before_loading(sink_dir, tmp_path, capsys):
             ["--heatmap-layers", f"1,{last + 5}"],
             f"--heatmap-layers {last + 5} is out of range: the model has layers 0..{last}",
         ),
-        (["--text", " "], "--text ' ' is not allowed: give a text of at least one token"),
+        (["--probe-text", " "], "--probe-text ' ' is not allowed: give a text of at least one token"),
     ]
     for extra, message in cases:
         assert main(["attention", str(tmp_path), "--no-progress", *extra]) == 2

@@ -101,7 +101,10 @@ CASES = [
         "not an object with the located layer and rows",
     ),
     # item 3: misleading rc-0 results before
-    (["activations", "{model}", "--text", ""], "--text '' is not allowed: give a text of at least one token"),
+    (
+        ["activations", "{model}", "--probe-text", ""],
+        "--probe-text '' is not allowed: give a text of at least one token",
+    ),
     (
         ["activations", "{model}", "--median-ratio", "-1", "--abs-threshold", "-5"],
         "--abs-threshold -5 is not allowed: give a number >= 0",

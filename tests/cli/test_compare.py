@@ -261,7 +261,7 @@ def test_generation_tasks_are_paired_from_the_per_item_files(compared):
         "0,100",
         "--needle-samples",
         "2",
-        "--gen-max-new-tokens",
+        "--max-new-tokens",
         "8",
         "--robustness",
         "ppl,zeroshot",

@@ -67,14 +67,14 @@ def test_generation_tasks_under_the_sweep_with_a_url_judge(planted, judge_url, t
     out = tmp_path / "attack.json"
     proc = run_cli(
         ["macdrop", "attack", str(folder), "--mode", "retain", "--k", "1", "--layer", "0", "--indices", "3",
-         "--gen-tasks", str(tasks), "--gen-max-new-tokens", "4", "--judge-url", judge_url, "--judge-model", "fake",
+         "--gen-tasks", str(tasks), "--max-new-tokens", "4", "--judge-url", judge_url, "--judge-model", "fake",
          "--json", str(out), "--no-progress"],
         cwd=tmp_path, env_extra=ENV,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(r["setting"], r["metric"]): r for r in report["generation"]}
-    clean = {m: r for (s, m), r in rows.items() if s == "none"}
+    clean = {m: r for (s, m), r in rows.items() if s == "clean"}
     # the planted model answers " blue" and " green": ROUGE-L 1 and 0 against "blue" / "red"
     assert clean["rouge_l"]["value"] == pytest.approx(0.5)
     assert clean["rouge_l"]["n"] == 2
@@ -83,14 +83,14 @@ def test_generation_tasks_under_the_sweep_with_a_url_judge(planted, judge_url, t
     assert clean["judge"]["value"] == 5.0
     assert clean["judge"]["n"] == 1
     assert clean["judge"]["unparsed"] == 1
-    assert {s for s, _ in rows} == {"none", "retain k=1"}
+    assert {s for s, _ in rows} == {"clean", "retain k=1"}
     assert report["generation_protocol"]["judge"]["model"] == "fake"
     items = [json.loads(line) for line in (tmp_path / "attack.generation.jsonl").read_text().splitlines()]
-    first = next(it for it in items if it["setting"] == "none" and it["id"] == "1")
+    first = next(it for it in items if it["setting"] == "clean" and it["id"] == "1")
     assert [o.strip() for o in first["outputs"]] == ["blue"]
     assert first["judge_score"] == 5.0
     assert "names the colour" in first["judgements"][0]["feedback"]
-    second = next(it for it in items if it["setting"] == "none" and it["id"] == "2")
+    second = next(it for it in items if it["setting"] == "clean" and it["id"] == "2")
     assert second["judge_score"] is None
     assert second["judgements"][0]["unparsed"]
     assert "colours judge" in proc.stdout  # the table's column
@@ -148,7 +148,7 @@ def test_needle_grid_under_the_sweep(planted, tmp_path):
     report = json.loads(out.read_text())
     cells = [r for r in report["generation"] if "length" in r]
     assert sorted((r["setting"], r["length"], r["depth"]) for r in cells) == sorted(
-        (s, n, d) for s in ("none", "zero k=1") for n in (256, 496) for d in (0, 100)
+        (s, n, d) for s in ("clean", "zero k=1") for n in (256, 496) for d in (0, 100)
     )
     assert all(r["n"] == 2 and r["metric"] == "needle_match" and r["value"] in (0.0, 0.5, 1.0) for r in cells)
     overall = [r for r in report["generation"] if "length" not in r]
@@ -205,7 +205,7 @@ def test_longbench_from_local_files_under_the_sweep(tmp_path):
     proc = run_cli(
         ["macdrop", "attack", str(folder), "--mode", "zero", "--k", "1", "--layer", "0", "--indices", "3",
          "--gen-tasks", "longbench_hotpotqa,longbench_trec", "--longbench-dir", str(data), "--max-length", "64",
-         "--gen-max-new-tokens", "4", "--json", str(out), "--no-progress"],
+         "--max-new-tokens", "4", "--json", str(out), "--no-progress"],
         cwd=tmp_path, env_extra=ENV,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -227,8 +227,8 @@ def test_longbench_from_local_files_under_the_sweep(tmp_path):
         assert it["scores"]["score,none"] == pytest.approx(process(doc, [it["outputs"][0]])["score"])
     rows_out = {(r["setting"], r["task"]): r for r in report["generation"]}
     tasks = ("longbench_hotpotqa", "longbench_trec", "longbench")
-    assert set(rows_out) == {(s, t) for s in ("none", "zero k=1") for t in tasks}
-    for setting in ("none", "zero k=1"):
+    assert set(rows_out) == {(s, t) for s in ("clean", "zero k=1") for t in tasks}
+    for setting in ("clean", "zero k=1"):
         assert rows_out[(setting, "longbench_hotpotqa")]["n"] == 2
         average = rows_out[(setting, "longbench")]
         assert (average["metric"], average["n"]) == ("average", 2)  # the paper's headline: the mean of the tasks

@@ -54,7 +54,7 @@ def test_generate_alone_side_by_side(tiny_llama_dir, lora_dir, tmp_path, capsys)
     report = json.loads((tmp_path / "g.json").read_text())
     gens = report["generations"]
     assert [(g["setting"], g["mode"], g["k"]) for g in gens] == [
-        ("none", "none", 0),
+        ("clean", "clean", 0),
         ("zero k=5", "zero", 5),
         ("retain k=1", "retain", 1),
     ]
@@ -92,11 +92,11 @@ def test_generate_alone_side_by_side(tiny_llama_dir, lora_dir, tmp_path, capsys)
     )
     capsys.readouterr()
     adapted = json.loads((tmp_path / "a.json").read_text())["generations"]
-    assert [g["setting"] for g in adapted] == ["none", "zero k=5", "retain k=5"]
+    assert [g["setting"] for g in adapted] == ["clean", "zero k=5", "retain k=5"]
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(lora_dir))
     with torch.no_grad():
         assert adapted[0]["text"] == expected_text(peft, tok)
-    assert (tmp_path / "a.md").read_text().splitlines()[4] == "| none | zero k=5 | retain k=5 |"
+    assert (tmp_path / "a.md").read_text().splitlines()[4] == "| clean | zero k=5 | retain k=5 |"
 
 
 def test_bad_generation_options_fail_before_loading(tmp_path, capsys):
@@ -104,7 +104,7 @@ def test_bad_generation_options_fail_before_loading(tmp_path, capsys):
     cases = [
         (
             ["--generate", "hi", "--generate-settings", "zero:7"],
-            "--generate-settings 'zero:7' matches no setting of this run (settings: none, zero k=5, retain k=5)",
+            "--generate-settings 'zero:7' matches no setting of this run (settings: clean, zero k=5, retain k=5)",
         ),
         (
             ["--generate", "hi", "--generate-report", "out.txt"],

@@ -244,13 +244,13 @@ def test_attention_feeds_the_input_as_the_tokenizer_does_and_takes_an_adapter(ti
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     text = "the quick brown fox"
     plain, adapted = tmp_path / "plain.json", tmp_path / "adapted.json"
-    assert main(["attention", str(tiny_llama_dir), "--text", text, "--json", str(plain), "--no-progress"]) == 0
+    assert main(["attention", str(tiny_llama_dir), "--probe-text", text, "--json", str(plain), "--no-progress"]) == 0
     assert (
         main(
             [
                 "attention",
                 str(tiny_llama_dir),
-                "--text",
+                "--probe-text",
                 text,
                 "--adapter",
                 str(adapter),

@@ -8,7 +8,7 @@ an attack may touch with a snapshot taken before the first edit, bit for bit.
 
 Modes (``AttackSetting.mode``):
 
-``none``         the unattacked baseline (always the first row of a sweep).
+``clean``        the unattacked baseline (always the first row of a sweep).
 ``zero``         top-k zeroing: rows idx[:k] of W_up and W_gate at the massive layer := 0.
 ``retain``       top-k retaining: every OTHER row of W_up and W_gate at that layer := 0.
 ``superweight``  the super weight W_down[row, col] (Yu et al.) := ``scale`` x itself (0 = zero it).
@@ -50,7 +50,7 @@ from ...errors import MacDropError
 from ..inspect.activations import activation_report
 from ..inspect.superweight import find_super_weights
 
-MODES = ("none", "zero", "retain", "superweight", "activation", "sw_restore")
+MODES = ("clean", "zero", "retain", "superweight", "activation", "sw_restore")
 ATTACK_MODES = MODES[1:]
 ACTIVATION_FILLS = ("zero", "mean")
 
@@ -86,7 +86,7 @@ class AttackSetting:
             return f"activation := {self.fill}"
         if self.mode == "sw_restore":
             return "superweight x0 + SA restored"
-        return "none"
+        return "clean"
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -106,7 +106,7 @@ def sweep_settings(
     bad_k = [k for k in ks if k < 0]
     if bad_k:
         raise AttackError(f"--k {bad_k[0]} is not allowed: k must be >= 0")
-    settings = [AttackSetting("none")]
+    settings = [AttackSetting("clean")]
     for mode in dict.fromkeys(modes):  # keep order, drop repeats
         if mode in ("zero", "retain"):
             settings += [AttackSetting(mode, k) for k in sorted(set(ks)) if k > 0]
@@ -304,7 +304,7 @@ class ModelAttacker:
 
 
 ModelAttacker._EDITS = {
-    "none": ModelAttacker._unchanged,
+    "clean": ModelAttacker._unchanged,
     "zero": ModelAttacker._rows,
     "retain": ModelAttacker._rows,
     "superweight": ModelAttacker._super_weights,

@@ -15,7 +15,7 @@ Which settings generate (``--generate-settings``, :func:`select_settings`): comm
 entries, each either a setting's label as the table prints it (``zero k=5``, ``superweight x0``,
 ``activation := mean``) or a filter ``MODE[:VALUE]``: ``zero`` / ``retain`` (every k of the run)
 or ``zero:5``; ``superweight`` or ``superweight:0`` (the scale); ``activation`` or
-``activation:mean`` (the fill); ``all``. The original model (``none``) always generates first.
+``activation:mean`` (the fill); ``all``. The clean model (``clean``) always generates first.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .attacks import ATTACK_MODES, AttackError, AttackSetting, ModelAttacker
 
 @dataclass
 class Generation:
-    """One setting's continuation of the prompt (JSON ``generations``; the original model is mode ``none``)."""
+    """One setting's continuation of the prompt (JSON ``generations``; the clean model is mode ``clean``)."""
 
     setting: str
     mode: str
@@ -99,7 +99,7 @@ def select_settings(settings: Sequence[AttackSetting], spec: Optional[str]) -> l
     labels = ", ".join(s.label for s in settings)
     for entry in entries:
         mode, _, value = entry.partition(":")
-        if entry != "all" and mode not in ("none", *ATTACK_MODES) and not any(entry == s.label for s in settings):
+        if entry != "all" and mode not in ("clean", *ATTACK_MODES) and not any(entry == s.label for s in settings):
             raise AttackError(
                 f"--generate-settings {entry!r} is not allowed: give a setting label ({labels}) or "
                 f"MODE[:VALUE] with MODE one of {', '.join(ATTACK_MODES)}"
@@ -108,7 +108,7 @@ def select_settings(settings: Sequence[AttackSetting], spec: Optional[str]) -> l
             _check_value(entry, mode, value)
         if not any(_matches(s, entry) for s in settings):
             raise AttackError(f"--generate-settings {entry!r} matches no setting of this run (settings: {labels})")
-    chosen = [s for s in settings if s.mode == "none" or any(_matches(s, e) for e in entries)]
+    chosen = [s for s in settings if s.mode == "clean" or any(_matches(s, e) for e in entries)]
     return chosen
 
 

@@ -23,7 +23,7 @@ def superweight_scaling_figure(report):
     scales = sorted({r["scale"] for r in report.rows if r["mode"] == "superweight"})
     for ax, (dataset, metric) in zip(axes, columns):
         unit = metric_axis(ax, metric)
-        base = report.value("none", dataset, metric)
+        base = report.value("clean", dataset, metric)
         points = {s: report.value(f"superweight x{s:g}", dataset, metric) for s in scales}
         if base is not None:
             points.setdefault(1.0, base)
@@ -62,13 +62,13 @@ def attack_sweep_figure(report):
     settings = report.settings()
     for ax, (dataset, metric) in zip(axes, columns):
         scale = 1.0 if metric == "ppl" else 100.0
-        base = report.value("none", dataset, metric)
+        base = report.value("clean", dataset, metric)
         n = next((r.get("n") for r in report.rows if r["dataset"] == dataset and "acc" in r), None)
         for mode, (label, color, marker) in SWEEP_STYLES.items():
             ks = sorted(k for m, k, _ in settings if m == mode)
             if not ks:
                 continue
-            labels = ["none"] + [f"{mode} k={k}" for k in ks]
+            labels = ["clean"] + [f"{mode} k={k}" for k in ks]
             points = [(x, report.value(s, dataset, metric)) for x, s in zip([0] + ks, labels)]
             points = [(x, y) for x, y in points if y is not None]  # a setting may lack this column
             if points:

@@ -220,7 +220,7 @@ def loss_gap_recovery(report: AttackReport) -> list[dict[str, Any]]:
     for dataset, metric in report.columns():
         key = "nll" if metric == "ppl" else "acc"
         rows = {r["setting"]: r for r in report.rows if r["dataset"] == dataset and key in r}
-        orig, zeroed, restored = (rows.get(s) for s in ("none", "superweight x0", "superweight x0 + SA restored"))
+        orig, zeroed, restored = (rows.get(s) for s in ("clean", "superweight x0", "superweight x0 + SA restored"))
         if not (orig and zeroed and restored):
             continue
         gap = zeroed[key] - orig[key]

@@ -41,7 +41,7 @@ def metric_name(kind: str, dataset: str, setting: str) -> str:
     """``ppl/english.txt/clean``, ``acc/arc_easy/zero k=5``, ``acc/mean/retain k=1``,
     ``gen/nq_open/f1/clean``, ``judge/nq_open/zero k=5``, ``gen/needle@4096/needle_match/clean``
     (the needle's items of one length)."""
-    return f"{kind}/{dataset}/{'clean' if setting == 'none' else setting}"
+    return f"{kind}/{dataset}/{setting}"
 
 
 def parse_metric(name: str) -> tuple[str, str, str]:
@@ -193,9 +193,9 @@ class OneBaseEvaluator:
                 batch_size=self.batch_size,
                 progress=self.progress,
                 per_item=True,
-                zeroshot_for=lambda s: s.mode == "none" or self.zeroshot_under_attack,
+                zeroshot_for=lambda s: s.mode == "clean" or self.zeroshot_under_attack,
                 generation=self.generation,
-                generation_for=lambda s: s.mode == "none" or self.generation_under_attack,
+                generation_for=lambda s: s.mode == "clean" or self.generation_under_attack,
                 echo=self.echo if self.progress else None,
             )
         finally:

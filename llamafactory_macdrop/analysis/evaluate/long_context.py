@@ -35,7 +35,7 @@ class LongContextTasks:
     longbench_dir: Optional[Path] = None
     max_length: Optional[int] = None
     limit: Optional[int] = None  # LongBench: the first N rows of each file (the needle's grid is its own size)
-    max_new_tokens: Optional[int] = None  # --gen-max-new-tokens: every task's budget
+    max_new_tokens: Optional[int] = None  # --max-new-tokens: every task's budget
 
     def __bool__(self) -> bool:
         return self.needle is not None or bool(self.longbench)

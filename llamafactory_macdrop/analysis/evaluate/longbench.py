@@ -173,7 +173,7 @@ def load_longbench(
             raise LongBenchError(f"{name}: its data does not load ({' '.join(str(err).split())[:300]})") from None
         if max_new_tokens is not None:
             task.config.generation_kwargs["max_gen_toks"] = max_new_tokens
-            deviations.append(f"max_gen_toks {max_new_tokens} (--gen-max-new-tokens)")
+            deviations.append(f"max_gen_toks {max_new_tokens} (--max-new-tokens)")
         original = task.doc_to_text
         task.doc_to_text = lambda doc, doc_to_text=None, _o=original: truncate_middle(
             _o(doc, doc_to_text), tokenizer, max_length

@@ -119,7 +119,7 @@ class NeedleSpec:
     """What the options ask for; :meth:`build` makes the items once the tokenizer is loaded.
 
     ``lengths`` None: :func:`default_lengths` up to ``max_length`` (None: the model's positions
-    less the answer budget). ``max_new_tokens``: the answer budget (``--gen-max-new-tokens``)."""
+    less the answer budget). ``max_new_tokens``: the answer budget (``--max-new-tokens``)."""
 
     lengths: Optional[tuple[int, ...]] = None
     depths: tuple[int, ...] = DEFAULT_DEPTHS

@@ -8,7 +8,7 @@ MT-bench's files; or a string for turn 1). Reference metrics where a reference e
 (``rouge_score``, Porter stemmer), sentence chrF and sentence BLEU (``sacrebleu``'s defaults), the
 best over references, the mean over turns; an item without one has no score (``None``), and a
 task's aggregate counts only items with one (``n``). No stop string, 256 new tokens unless
-``--gen-max-new-tokens``. A category picks the judge rubric (:data:`CATEGORY_KINDS`, else
+``--max-new-tokens``. A category picks the judge rubric (:data:`CATEGORY_KINDS`, else
 ``open``). The task is named after the file (``question`` for question.jsonl).
 
 The stock tasks (gsm8k, nq_open, squadv2, LongBench) are lm-eval's: lm_tasks.py, longbench.py.
@@ -213,9 +213,9 @@ def load_task(name: str, limit: Optional[int] = None, *, data_root=None, max_new
         if max_new_tokens is not None:
             kwargs = getattr(task.task.config, "generation_kwargs", None)
             if not kwargs or task.name == "squadv2":  # squadv2's class fixes its own requests
-                raise TaskError(f"{task.name}: its budget is lm-eval's own; --gen-max-new-tokens does not apply to it")
+                raise TaskError(f"{task.name}: its budget is lm-eval's own; --max-new-tokens does not apply to it")
             kwargs["max_gen_toks"] = max_new_tokens
-            task = replace(task, deviations=(*task.deviations, f"max_gen_toks {max_new_tokens} (--gen-max-new-tokens)"))
+            task = replace(task, deviations=(*task.deviations, f"max_gen_toks {max_new_tokens} (--max-new-tokens)"))
         return replace(task, limit=limit)
     if name.endswith(".jsonl") or "/" in name or Path(name).is_file():
         task = load_jsonl_task(name, max_new_tokens or JSONL_MAX_NEW_TOKENS)

@@ -25,7 +25,7 @@ def generation_sweep_figure(report):
             target = judge_ax if metric == "judge" else ax
             color = f"C{i}"
             points = {r["setting"]: r for r in mine if r["metric"] == metric}
-            base = points.get("none")
+            base = points.get("clean")
             for mode, marker, style in (("zero", "o", "-"), ("retain", "s", "--")):
                 ks = sorted(r["k"] for r in points.values() if r["mode"] == mode)
                 used = ([(0, base)] if base else []) + [(k, points[f"{mode} k={k}"]) for k in ks]
@@ -44,7 +44,7 @@ def generation_sweep_figure(report):
                         low, high = zip(*(wilson(r["value"], r.get("n") or 0) for _, r in used))
                         target.fill_between(xs, low, high, color=color, alpha=0.12)
             for r in points.values():
-                if r["mode"] not in ("none", "zero", "retain"):
+                if r["mode"] not in ("clean", "zero", "retain"):
                     target.axhline(
                         r["value"], linestyle=":", linewidth=1.2, color=color, label=f"{metric} {r['setting']}"
                     )

@@ -64,7 +64,7 @@ def test_sweep_settings_baseline_first_and_k0_only_once():
         ["zero", "retain", "superweight", "activation"], [0, 3, 1, 3], scales=[0.5, 2], fills=["zero", "mean"]
     )
     assert [s.label for s in settings] == [
-        "none",
+        "clean",
         "zero k=1",
         "zero k=3",
         "retain k=1",

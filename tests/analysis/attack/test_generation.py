@@ -36,7 +36,7 @@ def test_greedy_under_attack_matches_an_independent_loop(tiny_llama_dir):
     gens = generate_under_attack(model, tok, attacker_for(model), settings, "the quick brown", max_new_tokens=12)
     assert_same_bits(model, before)
     assert [(g.setting, g.mode, g.k) for g in gens] == [
-        ("none", "none", 0),
+        ("clean", "clean", 0),
         ("zero k=5", "zero", 5),
         ("retain k=5", "retain", 5),
     ]
@@ -44,7 +44,7 @@ def test_greedy_under_attack_matches_an_independent_loop(tiny_llama_dir):
     ids = tok("the quick brown")["input_ids"]
 
     fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    expected = {"none": argmax_loop(fresh, ids, 12, tok.eos_token_id)}
+    expected = {"clean": argmax_loop(fresh, ids, 12, tok.eos_token_id)}
     zero_planted_rows(fresh)
     expected["zero k=5"] = argmax_loop(fresh, ids, 12, tok.eos_token_id)
     fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
@@ -54,7 +54,7 @@ def test_greedy_under_attack_matches_an_independent_loop(tiny_llama_dir):
         want = expected[g.setting]
         assert g.new_tokens == len(want)
         assert g.text == tok.decode([t for t in want if t != tok.eos_token_id], skip_special_tokens=True)
-    assert expected["none"] != expected["zero k=5"]  # the planted rows matter to what it says
+    assert expected["clean"] != expected["zero k=5"]  # the planted rows matter to what it says
 
 
 def test_select_settings_by_label_or_mode_filter():
@@ -63,16 +63,16 @@ def test_select_settings_by_label_or_mode_filter():
     )
     labels = lambda spec: [s.label for s in select_settings(settings, spec)]  # noqa: E731
     assert labels(None) == [s.label for s in settings]
-    assert labels("zero:5,retain") == ["none", "zero k=5", "retain k=1", "retain k=2", "retain k=5"]
+    assert labels("zero:5,retain") == ["clean", "zero k=5", "retain k=1", "retain k=2", "retain k=5"]
     assert labels("zero k=2, superweight:0, activation:mean") == [
-        "none",
+        "clean",
         "zero k=2",
         "superweight x0",
         "activation := mean",
     ]
-    assert labels("none") == ["none"]
+    assert labels("clean") == ["clean"]
     with pytest.raises(
-        AttackError, match=r"--generate-settings 'zero:7' matches no setting of this run \(settings: none, zero k=1"
+        AttackError, match=r"--generate-settings 'zero:7' matches no setting of this run \(settings: clean, zero k=1"
     ):
         select_settings(settings, "zero:7")
     with pytest.raises(AttackError, match=r"--generate-settings 'shuffle' is not allowed: give a setting label"):

@@ -52,22 +52,22 @@ def test_zeroing_top5_hurts_perplexity_far_more_than_retaining_top5(smollm2, att
     assert windows.count == 1
     assert 400 < windows.predicted_tokens < 520
     ppl = {}
-    for setting in (AttackSetting("none"), AttackSetting("zero", 5), AttackSetting("retain", 5)):
+    for setting in (AttackSetting("clean"), AttackSetting("zero", 5), AttackSetting("retain", 5)):
         with attacker.applied(setting):
             ppl[setting.mode] = evaluate_perplexity(model, windows, progress=False).ppl
     ids = torch.tensor([tokenizer(source.text)["input_ids"]])  # the tokenizer's own encoding
     with torch.no_grad():
-        assert ppl["none"] == pytest.approx(math.exp(model(input_ids=ids, labels=ids).loss.item()), rel=1e-4)
-    assert [round(ppl[m], 2) for m in ("none", "zero", "retain")] == [26.29, 51.90, 30.45]
-    assert ppl["none"] < ppl["retain"] < ppl["zero"]
-    assert ppl["zero"] > 1.5 * ppl["none"]
-    assert ppl["zero"] - ppl["none"] > 3 * (ppl["retain"] - ppl["none"])
+        assert ppl["clean"] == pytest.approx(math.exp(model(input_ids=ids, labels=ids).loss.item()), rel=1e-4)
+    assert [round(ppl[m], 2) for m in ("clean", "zero", "retain")] == [26.29, 51.90, 30.45]
+    assert ppl["clean"] < ppl["retain"] < ppl["zero"]
+    assert ppl["zero"] > 1.5 * ppl["clean"]
+    assert ppl["zero"] - ppl["clean"] > 3 * (ppl["retain"] - ppl["clean"])
 
     import dataclasses
 
     protocol, prefix = resolve_protocol(dataclasses.replace(source.protocol, bos_token=1), tokenizer, config_bos=1)
     assert (prefix.token_ids, protocol.bos) == ((1,), "stream")
-    with attacker.applied(AttackSetting("none")):
+    with attacker.applied(AttackSetting("clean")):
         with_im_start = evaluate_perplexity(
             model, make_windows(tokenize(tokenizer, source.text), protocol, prefix.token_ids), progress=False
         ).ppl
@@ -79,7 +79,7 @@ def test_packaged_arc_easy_through_lm_eval_matches_the_oracle_under_attack(smoll
     limit = 12
     docs = list(build_task("arc_easy").eval_docs)[:limit]
     evaluator = ZeroShotEvaluator(model, tokenizer, ["arc_easy"], limit=limit, batch_size=8)
-    for setting in (AttackSetting("none"), AttackSetting("zero", 5)):
+    for setting in (AttackSetting("clean"), AttackSetting("zero", 5)):
         with attacker.applied(setting):
             (result,) = evaluator.evaluate()
             expected = sum(preferred(model, tokenizer, d) == d["choices"]["label"].index(d["answerKey"]) for d in docs)

@@ -73,14 +73,14 @@ def test_sw_restore_writes_the_super_activation_back(super_weight_llama):
     targets = AttackTargets(ts.SW_LAYER, [ts.SW_COL], super_weights=[sw])
     attacker = ModelAttacker(model, targets)
     settings = sweep_settings(["sw_restore"], [0])
-    assert [s.label for s in settings] == ["none", "superweight x0", "superweight x0 + SA restored"]
+    assert [s.label for s in settings] == ["clean", "superweight x0", "superweight x0 + SA restored"]
     report = run_sweep(model, attacker, settings, [corpus], report=AttackReport("planted", None, {}), progress=False)
     nll = {r["setting"]: r["nll"] for r in report.rows}
     zeroed, _ = _oracle_nll(model, x)
     assert nll["superweight x0"] == pytest.approx(zeroed, rel=1e-5)
-    assert zeroed > nll["none"] + 5
+    assert zeroed > nll["clean"] + 5
     # the planted super activation is at every position: writing it back everywhere restores the model
-    assert nll["superweight x0 + SA restored"] == pytest.approx(nll["none"], abs=1e-4)
+    assert nll["superweight x0 + SA restored"] == pytest.approx(nll["clean"], abs=1e-4)
     (rec,) = loss_gap_recovery(report)
     assert rec["recovered"] == pytest.approx(1.0, abs=1e-4)
     assert rec["metric"] == "loss"
@@ -93,7 +93,7 @@ def test_sw_restore_writes_the_super_activation_back(super_weight_llama):
     with attacker.applied(AttackSetting("sw_restore")):
         got = evaluate_perplexity(model, corpus.windows, progress=False).nll
     assert got == pytest.approx(expected, rel=1e-4)
-    assert nll["none"] + 0.5 < got < zeroed - 0.5  # half the positions: partly recovered
+    assert nll["clean"] + 0.5 < got < zeroed - 0.5  # half the positions: partly recovered
     attacker.verify_restored()
     assert all(torch.equal(v, before[k]) for k, v in ts.state_bits(model).items())
 
@@ -212,7 +212,7 @@ def test_superweight_stopwords_and_attack_commands(super_weight_llama_dir, tmp_p
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert [r["setting"] for r in data["results"]] == [
-        "none",
+        "clean",
         "superweight x0",
         "superweight x0.5",
         "superweight x2",

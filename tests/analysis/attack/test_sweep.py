@@ -62,15 +62,15 @@ def test_plot_draws_metric_against_k_for_both_attacks():
 
     report = AttackReport("m", None, {"layer": 3})
     for mode, k, ppl in (
-        ("none", 0, 10.0),
+        ("clean", 0, 10.0),
         ("zero", 1, 20.0),
         ("zero", 5, 80.0),
         ("retain", 1, 12.0),
         ("retain", 5, 11.0),
     ):
-        label = "none" if mode == "none" else f"{mode} k={k}"
+        label = "clean" if mode == "clean" else f"{mode} k={k}"
         report.rows.append({"mode": mode, "k": k, "setting": label, "dataset": "wiki", "ppl": ppl, "tokens": 9})
-    report.rows.append({"mode": "none", "k": 0, "setting": "none", "dataset": "piqa", "acc": 0.5, "n": 4})
+    report.rows.append({"mode": "clean", "k": 0, "setting": "clean", "dataset": "piqa", "acc": 0.5, "n": 4})
     fig = attack_sweep_figure(report)
     wiki, piqa = fig.axes
     lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in wiki.get_lines()}

@@ -135,7 +135,7 @@ def test_names_and_refusals():
         load_tasks(["squadv2"], max_new_tokens=8)
     nq = load_tasks(["nq_open"], 1, max_new_tokens=8)[0]
     assert nq.task.config.generation_kwargs["max_gen_toks"] == 8
-    assert nq.deviations == ("max_gen_toks 8 (--gen-max-new-tokens)",)
+    assert nq.deviations == ("max_gen_toks 8 (--max-new-tokens)",)
     squad = load_tasks(["squadv2"], 1)[0]
     doc = squad.task.eval_docs[0]
     assert squad.task.doc_to_text(doc).startswith(f"Title: {doc['title']}\n\nBackground: {doc['context']}")

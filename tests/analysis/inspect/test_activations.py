@@ -173,7 +173,16 @@ def test_activations_subcommand(tiny_llama_dir, tmp_path, capsys):
     parser = build_parser()
     out = tmp_path / "act.json"
     args = parser.parse_args(
-        ["activations", str(tiny_llama_dir), "--text", TEXT, "--json", str(out), "--plot", str(tmp_path / "plots")]
+        [
+            "activations",
+            str(tiny_llama_dir),
+            "--probe-text",
+            TEXT,
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "plots"),
+        ]
     )
     assert (args.dtype, args.abs_threshold, args.median_ratio) == ("float32", 100.0, 1000.0)
     assert args.func(args) == 0

@@ -106,7 +106,7 @@ def test_json_and_table(tiny_llama, ids, tmp_path):
 def test_superweight_subcommand(tiny_llama_dir, tmp_path, capsys):
     parser = build_parser()
     out = tmp_path / "sw.json"
-    args = parser.parse_args(["superweight", str(tiny_llama_dir), "--text", TEXT, "--json", str(out)])
+    args = parser.parse_args(["superweight", str(tiny_llama_dir), "--probe-text", TEXT, "--json", str(out)])
     assert (args.threshold, args.top, args.dtype) == (None, 3, "float32")
     assert args.func(args) == 0
     data = json.loads(out.read_text())
