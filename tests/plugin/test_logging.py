@@ -63,6 +63,21 @@ def test_macdrop_p_reaches_tensorboard_trainer_log_and_llamaboard(
     board = {e.step: e.value for e in events.Scalars("train/macdrop_p")}
     assert board == pytest.approx(expected, abs=1e-6)  # float32 in the event file
 
+    # the dropped share of the target rows' elements, per logged step: about p (binomial), exactly 0 at p = 0
+    assert "train/macdrop_dropped" in events.Tags()["scalars"]
+    dropped = {e.step: e.value for e in events.Scalars("train/macdrop_dropped")}
+    assert dropped.keys() == expected.keys()
+    elements = 5 * 64  # k rows x hidden of the planted model, one shared mask for gate and up
+    for step, p in expected.items():
+        assert abs(dropped[step] - p) <= 4 * (p * (1 - p) / elements) ** 0.5 + 1e-6, (step, p, dropped[step])
+    assert dropped[max(expected)] == 0.0 and expected[max(expected)] == 0.0  # the step curriculum's last step
+    # where MacDrop drops, recorded once in the run's config (TensorBoard's text panel)
+    (text,) = [t for t in events.Tags()["tensors"] if t.startswith("macdrop/located")]
+    recorded = json.loads(events.Tensors(text)[0].tensor_proto.string_val[0].decode())
+    located = json.loads((out / "macdrop_locator.json").read_text())
+    assert (recorded["macdrop_layer"], recorded["macdrop_rows"]) == (located["layer"], located["indices"])
+    assert recorded["macdrop_probe_token_id"] == located["probe_token_id"]
+
     entries = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     logged = {e["current_steps"]: e["macdrop_p"] for e in entries if "macdrop_p" in e}
     assert logged == expected

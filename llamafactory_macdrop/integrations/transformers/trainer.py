@@ -137,6 +137,7 @@ class MacDropRun:
         self.generator = torch.Generator(device=self.dropout.device)
         self.seed = seed
         self.last_p: Optional[float] = None
+        self._last_keep: Optional[torch.Tensor] = None  # the last mask (read only when logged: no sync per step)
 
     def probability(self, progress: Progress) -> float:
         return self.curriculum.probability(progress)
@@ -154,7 +155,16 @@ class MacDropRun:
             part = micro if self.config.macdrop_mask_per == "micro_batch" else 0
             self.generator.manual_seed(mask_seed(self.seed, progress.step, part))
         with self.dropout.masked(p, self.generator) as keep:
+            self._last_keep = keep
             yield keep
+
+    @property
+    def dropped_fraction(self) -> Optional[float]:
+        """The share of the target rows' elements the last mask dropped (0 at p = 0; None before a step)."""
+        if self.last_p is None:
+            return None
+        keep = self._last_keep
+        return 0.0 if keep is None else float(1.0 - keep.float().mean())
 
 
 def _distributed() -> bool:
@@ -364,6 +374,36 @@ def write_settings(trainer: Any, config: MacDropConfig) -> None:
         write_text_atomic(os.path.join(folder, SETTINGS_FILE), json.dumps(saved, indent=1))
 
 
+def tracked_settings(result: LocatorResult) -> dict[str, Any]:
+    """What a run's trackers record once, at the first step: where MacDrop drops."""
+    return {
+        "macdrop_layer": result.layer,
+        "macdrop_rows": list(result.indices),
+        "macdrop_expert": result.expert,
+        "macdrop_probe_token_id": result.probe_token_id,
+        "macdrop_probe_token": result.probe_token_text,
+        "macdrop_locator_source": result.source,
+    }
+
+
+def record_in_trackers(trainer: Any, result: LocatorResult) -> None:
+    """The located layer, rows and probe token in the run's config of the trackers the Trainer
+    reports to: W&B's run config, TensorBoard's text panel (``macdrop/located``, and its hparams
+    table). Called once, on rank 0; a tracker that is not set up is left alone."""
+    info = tracked_settings(result)
+    for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", []):
+        name = type(callback).__name__
+        if name == "WandbCallback":
+            wandb = getattr(callback, "_wandb", None)
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                wandb.config.update(info, allow_val_change=True)
+        elif name == "TensorBoardCallback":
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.add_text("macdrop/located", json.dumps(info))
+                writer.flush()
+
+
 class MacDropTrainerMixin:
     """Mix in FRONT of a transformers Trainer class; set ``macdrop_config`` on the class."""
 
@@ -397,6 +437,8 @@ class MacDropTrainerMixin:
     def _macdrop_start(self) -> MacDropRun:
         self.macdrop_check_curriculum()
         run = self.macdrop_setup()
+        if self.is_world_process_zero():
+            record_in_trackers(self, run.result)
         self._macdrop_checked_step = int(self.state.global_step)
         if self.state.global_step > 0 and self.is_world_process_zero():
             self._macdrop_warn_changed_settings()
@@ -549,6 +591,7 @@ class MacDropTrainerMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._macdrop_run is not None and self._macdrop_run.last_p is not None:
             logs["macdrop_p"] = self._macdrop_run.last_p
+            logs["macdrop_dropped"] = round(self._macdrop_run.dropped_fraction, 6)
         return super().log(logs, *args, **kwargs)
 
 
