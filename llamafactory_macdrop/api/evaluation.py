@@ -172,6 +172,7 @@ def read_generation(args, source=None):
     if args.gen_tasks is None:
         if judging:
             raise OptionError("--judge / --judge-url grade generation tasks: give --gen-tasks too")
+        _refuse_unused_long_context_options(args, [])  # a needle or LongBench option alone is a mistake too
         return None, None
     need_lm_eval("--gen-tasks")
     if args.gen_batch_size < 1:

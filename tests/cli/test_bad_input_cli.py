@@ -100,6 +100,15 @@ CASES = [
         "{list}/macdrop_locator.json is not a MacDrop locator file: it holds a JSON array, "
         "not an object with the located layer and rows",
     ),
+    # an option of a task that is not asked for: refused, not silently ignored
+    (
+        ["attack", "{model}", "--zeroshot", "arc_easy", "--needle-lengths", "512"],
+        "--needle-lengths sets up the needle: add needle to --gen-tasks",
+    ),
+    (
+        ["quantize", "{model}", "--zeroshot", "arc_easy", "--max-length", "512"],
+        "--max-length is for the long-context tasks: add needle or longbench to --gen-tasks",
+    ),
     # item 3: misleading rc-0 results before
     (
         ["activations", "{model}", "--probe-text", ""],
