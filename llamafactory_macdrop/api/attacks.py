@@ -29,6 +29,14 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     ``text_file=["wiki.txt"]``, ``zeroshot=["arc_easy"]``, ``gen_tasks=["nq_open"]``, ``limit=50``.
     ``echo`` gets the progress lines (None: silent). Returns an
     :class:`~..analysis.attack.report.AttackReport`."""
+    from .evaluation import progress_quieted
+
+    with progress_quieted(options.get("no_progress") is True):
+        return _attack(model, tokenizer=tokenizer, echo=echo, **options)
+
+
+def _attack(model, *, tokenizer=None, echo: Echo = print, **options):
+    """``attack`` without the progress handling (:func:`attack`)."""
     from ..analysis.attack.attacks import (
         AttackError,
         AttackTargets,
@@ -48,7 +56,6 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
         device_for,
         generation_suite,
         prepare_corpora,
-        quiet_progress,
         read_generation,
         read_sources,
         resolve_sources,
@@ -90,8 +97,6 @@ def attack(model, *, tokenizer=None, echo: Echo = print, **options):
     probes = any(s.mode in ("superweight", "activation", "sw_restore") for s in settings)
     prefix = text_prefix(args, source) if probes else None
 
-    if args.no_progress:  # transformers', datasets' and lm-eval's bars too (tqdm reads TQDM_DISABLE)
-        quiet_progress()
     device = device_for(args.device) if not source.loaded else str(next(source.module.parameters()).device)
     loaded = source.load(args.dtype, device)
     blocks = find_ffn_blocks(loaded)

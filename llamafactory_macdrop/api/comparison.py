@@ -178,12 +178,10 @@ def prepare(config, options: dict) -> Prepared:
     from ..analysis.compare.runs import CompareError, parse_grid, parse_seeds, plan_arms, plan_runs
     from ..plugin.keys import MacDropConfigError
     from ..plugin.lf.arguments import check_train_config
-    from .evaluation import quiet_progress, read_generation, read_sources
+    from .evaluation import read_generation, read_sources
     from .model_input import ModelInput
 
     args = namespace("compare", {"config": Path(config)}, options)
-    if args.no_progress:  # first: tqdm reads TQDM_DISABLE when it is imported (LLaMA-Factory's checks import it)
-        quiet_progress()
     base = read_base(args.config)
     seeds = parse_seeds(args.seeds)
     grid = parse_grid(args.grid or [])
@@ -269,6 +267,14 @@ def compare(config, *, echo: Echo = print, **options):
     ``k_sweep=[1, 3, 5]``, ``parallel=2`` or ``devices="0,1;2,3"`` (runs side by side), ``ray=ADDRESS``.
     Returns an :class:`~..analysis.compare.report.CompareReport`, or the :class:`ComparePlan` with
     ``plan_only`` / ``no_eval``."""
+    from .evaluation import progress_quieted
+
+    with progress_quieted(options.get("no_progress") is True):
+        return _compare(config, echo=echo, **options)
+
+
+def _compare(config, *, echo: Echo = print, **options):
+    """``compare`` without the progress handling (:func:`compare`)."""
     from ..analysis.compare.runs import move_aside, train
 
     say = echo or (lambda line: None)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .checks import OptionError, check_text_files
 
@@ -128,15 +129,33 @@ def zeroshot_evaluator(args, tasks, model, tokenizer, echo: Callable[[str], None
     return evaluator
 
 
-def quiet_progress() -> None:
-    """No bars from transformers and datasets either (tqdm reads TQDM_DISABLE when it is imported).
-    lm-eval's "Running loglikelihood requests" bar stays: lm-eval passes ``disable=`` explicitly."""
-    os.environ["TQDM_DISABLE"] = "1"
+@contextmanager
+def progress_quieted(quiet: bool) -> Iterator[None]:
+    """No progress bars from transformers, datasets and tqdm (which reads TQDM_DISABLE when it is
+    imported) while the block runs, when ``quiet``; everything as it was afterwards (a notebook's
+    bars come back). lm-eval's request bar stays: lm-eval passes ``disable=`` itself."""
+    if not quiet:
+        yield
+        return
     import datasets
     from transformers.utils import logging as hf_logging
 
+    before = (os.environ.get("TQDM_DISABLE"), hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
+    os.environ["TQDM_DISABLE"] = "1"
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        env, hf_on, datasets_on = before
+        if env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = env
+        if hf_on:
+            hf_logging.enable_progress_bar()
+        if datasets_on:
+            datasets.enable_progress_bars()
 
 
 def device_for(device) -> str:

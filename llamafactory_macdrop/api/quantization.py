@@ -16,6 +16,14 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
     ``options``: ``macdrop quantize``'s options by name (docs/cli.md), e.g. ``bits=[8, 4]``,
     ``block_size=["tensor", 4096]``, ``protect="none,sw"``, ``text_file=["wiki.txt"]``. Returns a
     :class:`~..analysis.quantize.report.QuantizationReport`."""
+    from .evaluation import progress_quieted
+
+    with progress_quieted(options.get("no_progress") is True):
+        return _quantize(model, tokenizer=tokenizer, echo=echo, **options)
+
+
+def _quantize(model, *, tokenizer=None, echo: Echo = print, **options):
+    """``quantize`` without the progress handling (:func:`quantize`)."""
     from ..analysis.inspect.activations import probe_input_ids
     from ..analysis.quantize.quantizer import ModelQuantizer
     from ..analysis.quantize.report import QuantizationReport, run_quantization_sweep
@@ -34,7 +42,6 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
         device_for,
         generation_suite,
         prepare_corpora,
-        quiet_progress,
         read_generation,
         read_sources,
         resolve_sources,
@@ -66,8 +73,6 @@ def quantize(model, *, tokenizer=None, echo: Echo = print, **options):
     protects = {s.protect for s in settings}
     probing = bool(protects & {"sw", "sw+massive"} or args.super_weight)
     prefix = text_prefix(args, source) if probing else None
-    if args.no_progress:
-        quiet_progress()
 
     device = device_for(args.device) if not source.loaded else str(next(source.module.parameters()).device)
     loaded = source.load(args.dtype, device)

@@ -156,7 +156,7 @@ def test_the_run_says_macdrop_is_on(cli_run):
         (dict(macdrop_curriculum="linear"), "macdrop_curriculum"),
         (dict(macdrop_k=129), "macdrop_k=129 is out of range: {model}/config.json has intermediate_size 128"),
         (dict(macdrop_layer=5), "macdrop_layer=5 is out of range: {model}/config.json has 2 layers (0..1)"),
-        (dict(adapter=None), "macdrop=true with adapter=None is not supported: MacDrop drops rows of FROZEN"),
+        (dict(adapter=None), "macdrop=true with adapter=None is not supported here: the axolotl plugin is tested"),
         (dict(rl="kto"), "macdrop=true with rl=kto is not supported"),
         (dict(load_in_8bit=True), "macdrop=true with load_in_8bit=true is not supported"),
         (dict(peft_use_dora=True, macdrop_p0=1.0), "macdrop_p0=1.0 with use_dora=true is not supported"),

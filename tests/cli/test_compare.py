@@ -567,8 +567,11 @@ def test_runs_as_tasks_on_a_ray_cluster_equal_the_sequential_ones(compared, tmp_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     start = [str(ray), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-             f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"]  # fmt: skip
+             f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
     started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:

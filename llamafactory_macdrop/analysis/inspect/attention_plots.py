@@ -125,7 +125,8 @@ def routing_figure(located):
     from matplotlib.figure import Figure
 
     routes = located.routing
-    fig = Figure(figsize=(1.2 + 0.5 * len(routes[0].probs), 1.4 + 0.3 * len(routes)), dpi=110)
+    size = (max(4.0, 1.2 + 0.5 * len(routes[0].probs)), max(3.0, 1.4 + 0.3 * len(routes)))  # room for the title
+    fig = Figure(figsize=size, dpi=110, layout="constrained")
     ax = fig.subplots()
     image = ax.imshow([r.probs for r in routes], vmin=0.0, vmax=1.0, cmap="magma", aspect="auto")
     ax.set_yticks(

@@ -34,8 +34,8 @@ def check_axolotl_config(data: dict) -> MacDropConfig:
     adapter = data.get("adapter")
     if adapter not in ("lora", "qlora"):
         raise MacDropConfigError(
-            f"macdrop=true with adapter={adapter!r} is not supported: MacDrop drops rows of FROZEN pre-trained "
-            "weights, so it needs adapter: lora or qlora (DoRA via peft_use_dora)"
+            f"macdrop=true with adapter={adapter!r} is not supported here: the axolotl plugin is tested with "
+            "adapter: lora or qlora (DoRA via peft_use_dora), where MacDrop drops rows of the frozen base weights"
         )
     rl = data.get("rl")
     rl = getattr(rl, "value", rl)

@@ -110,26 +110,13 @@ def check_quantized_model(model: Any) -> None:
         )
 
 
-def check_adapter(model: Any) -> None:
-    """MacDrop drops rows of FROZEN pre-trained weights, under a LoRA/DoRA adapter (peft). Without
-    one, those rows are trained, and the method (and LLaMA-Factory's ``finetuning_type: lora``) does
-    not apply."""
-    if _peft_config(model) is None:
-        raise MacDropConfigError(
-            f"MacDrop on a {type(model).__name__} without a peft adapter is not supported: MacDrop drops rows of "
-            "FROZEN pre-trained weights, so the model needs a LoRA/DoRA adapter (peft's get_peft_model, or the "
-            "trainer's peft_config)"
-        )
-
-
 #: what every host checks on the Trainer it built, in the order a user meets them
 HOST_CHECKS = (check_fsdp, check_zero3_variants, check_dora, check_pissa)
 
 
 def check_trainer(trainer: Any, config: MacDropConfig) -> None:
     """Refuse, in one line, what MacDrop cannot do with this Trainer's arguments and model."""
-    model = trainer.model
-    check_adapter(model)
+    model = trainer.model  # with or without an adapter: trained target rows follow docs/how-it-works.md
     values = host_run_args(trainer.args, model)
     for check in HOST_CHECKS:
         check(values, config)
