@@ -218,12 +218,13 @@ class SweepReport(JsonReport, CsvRows):
             if grid:
                 parts.append(grid)
         parts += self.closing_blocks()
-        parts.append(
+        restored = (
             f"weights restored bitwise {self.restored_when}: yes"
             if self.restored_bitwise
             else "weights restored bitwise: not verified (the sweep did not finish)"
         )
-        return "\n\n".join(parts)
+        # The restore check closes the last block, right under it, as the command always printed it.
+        return "\n\n".join(parts) + ("\n" if parts else "") + restored
 
 
 def input_lines(
