@@ -13,7 +13,8 @@ where and when:
   exactly that group and starts torchrun over it when it holds several GPUs).
 * :func:`run_ray` — one Ray task per job on an existing cluster (``--ray ADDRESS``), with the
   job's GPUs as the task's resources (Ray sets ``CUDA_VISIBLE_DEVICES`` in the task). The
-  comparison's folder must be on a filesystem every node sees (the jobs write into it).
+  comparison's folder and the directory the command was given in must be on a filesystem every
+  node sees (the jobs write into the one and read relative paths from the other).
 
 A job that fails is reported in one line (its log's telling line) while the others go on.
 """
@@ -42,6 +43,9 @@ class Job:
     argv: list[str]
     log: Path  # the job's own output
     result: Path  # what the job writes when it ends well (JSON: its timings)
+    # Where the command was given: the user's relative paths (--text-file eval.txt, the YAMLs) mean
+    # the same in every job, also in a Ray task whose worker starts elsewhere.
+    cwd: Path = field(default_factory=Path.cwd)
 
 
 @dataclass
@@ -103,7 +107,7 @@ def _run(job: Job, env: dict[str, str]) -> int:
     with open(job.log, "ab") as log:
         log.write(f"$ {' '.join(job.argv)}\n".encode())
         log.flush()
-        return subprocess.run(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=job.cwd).returncode
 
 
 def run_local(
