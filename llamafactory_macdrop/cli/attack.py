@@ -10,6 +10,7 @@ from .common import (
     DEFAULT_TEXT,
     add_dtype_option,
     add_figure_options,
+    add_sweep_outputs,
     command,
     indices_arg,
     run_api,
@@ -84,17 +85,7 @@ def register(sub) -> None:
     add_zeroshot_options(p)
     add_generation_options(p)
     add_dtype_option(p)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--json", type=Path, default=None, help="write the report as JSON here (docs/cli.md lists its keys)")
-    p.add_argument("--csv", type=Path, default=None, help="write the result rows as CSV here")
-    p.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="keep every finished setting in FILE and resume from it when rerun with the same protocol "
-        "(default: JSON.partial next to --json; removed once the JSON is written)",
-    )
+    add_sweep_outputs(p)
     p.add_argument("--plot", type=Path, default=None, help="folder for attack_sweep.png (metric vs k)")
     add_figure_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

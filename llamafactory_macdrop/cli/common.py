@@ -80,6 +80,21 @@ def add_dtype_option(p) -> None:
     )
 
 
+def add_sweep_outputs(p) -> None:
+    """``--device``, ``--json``, ``--csv`` and ``--checkpoint``: where a sweep runs and what it leaves."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--json", type=Path, default=None, help="write the report as JSON here (docs/cli.md lists its keys)")
+    p.add_argument("--csv", type=Path, default=None, help="write the result rows as CSV here")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="keep every finished setting in FILE and resume from it when rerun with the same protocol "
+        "(default: JSON.partial next to --json; removed once the JSON is written)",
+    )
+
+
 def add_prefix_options(p, corpora: bool = False) -> None:
     """``--bos`` and ``--bos-token``: what goes before a text (core/text_prefix.py). Probe texts
     know none|stream; corpora also window (every window opens with it)."""
