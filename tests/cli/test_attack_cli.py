@@ -170,7 +170,7 @@ def test_bad_input_gives_one_clear_line(tiny_llama_dir, text_file, gpt2_adapter,
     assert msg.startswith(f"--adapter {adapter} does not fit {model} (trained on {tmp_path / 'gone'}): ")
 
 
-def test_a_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tiny_llama_dir, text_file, tmp_path):
+def test_a_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tiny_llama_dir, tmp_path):
     """`macdrop attack --json` keeps every finished setting in JSON.partial; killed (SIGKILL) after
     two settings and rerun, it evaluates only the others and writes what an uninterrupted run
     writes; a rerun with another protocol starts afresh."""
@@ -182,7 +182,9 @@ def test_a_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tiny_llama_dir,
     from helpers.process import BIN
 
     data = write_arc_folder(tmp_path / "tasks", tiny_docs(12))
-    args = [str(tiny_llama_dir), "--mode", "zero,retain", "--k-sweep", "0,1,2,3,5", "--text-file", str(text_file)]
+    # enough text that a setting takes ~0.1 s: the kill below lands between settings, not after the last
+    (longer := tmp_path / "longer.txt").write_text(" ".join(tiny.corpus(800, seed=5)))
+    args = [str(tiny_llama_dir), "--mode", "zero,retain", "--k-sweep", "0,1,2,3,5", "--text-file", str(longer)]
     args += ["--seq-len", "32", "--zeroshot", "arc_easy", "--zeroshot-data", str(data), "--limit", "6", "--no-progress"]
     whole = run_cli(["macdrop", "attack", *args, "--json", str(tmp_path / "whole.json")], cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -195,7 +197,7 @@ def test_a_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(tiny_llama_dir,
         if partial.is_file() and len(json.loads(partial.read_text())["settings"]) >= 2:
             os.kill(proc.pid, signal.SIGKILL)
             break
-        time.sleep(0.2)
+        time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
     assert not out.exists()
