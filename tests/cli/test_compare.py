@@ -490,24 +490,23 @@ def test_dora_arms_with_zero_shot_on_one_seed(workdir, tmp_path, tiny_llama_dir)
 
 
 def test_runs_side_by_side_equal_the_sequential_ones(compared, tmp_path):
-    """--parallel 2: the four runs train and evaluate two at a time, in their own processes, and
-    every number equals the sequential comparison's (same seeds); the jobs really overlapped."""
+    """--parallel 2: the runs of seed 1 and the base's evaluation (three jobs on two slots) train and
+    evaluate two at a time, in their own processes, and every number equals the sequential
+    comparison's for that seed; the jobs really overlapped."""
     cwd, _, sequential = compared
     out = tmp_path / "side"
     proc = _compare(
-        cwd, "--parallel", "2", "--output-dir", str(out), "--json", str(out / "c.json"), "--csv", str(out / "c.csv")
-    )
+        cwd, "--seeds", "1", "--parallel", "2", "--output-dir", str(out), "--json", str(out / "c.json"),
+        "--csv", str(out / "c.csv"),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     side = json.loads((out / "c.json").read_text())
-    before = {(r["arm"], r["seed"]): r["metrics"] for r in sequential["runs"]}
+    before = {(r["arm"], r["seed"]): r["metrics"] for r in sequential["runs"] if r["seed"] == 1}
     after = {(r["arm"], r["seed"]): r["metrics"] for r in side["runs"]}
     assert after == before
     assert side["base"]["metrics"] == sequential["base"]["metrics"]
-    assert [(d["metric"], d["mean_diff"]) for d in side["paired"]] == [
-        (d["metric"], d["mean_diff"]) for d in sequential["paired"]
-    ]
     jobs = {j["job"]: j for j in side["schedule"]}
-    assert set(jobs) == {"base", "plain-seed0", "plain-seed1", "macdrop-seed0", "macdrop-seed1"}
+    assert set(jobs) == {"base", "plain-seed1", "macdrop-seed1"}
     assert all(j["ok"] and j["trained"] for name, j in jobs.items() if name != "base")
     spans = sorted((j["started"], j["ended"]) for j in jobs.values())
     assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:]))  # two ran at once
