@@ -21,6 +21,10 @@ from .common import (
 
 def cmd_locate(args: argparse.Namespace) -> int:
     """``md.locate`` (api/inspection.py): the table, then --plot and --json."""
+    from ..errors import MacDropError
+
+    if args.plot is not None and args.layer is not None and args.indices is not None:
+        raise MacDropError("--plot needs a probe run: give --layer or --indices, not both (nothing is probed)")
     report = run_api("locate", args, args.model)
     print(report.table())
     write_outputs(report, args)

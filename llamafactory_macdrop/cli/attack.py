@@ -10,6 +10,7 @@ from .common import (
     DEFAULT_TEXT,
     add_dtype_option,
     add_figure_options,
+    add_renamed,
     add_sweep_outputs,
     command,
     indices_arg,
@@ -75,7 +76,8 @@ def register(sub) -> None:
         default="zero",
         help="activation: zero and/or mean (comma-separated): what the massive activations become",
     )
-    p.add_argument(
+    add_renamed(
+        p,
         "--probe-text",
         default=DEFAULT_TEXT,
         help="input for the super-weight/activation probes (what the tokenizer puts first, --bos/--bos-token, + text)",

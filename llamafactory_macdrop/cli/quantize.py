@@ -9,6 +9,7 @@ from .common import (
     DEFAULT_TEXT,
     add_dtype_option,
     add_figure_options,
+    add_renamed,
     add_sweep_outputs,
     command,
     run_api,
@@ -55,7 +56,8 @@ def register(sub) -> None:
     )
     add_super_weight_option(p)
     p.add_argument("--k", type=int, default=5, help="sw+massive: how many massive rows (default 5)")
-    p.add_argument(
+    add_renamed(
+        p,
         "--probe-text",
         default=DEFAULT_TEXT,
         help="input of the super-weight probe (what the tokenizer puts first, --bos/--bos-token, + text)",

@@ -156,6 +156,11 @@ CASES = [
         ["locate", "{model}", "--indices", "3,128"],
         "--indices 128 is not allowed: give rows 0..127 (intermediate_size 128 in {model}/config.json)",
     ),
+    # a figure of a probe that will not run: refused before loading, not after the JSON is written
+    (
+        ["locate", "{model}", "--layer", "0", "--indices", "1,2", "--plot", "{tmp}/out", "--json", "{tmp}/l.json"],
+        "--plot needs a probe run: give --layer or --indices, not both",
+    ),
 ]
 
 

@@ -35,3 +35,14 @@ def test_old_keyword_names_work_with_a_warning(tiny_llama_dir):
     assert old == new
     with pytest.raises(md.api.options.ApiOptionError, match="give probe_text= only"):
         md.activations(str(tiny_llama_dir), text="a", probe_text="b", echo=None)
+
+
+@pytest.mark.parametrize("command", ["activations", "superweight", "attention", "attack", "quantize"])
+def test_every_probe_takes_the_old_text_spelling(command, capsys):
+    """--text is --probe-text in every command that has a probe (in attack and quantize it used to
+    be read, by argparse's abbreviation, as --text-file)."""
+    from llamafactory_macdrop.cli import build_parser
+
+    args = build_parser().parse_args([command, "M", "--text", "the cat sat"])
+    assert args.probe_text == "the cat sat"
+    assert getattr(args, "text_file", None) in (None, [])

@@ -34,7 +34,7 @@ class LongContextTasks:
     longbench: list[str] = field(default_factory=list)
     longbench_dir: Optional[Path] = None
     max_length: Optional[int] = None
-    limit: Optional[int] = None  # LongBench: the first N rows of each file (the needle's grid is its own size)
+    limit: Optional[int] = None  # LongBench: the first N rows of each file (the needle: at most N needles per cell)
     max_new_tokens: Optional[int] = None  # --max-new-tokens: every task's budget
 
     def __bool__(self) -> bool:
