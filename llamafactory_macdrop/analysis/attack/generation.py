@@ -91,7 +91,7 @@ def _matches(setting: AttackSetting, entry: str) -> bool:
 
 
 def select_settings(settings: Sequence[AttackSetting], spec: Optional[str]) -> list[AttackSetting]:
-    """The settings of the run that generate (see the module docstring); ``none`` always first.
+    """The settings of the run that generate (see the module docstring); ``clean`` always first.
     Refuses an entry that names no setting of the run, listing what the run has."""
     if spec is None or not spec.strip():
         return list(settings)
