@@ -19,7 +19,7 @@ DESCRIPTION = (
     "and compare plain LoRA with MacDrop (training itself stays `llamafactory-cli train x.yaml`)."
 )
 EPILOG = (
-    "Every command prints a short table and can write JSON; `macdrop COMMAND --help` shows its options "
+    "Every command prints a short table and (but convert-gguf) can write JSON; `macdrop COMMAND --help` shows its options "
     "and an example. Reference: docs/cli.md; the same commands as Python functions: docs/api.md."
 )
 
