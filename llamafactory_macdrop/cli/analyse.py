@@ -21,10 +21,13 @@ from .common import (
 
 def cmd_locate(args: argparse.Namespace) -> int:
     """``md.locate`` (api/inspection.py): the table, then --plot and --json."""
+    from ..core.model_config import is_moe, read_config_json
     from ..errors import MacDropError
 
     if args.plot is not None and args.layer is not None and args.indices is not None:
-        raise MacDropError("--plot needs a probe run: give --layer or --indices, not both (nothing is probed)")
+        found = read_config_json(args.model)  # a MoE layer is probed all the same (to name the expert)
+        if found is not None and not is_moe(found[1]):
+            raise MacDropError("--plot needs a probe run: give --layer or --indices, not both (nothing is probed)")
     report = run_api("locate", args, args.model)
     print(report.table())
     write_outputs(report, args)

@@ -56,6 +56,15 @@ def decoder_config(config: dict) -> dict:
     return text if isinstance(text, dict) and "num_hidden_layers" in text else config
 
 
+#: config.json keys that only a mixture-of-experts model has (its FFN rows live in experts)
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def is_moe(config: dict) -> bool:
+    """Whether a config.json (its decoder part) describes a mixture-of-experts model."""
+    return any(k in decoder_config(config) for k in MOE_KEYS)
+
+
 #: config.json keys that give an FFN's width (intermediate units): dense (Llama, OPT, GPT-2) and MoE
 #: (an expert's width, a shared expert's); a per-layer list (Gemma-3n) counts by its widest layer
 FFN_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size", "shared_expert_intermediate_size")

@@ -27,7 +27,6 @@ UNSUPPORTED_STAGE_REASON = {
     "ppo": "PPO's rollouts and value model are outside Algorithm 1",
     "kto": "MacDrop is not implemented for KTO's trainer",
 }
-_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
 def check_stage(args: RunArgs, config: MacDropConfig) -> None:
@@ -291,7 +290,7 @@ def check_model_config(
     config is read in its ``text_config``. Anything not decided here is checked on the loaded
     model at the first step.
     """
-    from ..core.model_config import decoder_config, ffn_widths, vocab_size
+    from ..core.model_config import decoder_config, ffn_widths, is_moe, vocab_size
 
     cfg = decoder_config(full)
     token = config.macdrop_probe_token
@@ -324,7 +323,7 @@ def check_model_config(
         raise MacDropConfigError(
             f"macdrop_layer={config.macdrop_layer} is out of range: {path} has {layers} layers (0..{layers - 1})"
         )
-    if config.macdrop_indices is None or any(k in cfg for k in _MOE_KEYS):
+    if config.macdrop_indices is None or is_moe(cfg):
         return
     width = next((cfg[k] for k in ("intermediate_size", "ffn_dim", "n_inner") if isinstance(cfg.get(k), int)), None)
     bad = [i for i in config.macdrop_indices if width is not None and i >= width]

@@ -49,3 +49,8 @@ def test_locate_prints_and_plots_the_routing(tmp_path, capsys):
     assert [r["top_expert"] for r in routing] == [0, 2, 0, 0]
     assert routing[1]["probs"][2] > 0.999
     assert (tmp_path / "plots" / "locate_routing.png").stat().st_size > 0
+    # both overrides on a MoE layer: the probe still runs (to name the expert), so --plot has its figures
+    # (on a dense model the same options are refused before loading: tests/cli/test_bad_input_cli.py)
+    overridden = ["--layer", "1", "--indices", "0,1", "--plot", str(tmp_path / "both")]
+    assert main(["locate", str(tmp_path / "moe"), *overridden]) == 0
+    assert (tmp_path / "both" / "locate_intermediate.png").stat().st_size > 0
